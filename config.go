@@ -1,0 +1,229 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"voicegate/proxy"
+)
+
+// config is everything run needs, parsed and validated once.
+type config struct {
+	Demo bool
+
+	ListenAddr     string
+	AlgoURL        *url.URL
+	AdminURL       *url.URL // nil: the admin route answers 404
+	DocsURL        *url.URL // nil: the documents route answers 404
+	CORSOrigins    []string
+	TrustedProxies proxy.Prefixes
+	LogFormat      string // "text", "json" or "" (text on a terminal, else JSON)
+	LogLevel       slog.Level
+	ShutdownGrace  time.Duration
+
+	MaxBodyBytes     int64         // proxied routes
+	UpstreamTimeout  time.Duration // how long an upstream may take to answer headers
+	ChatMaxBodyBytes int64
+	ChatMaxMessage   int
+	ChatMaxTokens    int
+	ChatDefaultModel string
+	SSEPingInterval  time.Duration
+	SSEMaxLineBytes  int
+}
+
+// setting is one configuration variable: an environment variable that a flag of the same name
+// (lower case, dashes) overrides.
+type setting struct {
+	env   string
+	def   string
+	usage string
+	parse func(c *config, v string) error
+}
+
+func settings() []setting {
+	return []setting{
+		{"LISTEN_ADDR", ":8080", "listen address (host:port)", func(c *config, v string) error {
+			if _, _, err := net.SplitHostPort(v); err != nil {
+				return errors.New("want host:port, such as :8080")
+			}
+			c.ListenAddr = v
+			return nil
+		}},
+		{"ALGO_URL", "", "base URL of the algorithm service (required unless -demo)", func(c *config, v string) (err error) {
+			c.AlgoURL, err = parseBaseURL(v)
+			return err
+		}},
+		{"ADMIN_URL", "", "admin back end for /api/v2/admin/ (unset: 404)", func(c *config, v string) (err error) {
+			c.AdminURL, err = parseBaseURL(v)
+			return err
+		}},
+		{"DOCS_URL", "", "documents back end for /api/v2/documents/ (unset: 404)", func(c *config, v string) (err error) {
+			c.DocsURL, err = parseBaseURL(v)
+			return err
+		}},
+		{"CORS_ORIGINS", "", "comma-separated allowed browser origins (also the WebSocket Origin check)", func(c *config, v string) error {
+			for _, o := range strings.Split(v, ",") {
+				o = strings.TrimSpace(o)
+				if o == "" {
+					continue
+				}
+				if o != "*" {
+					u, err := url.Parse(o)
+					if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Path != "" {
+						return fmt.Errorf("%q is not an origin like https://app.example.com", o)
+					}
+				}
+				c.CORSOrigins = append(c.CORSOrigins, o)
+			}
+			return nil
+		}},
+		{"TRUSTED_PROXIES", "", "comma-separated CIDRs whose X-Forwarded-For is believed", func(c *config, v string) (err error) {
+			c.TrustedProxies, err = proxy.ParsePrefixes(v)
+			return err
+		}},
+		{"LOG_FORMAT", "", "text or json (default: text on a terminal, else json)", func(c *config, v string) error {
+			switch v {
+			case "", "text", "json":
+				c.LogFormat = v
+				return nil
+			}
+			return errors.New("want text or json")
+		}},
+		{"LOG_LEVEL", "info", "debug, info, warn or error", func(c *config, v string) error {
+			return c.LogLevel.UnmarshalText([]byte(v))
+		}},
+		{"SHUTDOWN_GRACE", "25s", "how long open streams get on SIGTERM", durationSetting(func(c *config) *time.Duration { return &c.ShutdownGrace }, 0)},
+		{"MAX_BODY_BYTES", "10485760", "largest request body on proxied routes", bytesSetting(func(c *config) *int64 { return &c.MaxBodyBytes })},
+		{"UPSTREAM_TIMEOUT", "30s", "how long an upstream may take to answer headers", durationSetting(func(c *config) *time.Duration { return &c.UpstreamTimeout }, time.Millisecond)},
+		{"CHAT_MAX_BODY_BYTES", "65536", "largest chat request body", bytesSetting(func(c *config) *int64 { return &c.ChatMaxBodyBytes })},
+		{"CHAT_MAX_MESSAGE", "4000", "longest chat message, in characters", intSetting(func(c *config) *int { return &c.ChatMaxMessage })},
+		{"CHAT_MAX_TOKENS", "8192", "largest max_tokens a chat request may ask for", intSetting(func(c *config) *int { return &c.ChatMaxTokens })},
+		{"CHAT_DEFAULT_MODEL", "default", "model used when a chat request names none", func(c *config, v string) error {
+			if v == "" {
+				return errors.New("must not be empty")
+			}
+			c.ChatDefaultModel = v
+			return nil
+		}},
+		{"SSE_PING_INTERVAL", "15s", "ping comment interval while the upstream is silent", durationSetting(func(c *config) *time.Duration { return &c.SSEPingInterval }, time.Millisecond)},
+		{"SSE_MAX_LINE_BYTES", "1048576", "longest upstream NDJSON line", func(c *config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 64 {
+				return errors.New("want a byte count of at least 64")
+			}
+			c.SSEMaxLineBytes = n
+			return nil
+		}},
+	}
+}
+
+func durationSetting(field func(*config) *time.Duration, least time.Duration) func(*config, string) error {
+	return func(c *config, v string) error {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < least {
+			return fmt.Errorf("want a duration of at least %v, such as 15s", least)
+		}
+		*field(c) = d
+		return nil
+	}
+}
+
+func bytesSetting(field func(*config) *int64) func(*config, string) error {
+	return func(c *config, v string) error {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 1 {
+			return errors.New("want a positive byte count")
+		}
+		*field(c) = n
+		return nil
+	}
+}
+
+func intSetting(field func(*config) *int) func(*config, string) error {
+	return func(c *config, v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return errors.New("want a positive whole number")
+		}
+		*field(c) = n
+		return nil
+	}
+}
+
+// parseBaseURL accepts an absolute http(s) URL without query or fragment; "" gives nil.
+func parseBaseURL(v string) (*url.URL, error) {
+	if v == "" {
+		return nil, nil
+	}
+	u, err := url.Parse(v)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, errors.New("want an absolute http:// or https:// URL")
+	}
+	if u.RawQuery != "" || u.Fragment != "" || u.User != nil {
+		return nil, errors.New("want a base URL without credentials, query or fragment")
+	}
+	return u, nil
+}
+
+func flagName(env string) string {
+	return strings.ReplaceAll(strings.ToLower(env), "_", "-")
+}
+
+// errHelp is returned when the user asked for -h: usage was printed, nothing failed.
+var errHelp = flag.ErrHelp
+
+// parseConfig reads flags from args (args[0] is the program name) and the environment through
+// getenv; a flag wins over its variable. An invalid value is one error naming the variable.
+func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
+	fs := flag.NewFlagSet("voicegate", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	c := &config{}
+	fs.BoolVar(&c.Demo, "demo", false, "run with a built-in fake algorithm service, for a first look (never production)")
+	all := settings()
+	values := make(map[string]*string, len(all))
+	for _, s := range all {
+		usage := fmt.Sprintf("%s (env %s", s.usage, s.env)
+		if s.def != "" {
+			usage += ", default " + s.def
+		}
+		values[s.env] = fs.String(flagName(s.env), "", usage+")")
+	}
+	if len(args) > 0 {
+		args = args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	fromFlag := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { fromFlag[f.Name] = true })
+	for _, s := range all {
+		v := getenv(s.env)
+		if fromFlag[flagName(s.env)] {
+			v = *values[s.env]
+		}
+		if v == "" {
+			v = s.def
+		}
+		if s.env == "LISTEN_ADDR" && c.Demo && !fromFlag[flagName(s.env)] && getenv(s.env) == "" {
+			v = "127.0.0.1:8080" // the demo hands out a ready token: keep it off the network
+		}
+		if err := s.parse(c, v); err != nil {
+			return nil, fmt.Errorf("invalid %s %q: %v", s.env, v, err)
+		}
+	}
+	if c.AlgoURL == nil && !c.Demo {
+		return nil, errors.New("ALGO_URL is required (or run with -demo for a first look)")
+	}
+	return c, nil
+}

@@ -1,0 +1,136 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// demoAlgo is the fake algorithm service behind -demo: it answers POST /query with a believable
+// NDJSON stream (retrieval, then generation chunks a few tens of milliseconds apart, then
+// generation_done), on loopback only. It exists so a first look needs nothing else; it knows
+// nothing about language.
+type demoAlgo struct {
+	URL *url.URL
+	srv *http.Server
+}
+
+// demoChunkDelay paces generation chunks like a model producing tokens.
+const demoChunkDelay = 40 * time.Millisecond
+
+func startDemo(logger *slog.Logger) (*demoAlgo, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /query", demoQuery)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}
+	go func() { _ = srv.Serve(ln) }()
+	logger.Warn("DEMO MODE: a built-in fake algorithm service answers on loopback; never use -demo in production",
+		"algo_addr", ln.Addr().String())
+	return &demoAlgo{URL: &url.URL{Scheme: "http", Host: ln.Addr().String()}, srv: srv}, nil
+}
+
+// Close stops the fake service and its streams.
+func (d *demoAlgo) Close() error { return d.srv.Close() }
+
+type demoQueryBody struct {
+	Messages []struct {
+		Content string `json:"content"`
+	} `json:"messages"`
+	Model string `json:"model"`
+}
+
+func demoQuery(w http.ResponseWriter, r *http.Request) {
+	var q demoQueryBody
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&q); err != nil || len(q.Messages) == 0 {
+		http.Error(w, `{"error":"bad query"}`, http.StatusBadRequest)
+		return
+	}
+	question := q.Messages[len(q.Messages)-1].Content
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	enc := json.NewEncoder(w)
+	rc := http.NewResponseController(w)
+	send := func(v any) bool {
+		if enc.Encode(v) != nil || rc.Flush() != nil {
+			return false
+		}
+		return true
+	}
+	pause := func(d time.Duration) bool {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return true
+		case <-r.Context().Done():
+			return false
+		}
+	}
+
+	docs := []map[string]any{
+		{"id": "doc-17", "title": "voicegate operator guide", "score": 0.91},
+		{"id": "doc-04", "title": "Streaming answers with Server-Sent Events", "score": 0.84},
+		{"id": "doc-22", "title": "Voice sessions over WebSocket", "score": 0.71},
+	}
+	steps := []map[string]any{
+		{"type": "retrieval_start", "query": question},
+		{"type": "retrieval_progress", "progress": 0.5, "documents_scanned": 640},
+		{"type": "retrieval_result", "documents": docs},
+		{"type": "generation_start", "model": q.Model},
+	}
+	for _, s := range steps {
+		if !send(s) || !pause(demoChunkDelay) {
+			return
+		}
+	}
+	words := strings.Fields(demoAnswer(question))
+	for i, word := range words {
+		if i < len(words)-1 {
+			word += " "
+		}
+		if !send(map[string]any{"type": "generation_chunk", "content": word, "index": i}) || !pause(demoChunkDelay) {
+			return
+		}
+	}
+	send(map[string]any{"type": "generation_done", "finish_reason": "stop",
+		"usage": map[string]int{"prompt_tokens": len(strings.Fields(question)), "completion_tokens": len(words)},
+		"sources": []string{"doc-17", "doc-04"}})
+}
+
+// demoAnswer composes a plausible answer that quotes the question, so a reader can see that it
+// went through.
+func demoAnswer(question string) string {
+	q := strings.TrimSpace(question)
+	if len(q) > 120 {
+		q = q[:120] + "…"
+	}
+	return fmt.Sprintf("You asked: %q. This answer comes from voicegate's built-in demo service, "+
+		"streamed one chunk at a time: the gateway reads each NDJSON line the algorithm service "+
+		"writes and turns it into a Server-Sent Event as soon as the line is complete. "+
+		"Retrieval found three documents, the operator guide first. In production the same path "+
+		"carries real model output, with pings while the model is thinking and a stream_end "+
+		"event that tells you how many lines arrived.", q)
+}
+
+// printDemo tells the user what to try.
+func printDemo(w io.Writer, addr string) {
+	fmt.Fprintf(w, `
+voicegate is running in DEMO MODE on http://%[1]s
+A built-in fake algorithm service answers; this mode is for a first look, never for production.
+
+Stream a chat answer (events arrive one by one):
+
+  curl -N http://%[1]s/api/v2/chat/stream -H 'Content-Type: application/json' -d '{"message":"How does voicegate stream answers?"}'
+
+Press Ctrl-C to stop.
+`, addr)
+}

@@ -1,0 +1,5 @@
+module voicegate
+
+go 1.26
+
+require github.com/lmittmann/tint v1.2.1

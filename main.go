@@ -1,0 +1,291 @@
+// Command voicegate is the edge gateway of an AI voice assistant: it streams chat answers from
+// the algorithm service as Server-Sent Events, bridges voice WebSockets, and proxies the plain
+// HTTP back ends, behind a load balancer.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/lmittmann/tint"
+
+	"voicegate/proxy"
+	"voicegate/sse"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		// After the first signal starts a graceful shutdown, a second one kills at once.
+		<-ctx.Done()
+		stop()
+	}()
+	if err := run(ctx, os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
+		if !errors.Is(err, errHelp) {
+			fmt.Fprintln(os.Stderr, "voicegate:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+// run is the whole program: it parses the configuration, wires the gateway, serves until ctx
+// is done, then shuts down gracefully. Tests call it directly.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stderr)
+	if err != nil {
+		return err
+	}
+	logger := newLogger(cfg, stderr)
+
+	if cfg.Demo {
+		demo, err := startDemo(logger)
+		if err != nil {
+			return fmt.Errorf("demo: %w", err)
+		}
+		defer demo.Close()
+		cfg.AlgoURL = demo.URL
+	}
+
+	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
+	}
+	gw := newGateway(cfg, logger)
+	srv := &http.Server{
+		Handler:           gw.handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		// No WriteTimeout: it would cut every stream and voice session at that age. Streams
+		// bound themselves with pings and cancellation instead.
+		IdleTimeout:    120 * time.Second,
+		MaxHeaderBytes: 32 << 10,
+		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+		BaseContext:    func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	addr := ln.Addr().String()
+	logger.Info("listening", "addr", addr)
+	if cfg.Demo {
+		printDemo(stdout, addr)
+	}
+
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	return gw.shutdown(srv, serveErr)
+}
+
+// gateway holds what the handlers share and what shutdown must reach.
+type gateway struct {
+	cfg       *config
+	log       *slog.Logger
+	transport *http.Transport
+	pool      *proxy.BufferPool
+	streams   *sse.Registry
+	draining  atomic.Bool
+	// shutdownStreams is closed when running chat streams must end with server_shutdown.
+	shutdownStreams chan struct{}
+}
+
+func newGateway(cfg *config, logger *slog.Logger) *gateway {
+	return &gateway{
+		cfg:             cfg,
+		log:             logger,
+		transport:       proxy.NewTransport(proxy.TransportOptions{ResponseHeaderTimeout: cfg.UpstreamTimeout}),
+		pool:            proxy.NewBufferPool(0),
+		streams:         sse.NewRegistry(),
+		shutdownStreams: make(chan struct{}),
+	}
+}
+
+// handler is the whole route table, with the edge middleware around it. Per-route protection
+// goes through protect, so every route states what it needs in one line.
+func (g *gateway) handler() http.Handler {
+	cfg := g.cfg
+	rt := newRouter()
+
+	rt.handle("GET", "/healthz", http.HandlerFunc(g.healthz))
+	rt.handle("GET", "/readyz", http.HandlerFunc(g.readyz))
+
+	chat := sse.NewHandler(sse.HandlerOptions{
+		AlgoURL:         cfg.AlgoURL,
+		Transport:       g.transport,
+		BufferPool:      g.pool,
+		Registry:        g.streams,
+		TrustedProxies:  cfg.TrustedProxies,
+		MaxBodyBytes:    cfg.ChatMaxBodyBytes,
+		MaxMessageChars: cfg.ChatMaxMessage,
+		MaxTokens:       cfg.ChatMaxTokens,
+		DefaultModel:    cfg.ChatDefaultModel,
+		MaxLineBytes:    cfg.SSEMaxLineBytes,
+		PingInterval:    cfg.SSEPingInterval,
+		Shutdown:        g.shutdownStreams,
+		Log:             g.log,
+	})
+	rt.handle("POST", "/api/v2/chat/stream", g.protect("chat:write", chat))
+	rt.handle("POST", "/api/v2/chat/cancel", g.protect("", sse.NewCancelHandler(sse.CancelOptions{Registry: g.streams})))
+
+	for _, b := range []struct {
+		path   string
+		target *url.URL
+		name   string
+	}{
+		{"/api/v2/admin/", cfg.AdminURL, "admin service"},
+		{"/api/v2/documents/", cfg.DocsURL, "documents service"},
+	} {
+		var h http.Handler = http.HandlerFunc(notFound)
+		if b.target != nil {
+			h = proxy.Chain(proxy.New(proxy.Options{
+				Target:         b.target,
+				Transport:      g.transport,
+				BufferPool:     g.pool,
+				TrustedProxies: cfg.TrustedProxies,
+				Name:           b.name,
+				Log:            g.log,
+			}), proxy.BodyLimit(cfg.MaxBodyBytes))
+		}
+		rt.handle("", b.path, g.protect("", h))
+	}
+
+	return proxy.Chain(rt.mux,
+		proxy.Recover(g.log),
+		proxy.RequestID(),
+		proxy.AccessLog(g.log),
+		proxy.ClientIP(cfg.TrustedProxies),
+		proxy.CORS(proxy.CORSOptions{Origins: cfg.CORSOrigins}),
+	)
+}
+
+// protect is where authentication and authorization wrap a route; perm is the permission the
+// route needs ("" when the handler decides itself).
+func (g *gateway) protect(perm string, h http.Handler) http.Handler {
+	return h
+}
+
+func (g *gateway) healthz(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (g *gateway) readyz(w http.ResponseWriter, r *http.Request) {
+	if g.draining.Load() {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "draining"})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+func notFound(w http.ResponseWriter, r *http.Request) {
+	proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeNotFound, "no such route")
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// shutdown drains: readiness fails at once, the listener stops, running streams get until the
+// grace period is nearly over to finish and are then ended with server_shutdown, and whatever is
+// left when it is over is closed.
+func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
+	g.draining.Store(true)
+	grace := g.cfg.ShutdownGrace
+	g.log.Info("shutting down", "grace", grace, "streams", g.streams.Len())
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	// Streams are told to end a little before the deadline so their last events get out.
+	margin := min(grace/5, 2*time.Second)
+	endStreams := time.AfterFunc(grace-margin, func() { close(g.shutdownStreams) })
+	defer endStreams.Stop()
+
+	err := srv.Shutdown(ctx)
+	if errors.Is(err, context.DeadlineExceeded) {
+		g.log.Warn("grace period over; closing remaining connections")
+		err = srv.Close()
+	}
+	if serr := <-serveErr; serr != nil && !errors.Is(serr, http.ErrServerClosed) {
+		return fmt.Errorf("serve: %w", serr)
+	}
+	g.transport.CloseIdleConnections()
+	g.log.Info("stopped")
+	return err
+}
+
+// newLogger builds the one logger: tint text on a terminal, JSON otherwise.
+func newLogger(cfg *config, w io.Writer) *slog.Logger {
+	format := cfg.LogFormat
+	if format == "" {
+		format = "json"
+		if isTerminal(w) {
+			format = "text"
+		}
+	}
+	if format == "text" {
+		return slog.New(tint.NewHandler(w, &tint.Options{
+			Level:      cfg.LogLevel,
+			TimeFormat: time.TimeOnly,
+			NoColor:    !isTerminal(w),
+		}))
+	}
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: cfg.LogLevel}))
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// router registers Go 1.22 patterns and answers unknown paths with a JSON 404 and known paths
+// with the wrong method with a JSON 405 (the mux's own answers are plain text).
+type router struct {
+	mux     *http.ServeMux
+	methods map[string][]string
+}
+
+func newRouter() *router {
+	rt := &router{mux: http.NewServeMux(), methods: map[string][]string{}}
+	rt.mux.Handle("/", http.HandlerFunc(notFound))
+	return rt
+}
+
+// handle registers h for method and path; an empty method matches any.
+func (rt *router) handle(method, path string, h http.Handler) {
+	h = proxy.Route(h)
+	if method == "" {
+		rt.mux.Handle(path, h)
+		return
+	}
+	rt.mux.Handle(method+" "+path, h)
+	if len(rt.methods[path]) == 0 {
+		rt.mux.Handle(path, proxy.Route(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			allowed := strings.Join(rt.methods[path], ", ")
+			w.Header().Set("Allow", allowed)
+			proxy.Errorf(w, r, http.StatusMethodNotAllowed, proxy.CodeMethodNotAllowed,
+				"method not allowed; use "+allowed)
+		})))
+	}
+	rt.methods[path] = append(rt.methods[path], method)
+	if method == http.MethodGet {
+		rt.methods[path] = append(rt.methods[path], http.MethodHead) // the mux serves HEAD with GET
+	}
+}

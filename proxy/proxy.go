@@ -1,0 +1,231 @@
+// Package proxy owns voicegate's edge: reverse proxying on httputil.ReverseProxy (a tuned
+// Transport, a shared buffer pool, one error mapping), and the middleware every request passes
+// through — recover, request ID, access log, client IP behind trusted proxies, CORS and body
+// limits — plus the JSON error document all packages answer with.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// TransportOptions tunes the upstream Transport. Zero values pick defaults sized for thousands
+// of concurrent long-lived streams to a handful of upstream hosts.
+type TransportOptions struct {
+	DialTimeout           time.Duration // zero: 5s
+	TLSHandshakeTimeout   time.Duration // zero: 5s
+	ResponseHeaderTimeout time.Duration // zero: 30s; how long an upstream may think before answering headers
+	IdleConnTimeout       time.Duration // zero: 90s
+	MaxIdleConnsPerHost   int           // zero: 1024 (the standard library's 2 churns connections under load)
+}
+
+// NewTransport returns an http.Transport for upstream calls. Its small read and write buffers
+// keep the cost of thousands of idle streams down; they are not on a throughput-critical path
+// because the payloads are small events.
+func NewTransport(o TransportOptions) *http.Transport {
+	def := func(d, v time.Duration) time.Duration {
+		if d == 0 {
+			return v
+		}
+		return d
+	}
+	perHost := o.MaxIdleConnsPerHost
+	if perHost == 0 {
+		perHost = 1024
+	}
+	dialer := &net.Dialer{Timeout: def(o.DialTimeout, 5*time.Second), KeepAlive: 30 * time.Second}
+	return &http.Transport{
+		Proxy:                 nil, // upstreams are internal; an environment proxy would be a surprise
+		DialContext:           dialer.DialContext,
+		TLSHandshakeTimeout:   def(o.TLSHandshakeTimeout, 5*time.Second),
+		ResponseHeaderTimeout: def(o.ResponseHeaderTimeout, 30*time.Second),
+		IdleConnTimeout:       def(o.IdleConnTimeout, 90*time.Second),
+		ExpectContinueTimeout: time.Second,
+		MaxIdleConns:          0, // no global cap; the per-host cap bounds it
+		MaxIdleConnsPerHost:   perHost,
+		ForceAttemptHTTP2:     true,
+		// Pass the client's Accept-Encoding through instead of silently asking for gzip and
+		// decoding it here, which would buffer streamed bodies.
+		DisableCompression: true,
+		WriteBufferSize:    4 << 10,
+		ReadBufferSize:     4 << 10,
+	}
+}
+
+// BufferPool is a sync.Pool of copy buffers for httputil.ReverseProxy, shared by all routes so
+// that idle proxies hold no buffers.
+type BufferPool struct {
+	size int
+	pool sync.Pool
+}
+
+// NewBufferPool returns a pool of size-byte buffers (32 KiB when size is 0).
+func NewBufferPool(size int) *BufferPool {
+	if size <= 0 {
+		size = 32 << 10
+	}
+	bp := &BufferPool{size: size}
+	bp.pool.New = func() any { b := make([]byte, size); return &b }
+	return bp
+}
+
+// Get returns a buffer.
+func (bp *BufferPool) Get() []byte { return *(bp.pool.Get().(*[]byte)) }
+
+// Put returns a buffer to the pool.
+func (bp *BufferPool) Put(b []byte) {
+	if cap(b) != bp.size {
+		return
+	}
+	b = b[:bp.size]
+	bp.pool.Put(&b)
+}
+
+// Options configures a reverse proxy to one upstream.
+type Options struct {
+	// Target is the upstream base URL; the incoming path is appended to its path.
+	Target *url.URL
+	// Transport carries the requests; nil means a NewTransport with defaults.
+	Transport http.RoundTripper
+	// BufferPool holds copy buffers; nil means a private pool.
+	BufferPool httputil.BufferPool
+	// TrustedProxies decides whether incoming X-Forwarded-For is passed on or replaced.
+	TrustedProxies Prefixes
+	// Code is the error code for an unreachable or failing upstream; empty means UPSTREAM_ERROR.
+	Code string
+	// Name names the upstream in client messages ("admin service"); empty means "upstream".
+	Name string
+	// Rewrite, if set, runs after the standard rewrite to adjust the outgoing request.
+	Rewrite func(*httputil.ProxyRequest)
+	// ModifyResponse is passed to httputil.ReverseProxy. Returning an *UpstreamStatusError maps
+	// the upstream's status the same way as transport failures.
+	ModifyResponse func(*http.Response) error
+	// Log receives upstream failures at debug level (the access log carries them at the edge).
+	Log *slog.Logger
+}
+
+// New returns a ReverseProxy to o.Target: Rewrite with SetURL and a deliberate
+// SetXForwarded (an incoming X-Forwarded-For is kept only from trusted proxies), the shared
+// buffer pool, and ErrorHandler mapping failures to the JSON errors of DESIGN.md.
+func New(o Options) *httputil.ReverseProxy {
+	transport := o.Transport
+	if transport == nil {
+		transport = NewTransport(TransportOptions{})
+	}
+	pool := o.BufferPool
+	if pool == nil {
+		pool = NewBufferPool(0)
+	}
+	logger := o.Log
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	mapper := ErrorMapper{Code: o.Code, Name: o.Name}
+	return &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			if o.Target != nil {
+				pr.SetURL(o.Target)
+			}
+			if PeerTrusted(pr.In, o.TrustedProxies) {
+				if prior := pr.In.Header["X-Forwarded-For"]; len(prior) > 0 {
+					pr.Out.Header["X-Forwarded-For"] = append([]string(nil), prior...)
+				}
+			}
+			pr.SetXForwarded()
+			if o.Rewrite != nil {
+				o.Rewrite(pr)
+			}
+		},
+		Transport:      transport,
+		BufferPool:     pool,
+		ModifyResponse: o.ModifyResponse,
+		ErrorHandler:   mapper.ServeError,
+		// ReverseProxy's own log lines (copy errors after a client left) are noise at the edge.
+		ErrorLog: log.New(io.Discard, "", 0),
+	}
+}
+
+// UpstreamStatusError reports an upstream answer that must not be passed through as is (a
+// streaming upstream that answered something other than 200).
+type UpstreamStatusError struct {
+	Status     int
+	RetryAfter int // seconds, from the upstream's Retry-After; 0 when absent
+}
+
+func (e *UpstreamStatusError) Error() string {
+	return "upstream answered " + strconv.Itoa(e.Status)
+}
+
+// ErrorMapper turns upstream failures into client errors, in one place: a gone client is 499
+// (logged, not sent), an over-limit body 413, a timeout 504, everything else 502 — without
+// upstream host names in what the client sees.
+type ErrorMapper struct {
+	Code string // the code for unreachable/failing upstreams; empty means UPSTREAM_ERROR
+	Name string // the upstream in messages; empty means "upstream"
+}
+
+// Map classifies err for the request r.
+func (m ErrorMapper) Map(r *http.Request, err error) *Error {
+	code := m.Code
+	if code == "" {
+		code = CodeUpstream
+	}
+	name := m.Name
+	if name == "" {
+		name = "upstream"
+	}
+	var use *UpstreamStatusError
+	var netErr net.Error
+	switch {
+	case r.Context().Err() != nil && errors.Is(context.Cause(r.Context()), context.Canceled):
+		return &Error{Status: StatusClientClosed, Code: "CLIENT_CLOSED", Message: "client closed the request", Cause: err}
+	case IsTooLarge(err):
+		var mbe *http.MaxBytesError
+		errors.As(err, &mbe)
+		return TooLarge(mbe.Limit)
+	case errors.As(err, &use):
+		switch use.Status {
+		case http.StatusTooManyRequests:
+			return &Error{Status: http.StatusTooManyRequests, Code: CodeRateLimited,
+				Message: name + " is rate limiting; retry later", RetryAfter: max(use.RetryAfter, 1), Cause: err}
+		case http.StatusServiceUnavailable:
+			return &Error{Status: http.StatusServiceUnavailable, Code: code,
+				Message: name + " is unavailable", RetryAfter: use.RetryAfter, Cause: err}
+		case http.StatusGatewayTimeout:
+			return &Error{Status: http.StatusGatewayTimeout, Code: CodeUpstreamTimeout,
+				Message: name + " timed out", Cause: err}
+		}
+		return &Error{Status: http.StatusBadGateway, Code: code, Message: name + " failed", Cause: err}
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &netErr) && netErr.Timeout():
+		return &Error{Status: http.StatusGatewayTimeout, Code: CodeUpstreamTimeout,
+			Message: name + " did not answer in time", Cause: err}
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return &Error{Status: http.StatusBadGateway, Code: code, Message: name + " is unreachable", Cause: err}
+	}
+	return &Error{Status: http.StatusBadGateway, Code: code, Message: name + " failed", Cause: err}
+}
+
+// ServeError is an httputil.ReverseProxy ErrorHandler.
+func (m ErrorMapper) ServeError(w http.ResponseWriter, r *http.Request, err error) {
+	WriteError(w, r, m.Map(r, err))
+}
+
+// ParseRetryAfter reads a Retry-After header given in seconds; dates and junk give 0.
+func ParseRetryAfter(v string) int {
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 {
+		return 0
+	}
+	return min(n, 3600)
+}
