@@ -3,3 +3,5 @@ module voicegate
 go 1.26
 
 require github.com/lmittmann/tint v1.2.1
+
+require go.uber.org/goleak v1.3.0
