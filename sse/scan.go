@@ -104,8 +104,8 @@ func scanObject(line []byte, stack []byte) (obj object, ok bool) {
 					topKey = 2
 				}
 			}
-			for i < n && (line[i] == ' ' || line[i] == '\t' || line[i] == '\r') {
-				obj.slow = obj.slow || line[i] == '\r'
+			for i < n && (line[i] == ' ' || line[i] == '\t' || line[i] == '\r' || line[i] == '\n') {
+				obj.slow = obj.slow || line[i] == '\r' || line[i] == '\n'
 				i++
 			}
 			if i >= n || line[i] != ':' {
