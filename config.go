@@ -173,6 +173,14 @@ func parseBaseURL(v string) (*url.URL, error) {
 	return u, nil
 }
 
+// shown quotes a rejected value for the error line, with any password in a URL masked.
+func shown(v string) string {
+	if u, err := url.Parse(v); err == nil && u.User != nil {
+		v = u.Redacted()
+	}
+	return strconv.Quote(v)
+}
+
 func flagName(env string) string {
 	return strings.ReplaceAll(strings.ToLower(env), "_", "-")
 }
@@ -219,7 +227,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 			v = "127.0.0.1:8080" // the demo hands out a ready token: keep it off the network
 		}
 		if err := s.parse(c, v); err != nil {
-			return nil, fmt.Errorf("invalid %s %q: %v", s.env, v, err)
+			return nil, fmt.Errorf("invalid %s %s: %v", s.env, shown(v), err)
 		}
 	}
 	if c.AlgoURL == nil && !c.Demo {

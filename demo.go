@@ -102,7 +102,7 @@ func demoQuery(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	send(map[string]any{"type": "generation_done", "finish_reason": "stop",
-		"usage": map[string]int{"prompt_tokens": len(strings.Fields(question)), "completion_tokens": len(words)},
+		"usage":   map[string]int{"prompt_tokens": len(strings.Fields(question)), "completion_tokens": len(words)},
 		"sources": []string{"doc-17", "doc-04"}})
 }
 

@@ -98,19 +98,21 @@ type gateway struct {
 	pool      *proxy.BufferPool
 	streams   *sse.Registry
 	draining  atomic.Bool
-	// shutdownStreams is closed when running chat streams must end with server_shutdown.
-	shutdownStreams chan struct{}
+	// endStreams, once called, ends running chat streams with server_shutdown.
+	streamsEnding context.Context
+	endStreams    context.CancelFunc
 }
 
 func newGateway(cfg *config, logger *slog.Logger) *gateway {
-	return &gateway{
-		cfg:             cfg,
-		log:             logger,
-		transport:       proxy.NewTransport(proxy.TransportOptions{ResponseHeaderTimeout: cfg.UpstreamTimeout}),
-		pool:            proxy.NewBufferPool(0),
-		streams:         sse.NewRegistry(),
-		shutdownStreams: make(chan struct{}),
+	g := &gateway{
+		cfg:       cfg,
+		log:       logger,
+		transport: proxy.NewTransport(proxy.TransportOptions{ResponseHeaderTimeout: cfg.UpstreamTimeout}),
+		pool:      proxy.NewBufferPool(0),
+		streams:   sse.NewRegistry(),
 	}
+	g.streamsEnding, g.endStreams = context.WithCancel(context.Background())
+	return g
 }
 
 // handler is the whole route table, with the edge middleware around it. Per-route protection
@@ -125,7 +127,6 @@ func (g *gateway) handler() http.Handler {
 	chat := sse.NewHandler(sse.HandlerOptions{
 		AlgoURL:         cfg.AlgoURL,
 		Transport:       g.transport,
-		BufferPool:      g.pool,
 		Registry:        g.streams,
 		TrustedProxies:  cfg.TrustedProxies,
 		MaxBodyBytes:    cfg.ChatMaxBodyBytes,
@@ -134,7 +135,7 @@ func (g *gateway) handler() http.Handler {
 		DefaultModel:    cfg.ChatDefaultModel,
 		MaxLineBytes:    cfg.SSEMaxLineBytes,
 		PingInterval:    cfg.SSEPingInterval,
-		Shutdown:        g.shutdownStreams,
+		Shutdown:        g.streamsEnding,
 		Log:             g.log,
 	})
 	rt.handle("POST", "/api/v2/chat/stream", g.protect("chat:write", chat))
@@ -211,8 +212,9 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 	defer cancel()
 	// Streams are told to end a little before the deadline so their last events get out.
 	margin := min(grace/5, 2*time.Second)
-	endStreams := time.AfterFunc(grace-margin, func() { close(g.shutdownStreams) })
+	endStreams := time.AfterFunc(grace-margin, g.endStreams)
 	defer endStreams.Stop()
+	defer g.endStreams()
 
 	err := srv.Shutdown(ctx)
 	if errors.Is(err, context.DeadlineExceeded) {

@@ -15,6 +15,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -58,8 +59,8 @@ func NewTransport(o TransportOptions) *http.Transport {
 		// Pass the client's Accept-Encoding through instead of silently asking for gzip and
 		// decoding it here, which would buffer streamed bodies.
 		DisableCompression: true,
-		WriteBufferSize:    4 << 10,
-		ReadBufferSize:     4 << 10,
+		WriteBufferSize:    1 << 10,
+		ReadBufferSize:     2 << 10,
 	}
 }
 
@@ -143,6 +144,7 @@ func New(o Options) *httputil.ReverseProxy {
 				}
 			}
 			pr.SetXForwarded()
+			StripIdentity(pr.Out.Header)
 			if o.Rewrite != nil {
 				o.Rewrite(pr)
 			}
@@ -153,6 +155,27 @@ func New(o Options) *httputil.ReverseProxy {
 		ErrorHandler:   mapper.ServeError,
 		// ReverseProxy's own log lines (copy errors after a client left) are noise at the edge.
 		ErrorLog: log.New(io.Discard, "", 0),
+	}
+}
+
+// IdentityHeaders are the headers through which upstreams learn who the caller is. Upstreams
+// trust them, so only the gateway may set them, from a verified token.
+var IdentityHeaders = [...]string{"X-User-Id", "X-Username", "X-Tenant-Id", "X-User-Roles", "X-Session-Id"}
+
+// StripIdentity deletes every identity header from h, in any spelling: case, and underscores for
+// dashes (some servers treat X_User_ID as X-User-ID).
+func StripIdentity(h http.Header) {
+	for k := range h {
+		if len(k) < len("X-User-Id") || (k[0] != 'X' && k[0] != 'x') {
+			continue // shorter than any identity header, or not an X- header
+		}
+		norm := strings.ReplaceAll(k, "_", "-")
+		for _, id := range IdentityHeaders {
+			if strings.EqualFold(norm, id) {
+				delete(h, k)
+				break
+			}
+		}
 	}
 }
 

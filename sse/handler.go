@@ -25,7 +25,9 @@ type HandlerOptions struct {
 	AlgoURL *url.URL
 	// Transport carries upstream requests; nil means proxy.NewTransport defaults.
 	Transport http.RoundTripper
-	// BufferPool is shared with the other proxies; nil means a private pool.
+	// BufferPool holds the proxy's copy buffers; nil means a private pool of 2 KiB buffers.
+	// Every open stream holds one for its whole life, and events are small, so big buffers
+	// would only cost memory.
 	BufferPool httputil.BufferPool
 	// Registry records running streams for cancellation; nil means a private one.
 	Registry *Registry
@@ -43,8 +45,8 @@ type HandlerOptions struct {
 	MaxLineBytes int
 	PingInterval time.Duration
 	RetryAfter   time.Duration
-	// Shutdown, when closed, ends running streams with server_shutdown.
-	Shutdown <-chan struct{}
+	// Shutdown, when done, ends running streams with server_shutdown.
+	Shutdown context.Context
 	// UpstreamHeaders, if set, adds headers to the upstream request (identity, trace context).
 	UpstreamHeaders func(in *http.Request, out http.Header)
 	// Owner, if set, names the user and tenant of a request for the registry.
@@ -99,6 +101,31 @@ type FieldError struct {
 
 type streamKey struct{}
 
+// errCancelledEarly is the cause of a stream cancelled before the upstream answered.
+var errCancelledEarly = errors.New("sse: stream cancelled before the upstream answered")
+
+// setStreamHeaders sets the headers of an event stream: no caching, and no buffering by nginx
+// or other proxies in front of the gateway.
+func setStreamHeaders(h http.Header) {
+	h.Set("Content-Type", "text/event-stream; charset=utf-8")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+}
+
+// writeCancelled answers with a stream that opens and is cancelled at once.
+func writeCancelled(w http.ResponseWriter, requestID string, now func() time.Time) {
+	if now == nil {
+		now = time.Now
+	}
+	ms := now().UnixMilli()
+	enc := newEncoder(requestID)
+	b := enc.appendGatewayEvent(nil, EventStart, ms)
+	b = enc.appendGatewayEvent(b, EventCancelled, ms, field("reason", "cancelled by request"))
+	setStreamHeaders(w.Header())
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(b)
+}
+
 // NewHandler returns the POST /api/v2/chat/stream handler: it validates the request, sends it
 // to the algorithm service through a ReverseProxy, and rewrites the NDJSON answer into SSE.
 // Failures before the upstream answers 200 are plain JSON errors; after that, in-stream events.
@@ -120,6 +147,9 @@ func NewHandler(o HandlerOptions) http.Handler {
 	}
 	if o.Registry == nil {
 		o.Registry = NewRegistry()
+	}
+	if o.BufferPool == nil {
+		o.BufferPool = proxy.NewBufferPool(2 << 10)
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
@@ -148,17 +178,18 @@ func NewHandler(o HandlerOptions) http.Handler {
 					RetryAfter: proxy.ParseRetryAfter(res.Header.Get("Retry-After"))}
 			}
 			st := res.Request.Context().Value(streamKey{}).(*Stream)
-			h := http.Header{}
-			h.Set("Content-Type", "text/event-stream; charset=utf-8")
-			h.Set("Cache-Control", "no-cache")
-			h.Set("X-Accel-Buffering", "no")
-			res.Header = h
+			if !st.state.CompareAndSwap(stateWaiting, stateStreaming) {
+				return errCancelledEarly
+			}
+			res.Header = http.Header{}
+			setStreamHeaders(res.Header)
 			res.ContentLength = -1
 			res.TransferEncoding = nil
 			res.Body = NewRewriter(res.Body, Options{
 				RequestID:    st.RequestID,
 				MaxLineBytes: o.MaxLineBytes,
 				PingInterval: o.PingInterval,
+				Ping:         st.writer.ping,
 				Now:          o.Now,
 				Cancel:       st.Cancelled(),
 				Shutdown:     o.Shutdown,
@@ -168,6 +199,18 @@ func NewHandler(o HandlerOptions) http.Handler {
 			return nil
 		},
 	})
+
+	mapError := rp.ErrorHandler
+	rp.ErrorHandler = func(w http.ResponseWriter, r *http.Request, err error) {
+		if errors.Is(err, errCancelledEarly) || errors.Is(context.Cause(r.Context()), errCancelledEarly) {
+			// Cancelled before the upstream answered: the client still gets the stream it
+			// asked for, opened and cancelled, as if the cancel had come a moment later.
+			st := r.Context().Value(streamKey{}).(*Stream)
+			writeCancelled(w, st.RequestID, o.Now)
+			return
+		}
+		mapError(w, r, err)
+	}
 
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q, perr := o.parse(w, r)
@@ -192,7 +235,15 @@ func NewHandler(o HandlerOptions) http.Handler {
 			proxy.WriteError(w, r, &proxy.Error{Cause: fmt.Errorf("sse: encode query: %w", err)})
 			return
 		}
-		out := r.WithContext(context.WithValue(r.Context(), streamKey{}, st))
+		ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), streamKey{}, st))
+		defer cancel(nil)
+		// Until the upstream answers there is no Rewriter to watch for a cancel; this does.
+		defer context.AfterFunc(st.ctx, func() {
+			if st.state.CompareAndSwap(stateWaiting, stateCancelled) {
+				cancel(errCancelledEarly)
+			}
+		})()
+		out := r.WithContext(ctx)
 		out.Method = http.MethodPost
 		out.Body = io.NopCloser(bytes.NewReader(body))
 		out.ContentLength = int64(len(body))
@@ -210,7 +261,10 @@ func NewHandler(o HandlerOptions) http.Handler {
 		h.Set("Content-Type", "application/json")
 		h.Set("Accept", "application/x-ndjson")
 		h.Set("X-Request-ID", q.RequestID)
-		rp.ServeHTTP(w, out)
+		// All writes to the client, the proxy's and the pings, go through one writer.
+		st.writer = &PingWriter{ResponseWriter: w}
+		defer st.writer.Close()
+		rp.ServeHTTP(st.writer, out)
 	})
 }
 

@@ -1,8 +1,10 @@
 package sse
 
 import (
+	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -20,14 +22,22 @@ type Stream struct {
 	TenantID  string
 	Started   time.Time
 
-	cancel   chan struct{}
-	cancelMu sync.Once
+	ctx    context.Context // done when the stream is cancelled
+	cancel context.CancelFunc
+	writer *PingWriter
+	state  atomic.Int32 // stateWaiting → stateStreaming or stateCancelled, once
 }
 
-// Cancelled is closed when the stream is cancelled.
-func (s *Stream) Cancelled() <-chan struct{} { return s.cancel }
+// Stream states: a cancel before the upstream answers is handled by the handler, after it by
+// the Rewriter; the state decides which, exactly once.
+const (
+	stateWaiting int32 = iota
+	stateStreaming
+	stateCancelled
+)
 
-func (s *Stream) doCancel() { s.cancelMu.Do(func() { close(s.cancel) }) }
+// Cancelled is done when the stream has been cancelled through the registry.
+func (s *Stream) Cancelled() context.Context { return s.ctx }
 
 // Registry holds the streams running on this instance, so that a cancel request can find them.
 type Registry struct {
@@ -42,10 +52,11 @@ func NewRegistry() *Registry {
 
 // Add registers a stream; the returned function removes it and must be called when it ends.
 func (r *Registry) Add(s *Stream) (remove func(), err error) {
-	s.cancel = make(chan struct{})
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if _, dup := r.streams[s.RequestID]; dup {
+		s.cancel()
 		return nil, ErrStreamExists
 	}
 	r.streams[s.RequestID] = s
@@ -55,6 +66,7 @@ func (r *Registry) Add(s *Stream) (remove func(), err error) {
 			delete(r.streams, s.RequestID)
 		}
 		r.mu.Unlock()
+		s.cancel()
 	}, nil
 }
 
@@ -70,7 +82,7 @@ func (r *Registry) Cancel(requestID string, allowed func(*Stream) bool) error {
 	if allowed != nil && !allowed(s) {
 		return ErrNotOwner
 	}
-	s.doCancel()
+	s.cancel()
 	return nil
 }
 

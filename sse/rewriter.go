@@ -2,6 +2,7 @@ package sse
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"sync"
@@ -14,10 +15,6 @@ const (
 	DefaultPingInterval = 15 * time.Second
 )
 
-// readChunk is how much of the upstream body is read at a time. Small, because a stream is
-// mostly idle and every open stream holds one.
-const readChunk = 4 << 10
-
 // Options configures a Rewriter.
 type Options struct {
 	// RequestID is set on every event.
@@ -25,16 +22,20 @@ type Options struct {
 	// MaxLineBytes bounds one upstream line; a longer one is dropped with an error event while
 	// memory stays bounded. Zero means DefaultMaxLineBytes.
 	MaxLineBytes int
-	// PingInterval is how long the upstream may be silent before a ": ping" comment keeps
-	// proxies and load balancers from timing the stream out. Zero means DefaultPingInterval;
-	// negative disables pings.
+	// PingInterval is how long the upstream may be silent before Ping is called. Zero means
+	// DefaultPingInterval; negative disables pings.
 	PingInterval time.Duration
+	// Ping, if set, is called from a timer goroutine each time the upstream has been silent for
+	// PingInterval. It writes a ping comment straight to the client (see PingWriter): the reading
+	// goroutine is then blocked on the upstream, and keeping a second goroutine per stream just
+	// to wake it would cost every open stream a stack.
+	Ping func()
 	// Now is the clock for timestamps; nil means time.Now.
 	Now func() time.Time
-	// Cancel, when closed, ends the stream with stream_cancelled.
-	Cancel <-chan struct{}
-	// Shutdown, when closed, ends the stream with server_shutdown and a retry hint.
-	Shutdown <-chan struct{}
+	// Cancel, when done, ends the stream with stream_cancelled.
+	Cancel context.Context
+	// Shutdown, when done, ends the stream with server_shutdown and a retry hint.
+	Shutdown context.Context
 	// RetryAfter is the reconnect hint sent with server_shutdown; zero means 5s.
 	RetryAfter time.Duration
 	// OnEvent, if set, is called with the name of every event written (for metrics).
@@ -49,30 +50,32 @@ type Stats struct {
 }
 
 // Rewriter turns an upstream NDJSON body into a Server-Sent Events body: stream_start, one event
-// per line named by its "type", pings while the upstream is silent, in-stream errors, and
-// stream_end. Each Read returns whole events as soon as they are complete, so a proxy that
-// flushes after every write delivers them one by one.
+// per line named by its "type", in-stream errors, and stream_end. Each Read returns whole events
+// as soon as they are complete, so a proxy that flushes after every write delivers them one by
+// one.
 //
-// A Rewriter reads the upstream in a goroutine of its own, so that it can ping and cancel while
-// the upstream is silent. Close stops it.
+// Read blocks on the upstream in the caller's goroutine. Cancellation and shutdown close the
+// upstream body from their own callbacks to wake it; pings go out of band through
+// Options.Ping. An idle stream therefore holds no goroutine or buffer of its own.
 type Rewriter struct {
 	src  io.ReadCloser
 	opts Options
 	enc  *encoder
 	now  func() time.Time
 
-	raw     []byte        // the pump's read buffer, handed over with each chunk
-	chunks  chan chunk    // pump → Read
-	ack     chan struct{} // Read → pump: raw is free again
-	quit    chan struct{} // closed by Close
-	closeMu sync.Once
+	mu         sync.Mutex // guards stop, closed, quiet and the ping timer's rearming
+	stop       string     // why the stream was interrupted: "cancelled" or "shutdown"
+	closed     bool
+	quiet      bool // the stream has ended: no more pings
+	pinger     *time.Timer
+	unCancel   func() bool
+	unShutdown func() bool
 
 	out      []byte // encoded events not yet returned by Read
 	off      int
-	partial  []byte // an incomplete line carried between chunks
+	partial  []byte // an incomplete line carried between reads
 	dropping bool   // inside an over-long line, skipping to its end
 
-	pinger   *time.Timer
 	started  bool
 	finished bool
 	start    time.Time
@@ -80,10 +83,11 @@ type Rewriter struct {
 	stats    Stats
 }
 
-type chunk struct {
-	n   int
-	err error
-}
+// Interruption reasons, also the stream outcomes they lead to.
+const (
+	stopCancelled = "cancelled"
+	stopShutdown  = "shutdown"
+)
 
 // NewRewriter returns a Rewriter reading NDJSON from src.
 func NewRewriter(src io.ReadCloser, opts Options) *Rewriter {
@@ -100,23 +104,18 @@ func NewRewriter(src io.ReadCloser, opts Options) *Rewriter {
 	if now == nil {
 		now = time.Now
 	}
-	return &Rewriter{
-		src:    src,
-		opts:   opts,
-		enc:    newEncoder(opts.RequestID),
-		now:    now,
-		raw:    make([]byte, readChunk),
-		chunks: make(chan chunk),
-		ack:    make(chan struct{}),
-		quit:   make(chan struct{}),
-	}
+	return &Rewriter{src: src, opts: opts, enc: newEncoder(opts.RequestID), now: now}
 }
 
 // Stats reports the stream's counters; valid once Read has returned io.EOF.
 func (rw *Rewriter) Stats() Stats { return rw.stats }
 
-// Read implements io.Reader.
+// Read implements io.Reader. It uses p as its upstream read buffer, so it needs no buffer of
+// its own while it waits.
 func (rw *Rewriter) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
 	for {
 		if rw.off < len(rw.out) {
 			n := copy(p, rw.out[rw.off:])
@@ -133,48 +132,53 @@ func (rw *Rewriter) Read(p []byte) (int, error) {
 			rw.begin()
 			continue
 		}
-		var ping <-chan time.Time
-		if rw.pinger != nil {
-			ping = rw.pinger.C
-		}
-		select {
-		case c := <-rw.chunks:
-			rw.consume(rw.raw[:c.n])
-			if c.err != nil {
-				rw.upstreamEnded(c.err)
-				continue
-			}
-			if !rw.finished {
-				rw.ack <- struct{}{}
-			}
-			rw.resetPing()
-		case <-ping:
-			rw.out = append(rw.out, ": ping\n\n"...)
-			rw.resetPing()
-		case <-rw.opts.Cancel:
-			rw.event(EventCancelled, field("reason", "cancelled by request"))
-			rw.finish("cancelled", false)
-		case <-rw.opts.Shutdown:
-			rw.event(EventShutdown, field("retry_after_ms", rw.opts.RetryAfter.Milliseconds()))
-			rw.finish("shutdown", true)
-		case <-rw.quit:
+		if why, closed := rw.interrupted(); closed {
 			return 0, io.ErrClosedPipe
+		} else if why != "" {
+			rw.interrupt(why)
+			continue
+		}
+		n, err := rw.src.Read(p)
+		if _, closed := rw.interrupted(); closed {
+			return 0, io.ErrClosedPipe
+		}
+		if n > 0 {
+			rw.consume(p[:n])
+			rw.resetPing()
+		}
+		if err != nil && !rw.finished {
+			if why, _ := rw.interrupted(); why != "" {
+				continue // we closed the upstream ourselves; report why
+			}
+			rw.upstreamEnded(err)
 		}
 	}
 }
 
-// Close stops the upstream reader and closes the upstream body, which cancels the upstream
-// request if it is still running.
+// Close stops the timers and closes the upstream body, which cancels the upstream request if
+// it is still running.
 func (rw *Rewriter) Close() error {
-	var err error
-	rw.closeMu.Do(func() {
-		close(rw.quit)
-		if rw.pinger != nil {
-			rw.pinger.Stop()
-		}
-		err = rw.src.Close()
-	})
-	return err
+	rw.mu.Lock()
+	if rw.closed {
+		rw.mu.Unlock()
+		return nil
+	}
+	rw.closed = true
+	if rw.pinger != nil {
+		rw.pinger.Stop()
+	}
+	rw.mu.Unlock()
+	rw.stopWatching()
+	return rw.src.Close()
+}
+
+func (rw *Rewriter) stopWatching() {
+	if rw.unCancel != nil {
+		rw.unCancel()
+	}
+	if rw.unShutdown != nil {
+		rw.unShutdown()
+	}
 }
 
 func (rw *Rewriter) begin() {
@@ -182,35 +186,61 @@ func (rw *Rewriter) begin() {
 	rw.start = rw.now()
 	rw.out = rw.enc.appendGatewayEvent(rw.out, EventStart, rw.start.UnixMilli())
 	rw.emitted(EventStart)
-	if rw.opts.PingInterval > 0 {
-		rw.pinger = time.NewTimer(rw.opts.PingInterval)
+	if rw.opts.Ping != nil && rw.opts.PingInterval > 0 {
+		rw.pinger = time.AfterFunc(rw.opts.PingInterval, rw.ping)
 	}
-	go rw.pump()
+	if rw.opts.Cancel != nil {
+		rw.unCancel = context.AfterFunc(rw.opts.Cancel, func() { rw.wake(stopCancelled) })
+	}
+	if rw.opts.Shutdown != nil {
+		rw.unShutdown = context.AfterFunc(rw.opts.Shutdown, func() { rw.wake(stopShutdown) })
+	}
 }
 
-// pump reads the upstream body and hands each chunk to Read, waiting until Read has consumed
-// it before reusing the buffer: the one buffer bounds memory and gives backpressure.
-func (rw *Rewriter) pump() {
-	for {
-		n, err := rw.src.Read(rw.raw)
-		select {
-		case rw.chunks <- chunk{n, err}:
-		case <-rw.quit:
-			return
-		}
-		if err != nil {
-			return
-		}
-		select {
-		case <-rw.ack:
-		case <-rw.quit:
-			return
-		}
+// wake records why the stream must end and closes the upstream body, so that a Read blocked on
+// it returns.
+func (rw *Rewriter) wake(why string) {
+	rw.mu.Lock()
+	if rw.stop == "" {
+		rw.stop = why
 	}
+	closed := rw.closed
+	rw.mu.Unlock()
+	if !closed {
+		_ = rw.src.Close()
+	}
+}
+
+func (rw *Rewriter) interrupted() (why string, closed bool) {
+	rw.mu.Lock()
+	defer rw.mu.Unlock()
+	return rw.stop, rw.closed
+}
+
+// interrupt ends the stream for a cancel or a shutdown.
+func (rw *Rewriter) interrupt(why string) {
+	if why == stopCancelled {
+		rw.event(EventCancelled, field("reason", "cancelled by request"))
+		rw.finish(stopCancelled, false)
+		return
+	}
+	rw.event(EventShutdown, field("retry_after_ms", rw.opts.RetryAfter.Milliseconds()))
+	rw.finish(stopShutdown, true)
+}
+
+// ping runs on the timer's goroutine.
+func (rw *Rewriter) ping() {
+	rw.mu.Lock()
+	defer rw.mu.Unlock()
+	if rw.closed || rw.quiet {
+		return
+	}
+	rw.opts.Ping()
+	rw.pinger.Reset(rw.opts.PingInterval)
 }
 
 func (rw *Rewriter) resetPing() {
-	if rw.pinger != nil {
+	if rw.pinger != nil && !rw.finished {
 		rw.pinger.Reset(rw.opts.PingInterval)
 	}
 }
@@ -363,7 +393,11 @@ func (rw *Rewriter) finish(outcome string, withEnd bool) {
 			field("duration_ms", now.Sub(rw.start).Milliseconds()))
 	}
 	rw.finished = true
+	rw.mu.Lock()
+	rw.quiet = true
 	if rw.pinger != nil {
 		rw.pinger.Stop()
 	}
+	rw.mu.Unlock()
+	rw.stopWatching()
 }

@@ -2,6 +2,7 @@ package sse_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -250,7 +251,7 @@ func TestExactlyMaxLineIsAccepted(t *testing.T) {
 	}
 }
 
-// readEvent reads from rw until a whole event (or ping) is buffered and returns it.
+// readEvent reads from rw until it returns something, or fails the test after timeout.
 func readEvent(t *testing.T, rw io.Reader, timeout time.Duration) string {
 	t.Helper()
 	type result struct {
@@ -275,33 +276,53 @@ func readEvent(t *testing.T, rw io.Reader, timeout time.Duration) string {
 	return ""
 }
 
+// TestPingWhileSilent checks that Ping is called while the upstream is silent, while Read is
+// blocked on it, and not any more once lines flow and the stream has ended.
 func TestPingWhileSilent(t *testing.T) {
 	pr, pw := io.Pipe()
-	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r", PingInterval: 20 * time.Millisecond})
+	pings := make(chan struct{}, 100)
+	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r", PingInterval: 20 * time.Millisecond,
+		Ping: func() { pings <- struct{}{} }})
 	defer rw.Close()
 	if ev := readEvent(t, rw, time.Second); !strings.HasPrefix(ev, "event: stream_start\n") {
 		t.Fatalf("first read = %q", ev)
 	}
-	for i := 0; i < 2; i++ {
-		if ev := readEvent(t, rw, time.Second); ev != ": ping\n\n" {
-			t.Fatalf("read while silent = %q, want a ping", ev)
+	done := make(chan []byte)
+	go func() {
+		b, _ := io.ReadAll(rw)
+		done <- b
+	}()
+	for i := 0; i < 3; i++ {
+		select {
+		case <-pings:
+		case <-time.After(time.Second):
+			t.Fatal("no ping while the upstream was silent")
 		}
 	}
-	go func() { _, _ = pw.Write([]byte(`{"type":"generation_chunk"}` + "\n")) }()
-	if ev := readEvent(t, rw, time.Second); !strings.Contains(ev, "event: generation_chunk\n") {
-		t.Fatalf("read after a line = %q", ev)
+	if _, err := pw.Write([]byte(`{"type":"done"}` + "\n")); err != nil {
+		t.Fatal(err)
 	}
-	pw.Close()
+	out := <-done
+	if got := names(parseEvents(t, out)); got != "done,stream_end" {
+		t.Fatalf("events after the pings = %s", got)
+	}
+	for len(pings) > 0 {
+		<-pings
+	}
+	time.Sleep(60 * time.Millisecond)
+	if len(pings) != 0 {
+		t.Fatal("pinged after the stream ended")
+	}
 }
 
 func TestCancel(t *testing.T) {
 	pr, pw := io.Pipe()
 	defer pw.Close()
-	cancel := make(chan struct{})
-	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r", Cancel: cancel, PingInterval: -1})
+	ctx, cancel := context.WithCancel(context.Background())
+	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r", Cancel: ctx})
 	defer rw.Close()
 	readEvent(t, rw, time.Second)
-	close(cancel)
+	time.AfterFunc(20*time.Millisecond, cancel) // while Read is blocked on the silent upstream
 	out, err := io.ReadAll(rw)
 	if err != nil {
 		t.Fatal(err)
@@ -313,16 +334,20 @@ func TestCancel(t *testing.T) {
 	if rw.Stats().Outcome != "cancelled" {
 		t.Fatalf("outcome = %q", rw.Stats().Outcome)
 	}
+	// The upstream body was closed: the upstream request is cancelled.
+	if _, err := pw.Write([]byte("x")); !errors.Is(err, io.ErrClosedPipe) {
+		t.Fatalf("upstream still open after cancel: %v", err)
+	}
 }
 
 func TestShutdown(t *testing.T) {
 	pr, pw := io.Pipe()
 	defer pw.Close()
-	shutdown := make(chan struct{})
-	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r", Shutdown: shutdown, RetryAfter: 3 * time.Second, PingInterval: -1})
+	ctx, shutdown := context.WithCancel(context.Background())
+	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r", Shutdown: ctx, RetryAfter: 3 * time.Second})
 	defer rw.Close()
 	readEvent(t, rw, time.Second)
-	close(shutdown)
+	time.AfterFunc(20*time.Millisecond, shutdown)
 	out, err := io.ReadAll(rw)
 	if err != nil {
 		t.Fatal(err)
@@ -333,14 +358,27 @@ func TestShutdown(t *testing.T) {
 	}
 }
 
-// TestCloseStopsReader checks that Close ends the upstream reader goroutine even while the
-// upstream is silent (the package's leak check fails otherwise).
-func TestCloseStopsReader(t *testing.T) {
+// TestCloseUnblocksRead checks that Close wakes a Read blocked on a silent upstream.
+func TestCloseUnblocksRead(t *testing.T) {
 	pr, _ := io.Pipe()
 	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r"})
 	readEvent(t, rw, time.Second)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := rw.Read(make([]byte, 10))
+		errc <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
 	if err := rw.Close(); err != nil {
 		t.Fatal(err)
+	}
+	select {
+	case err := <-errc:
+		if err == nil {
+			t.Fatal("Read after Close returned no error")
+		}
+	case <-time.After(time.Second):
+		t.Fatal("Close did not unblock Read")
 	}
 	if _, err := rw.Read(make([]byte, 10)); !errors.Is(err, io.ErrClosedPipe) {
 		t.Fatalf("Read after Close = %v", err)

@@ -1,0 +1,225 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+func envFunc(env map[string]string) func(string) string {
+	return func(k string) string { return env[k] }
+}
+
+// TestConfigRejectsInvalidValues checks, for parseConfig and for run, that every invalid value
+// stops the gateway with one line naming the variable.
+func TestConfigRejectsInvalidValues(t *testing.T) {
+	tests := []struct {
+		name    string
+		env     map[string]string // added to a valid ALGO_URL; a "" value removes it
+		args    []string
+		wantVar string
+	}{
+		{"LISTEN_ADDR without port", map[string]string{"LISTEN_ADDR": "nohost"}, nil, "LISTEN_ADDR"},
+		{"ALGO_URL not http", map[string]string{"ALGO_URL": "ftp://x"}, nil, "ALGO_URL"},
+		{"ALGO_URL missing", map[string]string{"ALGO_URL": ""}, nil, "ALGO_URL"},
+		{"ADMIN_URL relative", map[string]string{"ADMIN_URL": "admin.internal/api"}, nil, "ADMIN_URL"},
+		{"DOCS_URL with query", map[string]string{"DOCS_URL": "http://docs.internal/?a=1"}, nil, "DOCS_URL"},
+		{"SHUTDOWN_GRACE not a duration", map[string]string{"SHUTDOWN_GRACE": "abc"}, nil, "SHUTDOWN_GRACE"},
+		{"LOG_FORMAT unknown", map[string]string{"LOG_FORMAT": "xml"}, nil, "LOG_FORMAT"},
+		{"LOG_LEVEL unknown", map[string]string{"LOG_LEVEL": "loud"}, nil, "LOG_LEVEL"},
+		{"LOG_LEVEL with a line break", map[string]string{"LOG_LEVEL": "loud\nvery"}, nil, "LOG_LEVEL"},
+		{"TRUSTED_PROXIES junk", map[string]string{"TRUSTED_PROXIES": "junk"}, nil, "TRUSTED_PROXIES"},
+		{"CORS_ORIGINS not an origin", map[string]string{"CORS_ORIGINS": "notanorigin"}, nil, "CORS_ORIGINS"},
+		{"CORS_ORIGINS with a path", map[string]string{"CORS_ORIGINS": "https://app.example.com/x"}, nil, "CORS_ORIGINS"},
+		{"CHAT_MAX_MESSAGE negative", map[string]string{"CHAT_MAX_MESSAGE": "-1"}, nil, "CHAT_MAX_MESSAGE"},
+		{"CHAT_MAX_BODY_BYTES zero", map[string]string{"CHAT_MAX_BODY_BYTES": "0"}, nil, "CHAT_MAX_BODY_BYTES"},
+		{"UPSTREAM_TIMEOUT zero", map[string]string{"UPSTREAM_TIMEOUT": "0s"}, nil, "UPSTREAM_TIMEOUT"},
+		{"SSE_PING_INTERVAL junk", map[string]string{"SSE_PING_INTERVAL": "often"}, nil, "SSE_PING_INTERVAL"},
+		{"SSE_MAX_LINE_BYTES tiny", map[string]string{"SSE_MAX_LINE_BYTES": "10"}, nil, "SSE_MAX_LINE_BYTES"},
+		{"invalid flag value", nil, []string{"-log-format", "xml"}, "LOG_FORMAT"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := map[string]string{"ALGO_URL": "http://127.0.0.1:9"}
+			for k, v := range tt.env {
+				env[k] = v
+			}
+			args := append([]string{"voicegate"}, tt.args...)
+			check := func(t *testing.T, err error) {
+				t.Helper()
+				if err == nil {
+					t.Fatal("no error, want one naming " + tt.wantVar)
+				}
+				msg := err.Error()
+				if strings.ContainsAny(msg, "\r\n") {
+					t.Errorf("error is more than one line: %q", msg)
+				}
+				if !strings.Contains(msg, tt.wantVar) {
+					t.Errorf("error %q does not name %s", msg, tt.wantVar)
+				}
+			}
+
+			_, err := parseConfig(args, envFunc(env), io.Discard)
+			check(t, err)
+
+			var stdout, stderr bytes.Buffer
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+			defer cancel()
+			err = run(ctx, args, envFunc(env), &stdout, &stderr)
+			check(t, err)
+			if strings.Contains(stderr.String(), "listening") {
+				t.Errorf("run started listening despite the invalid value:\n%s", stderr.String())
+			}
+		})
+	}
+}
+
+func TestConfigDefaults(t *testing.T) {
+	cfg, err := parseConfig([]string{"voicegate"}, envFunc(map[string]string{"ALGO_URL": "http://algo.internal:8000/base"}), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.AlgoURL.String() != "http://algo.internal:8000/base" {
+		t.Errorf("AlgoURL = %v", cfg.AlgoURL)
+	}
+	checks := []struct {
+		name      string
+		got, want any
+	}{
+		{"ListenAddr", cfg.ListenAddr, ":8080"},
+		{"Demo", cfg.Demo, false},
+		{"AdminURL", cfg.AdminURL == nil, true},
+		{"DocsURL", cfg.DocsURL == nil, true},
+		{"LogFormat", cfg.LogFormat, ""},
+		{"LogLevel", cfg.LogLevel, slog.LevelInfo},
+		{"ShutdownGrace", cfg.ShutdownGrace, 25 * time.Second},
+		{"UpstreamTimeout", cfg.UpstreamTimeout, 30 * time.Second},
+		{"MaxBodyBytes", cfg.MaxBodyBytes, int64(10 << 20)},
+		{"ChatMaxBodyBytes", cfg.ChatMaxBodyBytes, int64(64 << 10)},
+		{"ChatMaxMessage", cfg.ChatMaxMessage, 4000},
+		{"ChatMaxTokens", cfg.ChatMaxTokens, 8192},
+		{"ChatDefaultModel", cfg.ChatDefaultModel, "default"},
+		{"SSEPingInterval", cfg.SSEPingInterval, 15 * time.Second},
+		{"SSEMaxLineBytes", cfg.SSEMaxLineBytes, 1 << 20},
+		{"CORSOrigins", len(cfg.CORSOrigins), 0},
+		{"TrustedProxies", len(cfg.TrustedProxies), 0},
+	}
+	for _, c := range checks {
+		if c.got != c.want {
+			t.Errorf("%s = %v, want %v", c.name, c.got, c.want)
+		}
+	}
+}
+
+func TestConfigFlagOverridesEnvironment(t *testing.T) {
+	env := map[string]string{"LISTEN_ADDR": "127.0.0.1:1111", "ALGO_URL": "http://env.internal", "LOG_LEVEL": "warn"}
+	tests := []struct {
+		name  string
+		args  []string
+		check func(*config) bool
+	}{
+		{"listen-addr", []string{"-listen-addr", "127.0.0.1:9999"}, func(c *config) bool { return c.ListenAddr == "127.0.0.1:9999" }},
+		{"listen-addr=", []string{"-listen-addr=127.0.0.1:9998"}, func(c *config) bool { return c.ListenAddr == "127.0.0.1:9998" }},
+		{"algo-url", []string{"--algo-url", "http://flag.internal"}, func(c *config) bool { return c.AlgoURL.Host == "flag.internal" }},
+		{"log-level", []string{"-log-level", "debug"}, func(c *config) bool { return c.LogLevel == slog.LevelDebug }},
+		{"no flag: environment", nil, func(c *config) bool {
+			return c.ListenAddr == "127.0.0.1:1111" && c.AlgoURL.Host == "env.internal" && c.LogLevel == slog.LevelWarn
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := parseConfig(append([]string{"voicegate"}, tt.args...), envFunc(env), io.Discard)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tt.check(cfg) {
+				t.Errorf("config = %+v", cfg)
+			}
+		})
+	}
+
+	t.Run("a valid flag hides an invalid variable", func(t *testing.T) {
+		_, err := parseConfig([]string{"voicegate", "-listen-addr", ":0"},
+			envFunc(map[string]string{"LISTEN_ADDR": "nohost", "ALGO_URL": "http://a"}), io.Discard)
+		if err != nil {
+			t.Errorf("error %v, want the flag to win over the invalid LISTEN_ADDR", err)
+		}
+	})
+
+	t.Run("through run", func(t *testing.T) {
+		g := startRun(t, []string{"-listen-addr", "127.0.0.1:0"},
+			map[string]string{"LISTEN_ADDR": "nohost", "ALGO_URL": "http://127.0.0.1:1"})
+		if !strings.HasPrefix(g.Addr, "127.0.0.1:") {
+			t.Errorf("listening on %q, want the flag's 127.0.0.1:0", g.Addr)
+		}
+		res := doRequest(t, g.Client, http.MethodGet, g.URL+"/healthz", nil, nil)
+		if res.StatusCode != http.StatusOK {
+			t.Errorf("GET /healthz = %d", res.StatusCode)
+		}
+	})
+}
+
+func TestConfigDemo(t *testing.T) {
+	t.Run("needs no ALGO_URL and stays on loopback", func(t *testing.T) {
+		cfg, err := parseConfig([]string{"voicegate", "-demo"}, envFunc(nil), io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !cfg.Demo || cfg.AlgoURL != nil || cfg.ListenAddr != "127.0.0.1:8080" {
+			t.Errorf("Demo=%v AlgoURL=%v ListenAddr=%q, want demo on 127.0.0.1:8080", cfg.Demo, cfg.AlgoURL, cfg.ListenAddr)
+		}
+	})
+	t.Run("LISTEN_ADDR still wins", func(t *testing.T) {
+		cfg, err := parseConfig([]string{"voicegate", "-demo"}, envFunc(map[string]string{"LISTEN_ADDR": ":7000"}), io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.ListenAddr != ":7000" {
+			t.Errorf("ListenAddr = %q, want :7000", cfg.ListenAddr)
+		}
+	})
+}
+
+func TestConfigCommandLine(t *testing.T) {
+	t.Run("-h prints usage naming the variables", func(t *testing.T) {
+		var stderr bytes.Buffer
+		_, err := parseConfig([]string{"voicegate", "-h"}, envFunc(nil), &stderr)
+		if !errors.Is(err, errHelp) {
+			t.Errorf("error = %v, want errHelp", err)
+		}
+		for _, s := range settings() {
+			if !strings.Contains(stderr.String(), "-"+flagName(s.env)) || !strings.Contains(stderr.String(), "env "+s.env) {
+				t.Errorf("usage does not show -%s (env %s):\n%s", flagName(s.env), s.env, stderr.String())
+			}
+		}
+	})
+	for _, args := range [][]string{{"-no-such-flag"}, {"extra"}} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) {
+			_, err := parseConfig(append([]string{"voicegate"}, args...), envFunc(map[string]string{"ALGO_URL": "http://a"}), io.Discard)
+			if err == nil || strings.ContainsAny(err.Error(), "\r\n") {
+				t.Errorf("error = %v, want one line", err)
+			}
+		})
+	}
+}
+
+// TestConfigErrorKeepsCredentialsOut: a URL refused for carrying credentials must not have them
+// printed back in the startup error, which ends up in logs.
+func TestConfigErrorKeepsCredentialsOut(t *testing.T) {
+	for _, v := range []string{"ALGO_URL", "ADMIN_URL", "DOCS_URL"} {
+		env := map[string]string{"ALGO_URL": "http://a", v: "http://svc:hunter2@svc.internal"}
+		_, err := parseConfig([]string{"voicegate"}, envFunc(env), io.Discard)
+		if err == nil || !strings.Contains(err.Error(), v) {
+			t.Fatalf("error = %v, want one naming %s", err, v)
+		}
+		if strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("error shows the password: %v", err)
+		}
+	}
+}
