@@ -27,15 +27,19 @@ import (
 // configuration; access logs are formatted and discarded so their cost counts.
 func benchGateway(tb testing.TB, env map[string]string) (*httptest.Server, *gateway) {
 	tb.Helper()
+	env["JWT_SECRET"] = testSecret
 	cfg, err := parseConfig([]string{"voicegate"}, func(k string) string { return env[k] }, io.Discard)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	gw := newGateway(cfg, slog.New(slog.NewJSONHandler(io.Discard, nil)))
+	gw, err := newGateway(context.Background(), cfg, slog.New(slog.NewJSONHandler(io.Discard, nil)))
+	if err != nil {
+		tb.Fatal(err)
+	}
 	srv := httptest.NewServer(gw.handler())
 	tb.Cleanup(func() {
 		srv.Close()
-		gw.transport.CloseIdleConnections()
+		gw.close()
 	})
 	return srv, gw
 }
@@ -62,10 +66,12 @@ func bareProxy(tb testing.TB, target *url.URL, path string) *httptest.Server {
 	return srv
 }
 
+// benchClient is a keep-alive client that authenticates as an admin (the bare proxies ignore the
+// header).
 func benchClient(tb testing.TB) *http.Client {
 	tr := &http.Transport{MaxIdleConnsPerHost: 2048, MaxConnsPerHost: 0}
 	tb.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr}
+	return &http.Client{Transport: withToken{tr, tokenFor(tb, "u-bench", []string{"admin"}, nil)}}
 }
 
 // pacedUpstream streams lines NDJSON lines spaced by gap, each carrying its send time, so the

@@ -37,6 +37,26 @@ type config struct {
 	ChatDefaultModel string
 	SSEPingInterval  time.Duration
 	SSEMaxLineBytes  int
+
+	JWTSecret          []byte
+	JWKSURL            *url.URL
+	JWTIssuer          string
+	JWTAudience        string
+	JWTLeeway          time.Duration
+	JWTMaxLifetime     time.Duration
+	JWKSRefresh        time.Duration
+	JWKSMinRefetch     time.Duration
+	AuthFailOpen       bool
+	AuthPublicPaths    []string
+	AuthRefreshWindow  time.Duration
+	AuthBudget         time.Duration
+	UserServiceURL     *url.URL
+	RedisAddrs         []string // empty: in-memory stores, one instance only
+	RedisDB            int
+	RedisUser          string
+	RedisPassword      string
+	RedisPrefix        string
+	RedisConnectWithin time.Duration
 }
 
 // setting is one configuration variable: an environment variable that a flag of the same name
@@ -47,6 +67,9 @@ type setting struct {
 	usage string
 	parse func(c *config, v string) error
 }
+
+// secret settings are never repeated in error messages.
+func secret(env string) bool { return env == "JWT_SECRET" || env == "REDIS_URL" }
 
 func settings() []setting {
 	return []setting{
@@ -122,7 +145,102 @@ func settings() []setting {
 			c.SSEMaxLineBytes = n
 			return nil
 		}},
+		{"JWT_SECRET", "", "HMAC key for HS256/384/512 tokens, at least 32 bytes", func(c *config, v string) error {
+			if v == "" {
+				return nil
+			}
+			if len(v) < 32 {
+				return fmt.Errorf("the secret is %d bytes; at least 32 are required", len(v))
+			}
+			c.JWTSecret = []byte(v)
+			return nil
+		}},
+		{"JWT_JWKS_URL", "", "JWKS for RS/PS/ES/EdDSA tokens, cached and refreshed", func(c *config, v string) (err error) {
+			c.JWKSURL, err = parseBaseURL(v)
+			return err
+		}},
+		{"JWT_ISSUER", "", "required token issuer (iss)", func(c *config, v string) error {
+			c.JWTIssuer = v
+			return nil
+		}},
+		{"JWT_AUDIENCE", "", "required token audience (aud)", func(c *config, v string) error {
+			c.JWTAudience = v
+			return nil
+		}},
+		{"JWT_LEEWAY", "30s", "clock skew allowed for exp, nbf and iat", durationSetting(func(c *config) *time.Duration { return &c.JWTLeeway }, 0)},
+		{"JWT_MAX_LIFETIME", "24h", "the longest a token lives (how long revocations are kept)", durationSetting(func(c *config) *time.Duration { return &c.JWTMaxLifetime }, time.Minute)},
+		{"JWKS_REFRESH", "15m", "scheduled JWKS refresh interval", durationSetting(func(c *config) *time.Duration { return &c.JWKSRefresh }, time.Second)},
+		{"JWKS_MIN_REFETCH", "30s", "least time between JWKS fetches caused by unknown kids", durationSetting(func(c *config) *time.Duration { return &c.JWKSMinRefetch }, 0)},
+		{"AUTH_FAIL_OPEN", "false", "let requests through when the revocation store is unreachable", func(c *config, v string) (err error) {
+			c.AuthFailOpen, err = strconv.ParseBool(v)
+			if err != nil {
+				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"AUTH_PUBLIC_PATHS", "", "comma-separated extra paths served without a token (a trailing / covers the subtree)", func(c *config, v string) error {
+			for _, p := range strings.Split(v, ",") {
+				p = strings.TrimSpace(p)
+				if p == "" {
+					continue
+				}
+				if !strings.HasPrefix(p, "/") || strings.Contains(p, "..") || strings.ContainsAny(p, "?#%;") {
+					return fmt.Errorf("%q is not a clean absolute path", p)
+				}
+				c.AuthPublicPaths = append(c.AuthPublicPaths, p)
+			}
+			return nil
+		}},
+		{"AUTH_REFRESH_WINDOW", "15m", "tokens with less left get X-Token-Refresh-Required", durationSetting(func(c *config) *time.Duration { return &c.AuthRefreshWindow }, 0)},
+		{"AUTH_BUDGET", "75ms", "time budget of each revocation or user-status lookup", durationSetting(func(c *config) *time.Duration { return &c.AuthBudget }, time.Millisecond)},
+		{"USER_SERVICE_URL", "", "user service asked GET {url}/users/{id} for the user's status (unset: no check)", func(c *config, v string) (err error) {
+			c.UserServiceURL, err = parseBaseURL(v)
+			return err
+		}},
+		{"REDIS_URL", "", "redis://[user:password@]host:port/db, or comma-separated host:port addresses of a Redis Cluster (unset: in-memory, one instance)", parseRedis},
+		{"REDIS_PREFIX", "voicegate:", "prefix of every Redis key", func(c *config, v string) error {
+			c.RedisPrefix = v
+			return nil
+		}},
+		{"REDIS_CONNECT_TIMEOUT", "10s", "how long to wait for Redis at start", durationSetting(func(c *config) *time.Duration { return &c.RedisConnectWithin }, time.Millisecond)},
 	}
+}
+
+// parseRedis reads REDIS_URL: one redis:// or rediss:// URL, or several host:port addresses
+// (optionally with the redis:// scheme) for a cluster.
+func parseRedis(c *config, v string) error {
+	if v == "" {
+		return nil
+	}
+	for _, part := range strings.Split(v, ",") {
+		part = strings.TrimSpace(part)
+		if !strings.Contains(part, "://") {
+			part = "redis://" + part
+		}
+		u, err := url.Parse(part)
+		if err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
+			return errors.New("want redis://host:port/db or a comma-separated list of host:port")
+		}
+		if u.Scheme == "rediss" {
+			return errors.New("rediss:// (TLS) is not supported yet; use redis:// on a private network")
+		}
+		if _, _, err := net.SplitHostPort(u.Host); err != nil {
+			return fmt.Errorf("%q lacks a port", u.Host)
+		}
+		c.RedisAddrs = append(c.RedisAddrs, u.Host)
+		if db := strings.Trim(u.Path, "/"); db != "" {
+			n, err := strconv.Atoi(db)
+			if err != nil || n < 0 {
+				return fmt.Errorf("database %q is not a number", db)
+			}
+			c.RedisDB = n
+		}
+		if u.User != nil {
+			c.RedisUser = u.User.Username()
+			c.RedisPassword, _ = u.User.Password()
+		}
+	}
+	return nil
 }
 
 func durationSetting(field func(*config) *time.Duration, least time.Duration) func(*config, string) error {
@@ -227,11 +345,17 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 			v = "127.0.0.1:8080" // the demo hands out a ready token: keep it off the network
 		}
 		if err := s.parse(c, v); err != nil {
+			if secret(s.env) {
+				return nil, fmt.Errorf("invalid %s: %v", s.env, err)
+			}
 			return nil, fmt.Errorf("invalid %s %s: %v", s.env, shown(v), err)
 		}
 	}
 	if c.AlgoURL == nil && !c.Demo {
 		return nil, errors.New("ALGO_URL is required (or run with -demo for a first look)")
+	}
+	if c.JWTSecret == nil && c.JWKSURL == nil && !c.Demo {
+		return nil, errors.New("JWT_SECRET or JWT_JWKS_URL is required: every route but the health checks needs a token")
 	}
 	return c, nil
 }

@@ -12,8 +12,17 @@ import (
 	"time"
 )
 
+// envFunc serves env, with a JWT secret unless env says otherwise.
 func envFunc(env map[string]string) func(string) string {
-	return func(k string) string { return env[k] }
+	return func(k string) string {
+		if v, ok := env[k]; ok {
+			return v
+		}
+		if k == "JWT_SECRET" {
+			return testSecret
+		}
+		return ""
+	}
 }
 
 // TestConfigRejectsInvalidValues checks, for parseConfig and for run, that every invalid value

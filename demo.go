@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -10,6 +11,9 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwa"
+	"github.com/lestrrat-go/jwx/v2/jwt"
 )
 
 // demoAlgo is the fake algorithm service behind -demo: it answers POST /query with a believable
@@ -121,16 +125,54 @@ func demoAnswer(question string) string {
 		"event that tells you how many lines arrived.", q)
 }
 
+// demoSecret makes a fresh HMAC secret for one demo run.
+func demoSecret() []byte {
+	return []byte(rand.Text() + rand.Text())
+}
+
+// demoTokenFor mints a day-long token for a demo user with the "user" role.
+func demoTokenFor(secret []byte, issuer, audience string) (string, error) {
+	now := time.Now()
+	b := jwt.NewBuilder().
+		Subject("demo-user").
+		JwtID(rand.Text()).
+		IssuedAt(now).
+		Expiration(now.Add(24*time.Hour)).
+		Claim("username", "demo").
+		Claim("tenant_id", "demo-tenant").
+		Claim("roles", []string{"user"})
+	if issuer != "" {
+		b = b.Issuer(issuer)
+	}
+	if audience != "" {
+		b = b.Audience([]string{audience})
+	}
+	tok, err := b.Build()
+	if err != nil {
+		return "", fmt.Errorf("build token: %w", err)
+	}
+	signed, err := jwt.Sign(tok, jwt.WithKey(jwa.HS256, secret))
+	if err != nil {
+		return "", fmt.Errorf("sign token: %w", err)
+	}
+	return string(signed), nil
+}
+
 // printDemo tells the user what to try.
-func printDemo(w io.Writer, addr string) {
+func printDemo(w io.Writer, addr, token string) {
 	fmt.Fprintf(w, `
 voicegate is running in DEMO MODE on http://%[1]s
-A built-in fake algorithm service answers; this mode is for a first look, never for production.
+A built-in fake algorithm service answers and the HMAC secret is made up for this run; this mode
+is for a first look, never for production.
+
+A token for the demo user (role "user", valid 24 hours):
+
+  TOKEN=%[2]s
 
 Stream a chat answer (events arrive one by one):
 
-  curl -N http://%[1]s/api/v2/chat/stream -H 'Content-Type: application/json' -d '{"message":"How does voicegate stream answers?"}'
+  curl -N http://%[1]s/api/v2/chat/stream -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '{"message":"How does voicegate stream answers?"}'
 
 Press Ctrl-C to stop.
-`, addr)
+`, addr, token)
 }

@@ -58,6 +58,7 @@ func startRun(t *testing.T, args []string, env map[string]string) *testGateway {
 		"LOG_FORMAT":     "json",
 		"LOG_LEVEL":      "debug",
 		"SHUTDOWN_GRACE": "2s",
+		"JWT_SECRET":     testSecret,
 	}
 	for k, v := range env {
 		vars[k] = v
@@ -66,8 +67,9 @@ func startRun(t *testing.T, args []string, env map[string]string) *testGateway {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	g := &testGateway{
-		t:        t,
-		Client:   &http.Client{Transport: &http.Transport{Proxy: nil}},
+		t: t,
+		// The client authenticates as an admin unless a test sets its own Authorization.
+		Client:   &http.Client{Transport: withToken{&http.Transport{Proxy: nil}, tokenFor(t, "u-admin", []string{"admin"}, nil)}},
 		Stdout:   &syncBuffer{},
 		Stderr:   newLogSink(),
 		cancel:   cancel,
@@ -533,7 +535,7 @@ func TestChatStreamHappyPath(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			hdr := map[string]string{
 				"Accept-Encoding": "gzip", // set by hand, so the client would not hide a Content-Encoding
-				"Authorization":   "Bearer client-token",
+				"Authorization":   "Bearer " + tokenFor(t, "u-chat", []string{"user"}, map[string]any{"tenant_id": "tenant-c"}),
 				"Cookie":          "session=secret",
 				"X-User-ID":       "forged-user",
 				"X-Tenant-ID":     "forged-tenant",
@@ -615,9 +617,16 @@ func TestChatStreamHappyPath(t *testing.T) {
 					t.Errorf("upstream %s = %q, want %q", h, got, want)
 				}
 			}
-			for _, h := range []string{"Authorization", "Cookie", "X-User-ID", "X-Tenant-ID"} {
+			for _, h := range []string{"Authorization", "Cookie"} {
 				if v := up.Header.Values(h); len(v) > 0 {
 					t.Errorf("client header %s reached the algorithm service: %q", h, v)
+				}
+			}
+			// Identity headers carry the verified token's claims, never the client's.
+			for h, want := range map[string]string{"X-User-ID": "u-chat", "X-Tenant-ID": "tenant-c",
+				"X-Username": "u-chat-name", "X-User-Roles": "user"} {
+				if v := up.Header.Values(h); len(v) != 1 || v[0] != want {
+					t.Errorf("upstream %s = %q, want %q from the token", h, v, want)
 				}
 			}
 			if xff := up.Header.Get("X-Forwarded-For"); strings.Contains(xff, "203.0.113.9") {
@@ -1178,7 +1187,7 @@ func TestBackendProxies(t *testing.T) {
 
 	t.Run("unset back ends answer 404", func(t *testing.T) {
 		base, stop := startGateway(t, map[string]string{"ALGO_URL": "http://127.0.0.1:1"})
-		client := &http.Client{Transport: &http.Transport{}}
+		client := &http.Client{Transport: withToken{&http.Transport{}, tokenFor(t, "u-admin", []string{"admin"}, nil)}}
 		for _, path := range []string{"/api/v2/admin/users?x=1", "/api/v2/documents/d-1"} {
 			wantError(t, doRequest(t, client, http.MethodGet, base+path, nil, nil), http.StatusNotFound, "NOT_FOUND")
 		}
@@ -1188,20 +1197,29 @@ func TestBackendProxies(t *testing.T) {
 }
 
 // TestBackendProxyDropsClientIdentityHeaders: DESIGN.md ("Identity to upstreams") says client-sent
-// identity headers never reach an upstream, which trusts them.
+// identity headers never reach an upstream, which trusts them; the gateway sets them from the
+// verified token, also when the client lists them in Connection to have them dropped.
 func TestBackendProxyDropsClientIdentityHeaders(t *testing.T) {
 	backend := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": "http://127.0.0.1:1", "ADMIN_URL": backend.URL})
 	forged := map[string]string{
 		"X-User-ID": "root", "X-Username": "root", "X-Tenant-ID": "t-other", "X-User-Roles": "super_admin",
-		"X-Session-ID": "s-1", "X_User_ID": "root",
+		"X-Session-ID": "s-1", "X_User_ID": "root", "x-user_roles": "super_admin",
+		"Connection": "X-User-ID, X-User-Roles",
 	}
 	res := doRequest(t, g.Client, http.MethodGet, g.URL+"/api/v2/admin/users", nil, forged)
 	res.Body.Close()
 	got := backend.only(t)
-	for h := range forged {
-		if v := got.Header.Get(h); v != "" {
-			t.Errorf("client header %s = %q reached the admin back end", h, v)
+	want := map[string]string{"X-User-Id": "u-admin", "X-Username": "u-admin-name", "X-Tenant-Id": "tenant-a",
+		"X-User-Roles": "admin"}
+	for h, v := range want {
+		if vals := got.Header.Values(h); len(vals) != 1 || vals[0] != v {
+			t.Errorf("back end got %s = %q, want only %q from the token", h, vals, v)
+		}
+	}
+	for h := range got.Header {
+		if strings.Contains(strings.ToLower(h), "_") || strings.EqualFold(h, "X-Session-Id") {
+			t.Errorf("forged header %s = %q reached the admin back end", h, got.Header[h])
 		}
 	}
 }

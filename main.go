@@ -21,7 +21,10 @@ import (
 	"time"
 
 	"github.com/lmittmann/tint"
+	"github.com/redis/rueidis"
 
+	"voicegate/auth"
+	"voicegate/policy"
 	"voicegate/proxy"
 	"voicegate/sse"
 )
@@ -50,6 +53,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	logger := newLogger(cfg, stderr)
 
+	var demoToken string
 	if cfg.Demo {
 		demo, err := startDemo(logger)
 		if err != nil {
@@ -57,13 +61,23 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 		defer demo.Close()
 		cfg.AlgoURL = demo.URL
+		if cfg.JWTSecret == nil {
+			cfg.JWTSecret = demoSecret()
+		}
+		if demoToken, err = demoTokenFor(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience); err != nil {
+			return fmt.Errorf("demo: %w", err)
+		}
 	}
 
+	gw, err := newGateway(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	defer gw.close()
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
 	}
-	gw := newGateway(cfg, logger)
 	srv := &http.Server{
 		Handler:           gw.handler(),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -79,7 +93,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	addr := ln.Addr().String()
 	logger.Info("listening", "addr", addr)
 	if cfg.Demo {
-		printDemo(stdout, addr)
+		printDemo(stdout, addr, demoToken)
 	}
 
 	select {
@@ -92,18 +106,28 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 // gateway holds what the handlers share and what shutdown must reach.
 type gateway struct {
-	cfg       *config
-	log       *slog.Logger
-	transport *http.Transport
-	pool      *proxy.BufferPool
-	streams   *sse.Registry
-	draining  atomic.Bool
+	cfg         *config
+	log         *slog.Logger
+	transport   *http.Transport
+	pool        *proxy.BufferPool
+	streams     *sse.Registry
+	redis       rueidis.Client // nil without REDIS_URL
+	jwks        *auth.JWKS     // nil without JWT_JWKS_URL
+	revocations auth.Revocations
+	authn       *auth.Authenticator
+	rules       *policy.Rules
+	draining    atomic.Bool
 	// endStreams, once called, ends running chat streams with server_shutdown.
 	streamsEnding context.Context
 	endStreams    context.CancelFunc
 }
 
-func newGateway(cfg *config, logger *slog.Logger) *gateway {
+// Permissions that handlers check themselves, besides those routes are bound to.
+var handlerPerms = []string{auth.PermRevoke, "chat:admin", "voice:admin"}
+
+// newGateway builds the gateway's dependencies: Redis (when configured), the token verifier and
+// its key sources, the revocation store, the policy.
+func newGateway(ctx context.Context, cfg *config, logger *slog.Logger) (*gateway, error) {
 	g := &gateway{
 		cfg:       cfg,
 		log:       logger,
@@ -112,7 +136,96 @@ func newGateway(cfg *config, logger *slog.Logger) *gateway {
 		streams:   sse.NewRegistry(),
 	}
 	g.streamsEnding, g.endStreams = context.WithCancel(context.Background())
-	return g
+	ok := false
+	defer func() {
+		if !ok {
+			g.close()
+		}
+	}()
+
+	if len(cfg.RedisAddrs) > 0 {
+		client, err := connectRedis(ctx, cfg)
+		if err != nil {
+			return nil, err
+		}
+		g.redis = client
+		g.revocations = auth.NewRedisRevocations(client, auth.RedisRevocationsOptions{
+			Prefix: cfg.RedisPrefix, MaxLifetime: cfg.JWTMaxLifetime})
+	} else {
+		g.revocations = auth.NewMemoryRevocations(cfg.JWTMaxLifetime)
+	}
+	if cfg.JWKSURL != nil {
+		g.jwks = auth.NewJWKS(ctx, auth.JWKSOptions{URL: cfg.JWKSURL.String(), Refresh: cfg.JWKSRefresh,
+			MinRefetch: cfg.JWKSMinRefetch, Log: logger})
+	}
+	verifier, err := auth.NewVerifier(auth.VerifierOptions{HMACSecret: cfg.JWTSecret, JWKS: g.jwks,
+		Issuer: cfg.JWTIssuer, Audience: cfg.JWTAudience, Leeway: cfg.JWTLeeway})
+	if err != nil {
+		return nil, err
+	}
+	var users *auth.UserStatus
+	if cfg.UserServiceURL != nil {
+		users = auth.NewUserStatus(auth.UserStatusOptions{URL: cfg.UserServiceURL, Redis: g.redis, Prefix: cfg.RedisPrefix})
+	}
+	g.authn = auth.New(auth.Options{
+		Verifier:      verifier,
+		Revocations:   g.revocations,
+		Users:         users,
+		Budget:        cfg.AuthBudget,
+		FailOpen:      cfg.AuthFailOpen,
+		RefreshWindow: cfg.AuthRefreshWindow,
+		PublicPaths:   cfg.AuthPublicPaths,
+		Log:           logger,
+	})
+	if g.rules, err = policy.CompileRoles(policy.DefaultRoles(), append(routePerms(), handlerPerms...)); err != nil {
+		return nil, err
+	}
+	ok = true
+	return g, nil
+}
+
+// close releases what newGateway acquired.
+func (g *gateway) close() {
+	if g.jwks != nil {
+		g.jwks.Close()
+	}
+	if g.redis != nil {
+		g.redis.Close()
+	}
+	g.transport.CloseIdleConnections()
+}
+
+// connectRedis connects to Redis or Redis Cluster, retrying until REDIS_CONNECT_TIMEOUT:
+// instances often start before their Redis is ready. Later outages are ridden out by the client,
+// which reconnects on its own.
+func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
+	opt := rueidis.ClientOption{
+		InitAddress: cfg.RedisAddrs,
+		SelectDB:    cfg.RedisDB,
+		Username:    cfg.RedisUser,
+		Password:    cfg.RedisPassword,
+		// Keep per-connection memory modest; the gateway's values are tiny.
+		CacheSizeEachConn:   16 << 20,
+		ReadBufferEachConn:  64 << 10,
+		WriteBufferEachConn: 64 << 10,
+		Dialer:              net.Dialer{Timeout: time.Second, KeepAlive: time.Second},
+		ConnWriteTimeout:    2 * time.Second,
+	}
+	deadline := time.Now().Add(cfg.RedisConnectWithin)
+	for {
+		client, err := rueidis.NewClient(opt)
+		if err == nil {
+			return client, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("REDIS_URL: cannot reach Redis: %v", proxy.Describe(err))
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 // handler is the whole route table, with the edge middleware around it. Per-route protection
@@ -136,31 +249,48 @@ func (g *gateway) handler() http.Handler {
 		MaxLineBytes:    cfg.SSEMaxLineBytes,
 		PingInterval:    cfg.SSEPingInterval,
 		Shutdown:        g.streamsEnding,
-		Log:             g.log,
+		UpstreamHeaders: auth.UpstreamHeaders,
+		Owner: func(r *http.Request) (string, string) {
+			id := auth.FromContext(r.Context())
+			return id.UserID, id.TenantID
+		},
+		Log: g.log,
 	})
-	rt.handle("POST", "/api/v2/chat/stream", g.protect("chat:write", chat))
-	rt.handle("POST", "/api/v2/chat/cancel", g.protect("", sse.NewCancelHandler(sse.CancelOptions{Registry: g.streams})))
+	rt.handle("POST", "/api/v2/chat/stream", g.protect(need("chat:write"), chat))
+	rt.handle("POST", "/api/v2/chat/cancel", g.protect(need(""), sse.NewCancelHandler(sse.CancelOptions{
+		Registry: g.streams,
+		Allowed: func(r *http.Request, s *sse.Stream) bool {
+			return s.UserID == auth.FromContext(r.Context()).UserID || g.can(r, "chat:admin")
+		},
+	})))
+	rt.handle("POST", "/api/v2/auth/revoke", g.protect(need(""), auth.NewRevokeHandler(auth.RevokeOptions{
+		Revocations: g.revocations,
+		Can:         g.can,
+		MaxLifetime: cfg.JWTMaxLifetime,
+	})))
 
 	for _, b := range []struct {
 		path   string
 		target *url.URL
 		name   string
+		needs  permRule
 	}{
-		{"/api/v2/admin/", cfg.AdminURL, "admin service"},
-		{"/api/v2/documents/", cfg.DocsURL, "documents service"},
+		{"/api/v2/admin/", cfg.AdminURL, "admin service", byMethod("admin:read", "admin:write", "admin:write")},
+		{"/api/v2/documents/", cfg.DocsURL, "documents service", byMethod("document:read", "document:write", "document:delete")},
 	} {
 		var h http.Handler = http.HandlerFunc(notFound)
 		if b.target != nil {
 			h = proxy.Chain(proxy.New(proxy.Options{
-				Target:         b.target,
-				Transport:      g.transport,
-				BufferPool:     g.pool,
-				TrustedProxies: cfg.TrustedProxies,
-				Name:           b.name,
-				Log:            g.log,
+				Target:          b.target,
+				Transport:       g.transport,
+				BufferPool:      g.pool,
+				TrustedProxies:  cfg.TrustedProxies,
+				Name:            b.name,
+				UpstreamHeaders: auth.UpstreamHeaders,
+				Log:             g.log,
 			}), proxy.BodyLimit(cfg.MaxBodyBytes))
 		}
-		rt.handle("", b.path, g.protect("", h))
+		rt.handle("", b.path, g.protect(b.needs, h))
 	}
 
 	return proxy.Chain(rt.mux,
@@ -172,10 +302,48 @@ func (g *gateway) handler() http.Handler {
 	)
 }
 
-// protect is where authentication and authorization wrap a route; perm is the permission the
-// route needs ("" when the handler decides itself).
-func (g *gateway) protect(perm string, h http.Handler) http.Handler {
-	return h
+// permRule names the permission a request needs; "" means any authenticated caller.
+type permRule func(r *http.Request) string
+
+func need(perm string) permRule { return func(*http.Request) string { return perm } }
+
+// byMethod needs read for GET and HEAD, del for DELETE and write for everything else.
+func byMethod(read, write, del string) permRule {
+	return func(r *http.Request) string {
+		switch r.Method {
+		case http.MethodGet, http.MethodHead:
+			return read
+		case http.MethodDelete:
+			return del
+		}
+		return write
+	}
+}
+
+// routePerms lists every permission a route rule can ask for, so the policy precomputes them.
+func routePerms() []string {
+	return []string{"chat:write", "voice:write", "admin:read", "admin:write",
+		"document:read", "document:write", "document:delete"}
+}
+
+// protect wraps a route in authentication, then the permission check: 401 without a valid
+// token, 403 naming the missing permission.
+func (g *gateway) protect(needs permRule, h http.Handler) http.Handler {
+	authorize := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p := needs(r); p != "" && !g.can(r, p) {
+			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusForbidden, Code: proxy.CodePermission,
+				Message: "permission " + p + " required", Details: map[string]string{"permission": p}})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+	return g.authn.Require(false)(authorize)
+}
+
+// can reports whether the request's caller holds permission p.
+func (g *gateway) can(r *http.Request, p string) bool {
+	id := auth.FromContext(r.Context())
+	return id != nil && g.rules.Allows(id.Roles, id.Permissions, p)
 }
 
 func (g *gateway) healthz(w http.ResponseWriter, r *http.Request) {

@@ -107,6 +107,9 @@ type Options struct {
 	Code string
 	// Name names the upstream in client messages ("admin service"); empty means "upstream".
 	Name string
+	// UpstreamHeaders, if set, adds headers the upstream may trust (identity, trace context)
+	// after every client-sent identity header has been removed.
+	UpstreamHeaders func(in *http.Request, out http.Header)
 	// Rewrite, if set, runs after the standard rewrite to adjust the outgoing request.
 	Rewrite func(*httputil.ProxyRequest)
 	// ModifyResponse is passed to httputil.ReverseProxy. Returning an *UpstreamStatusError maps
@@ -145,6 +148,9 @@ func New(o Options) *httputil.ReverseProxy {
 			}
 			pr.SetXForwarded()
 			StripIdentity(pr.Out.Header)
+			if o.UpstreamHeaders != nil {
+				o.UpstreamHeaders(pr.In, pr.Out.Header)
+			}
 			if o.Rewrite != nil {
 				o.Rewrite(pr)
 			}

@@ -161,11 +161,12 @@ func NewHandler(o HandlerOptions) http.Handler {
 	}
 
 	rp := proxy.New(proxy.Options{
-		Transport:      o.Transport,
-		BufferPool:     o.BufferPool,
-		TrustedProxies: o.TrustedProxies,
-		Code:           proxy.CodeAlgoService,
-		Name:           "algorithm service",
+		Transport:       o.Transport,
+		BufferPool:      o.BufferPool,
+		TrustedProxies:  o.TrustedProxies,
+		Code:            proxy.CodeAlgoService,
+		Name:            "algorithm service",
+		UpstreamHeaders: o.UpstreamHeaders,
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			// The handler built the request's headers from scratch, so the algorithm service
 			// sees only what the gateway decided to send: no client cookies or tokens.
@@ -255,9 +256,6 @@ func NewHandler(o HandlerOptions) http.Handler {
 			}
 		}
 		out.Header = h
-		if o.UpstreamHeaders != nil {
-			o.UpstreamHeaders(r, h)
-		}
 		h.Set("Content-Type", "application/json")
 		h.Set("Accept", "application/x-ndjson")
 		h.Set("X-Request-ID", q.RequestID)

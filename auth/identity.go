@@ -1,0 +1,80 @@
+// Package auth owns who a caller is: JWT verification on lestrrat-go/jwx (HMAC secrets and JWKS
+// key sets, the algorithm always decided by the key), token revocation shared through Redis, an
+// optional user-status check, the verified identity in the request context and in the headers
+// upstreams trust, and the token endpoints.
+package auth
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"time"
+
+	"voicegate/proxy"
+)
+
+// Identity is a verified caller. Values are shared between requests through the token cache;
+// treat them as read-only.
+type Identity struct {
+	UserID      string
+	Username    string
+	TenantID    string
+	SessionID   string
+	TokenID     string   // the token's jti
+	Roles       []string // from the "roles" claim
+	Permissions []string // direct grants from "scopes", "scope" and "permissions"
+	IssuedAt    time.Time
+	ExpiresAt   time.Time
+
+	rolesHeader string // Roles joined for X-User-Roles, computed once
+}
+
+type identityKey struct{}
+
+// WithIdentity returns ctx carrying id.
+func WithIdentity(ctx context.Context, id *Identity) context.Context {
+	return context.WithValue(ctx, identityKey{}, id)
+}
+
+// FromContext returns the request's verified identity, or nil.
+func FromContext(ctx context.Context) *Identity {
+	id, _ := ctx.Value(identityKey{}).(*Identity)
+	return id
+}
+
+// Identity headers sent to upstreams, which trust only these.
+const (
+	HeaderUserID    = "X-User-Id"
+	HeaderUsername  = "X-Username"
+	HeaderTenantID  = "X-Tenant-Id"
+	HeaderUserRoles = "X-User-Roles"
+	HeaderSessionID = "X-Session-Id"
+)
+
+// SetHeaders replaces every identity header in h (whatever the client sent, in any spelling)
+// with the values of id; with a nil id it only removes them.
+func SetHeaders(h http.Header, id *Identity) {
+	proxy.StripIdentity(h)
+	if id == nil {
+		return
+	}
+	set := func(k, v string) {
+		if v != "" {
+			h[k] = []string{v}
+		}
+	}
+	set(HeaderUserID, id.UserID)
+	set(HeaderUsername, id.Username)
+	set(HeaderTenantID, id.TenantID)
+	set(HeaderUserRoles, id.rolesHeader)
+	set(HeaderSessionID, id.SessionID)
+}
+
+// UpstreamHeaders is a hook for proxies: it sets the identity headers of the request's caller.
+func UpstreamHeaders(in *http.Request, out http.Header) {
+	SetHeaders(out, FromContext(in.Context()))
+}
+
+func (id *Identity) finish() {
+	id.rolesHeader = strings.Join(id.Roles, ",")
+}

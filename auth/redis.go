@@ -1,0 +1,108 @@
+package auth
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/redis/rueidis"
+)
+
+// RedisRevocations keeps revocations in Redis, shared by every instance. Lookups go through
+// rueidis client-side caching: a hot check is answered from this process's memory without a
+// round trip, and Redis's invalidation messages drop the local copy the moment any instance
+// revokes, so a revocation reaches every instance at once.
+//
+// Keys (Prefix defaults to "voicegate:"):
+//
+//	{prefix}revoked:jti:{jti}       "1", expiring with the token
+//	{prefix}revoked:user:{user_id}  unix ms; tokens issued before it are revoked; kept MaxLifetime
+type RedisRevocations struct {
+	client      rueidis.Client
+	prefix      string
+	maxLifetime time.Duration
+	cacheTTL    time.Duration
+	raise       *rueidis.Lua
+}
+
+// RedisRevocationsOptions configures RedisRevocations.
+type RedisRevocationsOptions struct {
+	Prefix      string        // key prefix; empty means "voicegate:"
+	MaxLifetime time.Duration // the longest a token lives; zero means 24h
+	// CacheTTL bounds how long a lookup is served from local memory; invalidations usually drop
+	// it much sooner. Zero means 10 minutes.
+	CacheTTL time.Duration
+}
+
+// NewRedisRevocations returns a store on client.
+func NewRedisRevocations(client rueidis.Client, o RedisRevocationsOptions) *RedisRevocations {
+	if o.Prefix == "" {
+		o.Prefix = "voicegate:"
+	}
+	if o.MaxLifetime <= 0 {
+		o.MaxLifetime = 24 * time.Hour
+	}
+	if o.CacheTTL <= 0 {
+		o.CacheTTL = 10 * time.Minute
+	}
+	return &RedisRevocations{client: client, prefix: o.Prefix, maxLifetime: o.MaxLifetime, cacheTTL: o.CacheTTL,
+		raise: rueidis.NewLuaScript(raiseUserRevocation)}
+}
+
+func (s *RedisRevocations) jtiKey(jti string) string   { return s.prefix + "revoked:jti:" + jti }
+func (s *RedisRevocations) userKey(user string) string { return s.prefix + "revoked:user:" + user }
+
+// Revoked implements Revocations with one cached multi-get.
+func (s *RedisRevocations) Revoked(ctx context.Context, id *Identity) (bool, error) {
+	b := s.client.B()
+	res := s.client.DoMultiCache(ctx,
+		rueidis.CT(b.Get().Key(s.jtiKey(id.TokenID)).Cache(), s.cacheTTL),
+		rueidis.CT(b.Get().Key(s.userKey(id.UserID)).Cache(), s.cacheTTL))
+	if err := res[0].Error(); err == nil {
+		return true, nil
+	} else if !rueidis.IsRedisNil(err) {
+		return false, fmt.Errorf("auth: revocation lookup: %w", err)
+	}
+	before, err := res[1].AsInt64()
+	if rueidis.IsRedisNil(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("auth: revocation lookup: %w", err)
+	}
+	return revokedBefore(id.IssuedAt, time.UnixMilli(before)), nil
+}
+
+// RevokeToken implements Revocations.
+func (s *RedisRevocations) RevokeToken(ctx context.Context, jti string, until time.Time) error {
+	ttl := time.Until(until)
+	if ttl <= 0 {
+		return nil // already expired: nothing to refuse
+	}
+	err := s.client.Do(ctx, s.client.B().Set().Key(s.jtiKey(jti)).Value("1").
+		Px(max(ttl, time.Millisecond)).Build()).Error()
+	if err != nil {
+		return fmt.Errorf("auth: revoke token: %w", err)
+	}
+	return nil
+}
+
+// raiseUserRevocation moves a user's revocation time forward only, atomically, so concurrent
+// revocations from several instances keep the latest.
+const raiseUserRevocation = `
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1`
+
+// RevokeUser implements Revocations.
+func (s *RedisRevocations) RevokeUser(ctx context.Context, userID string, before time.Time) error {
+	err := s.raise.Exec(ctx, s.client, []string{s.userKey(userID)},
+		[]string{strconv.FormatInt(before.UnixMilli(), 10), strconv.FormatInt(s.maxLifetime.Milliseconds(), 10)}).Error()
+	if err != nil {
+		return fmt.Errorf("auth: revoke user: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,149 @@
+package auth
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/redis/rueidis"
+)
+
+// ErrUserDisabled means the user service says the user is not active.
+var ErrUserDisabled = errors.New("user not active")
+
+// UserStatusOptions configures a UserStatus.
+type UserStatusOptions struct {
+	// URL is the user service; the status of a user is GET {URL}/users/{id} →
+	// {"status": "active" | ...}.
+	URL *url.URL
+	// Client calls it; nil means a client with a 2 s timeout.
+	Client *http.Client
+	// Redis, if set, is the second cache level shared by instances.
+	Redis rueidis.Client
+	// Prefix for Redis keys; empty means "voicegate:".
+	Prefix string
+	// MemoryTTL and RedisTTL bound how long a status is cached; zero means 30 s and 60 s.
+	MemoryTTL, RedisTTL time.Duration
+	// MaxEntries bounds the memory cache; zero means 10000.
+	MaxEntries int
+}
+
+// UserStatus asks the user service whether a user is active, with a short memory cache in front
+// of a shared Redis cache in front of the service, as the origin design's multi-level cache.
+type UserStatus struct {
+	o   UserStatusOptions
+	mu  sync.Mutex
+	mem map[string]statusEntry
+}
+
+type statusEntry struct {
+	status  string
+	expires time.Time
+}
+
+// NewUserStatus returns a UserStatus.
+func NewUserStatus(o UserStatusOptions) *UserStatus {
+	if o.Client == nil {
+		o.Client = &http.Client{Timeout: 2 * time.Second}
+	}
+	if o.Prefix == "" {
+		o.Prefix = "voicegate:"
+	}
+	if o.MemoryTTL <= 0 {
+		o.MemoryTTL = 30 * time.Second
+	}
+	if o.RedisTTL <= 0 {
+		o.RedisTTL = 60 * time.Second
+	}
+	if o.MaxEntries <= 0 {
+		o.MaxEntries = 10000
+	}
+	return &UserStatus{o: o, mem: map[string]statusEntry{}}
+}
+
+// Check returns nil for an active user, ErrUserDisabled for any other status, and another error
+// when the status cannot be learned.
+func (u *UserStatus) Check(ctx context.Context, userID string) error {
+	status, err := u.status(ctx, userID)
+	if err != nil {
+		return err
+	}
+	if status != "active" {
+		return ErrUserDisabled
+	}
+	return nil
+}
+
+func (u *UserStatus) status(ctx context.Context, userID string) (string, error) {
+	now := time.Now()
+	u.mu.Lock()
+	e, ok := u.mem[userID]
+	u.mu.Unlock()
+	if ok && now.Before(e.expires) {
+		return e.status, nil
+	}
+	key := u.o.Prefix + "user:status:" + userID
+	if u.o.Redis != nil {
+		s, err := u.o.Redis.Do(ctx, u.o.Redis.B().Get().Key(key).Build()).ToString()
+		if err == nil {
+			u.remember(userID, s, now)
+			return s, nil
+		}
+		// A Redis miss or failure falls through to the service itself.
+	}
+	s, err := u.fetch(ctx, userID)
+	if err != nil {
+		return "", err
+	}
+	u.remember(userID, s, now)
+	if u.o.Redis != nil {
+		_ = u.o.Redis.Do(ctx, u.o.Redis.B().Set().Key(key).Value(s).Px(u.o.RedisTTL).Build()).Error()
+	}
+	return s, nil
+}
+
+func (u *UserStatus) remember(userID, status string, now time.Time) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(u.mem) >= u.o.MaxEntries {
+		for k, e := range u.mem {
+			if !now.Before(e.expires) || len(u.mem) >= u.o.MaxEntries {
+				delete(u.mem, k)
+			}
+		}
+	}
+	u.mem[userID] = statusEntry{status: status, expires: now.Add(u.o.MemoryTTL)}
+}
+
+func (u *UserStatus) fetch(ctx context.Context, userID string) (string, error) {
+	target := u.o.URL.JoinPath("users", userID)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target.String(), nil)
+	if err != nil {
+		return "", fmt.Errorf("auth: user status request: %w", err)
+	}
+	req.Header.Set("Accept", "application/json")
+	res, err := u.o.Client.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("auth: user status: %w", err)
+	}
+	defer res.Body.Close()
+	if res.StatusCode == http.StatusNotFound {
+		return "unknown", nil
+	}
+	if res.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("auth: user status: status %d", res.StatusCode)
+	}
+	var body struct {
+		Status string `json:"status"`
+	}
+	if err := json.NewDecoder(io.LimitReader(res.Body, 64<<10)).Decode(&body); err != nil || body.Status == "" {
+		return "", errors.New("auth: user status: malformed answer")
+	}
+	return body.Status, nil
+}

@@ -1,0 +1,345 @@
+package auth
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwa"
+	"github.com/lestrrat-go/jwx/v2/jwk"
+	"github.com/lestrrat-go/jwx/v2/jws"
+)
+
+// Verification errors callers branch on. A *TokenError wraps one of them with the reason.
+var (
+	ErrTokenInvalid    = errors.New("token invalid")
+	ErrTokenExpired    = errors.New("token expired")
+	ErrKeysUnavailable = errors.New("signing keys unavailable")
+)
+
+// TokenError says why a token was refused. Its text never contains the token.
+type TokenError struct {
+	Kind   error  // ErrTokenInvalid, ErrTokenExpired or ErrKeysUnavailable
+	Reason string // for logs and the client message
+}
+
+func (e *TokenError) Error() string { return e.Kind.Error() + ": " + e.Reason }
+func (e *TokenError) Unwrap() error { return e.Kind }
+
+func invalid(format string, args ...any) error {
+	return &TokenError{Kind: ErrTokenInvalid, Reason: fmt.Sprintf(format, args...)}
+}
+
+// VerifierOptions configures a Verifier. At least one of HMACSecret and JWKS is required.
+type VerifierOptions struct {
+	// HMACSecret verifies HS256/384/512 tokens; at least 32 bytes.
+	HMACSecret []byte
+	// JWKS verifies RS/PS/ES/EdDSA tokens by their kid.
+	JWKS *JWKS
+	// Issuer and Audience, when set, must match the token's iss and be among its aud.
+	Issuer, Audience string
+	// Leeway is the clock skew allowed for exp, nbf and iat.
+	Leeway time.Duration
+	// MaxTokenBytes bounds a token before anything parses it; zero means 8 KiB.
+	MaxTokenBytes int
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// Verifier checks JWTs. The algorithm always comes from the key: an HMAC secret accepts only
+// HS256/384/512, an RSA key only RS*/PS*, an EC key only the ES algorithm of its curve, an
+// Ed25519 key only EdDSA (and a key naming its "alg" only that one). Only the compact
+// serialization is accepted; a "crit" header is refused; jku, x5u, jwk and x5c headers are ignored
+// and never fetched.
+type Verifier struct {
+	o    VerifierOptions
+	hmac jwk.Key
+	now  func() time.Time
+}
+
+// MinHMACSecret is the shortest HMAC secret accepted.
+const MinHMACSecret = 32
+
+// NewVerifier returns a Verifier.
+func NewVerifier(o VerifierOptions) (*Verifier, error) {
+	v := &Verifier{o: o, now: o.Now}
+	if v.now == nil {
+		v.now = time.Now
+	}
+	if v.o.MaxTokenBytes <= 0 {
+		v.o.MaxTokenBytes = 8 << 10
+	}
+	if o.HMACSecret == nil && o.JWKS == nil {
+		return nil, errors.New("auth: an HMAC secret or a JWKS is required")
+	}
+	if o.HMACSecret != nil {
+		if len(o.HMACSecret) < MinHMACSecret {
+			return nil, fmt.Errorf("auth: HMAC secret is %d bytes, want at least %d", len(o.HMACSecret), MinHMACSecret)
+		}
+		k, err := jwk.FromRaw(o.HMACSecret)
+		if err != nil {
+			return nil, fmt.Errorf("auth: HMAC key: %w", err)
+		}
+		v.hmac = k
+	}
+	return v, nil
+}
+
+// header is the part of the JOSE header the gateway looks at. Everything else, jku and x5u
+// included, is ignored.
+type header struct {
+	Alg  string          `json:"alg"`
+	Kid  string          `json:"kid"`
+	Crit json.RawMessage `json:"crit"`
+	B64  json.RawMessage `json:"b64"`
+}
+
+// maxKidLen bounds a key ID taken from a token.
+const maxKidLen = 128
+
+// Verify checks token and returns the identity it proves.
+func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) {
+	if len(token) > v.o.MaxTokenBytes {
+		return nil, invalid("token longer than %d bytes", v.o.MaxTokenBytes)
+	}
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return nil, invalid("not a compact JWS")
+	}
+	for i, p := range parts {
+		if p == "" {
+			return nil, invalid("empty token segment %d", i+1) // also "alg":"none" tokens
+		}
+		if !isBase64URL(p) {
+			return nil, invalid("token segment %d is not base64url", i+1)
+		}
+	}
+	rawHeader, err := base64.RawURLEncoding.DecodeString(parts[0])
+	if err != nil {
+		return nil, invalid("header is not base64url")
+	}
+	var h header
+	if err := json.Unmarshal(rawHeader, &h); err != nil {
+		return nil, invalid("header is not a JSON object")
+	}
+	if h.Crit != nil {
+		return nil, invalid("crit header not supported")
+	}
+	if h.B64 != nil {
+		return nil, invalid("b64 header not supported")
+	}
+	key, alg, err := v.key(ctx, h)
+	if err != nil {
+		return nil, err
+	}
+	payload, err := jws.Verify([]byte(token), jws.WithKey(alg, key), jws.WithCompact())
+	if err != nil {
+		return nil, invalid("signature does not verify")
+	}
+	return v.claims(payload)
+}
+
+// key picks the verification key for the header and checks that the key allows its alg.
+func (v *Verifier) key(ctx context.Context, h header) (jwk.Key, jwa.SignatureAlgorithm, error) {
+	alg := jwa.SignatureAlgorithm(h.Alg)
+	switch alg {
+	case jwa.HS256, jwa.HS384, jwa.HS512:
+		if v.hmac == nil {
+			return nil, "", invalid("%s tokens are not accepted", alg)
+		}
+		return v.hmac, alg, nil
+	case jwa.RS256, jwa.RS384, jwa.RS512, jwa.PS256, jwa.PS384, jwa.PS512,
+		jwa.ES256, jwa.ES384, jwa.ES512, jwa.EdDSA:
+	default:
+		return nil, "", invalid("algorithm %q not accepted", h.Alg)
+	}
+	if v.o.JWKS == nil {
+		return nil, "", invalid("%s tokens are not accepted", alg)
+	}
+	if h.Kid == "" {
+		return nil, "", invalid("kid missing")
+	}
+	if len(h.Kid) > maxKidLen || !printableASCII(h.Kid) {
+		return nil, "", invalid("kid malformed")
+	}
+	key, err := v.o.JWKS.Key(ctx, h.Kid)
+	if err != nil {
+		return nil, "", err
+	}
+	if !keyAllows(key, alg) {
+		return nil, "", invalid("key %q does not allow %s", h.Kid, alg)
+	}
+	return key, alg, nil
+}
+
+// keyAllows reports whether key may verify alg.
+func keyAllows(key jwk.Key, alg jwa.SignatureAlgorithm) bool {
+	if ka := key.Algorithm(); ka != nil && ka.String() != "" {
+		return ka.String() == alg.String()
+	}
+	switch k := key.(type) {
+	case jwk.RSAPublicKey:
+		switch alg {
+		case jwa.RS256, jwa.RS384, jwa.RS512, jwa.PS256, jwa.PS384, jwa.PS512:
+			return true
+		}
+	case jwk.ECDSAPublicKey:
+		switch k.Crv() {
+		case jwa.P256:
+			return alg == jwa.ES256
+		case jwa.P384:
+			return alg == jwa.ES384
+		case jwa.P521:
+			return alg == jwa.ES512
+		}
+	case jwk.OKPPublicKey:
+		return k.Crv() == jwa.Ed25519 && alg == jwa.EdDSA
+	}
+	return false
+}
+
+// numericDate is a JWT NumericDate: seconds since the epoch, integer or not.
+type numericDate float64
+
+// audience is a JWT "aud": one string or an array of them.
+type audience []string
+
+func (a *audience) UnmarshalJSON(b []byte) error {
+	if bytes.HasPrefix(bytes.TrimSpace(b), []byte(`"`)) {
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		*a = audience{s}
+		return nil
+	}
+	var l []string
+	if err := json.Unmarshal(b, &l); err != nil {
+		return err
+	}
+	*a = l
+	return nil
+}
+
+type tokenClaims struct {
+	Sub         string       `json:"sub"`
+	UserID      string       `json:"user_id"`
+	JTI         string       `json:"jti"`
+	Username    string       `json:"username"`
+	TenantID    string       `json:"tenant_id"`
+	SessionID   string       `json:"session_id"`
+	Roles       []string     `json:"roles"`
+	Scopes      []string     `json:"scopes"`
+	Scope       string       `json:"scope"`
+	Permissions []string     `json:"permissions"`
+	Exp         *numericDate `json:"exp"`
+	Nbf         *numericDate `json:"nbf"`
+	Iat         *numericDate `json:"iat"`
+	Iss         string       `json:"iss"`
+	Aud         audience     `json:"aud"`
+}
+
+// maxClaimLen bounds identity claims, which travel on as header values.
+const maxClaimLen = 256
+
+func (v *Verifier) claims(payload []byte) (*Identity, error) {
+	var c tokenClaims
+	if err := json.Unmarshal(payload, &c); err != nil {
+		return nil, invalid("claims are not a JSON object of the expected types")
+	}
+	now := v.now()
+	leeway := v.o.Leeway
+	at := func(d numericDate) time.Time { return time.Unix(0, int64(float64(d)*1e9)) }
+	switch {
+	case c.Exp == nil:
+		return nil, invalid("exp missing")
+	case *c.Exp <= 0:
+		return nil, invalid("exp not positive")
+	case !now.Before(at(*c.Exp).Add(leeway)):
+		return nil, &TokenError{Kind: ErrTokenExpired, Reason: "token expired"}
+	case c.Nbf != nil && now.Add(leeway).Before(at(*c.Nbf)):
+		return nil, invalid("token not valid yet (nbf)")
+	case c.Iat != nil && now.Add(leeway).Before(at(*c.Iat)):
+		return nil, invalid("token issued in the future (iat)")
+	case v.o.Issuer != "" && c.Iss != v.o.Issuer:
+		return nil, invalid("wrong issuer")
+	case v.o.Audience != "" && !contains(c.Aud, v.o.Audience):
+		return nil, invalid("wrong audience")
+	case c.JTI == "":
+		return nil, invalid("jti missing")
+	}
+	id := &Identity{
+		UserID:    c.UserID,
+		Username:  c.Username,
+		TenantID:  c.TenantID,
+		SessionID: c.SessionID,
+		TokenID:   c.JTI,
+		Roles:     c.Roles,
+		ExpiresAt: at(*c.Exp),
+	}
+	if id.UserID == "" {
+		id.UserID = c.Sub
+	}
+	if id.UserID == "" {
+		return nil, invalid("user_id and sub missing")
+	}
+	if c.Iat != nil {
+		id.IssuedAt = at(*c.Iat)
+	}
+	id.Permissions = append(append(c.Scopes, strings.Fields(c.Scope)...), c.Permissions...)
+	for _, s := range []string{id.UserID, id.Username, id.TenantID, id.SessionID, id.TokenID} {
+		if len(s) > maxClaimLen || !printable(s) {
+			return nil, invalid("identity claim too long or not printable")
+		}
+	}
+	for _, r := range id.Roles {
+		if r == "" || len(r) > maxClaimLen || !printableASCII(r) || strings.ContainsRune(r, ',') {
+			return nil, invalid("malformed role")
+		}
+	}
+	id.finish()
+	return id, nil
+}
+
+func contains(l []string, s string) bool {
+	for _, x := range l {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func isBase64URL(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+func printableASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x21 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// printable rejects control characters, which would break the headers these values become.
+func printable(s string) bool {
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f || r == '\uFFFD' {
+			return false
+		}
+	}
+	return true
+}
