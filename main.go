@@ -355,6 +355,14 @@ func (g *gateway) readyz(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "draining"})
 		return
 	}
+	if g.redis != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), 250*time.Millisecond)
+		defer cancel()
+		if err := g.redis.Do(ctx, g.redis.B().Ping().Build()).Error(); err != nil {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "redis unreachable"})
+			return
+		}
+	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
 }
 
