@@ -36,7 +36,11 @@ func benchGateway(tb testing.TB, env map[string]string) (*httptest.Server, *gate
 	if err != nil {
 		tb.Fatal(err)
 	}
-	srv := httptest.NewServer(gw.handler())
+	h, err := gw.handler()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
 	tb.Cleanup(func() {
 		srv.Close()
 		gw.close()

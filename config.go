@@ -57,6 +57,11 @@ type config struct {
 	RedisPassword      string
 	RedisPrefix        string
 	RedisConnectWithin time.Duration
+
+	PolicyFile  string
+	PolicyWatch time.Duration
+	LeaseTTL    time.Duration
+	LimitBudget time.Duration
 }
 
 // setting is one configuration variable: an environment variable that a flag of the same name
@@ -202,6 +207,13 @@ func settings() []setting {
 			c.RedisPrefix = v
 			return nil
 		}},
+		{"POLICY_FILE", "", "RBAC and fair-use policy (JSON; unset: the built-in default)", func(c *config, v string) error {
+			c.PolicyFile = v
+			return nil
+		}},
+		{"POLICY_WATCH_INTERVAL", "2s", "how often the policy file is checked for changes", durationSetting(func(c *config) *time.Duration { return &c.PolicyWatch }, 10*time.Millisecond)},
+		{"LEASE_TTL", "30s", "how long a concurrency slot outlives its last renewal (an instance that dies frees its slots within it)", durationSetting(func(c *config) *time.Duration { return &c.LeaseTTL }, 300*time.Millisecond)},
+		{"LIMIT_BUDGET", "100ms", "time budget of each rate-limit or lease call", durationSetting(func(c *config) *time.Duration { return &c.LimitBudget }, time.Millisecond)},
 		{"REDIS_CONNECT_TIMEOUT", "10s", "how long to wait for Redis at start", durationSetting(func(c *config) *time.Duration { return &c.RedisConnectWithin }, time.Millisecond)},
 	}
 }

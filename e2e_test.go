@@ -59,6 +59,8 @@ func startRun(t *testing.T, args []string, env map[string]string) *testGateway {
 		"LOG_LEVEL":      "debug",
 		"SHUTDOWN_GRACE": "2s",
 		"JWT_SECRET":     testSecret,
+		// Generous limits, so tests of other things are never rate limited.
+		"POLICY_FILE": "testdata/policy/e2e.json",
 	}
 	for k, v := range env {
 		vars[k] = v
@@ -538,7 +540,7 @@ func TestChatStreamHappyPath(t *testing.T) {
 				"Authorization":   "Bearer " + tokenFor(t, "u-chat", []string{"user"}, map[string]any{"tenant_id": "tenant-c"}),
 				"Cookie":          "session=secret",
 				"X-User-ID":       "forged-user",
-				"X-Tenant-ID":     "forged-tenant",
+				"X_Tenant_ID":     "forged-tenant",
 				"X-Forwarded-For": "203.0.113.9",
 			}
 			for k, v := range tt.header {
@@ -1203,7 +1205,7 @@ func TestBackendProxyDropsClientIdentityHeaders(t *testing.T) {
 	backend := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": "http://127.0.0.1:1", "ADMIN_URL": backend.URL})
 	forged := map[string]string{
-		"X-User-ID": "root", "X-Username": "root", "X-Tenant-ID": "t-other", "X-User-Roles": "super_admin",
+		"X-User-ID": "root", "X-Username": "root", "X-Tenant-ID": "tenant-a", "X-User-Roles": "super_admin",
 		"X-Session-ID": "s-1", "X_User_ID": "root", "x-user_roles": "super_admin",
 		"Connection": "X-User-ID, X-User-Roles",
 	}

@@ -74,12 +74,32 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer gw.close()
+	handler, err := gw.handler()
+	if err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
 	}
+	watchCtx, stopWatching := context.WithCancel(ctx)
+	defer stopWatching()
+	go gw.policy.Watch(watchCtx, cfg.PolicyWatch)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-watchCtx.Done():
+				return
+			case <-hup:
+				_ = gw.policy.Reload() // a refusal is logged; the running policy stays
+			}
+		}
+	}()
 	srv := &http.Server{
-		Handler:           gw.handler(),
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		// No WriteTimeout: it would cut every stream and voice session at that age. Streams
 		// bound themselves with pings and cancellation instead.
@@ -115,14 +135,18 @@ type gateway struct {
 	jwks        *auth.JWKS     // nil without JWT_JWKS_URL
 	revocations auth.Revocations
 	authn       *auth.Authenticator
-	rules       *policy.Rules
+	policy      *policy.Store // set by handler, which knows the routes
+	enforcer    *policy.Enforcer
+	limiter     policy.Limiter
+	leases      policy.Leases
+	redisLeases *policy.RedisLeases // to stop its renewal; nil without Redis
 	draining    atomic.Bool
 	// endStreams, once called, ends running chat streams with server_shutdown.
 	streamsEnding context.Context
 	endStreams    context.CancelFunc
 }
 
-// Permissions that handlers check themselves, besides those routes are bound to.
+// Permissions that handlers check themselves, besides those the policy binds routes to.
 var handlerPerms = []string{auth.PermRevoke, "chat:admin", "voice:admin"}
 
 // newGateway builds the gateway's dependencies: Redis (when configured), the token verifier and
@@ -177,15 +201,31 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger) (*gateway
 		PublicPaths:   cfg.AuthPublicPaths,
 		Log:           logger,
 	})
-	if g.rules, err = policy.CompileRoles(policy.DefaultRoles(), append(routePerms(), handlerPerms...)); err != nil {
-		return nil, err
+	if g.redis != nil {
+		g.limiter = policy.NewRedisLimiter(g.redis, cfg.RedisPrefix)
+		g.redisLeases = policy.NewRedisLeases(g.redis, cfg.RedisPrefix, cfg.LeaseTTL, logger)
+		g.leases = g.redisLeases
+	} else {
+		g.limiter = policy.NewMemoryLimiter()
+		g.leases = policy.NewMemoryLeases()
 	}
+	g.enforcer = policy.NewEnforcer(policy.EnforcerOptions{
+		Policy:  func() *policy.Policy { return g.policy.Policy() },
+		Subject: subject,
+		Limiter: g.limiter,
+		Leases:  g.leases,
+		Budget:  cfg.LimitBudget,
+		Log:     logger,
+	})
 	ok = true
 	return g, nil
 }
 
 // close releases what newGateway acquired.
 func (g *gateway) close() {
+	if g.redisLeases != nil {
+		g.redisLeases.Close()
+	}
 	if g.jwks != nil {
 		g.jwks.Close()
 	}
@@ -228,9 +268,10 @@ func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
 	}
 }
 
-// handler is the whole route table, with the edge middleware around it. Per-route protection
-// goes through protect, so every route states what it needs in one line.
-func (g *gateway) handler() http.Handler {
+// handler is the whole route table, with the edge middleware around it. Every route but the
+// health checks goes through protect; what each needs is the policy's route binding, checked
+// against this table when the policy loads.
+func (g *gateway) handler() (http.Handler, error) {
 	cfg := g.cfg
 	rt := newRouter()
 
@@ -256,14 +297,14 @@ func (g *gateway) handler() http.Handler {
 		},
 		Log: g.log,
 	})
-	rt.handle("POST", "/api/v2/chat/stream", g.protect(need("chat:write"), chat))
-	rt.handle("POST", "/api/v2/chat/cancel", g.protect(need(""), sse.NewCancelHandler(sse.CancelOptions{
+	rt.handle("POST", "/api/v2/chat/stream", g.protect(chat))
+	rt.handle("POST", "/api/v2/chat/cancel", g.protect(sse.NewCancelHandler(sse.CancelOptions{
 		Registry: g.streams,
 		Allowed: func(r *http.Request, s *sse.Stream) bool {
 			return s.UserID == auth.FromContext(r.Context()).UserID || g.can(r, "chat:admin")
 		},
 	})))
-	rt.handle("POST", "/api/v2/auth/revoke", g.protect(need(""), auth.NewRevokeHandler(auth.RevokeOptions{
+	rt.handle("POST", "/api/v2/auth/revoke", g.protect(auth.NewRevokeHandler(auth.RevokeOptions{
 		Revocations: g.revocations,
 		Can:         g.can,
 		MaxLifetime: cfg.JWTMaxLifetime,
@@ -273,10 +314,9 @@ func (g *gateway) handler() http.Handler {
 		path   string
 		target *url.URL
 		name   string
-		needs  permRule
 	}{
-		{"/api/v2/admin/", cfg.AdminURL, "admin service", byMethod("admin:read", "admin:write", "admin:write")},
-		{"/api/v2/documents/", cfg.DocsURL, "documents service", byMethod("document:read", "document:write", "document:delete")},
+		{"/api/v2/admin/", cfg.AdminURL, "admin service"},
+		{"/api/v2/documents/", cfg.DocsURL, "documents service"},
 	} {
 		var h http.Handler = http.HandlerFunc(notFound)
 		if b.target != nil {
@@ -290,60 +330,44 @@ func (g *gateway) handler() http.Handler {
 				Log:             g.log,
 			}), proxy.BodyLimit(cfg.MaxBodyBytes))
 		}
-		rt.handle("", b.path, g.protect(b.needs, h))
+		rt.handle("", b.path, g.protect(h))
 	}
 
+	var err error
+	g.policy, err = policy.NewStore(policy.StoreOptions{Path: cfg.PolicyFile, Routes: rt.protected,
+		ExtraPerms: handlerPerms, Log: g.log})
+	if err != nil {
+		return nil, fmt.Errorf("POLICY_FILE: %w", err)
+	}
 	return proxy.Chain(rt.mux,
 		proxy.Recover(g.log),
 		proxy.RequestID(),
 		proxy.AccessLog(g.log),
 		proxy.ClientIP(cfg.TrustedProxies),
 		proxy.CORS(proxy.CORSOptions{Origins: cfg.CORSOrigins}),
-	)
+		proxy.CanonicalPath(),
+	), nil
 }
 
-// permRule names the permission a request needs; "" means any authenticated caller.
-type permRule func(r *http.Request) string
-
-func need(perm string) permRule { return func(*http.Request) string { return perm } }
-
-// byMethod needs read for GET and HEAD, del for DELETE and write for everything else.
-func byMethod(read, write, del string) permRule {
-	return func(r *http.Request) string {
-		switch r.Method {
-		case http.MethodGet, http.MethodHead:
-			return read
-		case http.MethodDelete:
-			return del
-		}
-		return write
-	}
+// protect puts a route behind authentication (401 without a valid token), then the policy:
+// permission, tenant and ownership (403), rates, quota and concurrency caps (429).
+func (g *gateway) protect(h http.Handler) http.Handler {
+	return protected{g.authn.Require(false)(g.enforcer.Wrap(h))}
 }
 
-// routePerms lists every permission a route rule can ask for, so the policy precomputes them.
-func routePerms() []string {
-	return []string{"chat:write", "voice:write", "admin:read", "admin:write",
-		"document:read", "document:write", "document:delete"}
-}
-
-// protect wraps a route in authentication, then the permission check: 401 without a valid
-// token, 403 naming the missing permission.
-func (g *gateway) protect(needs permRule, h http.Handler) http.Handler {
-	authorize := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if p := needs(r); p != "" && !g.can(r, p) {
-			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusForbidden, Code: proxy.CodePermission,
-				Message: "permission " + p + " required", Details: map[string]string{"permission": p}})
-			return
-		}
-		h.ServeHTTP(w, r)
-	})
-	return g.authn.Require(false)(authorize)
-}
+// protected marks a handler for the router, which lists its route for the policy.
+type protected struct{ http.Handler }
 
 // can reports whether the request's caller holds permission p.
-func (g *gateway) can(r *http.Request, p string) bool {
+func (g *gateway) can(r *http.Request, p string) bool { return g.enforcer.Allows(r, p) }
+
+// subject presents the authenticated caller to the policy.
+func subject(r *http.Request) (policy.Subject, bool) {
 	id := auth.FromContext(r.Context())
-	return id != nil && g.rules.Allows(id.Roles, id.Permissions, p)
+	if id == nil {
+		return policy.Subject{}, false
+	}
+	return policy.Subject{UserID: id.UserID, TenantID: id.TenantID, Roles: id.Roles, Grants: id.Permissions}, true
 }
 
 func (g *gateway) healthz(w http.ResponseWriter, r *http.Request) {
@@ -436,8 +460,9 @@ func isTerminal(w io.Writer) bool {
 // router registers Go 1.22 patterns and answers unknown paths with a JSON 404 and known paths
 // with the wrong method with a JSON 405 (the mux's own answers are plain text).
 type router struct {
-	mux     *http.ServeMux
-	methods map[string][]string
+	mux       *http.ServeMux
+	methods   map[string][]string
+	protected []string // patterns of protected routes, each of which the policy must bind
 }
 
 func newRouter() *router {
@@ -448,12 +473,18 @@ func newRouter() *router {
 
 // handle registers h for method and path; an empty method matches any.
 func (rt *router) handle(method, path string, h http.Handler) {
+	pattern := path
+	if method != "" {
+		pattern = method + " " + path
+	}
+	if _, ok := h.(protected); ok {
+		rt.protected = append(rt.protected, pattern)
+	}
 	h = proxy.Route(h)
+	rt.mux.Handle(pattern, h)
 	if method == "" {
-		rt.mux.Handle(path, h)
 		return
 	}
-	rt.mux.Handle(method+" "+path, h)
 	if len(rt.methods[path]) == 0 {
 		rt.mux.Handle(path, proxy.Route(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			allowed := strings.Join(rt.methods[path], ", ")

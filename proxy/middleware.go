@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"path"
 	"strconv"
 	"strings"
 	"time"
@@ -448,4 +449,43 @@ func TooLarge(limit int64) *Error {
 func IsTooLarge(err error) bool {
 	var mbe *http.MaxBytesError
 	return errors.As(err, &mbe)
+}
+
+// CanonicalPath refuses request paths that could mean one thing to the router and another to an
+// upstream: encoded slashes, backslashes, dots or NULs, ';' parameters, and paths that are not
+// clean (//, /./, /../). Such paths have no legitimate use against this API, and refusing them
+// here means a protected route can never be reached under a disguise.
+func CanonicalPath() Middleware {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !canonical(r) {
+				Errorf(w, r, http.StatusBadRequest, CodeValidation, "the request path is not in canonical form")
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+func canonical(r *http.Request) bool {
+	p := r.URL.Path
+	if p == "*" && r.Method == http.MethodOptions {
+		return true
+	}
+	if p == "" || p[0] != '/' || strings.ContainsAny(p, ";\\\x00") {
+		return false
+	}
+	if raw := r.URL.RawPath; raw != "" {
+		lower := strings.ToLower(raw)
+		for _, bad := range []string{"%2f", "%5c", "%2e", "%00", "%3b"} {
+			if strings.Contains(lower, bad) {
+				return false
+			}
+		}
+	}
+	clean := path.Clean(p)
+	if strings.HasSuffix(p, "/") && clean != "/" {
+		clean += "/"
+	}
+	return clean == p
 }

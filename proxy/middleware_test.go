@@ -270,7 +270,7 @@ func TestValidRequestID(t *testing.T) {
 		{"nul\x00", false},
 	}
 	for _, tt := range tests {
-		t.Run(fmt.Sprintf("%.20q", tt.id), func(t *testing.T) {
+		t.Run(fmt.Sprintf("len %d %.12q", len(tt.id), tt.id), func(t *testing.T) {
 			if got := proxy.ValidRequestID(tt.id); got != tt.want {
 				t.Errorf("ValidRequestID(%q) = %v, want %v", tt.id, got, tt.want)
 			}

@@ -1,0 +1,214 @@
+package policy
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"voicegate/proxy"
+)
+
+// Subject is the caller as policy sees it.
+type Subject struct {
+	UserID   string
+	TenantID string
+	Roles    []string
+	Grants   []string // direct permissions from the token
+}
+
+// EnforcerOptions configures an Enforcer.
+type EnforcerOptions struct {
+	// Policy returns the policy in force (a Store's Policy method).
+	Policy func() *Policy
+	// Subject returns the request's authenticated caller; ok is false without one.
+	Subject func(r *http.Request) (s Subject, ok bool)
+	// Limiter and Leases enforce fair use; nil means none.
+	Limiter Limiter
+	Leases  Leases
+	// Budget bounds each limiter or lease call; zero means 100 ms. When the store cannot answer
+	// in time the request goes through (fair use fails open, counted and logged): refusing
+	// every request because a counter is unreachable would be worse than a few extra.
+	Budget time.Duration
+	// OnLimited is called for every request refused by a rate, quota or cap (metrics).
+	OnLimited func()
+	// OnStoreError is called when the limiter or the leases fail (metrics).
+	OnStoreError func()
+	Log          *slog.Logger
+}
+
+// Enforcer is the authorization and fair-use middleware. It goes inside the router, on each
+// route, so that the request's route pattern names its binding.
+type Enforcer struct {
+	o       EnforcerOptions
+	lastLog atomic.Int64 // unix ms of the last store-failure log line, to rate-limit them
+}
+
+// NewEnforcer returns an Enforcer.
+func NewEnforcer(o EnforcerOptions) *Enforcer {
+	if o.Budget <= 0 {
+		o.Budget = 100 * time.Millisecond
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Enforcer{o: o}
+}
+
+// Permission headers and path wildcards the policy looks at.
+const (
+	HeaderTenant = "X-Tenant-Id"
+	ParamTenant  = "tenant_id"
+	ParamUser    = "user_id"
+)
+
+// Decide answers whether s may make request r under p: 401 without a caller, 403 for another
+// tenant, another user's resource or a missing permission. It allocates only to refuse.
+func (p *Policy) Decide(r *http.Request, s *Subject, ok bool) *proxy.Error {
+	b := p.bindings[r.Pattern]
+	if b == nil {
+		return &proxy.Error{Status: http.StatusForbidden, Code: proxy.CodePermission,
+			Message: "this route is not bound in the policy"}
+	}
+	if !ok {
+		return &proxy.Error{Status: http.StatusUnauthorized, Code: proxy.CodeAuthRequired,
+			Message: "authentication required",
+			Header:  http.Header{"Www-Authenticate": {`Bearer error="invalid_token"`}}}
+	}
+	super := IsSuper(s.Roles)
+	if !super {
+		tenant := r.Header.Get(HeaderTenant)
+		if tenant == "" && b.tenantParam {
+			tenant = r.PathValue(ParamTenant)
+		} else if b.tenantParam && r.PathValue(ParamTenant) != tenant {
+			tenant = "\x00" // header and path disagree: refuse
+		}
+		if tenant != "" && tenant != s.TenantID {
+			return &proxy.Error{Status: http.StatusForbidden, Code: proxy.CodePermission,
+				Message: "this tenant is not yours"}
+		}
+		if b.userParam && r.PathValue(ParamUser) != s.UserID &&
+			(b.ownerOverride == "" || !p.Rules.Allows(s.Roles, s.Grants, b.ownerOverride)) {
+			return &proxy.Error{Status: http.StatusForbidden, Code: proxy.CodePermission,
+				Message: "this resource belongs to another user"}
+		}
+	}
+	if need := b.permFor(r.Method); need != "" && !p.Rules.Allows(s.Roles, s.Grants, need) {
+		return &proxy.Error{Status: http.StatusForbidden, Code: proxy.CodePermission,
+			Message: "permission " + need + " required", Details: map[string]string{"permission": need}}
+	}
+	return nil
+}
+
+// Allows reports whether the request's caller holds permission perm under the policy in force.
+func (e *Enforcer) Allows(r *http.Request, perm string) bool {
+	s, ok := e.o.Subject(r)
+	return ok && e.o.Policy().Rules.Allows(s.Roles, s.Grants, perm)
+}
+
+// Wrap returns h behind authorization and fair use.
+func (e *Enforcer) Wrap(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := e.o.Policy()
+		s, ok := e.o.Subject(r)
+		if perr := p.Decide(r, &s, ok); perr != nil {
+			proxy.WriteError(w, r, perr)
+			return
+		}
+		b := p.bindings[r.Pattern]
+		if perr := e.charge(w, r, p, b, &s); perr != nil {
+			proxy.WriteError(w, r, perr)
+			return
+		}
+		if b.lease != "" && e.o.Leases != nil {
+			c := p.Limits.Concurrency[b.lease]
+			ctx, cancel := context.WithTimeout(r.Context(), e.o.Budget)
+			release, err := e.o.Leases.Acquire(ctx, LeaseRequest{Kind: b.lease, Tenant: s.TenantID, User: s.UserID,
+				PerUser: c.PerUser, PerTenant: c.PerTenant})
+			cancel()
+			switch {
+			case errors.Is(err, ErrCapReached):
+				e.limited()
+				proxy.WriteError(w, r, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited,
+					Message:    "too many open " + b.lease + " sessions: " + err.Error()[len(ErrCapReached.Error())+2:],
+					RetryAfter: 1})
+				return
+			case err != nil:
+				e.storeFailed("concurrency leases unavailable; not capping", err)
+			default:
+				defer release()
+			}
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// charge applies rates and the daily quota, and sets the RateLimit-* headers.
+func (e *Enforcer) charge(w http.ResponseWriter, r *http.Request, p *Policy, b *binding, s *Subject) *proxy.Error {
+	if e.o.Limiter == nil {
+		return nil
+	}
+	l := &p.Limits
+	var buckets [3]Bucket
+	c := Charge{Tenant: s.TenantID, User: s.UserID, Buckets: buckets[:0], Quota: l.DailyRequestsPerUser}
+	if l.PerUser != nil {
+		c.Buckets = append(c.Buckets, bucket("u:"+s.UserID, *l.PerUser))
+	}
+	if l.PerTenant != nil {
+		c.Buckets = append(c.Buckets, bucket("t", *l.PerTenant))
+	}
+	if rate, ok := l.Classes[b.class]; ok && b.class != "" {
+		c.Buckets = append(c.Buckets, bucket("u:"+s.UserID+":c:"+b.class, rate))
+	}
+	if len(c.Buckets) == 0 && c.Quota == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), e.o.Budget)
+	v, err := e.o.Limiter.Allow(ctx, &c)
+	cancel()
+	if err != nil {
+		e.storeFailed("rate limiter unavailable; not limiting", err)
+		return nil
+	}
+	h := w.Header()
+	if len(c.Buckets) > 0 {
+		h.Set("RateLimit-Limit", strconv.Itoa(v.Limit))
+		h.Set("RateLimit-Remaining", strconv.Itoa(max(v.Remaining, 0)))
+		h.Set("RateLimit-Reset", strconv.FormatInt(int64((v.Reset+time.Second-1)/time.Second), 10))
+	}
+	if v.Allowed {
+		return nil
+	}
+	e.limited()
+	retry := max(int((v.RetryAfter+time.Second-1)/time.Second), 1)
+	msg := "rate limit exceeded; retry later"
+	if v.QuotaExceeded {
+		msg = "daily request quota exceeded"
+	}
+	return &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited, Message: msg, RetryAfter: retry}
+}
+
+func bucket(key string, r Rate) Bucket {
+	return Bucket{Key: key, Interval: max(time.Duration(r.Per)/time.Duration(r.Requests), time.Millisecond),
+		Burst: max(r.Burst, 1), Limit: r.Requests}
+}
+
+func (e *Enforcer) limited() {
+	if e.o.OnLimited != nil {
+		e.o.OnLimited()
+	}
+}
+
+// storeFailed counts a failure and logs it at most every 10 seconds.
+func (e *Enforcer) storeFailed(msg string, err error) {
+	if e.o.OnStoreError != nil {
+		e.o.OnStoreError()
+	}
+	now := time.Now().UnixMilli()
+	if last := e.lastLog.Load(); now-last > 10_000 && e.lastLog.CompareAndSwap(last, now) {
+		e.o.Log.Warn(msg, "err", err.Error())
+	}
+}

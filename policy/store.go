@@ -1,0 +1,127 @@
+package policy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// StoreOptions configures a Store.
+type StoreOptions struct {
+	// Path is the policy file; empty means the built-in Default, never reloaded.
+	Path string
+	// Routes are the gateway's route patterns, every one of which must be bound.
+	Routes []string
+	// ExtraPerms are permissions handlers check themselves.
+	ExtraPerms []string
+	// Log receives one line per reload.
+	Log *slog.Logger
+}
+
+// Store holds the policy in force. Reload swaps in a new one atomically; a bad file is refused
+// and the running policy stays.
+type Store struct {
+	o       StoreOptions
+	current atomic.Pointer[Policy]
+	mu      sync.Mutex // serialises reloads
+	sum     [sha256.Size]byte
+}
+
+// NewStore loads the policy; a bad file is an error here, at start.
+func NewStore(o StoreOptions) (*Store, error) {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	s := &Store{o: o}
+	if o.Path == "" {
+		p, err := Compile(Default(), o.Routes, o.ExtraPerms)
+		if err != nil {
+			return nil, err
+		}
+		s.current.Store(p)
+		return s, nil
+	}
+	if _, err := s.load(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Policy returns the policy in force.
+func (s *Store) Policy() *Policy { return s.current.Load() }
+
+// Reload reads the file again. A file that fails to parse or compile is refused with one log
+// line, and the running policy stays.
+func (s *Store) Reload() error {
+	if s.o.Path == "" {
+		return nil
+	}
+	changed, err := s.load()
+	if err != nil {
+		s.o.Log.Error("policy reload refused; keeping the running policy", "file", s.o.Path, "err", err.Error())
+		return err
+	}
+	if changed {
+		s.o.Log.Info("policy reloaded", "file", s.o.Path)
+	}
+	return nil
+}
+
+func (s *Store) load() (changed bool, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	data, err := os.ReadFile(s.o.Path)
+	if err != nil {
+		return false, fmt.Errorf("policy: %w", err)
+	}
+	sum := sha256.Sum256(data)
+	if s.current.Load() != nil && bytes.Equal(sum[:], s.sum[:]) {
+		return false, nil
+	}
+	f, err := Parse(data)
+	if err != nil {
+		return false, err
+	}
+	p, err := Compile(f, s.o.Routes, s.o.ExtraPerms)
+	if err != nil {
+		return false, err
+	}
+	s.current.Store(p)
+	s.sum = sum
+	return true, nil
+}
+
+// Watch reloads the file whenever its content changes, checking every interval, until ctx ends.
+// Polling keeps to the standard library and works on every file system, mounted ConfigMaps
+// included.
+func (s *Store) Watch(ctx context.Context, interval time.Duration) {
+	if s.o.Path == "" {
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	var lastMod time.Time
+	var lastSize int64 = -1
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		st, err := os.Stat(s.o.Path)
+		if err != nil {
+			continue // a file being replaced may be missing for a moment
+		}
+		if st.ModTime().Equal(lastMod) && st.Size() == lastSize {
+			continue
+		}
+		lastMod, lastSize = st.ModTime(), st.Size()
+		_ = s.Reload()
+	}
+}
