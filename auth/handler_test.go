@@ -182,22 +182,18 @@ func TestSetHeaders(t *testing.T) {
 		name string
 		id   *auth.Identity
 		want http.Header
-		bug  string
 	}{
 		{"every claim", full, withKept(http.Header{
 			auth.HeaderUserID: {"u-123"}, auth.HeaderUsername: {"alice"}, auth.HeaderTenantID: {"t-1"},
 			auth.HeaderUserRoles: {"user,editor"}, auth.HeaderSessionID: {"s-1"},
-		}), ""},
-		{"user ID only", subOnly, withKept(http.Header{auth.HeaderUserID: {"rs-user"}}), ""},
-		{"no identity", nil, withKept(http.Header{}), ""},
+		})},
+		{"user ID only", subOnly, withKept(http.Header{auth.HeaderUserID: {"rs-user"}})},
+		{"no identity", nil, withKept(http.Header{})},
 		{"identity built by hand", &auth.Identity{UserID: "u-9", Roles: []string{"admin", "user"}},
-			withKept(http.Header{auth.HeaderUserID: {"u-9"}, auth.HeaderUserRoles: {"admin,user"}}), bugRolesHeader},
+			withKept(http.Header{auth.HeaderUserID: {"u-9"}, auth.HeaderUserRoles: {"admin,user"}})},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if tt.bug != "" {
-				t.Skip(tt.bug)
-			}
 			h := forged()
 			auth.SetHeaders(h, tt.id)
 			if !reflect.DeepEqual(h, tt.want) {
@@ -220,8 +216,3 @@ func TestSetHeaders(t *testing.T) {
 	})
 }
 
-// bugRolesHeader: identity.go keeps X-User-Roles in an unexported field filled only by Verify
-// (Identity.finish), so an Identity made any other way — Identity is an exported struct and
-// WithIdentity an exported function — silently loses its roles on the way upstream.
-const bugRolesHeader = "BUG (latent): auth/identity.go:69 SetHeaders uses id.rolesHeader, set only by Verify; " +
-	"an Identity not made by Verify sends no X-User-Roles. Fall back to strings.Join(id.Roles, \",\") when it is empty"

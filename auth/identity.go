@@ -66,7 +66,11 @@ func SetHeaders(h http.Header, id *Identity) {
 	set(HeaderUserID, id.UserID)
 	set(HeaderUsername, id.Username)
 	set(HeaderTenantID, id.TenantID)
-	set(HeaderUserRoles, id.rolesHeader)
+	roles := id.rolesHeader
+	if roles == "" {
+		roles = strings.Join(id.Roles, ",") // an Identity not made by Verify
+	}
+	set(HeaderUserRoles, roles)
 	set(HeaderSessionID, id.SessionID)
 }
 

@@ -122,8 +122,9 @@ func (u *UserStatus) remember(userID, status string, now time.Time) {
 }
 
 func (u *UserStatus) fetch(ctx context.Context, userID string) (string, error) {
-	target := u.o.URL.JoinPath("users", userID)
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target.String(), nil)
+	// One escaped path segment: a user ID like "../x" must not walk the service's paths.
+	target := u.o.URL.JoinPath("users").String() + "/" + url.PathEscape(userID)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
 	if err != nil {
 		return "", fmt.Errorf("auth: user status request: %w", err)
 	}

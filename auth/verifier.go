@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 
@@ -156,7 +157,7 @@ func (v *Verifier) key(ctx context.Context, h header) (jwk.Key, jwa.SignatureAlg
 	case jwa.RS256, jwa.RS384, jwa.RS512, jwa.PS256, jwa.PS384, jwa.PS512,
 		jwa.ES256, jwa.ES384, jwa.ES512, jwa.EdDSA:
 	default:
-		return nil, "", invalid("algorithm %q not accepted", h.Alg)
+		return nil, "", invalid("algorithm %q not accepted", clip(h.Alg))
 	}
 	if v.o.JWKS == nil {
 		return nil, "", invalid("%s tokens are not accepted", alg)
@@ -172,7 +173,7 @@ func (v *Verifier) key(ctx context.Context, h header) (jwk.Key, jwa.SignatureAlg
 		return nil, "", err
 	}
 	if !keyAllows(key, alg) {
-		return nil, "", invalid("key %q does not allow %s", h.Kid, alg)
+		return nil, "", invalid("the key does not allow %s", alg)
 	}
 	return key, alg, nil
 }
@@ -205,6 +206,16 @@ func keyAllows(key jwk.Key, alg jwa.SignatureAlgorithm) bool {
 
 // numericDate is a JWT NumericDate: seconds since the epoch, integer or not.
 type numericDate float64
+
+// maxNumericDate (year 9999) bounds dates: beyond it a float64 of seconds stops converting
+// cleanly, and no token needs it.
+const maxNumericDate = 253402300799
+
+func (d numericDate) time() time.Time {
+	f := min(float64(d), maxNumericDate)
+	sec, frac := math.Modf(f)
+	return time.Unix(int64(sec), int64(frac*1e9))
+}
 
 // audience is a JWT "aud": one string or an array of them.
 type audience []string
@@ -254,7 +265,7 @@ func (v *Verifier) claims(payload []byte) (*Identity, error) {
 	}
 	now := v.now()
 	leeway := v.o.Leeway
-	at := func(d numericDate) time.Time { return time.Unix(0, int64(float64(d)*1e9)) }
+	at := func(d numericDate) time.Time { return d.time() }
 	switch {
 	case c.Exp == nil:
 		return nil, invalid("exp missing")
@@ -304,6 +315,14 @@ func (v *Verifier) claims(payload []byte) (*Identity, error) {
 	}
 	id.finish()
 	return id, nil
+}
+
+// clip shortens header values echoed in messages.
+func clip(s string) string {
+	if len(s) > 32 {
+		return s[:32] + "…"
+	}
+	return s
 }
 
 func contains(l []string, s string) bool {

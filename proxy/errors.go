@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"net"
@@ -128,9 +130,15 @@ func Describe(err error) string {
 	var oe *net.OpError
 	var de *net.DNSError
 	var se *os.SyscallError
+	var he x509.HostnameError
+	var ua x509.UnknownAuthorityError
+	var ci x509.CertificateInvalidError
+	var cv *tls.CertificateVerificationError
 	switch {
 	case err == nil:
 		return ""
+	case errors.As(err, &he), errors.As(err, &ua), errors.As(err, &ci), errors.As(err, &cv):
+		return "tls: certificate verification failed" // the details name hosts
 	case errors.As(err, &ue):
 		return strings.ToLower(ue.Op) + ": " + Describe(ue.Err)
 	case errors.As(err, &de):

@@ -84,6 +84,7 @@ func Recover(log *slog.Logger) Middleware {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			info, r := ensureInfo(r)
+			w = trackStatus(w, info) // so a late panic knows the response has started
 			defer func() {
 				v := recover()
 				if v == nil {
@@ -156,7 +157,7 @@ func AccessLog(log *slog.Logger) Middleware {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			start := time.Now()
 			info, r := ensureInfo(r)
-			sw := &statusWriter{ResponseWriter: w, info: info}
+			sw := trackStatus(w, info)
 			defer func() {
 				status := info.Status
 				if v := recover(); v != nil {
@@ -209,6 +210,15 @@ func AccessLog(log *slog.Logger) Middleware {
 			next.ServeHTTP(sw, r)
 		})
 	}
+}
+
+// trackStatus returns w wrapped so that it records the response's status and size in info, or w
+// itself if it already does (Recover and AccessLog share one wrapper).
+func trackStatus(w http.ResponseWriter, info *Info) http.ResponseWriter {
+	if sw, ok := w.(*statusWriter); ok && sw.info == info {
+		return sw
+	}
+	return &statusWriter{ResponseWriter: w, info: info}
 }
 
 // statusWriter records status and size for the access log. It passes Flush and Unwrap through
@@ -285,6 +295,9 @@ func ParsePrefixes(s string) (Prefixes, error) {
 			return nil, fmt.Errorf("%q is not a CIDR or address", f)
 		}
 		if p.Addr().Is4In6() {
+			if p.Bits() < 96 {
+				return nil, fmt.Errorf("%q is not a CIDR or address usable here: an IPv4-mapped range needs at least /96", f)
+			}
 			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 		}
 		ps = append(ps, p.Masked())
