@@ -38,6 +38,11 @@ func WithIdentity(ctx context.Context, id *Identity) context.Context {
 
 // FromContext returns the request's verified identity, or nil.
 func FromContext(ctx context.Context) *Identity {
+	if info := proxy.InfoFrom(ctx); info != nil {
+		if id, ok := info.Identity.(*Identity); ok {
+			return id
+		}
+	}
 	id, _ := ctx.Value(identityKey{}).(*Identity)
 	return id
 }

@@ -42,6 +42,9 @@ func NewMemoryRevocations(maxLifetime time.Duration) *MemoryRevocations {
 		lifetime: maxLifetime, now: time.Now}
 }
 
+// NeverBlocks tells the middleware that lookups need no time budget.
+func (m *MemoryRevocations) NeverBlocks() bool { return true }
+
 // Revoked implements Revocations.
 func (m *MemoryRevocations) Revoked(_ context.Context, id *Identity) (bool, error) {
 	m.mu.RLock()

@@ -35,6 +35,7 @@ type Info struct {
 	ClientIP  netip.Addr
 	Route     string // the ServeMux pattern, set by Route once a route matched
 	UserID    string // set by authentication, for the access log
+	Identity  any    // set by authentication: the verified caller (auth.FromContext reads it)
 	ErrCode   string // set by WriteError
 	ErrCause  error  // set by WriteError; logged, never sent
 	Status    int    // the response status once written; 0 before
