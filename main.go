@@ -351,8 +351,16 @@ func (g *gateway) handler() (http.Handler, error) {
 
 // protect puts a route behind authentication (401 without a valid token), then the policy:
 // permission, tenant and ownership (403), rates, quota and concurrency caps (429).
+// Paths listed in AUTH_PUBLIC_PATHS skip both.
 func (g *gateway) protect(h http.Handler) http.Handler {
-	return protected{g.authn.Require(false)(g.enforcer.Wrap(h))}
+	guarded := g.authn.Require(false)(g.enforcer.Wrap(h))
+	return protected{http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if g.authn.Public(r.URL.Path) {
+			h.ServeHTTP(w, r)
+			return
+		}
+		guarded.ServeHTTP(w, r)
+	})}
 }
 
 // protected marks a handler for the router, which lists its route for the policy.

@@ -77,7 +77,7 @@ const SubprotocolPrefix = "bearer."
 func (a *Authenticator) Require(allowSubprotocol bool) proxy.Middleware {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if a.public(r.URL.Path) {
+			if a.Public(r.URL.Path) {
 				next.ServeHTTP(w, r)
 				return
 			}
@@ -107,7 +107,8 @@ func (a *Authenticator) Require(allowSubprotocol bool) proxy.Middleware {
 	}
 }
 
-func (a *Authenticator) public(path string) bool {
+// Public reports whether path is served without a token (Options.PublicPaths).
+func (a *Authenticator) Public(path string) bool {
 	for _, p := range a.o.PublicPaths {
 		if path == p || (strings.HasSuffix(p, "/") && strings.HasPrefix(path, p)) {
 			return true
