@@ -215,4 +215,3 @@ func TestSetHeaders(t *testing.T) {
 		}
 	})
 }
-

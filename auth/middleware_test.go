@@ -493,7 +493,6 @@ func TestRequireUserStatus(t *testing.T) {
 	})
 }
 
-
 // TestRequireTokenCache: a token seen before is not verified again (the verifier's clock, read
 // once per verification, is not read), but the revocation store is asked every time, refused
 // tokens are never cached, and a cached token still expires.
