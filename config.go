@@ -58,6 +58,15 @@ type config struct {
 	RedisPrefix        string
 	RedisConnectWithin time.Duration
 
+	Instance string
+
+	VoicePing         time.Duration
+	VoiceIdle         time.Duration
+	VoiceWriteTimeout time.Duration
+	VoiceQueueBytes   int
+	VoiceRawAudio     bool
+	VoiceLanguage     string
+
 	PolicyFile  string
 	PolicyWatch time.Duration
 	LeaseTTL    time.Duration
@@ -205,6 +214,34 @@ func settings() []setting {
 		{"REDIS_URL", "", "redis://[user:password@]host:port/db, or comma-separated host:port addresses of a Redis Cluster (unset: in-memory, one instance)", parseRedis},
 		{"REDIS_PREFIX", "voicegate:", "prefix of every Redis key", func(c *config, v string) error {
 			c.RedisPrefix = v
+			return nil
+		}},
+		{"INSTANCE_NAME", "", "this instance's name in session listings (default: the host name)", func(c *config, v string) error {
+			c.Instance = v
+			return nil
+		}},
+		{"VOICE_PING_INTERVAL", "30s", "WebSocket keepalive; a peer silent for two intervals is dead", durationSetting(func(c *config) *time.Duration { return &c.VoicePing }, 10*time.Millisecond)},
+		{"VOICE_IDLE_TIMEOUT", "5m", "close a voice session with no client message for this long", durationSetting(func(c *config) *time.Duration { return &c.VoiceIdle }, 10*time.Millisecond)},
+		{"VOICE_WRITE_TIMEOUT", "10s", "bound on one WebSocket write", durationSetting(func(c *config) *time.Duration { return &c.VoiceWriteTimeout }, 10*time.Millisecond)},
+		{"VOICE_QUEUE_BYTES", "524288", "bytes that may wait for each side of a voice session before it is closed 1013", func(c *config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1024 {
+				return errors.New("want a byte count of at least 1024")
+			}
+			c.VoiceQueueBytes = n
+			return nil
+		}},
+		{"VOICE_RAW_AUDIO", "false", "relay client audio as binary frames untouched, not as audio_chunk JSON", func(c *config, v string) (err error) {
+			if c.VoiceRawAudio, err = strconv.ParseBool(v); err != nil {
+				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"VOICE_LANGUAGE", "zh-CN", "language of voice sessions that name none", func(c *config, v string) error {
+			if v == "" || len(v) > 16 || strings.ContainsAny(v, " \t\"'") {
+				return errors.New("want a language tag such as en-US")
+			}
+			c.VoiceLanguage = v
 			return nil
 		}},
 		{"POLICY_FILE", "", "RBAC and fair-use policy (JSON; unset: the built-in default)", func(c *config, v string) error {

@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coder/websocket"
 	"github.com/lmittmann/tint"
 	"github.com/redis/rueidis"
 
@@ -27,6 +28,7 @@ import (
 	"voicegate/policy"
 	"voicegate/proxy"
 	"voicegate/sse"
+	"voicegate/voice"
 )
 
 func main() {
@@ -52,6 +54,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	logger := newLogger(cfg, stderr)
+	if cfg.Instance == "" {
+		cfg.Instance, _ = os.Hostname()
+	}
 
 	var demoToken string
 	if cfg.Demo {
@@ -131,6 +136,7 @@ type gateway struct {
 	transport   *http.Transport
 	pool        *proxy.BufferPool
 	streams     *sse.Registry
+	voices      *voice.Registry
 	redis       rueidis.Client // nil without REDIS_URL
 	jwks        *auth.JWKS     // nil without JWT_JWKS_URL
 	revocations auth.Revocations
@@ -201,6 +207,8 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger) (*gateway
 		PublicPaths:   cfg.AuthPublicPaths,
 		Log:           logger,
 	})
+	g.voices = voice.NewRegistry(voice.RegistryOptions{Instance: cfg.Instance, Redis: g.redis,
+		Prefix: cfg.RedisPrefix, TTL: cfg.LeaseTTL, Log: logger})
 	if g.redis != nil {
 		g.limiter = policy.NewRedisLimiter(g.redis, cfg.RedisPrefix)
 		g.redisLeases = policy.NewRedisLeases(g.redis, cfg.RedisPrefix, cfg.LeaseTTL, logger)
@@ -223,6 +231,9 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger) (*gateway
 
 // close releases what newGateway acquired.
 func (g *gateway) close() {
+	if g.voices != nil {
+		g.voices.Close()
+	}
 	if g.redisLeases != nil {
 		g.redisLeases.Close()
 	}
@@ -310,6 +321,26 @@ func (g *gateway) handler() (http.Handler, error) {
 		MaxLifetime: cfg.JWTMaxLifetime,
 	})))
 
+	rt.handle("GET", "/api/v2/voice/stream", g.protectWS(voice.NewHandler(voice.Options{
+		AlgoURL:      cfg.AlgoURL,
+		AllowOrigin:  proxy.CORSOptions{Origins: cfg.CORSOrigins}.AllowOrigin,
+		PingInterval: cfg.VoicePing,
+		IdleTimeout:  cfg.VoiceIdle,
+		WriteTimeout: cfg.VoiceWriteTimeout,
+		QueueBytes:   cfg.VoiceQueueBytes,
+		RawAudio:     cfg.VoiceRawAudio,
+		Audio:        voice.AudioConfig{Language: cfg.VoiceLanguage},
+		Registry:     g.voices,
+		Owner: func(r *http.Request) (string, string) {
+			id := auth.FromContext(r.Context())
+			return id.UserID, id.TenantID
+		},
+		Recheck:         g.recheck,
+		UpstreamHeaders: auth.UpstreamHeaders,
+		Log:             g.log,
+	})))
+	rt.handle("GET", "/api/v2/voice/sessions", g.protect(http.HandlerFunc(g.voiceSessions)))
+
 	for _, b := range []struct {
 		path   string
 		target *url.URL
@@ -361,6 +392,39 @@ func (g *gateway) protect(h http.Handler) http.Handler {
 		}
 		guarded.ServeHTTP(w, r)
 	})}
+}
+
+// protectWS is protect for the WebSocket route, where browsers may carry the token as a
+// "bearer.<token>" subprotocol.
+func (g *gateway) protectWS(h http.Handler) http.Handler {
+	return protected{g.authn.Require(true)(g.enforcer.Wrap(h))}
+}
+
+// recheck tells a long-lived voice session whether its token still holds: revoked, expired or
+// disabled ends it. A revocation store that cannot answer does not: a Redis blip must not
+// drop every call in progress.
+func (g *gateway) recheck(ctx context.Context, r *http.Request) error {
+	perr := g.authn.Check(ctx, auth.FromContext(r.Context()))
+	if perr == nil || perr.Status != http.StatusUnauthorized {
+		return nil
+	}
+	return errors.New(perr.Message)
+}
+
+// voiceSessions lists the live voice sessions of every instance.
+func (g *gateway) voiceSessions(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	list, err := g.voices.List(ctx)
+	if err != nil {
+		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusServiceUnavailable, Code: proxy.CodeUnavailable,
+			Message: "the session registry is unavailable", Cause: err})
+		return
+	}
+	if list == nil {
+		list = []voice.Info{}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"sessions": list, "count": len(list)})
 }
 
 // protected marks a handler for the router, which lists its route for the policy.
@@ -415,19 +479,32 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 	g.draining.Store(true)
 	grace := g.cfg.ShutdownGrace
-	g.log.Info("shutting down", "grace", grace, "streams", g.streams.Len())
+	g.log.Info("shutting down", "grace", grace, "streams", g.streams.Len(), "voice_sessions", g.voices.Len())
 	ctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
-	// Streams are told to end a little before the deadline so their last events get out.
+	// Streams and voice sessions get the grace period to finish, and are ended a little before
+	// its end so their last words get out: server_shutdown for streams, 1012 for sessions.
 	margin := min(grace/5, 2*time.Second)
-	endStreams := time.AfterFunc(grace-margin, g.endStreams)
-	defer endStreams.Stop()
+	voicesDone := make(chan struct{})
+	endAll := time.AfterFunc(grace-margin, func() {
+		g.endStreams()
+		g.voices.CloseAll(ctx, websocket.StatusServiceRestart, voice.CodeShutdown, "the server is restarting; reconnect")
+		close(voicesDone)
+	})
+	defer endAll.Stop()
 	defer g.endStreams()
 
 	err := srv.Shutdown(ctx)
 	if errors.Is(err, context.DeadlineExceeded) {
 		g.log.Warn("grace period over; closing remaining connections")
 		err = srv.Close()
+	}
+	// Shutdown does not wait for hijacked connections: wait for the voice sessions here.
+	if g.voices.Len() > 0 {
+		select {
+		case <-voicesDone:
+		case <-ctx.Done():
+		}
 	}
 	if serr := <-serveErr; serr != nil && !errors.Is(serr, http.ErrServerClosed) {
 		return fmt.Errorf("serve: %w", serr)

@@ -258,6 +258,8 @@ func Default() *File {
 		Routes: []Binding{
 			{Route: "POST /api/v2/chat/stream", Permission: "chat:write", Class: "chat", Lease: "chat"},
 			{Route: "POST /api/v2/chat/cancel", Permission: ""},
+			{Route: "GET /api/v2/voice/stream", Permission: "voice:write", Class: "voice", Lease: "voice"},
+			{Route: "GET /api/v2/voice/sessions", Permission: "voice:admin"},
 			{Route: "POST /api/v2/auth/revoke", Permission: ""},
 			{Route: "/api/v2/admin/", Permission: "admin:write", Methods: map[string]string{"GET": "admin:read", "HEAD": "admin:read"}, Class: "admin"},
 			{Route: "/api/v2/documents/", Permission: "document:write",
