@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
 	"strings"
 	"time"
 
+	"github.com/coder/websocket"
 	"github.com/lestrrat-go/jwx/v2/jwa"
 	"github.com/lestrrat-go/jwx/v2/jwt"
 )
@@ -35,6 +37,7 @@ func startDemo(logger *slog.Logger) (*demoAlgo, error) {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /query", demoQuery)
+	mux.HandleFunc("GET /voice/stream", demoVoice)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}
 	go func() { _ = srv.Serve(ln) }()
@@ -110,6 +113,89 @@ func demoQuery(w http.ResponseWriter, r *http.Request) {
 		"sources": []string{"doc-17", "doc-04"}})
 }
 
+// demoVoice answers a voice session the way an algorithm service would: recognition events
+// while audio arrives, then, on "stop" (or after about three seconds of audio), the final
+// transcript, an answer in llm_response_chunk messages and synthesized speech as binary PCM
+// frames followed by tts_complete. The "speech" is a quiet tone; the words are canned.
+func demoVoice(w http.ResponseWriter, r *http.Request) {
+	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"voice-protocol-v2"}})
+	if err != nil {
+		return
+	}
+	defer c.CloseNow()
+	ctx := r.Context()
+	session := r.URL.Query().Get("session_id")
+	send := func(v map[string]any) error {
+		v["session_id"] = session
+		v["timestamp"] = time.Now().UnixMilli()
+		b, _ := json.Marshal(v)
+		return c.Write(ctx, websocket.MessageText, b)
+	}
+	words := strings.Fields("what can voicegate do for my voice assistant")
+	chunks := 0
+	answer := func() error {
+		if err := send(map[string]any{"type": "asr_final", "text": strings.Join(words, " "), "confidence": 0.93}); err != nil {
+			return err
+		}
+		for _, part := range strings.Fields("voicegate bridges your voice app to the algorithm service, relays recognition and answers as they happen, and streams synthesized speech back.") {
+			if err := send(map[string]any{"type": "llm_response_chunk", "content": part + " "}); err != nil {
+				return err
+			}
+			time.Sleep(demoChunkDelay / 2)
+		}
+		for i := 0; i < 10; i++ { // 200 ms of a 440 Hz tone, 16 kHz mono pcm_s16le, in 20 ms frames
+			frame := make([]byte, 640)
+			for j := 0; j < 320; j++ {
+				v := int16(2000 * math.Sin(2*math.Pi*440*float64(i*320+j)/16000))
+				frame[2*j], frame[2*j+1] = byte(v), byte(v>>8)
+			}
+			if err := c.Write(ctx, websocket.MessageBinary, frame); err != nil {
+				return err
+			}
+		}
+		return send(map[string]any{"type": "tts_complete", "audio_ms": 200})
+	}
+	for {
+		typ, msg, err := c.Read(ctx)
+		if err != nil {
+			return
+		}
+		var m struct {
+			Type string `json:"type"`
+		}
+		if typ == websocket.MessageText {
+			_ = json.Unmarshal(msg, &m)
+		}
+		switch {
+		case typ == websocket.MessageBinary || m.Type == "audio_chunk":
+			chunks++
+			if chunks%10 == 0 {
+				n := min(chunks/10, len(words))
+				if err := send(map[string]any{"type": "asr_partial", "text": strings.Join(words[:n], " ")}); err != nil {
+					return
+				}
+			}
+			if chunks == 150 {
+				if answer() != nil {
+					return
+				}
+			}
+		case m.Type == "stop":
+			if answer() != nil {
+				return
+			}
+		case m.Type == "ping":
+			if send(map[string]any{"type": "pong"}) != nil {
+				return
+			}
+		case m.Type == "start", m.Type == "config":
+			if send(map[string]any{"type": "ack", "of": m.Type}) != nil {
+				return
+			}
+		}
+	}
+}
+
 // demoAnswer composes a plausible answer that quotes the question, so a reader can see that it
 // went through.
 func demoAnswer(question string) string {
@@ -172,6 +258,10 @@ A token for the demo user (role "user", valid 24 hours):
 Stream a chat answer (events arrive one by one):
 
   curl -N http://%[1]s/api/v2/chat/stream -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '{"message":"How does voicegate stream answers?"}'
+
+Open a voice session (then type {"type":"start"} and {"type":"stop"}):
+
+  websocat -H "Authorization: Bearer $TOKEN" --protocol voice-protocol-v2 ws://%[1]s/api/v2/voice/stream
 
 Press Ctrl-C to stop.
 `, addr, token)

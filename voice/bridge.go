@@ -347,10 +347,10 @@ type session struct {
 func (h *Handler) newSession(r *http.Request, info Info, cfg AudioConfig, client, up *websocket.Conn) *session {
 	s := &session{h: h, r: r, info: info, cfg: cfg, client: client, up: up, start: time.Now(),
 		upDone: make(chan struct{})}
-	s.toClient = newSender(client, &h.pool, h.o.WriteTimeout, h.o.QueueBytes, func(err error) {
+	s.toClient = newSender(client, h.putBuf, h.o.WriteTimeout, h.o.QueueBytes, func(err error) {
 		s.end(websocket.StatusGoingAway, "", "client write failed")
 	})
-	s.toUp = newSender(up, &h.pool, h.o.WriteTimeout, h.o.QueueBytes, func(err error) {
+	s.toUp = newSender(up, h.putBuf, h.o.WriteTimeout, h.o.QueueBytes, func(err error) {
 		s.end(websocket.StatusInternalError, CodeAlgoService, "the algorithm service connection failed")
 	})
 	s.enc = newChunkEncoder(info.SessionID, info.ConversationID, cfg)

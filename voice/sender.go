@@ -29,7 +29,7 @@ type closeFrame struct {
 // something in it, so an idle session holds none.
 type sender struct {
 	conn    *websocket.Conn
-	pool    *sync.Pool
+	release func(*[]byte) // returns a written buffer to its pool
 	timeout time.Duration // per write
 	max     int           // queued bytes allowed
 
@@ -42,8 +42,8 @@ type sender struct {
 	failed  func(error)   // called once if a write fails
 }
 
-func newSender(conn *websocket.Conn, pool *sync.Pool, timeout time.Duration, max int, failed func(error)) *sender {
-	return &sender{conn: conn, pool: pool, timeout: timeout, max: max, failed: failed}
+func newSender(conn *websocket.Conn, release func(*[]byte), timeout time.Duration, max int, failed func(error)) *sender {
+	return &sender{conn: conn, release: release, timeout: timeout, max: max, failed: failed}
 }
 
 // send queues data (taking ownership of the pooled buffer). It returns errSlow when the queue is
@@ -52,12 +52,12 @@ func (s *sender) send(typ websocket.MessageType, data *[]byte) error {
 	s.mu.Lock()
 	if s.done {
 		s.mu.Unlock()
-		s.pool.Put(data)
+		s.release(data)
 		return errClosed
 	}
 	if s.queued+len(*data) > s.max && len(s.queue) > 0 {
 		s.mu.Unlock()
-		s.pool.Put(data)
+		s.release(data)
 		return errSlow
 	}
 	s.queue = append(s.queue, outMsg{typ: typ, data: data})
@@ -121,7 +121,7 @@ func (s *sender) run() {
 		ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
 		err := s.conn.Write(ctx, m.typ, *m.data)
 		cancel()
-		s.pool.Put(m.data)
+		s.release(m.data)
 		if err != nil {
 			s.fail(err)
 		}
@@ -133,7 +133,7 @@ func (s *sender) fail(err error) {
 	s.mu.Lock()
 	for _, m := range s.queue {
 		if m.data != nil {
-			s.pool.Put(m.data)
+			s.release(m.data)
 		}
 	}
 	s.queue, s.queued = nil, 0
