@@ -163,7 +163,7 @@ func (a *Authenticator) Check(ctx context.Context, id *Identity) *proxy.Error {
 				Message: "authentication is temporarily unavailable", RetryAfter: 1, Cause: err}
 		}
 		a.o.Log.Warn("revocation store unavailable; letting the request through (fail-open)",
-			"user_id", id.UserID, "err", err.Error())
+			"user_id", id.UserID, "err", proxy.Describe(err))
 	}
 	if revoked {
 		return unauthorized(proxy.CodeTokenRevoked, "the token has been revoked", nil)

@@ -2,6 +2,7 @@ package auth
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -80,8 +81,10 @@ func (s *RedisRevocations) RevokeToken(ctx context.Context, jti string, until ti
 	if ttl <= 0 {
 		return nil // already expired: nothing to refuse
 	}
-	err := s.client.Do(ctx, s.client.B().Set().Key(s.jtiKey(jti)).Value("1").
-		Px(max(ttl, time.Millisecond)).Build()).Error()
+	err := retryOnce(ctx, func() error {
+		return s.client.Do(ctx, s.client.B().Set().Key(s.jtiKey(jti)).Value("1").
+			Px(max(ttl, time.Millisecond)).Build()).Error()
+	})
 	if err != nil {
 		return fmt.Errorf("auth: revoke token: %w", err)
 	}
@@ -99,10 +102,24 @@ return 1`
 
 // RevokeUser implements Revocations.
 func (s *RedisRevocations) RevokeUser(ctx context.Context, userID string, before time.Time) error {
-	err := s.raise.Exec(ctx, s.client, []string{s.userKey(userID)},
-		[]string{strconv.FormatInt(before.UnixMilli(), 10), strconv.FormatInt(s.maxLifetime.Milliseconds(), 10)}).Error()
+	err := retryOnce(ctx, func() error {
+		return s.raise.Exec(ctx, s.client, []string{s.userKey(userID)},
+			[]string{strconv.FormatInt(before.UnixMilli(), 10), strconv.FormatInt(s.maxLifetime.Milliseconds(), 10)}).Error()
+	})
 	if err != nil {
 		return fmt.Errorf("auth: revoke user: %w", err)
 	}
 	return nil
+}
+
+// retryOnce runs an idempotent write again after a connection error: right after Redis comes
+// back, the first write on a stale connection can fail although the next one succeeds. rueidis
+// retries reads by itself, not writes.
+func retryOnce(ctx context.Context, write func() error) error {
+	err := write()
+	var re *rueidis.RedisError
+	if err == nil || errors.As(err, &re) || ctx.Err() != nil {
+		return err // nil, or an answer from Redis itself, or out of time
+	}
+	return write()
 }

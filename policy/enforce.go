@@ -133,7 +133,7 @@ func (e *Enforcer) Wrap(h http.Handler) http.Handler {
 			case errors.Is(err, ErrCapReached):
 				e.limited()
 				proxy.WriteError(w, r, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited,
-					Message:    "too many open " + b.lease + " sessions: " + err.Error()[len(ErrCapReached.Error())+2:],
+					Message:    "concurrency cap reached: " + err.Error(),
 					RetryAfter: 1})
 				return
 			case err != nil:
@@ -209,6 +209,6 @@ func (e *Enforcer) storeFailed(msg string, err error) {
 	}
 	now := time.Now().UnixMilli()
 	if last := e.lastLog.Load(); now-last > 10_000 && e.lastLog.CompareAndSwap(last, now) {
-		e.o.Log.Warn(msg, "err", err.Error())
+		e.o.Log.Warn(msg, "err", proxy.Describe(err))
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/redis/rueidis"
+
+	"voicegate/proxy"
 )
 
 // ErrCapReached means a concurrency cap is full; the error is a *CapError saying which.
@@ -209,7 +211,7 @@ func (l *RedisLeases) renew(ctx context.Context) {
 		rctx, cancel := context.WithTimeout(ctx, l.ttl/3)
 		for _, r := range l.client.DoMulti(rctx, cmds...) {
 			if err := r.Error(); err != nil {
-				l.log.Warn("renewing concurrency leases failed; they expire unless renewed in time", "err", err.Error())
+				l.log.Warn("renewing concurrency leases failed; they expire unless renewed in time", "err", proxy.Describe(err))
 				break
 			}
 		}

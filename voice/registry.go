@@ -11,6 +11,8 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/redis/rueidis"
+
+	"voicegate/proxy"
 )
 
 // Info describes a live session, as listed by GET /api/v2/voice/sessions.
@@ -93,7 +95,7 @@ func (r *Registry) add(ctx context.Context, s *session) {
 	r.mu.Unlock()
 	if r.redis != nil {
 		if err := r.publish(ctx, []*session{s}); err != nil {
-			r.log.Warn("publishing a voice session failed; it will be retried", "err", err.Error())
+			r.log.Warn("publishing a voice session failed; it will be retried", "err", proxy.Describe(err))
 		}
 	}
 }
@@ -146,7 +148,7 @@ func (r *Registry) renew(ctx context.Context) {
 		}
 		rctx, cancel := context.WithTimeout(ctx, r.ttl/3)
 		if err := r.publish(rctx, ss); err != nil {
-			r.log.Warn("renewing voice sessions in Redis failed", "err", err.Error())
+			r.log.Warn("renewing voice sessions in Redis failed", "err", proxy.Describe(err))
 		}
 		cancel()
 	}
