@@ -36,7 +36,11 @@ func benchGateway(tb testing.TB, env map[string]string) (*httptest.Server, *gate
 	if err != nil {
 		tb.Fatal(err)
 	}
-	gw, err := newGateway(context.Background(), cfg, slog.New(slog.NewJSONHandler(io.Discard, nil)))
+	tel, err := newTelemetry(context.Background(), cfg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	gw, err := newGateway(context.Background(), cfg, slog.New(slog.NewJSONHandler(io.Discard, nil)), tel)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -48,6 +52,7 @@ func benchGateway(tb testing.TB, env map[string]string) (*httptest.Server, *gate
 	tb.Cleanup(func() {
 		srv.Close()
 		gw.close()
+		tel.shutdown(context.Background())
 	})
 	return srv, gw
 }

@@ -17,12 +17,13 @@ import (
 
 // config is everything run needs, parsed and validated once.
 type config struct {
-	Demo bool
+	Demo        bool
+	HealthCheck bool // probe a running gateway's /healthz and exit (for container health checks)
 
 	ListenAddr     string
-	AlgoURL        *url.URL
-	AdminURL       *url.URL // nil: the admin route answers 404
-	DocsURL        *url.URL // nil: the documents route answers 404
+	AlgoURLs       []*url.URL // replicas of the algorithm service
+	AdminURLs      []*url.URL // none: the admin route answers 404
+	DocsURLs       []*url.URL // none: the documents route answers 404
 	CORSOrigins    []string
 	TrustedProxies proxy.Prefixes
 	LogFormat      string // "text", "json" or "" (text on a terminal, else JSON)
@@ -60,6 +61,13 @@ type config struct {
 
 	Instance string
 
+	MetricsAddr      string        // "" serves /metrics on the main listener
+	DrainDelay       time.Duration // readiness fails this long before the listener stops
+	ServiceName      string
+	OTLPEndpoint     string // full traces URL; "" means no tracing
+	OTLPHeaders      map[string]string
+	TraceSampleRatio float64
+
 	VoicePing         time.Duration
 	VoiceIdle         time.Duration
 	VoiceWriteTimeout time.Duration
@@ -83,7 +91,9 @@ type setting struct {
 }
 
 // secret settings are never repeated in error messages.
-func secret(env string) bool { return env == "JWT_SECRET" || env == "REDIS_URL" }
+func secret(env string) bool {
+	return env == "JWT_SECRET" || env == "REDIS_URL" || env == "OTEL_EXPORTER_OTLP_HEADERS"
+}
 
 func settings() []setting {
 	return []setting{
@@ -94,16 +104,16 @@ func settings() []setting {
 			c.ListenAddr = v
 			return nil
 		}},
-		{"ALGO_URL", "", "base URL of the algorithm service (required unless -demo)", func(c *config, v string) (err error) {
-			c.AlgoURL, err = parseBaseURL(v)
+		{"ALGO_URL", "", "base URL of the algorithm service, or several replicas separated by commas (required unless -demo)", func(c *config, v string) (err error) {
+			c.AlgoURLs, err = parseReplicas(v)
 			return err
 		}},
-		{"ADMIN_URL", "", "admin back end for /api/v2/admin/ (unset: 404)", func(c *config, v string) (err error) {
-			c.AdminURL, err = parseBaseURL(v)
+		{"ADMIN_URL", "", "admin back end (or replicas, comma-separated) for /api/v2/admin/ (unset: 404)", func(c *config, v string) (err error) {
+			c.AdminURLs, err = parseReplicas(v)
 			return err
 		}},
-		{"DOCS_URL", "", "documents back end for /api/v2/documents/ (unset: 404)", func(c *config, v string) (err error) {
-			c.DocsURL, err = parseBaseURL(v)
+		{"DOCS_URL", "", "documents back end (or replicas, comma-separated) for /api/v2/documents/ (unset: 404)", func(c *config, v string) (err error) {
+			c.DocsURLs, err = parseReplicas(v)
 			return err
 		}},
 		{"CORS_ORIGINS", "", "comma-separated allowed browser origins (also the WebSocket Origin check)", func(c *config, v string) error {
@@ -244,6 +254,68 @@ func settings() []setting {
 			c.VoiceLanguage = v
 			return nil
 		}},
+		{"METRICS_ADDR", "", "serve /metrics on this separate address instead of the main one", func(c *config, v string) error {
+			if v == "" {
+				return nil
+			}
+			if _, _, err := net.SplitHostPort(v); err != nil {
+				return errors.New("want host:port, such as 127.0.0.1:9090")
+			}
+			c.MetricsAddr = v
+			return nil
+		}},
+		{"DRAIN_DELAY", "5s", "on SIGTERM, how long /readyz fails while traffic is still served, so the load balancer stops sending new work", durationSetting(func(c *config) *time.Duration { return &c.DrainDelay }, 0)},
+		{"OTEL_SERVICE_NAME", "voicegate", "service name on traces and metrics", func(c *config, v string) error {
+			c.ServiceName = v
+			return nil
+		}},
+		{"OTEL_EXPORTER_OTLP_ENDPOINT", "", "OTLP/HTTP collector base URL; traces go to {url}/v1/traces (unset: no tracing)", func(c *config, v string) error {
+			if v == "" {
+				return nil
+			}
+			u, err := parseBaseURL(v)
+			if err != nil {
+				return err
+			}
+			if c.OTLPEndpoint == "" {
+				c.OTLPEndpoint = u.JoinPath("v1", "traces").String()
+			}
+			return nil
+		}},
+		{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "", "OTLP/HTTP traces URL, used as is (wins over OTEL_EXPORTER_OTLP_ENDPOINT)", func(c *config, v string) error {
+			if v == "" {
+				return nil
+			}
+			if _, err := parseBaseURL(v); err != nil {
+				return err
+			}
+			c.OTLPEndpoint = v
+			return nil
+		}},
+		{"OTEL_EXPORTER_OTLP_HEADERS", "", "headers for the collector, key=value,key=value", func(c *config, v string) error {
+			for _, kv := range strings.Split(v, ",") {
+				if strings.TrimSpace(kv) == "" {
+					continue
+				}
+				k, val, ok := strings.Cut(kv, "=")
+				if !ok || strings.TrimSpace(k) == "" {
+					return errors.New("want key=value pairs separated by commas")
+				}
+				if c.OTLPHeaders == nil {
+					c.OTLPHeaders = map[string]string{}
+				}
+				c.OTLPHeaders[strings.TrimSpace(k)] = strings.TrimSpace(val)
+			}
+			return nil
+		}},
+		{"OTEL_TRACES_SAMPLER_ARG", "1", "fraction of new traces sampled (traces started upstream follow their parent)", func(c *config, v string) error {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil || f < 0 || f > 1 {
+				return errors.New("want a number between 0 and 1")
+			}
+			c.TraceSampleRatio = f
+			return nil
+		}},
 		{"POLICY_FILE", "", "RBAC and fair-use policy (JSON; unset: the built-in default)", func(c *config, v string) error {
 			c.PolicyFile = v
 			return nil
@@ -325,6 +397,27 @@ func intSetting(field func(*config) *int) func(*config, string) error {
 	}
 }
 
+// parseReplicas reads a comma-separated list of replicas of one upstream: base URLs that
+// differ only in scheme and host.
+func parseReplicas(v string) ([]*url.URL, error) {
+	var out []*url.URL
+	for _, part := range strings.Split(v, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		u, err := parseBaseURL(part)
+		if err != nil {
+			return nil, err
+		}
+		if len(out) > 0 && strings.TrimSuffix(u.Path, "/") != strings.TrimSuffix(out[0].Path, "/") {
+			return nil, errors.New("replicas must share one path; they may differ only in scheme and host")
+		}
+		out = append(out, u)
+	}
+	return out, nil
+}
+
 // parseBaseURL accepts an absolute http(s) URL without query or fragment; "" gives nil.
 func parseBaseURL(v string) (*url.URL, error) {
 	if v == "" {
@@ -362,6 +455,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.SetOutput(stderr)
 	c := &config{}
 	fs.BoolVar(&c.Demo, "demo", false, "run with a built-in fake algorithm service, for a first look (never production)")
+	fs.BoolVar(&c.HealthCheck, "healthcheck", false, "ask the gateway listening on LISTEN_ADDR for /healthz and exit 0 if it answers 200")
 	all := settings()
 	values := make(map[string]*string, len(all))
 	for _, s := range all {
@@ -400,7 +494,10 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 			return nil, fmt.Errorf("invalid %s %s: %v", s.env, shown(v), err)
 		}
 	}
-	if c.AlgoURL == nil && !c.Demo {
+	if c.HealthCheck {
+		return c, nil // only LISTEN_ADDR matters
+	}
+	if len(c.AlgoURLs) == 0 && !c.Demo {
 		return nil, errors.New("ALGO_URL is required (or run with -demo for a first look)")
 	}
 	if c.JWTSecret == nil && c.JWKSURL == nil && !c.Demo {

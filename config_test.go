@@ -94,8 +94,8 @@ func TestConfigDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.AlgoURL.String() != "http://algo.internal:8000/base" {
-		t.Errorf("AlgoURL = %v", cfg.AlgoURL)
+	if len(cfg.AlgoURLs) != 1 || cfg.AlgoURLs[0].String() != "http://algo.internal:8000/base" {
+		t.Errorf("AlgoURLs = %v", cfg.AlgoURLs)
 	}
 	checks := []struct {
 		name      string
@@ -103,8 +103,8 @@ func TestConfigDefaults(t *testing.T) {
 	}{
 		{"ListenAddr", cfg.ListenAddr, ":8080"},
 		{"Demo", cfg.Demo, false},
-		{"AdminURL", cfg.AdminURL == nil, true},
-		{"DocsURL", cfg.DocsURL == nil, true},
+		{"AdminURLs", cfg.AdminURLs == nil, true},
+		{"DocsURLs", cfg.DocsURLs == nil, true},
 		{"LogFormat", cfg.LogFormat, ""},
 		{"LogLevel", cfg.LogLevel, slog.LevelInfo},
 		{"ShutdownGrace", cfg.ShutdownGrace, 25 * time.Second},
@@ -135,10 +135,10 @@ func TestConfigFlagOverridesEnvironment(t *testing.T) {
 	}{
 		{"listen-addr", []string{"-listen-addr", "127.0.0.1:9999"}, func(c *config) bool { return c.ListenAddr == "127.0.0.1:9999" }},
 		{"listen-addr=", []string{"-listen-addr=127.0.0.1:9998"}, func(c *config) bool { return c.ListenAddr == "127.0.0.1:9998" }},
-		{"algo-url", []string{"--algo-url", "http://flag.internal"}, func(c *config) bool { return c.AlgoURL.Host == "flag.internal" }},
+		{"algo-url", []string{"--algo-url", "http://flag.internal"}, func(c *config) bool { return c.AlgoURLs[0].Host == "flag.internal" }},
 		{"log-level", []string{"-log-level", "debug"}, func(c *config) bool { return c.LogLevel == slog.LevelDebug }},
 		{"no flag: environment", nil, func(c *config) bool {
-			return c.ListenAddr == "127.0.0.1:1111" && c.AlgoURL.Host == "env.internal" && c.LogLevel == slog.LevelWarn
+			return c.ListenAddr == "127.0.0.1:1111" && c.AlgoURLs[0].Host == "env.internal" && c.LogLevel == slog.LevelWarn
 		}},
 	}
 	for _, tt := range tests {
@@ -180,8 +180,8 @@ func TestConfigDemo(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !cfg.Demo || cfg.AlgoURL != nil || cfg.ListenAddr != "127.0.0.1:8080" {
-			t.Errorf("Demo=%v AlgoURL=%v ListenAddr=%q, want demo on 127.0.0.1:8080", cfg.Demo, cfg.AlgoURL, cfg.ListenAddr)
+		if !cfg.Demo || cfg.AlgoURLs != nil || cfg.ListenAddr != "127.0.0.1:8080" {
+			t.Errorf("Demo=%v AlgoURLs=%v ListenAddr=%q, want demo on 127.0.0.1:8080", cfg.Demo, cfg.AlgoURLs, cfg.ListenAddr)
 		}
 	})
 	t.Run("LISTEN_ADDR still wins", func(t *testing.T) {

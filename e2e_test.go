@@ -58,6 +58,7 @@ func startRun(t *testing.T, args []string, env map[string]string) *testGateway {
 		"LOG_FORMAT":     "json",
 		"LOG_LEVEL":      "debug",
 		"SHUTDOWN_GRACE": "2s",
+		"DRAIN_DELAY":    "0s",
 		"JWT_SECRET":     testSecret,
 		// Generous limits, so tests of other things are never rate limited.
 		"POLICY_FILE": "testdata/policy/e2e.json",

@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -53,6 +54,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
+	if cfg.HealthCheck {
+		return healthCheck(ctx, cfg.ListenAddr)
+	}
 	logger := newLogger(cfg, stderr)
 	if cfg.Instance == "" {
 		cfg.Instance, _ = os.Hostname()
@@ -65,7 +69,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return fmt.Errorf("demo: %w", err)
 		}
 		defer demo.Close()
-		cfg.AlgoURL = demo.URL
+		cfg.AlgoURLs = []*url.URL{demo.URL}
 		if cfg.JWTSecret == nil {
 			cfg.JWTSecret = demoSecret()
 		}
@@ -74,7 +78,20 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 	}
 
-	gw, err := newGateway(ctx, cfg, logger)
+	tel, err := newTelemetry(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		tel.shutdown(ctx) // flush the last spans
+	}()
+	if tel.tracing {
+		logger = slog.New(traceLogs{logger.Handler()})
+	}
+
+	gw, err := newGateway(ctx, cfg, logger, tel)
 	if err != nil {
 		return err
 	}
@@ -113,8 +130,22 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 		BaseContext:    func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
 	}
-	serveErr := make(chan error, 1)
+	serveErr := make(chan error, 2)
 	go func() { serveErr <- srv.Serve(ln) }()
+	var metricsSrv *http.Server
+	if cfg.MetricsAddr != "" {
+		mln, err := net.Listen("tcp", cfg.MetricsAddr)
+		if err != nil {
+			srv.Close()
+			return fmt.Errorf("METRICS_ADDR: listen on %s: %w", cfg.MetricsAddr, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", tel.metricsHandler())
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = metricsSrv.Serve(mln) }()
+		defer metricsSrv.Close()
+		logger.Info("metrics listening", "addr", mln.Addr().String())
+	}
 	addr := ln.Addr().String()
 	logger.Info("listening", "addr", addr)
 	if cfg.Demo {
@@ -129,12 +160,41 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	return gw.shutdown(srv, serveErr)
 }
 
+// healthCheck asks the gateway on addr (its listen address) for /healthz.
+func healthCheck(ctx context.Context, addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("LISTEN_ADDR: %w", err)
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(host, port)+"/healthz", nil)
+	if err != nil {
+		return err
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthcheck: status %d", res.StatusCode)
+	}
+	return nil
+}
+
 // gateway holds what the handlers share and what shutdown must reach.
 type gateway struct {
 	cfg         *config
 	log         *slog.Logger
 	transport   *http.Transport
+	wsTransport *http.Transport // voice dials
 	pool        *proxy.BufferPool
+	tel         *telemetry
+	algo        *proxy.Pool
 	streams     *sse.Registry
 	voices      *voice.Registry
 	redis       rueidis.Client // nil without REDIS_URL
@@ -157,14 +217,16 @@ var handlerPerms = []string{auth.PermRevoke, "chat:admin", "voice:admin"}
 
 // newGateway builds the gateway's dependencies: Redis (when configured), the token verifier and
 // its key sources, the revocation store, the policy.
-func newGateway(ctx context.Context, cfg *config, logger *slog.Logger) (*gateway, error) {
+func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *telemetry) (*gateway, error) {
 	g := &gateway{
 		cfg:       cfg,
 		log:       logger,
 		transport: proxy.NewTransport(proxy.TransportOptions{ResponseHeaderTimeout: cfg.UpstreamTimeout}),
 		pool:      proxy.NewBufferPool(0),
+		tel:       tel,
 		streams:   sse.NewRegistry(),
 	}
+	g.algo = g.newPool("algo", cfg.AlgoURLs)
 	g.streamsEnding, g.endStreams = context.WithCancel(context.Background())
 	ok := false
 	defer func() {
@@ -198,6 +260,8 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger) (*gateway
 		users = auth.NewUserStatus(auth.UserStatusOptions{URL: cfg.UserServiceURL, Redis: g.redis, Prefix: cfg.RedisPrefix})
 	}
 	g.authn = auth.New(auth.Options{
+		OnFailure:     func(code string) { tel.authFailures.Add(context.Background(), 1, tel.set("code", code)) },
+		OnStoreError:  g.redisError,
 		Verifier:      verifier,
 		Revocations:   g.revocations,
 		Users:         users,
@@ -218,16 +282,35 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger) (*gateway
 		g.leases = policy.NewMemoryLeases()
 	}
 	g.enforcer = policy.NewEnforcer(policy.EnforcerOptions{
-		Policy:  func() *policy.Policy { return g.policy.Policy() },
-		Subject: subject,
-		Limiter: g.limiter,
-		Leases:  g.leases,
-		Budget:  cfg.LimitBudget,
-		Log:     logger,
+		OnLimited:    func() { tel.rateLimited.Add(context.Background(), 1) },
+		OnStoreError: g.redisError,
+		Policy:       func() *policy.Policy { return g.policy.Policy() },
+		Subject:      subject,
+		Limiter:      g.limiter,
+		Leases:       g.leases,
+		Budget:       cfg.LimitBudget,
+		Log:          logger,
 	})
 	ok = true
 	return g, nil
 }
+
+// newPool balances an upstream's replicas; its attempts are traced and counted.
+func (g *gateway) newPool(name string, targets []*url.URL) *proxy.Pool {
+	if len(targets) == 0 {
+		return nil
+	}
+	return proxy.NewPool(proxy.PoolOptions{
+		Name:      name,
+		Targets:   targets,
+		Transport: g.tel.clientTransport(g.transport),
+		OnResult: func(upstream, outcome string) {
+			g.tel.upstream.Add(context.Background(), 1, g.tel.set("upstream", upstream, "outcome", outcome))
+		},
+	})
+}
+
+func (g *gateway) redisError() { g.tel.redisErrors.Add(context.Background(), 1) }
 
 // close releases what newGateway acquired.
 func (g *gateway) close() {
@@ -244,6 +327,9 @@ func (g *gateway) close() {
 		g.redis.Close()
 	}
 	g.transport.CloseIdleConnections()
+	if g.wsTransport != nil {
+		g.wsTransport.CloseIdleConnections()
+	}
 }
 
 // connectRedis connects to Redis or Redis Cluster, retrying until REDIS_CONNECT_TIMEOUT:
@@ -288,10 +374,14 @@ func (g *gateway) handler() (http.Handler, error) {
 
 	rt.handle("GET", "/healthz", http.HandlerFunc(g.healthz))
 	rt.handle("GET", "/readyz", http.HandlerFunc(g.readyz))
+	if cfg.MetricsAddr == "" {
+		rt.handle("GET", "/metrics", g.tel.metricsHandler())
+	}
 
+	tel, bg := g.tel, context.Background()
 	chat := sse.NewHandler(sse.HandlerOptions{
-		AlgoURL:         cfg.AlgoURL,
-		Transport:       g.transport,
+		AlgoURL:         g.algo.Primary(),
+		Transport:       g.algo,
 		Registry:        g.streams,
 		TrustedProxies:  cfg.TrustedProxies,
 		MaxBodyBytes:    cfg.ChatMaxBodyBytes,
@@ -306,7 +396,11 @@ func (g *gateway) handler() (http.Handler, error) {
 			id := auth.FromContext(r.Context())
 			return id.UserID, id.TenantID
 		},
-		Log: g.log,
+		OnEvent:       func(name string) { tel.sseEvents.Add(bg, 1, tel.set("event", name)) },
+		OnStreamStart: func() { tel.sseActive.Add(bg, 1) },
+		OnStreamEnd:   func() { tel.sseActive.Add(bg, -1) },
+		OnFirstEvent:  func(d time.Duration) { tel.firstEvent.Record(bg, d.Seconds()) },
+		Log:           g.log,
 	})
 	rt.handle("POST", "/api/v2/chat/stream", g.protect(chat))
 	rt.handle("POST", "/api/v2/chat/cancel", g.protect(sse.NewCancelHandler(sse.CancelOptions{
@@ -321,8 +415,13 @@ func (g *gateway) handler() (http.Handler, error) {
 		MaxLifetime: cfg.JWTMaxLifetime,
 	})))
 
+	// WebSocket dials need HTTP/1.1 (the upgrade); they share the replicas' health with chat.
+	wsTransport := proxy.NewTransport(proxy.TransportOptions{})
+	wsTransport.ForceAttemptHTTP2 = false
+	g.wsTransport = wsTransport
 	rt.handle("GET", "/api/v2/voice/stream", g.protectWS(voice.NewHandler(voice.Options{
-		AlgoURL:      cfg.AlgoURL,
+		AlgoURL:      g.algo.Primary(),
+		Client:       &http.Client{Transport: g.algo.Via(tel.clientTransport(wsTransport))},
 		AllowOrigin:  proxy.CORSOptions{Origins: cfg.CORSOrigins}.AllowOrigin,
 		PingInterval: cfg.VoicePing,
 		IdleTimeout:  cfg.VoiceIdle,
@@ -337,23 +436,35 @@ func (g *gateway) handler() (http.Handler, error) {
 		},
 		Recheck:         g.recheck,
 		UpstreamHeaders: auth.UpstreamHeaders,
-		Log:             g.log,
+		OnStart: func() {
+			tel.wsActive.Add(bg, 1, tel.set("type", "client"))
+			tel.wsActive.Add(bg, 1, tel.set("type", "upstream"))
+		},
+		OnEnd: func(s voice.Stats) {
+			tel.wsActive.Add(bg, -1, tel.set("type", "client"))
+			tel.wsActive.Add(bg, -1, tel.set("type", "upstream"))
+			tel.voiceBytes.Add(bg, s.AudioBytesIn, tel.set("direction", "in"))
+			tel.voiceBytes.Add(bg, s.AudioBytesOut, tel.set("direction", "out"))
+			tel.voiceSessions.Add(bg, 1, tel.set("code", strconv.Itoa(int(s.CloseCode))))
+		},
+		Log: g.log,
 	})))
 	rt.handle("GET", "/api/v2/voice/sessions", g.protect(http.HandlerFunc(g.voiceSessions)))
 
 	for _, b := range []struct {
-		path   string
-		target *url.URL
-		name   string
+		path    string
+		targets []*url.URL
+		name    string
+		label   string
 	}{
-		{"/api/v2/admin/", cfg.AdminURL, "admin service"},
-		{"/api/v2/documents/", cfg.DocsURL, "documents service"},
+		{"/api/v2/admin/", cfg.AdminURLs, "admin service", "admin"},
+		{"/api/v2/documents/", cfg.DocsURLs, "documents service", "docs"},
 	} {
 		var h http.Handler = http.HandlerFunc(notFound)
-		if b.target != nil {
+		if pool := g.newPool(b.label, b.targets); pool != nil {
 			h = proxy.Chain(proxy.New(proxy.Options{
-				Target:          b.target,
-				Transport:       g.transport,
+				Target:          pool.Primary(),
+				Transport:       pool,
 				BufferPool:      g.pool,
 				TrustedProxies:  cfg.TrustedProxies,
 				Name:            b.name,
@@ -370,14 +481,18 @@ func (g *gateway) handler() (http.Handler, error) {
 	if err != nil {
 		return nil, fmt.Errorf("POLICY_FILE: %w", err)
 	}
-	return proxy.Chain(rt.mux,
-		proxy.Recover(g.log),
-		proxy.RequestID(),
+	edge := []proxy.Middleware{proxy.Recover(g.log), proxy.RequestID()}
+	if tel.tracing {
+		edge = append(edge, tel.traceRequests())
+	}
+	edge = append(edge,
 		proxy.AccessLog(g.log),
+		tel.observe(),
 		proxy.ClientIP(cfg.TrustedProxies),
 		proxy.CORS(proxy.CORSOptions{Origins: cfg.CORSOrigins}),
 		proxy.CanonicalPath(),
-	), nil
+	)
+	return proxy.Chain(rt.mux, edge...), nil
 }
 
 // protect puts a route behind authentication (401 without a valid token), then the policy:
@@ -482,11 +597,17 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 	g.log.Info("shutting down", "grace", grace, "streams", g.streams.Len(), "voice_sessions", g.voices.Len())
 	ctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
+	// Readiness already fails; keep serving new requests for a while so the load balancer
+	// notices and stops sending them, then stop listening. The delay counts against the grace.
+	if drain := min(g.cfg.DrainDelay, grace/2); drain > 0 {
+		time.Sleep(drain) // a second SIGTERM still kills at once: main restored the default
+	}
 	// Streams and voice sessions get the grace period to finish, and are ended a little before
 	// its end so their last words get out: server_shutdown for streams, 1012 for sessions.
 	margin := min(grace/5, 2*time.Second)
 	voicesDone := make(chan struct{})
-	endAll := time.AfterFunc(grace-margin, func() {
+	deadline, _ := ctx.Deadline()
+	endAll := time.AfterFunc(time.Until(deadline)-margin, func() {
 		g.endStreams()
 		g.voices.CloseAll(ctx, websocket.StatusServiceRestart, voice.CodeShutdown, "the server is restarting; reconnect")
 		close(voicesDone)

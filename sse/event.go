@@ -25,6 +25,37 @@ const (
 	CodeStreamError        = "STREAM_ERROR"
 )
 
+// KnownEvents are the event names reported as themselves to OnEvent; other upstream types are
+// reported as "other".
+var KnownEvents = []string{EventStart, EventEnd, EventError, EventCancelled, EventShutdown, EventMessage,
+	"retrieval_start", "retrieval_progress", "retrieval_result", "generation_start", "generation_chunk",
+	"generation_done", "done"}
+
+// knownEvent returns the label for an upstream type without allocating.
+func knownEvent(typ []byte) string {
+	switch string(typ) {
+	case "retrieval_start":
+		return "retrieval_start"
+	case "retrieval_progress":
+		return "retrieval_progress"
+	case "retrieval_result":
+		return "retrieval_result"
+	case "generation_start":
+		return "generation_start"
+	case "generation_chunk":
+		return "generation_chunk"
+	case "generation_done":
+		return "generation_done"
+	case "done":
+		return "done"
+	case "error":
+		return EventError
+	case "":
+		return EventMessage
+	}
+	return "other"
+}
+
 // isTerminal reports whether an upstream line of this type ends the answer.
 func isTerminal(typ []byte) bool {
 	switch string(typ) {

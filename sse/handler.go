@@ -51,8 +51,12 @@ type HandlerOptions struct {
 	UpstreamHeaders func(in *http.Request, out http.Header)
 	// Owner, if set, names the user and tenant of a request for the registry.
 	Owner func(r *http.Request) (userID, tenantID string)
-	// OnEvent, if set, is called for every event written (for metrics).
+	// OnEvent, if set, is called for every event written (for metrics); see Options.OnEvent.
 	OnEvent func(name string)
+	// OnStreamStart and OnStreamEnd, if set, bracket every stream the upstream answered.
+	OnStreamStart, OnStreamEnd func()
+	// OnFirstEvent, if set, is called with the time from the request to its first upstream line.
+	OnFirstEvent func(time.Duration)
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 	// Log receives one line per finished stream at debug level.
@@ -184,6 +188,13 @@ func NewHandler(o HandlerOptions) http.Handler {
 			}
 			res.Header = http.Header{}
 			setStreamHeaders(res.Header)
+			if o.OnStreamStart != nil {
+				o.OnStreamStart()
+			}
+			var firstLine func()
+			if o.OnFirstEvent != nil {
+				firstLine = func() { o.OnFirstEvent(time.Since(st.Started)) }
+			}
 			res.ContentLength = -1
 			res.TransferEncoding = nil
 			res.Body = NewRewriter(res.Body, Options{
@@ -196,6 +207,7 @@ func NewHandler(o HandlerOptions) http.Handler {
 				Shutdown:     o.Shutdown,
 				RetryAfter:   o.RetryAfter,
 				OnEvent:      o.OnEvent,
+				OnFirstLine:  firstLine,
 			})
 			return nil
 		},
@@ -263,6 +275,9 @@ func NewHandler(o HandlerOptions) http.Handler {
 		st.writer = &PingWriter{ResponseWriter: w}
 		defer st.writer.Close()
 		rp.ServeHTTP(st.writer, out)
+		if st.state.Load() == stateStreaming && o.OnStreamEnd != nil {
+			o.OnStreamEnd()
+		}
 	})
 }
 

@@ -38,8 +38,11 @@ type Options struct {
 	Shutdown context.Context
 	// RetryAfter is the reconnect hint sent with server_shutdown; zero means 5s.
 	RetryAfter time.Duration
-	// OnEvent, if set, is called with the name of every event written (for metrics).
+	// OnEvent, if set, is called with the name of every event written (for metrics). Upstream
+	// types outside KnownEvents are reported as "other", so the names form a small set.
 	OnEvent func(name string)
+	// OnFirstLine, if set, is called when the first upstream line arrives.
+	OnFirstLine func()
 }
 
 // Stats describes a finished stream.
@@ -324,6 +327,9 @@ func (rw *Rewriter) line(line []byte) {
 		return // blank lines separate nothing in NDJSON; ignore them
 	}
 	rw.lineNo++
+	if rw.lineNo == 1 && rw.opts.OnFirstLine != nil {
+		rw.opts.OnFirstLine()
+	}
 	out, typ, ok := rw.enc.appendLine(rw.out, line, rw.lineNo, rw.now().UnixMilli())
 	if !ok {
 		rw.stats.LinesSkipped++
@@ -337,7 +343,7 @@ func (rw *Rewriter) line(line []byte) {
 	rw.out = out
 	rw.stats.LinesProcessed++
 	if rw.opts.OnEvent != nil {
-		rw.opts.OnEvent(string(eventName(typ)))
+		rw.opts.OnEvent(knownEvent(typ))
 	}
 	if isTerminal(typ) {
 		rw.finish("completed", true)

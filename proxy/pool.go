@@ -1,0 +1,261 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// PoolOptions configures a Pool.
+type PoolOptions struct {
+	// Name labels the upstream in metrics ("algo", "admin", "docs").
+	Name string
+	// Targets are the replicas; they differ only in scheme and host.
+	Targets []*url.URL
+	// Transport carries the requests; nil means NewTransport defaults.
+	Transport http.RoundTripper
+	// EjectAfter consecutive failures take a replica out; zero means 3. A refused connection
+	// takes it out at once: nothing answers there.
+	EjectAfter int
+	// EjectFor is how long the first ejection lasts; it doubles while the replica keeps failing
+	// when tried again, up to MaxEject. Zero means 5 s and 1 minute.
+	EjectFor, MaxEject time.Duration
+	// OnResult, if set, is called with every attempt's outcome: "ok", "error_status" (502, 503,
+	// 504 from the replica), "refused", "timeout", "error" or "canceled".
+	OnResult func(upstream, outcome string)
+}
+
+// Replica is one member of a Pool.
+type Replica struct {
+	URL         *url.URL
+	outstanding atomic.Int64
+	mu          sync.Mutex
+	failures    int
+	ejections   int
+	until       time.Time // ejected until
+}
+
+// Pool balances requests over an upstream's replicas by least outstanding requests, takes out a
+// replica that keeps failing for a while and tries it again later (passive health checking), and
+// retries an idempotent request on another replica when the first could not even connect. It is
+// an http.RoundTripper: requests name the pool's first replica and are redirected per attempt.
+type Pool struct {
+	o        PoolOptions
+	replicas []*Replica
+	next     atomic.Uint32 // breaks ties between equally loaded replicas
+}
+
+// NewPool returns a pool over o.Targets (at least one).
+func NewPool(o PoolOptions) *Pool {
+	if o.Transport == nil {
+		o.Transport = NewTransport(TransportOptions{})
+	}
+	if o.EjectAfter <= 0 {
+		o.EjectAfter = 3
+	}
+	if o.EjectFor <= 0 {
+		o.EjectFor = 5 * time.Second
+	}
+	if o.MaxEject <= 0 {
+		o.MaxEject = time.Minute
+	}
+	p := &Pool{o: o}
+	for _, u := range o.Targets {
+		p.replicas = append(p.replicas, &Replica{URL: u})
+	}
+	return p
+}
+
+// Primary is the URL requests are addressed to before the pool picks a replica.
+func (p *Pool) Primary() *url.URL { return p.replicas[0].URL }
+
+// Replicas returns the pool's replicas.
+func (p *Pool) Replicas() []*Replica { return p.replicas }
+
+// Ejected reports whether the replica is out of rotation now.
+func (r *Replica) Ejected() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return time.Now().Before(r.until)
+}
+
+// Pick chooses a replica: the least loaded of those in rotation, skipping exclude. When every
+// candidate is ejected it returns the one whose ejection ends first, so a pool never refuses
+// outright. The caller must call done with the attempt's outcome.
+func (p *Pool) Pick(exclude []*Replica) (r *Replica, done func(outcome string)) {
+	now := time.Now()
+	start := int(p.next.Add(1))
+	var best, soonest *Replica
+	var bestLoad int64
+	var soonestUntil time.Time
+	for i := range p.replicas {
+		c := p.replicas[(start+i)%len(p.replicas)]
+		if contains(exclude, c) {
+			continue
+		}
+		c.mu.Lock()
+		until := c.until
+		c.mu.Unlock()
+		if now.Before(until) {
+			if soonest == nil || until.Before(soonestUntil) {
+				soonest, soonestUntil = c, until
+			}
+			continue
+		}
+		if load := c.outstanding.Load(); best == nil || load < bestLoad {
+			best, bestLoad = c, load
+		}
+	}
+	if best == nil {
+		best = soonest
+	}
+	if best == nil {
+		return nil, nil
+	}
+	best.outstanding.Add(1)
+	var once sync.Once
+	return best, func(outcome string) {
+		once.Do(func() {
+			best.outstanding.Add(-1)
+			p.record(best, outcome)
+		})
+	}
+}
+
+func contains(l []*Replica, r *Replica) bool {
+	for _, x := range l {
+		if x == r {
+			return true
+		}
+	}
+	return false
+}
+
+// record updates a replica's health with an attempt's outcome.
+func (p *Pool) record(r *Replica, outcome string) {
+	if p.o.OnResult != nil {
+		p.o.OnResult(p.o.Name, outcome)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	switch outcome {
+	case "ok":
+		r.failures, r.ejections = 0, 0
+		return
+	case "canceled":
+		return // the client left; says nothing about the replica
+	}
+	r.failures++
+	if outcome == "refused" || r.failures >= p.o.EjectAfter {
+		d := p.o.EjectFor << min(r.ejections, 10)
+		r.until = time.Now().Add(min(d, p.o.MaxEject))
+		r.ejections++
+		r.failures = 0
+	}
+}
+
+// outcome classifies an attempt's result.
+func outcome(ctx context.Context, res *http.Response, err error) string {
+	var ne net.Error
+	switch {
+	case err == nil && (res.StatusCode == http.StatusBadGateway || res.StatusCode == http.StatusServiceUnavailable ||
+		res.StatusCode == http.StatusGatewayTimeout):
+		return "error_status"
+	case err == nil:
+		return "ok"
+	case ctx.Err() != nil && errors.Is(context.Cause(ctx), context.Canceled):
+		return "canceled"
+	case notSent(err):
+		return "refused"
+	case errors.As(err, &ne) && ne.Timeout(), errors.Is(err, context.DeadlineExceeded):
+		return "timeout"
+	}
+	return "error"
+}
+
+// notSent reports whether err means the request never left: the connection was refused or
+// could not be made, so trying elsewhere cannot do anything twice.
+func notSent(err error) bool {
+	var oe *net.OpError
+	return errors.Is(err, syscall.ECONNREFUSED) || (errors.As(err, &oe) && oe.Op == "dial")
+}
+
+// idempotent reports whether a request may be sent to a second replica.
+func idempotent(r *http.Request) bool {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodPut, http.MethodDelete:
+		return r.Body == nil || r.Body == http.NoBody || r.GetBody != nil
+	}
+	return false
+}
+
+// RoundTrip implements http.RoundTripper with the pool's transport.
+func (p *Pool) RoundTrip(req *http.Request) (*http.Response, error) {
+	return p.roundTrip(p.o.Transport, req)
+}
+
+// Via returns a RoundTripper that balances over the pool's replicas, sharing their health,
+// through another transport (the WebSocket dial needs one that speaks HTTP/1.1 only).
+func (p *Pool) Via(t http.RoundTripper) http.RoundTripper {
+	return roundTripperFunc(func(req *http.Request) (*http.Response, error) { return p.roundTrip(t, req) })
+}
+
+type roundTripperFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+func (p *Pool) roundTrip(transport http.RoundTripper, req *http.Request) (*http.Response, error) {
+	var tried []*Replica
+	for {
+		r, done := p.Pick(tried)
+		if r == nil {
+			return nil, errors.New("proxy: no replica left to try")
+		}
+		tried = append(tried, r)
+		out := req.Clone(req.Context())
+		out.URL.Scheme, out.URL.Host = r.URL.Scheme, r.URL.Host
+		if len(tried) > 1 && req.GetBody != nil {
+			body, err := req.GetBody()
+			if err != nil {
+				done("error")
+				return nil, err
+			}
+			out.Body = body
+		}
+		res, err := transport.RoundTrip(out)
+		result := outcome(req.Context(), res, err)
+		if err != nil {
+			done(result)
+			if result == "refused" && idempotent(req) && len(tried) < len(p.replicas) {
+				continue
+			}
+			return nil, err
+		}
+		if res.StatusCode == http.StatusSwitchingProtocols {
+			done(result) // an upgraded connection's body must stay the raw connection
+			return res, nil
+		}
+		// The replica stays loaded until the body is read: streams can last minutes.
+		res.Body = &doneBody{ReadCloser: res.Body, done: func() { done(result) }}
+		return res, nil
+	}
+}
+
+// doneBody reports the end of a response body once.
+type doneBody struct {
+	io.ReadCloser
+	done func()
+}
+
+func (b *doneBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.done()
+	return err
+}

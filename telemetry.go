@@ -1,0 +1,248 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/prometheus/otlptranslator"
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel/attribute"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/propagation"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	semconv "go.opentelemetry.io/otel/semconv/v1.26.0"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
+	"voicegate/proxy"
+)
+
+// telemetry holds the tracer and meter providers and the gateway's instruments. Providers are
+// passed explicitly to what needs them; no global OpenTelemetry state is set.
+type telemetry struct {
+	tracer     trace.TracerProvider
+	tracing    bool // a real exporter is configured
+	propagator propagation.TextMapPropagator
+	shutdownTP func(context.Context) error
+	meter      *sdkmetric.MeterProvider
+	registry   *prometheus.Registry
+
+	requests      metric.Int64Counter
+	duration      metric.Float64Histogram
+	wsActive      metric.Int64UpDownCounter
+	sseActive     metric.Int64UpDownCounter
+	sseEvents     metric.Int64Counter
+	firstEvent    metric.Float64Histogram
+	voiceBytes    metric.Int64Counter
+	upstream      metric.Int64Counter
+	authFailures  metric.Int64Counter
+	rateLimited   metric.Int64Counter
+	redisErrors   metric.Int64Counter
+	voiceSessions metric.Int64Counter
+
+	sets sync.Map // label values → attribute set, so recording allocates nothing once warm
+}
+
+// newTelemetry sets up tracing (OTLP over HTTP when OTEL_EXPORTER_OTLP_ENDPOINT or
+// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, none otherwise) and metrics (an OpenTelemetry meter
+// read by a Prometheus exporter).
+func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
+	t := &telemetry{
+		propagator: propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{}),
+		tracer:     noop.NewTracerProvider(),
+		shutdownTP: func(context.Context) error { return nil },
+	}
+	res := resource.NewSchemaless(semconv.ServiceName(cfg.ServiceName), semconv.ServiceInstanceID(cfg.Instance))
+	if cfg.OTLPEndpoint != "" {
+		opts := []otlptracehttp.Option{otlptracehttp.WithEndpointURL(cfg.OTLPEndpoint)}
+		if len(cfg.OTLPHeaders) > 0 {
+			opts = append(opts, otlptracehttp.WithHeaders(cfg.OTLPHeaders))
+		}
+		exp, err := otlptracehttp.New(ctx, opts...)
+		if err != nil {
+			return nil, fmt.Errorf("OTEL_EXPORTER_OTLP_ENDPOINT: %w", err)
+		}
+		tp := sdktrace.NewTracerProvider(
+			sdktrace.WithBatcher(exp),
+			sdktrace.WithResource(res),
+			sdktrace.WithSampler(sdktrace.ParentBased(sdktrace.TraceIDRatioBased(cfg.TraceSampleRatio))),
+		)
+		t.tracer, t.tracing, t.shutdownTP = tp, true, tp.Shutdown
+	}
+
+	t.registry = prometheus.NewRegistry()
+	exporter, err := otelprom.New(
+		otelprom.WithRegisterer(t.registry),
+		otelprom.WithoutTargetInfo(),
+		otelprom.WithoutScopeInfo(),
+		// The instruments already carry their Prometheus names.
+		otelprom.WithTranslationStrategy(otlptranslator.UnderscoreEscapingWithoutSuffixes),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
+	t.meter = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter), sdkmetric.WithResource(res))
+	m := t.meter.Meter("voicegate")
+	latency := metric.WithExplicitBucketBoundaries(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+	var errs []error
+	must := func(err error) {
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	t.requests, err = m.Int64Counter("http_requests_total", metric.WithDescription("HTTP requests, by method, route pattern and status."))
+	must(err)
+	t.duration, err = m.Float64Histogram("http_request_duration_seconds", metric.WithDescription("HTTP request duration (for streams and WebSockets: their whole life)."), metric.WithUnit("s"), latency)
+	must(err)
+	t.wsActive, err = m.Int64UpDownCounter("websocket_connections_active", metric.WithDescription("Open WebSocket connections: client (voice apps) and upstream (algorithm service)."))
+	must(err)
+	t.sseActive, err = m.Int64UpDownCounter("sse_streams_active", metric.WithDescription("Chat streams being served."))
+	must(err)
+	t.sseEvents, err = m.Int64Counter("sse_events_total", metric.WithDescription("SSE events sent, by event name (upstream types outside the known set count as other)."))
+	must(err)
+	t.firstEvent, err = m.Float64Histogram("sse_time_to_first_event_seconds", metric.WithDescription("From a chat request to its first upstream event."), metric.WithUnit("s"), latency)
+	must(err)
+	t.voiceBytes, err = m.Int64Counter("voice_audio_bytes_total", metric.WithDescription("Audio bytes relayed, by direction (in: from voice apps, out: to them)."))
+	must(err)
+	t.voiceSessions, err = m.Int64Counter("voice_sessions_total", metric.WithDescription("Voice sessions ended, by close code."))
+	must(err)
+	t.upstream, err = m.Int64Counter("upstream_requests_total", metric.WithDescription("Requests to upstreams, by upstream and outcome."))
+	must(err)
+	t.authFailures, err = m.Int64Counter("auth_failures_total", metric.WithDescription("Refused authentications, by error code."))
+	must(err)
+	t.rateLimited, err = m.Int64Counter("rate_limited_total", metric.WithDescription("Requests refused by a rate limit, quota or concurrency cap."))
+	must(err)
+	t.redisErrors, err = m.Int64Counter("redis_errors_total", metric.WithDescription("Redis calls that failed (revocation, limits, leases)."))
+	must(err)
+	if len(errs) > 0 {
+		return nil, fmt.Errorf("metrics: %v", errs)
+	}
+	return t, nil
+}
+
+// shutdown flushes spans and stops the providers.
+func (t *telemetry) shutdown(ctx context.Context) {
+	_ = t.shutdownTP(ctx)
+	_ = t.meter.Shutdown(ctx)
+}
+
+// set returns the cached attribute set for key/value pairs.
+func (t *telemetry) set(kv ...string) metric.MeasurementOption {
+	key := strings.Join(kv, "\x00")
+	if s, ok := t.sets.Load(key); ok {
+		return s.(metric.MeasurementOption)
+	}
+	attrs := make([]attribute.KeyValue, 0, len(kv)/2)
+	for i := 0; i+1 < len(kv); i += 2 {
+		attrs = append(attrs, attribute.String(kv[i], kv[i+1]))
+	}
+	s, _ := t.sets.LoadOrStore(key, metric.WithAttributeSet(attribute.NewSet(attrs...)))
+	return s.(metric.MeasurementOption)
+}
+
+// knownMethods bounds the method label.
+func methodLabel(m string) string {
+	switch m {
+	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
+		http.MethodDelete, http.MethodOptions:
+		return m
+	}
+	return "OTHER"
+}
+
+// metricsHandler serves /metrics.
+func (t *telemetry) metricsHandler() http.Handler {
+	return promhttp.HandlerFor(t.registry, promhttp.HandlerOpts{})
+}
+
+// observe records http_requests_total and http_request_duration_seconds for every request,
+// labelled by route pattern — never by raw path — so cardinality stays bounded.
+func (t *telemetry) observe() proxy.Middleware {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			start := time.Now()
+			next.ServeHTTP(w, r)
+			info := proxy.InfoFrom(r.Context())
+			route, status := "unmatched", http.StatusOK
+			if info != nil {
+				if info.Route != "" {
+					route = info.Route
+				}
+				if info.Status != 0 {
+					status = info.Status
+				}
+			}
+			method := methodLabel(r.Method)
+			ctx := context.WithoutCancel(r.Context())
+			t.requests.Add(ctx, 1, t.set("method", method, "route", route, "status", strconv.Itoa(status)))
+			t.duration.Record(ctx, time.Since(start).Seconds(), t.set("method", method, "route", route))
+		})
+	}
+}
+
+// traceRequests starts a server span per request, continuing the caller's W3C trace context,
+// and names it by route pattern once the router has matched (low cardinality).
+func (t *telemetry) traceRequests() proxy.Middleware {
+	tracer := t.tracer.Tracer("voicegate")
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			ctx := t.propagator.Extract(r.Context(), propagation.HeaderCarrier(r.Header))
+			ctx, span := tracer.Start(ctx, r.Method, trace.WithSpanKind(trace.SpanKindServer),
+				trace.WithAttributes(semconv.HTTPRequestMethodKey.String(methodLabel(r.Method))))
+			defer span.End()
+			next.ServeHTTP(w, r.WithContext(ctx))
+			if info := proxy.InfoFrom(ctx); info != nil {
+				route := info.Route
+				if route == "" {
+					route = "unmatched"
+				}
+				span.SetName(route)
+				span.SetAttributes(semconv.HTTPRoute(route), semconv.HTTPResponseStatusCode(info.Status))
+				if info.Status >= 500 {
+					span.SetStatus(2, http.StatusText(info.Status)) // codes.Error
+				}
+			}
+		})
+	}
+}
+
+// clientTransport wraps an upstream transport in client spans that also carry the trace
+// context to the upstream; without tracing it is returned as is.
+func (t *telemetry) clientTransport(rt http.RoundTripper) http.RoundTripper {
+	if !t.tracing {
+		return rt
+	}
+	return otelhttp.NewTransport(rt,
+		otelhttp.WithTracerProvider(t.tracer),
+		otelhttp.WithPropagators(t.propagator),
+		otelhttp.WithMeterProvider(nil),
+	)
+}
+
+// traceLogs adds trace_id and span_id to every log record made with a request's context.
+type traceLogs struct{ slog.Handler }
+
+func (h traceLogs) Handle(ctx context.Context, r slog.Record) error {
+	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
+		r.AddAttrs(slog.String("trace_id", sc.TraceID().String()), slog.String("span_id", sc.SpanID().String()))
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h traceLogs) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return traceLogs{h.Handler.WithAttrs(attrs)}
+}
+
+func (h traceLogs) WithGroup(name string) slog.Handler { return traceLogs{h.Handler.WithGroup(name)} }
