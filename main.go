@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -105,8 +106,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
 	}
 	watchCtx, stopWatching := context.WithCancel(ctx)
+	var background sync.WaitGroup
+	defer background.Wait()
 	defer stopWatching()
-	go gw.policy.Watch(watchCtx, cfg.PolicyWatch)
+	background.Go(func() { gw.policy.Watch(watchCtx, cfg.PolicyWatch) })
+	if gw.streamDir != nil {
+		background.Go(func() { gw.streamDir.Run(watchCtx, gw.streams) })
+	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -196,6 +202,7 @@ type gateway struct {
 	tel         *telemetry
 	algo        *proxy.Pool
 	streams     *sse.Registry
+	streamDir   *sse.Directory // nil without Redis
 	voices      *voice.Registry
 	redis       rueidis.Client // nil without REDIS_URL
 	jwks        *auth.JWKS     // nil without JWT_JWKS_URL
@@ -224,7 +231,6 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		transport: proxy.NewTransport(proxy.TransportOptions{ResponseHeaderTimeout: cfg.UpstreamTimeout}),
 		pool:      proxy.NewBufferPool(0),
 		tel:       tel,
-		streams:   sse.NewRegistry(),
 	}
 	g.algo = g.newPool("algo", cfg.AlgoURLs)
 	g.streamsEnding, g.endStreams = context.WithCancel(context.Background())
@@ -271,6 +277,10 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		PublicPaths:   cfg.AuthPublicPaths,
 		Log:           logger,
 	})
+	if g.redis != nil {
+		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, 0, logger)
+	}
+	g.streams = sse.NewRegistry(g.streamDir)
 	g.voices = voice.NewRegistry(voice.RegistryOptions{Instance: cfg.Instance, Redis: g.redis,
 		Prefix: cfg.RedisPrefix, TTL: cfg.LeaseTTL, Log: logger})
 	if g.redis != nil {
@@ -403,12 +413,19 @@ func (g *gateway) handler() (http.Handler, error) {
 		Log:           g.log,
 	})
 	rt.handle("POST", "/api/v2/chat/stream", g.protect(chat))
-	rt.handle("POST", "/api/v2/chat/cancel", g.protect(sse.NewCancelHandler(sse.CancelOptions{
+	mayCancel := func(r *http.Request, owner string) bool {
+		return owner == auth.FromContext(r.Context()).UserID || g.can(r, "chat:admin")
+	}
+	cancel := sse.CancelOptions{
 		Registry: g.streams,
-		Allowed: func(r *http.Request, s *sse.Stream) bool {
-			return s.UserID == auth.FromContext(r.Context()).UserID || g.can(r, "chat:admin")
-		},
-	})))
+		Allowed:  func(r *http.Request, s *sse.Stream) bool { return mayCancel(r, s.UserID) },
+	}
+	if g.streamDir != nil {
+		cancel.Remote = func(ctx context.Context, r *http.Request, id string) error {
+			return g.streamDir.Cancel(ctx, id, func(owner, _ string) bool { return mayCancel(r, owner) })
+		}
+	}
+	rt.handle("POST", "/api/v2/chat/cancel", g.protect(sse.NewCancelHandler(cancel)))
 	rt.handle("POST", "/api/v2/auth/revoke", g.protect(auth.NewRevokeHandler(auth.RevokeOptions{
 		Revocations: g.revocations,
 		Can:         g.can,

@@ -150,7 +150,7 @@ func NewHandler(o HandlerOptions) http.Handler {
 		o.DefaultModel = "default"
 	}
 	if o.Registry == nil {
-		o.Registry = NewRegistry()
+		o.Registry = NewRegistry(nil)
 	}
 	if o.BufferPool == nil {
 		o.BufferPool = proxy.NewBufferPool(2 << 10)

@@ -43,23 +43,30 @@ func (s *Stream) Cancelled() context.Context { return s.ctx }
 type Registry struct {
 	mu      sync.Mutex
 	streams map[string]*Stream
+	dir     *Directory // nil: this instance only
 }
 
-// NewRegistry returns an empty registry.
-func NewRegistry() *Registry {
-	return &Registry{streams: make(map[string]*Stream)}
+// NewRegistry returns an empty registry; with a Directory, streams are announced to every
+// instance.
+func NewRegistry(dir *Directory) *Registry {
+	return &Registry{streams: make(map[string]*Stream), dir: dir}
 }
 
 // Add registers a stream; the returned function removes it and must be called when it ends.
 func (r *Registry) Add(s *Stream) (remove func(), err error) {
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if _, dup := r.streams[s.RequestID]; dup {
+		r.mu.Unlock()
 		s.cancel()
 		return nil, ErrStreamExists
 	}
 	r.streams[s.RequestID] = s
+	r.mu.Unlock()
+	unannounce := func() {}
+	if r.dir != nil {
+		unannounce = r.dir.announce(s)
+	}
 	return func() {
 		r.mu.Lock()
 		if r.streams[s.RequestID] == s {
@@ -67,6 +74,7 @@ func (r *Registry) Add(s *Stream) (remove func(), err error) {
 		}
 		r.mu.Unlock()
 		s.cancel()
+		unannounce()
 	}, nil
 }
 
