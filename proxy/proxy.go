@@ -164,9 +164,9 @@ func New(o Options) *httputil.ReverseProxy {
 	}
 }
 
-// IdentityHeaders are the headers through which upstreams learn who the caller is. Upstreams
+// identityHeaders are the headers through which upstreams learn who the caller is. Upstreams
 // trust them, so only the gateway may set them, from a verified token.
-var IdentityHeaders = [...]string{"X-User-Id", "X-Username", "X-Tenant-Id", "X-User-Roles", "X-Session-Id"}
+var identityHeaders = [...]string{"X-User-Id", "X-Username", "X-Tenant-Id", "X-User-Roles", "X-Session-Id"}
 
 // StripIdentity deletes every identity header from h, in any spelling: case, and underscores for
 // dashes (some servers treat X_User_ID as X-User-ID).
@@ -176,7 +176,7 @@ func StripIdentity(h http.Header) {
 			continue // shorter than any identity header, or not an X- header
 		}
 		norm := strings.ReplaceAll(k, "_", "-")
-		for _, id := range IdentityHeaders {
+		for _, id := range identityHeaders {
 			if strings.EqualFold(norm, id) {
 				delete(h, k)
 				break

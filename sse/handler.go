@@ -59,7 +59,7 @@ type HandlerOptions struct {
 	OnFirstEvent func(time.Duration)
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
-	// Log receives one line per finished stream at debug level.
+	// Log receives one line per finished stream at debug level (the access log has the rest).
 	Log *slog.Logger
 }
 
@@ -197,7 +197,7 @@ func NewHandler(o HandlerOptions) http.Handler {
 			}
 			res.ContentLength = -1
 			res.TransferEncoding = nil
-			res.Body = NewRewriter(res.Body, Options{
+			st.rewriter = NewRewriter(res.Body, Options{
 				RequestID:    st.RequestID,
 				MaxLineBytes: o.MaxLineBytes,
 				PingInterval: o.PingInterval,
@@ -209,6 +209,7 @@ func NewHandler(o HandlerOptions) http.Handler {
 				OnEvent:      o.OnEvent,
 				OnFirstLine:  firstLine,
 			})
+			res.Body = st.rewriter
 			return nil
 		},
 	})
@@ -275,8 +276,14 @@ func NewHandler(o HandlerOptions) http.Handler {
 		st.writer = &PingWriter{ResponseWriter: w}
 		defer st.writer.Close()
 		rp.ServeHTTP(st.writer, out)
-		if st.state.Load() == stateStreaming && o.OnStreamEnd != nil {
-			o.OnStreamEnd()
+		if st.state.Load() == stateStreaming {
+			if o.OnStreamEnd != nil {
+				o.OnStreamEnd()
+			}
+			stats := st.rewriter.Stats()
+			o.Log.DebugContext(r.Context(), "stream ended", "request_id", st.RequestID, "outcome", stats.Outcome,
+				"lines_processed", stats.LinesProcessed, "lines_skipped", stats.LinesSkipped,
+				"duration", time.Since(st.Started))
 		}
 	})
 }

@@ -22,10 +22,11 @@ type Stream struct {
 	TenantID  string
 	Started   time.Time
 
-	ctx    context.Context // done when the stream is cancelled
-	cancel context.CancelFunc
-	writer *PingWriter
-	state  atomic.Int32 // stateWaiting → stateStreaming or stateCancelled, once
+	ctx      context.Context // done when the stream is cancelled
+	cancel   context.CancelFunc
+	writer   *PingWriter
+	rewriter *Rewriter    // set once the upstream answered
+	state    atomic.Int32 // stateWaiting → stateStreaming or stateCancelled, once
 }
 
 // Stream states: a cancel before the upstream answers is handled by the handler, after it by
