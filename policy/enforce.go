@@ -161,7 +161,7 @@ func (e *Enforcer) charge(w http.ResponseWriter, r *http.Request, p *Policy, b *
 		c.Buckets = append(c.Buckets, bucket("t", *l.PerTenant))
 	}
 	if rate, ok := l.Classes[b.class]; ok && b.class != "" {
-		c.Buckets = append(c.Buckets, bucket("u:"+s.UserID+":c:"+b.class, rate))
+		c.Buckets = append(c.Buckets, bucket("c:"+b.class+":u:"+s.UserID, rate))
 	}
 	if len(c.Buckets) == 0 && c.Quota == 0 {
 		return nil

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"sort"
@@ -95,7 +96,7 @@ func Parse(data []byte) (*File, error) {
 	if err := dec.Decode(&f); err != nil {
 		return nil, fmt.Errorf("policy: %w", err)
 	}
-	if dec.More() {
+	if _, err := dec.Token(); err != io.EOF {
 		return nil, errors.New("policy: trailing data after the JSON object")
 	}
 	return &f, nil
@@ -173,7 +174,7 @@ func Compile(f *File, routes []string, extraPerms []string) (*Policy, error) {
 				return nil, fmt.Errorf("policy: route %q: unknown method %q", b.Route, m)
 			}
 		}
-		if b.Class != "" && !validPart(b.Class) {
+		if b.Class != "" && (!validPart(b.Class) || b.Class == "*") {
 			return nil, fmt.Errorf("policy: route %q: class %q is not a lower-case name", b.Route, b.Class)
 		}
 		if b.Lease != "" {
@@ -223,7 +224,7 @@ func mapValues(m map[string]string) []string {
 func (l Limits) check() error {
 	rates := map[string]*Rate{"per_user": l.PerUser, "per_tenant": l.PerTenant}
 	for name, r := range l.Classes {
-		if !validPart(name) {
+		if !validPart(name) || name == "*" {
 			return fmt.Errorf("policy: limits: class %q is not a lower-case name", name)
 		}
 		r := r

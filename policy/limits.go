@@ -42,6 +42,10 @@ type Limiter interface {
 	Allow(ctx context.Context, c *Charge) (Verdict, error)
 }
 
+// intervalMS is a bucket's emission interval in whole milliseconds, the limiters' resolution:
+// at least 1, since a zero interval would never limit.
+func intervalMS(b Bucket) int64 { return max(b.Interval.Milliseconds(), 1) }
+
 // gcra is the shared arithmetic. tat is the bucket's theoretical arrival time.
 func gcra(now, tat, interval, burst int64) (allowed bool, newTAT, retry, remaining, reset int64) {
 	if tat < now {
@@ -82,7 +86,7 @@ func (m *MemoryLimiter) Allow(_ context.Context, c *Charge) (Verdict, error) {
 	v := Verdict{Allowed: true, Remaining: -1}
 	newTATs := make([]int64, len(c.Buckets))
 	for i, b := range c.Buckets {
-		ok, tat, retry, remaining, reset := gcra(now, m.tats[c.Tenant+"|"+b.Key], b.Interval.Milliseconds(), int64(b.Burst))
+		ok, tat, retry, remaining, reset := gcra(now, m.tats[c.Tenant+"|"+b.Key], intervalMS(b), int64(b.Burst))
 		newTATs[i] = tat
 		v.note(ok, b.Limit, retry, remaining, reset)
 	}
@@ -213,7 +217,7 @@ func (l *RedisLimiter) Allow(ctx context.Context, c *Charge) (Verdict, error) {
 	args = append(args, strconv.Itoa(len(c.Buckets)), strconv.FormatInt(c.Quota, 10), "90000000") // 25h
 	for _, b := range c.Buckets {
 		keys = append(keys, l.prefix+"rl:"+tag+b.Key)
-		args = append(args, strconv.FormatInt(b.Interval.Milliseconds(), 10), strconv.Itoa(b.Burst))
+		args = append(args, strconv.FormatInt(intervalMS(b), 10), strconv.Itoa(b.Burst))
 	}
 	t := l.now()
 	if c.Quota > 0 {

@@ -197,15 +197,18 @@ func (r *Rules) Allows(roles, grants []string, p string) bool {
 			}
 			continue
 		}
-		res, act, _ := strings.Cut(p, ":")
-		if g.match(res, act, p) {
+		res, act, ok := strings.Cut(p, ":")
+		if ok && g.match(res, act, p) {
 			return true
 		}
 	}
 	if len(grants) == 0 {
 		return false
 	}
-	res, act, _ := strings.Cut(p, ":")
+	res, act, ok := strings.Cut(p, ":")
+	if !ok {
+		return false // not a permission at all
+	}
 	for _, gr := range grants {
 		if grantMatches(gr, res, act) {
 			return true

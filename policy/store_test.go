@@ -1,0 +1,290 @@
+package policy_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"log/slog"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"voicegate/policy"
+)
+
+// syncBuffer collects log output written from several goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// lines decodes the JSON log lines written so far.
+func (b *syncBuffer) lines(t *testing.T) []map[string]any {
+	t.Helper()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(b.buf.String()), "\n") {
+		if l == "" {
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("log line %q: %v", l, err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func (b *syncBuffer) count(t *testing.T, level string) int {
+	n := 0
+	for _, l := range b.lines(t) {
+		if l["level"] == level {
+			n++
+		}
+	}
+	return n
+}
+
+// writeAtomically replaces path's content the way an operator's tooling (or a ConfigMap) does,
+// so a watcher never reads half a file.
+func writeAtomically(t *testing.T, path string, data []byte) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// policyVersions are file contents for the store tests: the default, the default where users may
+// also read the admin service, and a bad file (a route bound twice). Their sizes differ, so a
+// change is visible to a watcher even on a file system with coarse modification times.
+func policyVersions(t *testing.T) (v1, v2, bad []byte) {
+	v1 = readFixture(t, "good/default.json")
+	v2 = bytes.Replace(v1, []byte(`"document:read"]}`), []byte(`"document:read", "admin:read"]}`), 1)
+	if bytes.Equal(v1, v2) {
+		t.Fatal("could not derive v2 from good/default.json")
+	}
+	bad = readFixture(t, "bad/route-twice.json")
+	return v1, v2, bad
+}
+
+// userMayReadAdmin asks p whether a plain user may GET the admin service.
+func userMayReadAdmin(p *policy.Policy) bool {
+	r := httptest.NewRequest("GET", "/api/v2/admin/x", nil)
+	r.Pattern = "/api/v2/admin/"
+	return p.Decide(r, alice, true) == nil
+}
+
+func TestNewStore(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.json")
+	bad := filepath.Join(dir, "bad.json")
+	if err := os.WriteFile(good, readFixture(t, "good/decide.json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bad, readFixture(t, "bad/perm-upper.json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name   string
+		o      policy.StoreOptions
+		errMsg string // "" means success
+	}{
+		{"built-in default", policy.StoreOptions{Routes: gatewayRoutes, ExtraPerms: handlerPerms}, ""},
+		{"built-in default, a route it does not bind", policy.StoreOptions{Routes: decideRoutes}, "no binding for route(s)"},
+		{"file", policy.StoreOptions{Path: good, Routes: decideRoutes, ExtraPerms: handlerPerms}, ""},
+		{"file for other routes", policy.StoreOptions{Path: good, Routes: gatewayRoutes}, "not a route of the gateway"},
+		{"bad file", policy.StoreOptions{Path: bad, Routes: gatewayRoutes}, `permission "Document:read" is not resource:action`},
+		{"missing file", policy.StoreOptions{Path: filepath.Join(dir, "nope.json"), Routes: gatewayRoutes}, "no such file"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := policy.NewStore(tc.o)
+			if tc.errMsg != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.errMsg) {
+					t.Fatalf("error %v, want one containing %q", err, tc.errMsg)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.Policy() == nil || s.Policy().Rules == nil {
+				t.Fatal("no policy in force")
+			}
+		})
+	}
+}
+
+func TestStoreWithoutFile(t *testing.T) {
+	s, err := policy.NewStore(policy.StoreOptions{Routes: gatewayRoutes})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := s.Policy()
+	if err := s.Reload(); err != nil || s.Policy() != p {
+		t.Fatalf("Reload without a file: %v, policy replaced: %v", err, s.Policy() != p)
+	}
+	done := make(chan struct{})
+	go func() {
+		s.Watch(context.Background(), time.Millisecond) // nothing to watch: returns at once
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Second):
+		t.Fatal("Watch without a file did not return")
+	}
+}
+
+func TestStoreReload(t *testing.T) {
+	v1, v2, bad := policyVersions(t)
+	path := filepath.Join(t.TempDir(), "policy.json")
+	writeAtomically(t, path, v1)
+	log := &syncBuffer{}
+	s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayRoutes, ExtraPerms: handlerPerms,
+		Log: slog.New(slog.NewJSONHandler(log, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p1 := s.Policy()
+	if userMayReadAdmin(p1) {
+		t.Fatal("v1 lets users read the admin service")
+	}
+
+	t.Run("unchanged file", func(t *testing.T) {
+		if err := s.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		if s.Policy() != p1 {
+			t.Fatal("an unchanged file replaced the policy")
+		}
+		if n := len(log.lines(t)); n != 0 {
+			t.Fatalf("%d log lines for an unchanged file", n)
+		}
+	})
+
+	t.Run("bad file refused", func(t *testing.T) {
+		writeAtomically(t, path, bad)
+		err := s.Reload()
+		if err == nil || !strings.Contains(err.Error(), "bound twice") {
+			t.Fatalf("Reload of a bad file: %v", err)
+		}
+		if s.Policy() != p1 {
+			t.Fatal("a bad file replaced the policy")
+		}
+		lines := log.lines(t)
+		if len(lines) != 1 || lines[0]["level"] != "ERROR" {
+			t.Fatalf("log %v, want one ERROR line", lines)
+		}
+		if e, _ := lines[0]["err"].(string); !strings.Contains(e, "bound twice") {
+			t.Fatalf("log line %v does not say why", lines[0])
+		}
+	})
+
+	t.Run("missing file refused", func(t *testing.T) {
+		if err := os.Remove(path); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Reload(); err == nil {
+			t.Fatal("Reload of a missing file succeeded")
+		}
+		if s.Policy() != p1 {
+			t.Fatal("a missing file replaced the policy")
+		}
+		if n := log.count(t, "ERROR"); n != 2 {
+			t.Fatalf("%d ERROR lines, want 2", n)
+		}
+	})
+
+	t.Run("good change in force", func(t *testing.T) {
+		writeAtomically(t, path, v2)
+		if err := s.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		p2 := s.Policy()
+		if p2 == p1 {
+			t.Fatal("the policy was not replaced")
+		}
+		if !userMayReadAdmin(p2) {
+			t.Fatal("the new policy is not the one in force")
+		}
+		if userMayReadAdmin(p1) {
+			t.Fatal("the old policy changed under its readers")
+		}
+		if n := log.count(t, "INFO"); n != 1 {
+			t.Fatalf("%d INFO lines, want 1 (policy reloaded)", n)
+		}
+	})
+}
+
+func TestStoreWatch(t *testing.T) {
+	v1, v2, bad := policyVersions(t)
+	path := filepath.Join(t.TempDir(), "policy.json")
+	writeAtomically(t, path, v1)
+	log := &syncBuffer{}
+	s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayRoutes, ExtraPerms: handlerPerms,
+		Log: slog.New(slog.NewJSONHandler(log, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p1 := s.Policy()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{})
+	go func() {
+		s.Watch(ctx, 20*time.Millisecond)
+		close(done)
+	}()
+
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("not within a second: %s", what)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+
+	writeAtomically(t, path, v2)
+	waitFor("the changed file is in force", func() bool { return s.Policy() != p1 })
+	p2 := s.Policy()
+	if !userMayReadAdmin(p2) {
+		t.Fatal("the watched change is not the policy in force")
+	}
+
+	writeAtomically(t, path, bad)
+	waitFor("the bad file is refused in the log", func() bool { return log.count(t, "ERROR") > 0 })
+	time.Sleep(100 * time.Millisecond) // several more polls of the same bad file
+	if s.Policy() != p2 {
+		t.Fatal("a bad file replaced the policy")
+	}
+	if n := log.count(t, "ERROR"); n != 1 {
+		t.Fatalf("%d ERROR lines for one bad write, want 1", n)
+	}
+
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(time.Second):
+		t.Fatal("Watch did not stop when its context ended")
+	}
+}
