@@ -6,6 +6,7 @@
 package voice
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -135,6 +136,14 @@ func NewHandler(o Options) *Handler {
 			TLSHandshakeTimeout: o.DialTimeout,
 		}}
 	}
+	// Keep hold of each dialed connection's raw socket: the library's CloseNow waits for a close
+	// handshake already under way, and a dead peer must be droppable at once.
+	client := *o.Client
+	if client.Transport == nil {
+		client.Transport = http.DefaultTransport
+	}
+	client.Transport = rawConnRecorder{client.Transport}
+	o.Client = &client
 	if o.Registry == nil {
 		o.Registry = NewRegistry(RegistryOptions{})
 	}
@@ -196,13 +205,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	// The algorithm service first: if it is down the client gets a proper HTTP error, not a
 	// socket that opens and dies.
-	up, err := h.dial(r, info)
+	var raw rawConns
+	up, err := h.dial(r, info, &raw)
 	if err != nil {
 		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadGateway, Code: proxy.CodeAlgoService,
 			Message: "the algorithm service is unavailable", Cause: err})
 		return
 	}
-	client, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+	client, err := websocket.Accept(&hijackRecorder{ResponseWriter: w, raw: &raw}, r, &websocket.AcceptOptions{
 		Subprotocols:    []string{Subprotocol}, // "bearer.<token>" is never selected, so never echoed
 		OriginPatterns:  originPatterns(r),     // checked above already
 		CompressionMode: websocket.CompressionDisabled,
@@ -215,6 +225,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	up.SetReadLimit(h.o.ReadLimit)
 
 	s := h.newSession(r, info, cfg, client, up)
+	s.raw = &raw
 	h.o.Registry.add(r.Context(), s)
 	defer h.o.Registry.remove(s)
 	if h.o.OnStart != nil {
@@ -224,7 +235,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // dial opens the algorithm-service side of a session.
-func (h *Handler) dial(r *http.Request, info Info) (*websocket.Conn, error) {
+func (h *Handler) dial(r *http.Request, info Info, raw *rawConns) (*websocket.Conn, error) {
 	target := *h.ws
 	q := target.Query()
 	q.Set("session_id", info.SessionID)
@@ -240,7 +251,7 @@ func (h *Handler) dial(r *http.Request, info Info) (*websocket.Conn, error) {
 	if id := proxy.RequestIDFrom(r.Context()); id != "" {
 		hdr.Set("X-Request-ID", id)
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), h.o.DialTimeout)
+	ctx, cancel := context.WithTimeout(context.WithValue(r.Context(), rawConnsKey{}, raw), h.o.DialTimeout)
 	defer cancel()
 	conn, res, err := websocket.Dial(ctx, target.String(), &websocket.DialOptions{
 		HTTPClient:      h.o.Client,
@@ -273,6 +284,62 @@ func headerHasToken(h http.Header, key, token string) bool {
 	return false
 }
 
+// rawConns are a session's two sockets, closed directly to drop a dead peer at once.
+type rawConns struct {
+	mu     sync.Mutex
+	client io.Closer
+	up     io.Closer
+}
+
+func (c *rawConns) closeClient() { c.close(func() io.Closer { return c.client }) }
+func (c *rawConns) closeUp()     { c.close(func() io.Closer { return c.up }) }
+
+func (c *rawConns) close(which func() io.Closer) {
+	c.mu.Lock()
+	conn := which()
+	c.mu.Unlock()
+	if conn != nil {
+		_ = conn.Close()
+	}
+}
+
+type rawConnsKey struct{}
+
+// rawConnRecorder notes the connection of a 101 answer (its body is the raw connection).
+type rawConnRecorder struct{ http.RoundTripper }
+
+func (t rawConnRecorder) RoundTrip(r *http.Request) (*http.Response, error) {
+	res, err := t.RoundTripper.RoundTrip(r)
+	if err == nil && res.StatusCode == http.StatusSwitchingProtocols {
+		if raw, ok := r.Context().Value(rawConnsKey{}).(*rawConns); ok {
+			if rwc, ok := res.Body.(io.Closer); ok {
+				raw.mu.Lock()
+				raw.up = rwc
+				raw.mu.Unlock()
+			}
+		}
+	}
+	return res, err
+}
+
+// hijackRecorder notes the client's connection when the library hijacks it.
+type hijackRecorder struct {
+	http.ResponseWriter
+	raw *rawConns
+}
+
+func (w *hijackRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err == nil {
+		w.raw.mu.Lock()
+		w.raw.client = conn
+		w.raw.mu.Unlock()
+	}
+	return conn, brw, err
+}
+
+func (w *hijackRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 // sameHost reports whether origin names the host the request was sent to.
 func sameHost(origin, host string) bool {
 	u, err := url.Parse(origin)
@@ -290,7 +357,19 @@ func originPatterns(r *http.Request) []string {
 	if err != nil {
 		return nil
 	}
-	return []string{u.Scheme + "://" + u.Host}
+	// Patterns are path.Match patterns: escape what would be read as one (IPv6 brackets).
+	return []string{escapePattern(u.Scheme + "://" + u.Host)}
+}
+
+func escapePattern(s string) string {
+	var b strings.Builder
+	for _, c := range s {
+		if strings.ContainsRune(`\*?[]`, c) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
 }
 
 func validValue(s string, max int) bool {
@@ -328,6 +407,7 @@ type session struct {
 	toClient *sender
 	toUp     *sender
 	enc      *chunkEncoder
+	raw      *rawConns
 	start    time.Time
 
 	errors      atomic.Int64 // error messages to the client and from the algorithm service
@@ -348,13 +428,16 @@ func (h *Handler) newSession(r *http.Request, info Info, cfg AudioConfig, client
 	s := &session{h: h, r: r, info: info, cfg: cfg, client: client, up: up, start: time.Now(),
 		upDone: make(chan struct{})}
 	s.toClient = newSender(client, h.putBuf, h.o.WriteTimeout, h.o.QueueBytes, func(err error) {
-		s.end(websocket.StatusGoingAway, "", "client write failed")
+		s.clientDead("client write failed")
 	})
 	s.toUp = newSender(up, h.putBuf, h.o.WriteTimeout, h.o.QueueBytes, func(err error) {
-		s.end(websocket.StatusInternalError, CodeAlgoService, "the algorithm service connection failed")
+		s.upstreamDead("the algorithm service connection failed")
 	})
 	s.enc = newChunkEncoder(info.SessionID, info.ConversationID, cfg)
 	s.stats.SessionID = info.SessionID
+	// Made stopped, armed in run: onTick re-arms it and must never see it unset.
+	s.tick = time.AfterFunc(time.Hour, s.onTick)
+	s.tick.Stop()
 	s.lastIn.Store(time.Now().UnixMilli())
 	return s
 }
@@ -364,7 +447,7 @@ func (s *session) run() {
 	s.sendInit()
 	go s.readUpstream()
 	s.lastPing = time.Now()
-	s.tick = time.AfterFunc(s.h.o.RecheckInterval, s.onTick)
+	s.tick.Reset(s.h.o.RecheckInterval)
 	s.readClient()
 
 	// The client side is finished; make sure the rest is too.
@@ -405,7 +488,7 @@ func (s *session) sendInit() {
 func (s *session) sendError(code, msg string) {
 	b := s.h.getBuf()
 	*b = append(*b, encodeError(s.info.SessionID, code, msg)...)
-	_ = s.toClient.send(websocket.MessageText, b)
+	s.toClient.sendAnyway(websocket.MessageText, b) // even into a full queue: it explains the close
 	s.errors.Add(1)
 }
 
@@ -506,7 +589,7 @@ func (s *session) clientGone(err error) {
 		s.end(websocket.StatusMessageTooBig, "", "message too big")
 	default:
 		// Vanished without a close frame (or killed on purpose): nothing more to say to it.
-		s.end(websocket.StatusGoingAway, "", "client gone")
+		s.clientDead("client gone")
 	}
 }
 
@@ -516,10 +599,14 @@ func (s *session) readUpstream() {
 		typ, b, err := s.read(s.up)
 		if err != nil {
 			var ce websocket.CloseError
-			if errors.As(err, &ce) && ce.Code == websocket.StatusNormalClosure {
+			switch {
+			case errors.As(err, &ce) && ce.Code == websocket.StatusNormalClosure:
 				s.end(websocket.StatusNormalClosure, "", "the algorithm service ended the session")
-			} else {
-				s.end(websocket.StatusInternalError, CodeAlgoService, "the algorithm service went away")
+			case errors.As(err, &ce):
+				// It closed properly, with a code saying something went wrong.
+				s.end(websocket.StatusInternalError, CodeAlgoService, "the algorithm service ended the session: "+ce.Reason)
+			default:
+				s.upstreamDead("the algorithm service went away")
 			}
 			return
 		}
@@ -585,10 +672,8 @@ func (s *session) onTick() {
 	}
 	if time.Since(s.lastPing) >= o.PingInterval {
 		s.lastPing = time.Now()
-		s.ping(0, s.client, func() { s.kill() })
-		s.ping(1, s.up, func() {
-			s.end(websocket.StatusInternalError, CodeAlgoService, "the algorithm service stopped answering")
-		})
+		s.ping(0, s.client, func() { s.clientDead("client stopped answering pings") })
+		s.ping(1, s.up, func() { s.upstreamDead("the algorithm service stopped answering") })
 	}
 	s.tick.Reset(o.RecheckInterval)
 }
@@ -627,14 +712,32 @@ func (s *session) end(code websocket.StatusCode, errCode, reason string) {
 	})
 }
 
-// kill drops both connections without handshakes (a dead peer, or shutdown overtime).
+// clientDead ends the session for a client that is gone: no handshake with it, the algorithm
+// service closed at once.
+func (s *session) clientDead(reason string) {
+	s.toClient.stop()
+	s.end(websocket.StatusGoingAway, "", reason)
+	s.raw.closeClient()
+}
+
+// upstreamDead ends the session for an algorithm service that is gone: no handshake with it; the
+// client is told and closed 1011.
+func (s *session) upstreamDead(reason string) {
+	s.toUp.stop()
+	s.end(websocket.StatusInternalError, CodeAlgoService, reason)
+	s.raw.closeUp()
+}
+
+// kill drops both connections without handshakes (shutdown overtime).
 func (s *session) kill() {
+	s.toClient.stop()
+	s.toUp.stop()
 	s.endOnce.Do(func() {
 		s.ended.Store(true)
-		s.closeCode, s.closeReason = websocket.StatusGoingAway, "peer not answering"
+		s.closeCode, s.closeReason = websocket.StatusGoingAway, "killed"
 	})
-	s.client.CloseNow()
-	s.up.CloseNow()
+	s.raw.closeClient()
+	s.raw.closeUp()
 }
 
 // clip keeps a close reason within the protocol's 123 bytes.

@@ -42,7 +42,6 @@ type Registry struct {
 
 	mu       sync.Mutex
 	sessions map[string]*session
-	wg       sync.WaitGroup
 	stop     context.CancelFunc
 	done     chan struct{}
 }
@@ -91,7 +90,6 @@ func (r *Registry) index() string        { return r.prefix + "voice:sessions" }
 func (r *Registry) add(ctx context.Context, s *session) {
 	r.mu.Lock()
 	r.sessions[s.info.SessionID] = s
-	r.wg.Add(1)
 	r.mu.Unlock()
 	if r.redis != nil {
 		if err := r.publish(ctx, []*session{s}); err != nil {
@@ -111,7 +109,6 @@ func (r *Registry) remove(s *session) {
 			r.redis.B().Zrem().Key(r.index()).Member(s.info.SessionID).Build())
 		cancel()
 	}
-	r.wg.Done()
 }
 
 func (r *Registry) publish(ctx context.Context, ss []*session) error {
@@ -206,21 +203,21 @@ func (r *Registry) List(ctx context.Context) ([]Info, error) {
 }
 
 // CloseAll closes every local session with code, after an error message saying why, and waits
-// (until ctx ends) for them to finish.
+// until they are gone or ctx ends; then it drops what is left without handshakes and returns.
 func (r *Registry) CloseAll(ctx context.Context, code websocket.StatusCode, errCode, reason string) {
 	for _, s := range r.local() {
 		s.end(code, errCode, reason)
 	}
-	done := make(chan struct{})
-	go func() {
-		r.wg.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		for _, s := range r.local() {
-			s.kill()
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for r.Len() > 0 {
+		select {
+		case <-ctx.Done():
+			for _, s := range r.local() {
+				s.kill()
+			}
+			return
+		case <-t.C:
 		}
 	}
 }

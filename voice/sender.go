@@ -9,13 +9,21 @@ import (
 	"github.com/coder/websocket"
 )
 
-// errSlow means a peer does not read fast enough: its queue is full.
-var errSlow = errors.New("voice: peer is not keeping up")
+// Sender errors.
+var (
+	errSlow   = errors.New("voice: peer is not keeping up") // its queue is full
+	errClosed = errors.New("voice: connection closed")      // nothing more is sent
+)
+
+// writerLinger is how long a writer goroutine waits for more after draining its queue: during
+// a conversation messages come every few tens of milliseconds, and re-using the goroutine beats
+// starting one per message; an idle session keeps none.
+const writerLinger = time.Second
 
 // outMsg is one queued message, or a close when close is set.
 type outMsg struct {
 	typ   websocket.MessageType
-	data  *[]byte // owned by the sender once queued; returned to the pool after writing
+	data  *[]byte // owned by the sender once queued; released after writing
 	close *closeFrame
 }
 
@@ -25,11 +33,11 @@ type closeFrame struct {
 }
 
 // sender writes to one connection through a bounded queue. Producers never block: a message that
-// does not fit means the peer cannot keep up. A writer goroutine runs only while the queue has
-// something in it, so an idle session holds none.
+// does not fit means the peer cannot keep up. A writer goroutine runs only while there is
+// something to write (and lingers a moment after).
 type sender struct {
 	conn    *websocket.Conn
-	release func(*[]byte) // returns a written buffer to its pool
+	release func(*[]byte) // returns a buffer to its pool
 	timeout time.Duration // per write
 	max     int           // queued bytes allowed
 
@@ -37,38 +45,46 @@ type sender struct {
 	queue   []outMsg
 	queued  int
 	running bool
-	done    bool          // a close was queued, or a write failed: accept nothing more
-	idle    chan struct{} // closed when the writer finishes after done; nil until asked for
-	failed  func(error)   // called once if a write fails
+	done    bool            // a close was queued, or the sender was stopped: accept nothing more
+	wake    chan struct{}   // nudges a lingering writer
+	idle    []chan struct{} // closed when the writer stops
+	failed  func(error)     // called once if a write fails
 }
 
 func newSender(conn *websocket.Conn, release func(*[]byte), timeout time.Duration, max int, failed func(error)) *sender {
-	return &sender{conn: conn, release: release, timeout: timeout, max: max, failed: failed}
+	return &sender{conn: conn, release: release, timeout: timeout, max: max, failed: failed,
+		wake: make(chan struct{}, 1)}
 }
 
-// send queues data (taking ownership of the pooled buffer). It returns errSlow when the queue is
-// full; the buffer is then released.
+// send queues data, taking ownership of the buffer. It returns errSlow when the queue is full
+// and errClosed when the sender is finished; the buffer is released either way.
 func (s *sender) send(typ websocket.MessageType, data *[]byte) error {
+	return s.enqueue(outMsg{typ: typ, data: data}, false)
+}
+
+// sendAnyway queues data even over the limit: for the few messages that explain a close.
+func (s *sender) sendAnyway(typ websocket.MessageType, data *[]byte) {
+	_ = s.enqueue(outMsg{typ: typ, data: data}, true)
+}
+
+func (s *sender) enqueue(m outMsg, force bool) error {
 	s.mu.Lock()
 	if s.done {
 		s.mu.Unlock()
-		s.release(data)
+		s.release(m.data)
 		return errClosed
 	}
-	if s.queued+len(*data) > s.max && len(s.queue) > 0 {
+	if !force && s.queued+len(*m.data) > s.max && len(s.queue) > 0 {
 		s.mu.Unlock()
-		s.release(data)
+		s.release(m.data)
 		return errSlow
 	}
-	s.queue = append(s.queue, outMsg{typ: typ, data: data})
-	s.queued += len(*data)
+	s.queue = append(s.queue, m)
+	s.queued += len(*m.data)
 	s.startLocked()
 	s.mu.Unlock()
 	return nil
 }
-
-// errClosed is returned by send once the connection is finished.
-var errClosed = errors.New("voice: connection closed")
 
 // close queues a close frame after whatever is queued; later sends are refused.
 func (s *sender) close(code websocket.StatusCode, reason string) {
@@ -82,30 +98,79 @@ func (s *sender) close(code websocket.StatusCode, reason string) {
 	s.startLocked()
 }
 
-func (s *sender) startLocked() {
-	if !s.running {
-		s.running = true
-		go s.run()
+// stop drops whatever is queued and refuses more (the connection is being torn down).
+func (s *sender) stop() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.done = true
+	s.dropLocked()
+	select {
+	case s.wake <- struct{}{}:
+	default:
 	}
 }
 
+func (s *sender) dropLocked() {
+	for _, m := range s.queue {
+		if m.data != nil {
+			s.release(m.data)
+		}
+	}
+	s.queue, s.queued = nil, 0
+}
+
+func (s *sender) startLocked() {
+	if s.running {
+		select {
+		case s.wake <- struct{}{}:
+		default:
+		}
+		return
+	}
+	s.running = true
+	go s.run()
+}
+
 func (s *sender) run() {
+	var linger *time.Timer
+	defer func() {
+		if linger != nil {
+			linger.Stop()
+		}
+	}()
 	for {
 		s.mu.Lock()
 		if len(s.queue) == 0 {
-			s.running = false
-			if s.done && s.idle != nil {
-				close(s.idle)
-				s.idle = nil
+			if s.done {
+				s.stopLocked()
+				s.mu.Unlock()
+				return
 			}
 			s.mu.Unlock()
-			return
+			if linger == nil {
+				linger = time.NewTimer(writerLinger)
+			} else {
+				linger.Reset(writerLinger)
+			}
+			select {
+			case <-s.wake:
+				continue
+			case <-linger.C:
+			}
+			s.mu.Lock()
+			if len(s.queue) == 0 {
+				s.stopLocked()
+				s.mu.Unlock()
+				return
+			}
+			s.mu.Unlock()
+			continue
 		}
 		m := s.queue[0]
 		s.queue[0] = outMsg{}
 		s.queue = s.queue[1:]
 		if len(s.queue) == 0 {
-			s.queue = s.queue[:0:0] // let a grown backing array go
+			s.queue = nil // let a grown backing array go
 		}
 		if m.data != nil {
 			s.queued -= len(*m.data)
@@ -128,27 +193,29 @@ func (s *sender) run() {
 	}
 }
 
+// stopLocked marks the writer stopped and tells whoever waits.
+func (s *sender) stopLocked() {
+	s.running = false
+	for _, ch := range s.idle {
+		close(ch)
+	}
+	s.idle = nil
+}
+
 // fail drops what is queued and reports the failure once.
 func (s *sender) fail(err error) {
 	s.mu.Lock()
-	for _, m := range s.queue {
-		if m.data != nil {
-			s.release(m.data)
-		}
-	}
-	s.queue, s.queued = nil, 0
-	first := !s.done || s.failed != nil
+	s.dropLocked()
 	s.done = true
 	f := s.failed
 	s.failed = nil
 	s.mu.Unlock()
-	if first && f != nil {
+	if f != nil {
 		f(err)
 	}
 }
 
-// drained returns a channel closed once the sender has finished (after close or failure) and
-// its writer has stopped.
+// drained returns a channel closed once the writer has stopped; call it after close or stop.
 func (s *sender) drained() <-chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -157,6 +224,6 @@ func (s *sender) drained() <-chan struct{} {
 		close(ch)
 		return ch
 	}
-	s.idle = ch
+	s.idle = append(s.idle, ch)
 	return ch
 }
