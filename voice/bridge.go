@@ -47,7 +47,7 @@ type Options struct {
 	// IdleTimeout closes a session with no message from the client for this long; zero means 5
 	// minutes.
 	IdleTimeout time.Duration
-	// WriteTimeout bounds one write; zero means 10 s.
+	// WriteTimeout bounds one write (checked on the session's timer); zero means 10 s.
 	WriteTimeout time.Duration
 	// QueueBytes bounds what may wait to be written to each side; zero means 512 KiB. A side
 	// that lets it fill gets an error message and close 1013.
@@ -427,10 +427,10 @@ type session struct {
 func (h *Handler) newSession(r *http.Request, info Info, cfg AudioConfig, client, up *websocket.Conn) *session {
 	s := &session{h: h, r: r, info: info, cfg: cfg, client: client, up: up, start: time.Now(),
 		upDone: make(chan struct{})}
-	s.toClient = newSender(client, h.putBuf, h.o.WriteTimeout, h.o.QueueBytes, func(err error) {
+	s.toClient = newSender(client, h.putBuf, h.o.QueueBytes, func(err error) {
 		s.clientDead("client write failed")
 	})
-	s.toUp = newSender(up, h.putBuf, h.o.WriteTimeout, h.o.QueueBytes, func(err error) {
+	s.toUp = newSender(up, h.putBuf, h.o.QueueBytes, func(err error) {
 		s.upstreamDead("the algorithm service connection failed")
 	})
 	s.enc = newChunkEncoder(info.SessionID, info.ConversationID, cfg)
@@ -666,7 +666,16 @@ func (s *session) onTick() {
 			return
 		}
 	}
-	if idle := time.Since(time.UnixMilli(s.lastIn.Load())); idle >= o.IdleTimeout {
+	now := time.Now()
+	if s.toClient.stuck(now) > o.WriteTimeout {
+		s.clientDead("client not reading")
+		return
+	}
+	if s.toUp.stuck(now) > o.WriteTimeout {
+		s.upstreamDead("the algorithm service is not reading")
+		return
+	}
+	if idle := now.Sub(time.UnixMilli(s.lastIn.Load())); idle >= o.IdleTimeout {
 		s.end(websocket.StatusNormalClosure, CodeIdle, "no message from the client for "+o.IdleTimeout.String())
 		return
 	}

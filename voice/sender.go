@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -38,8 +39,10 @@ type closeFrame struct {
 type sender struct {
 	conn    *websocket.Conn
 	release func(*[]byte) // returns a buffer to its pool
-	timeout time.Duration // per write
 	max     int           // queued bytes allowed
+	// writing is when the write in progress began (unix ns), 0 when none: the session's timer
+	// drops a peer that takes too long, which costs nothing per write, unlike a deadline.
+	writing atomic.Int64
 
 	mu      sync.Mutex
 	queue   []outMsg
@@ -51,9 +54,16 @@ type sender struct {
 	failed  func(error)     // called once if a write fails
 }
 
-func newSender(conn *websocket.Conn, release func(*[]byte), timeout time.Duration, max int, failed func(error)) *sender {
-	return &sender{conn: conn, release: release, timeout: timeout, max: max, failed: failed,
-		wake: make(chan struct{}, 1)}
+func newSender(conn *websocket.Conn, release func(*[]byte), max int, failed func(error)) *sender {
+	return &sender{conn: conn, release: release, max: max, failed: failed, wake: make(chan struct{}, 1)}
+}
+
+// stuck reports how long the write in progress has taken (0 when none).
+func (s *sender) stuck(now time.Time) time.Duration {
+	if t := s.writing.Load(); t != 0 {
+		return now.Sub(time.Unix(0, t))
+	}
+	return 0
 }
 
 // send queues data, taking ownership of the buffer. It returns errSlow when the queue is full
@@ -183,9 +193,9 @@ func (s *sender) run() {
 			_ = s.conn.Close(m.close.code, m.close.reason)
 			continue
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
-		err := s.conn.Write(ctx, m.typ, *m.data)
-		cancel()
+		s.writing.Store(time.Now().UnixNano())
+		err := s.conn.Write(context.Background(), m.typ, *m.data)
+		s.writing.Store(0)
 		s.release(m.data)
 		if err != nil {
 			s.fail(err)
