@@ -622,12 +622,10 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 	// Streams and voice sessions get the grace period to finish, and are ended a little before
 	// its end so their last words get out: server_shutdown for streams, 1012 for sessions.
 	margin := min(grace/5, 2*time.Second)
-	voicesDone := make(chan struct{})
 	deadline, _ := ctx.Deadline()
 	endAll := time.AfterFunc(time.Until(deadline)-margin, func() {
 		g.endStreams()
 		g.voices.CloseAll(ctx, websocket.StatusServiceRestart, voice.CodeShutdown, "the server is restarting; reconnect")
-		close(voicesDone)
 	})
 	defer endAll.Stop()
 	defer g.endStreams()
@@ -637,11 +635,14 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 		g.log.Warn("grace period over; closing remaining connections")
 		err = srv.Close()
 	}
-	// Shutdown does not wait for hijacked connections: wait for the voice sessions here.
-	if g.voices.Len() > 0 {
+	// Shutdown does not wait for hijacked connections: wait for the voice sessions here, until
+	// they have all ended (on their own or closed 1012 near the deadline).
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for g.voices.Len() > 0 && ctx.Err() == nil {
 		select {
-		case <-voicesDone:
 		case <-ctx.Done():
+		case <-tick.C:
 		}
 	}
 	if serr := <-serveErr; serr != nil && !errors.Is(serr, http.ErrServerClosed) {

