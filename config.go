@@ -61,6 +61,7 @@ type config struct {
 
 	Instance string
 
+	MetricsEnabled   bool
 	MetricsAddr      string        // "" serves /metrics on the main listener
 	DrainDelay       time.Duration // readiness fails this long before the listener stops
 	ServiceName      string
@@ -252,6 +253,12 @@ func settings() []setting {
 				return errors.New("want a language tag such as en-US")
 			}
 			c.VoiceLanguage = v
+			return nil
+		}},
+		{"METRICS_ENABLED", "true", "record metrics and serve /metrics", func(c *config, v string) (err error) {
+			if c.MetricsEnabled, err = strconv.ParseBool(v); err != nil {
+				return errors.New("want true or false")
+			}
 			return nil
 		}},
 		{"METRICS_ADDR", "", "serve /metrics on this separate address instead of the main one", func(c *config, v string) error {

@@ -139,7 +139,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	serveErr := make(chan error, 2)
 	go func() { serveErr <- srv.Serve(ln) }()
 	var metricsSrv *http.Server
-	if cfg.MetricsAddr != "" {
+	if cfg.MetricsEnabled && cfg.MetricsAddr != "" {
 		mln, err := net.Listen("tcp", cfg.MetricsAddr)
 		if err != nil {
 			srv.Close()
@@ -313,7 +313,8 @@ func (g *gateway) newPool(name string, targets []*url.URL) *proxy.Pool {
 	return proxy.NewPool(proxy.PoolOptions{
 		Name:      name,
 		Targets:   targets,
-		Transport: g.tel.clientTransport(g.transport),
+		Transport: g.transport,
+		Trace:     g.tel.clientSpan(),
 		OnResult: func(upstream, outcome string) {
 			g.tel.upstream.Add(context.Background(), 1, g.tel.set("upstream", upstream, "outcome", outcome))
 		},
@@ -384,7 +385,7 @@ func (g *gateway) handler() (http.Handler, error) {
 
 	rt.handle("GET", "/healthz", http.HandlerFunc(g.healthz))
 	rt.handle("GET", "/readyz", http.HandlerFunc(g.readyz))
-	if cfg.MetricsAddr == "" {
+	if cfg.MetricsEnabled && cfg.MetricsAddr == "" {
 		rt.handle("GET", "/metrics", g.tel.metricsHandler())
 	}
 
@@ -438,7 +439,7 @@ func (g *gateway) handler() (http.Handler, error) {
 	g.wsTransport = wsTransport
 	rt.handle("GET", "/api/v2/voice/stream", g.protectWS(voice.NewHandler(voice.Options{
 		AlgoURL:      g.algo.Primary(),
-		Client:       &http.Client{Transport: g.algo.Via(tel.clientTransport(wsTransport))},
+		Client:       &http.Client{Transport: g.algo.Via(wsTransport)},
 		AllowOrigin:  proxy.CORSOptions{Origins: cfg.CORSOrigins}.AllowOrigin,
 		PingInterval: cfg.VoicePing,
 		IdleTimeout:  cfg.VoiceIdle,
@@ -502,9 +503,11 @@ func (g *gateway) handler() (http.Handler, error) {
 	if tel.tracing {
 		edge = append(edge, tel.traceRequests())
 	}
+	edge = append(edge, proxy.AccessLog(g.log))
+	if tel.metrics {
+		edge = append(edge, tel.observe())
+	}
 	edge = append(edge,
-		proxy.AccessLog(g.log),
-		tel.observe(),
 		proxy.ClientIP(cfg.TrustedProxies),
 		proxy.CORS(proxy.CORSOptions{Origins: cfg.CORSOrigins}),
 		proxy.CanonicalPath(),

@@ -1044,11 +1044,9 @@ func TestOpsHealthcheck(t *testing.T) {
 // ---- 6. what telemetry costs ---------------------------------------------------------------
 
 // BenchmarkTelemetryOverhead compares small proxied GETs on the admin route through a gateway
-// exporting traces (OTLP to a collector that accepts and discards them, every request sampled)
-// with one that does not, in the same run. Metrics cannot be switched off in the gateway (the
-// observe middleware and the instruments are always on), so both variants carry them:
-// "on" is metrics + tracing, "off" is metrics only; what the metrics alone cost cannot be
-// measured from outside. benchGateway logs without the trace_id handler run adds.
+// with metrics and tracing on (OTLP to a collector that accepts and discards the spans, every
+// request sampled) and one with both off (METRICS_ENABLED=false, no OTLP endpoint), in the same
+// run. benchGateway logs without the trace_id handler run adds.
 func BenchmarkTelemetryOverhead(b *testing.B) {
 	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -1056,16 +1054,21 @@ func BenchmarkTelemetryOverhead(b *testing.B) {
 	}))
 	b.Cleanup(backend.Close)
 	collector := newFakeCollector(b, false)
-	off, _ := benchGateway(b, map[string]string{"ALGO_URL": backend.URL, "ADMIN_URL": backend.URL})
+	off, _ := benchGateway(b, map[string]string{"ALGO_URL": backend.URL, "ADMIN_URL": backend.URL,
+		"METRICS_ENABLED": "false"})
 	on, gwOn := benchGateway(b, map[string]string{"ALGO_URL": backend.URL, "ADMIN_URL": backend.URL,
 		"OTEL_EXPORTER_OTLP_ENDPOINT": collector.URL, "OTEL_TRACES_SAMPLER_ARG": "1"})
 	if !gwOn.tel.tracing {
 		b.Fatal("tracing is not on in the \"on\" gateway")
 	}
+	// What most deployments run: every request measured, one trace in ten kept.
+	sampled, _ := benchGateway(b, map[string]string{"ALGO_URL": backend.URL, "ADMIN_URL": backend.URL,
+		"OTEL_EXPORTER_OTLP_ENDPOINT": collector.URL, "OTEL_TRACES_SAMPLER_ARG": "0.1"})
 	client := benchClient(b)
 	targets := []struct{ name, url string }{
 		{"off", off.URL + "/api/v2/admin/users"},
 		{"on", on.URL + "/api/v2/admin/users"},
+		{"on-sampled-10pct", sampled.URL + "/api/v2/admin/users"},
 	}
 	// Warm both alike (connections, token cache, attribute sets), so the first measured
 	// variant does not pay for it.
@@ -1112,7 +1115,7 @@ func BenchmarkTelemetryOverhead(b *testing.B) {
 	// The machine's load drifts between the two sub-benchmarks above; alternating short rounds
 	// of the same parallel load puts the drift on both alike, for a fairer ratio.
 	b.Run("interleaved", func(b *testing.B) {
-		var spent [2]time.Duration
+		var spent [3]time.Duration
 		const workers, perWorker = 16, 25
 		round := func(url string) time.Duration {
 			start := time.Now()
@@ -1141,10 +1144,11 @@ func BenchmarkTelemetryOverhead(b *testing.B) {
 			rounds++
 		}
 		n := float64(rounds * workers * perWorker)
-		off, on := n/spent[0].Seconds(), n/spent[1].Seconds()
+		off, on, sampledRate := n/spent[0].Seconds(), n/spent[1].Seconds(), n/spent[2].Seconds()
 		b.ReportMetric(off, "off-req/s")
 		b.ReportMetric(on, "on-req/s")
 		b.ReportMetric(on/off, "on/off")
+		b.ReportMetric(sampledRate/off, "sampled10pct/off")
 	})
 	collector.mu.Lock()
 	exports, n := collector.exports, collector.bytes

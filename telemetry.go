@@ -17,6 +17,7 @@ import (
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
 	"go.opentelemetry.io/otel/metric"
+	metricnoop "go.opentelemetry.io/otel/metric/noop"
 	"go.opentelemetry.io/otel/propagation"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/resource"
@@ -35,7 +36,9 @@ type telemetry struct {
 	tracing    bool // a real exporter is configured
 	propagator propagation.TextMapPropagator
 	shutdownTP func(context.Context) error
-	meter      *sdkmetric.MeterProvider
+	metrics    bool // METRICS_ENABLED: instruments record and /metrics is served
+	meter      metric.MeterProvider
+	shutdownMP func(context.Context) error
 	registry   *prometheus.Registry
 
 	requests      metric.Int64Counter
@@ -51,7 +54,14 @@ type telemetry struct {
 	redisErrors   metric.Int64Counter
 	voiceSessions metric.Int64Counter
 
-	sets sync.Map // label values → attribute set, so recording allocates nothing once warm
+	sets    sync.Map // label values → attribute set, so recording allocates nothing once warm
+	reqSets sync.Map // requestLabels → [2]metric.MeasurementOption (with and without status)
+}
+
+// requestLabels are one request's metric labels; a comparable key needs no string building.
+type requestLabels struct {
+	method, route string
+	status        int
 }
 
 // newTelemetry sets up tracing (OTLP over HTTP when OTEL_EXPORTER_OTLP_ENDPOINT or
@@ -59,7 +69,7 @@ type telemetry struct {
 // read by a Prometheus exporter).
 func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 	t := &telemetry{
-		propagator: propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{}),
+		propagator: propagation.TraceContext{}, // W3C traceparent/tracestate
 		tracer:     noop.NewTracerProvider(),
 		shutdownTP: func(context.Context) error { return nil },
 	}
@@ -81,18 +91,23 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 		t.tracer, t.tracing, t.shutdownTP = tp, true, tp.Shutdown
 	}
 
-	t.registry = prometheus.NewRegistry()
-	exporter, err := otelprom.New(
-		otelprom.WithRegisterer(t.registry),
-		otelprom.WithoutTargetInfo(),
-		otelprom.WithoutScopeInfo(),
-		// The instruments already carry their Prometheus names.
-		otelprom.WithTranslationStrategy(otlptranslator.UnderscoreEscapingWithoutSuffixes),
-	)
-	if err != nil {
-		return nil, fmt.Errorf("metrics: %w", err)
+	t.metrics = cfg.MetricsEnabled
+	t.meter, t.shutdownMP = metricnoop.NewMeterProvider(), func(context.Context) error { return nil }
+	if t.metrics {
+		t.registry = prometheus.NewRegistry()
+		exporter, err := otelprom.New(
+			otelprom.WithRegisterer(t.registry),
+			otelprom.WithoutTargetInfo(),
+			otelprom.WithoutScopeInfo(),
+			// The instruments already carry their Prometheus names.
+			otelprom.WithTranslationStrategy(otlptranslator.UnderscoreEscapingWithoutSuffixes),
+		)
+		if err != nil {
+			return nil, fmt.Errorf("metrics: %w", err)
+		}
+		mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter), sdkmetric.WithResource(res))
+		t.meter, t.shutdownMP = mp, mp.Shutdown
 	}
-	t.meter = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter), sdkmetric.WithResource(res))
 	m := t.meter.Meter("voicegate")
 	latency := metric.WithExplicitBucketBoundaries(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
 	var errs []error
@@ -101,6 +116,7 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 			errs = append(errs, err)
 		}
 	}
+	var err error
 	t.requests, err = m.Int64Counter("http_requests_total", metric.WithDescription("HTTP requests, by method, route pattern and status."))
 	must(err)
 	t.duration, err = m.Float64Histogram("http_request_duration_seconds", metric.WithDescription("HTTP request duration (for streams and WebSockets: their whole life)."), metric.WithUnit("s"), latency)
@@ -142,7 +158,7 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 // shutdown flushes spans and stops the providers.
 func (t *telemetry) shutdown(ctx context.Context) {
 	_ = t.shutdownTP(ctx)
-	_ = t.meter.Shutdown(ctx)
+	_ = t.shutdownMP(ctx)
 }
 
 // set returns the cached attribute set for key/value pairs.
@@ -159,7 +175,20 @@ func (t *telemetry) set(kv ...string) metric.MeasurementOption {
 	return s.(metric.MeasurementOption)
 }
 
-// knownMethods bounds the method label.
+// requestSets returns the cached attribute sets of a request's labels.
+func (t *telemetry) requestSets(l requestLabels) [2]metric.MeasurementOption {
+	if s, ok := t.reqSets.Load(l); ok {
+		return s.([2]metric.MeasurementOption)
+	}
+	s := [2]metric.MeasurementOption{
+		t.set("method", l.method, "route", l.route, "status", strconv.Itoa(l.status)),
+		t.set("method", l.method, "route", l.route),
+	}
+	t.reqSets.Store(l, s)
+	return s
+}
+
+// methodLabel bounds the method label.
 func methodLabel(m string) string {
 	switch m {
 	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
@@ -191,10 +220,10 @@ func (t *telemetry) observe() proxy.Middleware {
 					status = info.Status
 				}
 			}
-			method := methodLabel(r.Method)
+			sets := t.requestSets(requestLabels{methodLabel(r.Method), route, status})
 			ctx := context.WithoutCancel(r.Context())
-			t.requests.Add(ctx, 1, t.set("method", method, "route", route, "status", strconv.Itoa(status)))
-			t.duration.Record(ctx, time.Since(start).Seconds(), t.set("method", method, "route", route))
+			t.requests.Add(ctx, 1, sets[0])
+			t.duration.Record(ctx, time.Since(start).Seconds(), sets[1])
 		})
 	}
 }
@@ -206,8 +235,7 @@ func (t *telemetry) traceRequests() proxy.Middleware {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			ctx := t.propagator.Extract(r.Context(), propagation.HeaderCarrier(r.Header))
-			ctx, span := tracer.Start(ctx, r.Method, trace.WithSpanKind(trace.SpanKindServer),
-				trace.WithAttributes(semconv.HTTPRequestMethodKey.String(methodLabel(r.Method))))
+			ctx, span := tracer.Start(ctx, r.Method, trace.WithSpanKind(trace.SpanKindServer))
 			defer span.End()
 			next.ServeHTTP(w, r.WithContext(ctx))
 			if info := proxy.InfoFrom(ctx); info != nil {
@@ -216,7 +244,8 @@ func (t *telemetry) traceRequests() proxy.Middleware {
 					route = "unmatched"
 				}
 				span.SetName(route)
-				span.SetAttributes(semconv.HTTPRoute(route), semconv.HTTPResponseStatusCode(info.Status))
+				span.SetAttributes(semconv.HTTPRequestMethodKey.String(methodLabel(r.Method)),
+					semconv.HTTPRoute(route), semconv.HTTPResponseStatusCode(info.Status))
 				if info.Status >= 500 {
 					span.SetStatus(2, http.StatusText(info.Status)) // codes.Error
 				}
@@ -225,38 +254,31 @@ func (t *telemetry) traceRequests() proxy.Middleware {
 	}
 }
 
-// clientTransport wraps an upstream transport in client spans that also carry the trace
-// context to the upstream; without tracing it is returned as is. The span covers the attempt up
-// to the response headers, which is what the gateway waits on.
-func (t *telemetry) clientTransport(rt http.RoundTripper) http.RoundTripper {
+// clientSpan starts a client span for one upstream attempt (a proxy.PoolOptions.Trace hook);
+// the trace context travels on in the request's headers. Without tracing it is nil.
+func (t *telemetry) clientSpan() func(context.Context, string) (context.Context, func(http.Header), func(int, error)) {
 	if !t.tracing {
-		return rt
+		return nil
 	}
-	return tracedTransport{rt: rt, tracer: t.tracer.Tracer("voicegate"), prop: t.propagator}
-}
-
-type tracedTransport struct {
-	rt     http.RoundTripper
-	tracer trace.Tracer
-	prop   propagation.TextMapPropagator
-}
-
-func (t tracedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	ctx, span := t.tracer.Start(r.Context(), "upstream "+methodLabel(r.Method), trace.WithSpanKind(trace.SpanKindClient),
-		trace.WithAttributes(semconv.HTTPRequestMethodKey.String(methodLabel(r.Method))))
-	defer span.End()
-	out := r.Clone(ctx) // a RoundTripper must not change the caller's request
-	t.prop.Inject(ctx, propagation.HeaderCarrier(out.Header))
-	res, err := t.rt.RoundTrip(out)
-	if err != nil {
-		span.SetStatus(2, "transport error") // codes.Error; the error text may name hosts
-		return nil, err
+	tracer := t.tracer.Tracer("voicegate")
+	return func(ctx context.Context, method string) (context.Context, func(http.Header), func(int, error)) {
+		m := methodLabel(method)
+		ctx, span := tracer.Start(ctx, "upstream "+m, trace.WithSpanKind(trace.SpanKindClient))
+		inject := func(h http.Header) { t.propagator.Inject(ctx, propagation.HeaderCarrier(h)) }
+		end := func(status int, err error) {
+			switch {
+			case err != nil:
+				span.SetStatus(2, "transport error") // codes.Error; the error text may name hosts
+			case status >= 500:
+				span.SetStatus(2, http.StatusText(status))
+			}
+			if status != 0 {
+				span.SetAttributes(semconv.HTTPRequestMethodKey.String(m), semconv.HTTPResponseStatusCode(status))
+			}
+			span.End()
+		}
+		return ctx, inject, end
 	}
-	span.SetAttributes(semconv.HTTPResponseStatusCode(res.StatusCode))
-	if res.StatusCode >= 500 {
-		span.SetStatus(2, http.StatusText(res.StatusCode))
-	}
-	return res, nil
 }
 
 // traceLogs adds trace_id and span_id to every log record made with a request's context.

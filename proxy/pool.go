@@ -30,6 +30,10 @@ type PoolOptions struct {
 	// OnResult, if set, is called with every attempt's outcome: "ok", "error_status" (502, 503,
 	// 504 from the replica), "refused", "timeout", "error" or "canceled".
 	OnResult func(upstream, outcome string)
+	// Trace, if set, starts a client span per attempt: it returns the attempt's context, a
+	// function that writes the trace context into the outgoing headers, and one that ends the
+	// span. Hooking in here costs no request copy of its own.
+	Trace func(ctx context.Context, method string) (context.Context, func(http.Header), func(status int, err error))
 }
 
 // Replica is one member of a Pool.
@@ -219,12 +223,18 @@ func (p *Pool) roundTrip(transport http.RoundTripper, req *http.Request) (*http.
 			return nil, errors.New("proxy: no replica left to try")
 		}
 		tried = append(tried, r)
-		out := req.Clone(req.Context())
+		ctx, inject, endSpan := req.Context(), func(http.Header) {}, func(int, error) {}
+		if p.o.Trace != nil {
+			ctx, inject, endSpan = p.o.Trace(ctx, req.Method)
+		}
+		out := req.Clone(ctx)
+		inject(out.Header)
 		out.URL.Scheme, out.URL.Host = r.URL.Scheme, r.URL.Host
 		if len(tried) > 1 && req.GetBody != nil {
 			body, err := req.GetBody()
 			if err != nil {
 				done("error")
+				endSpan(0, err)
 				return nil, err
 			}
 			out.Body = body
@@ -232,12 +242,14 @@ func (p *Pool) roundTrip(transport http.RoundTripper, req *http.Request) (*http.
 		res, err := transport.RoundTrip(out)
 		result := outcome(req.Context(), res, err)
 		if err != nil {
+			endSpan(0, err)
 			done(result)
 			if result == "refused" && idempotent(req) && len(tried) < len(p.replicas) {
 				continue
 			}
 			return nil, err
 		}
+		endSpan(res.StatusCode, nil) // the span covers the wait for the answer's headers
 		if res.StatusCode == http.StatusSwitchingProtocols {
 			done(result) // an upgraded connection's body must stay the raw connection
 			return res, nil
