@@ -122,6 +122,7 @@ var goodFixtures = map[string][]string{
 	"good/wildcards.json":   gatewayRoutes,
 	"good/inheritance.json": gatewayRoutes,
 	"good/decide.json":      decideRoutes,
+	"good/readme.json":      gatewayRoutes, // the worked example in README.md
 	"e2e.json":              gatewayRoutes,
 	"bench.json":            gatewayRoutes,
 }
