@@ -487,7 +487,6 @@ func (g *gateway) handler() (http.Handler, error) {
 				TrustedProxies:  cfg.TrustedProxies,
 				Name:            b.name,
 				UpstreamHeaders: auth.UpstreamHeaders,
-				Log:             g.log,
 			}), proxy.BodyLimit(cfg.MaxBodyBytes))
 		}
 		rt.handle("", b.path, g.protect(h))

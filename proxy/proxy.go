@@ -9,7 +9,6 @@ import (
 	"errors"
 	"io"
 	"log"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -115,8 +114,6 @@ type Options struct {
 	// ModifyResponse is passed to httputil.ReverseProxy. Returning an *UpstreamStatusError maps
 	// the upstream's status the same way as transport failures.
 	ModifyResponse func(*http.Response) error
-	// Log receives upstream failures at debug level (the access log carries them at the edge).
-	Log *slog.Logger
 }
 
 // New returns a ReverseProxy to o.Target: Rewrite with SetURL and a deliberate
@@ -130,10 +127,6 @@ func New(o Options) *httputil.ReverseProxy {
 	pool := o.BufferPool
 	if pool == nil {
 		pool = NewBufferPool(0)
-	}
-	logger := o.Log
-	if logger == nil {
-		logger = slog.New(slog.DiscardHandler)
 	}
 	mapper := ErrorMapper{Code: o.Code, Name: o.Name}
 	return &httputil.ReverseProxy{

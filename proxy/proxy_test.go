@@ -474,7 +474,7 @@ func TestNewUpstreamRefused(t *testing.T) {
 			tr := newTransport(t, proxy.TransportOptions{})
 			logger, logs := newLog(slog.LevelDebug)
 			p := proxy.New(proxy.Options{Target: mustURL(t, "http://"+addr+"/base"), Transport: tr,
-				Code: tt.code, Name: tt.upstream, Log: logger})
+				Code: tt.code, Name: tt.upstream})
 			front := startServer(t, edge(p, logger))
 
 			resp, err := front.Client().Get(front.URL + "/x")
