@@ -129,8 +129,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	srv := &http.Server{
 		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
-		// No WriteTimeout: it would cut every stream and voice session at that age. Streams
-		// bound themselves with pings and cancellation instead.
+		// No server-wide write deadline: it would cut every stream and voice session at that
+		// age. Streams bound themselves with pings and cancellation instead.
 		IdleTimeout:    120 * time.Second,
 		MaxHeaderBytes: 32 << 10,
 		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
@@ -357,8 +357,8 @@ func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
 		ReadBufferEachConn:  64 << 10,
 		WriteBufferEachConn: 64 << 10,
 		Dialer:              net.Dialer{Timeout: time.Second, KeepAlive: time.Second},
-		ConnWriteTimeout:    2 * time.Second,
 	}
+	opt.ConnWriteTimeout = 2 * time.Second // notice a dead Redis connection within seconds
 	deadline := time.Now().Add(cfg.RedisConnectWithin)
 	for {
 		client, err := rueidis.NewClient(opt)
@@ -443,7 +443,7 @@ func (g *gateway) handler() (http.Handler, error) {
 		AllowOrigin:  proxy.CORSOptions{Origins: cfg.CORSOrigins}.AllowOrigin,
 		PingInterval: cfg.VoicePing,
 		IdleTimeout:  cfg.VoiceIdle,
-		WriteTimeout: cfg.VoiceWriteTimeout,
+		StallTimeout: cfg.VoiceWriteTimeout,
 		QueueBytes:   cfg.VoiceQueueBytes,
 		RawAudio:     cfg.VoiceRawAudio,
 		Audio:        voice.AudioConfig{Language: cfg.VoiceLanguage},

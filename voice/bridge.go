@@ -47,8 +47,9 @@ type Options struct {
 	// IdleTimeout closes a session with no message from the client for this long; zero means 5
 	// minutes.
 	IdleTimeout time.Duration
-	// WriteTimeout bounds one write (checked on the session's timer); zero means 10 s.
-	WriteTimeout time.Duration
+	// StallTimeout drops a peer whose write has been stuck this long (checked on the session's
+	// timer, so writes carry no deadline of their own); zero means 10 s.
+	StallTimeout time.Duration
 	// QueueBytes bounds what may wait to be written to each side; zero means 512 KiB. A side
 	// that lets it fill gets an error message and close 1013.
 	QueueBytes int
@@ -110,7 +111,7 @@ func NewHandler(o Options) *Handler {
 	def(&o.DialTimeout, 5*time.Second)
 	def(&o.PingInterval, 30*time.Second)
 	def(&o.IdleTimeout, 5*time.Minute)
-	def(&o.WriteTimeout, 10*time.Second)
+	def(&o.StallTimeout, 10*time.Second)
 	def(&o.RecheckInterval, 500*time.Millisecond)
 	if o.ReadLimit <= 0 {
 		o.ReadLimit = 1 << 20
@@ -667,11 +668,11 @@ func (s *session) onTick() {
 		}
 	}
 	now := time.Now()
-	if s.toClient.stuck(now) > o.WriteTimeout {
+	if s.toClient.stuck(now) > o.StallTimeout {
 		s.clientDead("client not reading")
 		return
 	}
-	if s.toUp.stuck(now) > o.WriteTimeout {
+	if s.toUp.stuck(now) > o.StallTimeout {
 		s.upstreamDead("the algorithm service is not reading")
 		return
 	}

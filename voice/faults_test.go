@@ -531,7 +531,7 @@ func TestSlowClientGetsErrorMessage(t *testing.T) {
 func TestSlowAlgoService(t *testing.T) {
 	o := fast()
 	o.QueueBytes = 256 << 10
-	o.WriteTimeout = 500 * time.Millisecond
+	o.StallTimeout = 500 * time.Millisecond
 	o.RawAudio = true
 	e := newEnv(t, setup{opts: o, serve: neverRead})
 	cl := e.connect(t, "", nil)
@@ -559,7 +559,7 @@ func TestSlowAlgoService(t *testing.T) {
 		t.Errorf("error messages %v, want [SLOW_CONSUMER]", codes)
 	}
 	// The gateway's close handshake with a service that reads nothing cannot complete; the
-	// library gives up on it after 5 s, whatever WriteTimeout says.
+	// library gives up on it after 5 s, whatever StallTimeout says.
 	eventually(t, 6*time.Second, "registry drops the session", func() bool { return e.reg.Len() == 0 })
 	t.Logf("session gone after %v", time.Since(start))
 }
