@@ -52,9 +52,3 @@ func (c *tokenCache) put(key [sha256.Size]byte, id *Identity, now time.Time) {
 	}
 	c.entries[key] = id
 }
-
-func (c *tokenCache) len() int {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return len(c.entries)
-}

@@ -429,12 +429,6 @@ func CORS(o CORSOptions) Middleware {
 	}
 }
 
-// IsPreflight reports whether r is a CORS preflight request, which carries no credentials.
-func IsPreflight(r *http.Request) bool {
-	return r.Method == http.MethodOptions && r.Header.Get("Origin") != "" &&
-		r.Header.Get("Access-Control-Request-Method") != ""
-}
-
 // BodyLimit refuses bodies over limit bytes with 413: at once when Content-Length says so,
 // otherwise when the reader crosses the limit (the handler or proxy then maps
 // *http.MaxBytesError to 413).

@@ -1042,32 +1042,6 @@ func TestCORSAllowOrigin(t *testing.T) {
 	}
 }
 
-func TestIsPreflight(t *testing.T) {
-	tests := []struct {
-		name, method, origin, reqMethod string
-		want                            bool
-	}{
-		{"preflight", "OPTIONS", "https://a.example", "POST", true},
-		{"no origin", "OPTIONS", "", "POST", false},
-		{"no request method", "OPTIONS", "https://a.example", "", false},
-		{"not OPTIONS", "POST", "https://a.example", "POST", false},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			req := httptest.NewRequest(tt.method, "/", nil)
-			if tt.origin != "" {
-				req.Header.Set("Origin", tt.origin)
-			}
-			if tt.reqMethod != "" {
-				req.Header.Set("Access-Control-Request-Method", tt.reqMethod)
-			}
-			if got := proxy.IsPreflight(req); got != tt.want {
-				t.Errorf("IsPreflight = %v, want %v", got, tt.want)
-			}
-		})
-	}
-}
-
 func TestBodyLimit(t *testing.T) {
 	const limit = 16
 	tests := []struct {
