@@ -401,6 +401,7 @@ func TestVoiceBrowserAuth(t *testing.T) {
 		t.Errorf("the dial's query %q, want session_id %s, conversation_id c-browser, language en-US", d.RawQuery, v.id)
 	}
 
+	eventually(t, 2*time.Second, "the upstream session is open", func() bool { return algo.open.Load() == 1 })
 	if err := v.conn.Close(websocket.StatusNormalClosure, "bye"); err != nil {
 		t.Errorf("closing the session: %v", err)
 	}
