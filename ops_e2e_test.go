@@ -153,10 +153,11 @@ func waitNoVoice(t *testing.T, g *testGateway) {
 	})
 }
 
-// deadAddr returns a loopback address where nothing listens (for now).
+// deadAddr returns a loopback address where nothing listens (for now). It is on 127.0.0.2,
+// where no test server binds, so the port cannot be handed to another listener meanwhile.
 func deadAddr(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", "127.0.0.2:0")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -33,7 +33,8 @@ type testRedis struct {
 	out  *syncBuffer   // redis-server's own log, for failure messages
 }
 
-// startRedis starts redis-server on 127.0.0.1 and a free port, and kills it at cleanup. Without
+// startRedis starts redis-server on 127.0.0.3 (where nothing else in the tests binds, so a port
+// freed by Kill is still free for Restart) and a free port, and kills it at cleanup. Without
 // redis-server on PATH the test is skipped, or fails when VOICEGATE_REQUIRE_REDIS=1 (as in CI).
 func startRedis(t *testing.T) *testRedis {
 	t.Helper()
@@ -67,7 +68,7 @@ func startRedis(t *testing.T) *testRedis {
 
 // freePort returns a loopback TCP port that was free a moment ago.
 func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", redisHost+":0")
 	if err != nil {
 		return 0, err
 	}
@@ -79,7 +80,7 @@ func freePort() (int, error) {
 func (r *testRedis) launch() error {
 	cmd := exec.Command(r.bin,
 		"--save", "", "--appendonly", "no", "--protected-mode", "no",
-		"--port", strconv.Itoa(r.port), "--bind", "127.0.0.1", "--dir", r.dir)
+		"--port", strconv.Itoa(r.port), "--bind", redisHost, "--dir", r.dir)
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
@@ -133,7 +134,10 @@ func ping(addr string) error {
 }
 
 // Addr is host:port.
-func (r *testRedis) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(r.port)) }
+func (r *testRedis) Addr() string { return net.JoinHostPort(redisHost, strconv.Itoa(r.port)) }
+
+// redisHost is the loopback address the test Redis servers use.
+const redisHost = "127.0.0.3"
 
 // URL is the REDIS_URL of database 0.
 func (r *testRedis) URL() string { return "redis://" + r.Addr() + "/0" }
