@@ -25,35 +25,7 @@ import (
 // be inspected (wantError reads it).
 func call(t *testing.T, g *testGateway, method, path, token, body string) *http.Response {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	var rd io.Reader
-	if body != "" {
-		rd = strings.NewReader(body)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, g.URL+path, rd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if body != "" {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	if token == "" {
-		req.Header.Set("X-Test-No-Token", "1") // not even the client's default admin token
-	} else {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	res, err := g.Client.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	raw, err := io.ReadAll(res.Body)
-	res.Body.Close()
-	if err != nil {
-		t.Fatalf("%s %s: read body: %v", method, path, err)
-	}
-	res.Body = io.NopCloser(bytes.NewReader(raw))
-	return res
+	return callWith(t, g, method, path, token, body, nil)
 }
 
 // wantStatus fails the test unless res has the status.

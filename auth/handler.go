@@ -72,7 +72,7 @@ func NewRevokeHandler(o RevokeOptions) http.Handler {
 			return
 		}
 		can := func(perm string) bool { return o.Can != nil && o.Can(r, perm) }
-		ctx, cancel := contextWithBudget(r, o.Budget)
+		ctx, cancel := context.WithTimeout(r.Context(), o.Budget)
 		defer cancel()
 		now := o.Now()
 		var result map[string]any
@@ -103,8 +103,4 @@ func NewRevokeHandler(o RevokeOptions) http.Handler {
 		w.Header().Set("Content-Type", "application/json; charset=utf-8")
 		_ = json.NewEncoder(w).Encode(result)
 	})
-}
-
-func contextWithBudget(r *http.Request, budget time.Duration) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(r.Context(), budget)
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"slices"
 	"sort"
@@ -164,7 +165,7 @@ func Compile(f *File, routes []string, extraPerms []string) (*Policy, error) {
 		}
 		cb := &binding{perm: b.Permission, methods: b.Methods, ownerOverride: b.OwnerOverride, class: b.Class,
 			lease: b.Lease, tenantParam: strings.Contains(b.Route, "{tenant_id"), userParam: strings.Contains(b.Route, "{user_id")}
-		for _, s := range append([]string{b.Permission, b.OwnerOverride}, mapValues(b.Methods)...) {
+		for _, s := range append([]string{b.Permission, b.OwnerOverride}, slices.Collect(maps.Values(b.Methods))...) {
 			if err := add(s); err != nil {
 				return nil, fmt.Errorf("policy: route %q: %w", b.Route, err)
 			}
@@ -211,14 +212,6 @@ func Compile(f *File, routes []string, extraPerms []string) (*Policy, error) {
 	}
 	p.Rules = rules
 	return p, nil
-}
-
-func mapValues(m map[string]string) []string {
-	out := make([]string, 0, len(m))
-	for _, v := range m {
-		out = append(out, v)
-	}
-	return out
 }
 
 func (l Limits) check() error {

@@ -39,7 +39,8 @@ type Options struct {
 	// RetryAfter is the reconnect hint sent with server_shutdown; zero means 5s.
 	RetryAfter time.Duration
 	// OnEvent, if set, is called with the name of every event written (for metrics). Upstream
-	// types outside KnownEvents are reported as "other", so the names form a small set.
+	// types outside the contract's (retrieval_*, generation_*, done, error) are reported as
+	// "other", so the names form a small set.
 	OnEvent func(name string)
 	// OnFirstLine, if set, is called when the first upstream line arrives.
 	OnFirstLine func()

@@ -9,6 +9,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -473,7 +474,7 @@ func (s *session) run() {
 
 func (s *session) sendInit() {
 	b := s.h.getBuf()
-	msg, _ := jsonMarshal(sessionInitialized{
+	msg, _ := json.Marshal(sessionInitialized{
 		Type: TypeSessionInitialized, SessionID: s.info.SessionID,
 		Config: AudioConfig{SampleRate: s.cfg.SampleRate, Channels: s.cfg.Channels, Format: s.cfg.Format,
 			Language: s.cfg.Language, VADEnabled: true, NoiseSuppression: true, EchoCancellation: true},

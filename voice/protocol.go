@@ -154,5 +154,3 @@ func upstreamType(msg []byte) []byte {
 	}
 	return rest[1 : 1+end]
 }
-
-func jsonMarshal(v any) ([]byte, error) { return json.Marshal(v) }
