@@ -72,7 +72,6 @@ type config struct {
 	VoicePing         time.Duration
 	VoiceIdle         time.Duration
 	VoiceWriteTimeout time.Duration
-	VoiceQueueBytes   int
 	VoiceRawAudio     bool
 	VoiceLanguage     string
 
@@ -233,15 +232,7 @@ func settings() []setting {
 		}},
 		{"VOICE_PING_INTERVAL", "30s", "WebSocket keepalive; a peer silent for two intervals is dead", durationSetting(func(c *config) *time.Duration { return &c.VoicePing }, 10*time.Millisecond)},
 		{"VOICE_IDLE_TIMEOUT", "5m", "close a voice session with no client message for this long", durationSetting(func(c *config) *time.Duration { return &c.VoiceIdle }, 10*time.Millisecond)},
-		{"VOICE_WRITE_TIMEOUT", "10s", "bound on one WebSocket write", durationSetting(func(c *config) *time.Duration { return &c.VoiceWriteTimeout }, 10*time.Millisecond)},
-		{"VOICE_QUEUE_BYTES", "524288", "bytes that may wait for each side of a voice session before it is closed 1013", func(c *config, v string) error {
-			n, err := strconv.Atoi(v)
-			if err != nil || n < 1024 {
-				return errors.New("want a byte count of at least 1024")
-			}
-			c.VoiceQueueBytes = n
-			return nil
-		}},
+		{"VOICE_WRITE_TIMEOUT", "10s", "bound on every write to either side of a voice session; a side that takes longer is dropped (1013)", durationSetting(func(c *config) *time.Duration { return &c.VoiceWriteTimeout }, 10*time.Millisecond)},
 		{"VOICE_RAW_AUDIO", "false", "relay client audio as binary frames untouched, not as audio_chunk JSON", func(c *config, v string) (err error) {
 			if c.VoiceRawAudio, err = strconv.ParseBool(v); err != nil {
 				return errors.New("want true or false")

@@ -197,7 +197,7 @@ type gateway struct {
 	cfg         *config
 	log         *slog.Logger
 	transport   *http.Transport
-	wsTransport *http.Transport // voice dials
+	voice       *voice.Handler // its dials' idle connections close with the gateway
 	pool        *proxy.BufferPool
 	tel         *telemetry
 	algo        *proxy.Pool
@@ -338,8 +338,8 @@ func (g *gateway) close() {
 		g.redis.Close()
 	}
 	g.transport.CloseIdleConnections()
-	if g.wsTransport != nil {
-		g.wsTransport.CloseIdleConnections()
+	if g.voice != nil {
+		g.voice.Close()
 	}
 }
 
@@ -433,18 +433,13 @@ func (g *gateway) handler() (http.Handler, error) {
 		MaxLifetime: cfg.JWTMaxLifetime,
 	})))
 
-	// WebSocket dials need HTTP/1.1 (the upgrade); they share the replicas' health with chat.
-	wsTransport := proxy.NewTransport(proxy.TransportOptions{})
-	wsTransport.ForceAttemptHTTP2 = false
-	g.wsTransport = wsTransport
-	rt.handle("GET", "/api/v2/voice/stream", g.protectWS(voice.NewHandler(voice.Options{
+	g.voice = voice.NewHandler(voice.Options{
 		AlgoURL:      g.algo.Primary(),
-		Client:       &http.Client{Transport: g.algo.Via(wsTransport)},
+		Via:          g.algo.Via, // voice dials share the replicas' health with chat
 		AllowOrigin:  proxy.CORSOptions{Origins: cfg.CORSOrigins}.AllowOrigin,
 		PingInterval: cfg.VoicePing,
 		IdleTimeout:  cfg.VoiceIdle,
-		StallTimeout: cfg.VoiceWriteTimeout,
-		QueueBytes:   cfg.VoiceQueueBytes,
+		WriteTimeout: cfg.VoiceWriteTimeout,
 		RawAudio:     cfg.VoiceRawAudio,
 		Audio:        voice.AudioConfig{Language: cfg.VoiceLanguage},
 		Registry:     g.voices,
@@ -466,7 +461,8 @@ func (g *gateway) handler() (http.Handler, error) {
 			tel.voiceSessions.Add(bg, 1, tel.set("code", strconv.Itoa(int(s.CloseCode))))
 		},
 		Log: g.log,
-	})))
+	})
+	rt.handle("GET", "/api/v2/voice/stream", g.protectWS(g.voice))
 	rt.handle("GET", "/api/v2/voice/sessions", g.protect(http.HandlerFunc(g.voiceSessions)))
 
 	for _, b := range []struct {
@@ -537,12 +533,15 @@ func (g *gateway) protectWS(h http.Handler) http.Handler {
 // recheck tells a long-lived voice session whether its token still holds: revoked, expired or
 // disabled ends it. A revocation store that cannot answer does not: a Redis blip must not
 // drop every call in progress.
-func (g *gateway) recheck(ctx context.Context, r *http.Request) error {
-	perr := g.authn.Check(ctx, auth.FromContext(r.Context()))
-	if perr == nil || perr.Status != http.StatusUnauthorized {
-		return nil
+func (g *gateway) recheck(r *http.Request) func(context.Context) error {
+	id := auth.FromContext(r.Context())
+	return func(ctx context.Context) error {
+		perr := g.authn.Check(ctx, id)
+		if perr == nil || perr.Status != http.StatusUnauthorized {
+			return nil
+		}
+		return errors.New(perr.Message)
 	}
-	return errors.New(perr.Message)
 }
 
 // voiceSessions lists the live voice sessions of every instance.

@@ -17,18 +17,11 @@ import (
 	"voicegate/voice"
 )
 
-// fast are the options of most tests: their sessions never tick (no keepalive, recheck or idle
-// check), because a session's first tick races with run storing its timer unless the client has
-// spoken first (see TestFirstTickBeforeTimerStored, a BUG), and -race reports that in whichever
-// test meets it first.
+// fast are the options of the tests on real sockets and real time: their sessions' clock finds
+// nothing to do (no keepalive, recheck or idle timeout within a test). The tests of what the
+// clock does run on fake time (timing_test.go).
 func fast() voice.Options {
 	return voice.Options{PingInterval: time.Hour, RecheckInterval: time.Hour}
-}
-
-// ticking are the options of the keepalive, idle and recheck tests: a tick every 50 ms, a ping
-// every 200 ms. Their clients speak first.
-func ticking() voice.Options {
-	return voice.Options{PingInterval: 200 * time.Millisecond, RecheckInterval: 50 * time.Millisecond}
 }
 
 // frame returns a 640-byte audio frame (20 ms of 16 kHz mono PCM) filled from seed.
@@ -138,7 +131,7 @@ func TestRequestIDGeneratedForDial(t *testing.T) {
 }
 
 func TestAlgoURLWithBasePath(t *testing.T) {
-	f := newFake(t, nil, false)
+	f := newFake(t, loopback{}, nil, false)
 	o := fast()
 	o.AlgoURL = mustURL(t, f.srv.URL+"/algo/v1")
 	e := newEnv(t, setup{opts: o})

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
@@ -18,6 +17,7 @@ import (
 	"github.com/coder/websocket"
 	"go.uber.org/goleak"
 
+	"voicegate/policy"
 	"voicegate/proxy"
 	"voicegate/voice"
 )
@@ -47,24 +47,45 @@ type setup struct {
 	// quiet makes the fake keep no messages and publish no connections, so that nothing but
 	// the live sessions holds memory (leak test, benchmarks).
 	quiet bool
+	// net is where everything listens and dials; nil means loopback. Tests on fake time
+	// (testing/synctest) use a memNet.
+	net network
+	// lease, when set, holds a concurrency slot of this cap for every session, as the policy's
+	// middleware does in front of the handler.
+	lease *policy.MemoryLeases
 }
 
-// env is a gateway (voice.Handler behind proxy.RequestID on an httptest.Server) in front of a
-// fake algorithm service.
+// env is a gateway (voice.Handler behind proxy.RequestID) in front of a fake algorithm
+// service.
 type env struct {
-	fake     *fake
-	gw       *httptest.Server
-	reg      *voice.Registry
-	ends     chan voice.Stats // from OnEnd, dropped when nobody reads them
-	handlers sync.WaitGroup   // gateway handlers still running (hijacked ones included)
+	net    network
+	fake   *fake
+	gw     *server
+	h      *voice.Handler
+	reg    *voice.Registry
+	ends   chan voice.Stats // from OnEnd, dropped when nobody reads them
+	client *http.Client
+
+	mu      sync.Mutex
+	running int           // gateway handlers still running (hijacked ones included)
+	changed chan struct{} // closed and replaced whenever a handler returns
 }
 
 func newEnv(tb testing.TB, s setup) *env {
 	tb.Helper()
-	e := &env{fake: newFake(tb, s.serve, s.quiet), ends: make(chan voice.Stats, 64)}
+	n := s.net
+	if n == nil {
+		n = loopback{}
+	}
+	e := &env{net: n, fake: newFake(tb, n, s.serve, s.quiet), ends: make(chan voice.Stats, 64),
+		changed: make(chan struct{})}
+	e.client = &http.Client{Transport: clientTransport(tb, n)}
 	o := s.opts
 	if o.AlgoURL == nil {
 		o.AlgoURL = mustURL(tb, e.fake.srv.URL)
+	}
+	if o.DialContext == nil {
+		o.DialContext = n.dial
 	}
 	if o.Registry == nil {
 		o.Registry = voice.NewRegistry(voice.RegistryOptions{Instance: "gw-test"})
@@ -78,26 +99,99 @@ func newEnv(tb testing.TB, s setup) *env {
 			}
 		}
 	}
-	h := voice.NewHandler(o)
-	e.gw = httptest.NewServer(e.track(proxy.Chain(h, proxy.RequestID())))
+	e.h = voice.NewHandler(o)
+	var h http.Handler = e.h
+	if s.lease != nil {
+		h = leased(s.lease, h)
+	}
+	e.gw = serve(tb, n, e.track(proxy.Chain(h, proxy.RequestID())))
 	// Runs before the fake's clean-up (LIFO): sessions end first, then the fake goes.
 	tb.Cleanup(func() {
-		e.gw.Close() // does not wait for hijacked connections: the registry and e.handlers do
+		e.gw.srv.Close() // does not wait for hijacked connections: the registry and e.idle do
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		e.reg.CloseAll(ctx, websocket.StatusGoingAway, "", "test over")
 		cancel()
-		waitGroup(tb, &e.handlers, 10*time.Second, "gateway handlers")
+		if e.handlers() > 0 {
+			e.idle(tb, 10*time.Second)
+		}
+		e.h.Close()
 	})
 	return e
 }
 
-// track counts running gateway handlers, so a test ends only after its sessions did.
-func (e *env) track(h http.Handler) http.Handler {
+// testUser is the user whose slot leased takes.
+const testUser = "u-lease"
+
+// leased holds one slot of leases for testUser while h runs, like the policy's middleware.
+func leased(leases *policy.MemoryLeases, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		e.handlers.Add(1)
-		defer e.handlers.Done()
+		release, err := leases.Acquire(r.Context(), policy.LeaseRequest{Kind: "voice", User: testUser, PerUser: 1})
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusTooManyRequests)
+			return
+		}
+		defer release()
 		h.ServeHTTP(w, r)
 	})
+}
+
+// track counts running gateway handlers, so that a test can wait until sessions are over: a
+// handler returns only after its session ended, and its registry entry and lease are released.
+func (e *env) track(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		e.mu.Lock()
+		e.running++
+		e.mu.Unlock()
+		defer func() {
+			e.mu.Lock()
+			e.running--
+			close(e.changed)
+			e.changed = make(chan struct{})
+			e.mu.Unlock()
+		}()
+		h.ServeHTTP(w, r)
+	})
+}
+
+// running waits until at most n gateway handlers run.
+func (e *env) runningAtMost(tb testing.TB, n int, within time.Duration) {
+	tb.Helper()
+	deadline := time.After(within)
+	for {
+		e.mu.Lock()
+		running, ch := e.running, e.changed
+		e.mu.Unlock()
+		if running <= n {
+			return
+		}
+		select {
+		case <-ch:
+		case <-deadline:
+			tb.Fatalf("%d gateway handlers still running after %v, want at most %d", running, within, n)
+		}
+	}
+}
+
+// idle waits until no gateway handler runs.
+func (e *env) idle(tb testing.TB, within time.Duration) {
+	tb.Helper()
+	e.runningAtMost(tb, 0, within)
+}
+
+// gone waits until every session is over, and checks that the registry has let go of them.
+func (e *env) gone(tb testing.TB) {
+	tb.Helper()
+	e.idle(tb, wait)
+	if n := e.reg.Len(); n != 0 {
+		tb.Errorf("the registry holds %d sessions after every handler returned", n)
+	}
+}
+
+// handlers reports how many gateway handlers run.
+func (e *env) handlers() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.running
 }
 
 // url returns the gateway's voice URL with query.
@@ -119,7 +213,7 @@ func (e *env) dial(ctx context.Context, query string, opts *websocket.DialOption
 		o.Subprotocols = []string{voice.Subprotocol}
 	}
 	if o.HTTPClient == nil {
-		o.HTTPClient = e.gw.Client() // its idle connections close with the server
+		o.HTTPClient = e.client
 	}
 	c, res, err := websocket.Dial(ctx, e.url(query), &o)
 	if c != nil {
@@ -247,7 +341,7 @@ type behaviour func(fc *fakeConn)
 
 // fake is the algorithm service: it accepts voice-protocol-v2 WebSockets on any path.
 type fake struct {
-	srv   *httptest.Server
+	srv   *server
 	serve behaviour
 	quiet bool
 	dials atomic.Int64
@@ -271,15 +365,13 @@ type fakeConn struct {
 	sent   atomic.Int64
 }
 
-func newFake(tb testing.TB, serve behaviour, quiet bool) *fake {
-	if serve == nil {
-		serve = record
+func newFake(tb testing.TB, n network, b behaviour, quiet bool) *fake {
+	if b == nil {
+		b = record
 	}
-	f := &fake{serve: serve, quiet: quiet, conns: make(chan *fakeConn, 8192), stop: make(chan struct{}),
+	f := &fake{serve: b, quiet: quiet, conns: make(chan *fakeConn, 8192), stop: make(chan struct{}),
 		live: map[*fakeConn]bool{}}
-	f.srv = httptest.NewServer(http.HandlerFunc(f.handle))
 	tb.Cleanup(func() {
-		f.srv.Close()
 		close(f.stop)
 		f.mu.Lock()
 		for fc := range f.live {
@@ -288,6 +380,7 @@ func newFake(tb testing.TB, serve behaviour, quiet bool) *fake {
 		f.mu.Unlock()
 		waitGroup(tb, &f.wg, 10*time.Second, "fake handlers")
 	})
+	f.srv = serve(tb, n, http.HandlerFunc(f.handle)) // stopped first: clean-ups run last in, first out
 	return f
 }
 
@@ -439,7 +532,9 @@ func (fc *fakeConn) ended(tb testing.TB, within time.Duration) error {
 func rawUpgrade(tb testing.TB, e *env) net.Conn {
 	tb.Helper()
 	u := mustURL(tb, e.gw.URL)
-	conn, err := net.DialTimeout("tcp", u.Host, wait)
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	conn, err := e.net.dial(ctx, "tcp", u.Host)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -452,6 +547,7 @@ func rawUpgrade(tb testing.TB, e *env) net.Conn {
 	}
 	conn.SetReadDeadline(time.Now().Add(wait))
 	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	conn.SetReadDeadline(time.Time{})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -484,18 +580,6 @@ func status(res *http.Response) string {
 		return "none"
 	}
 	return res.Status
-}
-
-// eventually polls cond every few milliseconds until it holds or within runs out.
-func eventually(tb testing.TB, within time.Duration, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 func waitGroup(tb testing.TB, wg *sync.WaitGroup, within time.Duration, what string) {

@@ -6,18 +6,10 @@ import (
 	"encoding/json"
 	"strconv"
 	"time"
-
-	"github.com/coder/websocket"
 )
 
 // Subprotocol is the voice protocol's WebSocket subprotocol.
 const Subprotocol = "voice-protocol-v2"
-
-// Close codes beyond RFC 6455's.
-const (
-	// CloseTokenInvalid ends a session whose token expired or was revoked.
-	CloseTokenInvalid websocket.StatusCode = 4401
-)
 
 // Message types the gateway itself sends to the client.
 const (

@@ -98,12 +98,12 @@ func (r *Registry) add(ctx context.Context, s *session) {
 	}
 }
 
-func (r *Registry) remove(s *session) {
+func (r *Registry) remove(ctx context.Context, s *session) {
 	r.mu.Lock()
 	delete(r.sessions, s.info.SessionID)
 	r.mu.Unlock()
 	if r.redis != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		ctx, cancel := context.WithTimeout(ctx, time.Second)
 		r.redis.DoMulti(ctx,
 			r.redis.B().Del().Key(r.key(s.info.SessionID)).Build(),
 			r.redis.B().Zrem().Key(r.index()).Member(s.info.SessionID).Build())
@@ -206,7 +206,7 @@ func (r *Registry) List(ctx context.Context) ([]Info, error) {
 // until they are gone or ctx ends; then it drops what is left without handshakes and returns.
 func (r *Registry) CloseAll(ctx context.Context, code websocket.StatusCode, errCode, reason string) {
 	for _, s := range r.local() {
-		s.end(code, errCode, reason)
+		s.end(ending{code: code, errCode: errCode, reason: reason, upCode: upCodeFor(code)})
 	}
 	t := time.NewTicker(10 * time.Millisecond)
 	defer t.Stop()

@@ -1,0 +1,364 @@
+package voice
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
+
+	"voicegate/proxy"
+)
+
+// Options configures the voice handler. Zero values pick the defaults named.
+type Options struct {
+	// AlgoURL is the algorithm service; sessions dial {AlgoURL}/voice/stream as ws or wss.
+	AlgoURL *url.URL
+	// Via, if set, wraps the transport the dials go through (replica balancing and health).
+	Via func(http.RoundTripper) http.RoundTripper
+	// DialContext makes the algorithm service's TCP connections; nil means a net.Dialer.
+	// Tests use it to dial an in-memory network.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// DialTimeout bounds the dial and handshake; zero means 5 s.
+	DialTimeout time.Duration
+	// AllowOrigin decides browser origins (CORS_ORIGINS). Same-host origins and requests without
+	// Origin (non-browser clients) are always allowed.
+	AllowOrigin func(origin string) bool
+	// ReadLimit bounds one message from either side; zero means 1 MiB. Over it: close 1009.
+	ReadLimit int64
+	// PingInterval is the keepalive period on both connections; a peer that has not answered a
+	// ping within another period is dead. Zero means 30 s (dead within 60 s).
+	PingInterval time.Duration
+	// IdleTimeout closes a session with no message from the client for this long; zero means 5
+	// minutes.
+	IdleTimeout time.Duration
+	// WriteTimeout bounds every write to either side; a side that does not take a write within
+	// it is dropped and the session closed 1013 (SLOW_CONSUMER). Zero means 10 s.
+	WriteTimeout time.Duration
+	// RawAudio relays client audio to the algorithm service as binary frames, untouched, instead
+	// of audio_chunk JSON messages.
+	RawAudio bool
+	// Audio is the session's audio format; zero fields mean 16 kHz, mono, pcm, "zh-CN".
+	Audio AudioConfig
+	// Registry tracks sessions; nil means a private, local one.
+	Registry *Registry
+	// Owner names the request's user and tenant.
+	Owner func(r *http.Request) (userID, tenantID string)
+	// Recheck, if set, is called once as a session starts; the function it returns is then
+	// called every RecheckInterval, and an error (a revoked or expired token) closes the session
+	// with 4401. It must not keep r.
+	Recheck         func(r *http.Request) func(ctx context.Context) error
+	RecheckInterval time.Duration // zero means 500 ms
+	// UpstreamHeaders adds headers to the dial (identity, trace context).
+	UpstreamHeaders func(in *http.Request, out http.Header)
+	// OnStart and OnEnd, if set, are called as sessions begin and end (metrics, logs).
+	OnStart func()
+	OnEnd   func(Stats)
+	Log     *slog.Logger
+}
+
+// Handler is the GET /api/v2/voice/stream handler.
+type Handler struct {
+	o         Options
+	ws        *url.URL
+	transport *http.Transport // voice dials only: they need HTTP/1.1, and their sockets wrapped
+	client    *http.Client
+	timers    *timers
+	bufs      sync.Pool // *[]byte message buffers, taken only while a message is in hand
+}
+
+// closeWait is how long the end of a session waits for close handshakes before it drops the
+// sockets: a healthy peer answers in milliseconds.
+const closeWait = time.Second
+
+// NewHandler returns the voice handler. Close releases its idle upstream connections.
+func NewHandler(o Options) *Handler {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&o.DialTimeout, 5*time.Second)
+	def(&o.PingInterval, 30*time.Second)
+	def(&o.IdleTimeout, 5*time.Minute)
+	def(&o.WriteTimeout, 10*time.Second)
+	def(&o.RecheckInterval, 500*time.Millisecond)
+	if o.ReadLimit <= 0 {
+		o.ReadLimit = 1 << 20
+	}
+	if o.Audio.SampleRate == 0 {
+		o.Audio.SampleRate = 16000
+	}
+	if o.Audio.Channels == 0 {
+		o.Audio.Channels = 1
+	}
+	if o.Audio.Format == "" {
+		o.Audio.Format = "pcm"
+	}
+	if o.Audio.Language == "" {
+		o.Audio.Language = "zh-CN"
+	}
+	if o.Registry == nil {
+		o.Registry = NewRegistry(RegistryOptions{})
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	dial := o.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{Timeout: o.DialTimeout, KeepAlive: 30 * time.Second}).DialContext
+	}
+	transport := &http.Transport{
+		Proxy:               nil, // upstreams are internal
+		DialContext:         (&Dialer{DialContext: dial, ReadTimeout: o.readTimeout(), WriteTimeout: o.WriteTimeout}).Dial,
+		TLSHandshakeTimeout: o.DialTimeout,
+		MaxIdleConnsPerHost: 16,
+		IdleConnTimeout:     90 * time.Second,
+		WriteBufferSize:     1 << 10, // only the upgrade request goes through these
+		ReadBufferSize:      1 << 10,
+	}
+	var rt http.RoundTripper = transport
+	if o.Via != nil {
+		rt = o.Via(transport)
+	}
+	ws := o.AlgoURL.JoinPath("voice", "stream")
+	if !strings.HasPrefix(ws.Path, "/") {
+		ws.Path = "/" + ws.Path
+	}
+	switch ws.Scheme {
+	case "https":
+		ws.Scheme = "wss"
+	default:
+		ws.Scheme = "ws"
+	}
+	h := &Handler{o: o, ws: ws, transport: transport, client: &http.Client{Transport: rt}}
+	h.timers = newTimers(h)
+	h.bufs.New = func() any { b := make([]byte, 0, 4<<10); return &b }
+	return h
+}
+
+// readTimeout bounds every socket read: a peer that answers no ping sends nothing at all, and
+// is dead after two ping intervals (plus a write timeout, which a reader blocked in a write
+// may spend before it reads again).
+func (o *Options) readTimeout() time.Duration { return 2*o.PingInterval + o.WriteTimeout }
+
+// Close releases the handler's idle upstream connections. Sessions end on their own (see
+// Registry.CloseAll).
+func (h *Handler) Close() { h.transport.CloseIdleConnections() }
+
+func (h *Handler) getBuf() *[]byte { return h.bufs.Get().(*[]byte) }
+
+func (h *Handler) putBuf(b *[]byte) {
+	if cap(*b) > 64<<10 {
+		return // let big, rare buffers go
+	}
+	*b = (*b)[:0]
+	h.bufs.Put(b)
+}
+
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !isUpgrade(r) {
+		w.Header().Set("Upgrade", "websocket")
+		proxy.Errorf(w, r, http.StatusUpgradeRequired, proxy.CodeValidation, "this route speaks WebSocket only")
+		return
+	}
+	if origin := r.Header.Get("Origin"); origin != "" && !sameHost(origin, r.Host) &&
+		(h.o.AllowOrigin == nil || !h.o.AllowOrigin(origin)) {
+		proxy.Errorf(w, r, http.StatusForbidden, proxy.CodePermission, "origin not allowed")
+		return
+	}
+	q := r.URL.Query()
+	conversation, language := q.Get("conversation_id"), q.Get("language")
+	if !validValue(conversation, 256) || !validLanguage(language) {
+		proxy.Errorf(w, r, http.StatusBadRequest, proxy.CodeValidation,
+			"conversation_id must be at most 256 printable characters and language a tag such as en-US")
+		return
+	}
+	cfg := h.o.Audio
+	if language != "" {
+		cfg.Language = language
+	}
+	info := Info{SessionID: rand.Text(), ConversationID: conversation, Language: cfg.Language,
+		Instance: h.o.Registry.instance, StartedAt: time.Now().UTC()}
+	if h.o.Owner != nil {
+		info.UserID, info.TenantID = h.o.Owner(r)
+	}
+
+	// The algorithm service first: if it is down the client gets a proper HTTP error, not a
+	// socket that opens and dies.
+	up, upConn, err := h.dial(r, info)
+	if err != nil {
+		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadGateway, Code: proxy.CodeAlgoService,
+			Message: "the algorithm service is unavailable", Cause: err})
+		return
+	}
+	hj := &hijacker{ResponseWriter: w, read: h.o.readTimeout(), write: h.o.WriteTimeout}
+	client, err := websocket.Accept(hj, r, &websocket.AcceptOptions{
+		Subprotocols:    []string{Subprotocol}, // "bearer.<token>" is never selected, so never echoed
+		OriginPatterns:  originPatterns(r),     // checked above already
+		CompressionMode: websocket.CompressionDisabled,
+	})
+	if err != nil || hj.conn == nil {
+		upConn.drop()
+		up.CloseNow()
+		if err == nil { // accepted through a writer that would not hand over its socket
+			client.CloseNow()
+		}
+		return // Accept answered the request
+	}
+	client.SetReadLimit(h.o.ReadLimit)
+	up.SetReadLimit(h.o.ReadLimit)
+
+	s := newSession(h, info, cfg, side{ws: client, conn: hj.conn}, side{ws: up, conn: upConn})
+	if h.o.Recheck != nil {
+		s.recheck = h.o.Recheck(r)
+	}
+	ctx := context.WithoutCancel(r.Context()) // the registry's Redis calls outlive no request
+	h.o.Registry.add(ctx, s)
+	defer h.o.Registry.remove(ctx, s)
+	if h.o.OnStart != nil {
+		h.o.OnStart()
+	}
+	s.run()
+}
+
+// dial opens the algorithm-service side of a session, and returns its socket too.
+func (h *Handler) dial(r *http.Request, info Info) (*websocket.Conn, *conn, error) {
+	target := *h.ws
+	q := target.Query()
+	q.Set("session_id", info.SessionID)
+	if info.ConversationID != "" {
+		q.Set("conversation_id", info.ConversationID)
+	}
+	q.Set("language", info.Language)
+	target.RawQuery = q.Encode()
+	hdr := http.Header{}
+	if h.o.UpstreamHeaders != nil {
+		h.o.UpstreamHeaders(r, hdr)
+	}
+	if id := proxy.RequestIDFrom(r.Context()); id != "" {
+		hdr.Set("X-Request-ID", id)
+	}
+	// The transport names the socket it used; the session needs it to bound and drop it.
+	var got net.Conn
+	ctx := httptrace.WithClientTrace(r.Context(), &httptrace.ClientTrace{
+		GotConn: func(ci httptrace.GotConnInfo) { got = ci.Conn },
+	})
+	ctx, cancel := context.WithTimeout(ctx, h.o.DialTimeout)
+	defer cancel()
+	ws, res, err := websocket.Dial(ctx, target.String(), &websocket.DialOptions{
+		HTTPClient:      h.client,
+		HTTPHeader:      hdr,
+		Subprotocols:    []string{Subprotocol},
+		CompressionMode: websocket.CompressionDisabled,
+	})
+	if res != nil && res.Body != nil {
+		res.Body.Close()
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("voice: dial algorithm service: %w", err)
+	}
+	c := socketOf(got)
+	if c == nil {
+		ws.CloseNow()
+		return nil, nil, errors.New("voice: dial algorithm service: the transport did not use the voice dialer")
+	}
+	return ws, c, nil
+}
+
+// socketOf finds the conn under a connection the transport used (TLS wraps it).
+func socketOf(c net.Conn) *conn {
+	for c != nil {
+		switch x := c.(type) {
+		case *conn:
+			return x
+		case interface{ NetConn() net.Conn }:
+			c = x.NetConn()
+		default:
+			return nil
+		}
+	}
+	return nil
+}
+
+func isUpgrade(r *http.Request) bool {
+	return strings.EqualFold(r.Header.Get("Upgrade"), "websocket") &&
+		headerHasToken(r.Header, "Connection", "upgrade")
+}
+
+func headerHasToken(h http.Header, key, token string) bool {
+	for _, v := range h.Values(key) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// sameHost reports whether origin names the host the request was sent to.
+func sameHost(origin, host string) bool {
+	u, err := url.Parse(origin)
+	return err == nil && strings.EqualFold(u.Host, host)
+}
+
+// originPatterns lets exactly the request's origin through the library's own check, which
+// runs after ours.
+func originPatterns(r *http.Request) []string {
+	o := r.Header.Get("Origin")
+	if o == "" {
+		return nil
+	}
+	u, err := url.Parse(o)
+	if err != nil {
+		return nil
+	}
+	// Patterns are path.Match patterns: escape what would be read as one (IPv6 brackets).
+	return []string{escapePattern(u.Scheme + "://" + u.Host)}
+}
+
+func escapePattern(s string) string {
+	var b strings.Builder
+	for _, c := range s {
+		if strings.ContainsRune(`\*?[]`, c) {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
+}
+
+func validValue(s string, max int) bool {
+	if len(s) > max || !utf8.ValidString(s) {
+		return false
+	}
+	for _, c := range s {
+		if c < 0x20 || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+func validLanguage(s string) bool {
+	if len(s) > 16 {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}

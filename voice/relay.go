@@ -1,0 +1,175 @@
+package voice
+
+import (
+	"errors"
+	"io"
+	"time"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
+)
+
+// readMsg reads one message from ws into a pooled buffer, which the caller must put back. The
+// buffer is taken only once a message has begun, so a silent side holds none.
+func (s *session) readMsg(ws *websocket.Conn) (websocket.MessageType, *[]byte, error) {
+	typ, rd, err := ws.Reader(unbounded())
+	if err != nil {
+		return 0, nil, err
+	}
+	b := s.h.getBuf()
+	buf := *b
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := rd.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			*b = buf
+			s.h.putBuf(b)
+			return 0, nil, err
+		}
+	}
+	*b = buf
+	return typ, b, nil
+}
+
+// fromClient relays the client's messages to the algorithm service, each written by this
+// goroutine as soon as it is read: audio as audio_chunk messages (or raw), control messages
+// validated. It returns when the client side is finished.
+func (s *session) fromClient() {
+	var seq int64
+	for {
+		typ, b, err := s.readMsg(s.client.ws)
+		if err != nil {
+			s.clientReadFailed(err)
+			return
+		}
+		now := time.Now()
+		s.lastIn.Store(now.UnixNano())
+		s.n.packetsIn.Add(1)
+		s.n.bytesIn.Add(int64(len(*b)))
+		switch typ {
+		case websocket.MessageBinary:
+			s.n.audioIn.Add(int64(len(*b)))
+			s.n.firstAudio.CompareAndSwap(0, now.UnixNano())
+			out := b
+			if !s.h.o.RawAudio {
+				seq++
+				out = s.h.getBuf()
+				*out = s.enc.appendChunk(*out, *b, seq, now)
+				s.h.putBuf(b)
+				typ = websocket.MessageText
+			}
+			err = s.up.ws.Write(unbounded(), typ, *out)
+			s.h.putBuf(out)
+		case websocket.MessageText:
+			if !utf8.Valid(*b) {
+				s.h.putBuf(b)
+				s.end(ending{code: websocket.StatusInvalidFramePayloadData, errCode: CodeInvalidMessage,
+					reason: "text messages must be UTF-8"})
+				return
+			}
+			out, _, code, reason := control(*b, s.info.SessionID)
+			s.h.putBuf(b)
+			if code != "" {
+				if s.sendError(code, reason) != nil {
+					s.clientWriteFailed()
+					return
+				}
+				continue
+			}
+			err = s.up.ws.Write(unbounded(), websocket.MessageText, out)
+		}
+		if err != nil {
+			s.upWriteFailed()
+			return
+		}
+	}
+}
+
+// clientReadFailed handles the end of the client's messages.
+func (s *session) clientReadFailed(err error) {
+	var ce websocket.CloseError
+	switch {
+	case s.ended.Load():
+		// The session is ending already; this is the client's answer to our close, or its
+		// socket being dropped.
+	case errors.As(err, &ce):
+		s.end(ending{code: ce.Code, reason: "client closed: " + ce.Reason})
+	case errors.Is(err, websocket.ErrMessageTooBig):
+		s.end(ending{code: websocket.StatusMessageTooBig, reason: "message too big"})
+	default:
+		// Vanished without a close frame, or silent past its read deadline.
+		s.clientGone("client gone")
+	}
+}
+
+// fromUpstream relays the algorithm service's messages to the client unchanged, each written by
+// this goroutine as soon as it is read.
+func (s *session) fromUpstream() {
+	defer close(s.upDone)
+	for {
+		typ, b, err := s.readMsg(s.up.ws)
+		if err != nil {
+			s.upReadFailed(err)
+			return
+		}
+		s.count(typ, *b)
+		err = s.client.ws.Write(unbounded(), typ, *b)
+		s.h.putBuf(b)
+		if err != nil {
+			s.clientWriteFailed()
+			return
+		}
+	}
+}
+
+// upReadFailed handles the end of the algorithm service's messages.
+func (s *session) upReadFailed(err error) {
+	var ce websocket.CloseError
+	switch {
+	case s.ended.Load():
+	case errors.As(err, &ce):
+		s.end(upstreamClosed(ce))
+	default:
+		s.upstreamGone("the algorithm service went away")
+	}
+}
+
+// count updates the per-session counters for a message from the algorithm service.
+func (s *session) count(typ websocket.MessageType, msg []byte) {
+	s.n.packetsOut.Add(1)
+	s.n.bytesOut.Add(int64(len(msg)))
+	if typ == websocket.MessageBinary {
+		s.n.audioOut.Add(int64(len(msg)))
+		s.n.ttsChunks.Add(1)
+		return
+	}
+	switch string(upstreamType(msg)) {
+	case "asr_partial":
+		s.n.asrPartial.Add(1)
+		s.firstASR()
+	case "asr_final":
+		s.n.asrFinal.Add(1)
+		s.firstASR()
+	case "llm_response_chunk":
+		s.n.llmChunks.Add(1)
+	case "tts_audio":
+		s.n.ttsChunks.Add(1)
+	case "error":
+		s.n.errors.Add(1)
+	}
+}
+
+func (s *session) firstASR() {
+	if s.n.firstASR.Load() != 0 {
+		return
+	}
+	if fa := s.n.firstAudio.Load(); fa != 0 {
+		s.n.firstASR.CompareAndSwap(0, max(time.Now().UnixNano()-fa, 1))
+	}
+}

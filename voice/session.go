@@ -1,0 +1,240 @@
+package voice
+
+import (
+	"context"
+	"encoding/json"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// Stats are a session's counters, logged when it ends and exported as metrics.
+type Stats struct {
+	SessionID     string
+	Duration      time.Duration
+	PacketsIn     int64 // client → gateway messages
+	BytesIn       int64
+	PacketsOut    int64 // gateway → client messages relayed from the algorithm service
+	BytesOut      int64
+	AudioBytesIn  int64 // client audio
+	AudioBytesOut int64 // TTS audio frames
+	ASRPartial    int64
+	ASRFinal      int64
+	LLMChunks     int64
+	TTSChunks     int64
+	Errors        int64
+	FirstASR      time.Duration // first client audio → first recognition event; 0 if none
+	CloseCode     websocket.StatusCode
+	CloseReason   string
+}
+
+// counters are a session's live figures. Each is written by one relay goroutine and may be read
+// by anyone, hence atomics (a handful of uncontended adds per frame).
+type counters struct {
+	packetsIn, bytesIn, audioIn    atomic.Int64
+	packetsOut, bytesOut, audioOut atomic.Int64
+	asrPartial, asrFinal           atomic.Int64
+	llmChunks, ttsChunks, errors   atomic.Int64
+	firstAudio                     atomic.Int64 // unix ns of the first client audio; 0 none yet
+	firstASR                       atomic.Int64 // ns from first audio to first recognition; 0 none
+}
+
+// side is one of a session's two connections: the WebSocket, and the socket under it.
+type side struct {
+	ws   *websocket.Conn
+	conn *conn
+}
+
+// ending is why and how a session ends.
+type ending struct {
+	code    websocket.StatusCode // for the client (and the session's log and metrics)
+	errCode string               // an error message to send the client first; "" none
+	reason  string               // the close reason, and the error message's text
+	upCode  websocket.StatusCode // for the algorithm service
+	// dropClient and dropUp mark sides that cannot be told anything (gone, or not reading):
+	// their sockets are closed without a handshake.
+	dropClient, dropUp bool
+}
+
+// session is one bridged voice session.
+type session struct {
+	h       *Handler
+	info    Info
+	cfg     AudioConfig
+	client  side
+	up      side
+	enc     *chunkEncoder
+	recheck func(ctx context.Context) error // nil: none
+	start   time.Time
+	n       counters
+
+	lastIn   atomic.Int64 // unix ns of the last client message
+	lastPing time.Time    // owned by the timers goroutine
+	pinging  [2]atomic.Bool
+
+	endOnce sync.Once
+	ended   atomic.Bool
+	outcome ending        // set once, in end
+	closed  chan struct{} // closed when the ending has been carried out
+	upDone  chan struct{} // closed when the algorithm-service reader has returned
+}
+
+func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *session {
+	now := time.Now()
+	s := &session{h: h, info: info, cfg: cfg, client: client, up: up, start: now,
+		enc: newChunkEncoder(info.SessionID, info.ConversationID, cfg), lastPing: now,
+		closed: make(chan struct{}), upDone: make(chan struct{})}
+	s.lastIn.Store(now.UnixNano())
+	return s
+}
+
+// run relays until the session has ended: the algorithm service in its own goroutine, the
+// client here. It returns once both readers and the ending are finished.
+func (s *session) run() {
+	s.sendInit()
+	go s.fromUpstream()
+	s.h.timers.add(s)
+	s.fromClient()
+	<-s.upDone
+	<-s.closed
+	s.h.timers.remove(s)
+	// Both sockets are closed; this releases the library's side of each at once.
+	s.client.ws.CloseNow()
+	s.up.ws.CloseNow()
+
+	st := s.stats()
+	s.h.o.Log.Info("voice session ended", "session_id", s.info.SessionID, "user_id", s.info.UserID,
+		"duration", st.Duration, "packets_in", st.PacketsIn, "bytes_in", st.BytesIn,
+		"packets_out", st.PacketsOut, "bytes_out", st.BytesOut, "asr_partial", st.ASRPartial,
+		"asr_final", st.ASRFinal, "tts_chunks", st.TTSChunks, "errors", st.Errors,
+		"first_asr", st.FirstASR, "close_code", int(st.CloseCode), "close_reason", st.CloseReason)
+	if s.h.o.OnEnd != nil {
+		s.h.o.OnEnd(st)
+	}
+}
+
+// stats reads the counters; the close code and reason are final once the session ended.
+func (s *session) stats() Stats {
+	st := Stats{
+		SessionID: s.info.SessionID, Duration: time.Since(s.start),
+		PacketsIn: s.n.packetsIn.Load(), BytesIn: s.n.bytesIn.Load(), AudioBytesIn: s.n.audioIn.Load(),
+		PacketsOut: s.n.packetsOut.Load(), BytesOut: s.n.bytesOut.Load(), AudioBytesOut: s.n.audioOut.Load(),
+		ASRPartial: s.n.asrPartial.Load(), ASRFinal: s.n.asrFinal.Load(), LLMChunks: s.n.llmChunks.Load(),
+		TTSChunks: s.n.ttsChunks.Load(), Errors: s.n.errors.Load(),
+		FirstASR: time.Duration(s.n.firstASR.Load()),
+	}
+	if s.ended.Load() {
+		st.CloseCode, st.CloseReason = s.outcome.code, s.outcome.reason
+	}
+	return st
+}
+
+func (s *session) sendInit() {
+	msg, _ := json.Marshal(sessionInitialized{
+		Type: TypeSessionInitialized, SessionID: s.info.SessionID,
+		Config: AudioConfig{SampleRate: s.cfg.SampleRate, Channels: s.cfg.Channels, Format: s.cfg.Format,
+			Language: s.cfg.Language, VADEnabled: true, NoiseSuppression: true, EchoCancellation: true},
+		ServerTime: time.Now().UnixMilli(),
+		Capabilities: map[string]bool{"asr": true, "tts": true, "llm_streaming": true, "retrieval": true,
+			"raw_audio": s.h.o.RawAudio, "control": true},
+	})
+	if err := s.client.ws.Write(unbounded(), websocket.MessageText, msg); err != nil {
+		s.clientWriteFailed()
+	}
+}
+
+// sendError writes an error message to the client. Any goroutine may call it: the library
+// serialises writes, and the socket's deadline bounds this one.
+func (s *session) sendError(code, msg string) error {
+	s.n.errors.Add(1)
+	return s.client.ws.Write(unbounded(), websocket.MessageText, encodeError(s.info.SessionID, code, msg))
+}
+
+// end finishes the session, once, without blocking: whoever calls it (a relay, the timers,
+// the registry) goes on at once, while a goroutine of its own carries the ending out.
+func (s *session) end(e ending) {
+	s.endOnce.Do(func() {
+		if e.upCode == 0 {
+			e.upCode = websocket.StatusNormalClosure
+		}
+		s.outcome = e
+		s.ended.Store(true)
+		go s.close(e)
+	})
+}
+
+// close tells each side that can still hear why the session ends, drops the others, and after
+// closeWait drops whatever has not finished its close handshake.
+func (s *session) close(e ending) {
+	defer close(s.closed)
+	force := time.AfterFunc(closeWait, s.dropAll)
+	defer force.Stop()
+	var wg sync.WaitGroup
+	if e.dropClient {
+		s.client.conn.drop()
+	} else {
+		wg.Go(func() {
+			if e.errCode != "" {
+				_ = s.sendError(e.errCode, e.reason)
+			}
+			// Close waits for the client's answer, which the client's reader reads.
+			_ = s.client.ws.Close(e.code, clip(e.reason))
+		})
+	}
+	if e.dropUp {
+		s.up.conn.drop()
+	} else {
+		wg.Go(func() { _ = s.up.ws.Close(e.upCode, "session ended") })
+	}
+	wg.Wait()
+}
+
+func (s *session) dropAll() {
+	s.client.conn.drop()
+	s.up.conn.drop()
+}
+
+// kill drops both sockets at once (shutdown overtime).
+func (s *session) kill() {
+	s.end(ending{code: websocket.StatusGoingAway, reason: "killed", dropClient: true, dropUp: true})
+	s.dropAll()
+}
+
+// clientGone ends the session for a client that vanished: nothing more is said to it.
+func (s *session) clientGone(reason string) {
+	s.end(ending{code: websocket.StatusGoingAway, reason: reason, dropClient: true})
+}
+
+// upstreamGone ends the session for an algorithm service that vanished: the client is told.
+func (s *session) upstreamGone(reason string) {
+	s.end(ending{code: websocket.StatusInternalError, errCode: CodeAlgoService, reason: reason, dropUp: true})
+}
+
+// clientWriteFailed handles a write the client did not take: in time (it is not reading: a
+// slow consumer, which cannot be told so), or at all (gone).
+func (s *session) clientWriteFailed() {
+	if s.ended.Load() {
+		return // the ending closed it
+	}
+	if s.client.conn.slow() {
+		s.end(ending{code: websocket.StatusTryAgainLater, reason: "the client is not reading fast enough",
+			dropClient: true})
+		return
+	}
+	s.clientGone("client gone")
+}
+
+// upWriteFailed is clientWriteFailed for the algorithm service; the client is told.
+func (s *session) upWriteFailed() {
+	if s.ended.Load() {
+		return
+	}
+	if s.up.conn.slow() {
+		s.end(ending{code: websocket.StatusTryAgainLater, errCode: CodeSlowConsumer,
+			reason: "the algorithm service is not keeping up", dropUp: true})
+		return
+	}
+	s.upstreamGone("the algorithm service connection failed")
+}
