@@ -447,6 +447,7 @@ func (g *gateway) handler() (http.Handler, error) {
 			id := auth.FromContext(r.Context())
 			return id.UserID, id.TenantID
 		},
+		Admit:           policy.Admit,
 		Recheck:         g.recheck,
 		UpstreamHeaders: auth.UpstreamHeaders,
 		OnStart: func() {
@@ -525,9 +526,10 @@ func (g *gateway) protect(h http.Handler) http.Handler {
 }
 
 // protectWS is protect for the WebSocket route, where browsers may carry the token as a
-// "bearer.<token>" subprotocol.
+// "bearer.<token>" subprotocol. Fair use is charged by the handler (policy.Admit), after it
+// validated the request: the session then holds its concurrency slot for its whole life.
 func (g *gateway) protectWS(h http.Handler) http.Handler {
-	return protected{g.authn.Require(true)(g.enforcer.Wrap(h))}
+	return protected{g.authn.Require(true)(g.enforcer.Guard(h))}
 }
 
 // recheck tells a long-lived voice session whether its token still holds: revoked, expired or

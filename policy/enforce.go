@@ -109,7 +109,8 @@ func (e *Enforcer) Allows(r *http.Request, perm string) bool {
 	return ok && e.o.Policy().Rules.Allows(s.Roles, s.Grants, perm)
 }
 
-// Wrap returns h behind authorization and fair use.
+// Wrap returns h behind authorization and fair use: the request is charged, and holds its
+// concurrency slot, before h runs and until it returns.
 func (e *Enforcer) Wrap(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p := e.o.Policy()
@@ -118,32 +119,84 @@ func (e *Enforcer) Wrap(h http.Handler) http.Handler {
 			proxy.WriteError(w, r, perr)
 			return
 		}
-		b := p.bindings[r.Pattern]
-		if perr := e.charge(w, r, p, b, &s); perr != nil {
+		release, perr := e.admit(w, r, p, p.bindings[r.Pattern], &s)
+		if perr != nil {
 			proxy.WriteError(w, r, perr)
 			return
 		}
-		if b.lease != "" && e.o.Leases != nil {
-			c := p.Limits.Concurrency[b.lease]
-			ctx, cancel := context.WithTimeout(r.Context(), e.o.Budget)
-			release, err := e.o.Leases.Acquire(ctx, LeaseRequest{Kind: b.lease, Tenant: s.TenantID, User: s.UserID,
-				PerUser: c.PerUser, PerTenant: c.PerTenant})
-			cancel()
-			switch {
-			case errors.Is(err, ErrCapReached):
-				e.limited()
-				proxy.WriteError(w, r, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited,
-					Message:    "concurrency cap reached: " + err.Error(),
-					RetryAfter: 1})
-				return
-			case err != nil:
-				e.storeFailed("concurrency leases unavailable; not capping", err)
-			default:
-				defer release()
-			}
-		}
+		defer release()
 		h.ServeHTTP(w, r)
 	})
+}
+
+// Guard returns h behind authorization only. Fair use is left to h, which calls Admit once it
+// has read and validated the request: a request refused as invalid then costs its caller no
+// rate, and a slow or bad body holds no concurrency slot. Handlers whose work outlives
+// ServeHTTP (a voice session) keep the slot until they release it.
+func (e *Enforcer) Guard(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := e.o.Policy()
+		s, ok := e.o.Subject(r)
+		if perr := p.Decide(r, &s, ok); perr != nil {
+			proxy.WriteError(w, r, perr)
+			return
+		}
+		a := &admission{e: e, p: p, b: p.bindings[r.Pattern], s: s}
+		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), admissionKey{}, a)))
+	})
+}
+
+type admissionKey struct{}
+
+// admission is what Guard decided, for Admit to charge.
+type admission struct {
+	e *Enforcer
+	p *Policy
+	b *binding
+	s Subject
+}
+
+// Admit charges a request that Guard let through to its rates and quota and takes its
+// concurrency slot. On a refusal it answers the request (429) and returns false; otherwise the
+// caller must call release once the work is over. A request that did not pass Guard is
+// admitted as is.
+func Admit(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
+	a, _ := r.Context().Value(admissionKey{}).(*admission)
+	if a == nil {
+		return func() {}, true
+	}
+	release, perr := a.e.admit(w, r, a.p, a.b, &a.s)
+	if perr != nil {
+		proxy.WriteError(w, r, perr)
+		return nil, false
+	}
+	return release, true
+}
+
+// admit charges the request and takes its slot; the release it returns is safe to call more
+// than once.
+func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *binding, s *Subject) (func(), *proxy.Error) {
+	if perr := e.charge(w, r, p, b, s); perr != nil {
+		return nil, perr
+	}
+	if b.lease == "" || e.o.Leases == nil {
+		return func() {}, nil
+	}
+	c := p.Limits.Concurrency[b.lease]
+	ctx, cancel := context.WithTimeout(r.Context(), e.o.Budget)
+	release, err := e.o.Leases.Acquire(ctx, LeaseRequest{Kind: b.lease, Tenant: s.TenantID, User: s.UserID,
+		PerUser: c.PerUser, PerTenant: c.PerTenant})
+	cancel()
+	switch {
+	case errors.Is(err, ErrCapReached):
+		e.limited()
+		return nil, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited,
+			Message: "concurrency cap reached: " + err.Error(), RetryAfter: 1}
+	case err != nil:
+		e.storeFailed("concurrency leases unavailable; not capping", err)
+		return func() {}, nil
+	}
+	return release, nil
 }
 
 // charge applies rates and the daily quota, and sets the RateLimit-* headers.

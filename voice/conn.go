@@ -2,8 +2,10 @@ package voice
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -66,9 +68,19 @@ func (c *conn) slow() bool { return c.writeTimedOut.Load() }
 // returns. The library's own CloseNow would wait for a close handshake already under way.
 func (c *conn) drop() { _ = c.Conn.Close() }
 
-// hijacker hands coder/websocket's Accept the client's socket wrapped in a conn, with the
-// buffered writer net/http made for it pointed at the wrapper too, so that every byte of the
-// session goes through the deadlines. The handler keeps the conn to drop a dead client.
+// The read and write buffers on the client's socket. A session holds both for its whole life,
+// idle or not, so they are smaller than the 4 KiB net/http made for the request. What the
+// client sends is mostly audio: 1 KiB takes a frame of up to 30 ms of 16 kHz PCM (and its
+// header) in one system call. What it receives is events and TTS chunks: 2 KiB takes a chunk of
+// up to 60 ms in one. Longer messages take a system call per buffer's worth.
+const (
+	clientReadBuf  = 1 << 10
+	clientWriteBuf = 2 << 10
+)
+
+// hijacker hands coder/websocket's Accept the client's socket wrapped in a conn, with buffers
+// of its own around it (net/http's go with the request), so that every byte of the session
+// goes through the deadlines. The handler keeps the conn to drop a dead client.
 type hijacker struct {
 	http.ResponseWriter
 	read, write time.Duration
@@ -85,8 +97,18 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	h.conn = newConn(nc, h.read, h.write)
-	brw.Writer.Reset(h.conn)
-	return h.conn, brw, nil
+	br := bufio.NewReaderSize(h.conn, clientReadBuf)
+	// What the client sent right after its upgrade request may be buffered already: it moves
+	// into the new buffer, where Accept looks for it.
+	if n := brw.Reader.Buffered(); n > 0 {
+		early, _ := brw.Reader.Peek(n)
+		br = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(early)), h.conn), max(n, clientReadBuf))
+		if _, err := br.Peek(n); err != nil {
+			nc.Close()
+			return nil, nil, err
+		}
+	}
+	return h.conn, bufio.NewReadWriter(br, bufio.NewWriterSize(h.conn, clientWriteBuf)), nil
 }
 
 func (h *hijacker) Unwrap() http.ResponseWriter { return h.ResponseWriter }

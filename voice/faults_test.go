@@ -1,6 +1,7 @@
 package voice_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net/http"
@@ -398,5 +399,37 @@ func TestCloseReasonClippedOnCharacters(t *testing.T) {
 	}
 	if len(ce.Reason) > 123 || !utf8.ValidString(ce.Reason) || !strings.HasSuffix(ce.Reason, "语") {
 		t.Errorf("close reason %q (%d bytes): want at most 123 bytes of whole characters", ce.Reason, len(ce.Reason))
+	}
+}
+
+func TestFramesRightAfterTheUpgradeKept(t *testing.T) {
+	e := newEnv(t, setup{opts: fast()})
+	u := mustURL(t, e.gw.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	conn, err := e.net.dial(ctx, "tcp", u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	// The upgrade request and a first frame in one write: the frame reaches the gateway with the
+	// request, before the 101.
+	var b bytes.Buffer
+	b.WriteString("GET " + streamPath + " HTTP/1.1\r\nHost: " + u.Host + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" +
+		"Sec-WebSocket-Protocol: " + voice.Subprotocol + "\r\n\r\n")
+	payload := []byte(`{"type":"start","early":true}`)
+	key := [4]byte{9, 8, 7, 6}
+	b.Write([]byte{0x81, 0x80 | byte(len(payload))})
+	b.Write(key[:])
+	for i, c := range payload {
+		b.WriteByte(c ^ key[i%4])
+	}
+	if _, err := conn.Write(b.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	fc := e.fake.next(t)
+	if m := fc.recvJSON(t); m["type"] != "start" || m["early"] != true {
+		t.Errorf("the fake got %v, want the early start", m)
 	}
 }

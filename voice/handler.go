@@ -54,6 +54,11 @@ type Options struct {
 	Registry *Registry
 	// Owner names the request's user and tenant.
 	Owner func(r *http.Request) (userID, tenantID string)
+	// Admit, if set, charges a session to the caller's rates and takes its concurrency slot,
+	// once the request is validated and before anything is dialled (policy.Admit). It answers a
+	// refused request itself and returns false. The session holds what it took until it ends,
+	// long after ServeHTTP has returned.
+	Admit func(w http.ResponseWriter, r *http.Request) (release func(), ok bool)
 	// Recheck, if set, is called once as a session starts; the function it returns is then
 	// called every RecheckInterval, and an error (a revoked or expired token) closes the session
 	// with 4401. It must not keep r.
@@ -188,6 +193,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if language != "" {
 		cfg.Language = language
 	}
+	release := func() {}
+	if h.o.Admit != nil {
+		var ok bool
+		if release, ok = h.o.Admit(w, r); !ok {
+			return
+		}
+	}
+	started := false
+	defer func() {
+		if !started {
+			release()
+		}
+	}()
 	info := Info{SessionID: rand.Text(), ConversationID: conversation, Language: cfg.Language,
 		Instance: h.o.Registry.instance, StartedAt: time.Now().UTC()}
 	if h.o.Owner != nil {
@@ -220,16 +238,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	up.SetReadLimit(h.o.ReadLimit)
 
 	s := newSession(h, info, cfg, side{ws: client, conn: hj.conn}, side{ws: up, conn: upConn})
+	s.release = release
 	if h.o.Recheck != nil {
 		s.recheck = h.o.Recheck(r)
 	}
-	ctx := context.WithoutCancel(r.Context()) // the registry's Redis calls outlive no request
-	h.o.Registry.add(ctx, s)
-	defer h.o.Registry.remove(ctx, s)
+	h.o.Registry.add(r.Context(), s)
 	if h.o.OnStart != nil {
 		h.o.OnStart()
 	}
-	s.run()
+	// The session outlives this handler: returning lets net/http drop what it kept for the
+	// request (its buffers, the middleware's stack frames), which an idle session would
+	// otherwise hold for its whole life. Nothing of the request is kept, its context least of
+	// all: it holds on to a few KiB of the request's state.
+	started = true
+	s.sendInit() // here, so that the session's goroutines never grow a stack for encoding/json
+	go s.run()
 }
 
 // dial opens the algorithm-service side of a session, and returns its socket too.

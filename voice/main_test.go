@@ -67,8 +67,8 @@ type env struct {
 	client *http.Client
 
 	mu      sync.Mutex
-	running int           // gateway handlers still running (hijacked ones included)
-	changed chan struct{} // closed and replaced whenever a handler returns
+	running int           // sessions started and not yet over
+	changed chan struct{} // closed and replaced whenever a session is over
 }
 
 func newEnv(tb testing.TB, s setup) *env {
@@ -91,20 +91,34 @@ func newEnv(tb testing.TB, s setup) *env {
 		o.Registry = voice.NewRegistry(voice.RegistryOptions{Instance: "gw-test"})
 	}
 	e.reg = o.Registry
-	if o.OnEnd == nil {
-		o.OnEnd = func(st voice.Stats) {
-			select {
-			case e.ends <- st:
-			default:
-			}
+	onStart, onEnd := o.OnStart, o.OnEnd
+	o.OnStart = func() {
+		e.mu.Lock()
+		e.running++
+		e.mu.Unlock()
+		if onStart != nil {
+			onStart()
 		}
 	}
-	e.h = voice.NewHandler(o)
-	var h http.Handler = e.h
-	if s.lease != nil {
-		h = leased(s.lease, h)
+	o.OnEnd = func(st voice.Stats) {
+		if onEnd != nil {
+			onEnd(st)
+		}
+		select {
+		case e.ends <- st:
+		default:
+		}
+		e.mu.Lock()
+		e.running--
+		close(e.changed)
+		e.changed = make(chan struct{})
+		e.mu.Unlock()
 	}
-	e.gw = serve(tb, n, e.track(proxy.Chain(h, proxy.RequestID())))
+	if s.lease != nil {
+		o.Admit = leased(s.lease)
+	}
+	e.h = voice.NewHandler(o)
+	e.gw = serve(tb, n, proxy.Chain(e.h, proxy.RequestID()))
 	// Runs before the fake's clean-up (LIFO): sessions end first, then the fake goes.
 	tb.Cleanup(func() {
 		e.gw.srv.Close() // does not wait for hijacked connections: the registry and e.idle do
@@ -122,38 +136,20 @@ func newEnv(tb testing.TB, s setup) *env {
 // testUser is the user whose slot leased takes.
 const testUser = "u-lease"
 
-// leased holds one slot of leases for testUser while h runs, like the policy's middleware.
-func leased(leases *policy.MemoryLeases, h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+// leased admits a session by taking one slot of leases for testUser, as policy.Admit does.
+func leased(leases *policy.MemoryLeases) func(http.ResponseWriter, *http.Request) (func(), bool) {
+	return func(w http.ResponseWriter, r *http.Request) (func(), bool) {
 		release, err := leases.Acquire(r.Context(), policy.LeaseRequest{Kind: "voice", User: testUser, PerUser: 1})
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusTooManyRequests)
-			return
+			return nil, false
 		}
-		defer release()
-		h.ServeHTTP(w, r)
-	})
+		return release, true
+	}
 }
 
-// track counts running gateway handlers, so that a test can wait until sessions are over: a
-// handler returns only after its session ended, and its registry entry and lease are released.
-func (e *env) track(h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		e.mu.Lock()
-		e.running++
-		e.mu.Unlock()
-		defer func() {
-			e.mu.Lock()
-			e.running--
-			close(e.changed)
-			e.changed = make(chan struct{})
-			e.mu.Unlock()
-		}()
-		h.ServeHTTP(w, r)
-	})
-}
-
-// running waits until at most n gateway handlers run.
+// runningAtMost waits until at most n sessions run: a session counts from its start until it
+// has ended and let go of its registry entry and its concurrency slot.
 func (e *env) runningAtMost(tb testing.TB, n int, within time.Duration) {
 	tb.Helper()
 	deadline := time.After(within)
@@ -167,12 +163,12 @@ func (e *env) runningAtMost(tb testing.TB, n int, within time.Duration) {
 		select {
 		case <-ch:
 		case <-deadline:
-			tb.Fatalf("%d gateway handlers still running after %v, want at most %d", running, within, n)
+			tb.Fatalf("%d sessions still running after %v, want at most %d", running, within, n)
 		}
 	}
 }
 
-// idle waits until no gateway handler runs.
+// idle waits until no session runs.
 func (e *env) idle(tb testing.TB, within time.Duration) {
 	tb.Helper()
 	e.runningAtMost(tb, 0, within)
@@ -183,11 +179,11 @@ func (e *env) gone(tb testing.TB) {
 	tb.Helper()
 	e.idle(tb, wait)
 	if n := e.reg.Len(); n != 0 {
-		tb.Errorf("the registry holds %d sessions after every handler returned", n)
+		tb.Errorf("the registry holds %d sessions after every session ended", n)
 	}
 }
 
-// handlers reports how many gateway handlers run.
+// handlers reports how many sessions run.
 func (e *env) handlers() int {
 	e.mu.Lock()
 	defer e.mu.Unlock()

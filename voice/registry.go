@@ -42,6 +42,8 @@ type Registry struct {
 
 	mu       sync.Mutex
 	sessions map[string]*session
+	gone     []string      // ended sessions whose published entries are still to delete
+	kick     chan struct{} // wakes the renewer to delete them
 	stop     context.CancelFunc
 	done     chan struct{}
 }
@@ -67,7 +69,7 @@ func NewRegistry(o RegistryOptions) *Registry {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	r := &Registry{instance: o.Instance, redis: o.Redis, prefix: o.Prefix, ttl: o.TTL, log: o.Log,
-		sessions: map[string]*session{}, done: make(chan struct{})}
+		sessions: map[string]*session{}, kick: make(chan struct{}, 1), done: make(chan struct{})}
 	ctx, stop := context.WithCancel(context.Background())
 	r.stop = stop
 	if r.redis == nil {
@@ -92,22 +94,55 @@ func (r *Registry) add(ctx context.Context, s *session) {
 	r.sessions[s.info.SessionID] = s
 	r.mu.Unlock()
 	if r.redis != nil {
+		// Bounded: a session must not wait on Redis to start; the renewer retries.
+		ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
+		defer cancel()
 		if err := r.publish(ctx, []*session{s}); err != nil {
 			r.log.Warn("publishing a voice session failed; it will be retried", "err", proxy.Describe(err))
 		}
 	}
 }
 
-func (r *Registry) remove(ctx context.Context, s *session) {
+// remove forgets s at once, here, and has its published entry deleted by the renewer: an ended
+// session needs no request's context, nor to wait for Redis.
+func (r *Registry) remove(s *session) {
 	r.mu.Lock()
 	delete(r.sessions, s.info.SessionID)
+	if r.redis != nil {
+		r.gone = append(r.gone, s.info.SessionID)
+	}
 	r.mu.Unlock()
 	if r.redis != nil {
-		ctx, cancel := context.WithTimeout(ctx, time.Second)
-		r.redis.DoMulti(ctx,
-			r.redis.B().Del().Key(r.key(s.info.SessionID)).Build(),
-			r.redis.B().Zrem().Key(r.index()).Member(s.info.SessionID).Build())
-		cancel()
+		select {
+		case r.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// unpublish deletes the entries of ended sessions, in one round trip.
+func (r *Registry) unpublish(ctx context.Context) {
+	r.mu.Lock()
+	gone := r.gone
+	r.gone = nil
+	r.mu.Unlock()
+	if len(gone) == 0 {
+		return
+	}
+	cmds := make(rueidis.Commands, 0, len(gone)+1)
+	for _, id := range gone {
+		cmds = append(cmds, r.redis.B().Del().Key(r.key(id)).Build())
+	}
+	cmds = append(cmds, r.redis.B().Zrem().Key(r.index()).Member(gone...).Build())
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	for _, res := range r.redis.DoMulti(ctx, cmds...) {
+		if err := res.Error(); err != nil {
+			// The entries expire within TTL anyway, and listings skip them once their
+			// score is past.
+			r.log.Warn("deleting ended voice sessions from Redis failed", "err", proxy.Describe(err))
+			return
+		}
 	}
 }
 
@@ -129,14 +164,20 @@ func (r *Registry) publish(ctx context.Context, ss []*session) error {
 	return nil
 }
 
+// renew republishes the live sessions every TTL/3 and deletes ended ones as they end, until
+// Close; then it deletes what is left to delete.
 func (r *Registry) renew(ctx context.Context) {
 	defer close(r.done)
+	defer r.unpublish(context.WithoutCancel(ctx))
 	t := time.NewTicker(r.ttl / 3)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-r.kick:
+			r.unpublish(ctx)
+			continue
 		case <-t.C:
 		}
 		ss := r.local()

@@ -67,6 +67,7 @@ type session struct {
 	up      side
 	enc     *chunkEncoder
 	recheck func(ctx context.Context) error // nil: none
+	release func()                          // the session's concurrency slot
 	start   time.Time
 	n       counters
 
@@ -83,7 +84,7 @@ type session struct {
 
 func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *session {
 	now := time.Now()
-	s := &session{h: h, info: info, cfg: cfg, client: client, up: up, start: now,
+	s := &session{h: h, info: info, cfg: cfg, client: client, up: up, start: now, release: func() {},
 		enc: newChunkEncoder(info.SessionID, info.ConversationID, cfg), lastPing: now,
 		closed: make(chan struct{}), upDone: make(chan struct{})}
 	s.lastIn.Store(now.UnixNano())
@@ -91,9 +92,9 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 }
 
 // run relays until the session has ended: the algorithm service in its own goroutine, the
-// client here. It returns once both readers and the ending are finished.
+// client here. Once both readers and the ending are finished it lets go of everything the
+// session held — registry entry, concurrency slot — and reports the session's end.
 func (s *session) run() {
-	s.sendInit()
 	go s.fromUpstream()
 	s.h.timers.add(s)
 	s.fromClient()
@@ -103,6 +104,8 @@ func (s *session) run() {
 	// Both sockets are closed; this releases the library's side of each at once.
 	s.client.ws.CloseNow()
 	s.up.ws.CloseNow()
+	s.h.o.Registry.remove(s)
+	s.release()
 
 	st := s.stats()
 	s.h.o.Log.Info("voice session ended", "session_id", s.info.SessionID, "user_id", s.info.UserID,
