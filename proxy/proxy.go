@@ -14,7 +14,6 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -140,7 +139,7 @@ func New(o Options) *httputil.ReverseProxy {
 				}
 			}
 			pr.SetXForwarded()
-			StripIdentity(pr.Out.Header)
+			StripUntrusted(pr.Out.Header)
 			if o.UpstreamHeaders != nil {
 				o.UpstreamHeaders(pr.In, pr.Out.Header)
 			}
@@ -154,27 +153,6 @@ func New(o Options) *httputil.ReverseProxy {
 		ErrorHandler:   mapper.ServeError,
 		// ReverseProxy's own log lines (copy errors after a client left) are noise at the edge.
 		ErrorLog: log.New(io.Discard, "", 0),
-	}
-}
-
-// identityHeaders are the headers through which upstreams learn who the caller is. Upstreams
-// trust them, so only the gateway may set them, from a verified token.
-var identityHeaders = [...]string{"X-User-Id", "X-Username", "X-Tenant-Id", "X-User-Roles", "X-Session-Id"}
-
-// StripIdentity deletes every identity header from h, in any spelling: case, and underscores for
-// dashes (some servers treat X_User_ID as X-User-ID).
-func StripIdentity(h http.Header) {
-	for k := range h {
-		if len(k) < len("X-User-Id") || (k[0] != 'X' && k[0] != 'x') {
-			continue // shorter than any identity header, or not an X- header
-		}
-		norm := strings.ReplaceAll(k, "_", "-")
-		for _, id := range identityHeaders {
-			if strings.EqualFold(norm, id) {
-				delete(h, k)
-				break
-			}
-		}
 	}
 }
 
