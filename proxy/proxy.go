@@ -140,6 +140,8 @@ func New(o Options) *httputil.ReverseProxy {
 			}
 			pr.SetXForwarded()
 			StripUntrusted(pr.Out.Header)
+			// A failure to read the client's body must not pass for a failing upstream.
+			pr.Out.Body = markBody(pr.In.Context(), pr.Out.Body)
 			if o.UpstreamHeaders != nil {
 				o.UpstreamHeaders(pr.In, pr.Out.Header)
 			}
@@ -168,8 +170,8 @@ func (e *UpstreamStatusError) Error() string {
 }
 
 // ErrorMapper turns upstream failures into client errors, in one place: a gone client is 499
-// (logged, not sent), an over-limit body 413, a timeout 504, everything else 502 — without
-// upstream host names in what the client sees.
+// (logged, not sent), an over-limit body 413, a body too slow 408, a malformed one 400, a timeout
+// 504, everything else 502 — without upstream host names in what the client sees.
 type ErrorMapper struct {
 	Code string // the code for unreachable/failing upstreams; empty means UPSTREAM_ERROR
 	Name string // the upstream in messages; empty means "upstream"
@@ -187,13 +189,21 @@ func (m ErrorMapper) Map(r *http.Request, err error) *Error {
 	}
 	var use *UpstreamStatusError
 	var netErr net.Error
+	be := bodyError(r.Context(), err)
 	switch {
+	case be != nil && be.Slow():
+		// Before the check for a gone client: net/http cancels the request's context when
+		// the body's read deadline cuts the connection, but the client is still there to read
+		// why.
+		return BodyReadError(be, 0)
 	case r.Context().Err() != nil && errors.Is(context.Cause(r.Context()), context.Canceled):
 		return &Error{Status: StatusClientClosed, Code: "CLIENT_CLOSED", Message: "client closed the request", Cause: err}
 	case IsTooLarge(err):
 		var mbe *http.MaxBytesError
 		errors.As(err, &mbe)
 		return TooLarge(mbe.Limit)
+	case be != nil:
+		return BodyReadError(be, 0) // the client's fault, whatever the transport made of it
 	case errors.As(err, &use):
 		switch use.Status {
 		case http.StatusTooManyRequests:
