@@ -507,6 +507,10 @@ func (g *gateway) handler() (http.Handler, error) {
 		edge = append(edge, tel.observe())
 	}
 	edge = append(edge,
+		// Before anything can refuse a request: net/http reads what is left of a refused
+		// request's body too, and that must be bounded as well.
+		proxy.CloseChunked(),
+		proxy.BodyDeadline(proxy.BodyDeadlineOptions{Grace: cfg.BodyReadTimeout, MinRate: cfg.BodyMinRate}),
 		proxy.ClientIP(cfg.TrustedProxies),
 		proxy.CORS(proxy.CORSOptions{Origins: cfg.CORSOrigins}),
 		proxy.CanonicalPath(),

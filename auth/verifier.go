@@ -66,6 +66,44 @@ type Verifier struct {
 // MinHMACSecret is the shortest HMAC secret accepted.
 const MinHMACSecret = 32
 
+// minSecretSymbols is the fewest distinct bytes an HMAC secret may be made of. Any generated
+// secret (random bytes, hex, base64) has far more; 40 spaces, "aaaa…" or a word typed over and
+// over have fewer, and guessing them costs an attacker nothing whatever their length.
+const minSecretSymbols = 8
+
+// CheckHMACSecret refuses HMAC secrets given as configuration that are weak in an obvious way:
+// blank or padded with white space (a stray newline from a file makes every token fail; a
+// secret of spaces is no secret), or what NewVerifier refuses. It never repeats the secret.
+func CheckHMACSecret(secret []byte) error {
+	if t := bytes.TrimSpace(secret); len(t) != len(secret) {
+		if len(t) == 0 {
+			return errors.New("the secret is blank")
+		}
+		return errors.New("the secret starts or ends with white space")
+	}
+	return checkSecretBytes(secret)
+}
+
+// checkSecretBytes refuses secrets shorter than MinHMACSecret bytes or made of fewer than
+// minSecretSymbols distinct bytes.
+func checkSecretBytes(secret []byte) error {
+	if len(secret) < MinHMACSecret {
+		return fmt.Errorf("the secret is %d bytes; at least %d are required", len(secret), MinHMACSecret)
+	}
+	var seen [256]bool
+	n := 0
+	for _, b := range secret {
+		if !seen[b] {
+			seen[b] = true
+			n++
+		}
+	}
+	if n < minSecretSymbols {
+		return fmt.Errorf("the secret is made of only %d distinct characters; use a random one, such as: openssl rand -base64 48", n)
+	}
+	return nil
+}
+
 // NewVerifier returns a Verifier.
 func NewVerifier(o VerifierOptions) (*Verifier, error) {
 	v := &Verifier{o: o, now: o.Now}
@@ -79,8 +117,8 @@ func NewVerifier(o VerifierOptions) (*Verifier, error) {
 		return nil, errors.New("auth: an HMAC secret or a JWKS is required")
 	}
 	if o.HMACSecret != nil {
-		if len(o.HMACSecret) < MinHMACSecret {
-			return nil, fmt.Errorf("auth: HMAC secret is %d bytes, want at least %d", len(o.HMACSecret), MinHMACSecret)
+		if err := checkSecretBytes(o.HMACSecret); err != nil {
+			return nil, fmt.Errorf("auth: HMAC secret: %w", err)
 		}
 		k, err := jwk.FromRaw(o.HMACSecret)
 		if err != nil {
