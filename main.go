@@ -241,23 +241,26 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		}
 	}()
 
+	// A user revocation must outlive every token it covers, and the verifier accepts a token
+	// until its exp (at most JWT_MAX_LIFETIME away) plus the leeway.
+	keepRevocations := cfg.JWTMaxLifetime + cfg.JWTLeeway
 	if len(cfg.RedisAddrs) > 0 {
 		client, err := connectRedis(ctx, cfg)
 		if err != nil {
 			return nil, err
 		}
 		g.redis = client
-		g.revocations = auth.NewRedisRevocations(client, auth.RedisRevocationsOptions{
-			Prefix: cfg.RedisPrefix, MaxLifetime: cfg.JWTMaxLifetime})
+		g.revocations = auth.NewRedisRevocations(g.redis, auth.RedisRevocationsOptions{
+			Prefix: cfg.RedisPrefix, MaxLifetime: keepRevocations})
 	} else {
-		g.revocations = auth.NewMemoryRevocations(cfg.JWTMaxLifetime)
+		g.revocations = auth.NewMemoryRevocations(keepRevocations)
 	}
 	if cfg.JWKSURL != nil {
 		g.jwks = auth.NewJWKS(ctx, auth.JWKSOptions{URL: cfg.JWKSURL.String(), Refresh: cfg.JWKSRefresh,
 			MinRefetch: cfg.JWKSMinRefetch, Log: logger})
 	}
 	verifier, err := auth.NewVerifier(auth.VerifierOptions{HMACSecret: cfg.JWTSecret, JWKS: g.jwks,
-		Issuer: cfg.JWTIssuer, Audience: cfg.JWTAudience, Leeway: cfg.JWTLeeway})
+		Issuer: cfg.JWTIssuer, Audience: cfg.JWTAudience, Leeway: cfg.JWTLeeway, MaxLifetime: cfg.JWTMaxLifetime})
 	if err != nil {
 		return nil, err
 	}
@@ -431,6 +434,7 @@ func (g *gateway) handler() (http.Handler, error) {
 		Revocations: g.revocations,
 		Can:         g.can,
 		MaxLifetime: cfg.JWTMaxLifetime,
+		Leeway:      cfg.JWTLeeway,
 	})))
 
 	// WebSocket dials need HTTP/1.1 (the upgrade); they share the replicas' health with chat.

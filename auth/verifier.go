@@ -46,6 +46,10 @@ type VerifierOptions struct {
 	Issuer, Audience string
 	// Leeway is the clock skew allowed for exp, nbf and iat.
 	Leeway time.Duration
+	// MaxLifetime, if set, refuses tokens meant to live longer: exp more than this after iat,
+	// or after now. Revocations are kept for MaxLifetime (plus Leeway), so no token they cover
+	// may outlive them. Zero means no bound.
+	MaxLifetime time.Duration
 	// MaxTokenBytes bounds a token before anything parses it; zero means 8 KiB.
 	MaxTokenBytes int
 	// Now is the clock; nil means time.Now.
@@ -172,6 +176,10 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 	if h.B64 != nil {
 		return nil, invalid("b64 header not supported")
 	}
+	var gen uint64
+	if v.o.JWKS != nil && !isHMAC(h.Alg) {
+		gen = v.o.JWKS.generation() // before the key look-up: see JWKS.generation
+	}
 	key, alg, err := v.key(ctx, h)
 	if err != nil {
 		return nil, err
@@ -180,7 +188,27 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 	if err != nil {
 		return nil, invalid("signature does not verify")
 	}
-	return v.claims(payload)
+	id, err := v.claims(payload)
+	if err != nil {
+		return nil, err
+	}
+	id.keyGen = gen
+	return id, nil
+}
+
+func isHMAC(alg string) bool {
+	switch jwa.SignatureAlgorithm(alg) {
+	case jwa.HS256, jwa.HS384, jwa.HS512:
+		return true
+	}
+	return false
+}
+
+// current reports whether id, verified earlier, was verified under the key set in force: a
+// JWKS refresh that changed the set makes every JWKS token verify again before it is trusted,
+// so a key dropped from the set (compromised, rotated out) stops working for cached tokens too.
+func (v *Verifier) current(id *Identity) bool {
+	return id.keyGen == 0 || v.o.JWKS == nil || id.keyGen == v.o.JWKS.generation()
 }
 
 // key picks the verification key for the header and checks that the key allows its alg.
@@ -315,6 +343,10 @@ func (v *Verifier) claims(payload []byte) (*Identity, error) {
 		return nil, invalid("token not valid yet (nbf)")
 	case c.Iat != nil && now.Add(leeway).Before(at(*c.Iat)):
 		return nil, invalid("token issued in the future (iat)")
+	case v.o.MaxLifetime > 0 && at(*c.Exp).After(now.Add(v.o.MaxLifetime+leeway)):
+		return nil, invalid("token lives longer than the gateway allows (exp too far ahead)")
+	case v.o.MaxLifetime > 0 && c.Iat != nil && at(*c.Exp).Sub(at(*c.Iat)) > v.o.MaxLifetime+leeway:
+		return nil, invalid("token lives longer than the gateway allows (exp - iat)")
 	case v.o.Issuer != "" && c.Iss != v.o.Issuer:
 		return nil, invalid("wrong issuer")
 	case v.o.Audience != "" && !contains(c.Aud, v.o.Audience):
