@@ -287,7 +287,7 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 	g.voices = voice.NewRegistry(voice.RegistryOptions{Instance: cfg.Instance, Redis: g.redis,
 		Prefix: cfg.RedisPrefix, TTL: cfg.LeaseTTL, Log: logger})
 	if g.redis != nil {
-		g.limiter = policy.NewRedisLimiter(g.redis, cfg.RedisPrefix)
+		g.limiter = policy.NewRedisLimiter(g.redis, policy.RedisLimiterOptions{Prefix: cfg.RedisPrefix})
 		g.redisLeases = policy.NewRedisLeases(g.redis, cfg.RedisPrefix, cfg.LeaseTTL, logger)
 		g.leases = g.redisLeases
 	} else {

@@ -1150,7 +1150,7 @@ func BenchmarkRateLimitRedis(b *testing.B) {
 	}
 
 	b.Run("check", func(b *testing.B) {
-		lim := policy.NewRedisLimiter(client, "voicegate:")
+		lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{})
 		c := charge()
 		// The first check loads the script (EVALSHA, NOSCRIPT, EVAL); the loop measures the
 		// steady state.
