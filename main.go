@@ -249,7 +249,7 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		if err != nil {
 			return nil, err
 		}
-		g.redis = client
+		g.redis = guardRedis(client, logger)
 		g.revocations = auth.NewRedisRevocations(g.redis, auth.RedisRevocationsOptions{
 			Prefix: cfg.RedisPrefix, MaxLifetime: keepRevocations})
 	} else {
