@@ -1,7 +1,13 @@
 // Package proxy owns voicegate's edge: reverse proxying on httputil.ReverseProxy (a tuned
-// Transport, a shared buffer pool, one error mapping), and the middleware every request passes
-// through — recover, request ID, access log, client IP behind trusted proxies, CORS and body
-// limits — plus the JSON error document all packages answer with.
+// Transport, a shared buffer pool, one error mapping, the one list of headers a client may not
+// pass to a back end), upstream replica pools, and the middleware every request passes through —
+// recover, request ID, access log, client IP behind trusted proxies, CORS, body framing, body
+// deadlines and limits — plus the JSON error document all packages answer with.
+//
+// Time bounds: a request body must arrive by BodyDeadline's rule (a grace, plus a second per
+// MinRate bytes), enforced by a read deadline on the connection; upstreams answer headers within
+// the Transport's ResponseHeaderTimeout; nothing here writes with a deadline, so streams live as
+// long as their handlers keep them.
 package proxy
 
 import (
