@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"voicegate/auth"
 	"voicegate/proxy"
 )
 
@@ -31,6 +32,8 @@ type config struct {
 	ShutdownGrace  time.Duration
 
 	MaxBodyBytes     int64         // proxied routes
+	BodyReadTimeout  time.Duration // every body: this long, plus a second per BodyMinRate bytes
+	BodyMinRate      int64         // bytes per second
 	UpstreamTimeout  time.Duration // how long an upstream may take to answer headers
 	ChatMaxBodyBytes int64
 	ChatMaxMessage   int
@@ -149,8 +152,10 @@ func settings() []setting {
 		}},
 		{"SHUTDOWN_GRACE", "25s", "how long open streams get on SIGTERM", durationSetting(func(c *config) *time.Duration { return &c.ShutdownGrace }, 0)},
 		{"MAX_BODY_BYTES", "10485760", "largest request body on proxied routes", bytesSetting(func(c *config) *int64 { return &c.MaxBodyBytes })},
+		{"BODY_READ_TIMEOUT", "5s", "how long any request body may take, whatever its size (plus a second per BODY_MIN_RATE bytes received)", durationSetting(func(c *config) *time.Duration { return &c.BodyReadTimeout }, time.Millisecond)},
+		{"BODY_MIN_RATE", "16384", "bytes per second a request body must keep up on average beyond BODY_READ_TIMEOUT", bytesSetting(func(c *config) *int64 { return &c.BodyMinRate })},
 		{"UPSTREAM_TIMEOUT", "30s", "how long an upstream may take to answer headers", durationSetting(func(c *config) *time.Duration { return &c.UpstreamTimeout }, time.Millisecond)},
-		{"CHAT_MAX_BODY_BYTES", "65536", "largest chat request body", bytesSetting(func(c *config) *int64 { return &c.ChatMaxBodyBytes })},
+		{"CHAT_MAX_BODY_BYTES", "65536", "largest chat request body", boundedBytes(func(c *config) *int64 { return &c.ChatMaxBodyBytes }, maxChatBody)},
 		{"CHAT_MAX_MESSAGE", "4000", "longest chat message, in characters", intSetting(func(c *config) *int { return &c.ChatMaxMessage })},
 		{"CHAT_MAX_TOKENS", "8192", "largest max_tokens a chat request may ask for", intSetting(func(c *config) *int { return &c.ChatMaxTokens })},
 		{"CHAT_DEFAULT_MODEL", "default", "model used when a chat request names none", func(c *config, v string) error {
@@ -163,18 +168,18 @@ func settings() []setting {
 		{"SSE_PING_INTERVAL", "15s", "ping comment interval while the upstream is silent", durationSetting(func(c *config) *time.Duration { return &c.SSEPingInterval }, time.Millisecond)},
 		{"SSE_MAX_LINE_BYTES", "1048576", "longest upstream NDJSON line", func(c *config, v string) error {
 			n, err := strconv.Atoi(v)
-			if err != nil || n < 64 {
-				return errors.New("want a byte count of at least 64")
+			if err != nil || n < 64 || n > maxLineBytes {
+				return fmt.Errorf("want a byte count between 64 and %d", maxLineBytes)
 			}
 			c.SSEMaxLineBytes = n
 			return nil
 		}},
-		{"JWT_SECRET", "", "HMAC key for HS256/384/512 tokens, at least 32 bytes", func(c *config, v string) error {
+		{"JWT_SECRET", "", "HMAC key for HS256/384/512 tokens: at least 32 bytes, no surrounding white space, at least 8 distinct characters", func(c *config, v string) error {
 			if v == "" {
 				return nil
 			}
-			if len(v) < 32 {
-				return fmt.Errorf("the secret is %d bytes; at least 32 are required", len(v))
+			if err := auth.CheckHMACSecret([]byte(v)); err != nil {
+				return err
 			}
 			c.JWTSecret = []byte(v)
 			return nil
@@ -378,6 +383,25 @@ func bytesSetting(field func(*config) *int64) func(*config, string) error {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil || n < 1 {
 			return errors.New("want a positive byte count")
+		}
+		*field(c) = n
+		return nil
+	}
+}
+
+// Upper bounds of settings that size memory held per stream, request or session: a typo (an
+// extra digit or three) must not let one client make the gateway hold gigabytes.
+const (
+	maxLineBytes = 16 << 20 // SSE_MAX_LINE_BYTES: a line is buffered whole, per stream
+	maxChatBody  = 16 << 20 // CHAT_MAX_BODY_BYTES: a chat body is read whole before it goes on
+)
+
+// boundedBytes is bytesSetting with an upper bound.
+func boundedBytes(field func(*config) *int64, most int64) func(*config, string) error {
+	return func(c *config, v string) error {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 1 || n > most {
+			return fmt.Errorf("want a byte count between 1 and %d", most)
 		}
 		*field(c) = n
 		return nil

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -51,6 +52,14 @@ func TestConfigRejectsInvalidValues(t *testing.T) {
 		{"UPSTREAM_TIMEOUT zero", map[string]string{"UPSTREAM_TIMEOUT": "0s"}, nil, "UPSTREAM_TIMEOUT"},
 		{"SSE_PING_INTERVAL junk", map[string]string{"SSE_PING_INTERVAL": "often"}, nil, "SSE_PING_INTERVAL"},
 		{"SSE_MAX_LINE_BYTES tiny", map[string]string{"SSE_MAX_LINE_BYTES": "10"}, nil, "SSE_MAX_LINE_BYTES"},
+		{"SSE_MAX_LINE_BYTES huge", map[string]string{"SSE_MAX_LINE_BYTES": "999999999999"}, nil, "SSE_MAX_LINE_BYTES"},
+		{"SSE_MAX_LINE_BYTES over 16 MiB", map[string]string{"SSE_MAX_LINE_BYTES": "16777217"}, nil, "SSE_MAX_LINE_BYTES"},
+		{"CHAT_MAX_BODY_BYTES huge", map[string]string{"CHAT_MAX_BODY_BYTES": "999999999999"}, nil, "CHAT_MAX_BODY_BYTES"},
+		{"JWT_SECRET of 40 spaces", map[string]string{"JWT_SECRET": strings.Repeat(" ", 40)}, nil, "JWT_SECRET"},
+		{"JWT_SECRET with a trailing newline", map[string]string{"JWT_SECRET": testSecret + "\n"}, nil, "JWT_SECRET"},
+		{"JWT_SECRET of one letter", map[string]string{"JWT_SECRET": strings.Repeat("x", 48)}, nil, "JWT_SECRET"},
+		{"BODY_READ_TIMEOUT junk", map[string]string{"BODY_READ_TIMEOUT": "soon"}, nil, "BODY_READ_TIMEOUT"},
+		{"BODY_MIN_RATE zero", map[string]string{"BODY_MIN_RATE": "0"}, nil, "BODY_MIN_RATE"},
 		{"invalid flag value", nil, []string{"-log-format", "xml"}, "LOG_FORMAT"},
 	}
 	for _, tt := range tests {
@@ -116,6 +125,8 @@ func TestConfigDefaults(t *testing.T) {
 		{"ChatDefaultModel", cfg.ChatDefaultModel, "default"},
 		{"SSEPingInterval", cfg.SSEPingInterval, 15 * time.Second},
 		{"SSEMaxLineBytes", cfg.SSEMaxLineBytes, 1 << 20},
+		{"BodyReadTimeout", cfg.BodyReadTimeout, 5 * time.Second},
+		{"BodyMinRate", cfg.BodyMinRate, int64(16 << 10)},
 		{"CORSOrigins", len(cfg.CORSOrigins), 0},
 		{"TrustedProxies", len(cfg.TrustedProxies), 0},
 	}
@@ -229,6 +240,42 @@ func TestConfigErrorKeepsCredentialsOut(t *testing.T) {
 		}
 		if strings.Contains(err.Error(), "hunter2") {
 			t.Errorf("error shows the password: %v", err)
+		}
+	}
+}
+
+// TestConfigTableInREADME: README.md's configuration table is the complete list of settings:
+// every variable the code reads is there, with the code's default.
+func TestConfigTableInREADME(t *testing.T) {
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(raw)
+	start := strings.Index(doc, "## Configuration")
+	if start < 0 {
+		t.Fatal("README.md has no ## Configuration section")
+	}
+	end := strings.Index(doc[start+1:], "\n## ")
+	table := doc[start : start+1+end]
+	rows := map[string]string{} // variable → its row
+	for _, line := range strings.Split(table, "\n") {
+		if !strings.HasPrefix(line, "| `") {
+			continue
+		}
+		first := strings.Split(line, "|")[1]
+		for _, v := range strings.Split(first, ",") {
+			rows[strings.Trim(strings.TrimSpace(v), "`")] = line
+		}
+	}
+	for _, s := range settings() {
+		row, ok := rows[s.env]
+		if !ok {
+			t.Errorf("%s is not in README.md's configuration table", s.env)
+			continue
+		}
+		if s.def != "" && !strings.Contains(row, "`"+s.def+"`") {
+			t.Errorf("README.md's row for %s does not give its default `%s`: %s", s.env, s.def, row)
 		}
 	}
 }

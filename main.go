@@ -241,23 +241,26 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		}
 	}()
 
+	// A user revocation must outlive every token it covers, and the verifier accepts a token
+	// until its exp (at most JWT_MAX_LIFETIME away) plus the leeway.
+	keepRevocations := cfg.JWTMaxLifetime + cfg.JWTLeeway
 	if len(cfg.RedisAddrs) > 0 {
 		client, err := connectRedis(ctx, cfg)
 		if err != nil {
 			return nil, err
 		}
-		g.redis = client
-		g.revocations = auth.NewRedisRevocations(client, auth.RedisRevocationsOptions{
-			Prefix: cfg.RedisPrefix, MaxLifetime: cfg.JWTMaxLifetime})
+		g.redis = guardRedis(client, logger)
+		g.revocations = auth.NewRedisRevocations(g.redis, auth.RedisRevocationsOptions{
+			Prefix: cfg.RedisPrefix, MaxLifetime: keepRevocations})
 	} else {
-		g.revocations = auth.NewMemoryRevocations(cfg.JWTMaxLifetime)
+		g.revocations = auth.NewMemoryRevocations(keepRevocations)
 	}
 	if cfg.JWKSURL != nil {
 		g.jwks = auth.NewJWKS(ctx, auth.JWKSOptions{URL: cfg.JWKSURL.String(), Refresh: cfg.JWKSRefresh,
 			MinRefetch: cfg.JWKSMinRefetch, Log: logger})
 	}
 	verifier, err := auth.NewVerifier(auth.VerifierOptions{HMACSecret: cfg.JWTSecret, JWKS: g.jwks,
-		Issuer: cfg.JWTIssuer, Audience: cfg.JWTAudience, Leeway: cfg.JWTLeeway})
+		Issuer: cfg.JWTIssuer, Audience: cfg.JWTAudience, Leeway: cfg.JWTLeeway, MaxLifetime: cfg.JWTMaxLifetime})
 	if err != nil {
 		return nil, err
 	}
@@ -284,7 +287,7 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 	g.voices = voice.NewRegistry(voice.RegistryOptions{Instance: cfg.Instance, Redis: g.redis,
 		Prefix: cfg.RedisPrefix, TTL: cfg.LeaseTTL, Log: logger})
 	if g.redis != nil {
-		g.limiter = policy.NewRedisLimiter(g.redis, cfg.RedisPrefix)
+		g.limiter = policy.NewRedisLimiter(g.redis, policy.RedisLimiterOptions{Prefix: cfg.RedisPrefix})
 		g.redisLeases = policy.NewRedisLeases(g.redis, cfg.RedisPrefix, cfg.LeaseTTL, logger)
 		g.leases = g.redisLeases
 	} else {
@@ -431,6 +434,7 @@ func (g *gateway) handler() (http.Handler, error) {
 		Revocations: g.revocations,
 		Can:         g.can,
 		MaxLifetime: cfg.JWTMaxLifetime,
+		Leeway:      cfg.JWTLeeway,
 	})))
 
 	g.voice = voice.NewHandler(voice.Options{
@@ -504,6 +508,10 @@ func (g *gateway) handler() (http.Handler, error) {
 		edge = append(edge, tel.observe())
 	}
 	edge = append(edge,
+		// Before anything can refuse a request: net/http reads what is left of a refused
+		// request's body too, and that must be bounded as well.
+		proxy.CloseChunked(),
+		proxy.BodyDeadline(proxy.BodyDeadlineOptions{Grace: cfg.BodyReadTimeout, MinRate: cfg.BodyMinRate}),
 		proxy.ClientIP(cfg.TrustedProxies),
 		proxy.CORS(proxy.CORSOptions{Origins: cfg.CORSOrigins}),
 		proxy.CanonicalPath(),

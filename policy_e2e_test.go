@@ -1031,11 +1031,18 @@ func TestPolicyReloadOnSIGHUP(t *testing.T) {
 // TestPolicyBadFileAtStart: run refuses to start on a bad POLICY_FILE, with one line naming the
 // variable and the problem, and never listens.
 func TestPolicyBadFileAtStart(t *testing.T) {
+	fifo := filepath.Join(t.TempDir(), "policy.fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, tt := range []struct{ name, file, want string }{
 		{"route without a binding", "testdata/policy/e2e-bad-unbound-route.json", "/api/v2/documents/"},
 		{"unknown role", "testdata/policy/e2e-bad-unknown-role.json", "reader"},
 		{"bad permission", "testdata/policy/e2e-bad-permission.json", "document.read"},
 		{"missing file", "testdata/policy/e2e-no-such-file.json", "e2e-no-such-file.json"},
+		// Neither is read: /dev/zero would fill memory, a FIFO nobody writes to would block.
+		{"a device", "/dev/zero", "not a regular file"},
+		{"a FIFO", fifo, "not a regular file"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			vars := map[string]string{
@@ -1143,7 +1150,7 @@ func BenchmarkRateLimitRedis(b *testing.B) {
 	}
 
 	b.Run("check", func(b *testing.B) {
-		lim := policy.NewRedisLimiter(client, "voicegate:")
+		lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{})
 		c := charge()
 		// The first check loads the script (EVALSHA, NOSCRIPT, EVAL); the loop measures the
 		// steady state.

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -153,6 +154,26 @@ func (r *testRedis) Kill() {
 	}
 	_ = cmd.Process.Kill()
 	<-done
+}
+
+// Freeze stops redis-server with SIGSTOP: it keeps its port and the kernel keeps accepting
+// connections for it, but nothing answers — Redis frozen, not down. Thaw resumes it.
+func (r *testRedis) Freeze() { r.signal(syscall.SIGSTOP) }
+
+// Thaw resumes a frozen redis-server with SIGCONT.
+func (r *testRedis) Thaw() { r.signal(syscall.SIGCONT) }
+
+func (r *testRedis) signal(sig os.Signal) {
+	r.t.Helper()
+	r.mu.Lock()
+	cmd := r.cmd
+	r.mu.Unlock()
+	if cmd == nil {
+		r.t.Fatal("redis-server is not running")
+	}
+	if err := cmd.Process.Signal(sig); err != nil {
+		r.t.Fatalf("signal redis-server: %v", err)
+	}
 }
 
 // Restart starts redis-server again on the same port (empty: nothing was saved) and waits for

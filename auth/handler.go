@@ -19,8 +19,11 @@ type RevokeOptions struct {
 	// Can reports whether the request's caller holds a permission; nil means nobody holds any.
 	Can func(r *http.Request, perm string) bool
 	// MaxLifetime is the longest a token lives: a jti revoked by someone other than its holder
-	// (whose expiry is unknown here) stays revoked that long. Zero means 24h.
+	// (whose expiry is unknown here) stays revoked that long (plus Leeway). Zero means 24h.
 	MaxLifetime time.Duration
+	// Leeway is the verifier's clock skew: a token is accepted until exp plus Leeway, so its
+	// revocation must be kept that long too, or a logged-out token works again after exp.
+	Leeway time.Duration
 	// Budget bounds the store call; zero means 500 ms.
 	Budget time.Duration
 	// Now is the clock; nil means time.Now.
@@ -89,10 +92,10 @@ func NewRevokeHandler(o RevokeOptions) http.Handler {
 				proxy.Errorf(w, r, http.StatusForbidden, proxy.CodePermission, "revoking another token needs "+PermRevoke)
 				return
 			}
-			err = o.Revocations.RevokeToken(ctx, req.JTI, now.Add(o.MaxLifetime))
+			err = o.Revocations.RevokeToken(ctx, req.JTI, now.Add(o.MaxLifetime+o.Leeway))
 			result = map[string]any{"revoked": "token", "jti": req.JTI}
 		default:
-			err = o.Revocations.RevokeToken(ctx, id.TokenID, id.ExpiresAt)
+			err = o.Revocations.RevokeToken(ctx, id.TokenID, id.ExpiresAt.Add(o.Leeway))
 			result = map[string]any{"revoked": "token", "jti": id.TokenID}
 		}
 		if err != nil {

@@ -27,6 +27,7 @@ type Identity struct {
 	ExpiresAt   time.Time
 
 	rolesHeader string // Roles joined for X-User-Roles, computed once
+	keyGen      uint64 // the JWKS generation the token was verified under; 0: an HMAC token
 }
 
 type identityKey struct{}

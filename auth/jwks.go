@@ -2,16 +2,22 @@ package auth
 
 import (
 	"context"
+	"crypto"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v2/jwk"
+
+	"voicegate/proxy"
 )
 
 // JWKSOptions configures a JWKS key source.
@@ -37,9 +43,19 @@ type JWKS struct {
 	last  time.Time  // last fetch attempt caused by an unknown kid; guarded by fetch
 	stop  context.CancelFunc
 	done  chan struct{}
+	// gen changes whenever a fetch brings a key set that differs from the one before (a key
+	// added, dropped or replaced). Tokens verified under an older generation are verified again
+	// before the token cache may answer for them, so a key dropped from the set stops
+	// verifying at once, cached or not.
+	gen atomic.Uint64
+	sum [sha256.Size]byte // fingerprint of the key set of gen; guarded by fetch
 	// Fetches counts fetch attempts, for tests and metrics.
 	Fetches atomic.Int64
 }
+
+// generation returns the key set's generation. Read it before looking a key up: a refresh
+// stores the new keys before it moves the generation on.
+func (s *JWKS) generation() uint64 { return s.gen.Load() }
 
 // maxJWKSBytes bounds a key set document.
 const maxJWKSBytes = 1 << 20
@@ -61,7 +77,7 @@ func NewJWKS(ctx context.Context, o JWKSOptions) *JWKS {
 	}
 	s := &JWKS{o: o, done: make(chan struct{})}
 	if err := s.refresh(ctx); err != nil {
-		o.Log.Warn("JWKS fetch failed; retrying on schedule", "err", err)
+		o.Log.Warn("JWKS fetch failed; retrying on schedule", "err", proxy.Describe(err))
 	}
 	ctx, s.stop = context.WithCancel(context.WithoutCancel(ctx))
 	go s.loop(ctx)
@@ -91,7 +107,7 @@ func (s *JWKS) loop(ctx context.Context) {
 		case <-t.C:
 		}
 		if err := s.refresh(ctx); err != nil {
-			s.o.Log.Warn("JWKS refresh failed; keeping the previous keys", "err", err)
+			s.o.Log.Warn("JWKS refresh failed; keeping the previous keys", "err", proxy.Describe(err))
 		}
 	}
 }
@@ -110,7 +126,7 @@ func (s *JWKS) Key(ctx context.Context, kid string) (jwk.Key, error) {
 	if time.Since(s.last) >= s.o.MinRefetch {
 		s.last = time.Now()
 		if err := s.refreshLocked(ctx); err != nil {
-			s.o.Log.Warn("JWKS refetch for an unknown kid failed", "err", err)
+			s.o.Log.Warn("JWKS refetch for an unknown kid failed", "err", proxy.Describe(err))
 		}
 		if k := s.lookup(kid); k != nil {
 			return k, nil
@@ -175,6 +191,32 @@ func (s *JWKS) refreshLocked(ctx context.Context) error {
 		}
 		keys[k.KeyID()] = pub
 	}
+	sum, ok := fingerprint(keys)
 	s.keys.Store(&keys)
+	if !ok || sum != s.sum || s.gen.Load() == 0 {
+		s.sum = sum
+		s.gen.Add(1) // after the store: see generation
+	}
 	return nil
+}
+
+// fingerprint identifies a key set by its key IDs, each key's algorithm and its RFC 7638
+// thumbprint, so that a refetch of the same set does not count as a change. ok is false when a
+// key cannot be thumbprinted; the set then counts as changed.
+func fingerprint(keys map[string]jwk.Key) (sum [sha256.Size]byte, ok bool) {
+	h := sha256.New()
+	for _, kid := range slices.Sorted(maps.Keys(keys)) {
+		k := keys[kid]
+		tp, err := k.Thumbprint(crypto.SHA256)
+		if err != nil {
+			return sum, false
+		}
+		alg := ""
+		if a := k.Algorithm(); a != nil {
+			alg = a.String()
+		}
+		fmt.Fprintf(h, "%d:%s|%s|%x\n", len(kid), kid, alg, tp)
+	}
+	h.Sum(sum[:0])
+	return sum, true
 }

@@ -128,6 +128,9 @@ func (a *Authenticator) Authenticate(r *http.Request, allowSubprotocol bool) (*I
 	var buf [1024]byte
 	key := sha256.Sum256(append(buf[:0], token...))
 	id := a.cache.get(key, now)
+	if id != nil && !a.o.Verifier.current(id) {
+		id = nil // its key set has changed since: verify the signature again
+	}
 	if id == nil {
 		var err error
 		id, err = a.o.Verifier.Verify(r.Context(), token)

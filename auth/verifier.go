@@ -46,6 +46,10 @@ type VerifierOptions struct {
 	Issuer, Audience string
 	// Leeway is the clock skew allowed for exp, nbf and iat.
 	Leeway time.Duration
+	// MaxLifetime, if set, refuses tokens meant to live longer: exp more than this after iat,
+	// or after now. Revocations are kept for MaxLifetime (plus Leeway), so no token they cover
+	// may outlive them. Zero means no bound.
+	MaxLifetime time.Duration
 	// MaxTokenBytes bounds a token before anything parses it; zero means 8 KiB.
 	MaxTokenBytes int
 	// Now is the clock; nil means time.Now.
@@ -66,6 +70,44 @@ type Verifier struct {
 // MinHMACSecret is the shortest HMAC secret accepted.
 const MinHMACSecret = 32
 
+// minSecretSymbols is the fewest distinct bytes an HMAC secret may be made of. Any generated
+// secret (random bytes, hex, base64) has far more; 40 spaces, "aaaa…" or a word typed over and
+// over have fewer, and guessing them costs an attacker nothing whatever their length.
+const minSecretSymbols = 8
+
+// CheckHMACSecret refuses HMAC secrets given as configuration that are weak in an obvious way:
+// blank or padded with white space (a stray newline from a file makes every token fail; a
+// secret of spaces is no secret), or what NewVerifier refuses. It never repeats the secret.
+func CheckHMACSecret(secret []byte) error {
+	if t := bytes.TrimSpace(secret); len(t) != len(secret) {
+		if len(t) == 0 {
+			return errors.New("the secret is blank")
+		}
+		return errors.New("the secret starts or ends with white space")
+	}
+	return checkSecretBytes(secret)
+}
+
+// checkSecretBytes refuses secrets shorter than MinHMACSecret bytes or made of fewer than
+// minSecretSymbols distinct bytes.
+func checkSecretBytes(secret []byte) error {
+	if len(secret) < MinHMACSecret {
+		return fmt.Errorf("the secret is %d bytes; at least %d are required", len(secret), MinHMACSecret)
+	}
+	var seen [256]bool
+	n := 0
+	for _, b := range secret {
+		if !seen[b] {
+			seen[b] = true
+			n++
+		}
+	}
+	if n < minSecretSymbols {
+		return fmt.Errorf("the secret is made of only %d distinct characters; use a random one, such as: openssl rand -base64 48", n)
+	}
+	return nil
+}
+
 // NewVerifier returns a Verifier.
 func NewVerifier(o VerifierOptions) (*Verifier, error) {
 	v := &Verifier{o: o, now: o.Now}
@@ -79,8 +121,8 @@ func NewVerifier(o VerifierOptions) (*Verifier, error) {
 		return nil, errors.New("auth: an HMAC secret or a JWKS is required")
 	}
 	if o.HMACSecret != nil {
-		if len(o.HMACSecret) < MinHMACSecret {
-			return nil, fmt.Errorf("auth: HMAC secret is %d bytes, want at least %d", len(o.HMACSecret), MinHMACSecret)
+		if err := checkSecretBytes(o.HMACSecret); err != nil {
+			return nil, fmt.Errorf("auth: HMAC secret: %w", err)
 		}
 		k, err := jwk.FromRaw(o.HMACSecret)
 		if err != nil {
@@ -134,6 +176,10 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 	if h.B64 != nil {
 		return nil, invalid("b64 header not supported")
 	}
+	var gen uint64
+	if v.o.JWKS != nil && !isHMAC(h.Alg) {
+		gen = v.o.JWKS.generation() // before the key look-up: see JWKS.generation
+	}
 	key, alg, err := v.key(ctx, h)
 	if err != nil {
 		return nil, err
@@ -142,7 +188,27 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 	if err != nil {
 		return nil, invalid("signature does not verify")
 	}
-	return v.claims(payload)
+	id, err := v.claims(payload)
+	if err != nil {
+		return nil, err
+	}
+	id.keyGen = gen
+	return id, nil
+}
+
+func isHMAC(alg string) bool {
+	switch jwa.SignatureAlgorithm(alg) {
+	case jwa.HS256, jwa.HS384, jwa.HS512:
+		return true
+	}
+	return false
+}
+
+// current reports whether id, verified earlier, was verified under the key set in force: a
+// JWKS refresh that changed the set makes every JWKS token verify again before it is trusted,
+// so a key dropped from the set (compromised, rotated out) stops working for cached tokens too.
+func (v *Verifier) current(id *Identity) bool {
+	return id.keyGen == 0 || v.o.JWKS == nil || id.keyGen == v.o.JWKS.generation()
 }
 
 // key picks the verification key for the header and checks that the key allows its alg.
@@ -277,6 +343,10 @@ func (v *Verifier) claims(payload []byte) (*Identity, error) {
 		return nil, invalid("token not valid yet (nbf)")
 	case c.Iat != nil && now.Add(leeway).Before(at(*c.Iat)):
 		return nil, invalid("token issued in the future (iat)")
+	case v.o.MaxLifetime > 0 && at(*c.Exp).After(now.Add(v.o.MaxLifetime+leeway)):
+		return nil, invalid("token lives longer than the gateway allows (exp too far ahead)")
+	case v.o.MaxLifetime > 0 && c.Iat != nil && at(*c.Exp).Sub(at(*c.Iat)) > v.o.MaxLifetime+leeway:
+		return nil, invalid("token lives longer than the gateway allows (exp - iat)")
 	case v.o.Issuer != "" && c.Iss != v.o.Issuer:
 		return nil, invalid("wrong issuer")
 	case v.o.Audience != "" && !contains(c.Aud, v.o.Audience):

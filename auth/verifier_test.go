@@ -2,6 +2,7 @@ package auth_test
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"reflect"
@@ -209,7 +210,10 @@ func TestNewVerifierOptions(t *testing.T) {
 		{"nothing", auth.VerifierOptions{}, true},
 		{"short secret", auth.VerifierOptions{HMACSecret: make([]byte, auth.MinHMACSecret-1)}, true},
 		{"empty secret", auth.VerifierOptions{HMACSecret: []byte{}}, true},
-		{"32-byte secret", auth.VerifierOptions{HMACSecret: make([]byte, auth.MinHMACSecret)}, false},
+		{"32 zero bytes", auth.VerifierOptions{HMACSecret: make([]byte, auth.MinHMACSecret)}, true},
+		{"32-byte random secret", auth.VerifierOptions{HMACSecret: []byte(rand.Text() + "abcdef")[:auth.MinHMACSecret]}, false},
+		{"40 spaces", auth.VerifierOptions{HMACSecret: []byte(strings.Repeat(" ", 40))}, true},
+		{"a word over and over", auth.VerifierOptions{HMACSecret: []byte(strings.Repeat("secret", 8))}, true},
 		{"jwks only", auth.VerifierOptions{JWKS: jwks}, false},
 	}
 	for _, tt := range tests {
@@ -384,6 +388,39 @@ func TestVerifyTimeBoundaries(t *testing.T) {
 			token := signHS256(t, sec, nil, claims(tt.over))
 			id, err := v.Verify(context.Background(), token)
 			checkOutcome(t, token, id, err, tt.want)
+		})
+	}
+}
+
+// TestCheckHMACSecret: the configuration check refuses blank, padded, short and obviously
+// low-entropy secrets, and never repeats the secret in its message.
+func TestCheckHMACSecret(t *testing.T) {
+	tests := []struct {
+		name   string
+		secret string
+		ok     bool
+	}{
+		{"random base64", "k3J9vQ2mZx8LwP4tR7yB1nC6hD0fG5sA+uE/iO==", true},
+		{"hex", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", true},
+		{"the test secret", "voicegate-test-secret-0123456789abcdef", true},
+		{"40 spaces", strings.Repeat(" ", 40), false},
+		{"tabs and newlines", strings.Repeat("\t\n", 20), false},
+		{"trailing newline", "k3J9vQ2mZx8LwP4tR7yB1nC6hD0fG5sA+uE/iO==\n", false},
+		{"leading space", " k3J9vQ2mZx8LwP4tR7yB1nC6hD0fG5sA+uE/iO==", false},
+		{"one letter", strings.Repeat("a", 64), false},
+		{"a short word repeated", strings.Repeat("abc123", 8), false},
+		{"short", "k3J9vQ2mZx8LwP4t", false},
+		{"empty", "", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := auth.CheckHMACSecret([]byte(tt.secret))
+			if (err == nil) != tt.ok {
+				t.Fatalf("CheckHMACSecret = %v, want ok=%v", err, tt.ok)
+			}
+			if err != nil && strings.TrimSpace(tt.secret) != "" && strings.Contains(err.Error(), strings.TrimSpace(tt.secret)) {
+				t.Errorf("the error repeats the secret: %v", err)
+			}
 		})
 	}
 }

@@ -108,7 +108,7 @@ func BenchmarkMemoryLimiter(b *testing.B) {
 // against the handler alone.
 func BenchmarkWrap(b *testing.B) {
 	f := policy.Default()
-	roomy := &policy.Rate{Requests: 1 << 30, Per: policy.Duration(time.Second), Burst: 1 << 30}
+	roomy := &policy.Rate{Requests: 1_000_000, Per: policy.Duration(time.Second), Burst: 1 << 30} // the finest rate there is
 	f.Limits = policy.Limits{PerUser: roomy, PerTenant: roomy, Classes: map[string]policy.Rate{"chat": *roomy},
 		Concurrency: map[string]policy.Concurrency{"chat": {PerUser: 10, PerTenant: 10}, "voice": {}}}
 	p, err := policy.Compile(f, gatewayRoutes, handlerPerms)

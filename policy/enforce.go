@@ -245,7 +245,7 @@ func (e *Enforcer) charge(w http.ResponseWriter, r *http.Request, p *Policy, b *
 }
 
 func bucket(key string, r Rate) Bucket {
-	return Bucket{Key: key, Interval: max(time.Duration(r.Per)/time.Duration(r.Requests), time.Millisecond),
+	return Bucket{Key: key, Interval: max(time.Duration(r.Per)/time.Duration(r.Requests), time.Microsecond),
 		Burst: max(r.Burst, 1), Limit: r.Requests}
 }
 

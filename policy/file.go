@@ -230,6 +230,9 @@ func (l Limits) check() error {
 		if r.Requests < 1 || r.Per <= 0 || r.Burst < 0 {
 			return fmt.Errorf("policy: limits.%s: want requests ≥ 1, a positive per and burst ≥ 0", name)
 		}
+		if time.Duration(r.Per)/time.Duration(r.Requests) < time.Microsecond {
+			return fmt.Errorf("policy: limits.%s: more than a million requests a second is finer than the limiter's microsecond resolution", name)
+		}
 	}
 	if l.DailyRequestsPerUser < 0 {
 		return errors.New("policy: limits: daily_requests_per_user cannot be negative")

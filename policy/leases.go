@@ -83,15 +83,18 @@ func (m *MemoryLeases) Acquire(_ context.Context, req LeaseRequest) (func(), err
 }
 
 // acquireScript takes a slot in the user's and the tenant's sorted sets (member = lease ID,
-// score = expiry in ms), after dropping expired members, or neither.
+// score = expiry in ms on Redis's clock, so instances with drifting clocks agree on what has
+// expired), after dropping expired members, or neither.
 //
-// KEYS: user set, tenant set. ARGV: member, now ms, ttl ms, user cap, tenant cap.
+// KEYS: user set, tenant set. ARGV: member, ttl ms, user cap, tenant cap.
 // Returns 0 on success, 1 when the user cap is full, 2 when the tenant cap is.
 const acquireScript = `
-local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
 for i = 1, 2 do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  local cap = tonumber(ARGV[3 + i])
+  local cap = tonumber(ARGV[2 + i])
   if cap > 0 and redis.call('ZCARD', KEYS[i]) >= cap then
     return i
   end
@@ -102,19 +105,38 @@ for i = 1, 2 do
 end
 return 0`
 
+// renewScript moves a held slot's expiry to TTL from now on Redis's clock — and puts the slot
+// back if it is gone: it expired while Redis could not be reached, or Redis lost its data. The
+// session still runs, so it must count toward the cap again, even if that puts the count over
+// the cap for a while (no running session is ended for it). GT never moves an expiry back.
+//
+// KEYS: user set, tenant set. ARGV: member, ttl ms.
+const renewScript = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for i = 1, 2 do
+  redis.call('ZADD', KEYS[i], 'GT', now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+return 0`
+
 // RedisLeases holds concurrency slots in Redis sorted sets shared by every instance. Each slot
 // expires TTL after its last renewal; one goroutine per gateway renews every held slot every
 // TTL/3 in one pipeline, so an instance that dies frees its slots within TTL, and no stream
-// needs a goroutine of its own for it.
+// needs a goroutine of its own for it. A renewal puts back a slot that expired meanwhile (Redis
+// was unreachable for longer than TTL): its session is still running. Expiries are on Redis's
+// clock.
 //
 // Keys: {prefix}lease:{tenant}:{kind}:u:{user} and {prefix}lease:{tenant}:{kind}:t (sorted sets;
 // the tenant is the Redis Cluster hash tag).
 type RedisLeases struct {
-	client rueidis.Client
-	prefix string
-	ttl    time.Duration
-	script *rueidis.Lua
-	log    *slog.Logger
+	client  rueidis.Client
+	prefix  string
+	ttl     time.Duration
+	acquire *rueidis.Lua
+	renewal *rueidis.Lua
+	log     *slog.Logger
 
 	mu   sync.Mutex
 	held map[string]heldLease // by member
@@ -136,8 +158,9 @@ func NewRedisLeases(client rueidis.Client, prefix string, ttl time.Duration, log
 		log = slog.New(slog.DiscardHandler)
 	}
 	ctx, stop := context.WithCancel(context.Background())
-	l := &RedisLeases{client: client, prefix: prefix, ttl: ttl, script: rueidis.NewLuaScript(acquireScript),
-		log: log, held: map[string]heldLease{}, stop: stop, done: make(chan struct{})}
+	l := &RedisLeases{client: client, prefix: prefix, ttl: ttl, acquire: rueidis.NewLuaScript(acquireScript),
+		renewal: rueidis.NewLuaScript(renewScript), log: log, held: map[string]heldLease{}, stop: stop,
+		done: make(chan struct{})}
 	go l.renew(ctx)
 	return l
 }
@@ -153,10 +176,8 @@ func (l *RedisLeases) Acquire(ctx context.Context, req LeaseRequest) (func(), er
 	tag := "{" + req.Tenant + "}:" + req.Kind
 	h := heldLease{userKey: l.prefix + "lease:" + tag + ":u:" + req.User, tenantKey: l.prefix + "lease:" + tag + ":t"}
 	member := rand.Text()
-	now := time.Now().UnixMilli()
-	res, err := l.script.Exec(ctx, l.client, []string{h.userKey, h.tenantKey}, []string{member,
-		strconv.FormatInt(now, 10), strconv.FormatInt(l.ttl.Milliseconds(), 10),
-		strconv.Itoa(req.PerUser), strconv.Itoa(req.PerTenant)}).AsInt64()
+	res, err := l.acquire.Exec(ctx, l.client, []string{h.userKey, h.tenantKey}, []string{member,
+		strconv.FormatInt(l.ttl.Milliseconds(), 10), strconv.Itoa(req.PerUser), strconv.Itoa(req.PerTenant)}).AsInt64()
 	if err != nil {
 		return nil, fmt.Errorf("policy: lease: %w", err)
 	}
@@ -196,20 +217,17 @@ func (l *RedisLeases) renew(ctx context.Context) {
 		case <-t.C:
 		}
 		l.mu.Lock()
-		expiry := float64(time.Now().Add(l.ttl).UnixMilli())
-		cmds := make(rueidis.Commands, 0, 2*len(l.held))
+		ttl := strconv.FormatInt(l.ttl.Milliseconds(), 10)
+		execs := make([]rueidis.LuaExec, 0, len(l.held))
 		for member, h := range l.held {
-			for _, k := range []string{h.userKey, h.tenantKey} {
-				cmds = append(cmds, l.client.B().Zadd().Key(k).Xx().ScoreMember().ScoreMember(expiry, member).Build(),
-					l.client.B().Pexpire().Key(k).Milliseconds(l.ttl.Milliseconds()).Build())
-			}
+			execs = append(execs, rueidis.LuaExec{Keys: []string{h.userKey, h.tenantKey}, Args: []string{member, ttl}})
 		}
 		l.mu.Unlock()
-		if len(cmds) == 0 {
+		if len(execs) == 0 {
 			continue
 		}
 		rctx, cancel := context.WithTimeout(ctx, l.ttl/3)
-		for _, r := range l.client.DoMulti(rctx, cmds...) {
+		for _, r := range l.renewal.ExecMulti(rctx, l.client, execs...) {
 			if err := r.Error(); err != nil {
 				l.log.Warn("renewing concurrency leases failed; they expire unless renewed in time", "err", proxy.Describe(err))
 				break

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"sync"
@@ -42,9 +43,11 @@ type Limiter interface {
 	Allow(ctx context.Context, c *Charge) (Verdict, error)
 }
 
-// intervalMS is a bucket's emission interval in whole milliseconds, the limiters' resolution:
-// at least 1, since a zero interval would never limit.
-func intervalMS(b Bucket) int64 { return max(b.Interval.Milliseconds(), 1) }
+// intervalUS is a bucket's emission interval in whole microseconds, the limiters' resolution
+// (Redis's TIME gives microseconds, and they stay exact in a Lua number): at least 1, since a
+// zero interval would never limit. Policy files cannot ask for more than a million requests a
+// second (Limits.check), so their rates are kept to within a microsecond per request.
+func intervalUS(b Bucket) int64 { return max(b.Interval.Microseconds(), 1) }
 
 // gcra is the shared arithmetic. tat is the bucket's theoretical arrival time.
 func gcra(now, tat, interval, burst int64) (allowed bool, newTAT, retry, remaining, reset int64) {
@@ -62,7 +65,7 @@ func gcra(now, tat, interval, burst int64) (allowed bool, newTAT, retry, remaini
 // MemoryLimiter limits within one process.
 type MemoryLimiter struct {
 	mu     sync.Mutex
-	tats   map[string]int64 // ms
+	tats   map[string]int64 // µs
 	quotas map[string]int64
 	day    string
 	now    func() time.Time
@@ -79,21 +82,21 @@ func (m *MemoryLimiter) Allow(_ context.Context, c *Charge) (Verdict, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	t := m.now()
-	now := t.UnixMilli()
+	now := t.UnixMicro()
 	if day := t.UTC().Format("20060102"); day != m.day {
 		m.day, m.quotas = day, map[string]int64{}
 	}
 	v := Verdict{Allowed: true, Remaining: -1}
 	newTATs := make([]int64, len(c.Buckets))
 	for i, b := range c.Buckets {
-		ok, tat, retry, remaining, reset := gcra(now, m.tats[c.Tenant+"|"+b.Key], intervalMS(b), int64(b.Burst))
+		ok, tat, retry, remaining, reset := gcra(now, m.tats[c.Tenant+"|"+b.Key], intervalUS(b), int64(b.Burst))
 		newTATs[i] = tat
 		v.note(ok, b.Limit, retry, remaining, reset)
 	}
 	qkey := c.Tenant + "|" + c.User
 	if c.Quota > 0 && m.quotas[qkey] >= c.Quota {
 		v.Allowed, v.QuotaExceeded = false, true
-		v.RetryAfter = max(v.RetryAfter, time.Until(nextUTCDay(t)))
+		v.RetryAfter = max(v.RetryAfter, nextUTCDay(t).Sub(t))
 	}
 	if !v.Allowed {
 		return v, nil
@@ -121,14 +124,15 @@ func (m *MemoryLimiter) sweep(now int64) {
 	}
 }
 
-// note folds one bucket's answer into the verdict, keeping the tightest bucket's figures.
+// note folds one bucket's answer (times in µs) into the verdict, keeping the tightest bucket's
+// figures.
 func (v *Verdict) note(ok bool, limit int, retry, remaining, reset int64) {
 	if !ok {
 		v.Allowed = false
-		v.RetryAfter = max(v.RetryAfter, time.Duration(retry)*time.Millisecond)
+		v.RetryAfter = max(v.RetryAfter, time.Duration(retry)*time.Microsecond)
 	}
 	if v.Remaining < 0 || int(remaining) < v.Remaining {
-		v.Limit, v.Remaining, v.Reset = limit, int(remaining), time.Duration(reset)*time.Millisecond
+		v.Limit, v.Remaining, v.Reset = limit, int(remaining), time.Duration(reset)*time.Microsecond
 	}
 }
 
@@ -138,14 +142,19 @@ func nextUTCDay(t time.Time) time.Time {
 }
 
 // limitScript is GCRA over several buckets plus a daily quota, atomically and in one round trip.
-// It takes the time from Redis, so instances with drifting clocks share one budget exactly.
+// It takes the time from Redis, in microseconds, so instances with drifting clocks share one
+// budget exactly, and the quota's day is Redis's UTC day: the caller offers the keys of the
+// days around its own (yesterday, today, tomorrow) and the script counts in the one that is
+// today for Redis, so every instance counts in the same key whatever its clock says.
 //
-// KEYS: the buckets, then the quota key if ARGV[2] > 0.
-// ARGV: n, quota, quota ttl ms, then per bucket: interval ms, burst.
-// Returns {allowed, quota exceeded, retry ms, then per bucket: remaining, reset ms}.
+// KEYS: the buckets, then, if ARGV[2] > 0, three quota keys.
+// ARGV: n, quota, quota ttl ms, then per bucket: interval µs, burst; then, with a quota, the
+// day numbers (days since the epoch) of the three quota keys.
+// Returns {allowed, quota exceeded, retry µs, then per bucket: remaining, reset µs}, or
+// {-1} when Redis's day is none of the three (an instance clock off by more than a day).
 const limitScript = `
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = tonumber(ARGV[1])
 local quota = tonumber(ARGV[2])
 local allowed, overQuota, retry = 1, 0, 0
@@ -168,19 +177,27 @@ for i = 1, n do
     out[#out + 1] = tat + interval - now
   end
 end
+local qkey
 if quota > 0 then
-  local used = tonumber(redis.call('GET', KEYS[n + 1]) or '0')
+  local day = math.floor(tonumber(t[1]) / 86400)
+  for j = 1, 3 do
+    if tonumber(ARGV[3 + 2 * n + j]) == day then qkey = KEYS[n + j] end
+  end
+  if not qkey then return {-1} end
+  local used = tonumber(redis.call('GET', qkey) or '0')
   if used >= quota then
     allowed, overQuota = 0, 1
+    retry = math.max(retry, (day + 1) * 86400000000 - now)
   end
 end
 if allowed == 1 then
   for i = 1, n do
-    redis.call('SET', KEYS[i], tats[i], 'PX', math.max(tats[i] - now, 1))
+    -- %.0f: a Lua number becomes a string with 14 digits otherwise, and these have 16
+    redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', math.max(math.ceil((tats[i] - now) / 1000), 1))
   end
-  if quota > 0 then
-    redis.call('INCR', KEYS[n + 1])
-    redis.call('PEXPIRE', KEYS[n + 1], ARGV[3])
+  if qkey then
+    redis.call('INCR', qkey)
+    redis.call('PEXPIRE', qkey, ARGV[3])
   end
 end
 local res = {allowed, overQuota, retry}
@@ -192,8 +209,8 @@ return res`
 // Keys (Prefix defaults to "voicegate:"), with the tenant as the Redis Cluster hash tag so one
 // request's keys share a slot:
 //
-//	{prefix}rl:{tenant}:{bucket key}           GCRA theoretical arrival time, ms
-//	{prefix}quota:{tenant}:{user}:{yyyymmdd}   requests today
+//	{prefix}rl:{tenant}:{bucket key}           GCRA theoretical arrival time, µs (Redis's clock)
+//	{prefix}quota:{tenant}:{user}:{yyyymmdd}   requests that UTC day (Redis's day)
 type RedisLimiter struct {
 	client rueidis.Client
 	prefix string
@@ -201,31 +218,52 @@ type RedisLimiter struct {
 	now    func() time.Time
 }
 
-// NewRedisLimiter returns a limiter on client.
-func NewRedisLimiter(client rueidis.Client, prefix string) *RedisLimiter {
-	if prefix == "" {
-		prefix = "voicegate:"
-	}
-	return &RedisLimiter{client: client, prefix: prefix, script: rueidis.NewLuaScript(limitScript), now: time.Now}
+// RedisLimiterOptions configures a RedisLimiter.
+type RedisLimiterOptions struct {
+	// Prefix of every key; empty means "voicegate:".
+	Prefix string
+	// Now is this instance's clock, used only to name the quota keys around today; Redis's
+	// clock decides. Nil means time.Now.
+	Now func() time.Time
 }
+
+// NewRedisLimiter returns a limiter on client.
+func NewRedisLimiter(client rueidis.Client, o RedisLimiterOptions) *RedisLimiter {
+	if o.Prefix == "" {
+		o.Prefix = "voicegate:"
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &RedisLimiter{client: client, prefix: o.Prefix, script: rueidis.NewLuaScript(limitScript), now: o.Now}
+}
+
+// errClockSkew means this instance's clock is more than a day away from Redis's.
+var errClockSkew = errors.New("policy: rate limit: this instance's clock is more than a day from Redis's")
 
 // Allow implements Limiter.
 func (l *RedisLimiter) Allow(ctx context.Context, c *Charge) (Verdict, error) {
 	tag := "{" + c.Tenant + "}:"
-	keys := make([]string, 0, len(c.Buckets)+1)
-	args := make([]string, 0, 3+2*len(c.Buckets))
+	keys := make([]string, 0, len(c.Buckets)+3)
+	args := make([]string, 0, 6+2*len(c.Buckets))
 	args = append(args, strconv.Itoa(len(c.Buckets)), strconv.FormatInt(c.Quota, 10), "90000000") // 25h
 	for _, b := range c.Buckets {
 		keys = append(keys, l.prefix+"rl:"+tag+b.Key)
-		args = append(args, strconv.FormatInt(intervalMS(b), 10), strconv.Itoa(b.Burst))
+		args = append(args, strconv.FormatInt(intervalUS(b), 10), strconv.Itoa(b.Burst))
 	}
-	t := l.now()
 	if c.Quota > 0 {
-		keys = append(keys, l.prefix+"quota:"+tag+c.User+":"+t.UTC().Format("20060102"))
+		today := l.now().UTC().Truncate(24 * time.Hour)
+		for _, d := range []time.Time{today.AddDate(0, 0, -1), today, today.AddDate(0, 0, 1)} {
+			keys = append(keys, l.prefix+"quota:"+tag+c.User+":"+d.Format("20060102"))
+			args = append(args, strconv.FormatInt(d.Unix()/86400, 10))
+		}
 	}
 	res, err := l.script.Exec(ctx, l.client, keys, args).AsIntSlice()
 	if err != nil {
 		return Verdict{}, fmt.Errorf("policy: rate limit: %w", err)
+	}
+	if len(res) == 1 && res[0] == -1 {
+		return Verdict{}, errClockSkew
 	}
 	if len(res) != 3+2*len(c.Buckets) {
 		return Verdict{}, fmt.Errorf("policy: rate limit: unexpected answer of %d values", len(res))
@@ -234,9 +272,6 @@ func (l *RedisLimiter) Allow(ctx context.Context, c *Charge) (Verdict, error) {
 	for i, b := range c.Buckets {
 		v.note(true, b.Limit, 0, res[3+2*i], res[4+2*i])
 	}
-	v.RetryAfter = time.Duration(res[2]) * time.Millisecond
-	if v.QuotaExceeded {
-		v.RetryAfter = max(v.RetryAfter, time.Until(nextUTCDay(t)))
-	}
+	v.RetryAfter = time.Duration(res[2]) * time.Microsecond
 	return v, nil
 }

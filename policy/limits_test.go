@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"voicegate/policy"
@@ -169,5 +170,60 @@ func TestMemoryLeases(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestMemoryLimiterMicroseconds: the limiter works in microseconds, so 2,000 a second admits a
+// request every 500 µs and 1,000 per 1.5 s one every 1.5 ms — neither is rounded to one a
+// millisecond. Time is synctest's.
+func TestMemoryLimiterMicroseconds(t *testing.T) {
+	for _, interval := range []time.Duration{500 * time.Microsecond, 1500 * time.Microsecond} {
+		t.Run(interval.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				l := policy.NewMemoryLimiter()
+				c := &policy.Charge{Tenant: "acme", User: "a",
+					Buckets: []policy.Bucket{{Key: "u:a", Interval: interval, Burst: 1, Limit: 1}}}
+				allowed := func() bool {
+					v, err := l.Allow(context.Background(), c)
+					if err != nil {
+						t.Fatal(err)
+					}
+					return v.Allowed
+				}
+				if !allowed() {
+					t.Fatal("first request refused")
+				}
+				time.Sleep(interval - 100*time.Microsecond)
+				if allowed() {
+					t.Fatalf("admitted %v after the last, before the %v interval", interval-100*time.Microsecond, interval)
+				}
+				time.Sleep(100 * time.Microsecond)
+				if !allowed() {
+					t.Fatalf("refused one interval (%v) after the last", interval)
+				}
+			})
+		})
+	}
+}
+
+// TestCompileRefusesRatesBeyondResolution: a rate finer than a microsecond per request cannot
+// be kept, so it is refused at load instead of silently becoming another.
+func TestCompileRefusesRatesBeyondResolution(t *testing.T) {
+	for _, tc := range []struct {
+		rate policy.Rate
+		ok   bool
+	}{
+		{policy.Rate{Requests: 1_000_000, Per: policy.Duration(time.Second), Burst: 1}, true},
+		{policy.Rate{Requests: 1500, Per: policy.Duration(time.Second), Burst: 1}, true},
+		{policy.Rate{Requests: 1_000_001, Per: policy.Duration(time.Second), Burst: 1}, false},
+		{policy.Rate{Requests: 2_000_000_000, Per: policy.Duration(time.Minute), Burst: 1}, false},
+	} {
+		f := policy.Default()
+		r := tc.rate
+		f.Limits.PerUser = &r
+		_, err := policy.Compile(f, gatewayRoutes, handlerPerms)
+		if (err == nil) != tc.ok {
+			t.Errorf("%d per %v: Compile = %v, want ok=%v", r.Requests, time.Duration(r.Per), err, tc.ok)
+		}
 	}
 }

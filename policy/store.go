@@ -5,10 +5,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -76,9 +78,9 @@ func (s *Store) Reload() error {
 func (s *Store) load() (changed bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	data, err := os.ReadFile(s.o.Path)
+	data, err := readFile(s.o.Path)
 	if err != nil {
-		return false, fmt.Errorf("policy: %w", err)
+		return false, err
 	}
 	sum := sha256.Sum256(data)
 	if s.current.Load() != nil && bytes.Equal(sum[:], s.sum[:]) {
@@ -124,4 +126,34 @@ func (s *Store) Watch(ctx context.Context, interval time.Duration) {
 		lastMod, lastSize = st.ModTime(), st.Size()
 		_ = s.Reload()
 	}
+}
+
+// MaxFileBytes bounds a policy file. Real ones are a few KiB; the bound keeps a mistaken path
+// (/dev/zero, a log file) from eating memory.
+const MaxFileBytes = 1 << 20
+
+// readFile reads a policy file: a regular file of at most MaxFileBytes. Anything else is
+// refused rather than read: a device never ends, and a FIFO that nobody writes to would block
+// start-up forever (so it is opened non-blocking, and checked before any read).
+func readFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("policy: %s is not a regular file (%v)", path, st.Mode().Type())
+	}
+	data, err := io.ReadAll(io.LimitReader(f, MaxFileBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	if len(data) > MaxFileBytes {
+		return nil, fmt.Errorf("policy: %s is larger than %d bytes", path, MaxFileBytes)
+	}
+	return data, nil
 }

@@ -13,6 +13,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -40,7 +41,17 @@ type Info struct {
 	ErrCause  error  // set by WriteError; logged, never sent
 	Status    int    // the response status once written; 0 before
 	Bytes     int64  // response body bytes written
+
+	// bodyErr is the first failure reading the request body from the client. It is set by
+	// whichever goroutine reads the body (a Transport's, for proxied requests), so atomically.
+	bodyErr atomic.Pointer[BodyError]
 }
+
+// BodyErr returns the first failure reading the request's body from the client, or nil. A
+// transport that fails because of it may report something else (the request's context, which
+// net/http cancels when a read deadline cuts the connection), so this is what tells a client's
+// fault from an upstream's.
+func (i *Info) BodyErr() *BodyError { return i.bodyErr.Load() }
 
 type infoKey struct{}
 

@@ -28,7 +28,8 @@ type PoolOptions struct {
 	// when tried again, up to MaxEject. Zero means 5 s and 1 minute.
 	EjectFor, MaxEject time.Duration
 	// OnResult, if set, is called with every attempt's outcome: "ok", "error_status" (502, 503,
-	// 504 from the replica), "refused", "timeout", "error" or "canceled".
+	// 504 from the replica), "refused", "timeout", "error", "canceled" or "client_error" (the
+	// client's body could not be read: malformed, too large, too slow).
 	OnResult func(upstream, outcome string)
 	// Trace, if set, starts a client span per attempt: it returns the attempt's context, a
 	// function that writes the trace context into the outgoing headers, and one that ends the
@@ -48,8 +49,10 @@ type Replica struct {
 
 // Pool balances requests over an upstream's replicas by least outstanding requests, takes out a
 // replica that keeps failing for a while and tries it again later (passive health checking), and
-// retries an idempotent request on another replica when the first could not even connect. It is
-// an http.RoundTripper: requests name the pool's first replica and are redirected per attempt.
+// retries a request on another replica when the first could not even connect (whatever its
+// method, as long as its body can be sent again), so probing a replica that is still down costs
+// no client its request. It is an http.RoundTripper: requests name the pool's first replica and
+// are redirected per attempt.
 type Pool struct {
 	o        PoolOptions
 	replicas []*Replica
@@ -153,8 +156,8 @@ func (p *Pool) record(r *Replica, outcome string) {
 	case "ok":
 		r.failures, r.ejections = 0, 0
 		return
-	case "canceled":
-		return // the client left; says nothing about the replica
+	case "canceled", "client_error":
+		return // the client left or sent a bad body; says nothing about the replica
 	}
 	r.failures++
 	if outcome == "refused" || r.failures >= p.o.EjectAfter {
@@ -174,6 +177,8 @@ func outcome(ctx context.Context, res *http.Response, err error) string {
 		return "error_status"
 	case err == nil:
 		return "ok"
+	case IsBodyError(err) || bodyError(ctx, err) != nil:
+		return "client_error"
 	case ctx.Err() != nil && errors.Is(context.Cause(ctx), context.Canceled):
 		return "canceled"
 	case notSent(err):
@@ -191,13 +196,11 @@ func notSent(err error) bool {
 	return errors.Is(err, syscall.ECONNREFUSED) || (errors.As(err, &oe) && oe.Op == "dial")
 }
 
-// idempotent reports whether a request may be sent to a second replica.
-func idempotent(r *http.Request) bool {
-	switch r.Method {
-	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodPut, http.MethodDelete:
-		return r.Body == nil || r.Body == http.NoBody || r.GetBody != nil
-	}
-	return false
+// replayable reports whether a request's body can be sent again to a second replica: it has
+// none, or GetBody makes a fresh copy. Retries happen only when the first attempt was never
+// sent, so the method does not matter: nothing can happen twice.
+func replayable(r *http.Request) bool {
+	return r.Body == nil || r.Body == http.NoBody || r.GetBody != nil
 }
 
 // RoundTrip implements http.RoundTripper with the pool's transport.
@@ -244,7 +247,7 @@ func (p *Pool) roundTrip(transport http.RoundTripper, req *http.Request) (*http.
 		if err != nil {
 			endSpan(0, err)
 			done(result)
-			if result == "refused" && idempotent(req) && len(tried) < len(p.replicas) {
+			if result == "refused" && replayable(req) && len(tried) < len(p.replicas) {
 				continue
 			}
 			return nil, err

@@ -233,10 +233,10 @@ func TestPoolLeastOutstanding(t *testing.T) {
 	}
 }
 
-// TestPoolRefusedReplica: a replica that refuses connections is ejected at once. An idempotent
-// request is retried on the other replica, so the client never sees the refusal; a POST is not
-// (it might have been sent), so the client sees the error once, then later POSTs go to the live
-// replica.
+// TestPoolRefusedReplica: a replica that refuses connections is ejected at once. A request whose
+// body can be sent again (none, or GetBody) is retried on the other replica whatever its method,
+// so the client never sees the refusal; one whose body cannot is not, so the client sees the
+// error once, then later requests go to the live replica.
 func TestPoolRefusedReplica(t *testing.T) {
 	for _, order := range []string{"dead first", "live first"} {
 		t.Run(order, func(t *testing.T) {
@@ -295,7 +295,36 @@ func TestPoolRefusedReplica(t *testing.T) {
 				}
 			})
 
-			t.Run("POST not retried", func(t *testing.T) {
+			// A dial that fails sent nothing, so a POST is as safe to retry as a GET: probing a
+			// replica that is still down must not cost a client its chat.
+			t.Run("POST retried when its body can be sent again", func(t *testing.T) {
+				var bodies []string
+				var mu sync.Mutex
+				live := startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					b, _ := io.ReadAll(r.Body)
+					mu.Lock()
+					bodies = append(bodies, string(b))
+					mu.Unlock()
+				}))
+				targets := []string{"http://" + closedAddr(t), live.URL}
+				if order == "live first" {
+					slices.Reverse(targets)
+				}
+				p, c, rec := newPool(t, proxy.PoolOptions{}, targets...)
+				var want []string
+				for i := range 4 {
+					body := fmt.Sprintf(`{"n":%d}`, i)
+					want = append(want, body)
+					if _, status, err := fetch(t, c, p, "POST", "/", body); err != nil || status != 200 {
+						t.Fatalf("POST %d = %d %v, want 200", i+1, status, err)
+					}
+				}
+				if rec.count("refused") != 1 || !slices.Equal(bodies, want) {
+					t.Errorf("outcomes %v, live received %q; want one refusal and every body whole", rec.all(), bodies)
+				}
+			})
+
+			t.Run("POST not retried when its body cannot be sent again", func(t *testing.T) {
 				live := newReplica(t, "live")
 				targets := []string{"http://" + closedAddr(t), live.srv.URL}
 				if order == "live first" {
@@ -304,7 +333,12 @@ func TestPoolRefusedReplica(t *testing.T) {
 				p, c, rec := newPool(t, proxy.PoolOptions{}, targets...)
 				var failed []int
 				for i := range 10 {
-					got, status, err := fetch(t, c, p, "POST", "/", `{"n":1}`)
+					req, err := http.NewRequestWithContext(t.Context(), "POST", p.Primary().String()+"/", strings.NewReader(`{"n":1}`))
+					if err != nil {
+						t.Fatal(err)
+					}
+					req.GetBody = nil // a body read once, as a server's request body is
+					res, err := c.Do(req)
 					if err != nil {
 						failed = append(failed, i+1)
 						if !errors.Is(err, syscall.ECONNREFUSED) {
@@ -312,8 +346,10 @@ func TestPoolRefusedReplica(t *testing.T) {
 						}
 						continue
 					}
-					if status != 200 || got != "live" {
-						t.Errorf("POST %d = %q %d, want 200 from live", i+1, got, status)
+					got, _ := io.ReadAll(res.Body)
+					res.Body.Close()
+					if res.StatusCode != 200 || string(got) != "live" {
+						t.Errorf("POST %d = %q %d, want 200 from live", i+1, got, res.StatusCode)
 					}
 				}
 				if len(failed) != 1 || failed[0] > 2 {

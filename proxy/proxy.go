@@ -1,7 +1,13 @@
 // Package proxy owns voicegate's edge: reverse proxying on httputil.ReverseProxy (a tuned
-// Transport, a shared buffer pool, one error mapping), and the middleware every request passes
-// through — recover, request ID, access log, client IP behind trusted proxies, CORS and body
-// limits — plus the JSON error document all packages answer with.
+// Transport, a shared buffer pool, one error mapping, the one list of headers a client may not
+// pass to a back end), upstream replica pools, and the middleware every request passes through —
+// recover, request ID, access log, client IP behind trusted proxies, CORS, body framing, body
+// deadlines and limits — plus the JSON error document all packages answer with.
+//
+// Time bounds: a request body must arrive by BodyDeadline's rule (a grace, plus a second per
+// MinRate bytes), enforced by a read deadline on the connection; upstreams answer headers within
+// the Transport's ResponseHeaderTimeout; nothing here writes with a deadline, so streams live as
+// long as their handlers keep them.
 package proxy
 
 import (
@@ -14,7 +20,6 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -140,7 +145,9 @@ func New(o Options) *httputil.ReverseProxy {
 				}
 			}
 			pr.SetXForwarded()
-			StripIdentity(pr.Out.Header)
+			StripUntrusted(pr.Out.Header)
+			// A failure to read the client's body must not pass for a failing upstream.
+			pr.Out.Body = markBody(pr.In.Context(), pr.Out.Body)
 			if o.UpstreamHeaders != nil {
 				o.UpstreamHeaders(pr.In, pr.Out.Header)
 			}
@@ -157,27 +164,6 @@ func New(o Options) *httputil.ReverseProxy {
 	}
 }
 
-// identityHeaders are the headers through which upstreams learn who the caller is. Upstreams
-// trust them, so only the gateway may set them, from a verified token.
-var identityHeaders = [...]string{"X-User-Id", "X-Username", "X-Tenant-Id", "X-User-Roles", "X-Session-Id"}
-
-// StripIdentity deletes every identity header from h, in any spelling: case, and underscores for
-// dashes (some servers treat X_User_ID as X-User-ID).
-func StripIdentity(h http.Header) {
-	for k := range h {
-		if len(k) < len("X-User-Id") || (k[0] != 'X' && k[0] != 'x') {
-			continue // shorter than any identity header, or not an X- header
-		}
-		norm := strings.ReplaceAll(k, "_", "-")
-		for _, id := range identityHeaders {
-			if strings.EqualFold(norm, id) {
-				delete(h, k)
-				break
-			}
-		}
-	}
-}
-
 // UpstreamStatusError reports an upstream answer that must not be passed through as is (a
 // streaming upstream that answered something other than 200).
 type UpstreamStatusError struct {
@@ -190,8 +176,8 @@ func (e *UpstreamStatusError) Error() string {
 }
 
 // ErrorMapper turns upstream failures into client errors, in one place: a gone client is 499
-// (logged, not sent), an over-limit body 413, a timeout 504, everything else 502 — without
-// upstream host names in what the client sees.
+// (logged, not sent), an over-limit body 413, a body too slow 408, a malformed one 400, a timeout
+// 504, everything else 502 — without upstream host names in what the client sees.
 type ErrorMapper struct {
 	Code string // the code for unreachable/failing upstreams; empty means UPSTREAM_ERROR
 	Name string // the upstream in messages; empty means "upstream"
@@ -209,13 +195,21 @@ func (m ErrorMapper) Map(r *http.Request, err error) *Error {
 	}
 	var use *UpstreamStatusError
 	var netErr net.Error
+	be := bodyError(r.Context(), err)
 	switch {
+	case be != nil && be.Slow():
+		// Before the check for a gone client: net/http cancels the request's context when
+		// the body's read deadline cuts the connection, but the client is still there to read
+		// why.
+		return BodyReadError(be, 0)
 	case r.Context().Err() != nil && errors.Is(context.Cause(r.Context()), context.Canceled):
 		return &Error{Status: StatusClientClosed, Code: "CLIENT_CLOSED", Message: "client closed the request", Cause: err}
 	case IsTooLarge(err):
 		var mbe *http.MaxBytesError
 		errors.As(err, &mbe)
 		return TooLarge(mbe.Limit)
+	case be != nil:
+		return BodyReadError(be, 0) // the client's fault, whatever the transport made of it
 	case errors.As(err, &use):
 		switch use.Status {
 		case http.StatusTooManyRequests:

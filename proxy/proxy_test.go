@@ -1187,3 +1187,74 @@ func TestNewIdentityHeaders(t *testing.T) {
 		})
 	}
 }
+
+func TestStripUntrusted(t *testing.T) {
+	in := http.Header{
+		"X-Real-Ip": {"1.2.3.4"}, "X-Client-Ip": {"1.2.3.4"}, "True-Client-Ip": {"1.2.3.4"},
+		"x-original-url": {"/admin"}, "X-Rewrite-Url": {"/admin"}, "X-Forwarded-Port": {"443"},
+		"X-Forwarded-Prefix": {"/admin"}, "X_Forwarded_For": {"1.2.3.4"}, "X_forwarded_host": {"evil"},
+		"X-Http-Method-Override": {"DELETE"}, "X-HTTP-Method": {"DELETE"}, "X-Method-Override": {"DELETE"},
+		"X-User-Id": {"forged"}, "Some_Header": {"x"},
+		"Accept": {"*/*"}, "X-Request-Id": {"r1"}, "X-Forwarded-For": {"10.0.0.1"}, "Content-Type": {"text/plain"},
+	}
+	want := http.Header{"Accept": {"*/*"}, "X-Request-Id": {"r1"}, "X-Forwarded-For": {"10.0.0.1"},
+		"Content-Type": {"text/plain"}}
+	h := in.Clone()
+	proxy.StripUntrusted(h)
+	if len(h) != len(want) {
+		t.Fatalf("after StripUntrusted: %v, want %v", h, want)
+	}
+	for k, v := range want {
+		if !slices.Equal(h[k], v) {
+			t.Errorf("%s = %q, want %q", k, h[k], v)
+		}
+	}
+}
+
+// TestNewStripsUntrustedHeaders: client-IP, URL-override, forwarded-port/prefix, method-override
+// and underscore-spelled headers never reach a back end; the gateway's own X-Forwarded-* do.
+func TestNewStripsUntrustedHeaders(t *testing.T) {
+	backend, got := recordingBackend(t)
+	tr := newTransport(t, proxy.TransportOptions{})
+	logger, _ := newLog(slog.LevelDebug)
+	p := proxy.New(proxy.Options{Target: mustURL(t, backend.URL), Transport: tr})
+	front := startServer(t, edge(p, logger))
+
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, front.URL+"/docs/1", strings.NewReader("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged := map[string]string{
+		"X-Real-IP": "6.6.6.6", "X-Client-IP": "6.6.6.6", "True-Client-IP": "6.6.6.6",
+		"X-Original-URL": "/admin/secret", "X-Rewrite-URL": "/admin/secret",
+		"X-Forwarded-Port": "6666", "X-Forwarded-Prefix": "/evil",
+		"X-HTTP-Method-Override": "DELETE", "X-HTTP-Method": "DELETE", "X-Method-Override": "DELETE",
+	}
+	for k, v := range forged {
+		req.Header.Set(k, v)
+	}
+	// Written as is: the client does not canonicalize keys set directly.
+	req.Header["X_Forwarded_For"] = []string{"6.6.6.6"}
+	req.Header["X_Real_IP"] = []string{"6.6.6.6"}
+	if _, status := doClose(t, front.Client(), req); status != 200 {
+		t.Fatalf("status = %d", status)
+	}
+	s := <-got
+	for k, v := range s.Header {
+		for _, x := range v {
+			if strings.Contains(x, "6.6.6.6") || strings.Contains(x, "6666") || x == "DELETE" ||
+				strings.Contains(x, "/admin/secret") || x == "/evil" {
+				t.Errorf("client header %s: %q reached the back end", k, x)
+			}
+		}
+		if strings.Contains(k, "_") {
+			t.Errorf("header %s with an underscore reached the back end", k)
+		}
+	}
+	if s.Method != http.MethodPost {
+		t.Errorf("method = %s, want POST", s.Method)
+	}
+	if s.Header.Get("X-Forwarded-For") != "127.0.0.1" {
+		t.Errorf("X-Forwarded-For = %q, want the gateway's 127.0.0.1", s.Header.Get("X-Forwarded-For"))
+	}
+}

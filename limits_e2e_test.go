@@ -1,0 +1,146 @@
+package main
+
+// The fair-use stores on their edges, against a real redis-server: a lease that expired while
+// Redis was out of reach, instance clocks that disagree with Redis's, rates finer than a
+// millisecond.
+
+import (
+	"context"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"voicegate/policy"
+)
+
+// testClient is a rueidis client on r, closed at cleanup.
+func testClient(t *testing.T, r *testRedis) rueidis.Client {
+	t.Helper()
+	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{r.Addr()}, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(client.Close)
+	return client
+}
+
+// redisNow is Redis's own clock.
+func redisNow(t *testing.T, r *testRedis) time.Time {
+	t.Helper()
+	tm, ok := r.Do(t, "TIME").([]any)
+	if !ok || len(tm) != 2 {
+		t.Fatalf("TIME = %#v", tm)
+	}
+	sec, _ := strconv.ParseInt(tm[0].(string), 10, 64)
+	usec, _ := strconv.ParseInt(tm[1].(string), 10, 64)
+	return time.Unix(sec, usec*1000)
+}
+
+// TestLeaseRenewalRestores: a slot whose entry vanished from Redis (it expired while Redis could
+// not be reached, or Redis lost its data) is put back by the next renewal, because its session
+// still runs; releasing it then frees it as usual.
+func TestLeaseRenewalRestores(t *testing.T) {
+	r := startRedis(t)
+	client := testClient(t, r)
+	const ttl = 300 * time.Millisecond
+	leases := policy.NewRedisLeases(client, "voicegate:", ttl, nil)
+	defer leases.Close()
+	release, err := leases.Acquire(t.Context(), policy.LeaseRequest{Kind: "chat", Tenant: "acme", User: "alice", PerUser: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	user, tenant := "voicegate:lease:{acme}:chat:u:alice", "voicegate:lease:{acme}:chat:t"
+	if n := r.Do(t, "ZCARD", user); n != int64(1) {
+		t.Fatalf("ZCARD %s = %#v after Acquire, want 1", user, n)
+	}
+	r.Do(t, "DEL", user, tenant) // what an outage longer than the TTL leaves behind
+	eventually(t, 2*time.Second, "the renewal puts the slot back", func() bool {
+		return r.Do(t, "ZCARD", user) == int64(1) && r.Do(t, "ZCARD", tenant) == int64(1)
+	})
+	// Back in the count: a second slot for the user is refused.
+	if _, err := leases.Acquire(t.Context(), policy.LeaseRequest{Kind: "chat", Tenant: "acme", User: "alice", PerUser: 1}); err == nil {
+		t.Error("a second slot was granted while the restored one is held (cap 1)")
+	}
+	release()
+	if n := r.Do(t, "ZCARD", user); n != int64(0) {
+		t.Errorf("ZCARD %s = %#v after release, want 0", user, n)
+	}
+	// The expiry is on Redis's clock: TTL from Redis's now, not this process's.
+	release, err = leases.Acquire(t.Context(), policy.LeaseRequest{Kind: "chat", Tenant: "acme", User: "alice", PerUser: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	members, _ := r.Do(t, "ZRANGE", user, "0", "-1", "WITHSCORES").([]any)
+	if len(members) != 2 {
+		t.Fatalf("ZRANGE = %#v", members)
+	}
+	score, _ := strconv.ParseInt(members[1].(string), 10, 64)
+	if d := time.UnixMilli(score).Sub(redisNow(t, r)); d > ttl || d < ttl-time.Second {
+		t.Errorf("lease expires %v after Redis's now, want about %v", d, ttl)
+	}
+}
+
+// TestQuotaOnRedisDay: instances whose clocks are hours off count a user's requests in one key,
+// the one of Redis's UTC day; an instance a whole day off is refused (and, through the
+// enforcer, fails open) rather than counting somewhere else.
+func TestQuotaOnRedisDay(t *testing.T) {
+	r := startRedis(t)
+	client := testClient(t, r)
+	day := redisNow(t, r).UTC().Format("20060102")
+	key := "voicegate:quota:{acme}:alice:" + day
+	for i, skew := range []time.Duration{0, 20 * time.Hour, -20 * time.Hour, 23 * time.Hour} {
+		lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{Now: func() time.Time { return time.Now().Add(skew) }})
+		v, err := lim.Allow(t.Context(), &policy.Charge{Tenant: "acme", User: "alice", Quota: 100})
+		if err != nil || !v.Allowed {
+			t.Fatalf("clock off by %v: %+v, %v", skew, v, err)
+		}
+		if redisNow(t, r).UTC().Format("20060102") != day {
+			t.Skip("Redis's UTC day changed during the test")
+		}
+		if got := r.Do(t, "GET", key); got != strconv.Itoa(i+1) {
+			t.Fatalf("clock off by %v: GET %s = %#v, want %d (keys %v)", skew, key, got, i+1, r.Do(t, "KEYS", "voicegate:quota:*"))
+		}
+	}
+	if keys, _ := r.Do(t, "KEYS", "voicegate:quota:*").([]any); len(keys) != 1 {
+		t.Errorf("quota keys %v, want only %s", keys, key)
+	}
+	lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{Now: func() time.Time { return time.Now().Add(72 * time.Hour) }})
+	if _, err := lim.Allow(t.Context(), &policy.Charge{Tenant: "acme", User: "alice", Quota: 100}); err == nil {
+		t.Error("an instance three days off was answered; want an error")
+	}
+
+	// Refused at the quota: Retry-After runs to Redis's next UTC midnight.
+	lim = policy.NewRedisLimiter(client, policy.RedisLimiterOptions{})
+	v, err := lim.Allow(t.Context(), &policy.Charge{Tenant: "acme", User: "alice", Quota: 4})
+	if err != nil || v.Allowed || !v.QuotaExceeded {
+		t.Fatalf("fifth request with a quota of 4: %+v, %v", v, err)
+	}
+	now := redisNow(t, r)
+	midnight := now.UTC().Truncate(24 * time.Hour).Add(24 * time.Hour)
+	if d := midnight.Sub(now) - v.RetryAfter; d < -time.Second || d > time.Second {
+		t.Errorf("RetryAfter %v, want the %v to Redis's next UTC midnight", v.RetryAfter, midnight.Sub(now))
+	}
+}
+
+// TestRateFinerThanAMillisecond: GCRA works in microseconds, so a rate of 2,000 a second or of
+// 1,000 per 1.5 s is kept as such, not rounded to one request per millisecond.
+func TestRateFinerThanAMillisecond(t *testing.T) {
+	r := startRedis(t)
+	client := testClient(t, r)
+	lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{})
+	for _, interval := range []time.Duration{500 * time.Microsecond, 1500 * time.Microsecond, 3 * time.Millisecond} {
+		c := &policy.Charge{Tenant: "acme", User: "alice",
+			Buckets: []policy.Bucket{{Key: "u:alice:" + interval.String(), Interval: interval, Burst: 1, Limit: 1}}}
+		v, err := lim.Allow(context.Background(), c)
+		if err != nil || !v.Allowed {
+			t.Fatalf("interval %v, first request: %+v, %v", interval, v, err)
+		}
+		// A fresh bucket of burst 1 is full again one interval after the request.
+		if d := v.Reset - interval; d < -5*time.Microsecond || d > 5*time.Microsecond {
+			t.Errorf("interval %v: Reset = %v, want the interval", interval, v.Reset)
+		}
+	}
+}

@@ -1,0 +1,64 @@
+package proxy
+
+import (
+	"net/http"
+	"slices"
+	"strings"
+)
+
+// This file is the one list of request headers a client may not pass to a back end. Back ends
+// (and the frameworks they run on) believe these about the caller or the request, so only the
+// gateway may set them. Every proxied request loses them all in Rewrite (StripUntrusted); the
+// gateway then sets X-Forwarded-For/-Host/-Proto and the identity headers itself.
+
+// identityHeaders are the headers through which upstreams learn who the caller is. Upstreams
+// trust them, so only the gateway may set them, from a verified token.
+var identityHeaders = [...]string{"X-User-Id", "X-Username", "X-Tenant-Id", "X-User-Roles", "X-Session-Id"}
+
+// spoofableHeaders claim something about the client or the request that some back ends
+// believe: the client's address (besides X-Forwarded-For, which SetXForwarded owns), the port
+// or path prefix it used, the URL it "really" asked for, or another method than the one sent.
+// Their names are in canonical form.
+var spoofableHeaders = [...]string{
+	// client addresses
+	"X-Real-Ip", "X-Client-Ip", "True-Client-Ip", "X-Cluster-Client-Ip", "Cf-Connecting-Ip",
+	"Fastly-Client-Ip", "X-Originating-Ip", "X-Remote-Ip", "X-Remote-Addr",
+	// how the request reached a front end
+	"X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Server", "X-Forwarded-Ssl",
+	"X-Forwarded-Scheme", "X-Url-Scheme", "Front-End-Https",
+	// URL overrides
+	"X-Original-Url", "X-Rewrite-Url", "X-Original-Uri",
+	// method overrides
+	"X-Http-Method-Override", "X-Http-Method", "X-Method-Override",
+}
+
+// StripIdentity deletes every identity header from h, in any spelling: case, and underscores for
+// dashes (some servers treat X_User_ID as X-User-ID).
+func StripIdentity(h http.Header) {
+	for k := range h {
+		if len(k) < len("X-User-Id") || (k[0] != 'X' && k[0] != 'x') {
+			continue // shorter than any identity header, or not an X- header
+		}
+		norm := strings.ReplaceAll(k, "_", "-")
+		for _, id := range identityHeaders {
+			if strings.EqualFold(norm, id) {
+				delete(h, k)
+				break
+			}
+		}
+	}
+}
+
+// StripUntrusted deletes from h, bound for a back end, every header a client may not set: the
+// identity headers, the spoofable headers above, and every header whose name holds an
+// underscore. CGI-style servers (WSGI, PHP-FPM, Rack) map both X_Forwarded_For and
+// X-Forwarded-For to HTTP_X_FORWARDED_FOR, so an underscore spelling would slip past any list;
+// nginx drops such headers by default for the same reason.
+func StripUntrusted(h http.Header) {
+	for k := range h {
+		if strings.IndexByte(k, '_') >= 0 || slices.Contains(spoofableHeaders[:], http.CanonicalHeaderKey(k)) {
+			delete(h, k)
+		}
+	}
+	StripIdentity(h)
+}

@@ -1,0 +1,248 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/rueidis"
+)
+
+// The gateway's Redis client is rueidis wrapped in guardedRedis, which every package gets
+// (auth, policy, sse, voice): each call returns by its context's deadline, whatever rueidis
+// does meanwhile, and a breaker stops sending calls to a Redis that keeps failing.
+//
+// Why: rueidis makes a caller wait for a reconnection already in progress without looking at
+// the caller's context (it waits on the dial and handshake, bounded only by their own
+// timeouts). With Redis frozen rather than down (SIGSTOP, CLIENT PAUSE, DEBUG SLEEP, a stalled
+// network) the kernel still accepts connections, so the handshake is what hangs, and a
+// request's 75 ms budget became a second. Here the caller stops waiting at its deadline; the
+// call goes on by itself on its own goroutine until rueidis gives up on it.
+
+// Breaker settings. They are not configurable: they only decide how much work a frozen Redis
+// is spared and how soon the gateway notices it is back, and these values suit any budget.
+const (
+	// breakerFailures consecutive failed calls (timeouts, connection errors) open the breaker.
+	breakerFailures = 3
+	// breakerOpen is how long calls fail at once before one call is let through as a probe.
+	// Recovery after Redis answers again takes at most this plus one call.
+	breakerOpen = 500 * time.Millisecond
+)
+
+// errRedisPaused is what a call gets while the breaker is open: Redis did not answer the last
+// calls, so this one is not sent. Callers treat it as any other Redis failure (auth fails
+// closed unless AUTH_FAIL_OPEN, fair use fails open, readiness fails).
+var errRedisPaused = errors.New("redis: not answering; calls paused for a moment")
+
+// guardedRedis bounds every call by its context and runs it through a breaker. Do, DoMulti,
+// DoCache and DoMultiCache are guarded — every call the gateway makes; Receive (a subscription
+// that lives as long as its context) and the rest pass straight through.
+type guardedRedis struct {
+	rueidis.Client
+	br  *breaker
+	log *slog.Logger
+}
+
+// guardRedis wraps c.
+func guardRedis(c rueidis.Client, log *slog.Logger) *guardedRedis {
+	return &guardedRedis{Client: c, br: newBreaker(breakerFailures, breakerOpen, time.Now), log: log}
+}
+
+func (g *guardedRedis) Do(ctx context.Context, cmd rueidis.Completed) rueidis.RedisResult {
+	return guarded(g, ctx, !cmd.IsBlock(), func() rueidis.RedisResult { return g.Client.Do(ctx, cmd) },
+		rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
+}
+
+func (g *guardedRedis) DoCache(ctx context.Context, cmd rueidis.Cacheable, ttl time.Duration) rueidis.RedisResult {
+	return guarded(g, ctx, true, func() rueidis.RedisResult { return g.Client.DoCache(ctx, cmd, ttl) },
+		rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
+}
+
+func (g *guardedRedis) DoMulti(ctx context.Context, multi ...rueidis.Completed) []rueidis.RedisResult {
+	gated := true
+	for _, c := range multi {
+		gated = gated && !c.IsBlock()
+	}
+	return guarded(g, ctx, gated, func() []rueidis.RedisResult { return g.Client.DoMulti(ctx, multi...) },
+		func(err error) []rueidis.RedisResult { return errorResults(len(multi), err) }, firstError)
+}
+
+func (g *guardedRedis) DoMultiCache(ctx context.Context, multi ...rueidis.CacheableTTL) []rueidis.RedisResult {
+	return guarded(g, ctx, true, func() []rueidis.RedisResult { return g.Client.DoMultiCache(ctx, multi...) },
+		func(err error) []rueidis.RedisResult { return errorResults(len(multi), err) }, firstError)
+}
+
+func errorResults(n int, err error) []rueidis.RedisResult {
+	out := make([]rueidis.RedisResult, n)
+	for i := range out {
+		out[i] = rueidis.NewErrorResult(err)
+	}
+	return out
+}
+
+// firstError is the first error of results that says Redis did not answer, else the first.
+func firstError(results []rueidis.RedisResult) error {
+	var first error
+	for _, r := range results {
+		if err := r.Error(); err != nil {
+			if failed(err) {
+				return err
+			}
+			if first == nil {
+				first = err
+			}
+		}
+	}
+	return first
+}
+
+// guarded runs do, a call into rueidis, and returns its result, or failure(ctx.Err()) as soon as
+// ctx ends, leaving do to finish on its goroutine (it does, by rueidis's own timeouts; Close
+// waits for it). With gate, the call goes through the breaker: refused at once while it is
+// open, and its outcome recorded. Blocking commands are not gated: they wait by design.
+func guarded[T any](g *guardedRedis, ctx context.Context, gate bool, do func() T, failure func(error) T, errOf func(T) error) T {
+	probe := false
+	if gate {
+		var err error
+		if probe, err = g.br.enter(); err != nil {
+			return failure(err)
+		}
+	}
+	var claimed atomic.Bool // whoever claims first, the call or the deadline, records the outcome
+	done := make(chan T, 1)
+	go func() {
+		res := do()
+		err := errOf(res)
+		if claimed.CompareAndSwap(false, true) {
+			if gate {
+				g.record(probe, outcomeOf(err))
+			}
+		} else if gate && outcomeOf(err) == answered {
+			g.record(false, answered) // late, but Redis answers: no need to wait for a probe
+		}
+		done <- res
+	}()
+	select {
+	case res := <-done:
+		return res
+	case <-ctx.Done():
+		if !claimed.CompareAndSwap(false, true) {
+			return <-done // finished at the same moment: its answer is here
+		}
+		if gate {
+			o := outcomeOf(context.Cause(ctx))
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				o = unanswered
+			}
+			g.record(probe, o)
+		}
+		return failure(ctx.Err())
+	}
+}
+
+// record feeds an outcome to the breaker and logs its changes of state, outside its lock.
+func (g *guardedRedis) record(probe bool, o outcome) {
+	switch g.br.record(probe, o) {
+	case opened:
+		g.log.Warn("Redis is not answering; calls paused", "pause", breakerOpen, "after_failures", breakerFailures)
+	case closed:
+		g.log.Info("Redis answers again; calls resumed")
+	}
+}
+
+// outcome is what a call says about Redis.
+type outcome int
+
+const (
+	answered   outcome = iota // Redis answered (a value, nil, or an error reply)
+	unanswered                // a timeout, or the connection failed
+	neutral                   // says nothing: the caller gave up, or the client is closing
+)
+
+func outcomeOf(err error) outcome {
+	var re *rueidis.RedisError
+	switch {
+	case err == nil, errors.As(err, &re):
+		return answered
+	case errors.Is(err, context.Canceled), errors.Is(err, rueidis.ErrClosing):
+		return neutral
+	}
+	return unanswered
+}
+
+func failed(err error) bool { return outcomeOf(err) == unanswered }
+
+// breaker is a circuit breaker: closed, it lets calls through and counts consecutive failures;
+// after threshold of them it opens, and calls fail at once for openFor; then one call goes
+// through as a probe (the others still fail at once) and its outcome closes the breaker or
+// opens it again. Any answer from Redis, a late one included, closes it.
+type breaker struct {
+	threshold int
+	openFor   time.Duration
+	now       func() time.Time
+
+	mu        sync.Mutex // held only to read and change the state below, never around a call
+	failures  int        // consecutive, while closed
+	openUntil time.Time  // zero: closed
+	probing   bool       // a probe is out
+}
+
+func newBreaker(threshold int, openFor time.Duration, now func() time.Time) *breaker {
+	return &breaker{threshold: threshold, openFor: openFor, now: now}
+}
+
+// enter lets a call through (probe reports whether it is the probe) or refuses it.
+func (b *breaker) enter() (probe bool, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case b.openUntil.IsZero():
+		return false, nil
+	case b.probing || b.now().Before(b.openUntil):
+		return false, errRedisPaused
+	}
+	b.probing = true
+	return true, nil
+}
+
+// transition is a change of the breaker's state, for the log.
+type transition int
+
+const (
+	unchanged transition = iota
+	opened
+	closed
+)
+
+// record takes a call's outcome.
+func (b *breaker) record(probe bool, o outcome) transition {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if probe {
+		b.probing = false
+	}
+	wasOpen := !b.openUntil.IsZero()
+	switch o {
+	case answered:
+		b.failures, b.openUntil = 0, time.Time{}
+		if wasOpen {
+			return closed
+		}
+	case unanswered:
+		if wasOpen {
+			if probe {
+				b.openUntil = b.now().Add(b.openFor)
+			}
+			return unchanged
+		}
+		b.failures++
+		if b.failures >= b.threshold {
+			b.failures, b.openUntil = 0, b.now().Add(b.openFor)
+			return opened
+		}
+	}
+	return unchanged
+}
