@@ -243,6 +243,9 @@ func TestAuthRedisKilled(t *testing.T) {
 	wantStatus(t, call(t, g, "GET", doc, tok, ""), http.StatusOK)
 
 	r.Kill()
+	// Until the gateway has seen its Redis connection break, a cached answer from a moment ago
+	// may still serve; readiness shows when it has.
+	wantStatus(t, call(t, g, "GET", "/readyz", "", ""), http.StatusServiceUnavailable)
 	start := time.Now()
 	res := call(t, g, "GET", doc, tok, "")
 	took := time.Since(start)
@@ -253,7 +256,6 @@ func TestAuthRedisKilled(t *testing.T) {
 	if took > 500*time.Millisecond {
 		t.Errorf("the 503 took %v with AUTH_BUDGET=75ms, want < 500ms", took)
 	}
-	wantStatus(t, call(t, g, "GET", "/readyz", "", ""), http.StatusServiceUnavailable)
 	n := len(backend.requests())
 	if n != 2 {
 		t.Errorf("back end received %d requests, want only the 2 from before the outage", n)
