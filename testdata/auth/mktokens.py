@@ -10,6 +10,9 @@ files so that a re-run signs with the same keys; the gateway only ever sees jwks
 and secret.txt (the HMAC secret); rsa-1.pub.pem is written for the key-confusion test. RSA-PSS and ECDSA signatures are randomised, so a re-run changes
 those token strings but not their meaning. Times are fixed: the Go tests run the verifier with a
 clock at NOW and a leeway of 30 s.
+
+providers.json holds tokens shaped like Keycloak's, Auth0's and Azure AD's access tokens, valid
+from 2023 to 2100 so that the gateway's end-to-end tests can use them on the real clock.
 """
 
 import base64
