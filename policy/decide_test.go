@@ -46,8 +46,8 @@ func decideMux(p *policy.Policy, routes []string) *http.ServeMux {
 }
 
 type errorDoc struct {
-	Error   string            `json:"error"`
-	Code    string            `json:"code"`
+	Error   string              `json:"error"`
+	Code    string              `json:"code"`
 	Details []map[string]string `json:"details"`
 }
 
