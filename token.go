@@ -16,8 +16,8 @@ import (
 )
 
 // tokenWarning goes to stderr on every run: a shared HMAC secret proves nothing about a person.
-const tokenWarning = "voicegate token: for development and tests only. Anyone with JWT_SECRET can mint any identity; " +
-	"in production, identities come from your identity provider (JWT_JWKS_URL)."
+const tokenWarning = "voicegate token: WARNING: for development and tests only, not for production identity: " +
+	"anyone with JWT_SECRET can mint any identity. In production, identities come from your identity provider (JWT_JWKS_URL)."
 
 // runToken is "voicegate token": it prints an HS256 token signed with JWT_SECRET for the given
 // subject, roles, tenant and lifetime, with its claims where the gateway's JWT_*_CLAIM settings
