@@ -167,7 +167,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		logger.Info("metrics listening", "addr", mln.Addr().String())
 	}
 	addr := ln.Addr().String()
-	logger.Info("listening", "addr", addr, "version", buildVersion())
+	// Before the "listening" line, which tells whoever waits for it that -healthcheck works.
 	if cfg.ListenAddrFile != "" {
 		if err := writeAddrFile(cfg.ListenAddrFile, addr); err != nil {
 			// Not fatal: -healthcheck then falls back to LISTEN_ADDR.
@@ -176,6 +176,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			defer os.Remove(cfg.ListenAddrFile)
 		}
 	}
+	logger.Info("listening", "addr", addr, "version", buildVersion())
 	if cfg.Demo {
 		printDemo(stdout, addr, demoToken, ownSecret)
 	}
