@@ -169,10 +169,16 @@ var (
 	promGrouping = regexp.MustCompile(`\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)`)
 	promIdent    = regexp.MustCompile(`[a-zA-Z_:][a-zA-Z0-9_:]*`)
 	grafanaVar   = regexp.MustCompile(`\$\{?[a-zA-Z_][a-zA-Z0-9_]*\}?`)
-	promKeywords = map[string]bool{"and": true, "or": true, "unless": true, "bool": true, "offset": true,
-		"by": true, "without": true, "on": true, "ignoring": true, "group_left": true, "group_right": true,
-		"inf": true, "nan": true}
 )
+
+// promKeyword reports whether an identifier is a PromQL keyword rather than a metric name.
+func promKeyword(s string) bool {
+	switch strings.ToLower(s) {
+	case "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right", "inf", "nan":
+		return true
+	}
+	return false
+}
 
 // promNames returns the metric names and the label names an expression refers to. It is a
 // small scanner, not a parser: enough for the expressions deploy/ writes (matchers, ranges,
@@ -202,7 +208,7 @@ func promNames(expr string) (metrics, labels []string) {
 		if rest := strings.TrimLeft(e[loc[1]:], " \t\n"); strings.HasPrefix(rest, "(") {
 			continue // a function or aggregation
 		}
-		if promKeywords[strings.ToLower(name)] {
+		if promKeyword(name) {
 			continue
 		}
 		metrics = append(metrics, name)
