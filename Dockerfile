@@ -4,14 +4,20 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/voicegate .
+RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/voicegate . && mkdir -p /out/run/voicegate
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/voicegate /voicegate
+# The gateway records the address it listens on here, so that -healthcheck probes the right
+# port whatever LISTEN_ADDR or -listen-addr the container was started with.
+COPY --from=build --chown=65532:65532 /out/run/voicegate /run/voicegate
+ENV LISTEN_ADDR_FILE=/run/voicegate/addr
 USER nonroot:nonroot
 EXPOSE 8080
 # The image has no shell or curl: the binary probes its own /healthz.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["/voicegate", "-healthcheck"]
-# SHUTDOWN_GRACE (25 s) plus a margin: give the container runtime's stop timeout at least 30 s.
+# On SIGTERM open streams get SHUTDOWN_GRACE (25 s) to finish. Docker's default stop timeout is
+# 10 s, after which it kills the process: run with a longer one, above SHUTDOWN_GRACE:
+#   docker run --stop-timeout 35 ...      (compose: stop_grace_period: 35s)
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/voicegate"]

@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -20,8 +22,10 @@ import (
 type config struct {
 	Demo        bool
 	HealthCheck bool // probe a running gateway's /healthz and exit (for container health checks)
+	Version     bool // print the version and exit
 
 	ListenAddr     string
+	ListenAddrFile string     // "" writes none; else the address listened on, for -healthcheck
 	AlgoURLs       []*url.URL // replicas of the algorithm service
 	AdminURLs      []*url.URL // none: the admin route answers 404
 	DocsURLs       []*url.URL // none: the documents route answers 404
@@ -31,16 +35,19 @@ type config struct {
 	LogLevel       slog.Level
 	ShutdownGrace  time.Duration
 
-	MaxBodyBytes     int64         // proxied routes
-	BodyReadTimeout  time.Duration // every body: this long, plus a second per BodyMinRate bytes
-	BodyMinRate      int64         // bytes per second
-	UpstreamTimeout  time.Duration // how long an upstream may take to answer headers
-	ChatMaxBodyBytes int64
-	ChatMaxMessage   int
-	ChatMaxTokens    int
-	ChatDefaultModel string
-	SSEPingInterval  time.Duration
-	SSEMaxLineBytes  int
+	MaxBodyBytes    int64         // proxied routes
+	BodyReadTimeout time.Duration // every body: this long, plus a second per BodyMinRate bytes
+	BodyMinRate     int64         // bytes per second
+	// Credentials of the client passed on to ADMIN_URL and DOCS_URL; by default neither is.
+	ForwardAuthorization bool
+	ForwardCookies       bool
+	UpstreamTimeout      time.Duration // how long an upstream may take to answer headers
+	ChatMaxBodyBytes     int64
+	ChatMaxMessage       int
+	ChatMaxTokens        int
+	ChatDefaultModel     string
+	SSEPingInterval      time.Duration
+	SSEMaxLineBytes      int
 
 	JWTSecret          []byte
 	JWKSURL            *url.URL
@@ -54,6 +61,7 @@ type config struct {
 	AuthPublicPaths    []string
 	AuthRefreshWindow  time.Duration
 	AuthBudget         time.Duration
+	Claims             auth.Claims // where the identity is in a token
 	UserServiceURL     *url.URL
 	RedisAddrs         []string // empty: in-memory stores, one instance only
 	RedisDB            int
@@ -107,6 +115,13 @@ func settings() []setting {
 			c.ListenAddr = v
 			return nil
 		}},
+		{"LISTEN_ADDR_FILE", "", "write the address listened on to this file, where -healthcheck finds it (the image sets /run/voicegate/addr)", func(c *config, v string) error {
+			if strings.ContainsRune(v, 0) {
+				return errors.New("want a file path")
+			}
+			c.ListenAddrFile = v
+			return nil
+		}},
 		{"ALGO_URL", "", "base URL of the algorithm service, or several replicas separated by commas (required unless -demo)", func(c *config, v string) (err error) {
 			c.AlgoURLs, err = parseReplicas(v)
 			return err
@@ -151,6 +166,20 @@ func settings() []setting {
 			return c.LogLevel.UnmarshalText([]byte(v))
 		}},
 		{"SHUTDOWN_GRACE", "25s", "how long open streams get on SIGTERM", durationSetting(func(c *config) *time.Duration { return &c.ShutdownGrace }, 0)},
+		{"BACKEND_FORWARD_CREDENTIALS", "", "client credentials passed on to ADMIN_URL and DOCS_URL: authorization, cookie, both comma-separated, or none", func(c *config, v string) error {
+			for _, f := range strings.Split(v, ",") {
+				switch strings.ToLower(strings.TrimSpace(f)) {
+				case "", "none":
+				case "authorization":
+					c.ForwardAuthorization = true
+				case "cookie":
+					c.ForwardCookies = true
+				default:
+					return errors.New("want authorization, cookie, both comma-separated, or none")
+				}
+			}
+			return nil
+		}},
 		{"MAX_BODY_BYTES", "10485760", "largest request body on proxied routes", bytesSetting(func(c *config) *int64 { return &c.MaxBodyBytes })},
 		{"BODY_READ_TIMEOUT", "5s", "how long any request body may take, whatever its size (plus a second per BODY_MIN_RATE bytes received)", durationSetting(func(c *config) *time.Duration { return &c.BodyReadTimeout }, time.Millisecond)},
 		{"BODY_MIN_RATE", "16384", "bytes per second a request body must keep up on average beyond BODY_READ_TIMEOUT", bytesSetting(func(c *config) *int64 { return &c.BodyMinRate })},
@@ -196,6 +225,11 @@ func settings() []setting {
 			c.JWTAudience = v
 			return nil
 		}},
+		{"JWT_USER_CLAIM", auth.DefaultUserClaim, "claim paths of the user ID, first present wins (dotted, such as oid)", claimSetting(func(c *auth.Claims) *[]auth.ClaimPath { return &c.UserID })},
+		{"JWT_USERNAME_CLAIM", auth.DefaultUsernameClaim, "claim paths of the user name, first present wins (such as preferred_username)", claimSetting(func(c *auth.Claims) *[]auth.ClaimPath { return &c.Username })},
+		{"JWT_TENANT_CLAIM", auth.DefaultTenantClaim, "claim paths of the tenant, first present wins (such as tid or org_id)", claimSetting(func(c *auth.Claims) *[]auth.ClaimPath { return &c.TenantID })},
+		{"JWT_ROLES_CLAIM", auth.DefaultRolesClaim, "claim paths of the roles, all merged (such as realm_access.roles,resource_access.my-client.roles)", claimSetting(func(c *auth.Claims) *[]auth.ClaimPath { return &c.Roles })},
+		{"JWT_SCOPES_CLAIM", auth.DefaultScopesClaim, "claim paths of direct permission grants, all merged (lists, or space-separated strings such as scp)", claimSetting(func(c *auth.Claims) *[]auth.ClaimPath { return &c.Scopes })},
 		{"JWT_LEEWAY", "30s", "clock skew allowed for exp, nbf and iat", durationSetting(func(c *config) *time.Duration { return &c.JWTLeeway }, 0)},
 		{"JWT_MAX_LIFETIME", "24h", "the longest a token lives (how long revocations are kept)", durationSetting(func(c *config) *time.Duration { return &c.JWTMaxLifetime }, time.Minute)},
 		{"JWKS_REFRESH", "15m", "scheduled JWKS refresh interval", durationSetting(func(c *config) *time.Duration { return &c.JWKSRefresh }, time.Second)},
@@ -367,6 +401,13 @@ func parseRedis(c *config, v string) error {
 	return nil
 }
 
+func claimSetting(field func(*auth.Claims) *[]auth.ClaimPath) func(*config, string) error {
+	return func(c *config, v string) (err error) {
+		*field(&c.Claims), err = auth.ParseClaimPaths(v)
+		return err
+	}
+}
+
 func durationSetting(field func(*config) *time.Duration, least time.Duration) func(*config, string) error {
 	return func(c *config, v string) error {
 		d, err := time.ParseDuration(v)
@@ -477,16 +518,14 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.SetOutput(stderr)
 	c := &config{}
 	fs.BoolVar(&c.Demo, "demo", false, "run with a built-in fake algorithm service, for a first look (never production)")
-	fs.BoolVar(&c.HealthCheck, "healthcheck", false, "ask the gateway listening on LISTEN_ADDR for /healthz and exit 0 if it answers 200")
-	all := settings()
-	values := make(map[string]*string, len(all))
-	for _, s := range all {
-		usage := fmt.Sprintf("%s (env %s", s.usage, s.env)
-		if s.def != "" {
-			usage += ", default " + s.def
-		}
-		values[s.env] = fs.String(flagName(s.env), "", usage+")")
+	fs.BoolVar(&c.HealthCheck, "healthcheck", false, "ask the running gateway (LISTEN_ADDR_FILE, else LISTEN_ADDR) for /healthz and exit 0 if it answers 200")
+	fs.BoolVar(&c.Version, "version", false, "print the version and exit")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: voicegate [flags]\n       voicegate token [flags]      mint a development token for JWT_SECRET\n       voicegate demo-algo [flags]  serve only the demo algorithm service\n\nFlags:\n")
+		fs.PrintDefaults()
 	}
+	all := settings()
+	values := bindSettings(fs, all)
 	if len(args) > 0 {
 		args = args[1:]
 	}
@@ -496,28 +535,35 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	fromFlag := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { fromFlag[f.Name] = true })
-	for _, s := range all {
-		v := getenv(s.env)
-		if fromFlag[flagName(s.env)] {
-			v = *values[s.env]
-		}
-		if v == "" {
-			v = s.def
-		}
-		if s.env == "LISTEN_ADDR" && c.Demo && !fromFlag[flagName(s.env)] && getenv(s.env) == "" {
-			v = "127.0.0.1:8080" // the demo hands out a ready token: keep it off the network
-		}
-		if err := s.parse(c, v); err != nil {
-			if secret(s.env) {
-				return nil, fmt.Errorf("invalid %s: %v", s.env, err)
-			}
-			return nil, fmt.Errorf("invalid %s %s: %v", s.env, shown(v), err)
-		}
+	if c.Version {
+		return c, nil // nothing else matters, not even invalid settings
+	}
+	fromFlag := setFlags(fs)
+	explicit := func(env string) bool { return fromFlag[flagName(env)] || getenv(env) != "" }
+	defaults := map[string]string{}
+	if c.Demo {
+		// The demo hands out a ready token: keep it off the network. And there is no load
+		// balancer to drain from, so Ctrl-C ends it at once.
+		defaults["LISTEN_ADDR"] = "127.0.0.1:8080"
+		defaults["DRAIN_DELAY"] = "0s"
+	}
+	if err := applySettings(c, all, values, fromFlag, getenv, defaults); err != nil {
+		return nil, err
 	}
 	if c.HealthCheck {
-		return c, nil // only LISTEN_ADDR matters
+		// The running gateway's own record of its address beats LISTEN_ADDR, which a
+		// container's health check inherits even when the gateway was started with
+		// -listen-addr; only a -listen-addr given to -healthcheck itself wins.
+		if c.ListenAddrFile != "" && !fromFlag[flagName("LISTEN_ADDR")] {
+			if b, err := os.ReadFile(c.ListenAddrFile); err == nil {
+				if a := strings.TrimSpace(string(b)); a != "" {
+					if _, _, err := net.SplitHostPort(a); err == nil {
+						c.ListenAddr = a
+					}
+				}
+			}
+		}
+		return c, nil
 	}
 	if len(c.AlgoURLs) == 0 && !c.Demo {
 		return nil, errors.New("ALGO_URL is required (or run with -demo for a first look)")
@@ -525,5 +571,69 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	if c.JWTSecret == nil && c.JWKSURL == nil && !c.Demo {
 		return nil, errors.New("JWT_SECRET or JWT_JWKS_URL is required: every route but the health checks needs a token")
 	}
+	if c.DrainDelay > c.ShutdownGrace/2 {
+		name := "DRAIN_DELAY"
+		if !explicit("DRAIN_DELAY") {
+			name = "DRAIN_DELAY (default 5s)"
+		}
+		return nil, fmt.Errorf("invalid %s: %v is more than half of SHUTDOWN_GRACE (%v); streams need the rest of the grace period to finish: lower DRAIN_DELAY or raise SHUTDOWN_GRACE",
+			name, c.DrainDelay, c.ShutdownGrace)
+	}
 	return c, nil
+}
+
+// bindSettings registers a string flag for each setting and returns their values by variable.
+func bindSettings(fs *flag.FlagSet, list []setting) map[string]*string {
+	values := make(map[string]*string, len(list))
+	for _, s := range list {
+		usage := fmt.Sprintf("%s (env %s", s.usage, s.env)
+		if s.def != "" {
+			usage += ", default " + s.def
+		}
+		values[s.env] = fs.String(flagName(s.env), "", usage+")")
+	}
+	return values
+}
+
+// setFlags returns the names of the flags given on the command line.
+func setFlags(fs *flag.FlagSet) map[string]bool {
+	fromFlag := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { fromFlag[f.Name] = true })
+	return fromFlag
+}
+
+// applySettings parses each setting from its flag when given, else its variable, else the
+// default (defaults overrides the table's). The first invalid value is an error naming it.
+func applySettings(c *config, list []setting, values map[string]*string, fromFlag map[string]bool,
+	getenv func(string) string, defaults map[string]string) error {
+	for _, s := range list {
+		v := getenv(s.env)
+		if fromFlag[flagName(s.env)] {
+			v = *values[s.env]
+		}
+		if v == "" {
+			v = s.def
+			if d, ok := defaults[s.env]; ok {
+				v = d
+			}
+		}
+		if err := s.parse(c, v); err != nil {
+			if secret(s.env) {
+				return fmt.Errorf("invalid %s: %v", s.env, err)
+			}
+			return fmt.Errorf("invalid %s %s: %v", s.env, shown(v), err)
+		}
+	}
+	return nil
+}
+
+// settingsNamed returns the settings with the given variables, in the table's order.
+func settingsNamed(names ...string) []setting {
+	var out []setting
+	for _, s := range settings() {
+		if slices.Contains(names, s.env) {
+			out = append(out, s)
+		}
+	}
+	return out
 }

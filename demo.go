@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,14 +16,12 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
-	"github.com/lestrrat-go/jwx/v2/jwa"
-	"github.com/lestrrat-go/jwx/v2/jwt"
 )
 
 // demoAlgo is the fake algorithm service behind -demo: it answers POST /query with a believable
 // NDJSON stream (retrieval, then generation chunks a few tens of milliseconds apart, then
 // generation_done), on loopback only. It exists so a first look needs nothing else; it knows
-// nothing about language.
+// nothing about language. "voicegate demo-algo" serves it alone, for the compose topology.
 type demoAlgo struct {
 	URL *url.URL
 	srv *http.Server
@@ -30,18 +30,23 @@ type demoAlgo struct {
 // demoChunkDelay paces generation chunks like a model producing tokens.
 const demoChunkDelay = 40 * time.Millisecond
 
-func startDemo(logger *slog.Logger) (*demoAlgo, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+// startDemo serves the fake service on addr ("127.0.0.1:0" behind -demo).
+func startDemo(logger *slog.Logger, addr string) (*demoAlgo, error) {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /query", demoQuery)
 	mux.HandleFunc("GET /voice/stream", demoVoice)
+	// For the container health check (voicegate -healthcheck) of demo-algo.
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}
 	go func() { _ = srv.Serve(ln) }()
-	logger.Warn("DEMO MODE: a built-in fake algorithm service answers on loopback; never use -demo in production",
+	logger.Warn("DEMO MODE: a built-in fake algorithm service answers; never use it in production",
 		"algo_addr", ln.Addr().String())
 	return &demoAlgo{URL: &url.URL{Scheme: "http", Host: ln.Addr().String()}, srv: srv}, nil
 }
@@ -216,40 +221,34 @@ func demoSecret() []byte {
 	return []byte(rand.Text() + rand.Text())
 }
 
-// demoTokenFor mints a day-long token for a demo user with the "user" role.
-func demoTokenFor(secret []byte, issuer, audience string) (string, error) {
-	now := time.Now()
-	b := jwt.NewBuilder().
-		Subject("demo-user").
-		JwtID(rand.Text()).
-		IssuedAt(now).
-		Expiration(now.Add(24*time.Hour)).
-		Claim("username", "demo").
-		Claim("tenant_id", "demo-tenant").
-		Claim("roles", []string{"user"})
-	if issuer != "" {
-		b = b.Issuer(issuer)
-	}
-	if audience != "" {
-		b = b.Audience([]string{audience})
-	}
-	tok, err := b.Build()
-	if err != nil {
-		return "", fmt.Errorf("build token: %w", err)
-	}
-	signed, err := jwt.Sign(tok, jwt.WithKey(jwa.HS256, secret))
-	if err != nil {
-		return "", fmt.Errorf("sign token: %w", err)
-	}
-	return string(signed), nil
+// demoTokenFor mints a day-long token for a demo user with the "user" role, its claims where
+// the configuration looks for them.
+func demoTokenFor(cfg *config) (string, error) {
+	return mintToken(cfg, mintOptions{sub: "demo-user", username: "demo", tenant: "demo-tenant",
+		roles: []string{"user"}, lifetime: min(24*time.Hour, cfg.JWTMaxLifetime)})
 }
 
-// printDemo tells the user what to try.
-func printDemo(w io.Writer, addr, token string) {
+// printDemo tells the user what to try. ownSecret says the secret is the user's JWT_SECRET
+// rather than one made up for this run.
+func printDemo(w io.Writer, addr, token string, ownSecret bool) {
+	addr = dialAddr(addr)
+	secretLine := "the HMAC secret is made up for this run"
+	tokens := `More tokens (other users, roles, tenants): start the demo with a secret of your own, at least
+32 bytes, and mint them with "voicegate token" ("go run . token" from the source tree):
+
+  export JWT_SECRET=$(openssl rand -hex 32)
+  voicegate -demo
+  voicegate token -sub bob -roles admin -tenant demo-tenant     (in another terminal)`
+	if ownSecret {
+		secretLine = "tokens are checked against your JWT_SECRET"
+		tokens = `More tokens (other users, roles, tenants), for the same JWT_SECRET:
+
+  voicegate token -sub bob -roles admin -tenant demo-tenant     ("go run . token" from the source tree)`
+	}
 	fmt.Fprintf(w, `
 voicegate is running in DEMO MODE on http://%[1]s
-A built-in fake algorithm service answers and the HMAC secret is made up for this run; this mode
-is for a first look, never for production.
+A built-in fake algorithm service answers and %[3]s; this mode is for a
+first look, never for production.
 
 A token for the demo user (role "user", valid 24 hours):
 
@@ -263,6 +262,43 @@ Open a voice session (then type {"type":"start"} and {"type":"stop"}):
 
   websocat -H "Authorization: Bearer $TOKEN" --protocol voice-protocol-v2 ws://%[1]s/api/v2/voice/stream
 
-Press Ctrl-C to stop.
-`, addr, token)
+%[4]s
+
+Press Ctrl-C to stop (open streams get SHUTDOWN_GRACE to finish; Ctrl-C again stops at once).
+`, addr, token, secretLine, tokens)
+}
+
+// runDemoAlgo is "voicegate demo-algo": the demo's fake algorithm service alone, on
+// LISTEN_ADDR (default :9000), until ctx ends. The compose topology runs it as its own
+// container, so the gateways in front of it are configured as in production.
+func runDemoAlgo(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("voicegate demo-algo", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	list := settingsNamed("LISTEN_ADDR", "LOG_FORMAT", "LOG_LEVEL")
+	values := bindSettings(fs, list)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("demo-algo: unexpected argument %q", fs.Arg(0))
+	}
+	c := &config{}
+	if err := applySettings(c, list, values, setFlags(fs), getenv, map[string]string{"LISTEN_ADDR": ":9000"}); err != nil {
+		return fmt.Errorf("demo-algo: %w", err)
+	}
+	logger := newLogger(c, stderr)
+	demo, err := startDemo(logger, c.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("demo-algo: listen on %s: %w", c.ListenAddr, err)
+	}
+	logger.Info("listening", "addr", demo.URL.Host)
+	<-ctx.Done()
+	// Chat answers take a few seconds; voice sessions are hijacked and closed at once.
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := demo.srv.Shutdown(sctx); err != nil {
+		_ = demo.srv.Close()
+	}
+	logger.Info("stopped")
+	return nil
 }

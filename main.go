@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httputil"
 	"net/url"
 	"os"
 	"os/signal"
@@ -51,9 +52,21 @@ func main() {
 // run is the whole program: it parses the configuration, wires the gateway, serves until ctx
 // is done, then shuts down gracefully. Tests call it directly.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if len(args) > 1 {
+		switch args[1] {
+		case "token":
+			return runToken(args[2:], getenv, stdout, stderr)
+		case "demo-algo":
+			return runDemoAlgo(ctx, args[2:], getenv, stderr)
+		}
+	}
 	cfg, err := parseConfig(args, getenv, stderr)
 	if err != nil {
 		return err
+	}
+	if cfg.Version {
+		printVersion(stdout)
+		return nil
 	}
 	if cfg.HealthCheck {
 		return healthCheck(ctx, cfg.ListenAddr)
@@ -64,8 +77,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 
 	var demoToken string
+	ownSecret := cfg.JWTSecret != nil
 	if cfg.Demo {
-		demo, err := startDemo(logger)
+		demo, err := startDemo(logger, "127.0.0.1:0")
 		if err != nil {
 			return fmt.Errorf("demo: %w", err)
 		}
@@ -74,7 +88,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		if cfg.JWTSecret == nil {
 			cfg.JWTSecret = demoSecret()
 		}
-		if demoToken, err = demoTokenFor(cfg.JWTSecret, cfg.JWTIssuer, cfg.JWTAudience); err != nil {
+		if demoToken, err = demoTokenFor(cfg); err != nil {
 			return fmt.Errorf("demo: %w", err)
 		}
 	}
@@ -153,9 +167,18 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		logger.Info("metrics listening", "addr", mln.Addr().String())
 	}
 	addr := ln.Addr().String()
-	logger.Info("listening", "addr", addr)
+	// Before the "listening" line, which tells whoever waits for it that -healthcheck works.
+	if cfg.ListenAddrFile != "" {
+		if err := writeAddrFile(cfg.ListenAddrFile, addr); err != nil {
+			// Not fatal: -healthcheck then falls back to LISTEN_ADDR.
+			logger.Warn("cannot write LISTEN_ADDR_FILE; -healthcheck will use LISTEN_ADDR", "err", err)
+		} else {
+			defer os.Remove(cfg.ListenAddrFile)
+		}
+	}
+	logger.Info("listening", "addr", addr, "version", buildVersion())
 	if cfg.Demo {
-		printDemo(stdout, addr, demoToken)
+		printDemo(stdout, addr, demoToken, ownSecret)
 	}
 
 	select {
@@ -168,16 +191,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 // healthCheck asks the gateway on addr (its listen address) for /healthz.
 func healthCheck(ctx context.Context, addr string) error {
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
+	if _, _, err := net.SplitHostPort(addr); err != nil {
 		return fmt.Errorf("LISTEN_ADDR: %w", err)
-	}
-	if host == "" || host == "0.0.0.0" || host == "::" {
-		host = "127.0.0.1"
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(host, port)+"/healthz", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+dialAddr(addr)+"/healthz", nil)
 	if err != nil {
 		return err
 	}
@@ -190,6 +209,29 @@ func healthCheck(ctx context.Context, addr string) error {
 		return fmt.Errorf("healthcheck: status %d", res.StatusCode)
 	}
 	return nil
+}
+
+// dialAddr turns a listen address into one a client on this host can reach: a wildcard host
+// (":8080", "0.0.0.0:8080", "[::]:8080") becomes 127.0.0.1.
+func dialAddr(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
+}
+
+// writeAddrFile records the address listened on for -healthcheck, atomically, so that a probe
+// never reads half a file.
+func writeAddrFile(file, addr string) error {
+	tmp := file + ".tmp"
+	if err := os.WriteFile(tmp, []byte(addr+"\n"), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, file)
 }
 
 // gateway holds what the handlers share and what shutdown must reach.
@@ -260,7 +302,8 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 			MinRefetch: cfg.JWKSMinRefetch, Log: logger})
 	}
 	verifier, err := auth.NewVerifier(auth.VerifierOptions{HMACSecret: cfg.JWTSecret, JWKS: g.jwks,
-		Issuer: cfg.JWTIssuer, Audience: cfg.JWTAudience, Leeway: cfg.JWTLeeway, MaxLifetime: cfg.JWTMaxLifetime})
+		Issuer: cfg.JWTIssuer, Audience: cfg.JWTAudience, Leeway: cfg.JWTLeeway, MaxLifetime: cfg.JWTMaxLifetime,
+		Claims: cfg.Claims})
 	if err != nil {
 		return nil, err
 	}
@@ -304,6 +347,9 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		Budget:       cfg.LimitBudget,
 		Log:          logger,
 	})
+	if err := tel.observeReady(func(ctx context.Context) bool { return g.readiness(ctx) == "ready" }); err != nil {
+		return nil, err
+	}
 	ok = true
 	return g, nil
 }
@@ -488,6 +534,7 @@ func (g *gateway) handler() (http.Handler, error) {
 				TrustedProxies:  cfg.TrustedProxies,
 				Name:            b.name,
 				UpstreamHeaders: auth.UpstreamHeaders,
+				Rewrite:         backendCredentials(cfg),
 			}), proxy.BodyLimit(cfg.MaxBodyBytes))
 		}
 		rt.handle("", b.path, g.protect(h))
@@ -517,6 +564,26 @@ func (g *gateway) handler() (http.Handler, error) {
 		proxy.CanonicalPath(),
 	)
 	return proxy.Chain(rt.mux, edge...), nil
+}
+
+// backendCredentials removes the client's credentials from requests to ADMIN_URL and DOCS_URL,
+// unless BACKEND_FORWARD_CREDENTIALS passes them on. By default those back ends learn who the
+// caller is from the identity headers only: a bearer token is a credential for the gateway,
+// and a back end that never sees it cannot leak or replay it; cookies of the gateway's domain
+// may belong to other applications. A back end that verifies the token itself, or calls others
+// on the user's behalf, asks for it with BACKEND_FORWARD_CREDENTIALS=authorization.
+func backendCredentials(cfg *config) func(*httputil.ProxyRequest) {
+	if cfg.ForwardAuthorization && cfg.ForwardCookies {
+		return nil
+	}
+	return func(pr *httputil.ProxyRequest) {
+		if !cfg.ForwardAuthorization {
+			pr.Out.Header.Del("Authorization")
+		}
+		if !cfg.ForwardCookies {
+			pr.Out.Header.Del("Cookie")
+		}
+	}
 }
 
 // protect puts a route behind authentication (401 without a valid token), then the policy:
@@ -590,19 +657,27 @@ func (g *gateway) healthz(w http.ResponseWriter, r *http.Request) {
 }
 
 func (g *gateway) readyz(w http.ResponseWriter, r *http.Request) {
-	if g.draining.Load() {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "draining"})
+	if status := g.readiness(r.Context()); status != "ready" {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": status})
 		return
 	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+// readiness is what /readyz and voicegate_ready report: "ready", "draining" or
+// "redis unreachable".
+func (g *gateway) readiness(ctx context.Context) string {
+	if g.draining.Load() {
+		return "draining"
+	}
 	if g.redis != nil {
-		ctx, cancel := context.WithTimeout(r.Context(), 250*time.Millisecond)
+		ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
 		defer cancel()
 		if err := g.redis.Do(ctx, g.redis.B().Ping().Build()).Error(); err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "redis unreachable"})
-			return
+			return "redis unreachable"
 		}
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+	return "ready"
 }
 
 func notFound(w http.ResponseWriter, r *http.Request) {
@@ -621,13 +696,16 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // left when it is over is closed.
 func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 	g.draining.Store(true)
-	grace := g.cfg.ShutdownGrace
-	g.log.Info("shutting down", "grace", grace, "streams", g.streams.Len(), "voice_sessions", g.voices.Len())
+	grace, drain := g.cfg.ShutdownGrace, g.cfg.DrainDelay
+	// Say what the wait is for: a silent pause after Ctrl-C looks like a hang.
+	g.log.Info("shutting down: /readyz answers 503, requests are served for DRAIN_DELAY, then open streams get the rest of SHUTDOWN_GRACE; a second signal stops at once",
+		"drain_delay", drain, "grace", grace, "streams", g.streams.Len(), "voice_sessions", g.voices.Len())
 	ctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	// Readiness already fails; keep serving new requests for a while so the load balancer
-	// notices and stops sending them, then stop listening. The delay counts against the grace.
-	if drain := min(g.cfg.DrainDelay, grace/2); drain > 0 {
+	// notices and stops sending them, then stop listening. The delay counts against the grace
+	// (parseConfig keeps it at most half of it).
+	if drain > 0 {
 		time.Sleep(drain) // a second SIGTERM still kills at once: main restored the default
 	}
 	// Streams and voice sessions get the grace period to finish, and are ended a little before
@@ -680,7 +758,16 @@ func newLogger(cfg *config, w io.Writer) *slog.Logger {
 			NoColor:    !isTerminal(w),
 		}))
 	}
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: cfg.LogLevel, ReplaceAttr: durationText}))
+}
+
+// durationText writes durations as Go duration text ("25s", "1.503ms"), the way they are
+// configured, instead of slog's integer nanoseconds.
+func durationText(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindDuration {
+		return slog.String(a.Key, a.Value.Duration().String())
+	}
+	return a
 }
 
 func isTerminal(w io.Writer) bool {

@@ -672,6 +672,8 @@ var wantMetrics = map[string][]string{
 	"auth_failures_total":             {"code"},
 	"rate_limited_total":              {},
 	"redis_errors_total":              {},
+	"voicegate_ready":                 {},
+	"voicegate_build_info":            {"go_version", "version"},
 }
 
 // checkFamily fails the test unless fams has name with exactly labels on every series.

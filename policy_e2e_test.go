@@ -770,6 +770,7 @@ func startChildGateway(t *testing.T, env map[string]string) *childGateway {
 		"LISTEN_ADDR":             "127.0.0.1:0",
 		"LOG_FORMAT":              "json",
 		"SHUTDOWN_GRACE":          "1s",
+		"DRAIN_DELAY":             "0s",
 		"JWT_SECRET":              testSecret,
 	}
 	for k, v := range env {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -53,6 +54,7 @@ type telemetry struct {
 	rateLimited   metric.Int64Counter
 	redisErrors   metric.Int64Counter
 	voiceSessions metric.Int64Counter
+	buildInfo     metric.Int64Gauge
 
 	sets    sync.Map // label values → attribute set, so recording allocates nothing once warm
 	reqSets sync.Map // requestLabels → [2]metric.MeasurementOption (with and without status)
@@ -141,6 +143,8 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 	must(err)
 	t.redisErrors, err = m.Int64Counter("redis_errors_total", metric.WithDescription("Redis calls that failed (revocation, limits, leases)."))
 	must(err)
+	t.buildInfo, err = m.Int64Gauge("voicegate_build_info", metric.WithDescription("Always 1; the labels say which build runs."))
+	must(err)
 	if len(errs) > 0 {
 		return nil, fmt.Errorf("metrics: %v", errs)
 	}
@@ -152,7 +156,27 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 	t.sseActive.Add(bg, 0)
 	t.wsActive.Add(bg, 0, t.set("type", "client"))
 	t.wsActive.Add(bg, 0, t.set("type", "upstream"))
+	t.buildInfo.Record(bg, 1, t.set("version", buildVersion(), "go_version", runtime.Version()))
 	return t, nil
+}
+
+// observeReady exports voicegate_ready, 1 while ready answers true (what /readyz says), asked
+// at every scrape.
+func (t *telemetry) observeReady(ready func(context.Context) bool) error {
+	_, err := t.meter.Meter("voicegate").Int64ObservableGauge("voicegate_ready",
+		metric.WithDescription("1 when /readyz would answer 200; 0 while draining or while Redis is unreachable."),
+		metric.WithInt64Callback(func(ctx context.Context, o metric.Int64Observer) error {
+			v := int64(0)
+			if ready(ctx) {
+				v = 1
+			}
+			o.Observe(v)
+			return nil
+		}))
+	if err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	return nil
 }
 
 // shutdown flushes spans and stops the providers.

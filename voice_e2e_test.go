@@ -292,9 +292,9 @@ func TestVoiceRefusedBeforeUpgrade(t *testing.T) {
 	}{
 		{"no token", "", nil, nil, http.StatusUnauthorized, "TOKEN_MISSING", ""},
 		{"bad token", "", bearer(forged), nil, http.StatusUnauthorized, "TOKEN_INVALID", ""},
-		{"token in the query", "?access_token=" + url.QueryEscape(user), nil, nil, http.StatusBadRequest, "TOKEN_INVALID", "query"},
+		{"token in the query", "?access_token=" + url.QueryEscape(user), nil, nil, http.StatusUnauthorized, "TOKEN_INVALID", "query"},
 		{"token in the header and as a subprotocol", "", bearer(user), []string{voiceSubprotocol, "bearer." + user},
-			http.StatusBadRequest, "TOKEN_INVALID", ""},
+			http.StatusUnauthorized, "TOKEN_INVALID", ""},
 		{"no voice:write", "", bearer(noPerm), nil, http.StatusForbidden, "PERMISSION_DENIED", "voice:write"},
 		{"disallowed origin", "", from("https://evil.example"), nil, http.StatusForbidden, "PERMISSION_DENIED", "origin"},
 		{"allowed origin's host over http", "", from("http://app.example.com"), nil, http.StatusForbidden, "PERMISSION_DENIED", "origin"},

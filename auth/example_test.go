@@ -45,3 +45,26 @@ func ExampleVerifier() {
 	// expires: 2030-03-17T18:46:40Z
 	// later: token expired: token expired | expired: true
 }
+
+func ExampleClaimPath() {
+	// Claims shaped like a Keycloak token's: realm roles, and roles of a client whose name
+	// contains a dot.
+	payload := map[string]any{
+		"realm_access":    map[string]any{"roles": []any{"user"}},
+		"resource_access": map[string]any{"voicegate.web": map[string]any{"roles": []any{"admin"}}},
+		// Auth0 style: one key that is a URL, dots and all.
+		"https://example.com/tenant": "acme",
+	}
+	paths, err := auth.ParseClaimPaths("realm_access.roles, resource_access.voicegate.web.roles, https://example.com/tenant")
+	if err != nil {
+		panic(err)
+	}
+	for _, p := range paths {
+		v, ok := p.Lookup(payload)
+		fmt.Println(p, "→", v, ok)
+	}
+	// Output:
+	// realm_access.roles → [user] true
+	// resource_access.voicegate.web.roles → [admin] true
+	// https://example.com/tenant → acme true
+}

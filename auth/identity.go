@@ -1,5 +1,6 @@
 // Package auth owns who a caller is: JWT verification on lestrrat-go/jwx (HMAC secrets and JWKS
-// key sets, the algorithm always decided by the key), token revocation shared through Redis, an
+// key sets, the algorithm always decided by the key; the identity read from claim paths that fit
+// real identity providers, see ClaimPath), token revocation shared through Redis, an
 // optional user-status check, the verified identity in the request context and in the headers
 // upstreams trust, and the token endpoints.
 package auth
@@ -20,9 +21,9 @@ type Identity struct {
 	Username    string
 	TenantID    string
 	SessionID   string
-	TokenID     string   // the token's jti
-	Roles       []string // from the "roles" claim
-	Permissions []string // direct grants from "scopes", "scope" and "permissions"
+	TokenID     string   // the token's jti; for a token without one, "sha256:" and its hash
+	Roles       []string // from the roles claim paths (VerifierOptions.Claims)
+	Permissions []string // direct grants from the scopes claim paths
 	IssuedAt    time.Time
 	ExpiresAt   time.Time
 

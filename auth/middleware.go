@@ -185,9 +185,10 @@ func (a *Authenticator) Check(ctx context.Context, id *Identity) *proxy.Error {
 
 // tokenOf finds the one token of a request.
 func tokenOf(r *http.Request, allowSubprotocol bool) (string, *proxy.Error) {
+	// A misplaced token is refused like any unusable token: 401 TOKEN_INVALID, as every TOKEN_*
+	// code is, so clients branch on one status.
 	if q := r.URL.RawQuery; q != "" && queryHasToken(r) {
-		return "", &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeTokenInvalid,
-			Message: "tokens are not accepted in the query string (it ends up in logs); use the Authorization header"}
+		return "", misplaced("tokens are not accepted in the query string (it ends up in logs); use the Authorization header")
 	}
 	var tokens []string
 	for _, v := range r.Header.Values("Authorization") {
@@ -208,9 +209,10 @@ func tokenOf(r *http.Request, allowSubprotocol bool) (string, *proxy.Error) {
 	case 1:
 		return tokens[0], nil
 	}
-	return "", &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeTokenInvalid,
-		Message: "the request carries more than one token"}
+	return "", misplaced("the request carries more than one token")
 }
+
+func misplaced(msg string) *proxy.Error { return unauthorized(proxy.CodeTokenInvalid, msg, nil) }
 
 // SubprotocolTokens returns the tokens offered as "bearer.<token>" WebSocket subprotocols.
 func SubprotocolTokens(r *http.Request) []string {

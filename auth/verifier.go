@@ -3,6 +3,7 @@ package auth
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -50,6 +51,9 @@ type VerifierOptions struct {
 	// or after now. Revocations are kept for MaxLifetime (plus Leeway), so no token they cover
 	// may outlive them. Zero means no bound.
 	MaxLifetime time.Duration
+	// Claims says where the identity is in a token; zero fields mean the defaults (user_id then
+	// sub, username, tenant_id, roles, and scopes, scope and permissions).
+	Claims Claims
 	// MaxTokenBytes bounds a token before anything parses it; zero means 8 KiB.
 	MaxTokenBytes int
 	// Now is the clock; nil means time.Now.
@@ -110,6 +114,7 @@ func checkSecretBytes(secret []byte) error {
 
 // NewVerifier returns a Verifier.
 func NewVerifier(o VerifierOptions) (*Verifier, error) {
+	o.Claims = o.Claims.withDefaults()
 	v := &Verifier{o: o, now: o.Now}
 	if v.now == nil {
 		v.now = time.Now
@@ -188,7 +193,7 @@ func (v *Verifier) Verify(ctx context.Context, token string) (*Identity, error) 
 	if err != nil {
 		return nil, invalid("signature does not verify")
 	}
-	id, err := v.claims(payload)
+	id, err := v.claims(payload, token)
 	if err != nil {
 		return nil, err
 	}
@@ -303,31 +308,31 @@ func (a *audience) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
+// tokenClaims are the registered claims, whose names no identity provider changes. The
+// identity claims are found through Claims paths instead.
 type tokenClaims struct {
-	Sub         string       `json:"sub"`
-	UserID      string       `json:"user_id"`
-	JTI         string       `json:"jti"`
-	Username    string       `json:"username"`
-	TenantID    string       `json:"tenant_id"`
-	SessionID   string       `json:"session_id"`
-	Roles       []string     `json:"roles"`
-	Scopes      []string     `json:"scopes"`
-	Scope       string       `json:"scope"`
-	Permissions []string     `json:"permissions"`
-	Exp         *numericDate `json:"exp"`
-	Nbf         *numericDate `json:"nbf"`
-	Iat         *numericDate `json:"iat"`
-	Iss         string       `json:"iss"`
-	Aud         audience     `json:"aud"`
+	JTI       string       `json:"jti"`
+	SessionID string       `json:"session_id"`
+	Exp       *numericDate `json:"exp"`
+	Nbf       *numericDate `json:"nbf"`
+	Iat       *numericDate `json:"iat"`
+	Iss       string       `json:"iss"`
+	Aud       audience     `json:"aud"`
 }
 
 // maxClaimLen bounds identity claims, which travel on as header values.
 const maxClaimLen = 256
 
-func (v *Verifier) claims(payload []byte) (*Identity, error) {
+func (v *Verifier) claims(payload []byte, token string) (*Identity, error) {
 	var c tokenClaims
 	if err := json.Unmarshal(payload, &c); err != nil {
 		return nil, invalid("claims are not a JSON object of the expected types")
+	}
+	var all map[string]any
+	dec := json.NewDecoder(bytes.NewReader(payload))
+	dec.UseNumber() // a numeric user ID keeps its digits
+	if err := dec.Decode(&all); err != nil {
+		return nil, invalid("claims are not a JSON object")
 	}
 	now := v.now()
 	leeway := v.o.Leeway
@@ -351,28 +356,37 @@ func (v *Verifier) claims(payload []byte) (*Identity, error) {
 		return nil, invalid("wrong issuer")
 	case v.o.Audience != "" && !contains(c.Aud, v.o.Audience):
 		return nil, invalid("wrong audience")
-	case c.JTI == "":
-		return nil, invalid("jti missing")
 	}
-	id := &Identity{
-		UserID:    c.UserID,
-		Username:  c.Username,
-		TenantID:  c.TenantID,
-		SessionID: c.SessionID,
-		TokenID:   c.JTI,
-		Roles:     c.Roles,
-		ExpiresAt: at(*c.Exp),
+	id := &Identity{SessionID: c.SessionID, TokenID: c.JTI, ExpiresAt: at(*c.Exp)}
+	if id.TokenID == "" {
+		// Auth0 and Azure AD access tokens carry no jti. The token's own hash names it instead,
+		// so it can still be revoked on its own (logout).
+		sum := sha256.Sum256([]byte(token))
+		id.TokenID = "sha256:" + base64.RawURLEncoding.EncodeToString(sum[:16])
 	}
-	if id.UserID == "" {
-		id.UserID = c.Sub
+	m := v.o.Claims
+	var err error
+	if id.UserID, err = first(all, m.UserID); err != nil {
+		return nil, err
 	}
 	if id.UserID == "" {
-		return nil, invalid("user_id and sub missing")
+		return nil, invalid("no user ID claim (%s)", joinPaths(m.UserID))
+	}
+	if id.Username, err = first(all, m.Username); err != nil {
+		return nil, err
+	}
+	if id.TenantID, err = first(all, m.TenantID); err != nil {
+		return nil, err
+	}
+	if id.Roles, err = list(all, m.Roles); err != nil {
+		return nil, err
+	}
+	if id.Permissions, err = list(all, m.Scopes); err != nil {
+		return nil, err
 	}
 	if c.Iat != nil {
 		id.IssuedAt = at(*c.Iat)
 	}
-	id.Permissions = append(append(c.Scopes, strings.Fields(c.Scope)...), c.Permissions...)
 	for _, s := range []string{id.UserID, id.Username, id.TenantID, id.SessionID, id.TokenID} {
 		if len(s) > maxClaimLen || !printable(s) {
 			return nil, invalid("identity claim too long or not printable")
@@ -385,6 +399,14 @@ func (v *Verifier) claims(payload []byte) (*Identity, error) {
 	}
 	id.finish()
 	return id, nil
+}
+
+func joinPaths(ps []ClaimPath) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ", ")
 }
 
 // clip shortens header values echoed in messages.

@@ -46,9 +46,9 @@ func decideMux(p *policy.Policy, routes []string) *http.ServeMux {
 }
 
 type errorDoc struct {
-	Error   string            `json:"error"`
-	Code    string            `json:"code"`
-	Details map[string]string `json:"details"`
+	Error   string              `json:"error"`
+	Code    string              `json:"code"`
+	Details []map[string]string `json:"details"`
 }
 
 func decodeError(t *testing.T, rec *httptest.ResponseRecorder) errorDoc {
@@ -125,7 +125,7 @@ func runDecideCases(t *testing.T, mux *http.ServeMux, tests []decideCase) {
 					if !strings.Contains(doc.Error, tc.permission) {
 						t.Errorf("message %q does not name %s", doc.Error, tc.permission)
 					}
-					if doc.Details["permission"] != tc.permission {
+					if len(doc.Details) != 1 || doc.Details[0]["permission"] != tc.permission || doc.Details[0]["reason"] == "" {
 						t.Errorf("details %v, want permission %s", doc.Details, tc.permission)
 					}
 				} else if doc.Details != nil {

@@ -98,7 +98,9 @@ func (p *Policy) Decide(r *http.Request, s *Subject, ok bool) *proxy.Error {
 	}
 	if need := b.permFor(r.Method); need != "" && !p.Rules.Allows(s.Roles, s.Grants, need) {
 		return &proxy.Error{Status: http.StatusForbidden, Code: proxy.CodePermission,
-			Message: "permission " + need + " required", Details: map[string]string{"permission": need}}
+			Message: "permission " + need + " required",
+			// An array of objects, as every error's details are (VALIDATION_ERROR's list fields).
+			Details: []map[string]string{{"permission": need, "reason": "required"}}}
 	}
 	return nil
 }

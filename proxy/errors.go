@@ -49,7 +49,10 @@ type Error struct {
 	Status  int    // HTTP status; 0 means 500
 	Code    string // one of the Code constants; empty means INTERNAL_ERROR
 	Message string // a human sentence for the client; empty means the status text
-	Details any    // optional structured details for the client
+	// Details, optional, is for the client: always a JSON array of objects, each with a "reason"
+	// and what it is about ("field" for a request field, "permission" for a missing one), so
+	// that clients parse one shape.
+	Details any
 	// RetryAfter, when positive, is sent as the Retry-After header in seconds.
 	RetryAfter int
 	// Header holds extra response headers, such as WWW-Authenticate.

@@ -200,6 +200,9 @@ func AccessLog(log *slog.Logger) Middleware {
 				attrs = append(attrs,
 					slog.String("method", r.Method),
 					slog.String("route", route),
+					// The path too: a request refused before routing (a CORS preflight) has
+					// no route. Never the query, which may carry secrets.
+					slog.String("path", clipLog(r.URL.Path)),
 					slog.Int("status", status),
 					slog.Int64("bytes", info.Bytes),
 					slog.Duration("duration", time.Since(start)),
@@ -207,6 +210,10 @@ func AccessLog(log *slog.Logger) Middleware {
 				)
 				if info.ClientIP.IsValid() {
 					attrs = append(attrs, slog.String("client_ip", info.ClientIP.String()))
+				}
+				if origin := r.Header.Get("Origin"); origin != "" {
+					// What a refused preflight or WebSocket origin check needs to be diagnosed.
+					attrs = append(attrs, slog.String("origin", clipLog(origin)))
 				}
 				if info.UserID != "" {
 					attrs = append(attrs, slog.String("user_id", info.UserID))
@@ -222,6 +229,14 @@ func AccessLog(log *slog.Logger) Middleware {
 			next.ServeHTTP(sw, r)
 		})
 	}
+}
+
+// clipLog bounds client-sent text in a log line.
+func clipLog(s string) string {
+	if len(s) > 256 {
+		return s[:256] + "…"
+	}
+	return s
 }
 
 // trackStatus returns w wrapped so that it records the response's status and size in info, or w
@@ -411,7 +426,8 @@ func CORS(o CORSOptions) Middleware {
 			preflight := r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != ""
 			if !o.AllowOrigin(origin) {
 				if preflight {
-					Errorf(w, r, http.StatusForbidden, CodePermission, "origin not allowed")
+					WriteError(w, r, &Error{Status: http.StatusForbidden, Code: CodePermission,
+						Message: "origin not allowed", Cause: errors.New("origin not in CORS_ORIGINS")})
 					return
 				}
 				next.ServeHTTP(w, r)

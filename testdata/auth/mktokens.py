@@ -10,6 +10,9 @@ files so that a re-run signs with the same keys; the gateway only ever sees jwks
 and secret.txt (the HMAC secret); rsa-1.pub.pem is written for the key-confusion test. RSA-PSS and ECDSA signatures are randomised, so a re-run changes
 those token strings but not their meaning. Times are fixed: the Go tests run the verifier with a
 clock at NOW and a leeway of 30 s.
+
+providers.json holds tokens shaped like Keycloak's, Auth0's and Azure AD's access tokens, valid
+from 2023 to 2100 so that the gateway's end-to-end tests can use them on the real clock.
 """
 
 import base64
@@ -204,7 +207,7 @@ hs("aud_string_valid", "valid with issuer and audience required: aud as a string
 
 # Header and claim shape.
 hs("crit_header", "refuse: crit header", headers={"crit": ["exp"]})
-hs("jti_missing", "refuse: no jti", jti=None)
+hs("jti_missing", "valid: no jti (Auth0 and Azure AD issue none); the token's hash names it", jti=None)
 hs("sub_user_id_missing", "refuse: neither sub nor user_id", user_id=None)
 hs("username_control_char", "refuse: CR LF in username (would split a header)",
    username="alice\r\nX-User-Id: admin")
@@ -217,7 +220,67 @@ hs("issued_later", "valid once the clock is past its iat (NOW+100): u-123 after 
 hs("refresh_soon", "valid: exp 5 minutes after the clock, inside the default refresh window",
    exp=NOW + 300)
 
+# Tokens shaped like those of real identity providers, in providers.json. They are valid from
+# 2023 to 2100, so that the gateway's own tests can use them on the real clock (the package auth
+# tests' fixed clock is inside that window too). Field names and shapes follow each provider's
+# documented access tokens; the values are made up.
+P_IAT = 1700000000  # 2023-11-14
+P_EXP = 4102444800  # 2100-01-01
+providers = {}
+
+
+def provider(name, key, kid, payload, issuer, audience, note):
+    providers[name] = {"token": jwt.encode(payload, key, algorithm="RS256", headers={"kid": kid}),
+                       "issuer": issuer, "audience": audience, "note": note}
+
+
+KC_ISS = "https://keycloak.example/realms/voice"
+provider("keycloak", rsa1, "rsa-1", {
+    "exp": P_EXP, "iat": P_IAT, "auth_time": P_IAT, "jti": "6f1c0b2e-6a0e-4a8e-9a55-1d3c2b1f0a11",
+    "iss": KC_ISS, "aud": ["voicegate.web", "account"],
+    "sub": "f3b2c1d0-1111-4a2b-8c3d-5e6f7a8b9c0d", "typ": "Bearer", "azp": "voicegate.web",
+    "sid": "0e6c8a2e-36b5-4a5e-9d6c-2f1a0b9c8d7e", "acr": "1",
+    "allowed-origins": ["https://app.example"],
+    "realm_access": {"roles": ["default-roles-voice", "offline_access", "uma_authorization", "user"]},
+    "resource_access": {"voicegate.web": {"roles": ["admin"]},
+                        "account": {"roles": ["manage-account", "view-profile"]}},
+    "scope": "openid profile email", "email_verified": True, "name": "Alice Example",
+    "preferred_username": "alice", "given_name": "Alice", "family_name": "Example",
+    "email": "alice@example.com", "tenant": "acme",
+}, KC_ISS, "voicegate.web",
+    "Keycloak: realm roles in realm_access.roles, client roles in resource_access.<client>.roles "
+    "(the client ID voicegate.web contains a dot), tenant from a user-attribute mapper")
+
+A0_ISS = "https://voicegate.eu.auth0.com/"
+provider("auth0", rsa2, "rsa-2", {
+    "https://voicegate.example/roles": ["editor"],
+    "iss": A0_ISS, "sub": "auth0|64f0c2a1b2c3d4e5f6a7b8c9",
+    "aud": ["https://api.voicegate.example", "https://voicegate.eu.auth0.com/userinfo"],
+    "iat": P_IAT, "exp": P_EXP, "azp": "Xo1cR9mZ2kL5pQ8sT3vW6yB4nD7fH0jA",
+    "scope": "openid profile email", "org_id": "org_9ZyX8wV7uT6sR5qP",
+    "permissions": ["chat:write", "document:read", "document:delete"],
+}, A0_ISS, "https://api.voicegate.example",
+    "Auth0: roles in a namespaced custom claim (a URL, dots included), tenant in org_id "
+    "(Organizations), RBAC permissions; no jti")
+
+AZ_TID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+AZ_ISS = "https://login.microsoftonline.com/" + AZ_TID + "/v2.0"
+provider("azure", rsa1, "rsa-1", {
+    "aud": "api://voicegate", "iss": AZ_ISS, "iat": P_IAT, "nbf": P_IAT, "exp": P_EXP,
+    "aio": "AWQAm/8TAAAA2Fq0x", "azp": "5e3ce6c0-2b1f-4285-8d4b-75ee78787346", "azpacr": "0",
+    "name": "Carol Example", "oid": "00000000-0000-0000-66f3-3332eca7ea81",
+    "preferred_username": "carol@contoso.example", "rh": "0.AAAAv4j5cvGGr0GRqy180BHbR8",
+    "roles": ["user"], "scp": "access_as_user", "sub": "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ",
+    "tid": AZ_TID, "uti": "fqiBqXLPj0eQa82S-IYFAA", "ver": "2.0",
+}, AZ_ISS, "api://voicegate",
+    "Azure AD (v2 access token): app roles in roles, user in oid (sub is per application), "
+    "tenant in tid, delegated scopes space-separated in scp; no jti")
+
+with open(path("providers.json"), "w") as f:
+    json.dump(providers, f, indent=2, sort_keys=True)
+    f.write("\n")
+
 with open(path("tokens.json"), "w") as f:
     json.dump(tokens, f, indent=2, sort_keys=True)
     f.write("\n")
-print("wrote %d tokens, %d keys" % (len(tokens), len(jwks["keys"])))
+print("wrote %d tokens, %d provider tokens, %d keys" % (len(tokens), len(providers), len(jwks["keys"])))
