@@ -47,6 +47,7 @@ type config struct {
 	ChatMaxTokens        int
 	ChatDefaultModel     string
 	SSEPingInterval      time.Duration
+	SSEWriteTimeout      time.Duration
 	SSEMaxLineBytes      int
 
 	JWTSecret          []byte
@@ -195,6 +196,7 @@ func settings() []setting {
 			return nil
 		}},
 		{"SSE_PING_INTERVAL", "15s", "ping comment interval while the upstream is silent", durationSetting(func(c *config) *time.Duration { return &c.SSEPingInterval }, time.Millisecond)},
+		{"SSE_WRITE_TIMEOUT", "10s", "bound on every write to a chat stream's client; a client that does not take a write within it loses the stream", durationSetting(func(c *config) *time.Duration { return &c.SSEWriteTimeout }, 10*time.Millisecond)},
 		{"SSE_MAX_LINE_BYTES", "1048576", "longest upstream NDJSON line", func(c *config, v string) error {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 64 || n > maxLineBytes {

@@ -968,6 +968,48 @@ func TestChatStreamClientDisconnectCancelsUpstream(t *testing.T) {
 	}
 }
 
+// TestChatStreamsActiveWhenClientsVanishMidWrite lets clients vanish while the gateway is writing
+// to them (the upstream never pauses), and checks that every stream is counted out again and its
+// upstream request cancelled.
+func TestChatStreamsActiveWhenClientsVanishMidWrite(t *testing.T) {
+	const streams = 50
+	var cancelled atomic.Int64
+	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
+		startNDJSON(w)
+		line := `{"type":"generation_chunk","content":"` + strings.Repeat("x", 8000) + `"}` + "\n"
+		rc := http.NewResponseController(w)
+		for r.Context().Err() == nil {
+			if _, err := io.WriteString(w, line); err != nil || rc.Flush() != nil {
+				break
+			}
+		}
+		cancelled.Add(1)
+	})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "POLICY_FILE": "testdata/policy/bench.json"})
+	var wg sync.WaitGroup
+	for i := range streams {
+		wg.Go(func() {
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g.URL+"/api/v2/chat/stream",
+				strings.NewReader(fmt.Sprintf(`{"message":"hi","request_id":"vanish-%d"}`, i)))
+			res, err := g.Client.Do(req)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer res.Body.Close()
+			io.ReadFull(res.Body, make([]byte, 1<<10)) // mid-stream; then the client is gone
+		})
+	}
+	wg.Wait()
+	eventually(t, 5*time.Second, "every upstream request cancelled", func() bool { return cancelled.Load() == streams })
+	eventually(t, 5*time.Second, "sse_streams_active back to 0", func() bool {
+		v, _ := sample(scrape(t, g.URL+"/metrics"), "sse_streams_active", nil)
+		return v == 0
+	})
+}
+
 // ---- 6. cancel -----------------------------------------------------------------------------
 
 func TestChatCancel(t *testing.T) {

@@ -140,6 +140,8 @@ func TestAuthProviderTokens(t *testing.T) {
 			env := with(map[string]string{
 				"ALGO_URL": algo.URL, "ADMIN_URL": backend.URL, "DOCS_URL": backend.URL,
 				"JWT_JWKS_URL": keys.URL, "JWT_ISSUER": tok.Issuer, "JWT_AUDIENCE": tok.Audience,
+				// The fixtures are made to outlive the test suite, far beyond any real token.
+				"JWT_MAX_LIFETIME": "876000h",
 			}, tt.env)
 			g := startRun(t, nil, env)
 			for _, c := range tt.checks {

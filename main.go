@@ -256,9 +256,6 @@ type gateway struct {
 	leases      policy.Leases
 	redisLeases *policy.RedisLeases // to stop its renewal; nil without Redis
 	draining    atomic.Bool
-	// endStreams, once called, ends running chat streams with server_shutdown.
-	streamsEnding context.Context
-	endStreams    context.CancelFunc
 }
 
 // Permissions that handlers check themselves, besides those the policy binds routes to.
@@ -275,7 +272,6 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		tel:       tel,
 	}
 	g.algo = g.newPool("algo", cfg.AlgoURLs)
-	g.streamsEnding, g.endStreams = context.WithCancel(context.Background())
 	ok := false
 	defer func() {
 		if !ok {
@@ -450,7 +446,8 @@ func (g *gateway) handler() (http.Handler, error) {
 		DefaultModel:    cfg.ChatDefaultModel,
 		MaxLineBytes:    cfg.SSEMaxLineBytes,
 		PingInterval:    cfg.SSEPingInterval,
-		Shutdown:        g.streamsEnding,
+		WriteTimeout:    cfg.SSEWriteTimeout,
+		Admit:           policy.Admit,
 		UpstreamHeaders: auth.UpstreamHeaders,
 		Owner: func(r *http.Request) (string, string) {
 			id := auth.FromContext(r.Context())
@@ -462,7 +459,7 @@ func (g *gateway) handler() (http.Handler, error) {
 		OnFirstEvent:  func(d time.Duration) { tel.firstEvent.Record(bg, d.Seconds()) },
 		Log:           g.log,
 	})
-	rt.handle("POST", "/api/v2/chat/stream", g.protect(chat))
+	rt.handle("POST", "/api/v2/chat/stream", g.protectAdmitting(chat))
 	mayCancel := func(r *http.Request, owner string) bool {
 		return owner == auth.FromContext(r.Context()).UserID || g.can(r, "chat:admin")
 	}
@@ -590,7 +587,17 @@ func backendCredentials(cfg *config) func(*httputil.ProxyRequest) {
 // permission, tenant and ownership (403), rates, quota and concurrency caps (429).
 // Paths listed in AUTH_PUBLIC_PATHS skip both.
 func (g *gateway) protect(h http.Handler) http.Handler {
-	guarded := g.authn.Require(false)(g.enforcer.Wrap(h))
+	return g.protectWith(h, g.enforcer.Wrap)
+}
+
+// protectAdmitting is protect for a handler that charges fair use itself (policy.Admit) once
+// it has validated the request, so that a bad request costs no rate and holds no slot.
+func (g *gateway) protectAdmitting(h http.Handler) http.Handler {
+	return g.protectWith(h, g.enforcer.Guard)
+}
+
+func (g *gateway) protectWith(h http.Handler, policy func(http.Handler) http.Handler) http.Handler {
+	guarded := g.authn.Require(false)(policy(h))
 	return protected{http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if g.authn.Public(r.URL.Path) {
 			h.ServeHTTP(w, r)
@@ -713,11 +720,11 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 	margin := min(grace/5, 2*time.Second)
 	deadline, _ := ctx.Deadline()
 	endAll := time.AfterFunc(time.Until(deadline)-margin, func() {
-		g.endStreams()
+		g.streams.EndAll()
 		g.voices.CloseAll(ctx, websocket.StatusServiceRestart, voice.CodeShutdown, "the server is restarting; reconnect")
 	})
 	defer endAll.Stop()
-	defer g.endStreams()
+	defer g.streams.EndAll()
 
 	err := srv.Shutdown(ctx)
 	if errors.Is(err, context.DeadlineExceeded) {

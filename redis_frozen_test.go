@@ -26,11 +26,12 @@ func requestDurations(t *testing.T, g *testGateway, prefix string) []time.Durati
 		if rec["msg"] != "request" || !strings.HasPrefix(id, prefix) {
 			continue
 		}
-		ns, ok := rec["duration"].(float64)
-		if !ok {
+		text, _ := rec["duration"].(string) // JSON logs write durations as text
+		d, err := time.ParseDuration(text)
+		if err != nil {
 			t.Fatalf("access log line without a duration: %v", rec)
 		}
-		out = append(out, time.Duration(ns))
+		out = append(out, d)
 	}
 	slices.Sort(out)
 	return out

@@ -68,19 +68,18 @@ func BenchmarkRewriter(b *testing.B) {
 	b.Run("voicegate", func(b *testing.B) {
 		b.SetBytes(int64(len(benchLine)))
 		b.ReportAllocs()
-		rw := sse.NewRewriter(io.NopCloser(newLineSource(benchLine, b.N)),
-			sse.Options{RequestID: "bench-request-0001", PingInterval: -1})
-		defer rw.Close()
-		buf := make([]byte, 32<<10) // ReverseProxy's copy buffer
+		src := newLineSource(benchLine, b.N)
+		rw := sse.NewRewriter(sse.Options{RequestID: "bench-request-0001"})
+		buf := make([]byte, 2<<10) // the stream's upstream read buffer, as in production
+		var out []byte
 		b.ResetTimer()
-		for {
-			_, err := rw.Read(buf)
-			if err == io.EOF {
-				break
-			}
+		for !rw.Finished() {
+			n, err := src.Read(buf)
+			rw.Write(buf[:n])
 			if err != nil {
-				b.Fatal(err)
+				rw.End(err)
 			}
+			out = rw.Take(out[:0])
 		}
 		b.StopTimer()
 		if got := rw.Stats().LinesProcessed; got != int64(b.N)+1 {
@@ -92,7 +91,7 @@ func BenchmarkRewriter(b *testing.B) {
 		b.SetBytes(int64(len(benchLine)))
 		b.ReportAllocs()
 		sc := bufio.NewScanner(newLineSource(benchLine, b.N))
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		sc.Buffer(make([]byte, 2<<10), 1<<20)
 		w := bufio.NewWriter(io.Discard)
 		n := 0
 		b.ResetTimer()

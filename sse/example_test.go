@@ -3,23 +3,20 @@ package sse_test
 import (
 	"fmt"
 	"io"
-	"strings"
 	"time"
 
 	"voicegate/sse"
 )
 
 func ExampleRewriter() {
-	upstream := io.NopCloser(strings.NewReader(
-		`{"type":"generation_chunk","content":"Hello"}` + "\n" +
-			`{"type":"generation_done"}` + "\n"))
-	rw := sse.NewRewriter(upstream, sse.Options{
+	rw := sse.NewRewriter(sse.Options{
 		RequestID: "r1",
 		Now:       func() time.Time { return time.UnixMilli(1700000000000) },
 	})
-	defer rw.Close()
-	out, _ := io.ReadAll(rw)
-	fmt.Print(string(out))
+	// The upstream's bytes go in as they come, cut anywhere; whole events come out.
+	io.WriteString(rw, `{"type":"generation_chunk","con`)
+	io.WriteString(rw, `tent":"Hello"}`+"\n"+`{"type":"generation_done"}`+"\n")
+	fmt.Print(string(rw.Take(nil)))
 	// Output:
 	// event: stream_start
 	// data: {"request_id":"r1","timestamp":1700000000000}

@@ -23,13 +23,14 @@ import (
 type HandlerOptions struct {
 	// AlgoURL is the algorithm service's base URL; chat goes to POST {AlgoURL}/query. Required.
 	AlgoURL *url.URL
-	// Transport carries upstream requests; nil means proxy.NewTransport defaults.
+	// Transport carries upstream requests; nil means proxy.NewTransport defaults. A request
+	// whose dial failed may be sent again: its body can be.
 	Transport http.RoundTripper
-	// BufferPool holds the proxy's copy buffers; nil means a private pool of 2 KiB buffers.
-	// Every open stream holds one for its whole life, and events are small, so big buffers
-	// would only cost memory.
+	// BufferPool holds the buffers streams read the upstream into; nil means a private pool of
+	// 2 KiB buffers. Every open stream holds one for its whole life, and events are small, so
+	// big buffers would only cost memory.
 	BufferPool httputil.BufferPool
-	// Registry records running streams for cancellation; nil means a private one.
+	// Registry records running streams for cancellation and drains; nil means a private one.
 	Registry *Registry
 	// TrustedProxies decides whether X-Forwarded-For is passed on.
 	TrustedProxies proxy.Prefixes
@@ -41,19 +42,26 @@ type HandlerOptions struct {
 	MaxTokens int
 	// DefaultModel is used when the request names none; empty means "default".
 	DefaultModel string
-	// MaxLineBytes, PingInterval and RetryAfter are passed to each Rewriter.
+	// MaxLineBytes and RetryAfter are passed to each Rewriter.
 	MaxLineBytes int
-	PingInterval time.Duration
 	RetryAfter   time.Duration
-	// Shutdown, when done, ends running streams with server_shutdown.
-	Shutdown context.Context
+	// PingInterval is how long a stream may be silent before a ping comment goes out; zero
+	// means DefaultPingInterval, negative none.
+	PingInterval time.Duration
+	// WriteTimeout bounds every write to the client: one that does not take it in time ends its
+	// stream, and the upstream request with it. Zero means 10 s.
+	WriteTimeout time.Duration
+	// Admit, if set, charges a valid request to the caller's rates and takes its concurrency
+	// slot, held until the stream ends (policy.Admit). It answers a refused request itself.
+	Admit func(w http.ResponseWriter, r *http.Request) (release func(), ok bool)
 	// UpstreamHeaders, if set, adds headers to the upstream request (identity, trace context).
 	UpstreamHeaders func(in *http.Request, out http.Header)
 	// Owner, if set, names the user and tenant of a request for the registry.
 	Owner func(r *http.Request) (userID, tenantID string)
 	// OnEvent, if set, is called for every event written (for metrics); see Options.OnEvent.
 	OnEvent func(name string)
-	// OnStreamStart and OnStreamEnd, if set, bracket every stream the upstream answered.
+	// OnStreamStart and OnStreamEnd, if set, bracket every stream the upstream answered, however
+	// it ends.
 	OnStreamStart, OnStreamEnd func()
 	// OnFirstEvent, if set, is called with the time from the request to its first upstream line.
 	OnFirstEvent func(time.Duration)
@@ -103,11 +111,6 @@ type FieldError struct {
 	Reason string `json:"reason"`
 }
 
-type streamKey struct{}
-
-// errCancelledEarly is the cause of a stream cancelled before the upstream answered.
-var errCancelledEarly = errors.New("sse: stream cancelled before the upstream answered")
-
 // setStreamHeaders sets the headers of an event stream: no caching, and no buffering by nginx
 // or other proxies in front of the gateway.
 func setStreamHeaders(h http.Header) {
@@ -116,23 +119,17 @@ func setStreamHeaders(h http.Header) {
 	h.Set("X-Accel-Buffering", "no")
 }
 
-// writeCancelled answers with a stream that opens and is cancelled at once.
-func writeCancelled(w http.ResponseWriter, requestID string, now func() time.Time) {
-	if now == nil {
-		now = time.Now
-	}
-	ms := now().UnixMilli()
-	enc := newEncoder(requestID)
-	b := enc.appendGatewayEvent(nil, EventStart, ms)
-	b = enc.appendGatewayEvent(b, EventCancelled, ms, field("reason", "cancelled by request"))
-	setStreamHeaders(w.Header())
-	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(b)
-}
+// errEnded is the cause of an upstream request cancelled because its stream was ended.
+var errEnded = errors.New("sse: the stream was ended")
 
 // NewHandler returns the POST /api/v2/chat/stream handler: it validates the request, sends it
-// to the algorithm service through a ReverseProxy, and rewrites the NDJSON answer into SSE.
-// Failures before the upstream answers 200 are plain JSON errors; after that, in-stream events.
+// to the algorithm service, and rewrites the NDJSON answer into SSE. Failures before the
+// upstream answers 200 are plain JSON errors; after that, in-stream events.
+//
+// A stream has two goroutines: the handler's, which writes to the client, and one that reads
+// the upstream and encodes its lines (see pipe). Every write to the client has a deadline;
+// however the stream ends — done, cancelled, drained, the client gone or not reading — the
+// upstream request is cancelled and everything the stream held is released.
 func NewHandler(o HandlerOptions) http.Handler {
 	if o.AlgoURL == nil {
 		panic("sse: HandlerOptions.AlgoURL is required")
@@ -149,11 +146,23 @@ func NewHandler(o HandlerOptions) http.Handler {
 	if o.DefaultModel == "" {
 		o.DefaultModel = "default"
 	}
+	if o.PingInterval == 0 {
+		o.PingInterval = DefaultPingInterval
+	}
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = 10 * time.Second
+	}
 	if o.Registry == nil {
 		o.Registry = NewRegistry(nil)
 	}
+	if o.Transport == nil {
+		o.Transport = proxy.NewTransport(proxy.TransportOptions{})
+	}
 	if o.BufferPool == nil {
 		o.BufferPool = proxy.NewBufferPool(2 << 10)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
@@ -163,68 +172,7 @@ func NewHandler(o HandlerOptions) http.Handler {
 	if !strings.HasPrefix(queryURL.Path, "/") {
 		queryURL.Path = "/" + queryURL.Path
 	}
-
-	rp := proxy.New(proxy.Options{
-		Transport:       o.Transport,
-		BufferPool:      o.BufferPool,
-		TrustedProxies:  o.TrustedProxies,
-		Code:            proxy.CodeAlgoService,
-		Name:            "algorithm service",
-		UpstreamHeaders: o.UpstreamHeaders,
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			// The handler built the request's headers from scratch, so the algorithm service
-			// sees only what the gateway decided to send: no client cookies or tokens.
-			pr.Out.URL = cloneURL(queryURL)
-			pr.Out.Host = ""
-		},
-		ModifyResponse: func(res *http.Response) error {
-			if res.StatusCode != http.StatusOK {
-				return &proxy.UpstreamStatusError{Status: res.StatusCode,
-					RetryAfter: proxy.ParseRetryAfter(res.Header.Get("Retry-After"))}
-			}
-			st := res.Request.Context().Value(streamKey{}).(*Stream)
-			if !st.state.CompareAndSwap(stateWaiting, stateStreaming) {
-				return errCancelledEarly
-			}
-			res.Header = http.Header{}
-			setStreamHeaders(res.Header)
-			if o.OnStreamStart != nil {
-				o.OnStreamStart()
-			}
-			var firstLine func()
-			if o.OnFirstEvent != nil {
-				firstLine = func() { o.OnFirstEvent(time.Since(st.Started)) }
-			}
-			res.ContentLength = -1
-			res.TransferEncoding = nil
-			st.rewriter = NewRewriter(res.Body, Options{
-				RequestID:    st.RequestID,
-				MaxLineBytes: o.MaxLineBytes,
-				PingInterval: o.PingInterval,
-				Ping:         st.writer.ping,
-				Now:          o.Now,
-				Cancel:       st.Cancelled(),
-				Shutdown:     o.Shutdown,
-				RetryAfter:   o.RetryAfter,
-				OnEvent:      o.OnEvent,
-				OnFirstLine:  firstLine,
-			})
-			res.Body = st.rewriter
-			return nil
-		},
-	})
-
-	mapError := rp.ErrorHandler
-	rp.ErrorHandler = func(w http.ResponseWriter, r *http.Request, err error) {
-		if errors.Is(err, errCancelledEarly) || errors.Is(context.Cause(r.Context()), errCancelledEarly) {
-			// Cancelled before the upstream answered: the client still gets the stream it
-			// asked for, opened and cancelled, as if the cancel had come a moment later.
-			st := r.Context().Value(streamKey{}).(*Stream)
-			writeCancelled(w, st.RequestID, o.Now)
-			return
-		}
-		mapError(w, r, err)
-	}
+	mapper := proxy.ErrorMapper{Code: proxy.CodeAlgoService, Name: "algorithm service"}
 
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q, perr := o.parse(w, r)
@@ -232,11 +180,22 @@ func NewHandler(o HandlerOptions) http.Handler {
 			proxy.WriteError(w, r, perr)
 			return
 		}
-		st := &Stream{RequestID: q.RequestID, Started: time.Now()}
-		if o.Owner != nil {
-			st.UserID, st.TenantID = o.Owner(r)
+		if o.Admit != nil {
+			release, ok := o.Admit(w, r)
+			if !ok {
+				return
+			}
+			defer release()
 		}
-		remove, err := o.Registry.Add(st)
+		ctx, cancelUp := context.WithCancelCause(r.Context())
+		defer cancelUp(nil)
+		stop := newEnding(func() { cancelUp(errEnded) })
+		started := o.Now()
+		var user, tenant string
+		if o.Owner != nil {
+			user, tenant = o.Owner(r)
+		}
+		remove, err := o.Registry.Add(newStream(q.RequestID, user, tenant, started, stop))
 		if err != nil {
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict,
 				Message: "a stream with this request_id is already running"})
@@ -244,53 +203,109 @@ func NewHandler(o HandlerOptions) http.Handler {
 		}
 		defer remove()
 
-		body, err := json.Marshal(q)
+		req, err := o.upstreamRequest(ctx, r, queryURL, q)
 		if err != nil {
-			proxy.WriteError(w, r, &proxy.Error{Cause: fmt.Errorf("sse: encode query: %w", err)})
+			proxy.WriteError(w, r, &proxy.Error{Cause: err})
 			return
 		}
-		ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), streamKey{}, st))
-		defer cancel(nil)
-		// Until the upstream answers there is no Rewriter to watch for a cancel; this does.
-		defer context.AfterFunc(st.ctx, func() {
-			if st.state.CompareAndSwap(stateWaiting, stateCancelled) {
-				cancel(errCancelledEarly)
-			}
-		})()
-		out := r.WithContext(ctx)
-		out.Method = http.MethodPost
-		out.Body = io.NopCloser(bytes.NewReader(body))
-		out.ContentLength = int64(len(body))
-		out.GetBody = nil
-		h := http.Header{}
-		if proxy.PeerTrusted(r, o.TrustedProxies) {
-			if v := r.Header["X-Forwarded-For"]; v != nil {
-				h["X-Forwarded-For"] = v
-			}
+		res, err := o.Transport.RoundTrip(req)
+		if err == nil && res.StatusCode != http.StatusOK {
+			err = &proxy.UpstreamStatusError{Status: res.StatusCode,
+				RetryAfter: proxy.ParseRetryAfter(res.Header.Get("Retry-After"))}
+			res.Body.Close()
 		}
-		out.Header = h
-		h.Set("Content-Type", "application/json")
-		h.Set("Accept", "application/x-ndjson")
-		h.Set("X-Request-ID", q.RequestID)
-		// All writes to the client, the proxy's and the pings, go through one writer.
-		st.writer = &PingWriter{ResponseWriter: w}
-		defer st.writer.Close()
-		rp.ServeHTTP(st.writer, out)
-		if st.state.Load() == stateStreaming {
-			if o.OnStreamEnd != nil {
-				o.OnStreamEnd()
+		if err != nil {
+			if why := stop.reason(); why == endCancelled || why == endShutdown {
+				// Ended before the upstream answered: the client still gets the stream it asked
+				// for, opened and ended, as if the end had come a moment later.
+				writeInterrupted(w, o.rewriterOptions(q.RequestID), why)
+				return
 			}
-			stats := st.rewriter.Stats()
-			o.Log.DebugContext(r.Context(), "stream ended", "request_id", st.RequestID, "outcome", stats.Outcome,
-				"lines_processed", stats.LinesProcessed, "lines_skipped", stats.LinesSkipped,
-				"duration", time.Since(st.Started))
+			proxy.WriteError(w, r, mapper.Map(r, err))
+			return
 		}
+
+		if o.OnStreamStart != nil {
+			o.OnStreamStart()
+		}
+		if o.OnStreamEnd != nil {
+			defer o.OnStreamEnd() // however the stream ends
+		}
+		ro := o.rewriterOptions(q.RequestID)
+		if o.OnFirstEvent != nil {
+			ro.OnFirstLine = func() { o.OnFirstEvent(o.Now().Sub(started)) }
+		}
+		rw := NewRewriter(ro)
+		p := newPipe(rw)
+		buf := o.BufferPool.Get()
+		produced := make(chan struct{})
+		go func() {
+			defer close(produced)
+			p.produce(res.Body, buf, stop)
+		}()
+
+		setStreamHeaders(w.Header())
+		w.WriteHeader(http.StatusOK)
+		cw := &clientWriter{w: w, rc: http.NewResponseController(w), timeout: o.WriteTimeout}
+		delivered := p.deliver(cw, stop, r.Context().Done(), o.PingInterval)
+		stop.end(endClient) // no-op if the stream finished or ended already; else stop reading
+		<-produced
+		o.BufferPool.Put(buf)
+		cw.done()
+
+		p.mu.Lock()
+		stats := rw.Stats()
+		p.mu.Unlock()
+		outcome := stats.Outcome
+		if !delivered {
+			outcome = "disconnected"
+		}
+		o.Log.DebugContext(r.Context(), "stream ended", "request_id", q.RequestID, "outcome", outcome,
+			"lines_processed", stats.LinesProcessed, "lines_skipped", stats.LinesSkipped,
+			"duration", o.Now().Sub(started))
 	})
 }
 
-func cloneURL(u *url.URL) *url.URL {
-	c := *u
-	return &c
+func (o *HandlerOptions) rewriterOptions(requestID string) Options {
+	return Options{RequestID: requestID, MaxLineBytes: o.MaxLineBytes, Now: o.Now,
+		RetryAfter: o.RetryAfter, OnEvent: o.OnEvent}
+}
+
+// writeInterrupted answers with a stream that opens and is ended at once, for why.
+func writeInterrupted(w http.ResponseWriter, o Options, why string) {
+	rw := NewRewriter(o)
+	rw.Interrupt(why)
+	setStreamHeaders(w.Header())
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(rw.Take(nil))
+}
+
+// upstreamRequest builds the request to the algorithm service from scratch, so that it carries
+// only what the gateway decided to send: no client cookies or tokens.
+func (o *HandlerOptions) upstreamRequest(ctx context.Context, in *http.Request, u *url.URL, q *queryRequest) (*http.Request, error) {
+	body, err := json.Marshal(q)
+	if err != nil {
+		return nil, fmt.Errorf("sse: encode query: %w", err)
+	}
+	out, err := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(body))
+	if err != nil {
+		return nil, fmt.Errorf("sse: upstream request: %w", err)
+	}
+	// A dial that failed sent nothing: the pool may try another replica with the same body.
+	out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	h := out.Header
+	if proxy.PeerTrusted(in, o.TrustedProxies) {
+		if v := in.Header["X-Forwarded-For"]; v != nil {
+			h["X-Forwarded-For"] = v
+		}
+	}
+	h.Set("Content-Type", "application/json")
+	h.Set("Accept", "application/x-ndjson")
+	h.Set("X-Request-ID", q.RequestID)
+	if o.UpstreamHeaders != nil {
+		o.UpstreamHeaders(in, h)
+	}
+	return out, nil
 }
 
 // parse reads and validates the chat request and builds the upstream query.
@@ -307,8 +322,8 @@ func (o *HandlerOptions) parse(w http.ResponseWriter, r *http.Request) (*queryRe
 	}
 	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, o.MaxBodyBytes))
 	if err != nil {
-		if proxy.IsTooLarge(err) {
-			return nil, proxy.TooLarge(o.MaxBodyBytes)
+		if perr := proxy.BodyReadError(err, o.MaxBodyBytes); perr != nil {
+			return nil, perr
 		}
 		return nil, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeInvalidJSON,
 			Message: "could not read the request body", Cause: err}

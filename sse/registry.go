@@ -1,10 +1,8 @@
 package sse
 
 import (
-	"context"
 	"errors"
 	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -22,23 +20,13 @@ type Stream struct {
 	TenantID  string
 	Started   time.Time
 
-	ctx      context.Context // done when the stream is cancelled
-	cancel   context.CancelFunc
-	writer   *PingWriter
-	rewriter *Rewriter    // set once the upstream answered
-	state    atomic.Int32 // stateWaiting → stateStreaming or stateCancelled, once
+	stop *ending
 }
 
-// Stream states: a cancel before the upstream answers is handled by the handler, after it by
-// the Rewriter; the state decides which, exactly once.
-const (
-	stateWaiting int32 = iota
-	stateStreaming
-	stateCancelled
-)
-
-// Cancelled is done when the stream has been cancelled through the registry.
-func (s *Stream) Cancelled() context.Context { return s.ctx }
+// newStream returns a stream whose ending (Registry.Cancel, EndAll) goes to stop.
+func newStream(requestID, user, tenant string, started time.Time, stop *ending) *Stream {
+	return &Stream{RequestID: requestID, UserID: user, TenantID: tenant, Started: started, stop: stop}
+}
 
 // Registry holds the streams running on this instance, so that a cancel request can find them.
 type Registry struct {
@@ -55,11 +43,9 @@ func NewRegistry(dir *Directory) *Registry {
 
 // Add registers a stream; the returned function removes it and must be called when it ends.
 func (r *Registry) Add(s *Stream) (remove func(), err error) {
-	s.ctx, s.cancel = context.WithCancel(context.Background())
 	r.mu.Lock()
 	if _, dup := r.streams[s.RequestID]; dup {
 		r.mu.Unlock()
-		s.cancel()
 		return nil, ErrStreamExists
 	}
 	r.streams[s.RequestID] = s
@@ -74,7 +60,6 @@ func (r *Registry) Add(s *Stream) (remove func(), err error) {
 			delete(r.streams, s.RequestID)
 		}
 		r.mu.Unlock()
-		s.cancel()
 		unannounce()
 	}, nil
 }
@@ -91,8 +76,21 @@ func (r *Registry) Cancel(requestID string, allowed func(*Stream) bool) error {
 	if allowed != nil && !allowed(s) {
 		return ErrNotOwner
 	}
-	s.cancel()
+	s.stop.end(endCancelled)
 	return nil
+}
+
+// EndAll ends every running stream with server_shutdown, for a drain.
+func (r *Registry) EndAll() {
+	r.mu.Lock()
+	streams := make([]*Stream, 0, len(r.streams))
+	for _, s := range r.streams {
+		streams = append(streams, s)
+	}
+	r.mu.Unlock()
+	for _, s := range streams {
+		s.stop.end(endShutdown)
+	}
 }
 
 // Len reports how many streams are running.

@@ -2,10 +2,8 @@ package sse
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
-	"sync"
 	"time"
 )
 
@@ -22,20 +20,8 @@ type Options struct {
 	// MaxLineBytes bounds one upstream line; a longer one is dropped with an error event while
 	// memory stays bounded. Zero means DefaultMaxLineBytes.
 	MaxLineBytes int
-	// PingInterval is how long the upstream may be silent before Ping is called. Zero means
-	// DefaultPingInterval; negative disables pings.
-	PingInterval time.Duration
-	// Ping, if set, is called from a timer goroutine each time the upstream has been silent for
-	// PingInterval. It writes a ping comment straight to the client (see PingWriter): the reading
-	// goroutine is then blocked on the upstream, and keeping a second goroutine per stream just
-	// to wake it would cost every open stream a stack.
-	Ping func()
 	// Now is the clock for timestamps; nil means time.Now.
 	Now func() time.Time
-	// Cancel, when done, ends the stream with stream_cancelled.
-	Cancel context.Context
-	// Shutdown, when done, ends the stream with server_shutdown and a retry hint.
-	Shutdown context.Context
 	// RetryAfter is the reconnect hint sent with server_shutdown; zero means 5s.
 	RetryAfter time.Duration
 	// OnEvent, if set, is called with the name of every event written (for metrics). Upstream
@@ -54,33 +40,19 @@ type Stats struct {
 }
 
 // Rewriter turns an upstream NDJSON body into a Server-Sent Events body: stream_start, one event
-// per line named by its "type", in-stream errors, and stream_end. Each Read returns whole events
-// as soon as they are complete, so a proxy that flushes after every write delivers them one by
-// one.
-//
-// Read blocks on the upstream in the caller's goroutine. Cancellation and shutdown close the
-// upstream body from their own callbacks to wake it; pings go out of band through
-// Options.Ping. An idle stream therefore holds no goroutine or buffer of its own.
+// per line named by its "type", in-stream errors, and stream_end. It does no I/O and holds no
+// goroutine, timer or lock: the upstream's bytes go in through Write, whatever their chunk
+// boundaries, the end of the upstream through End, an interruption through Interrupt, and the
+// encoded events come out through Take, as soon as each is complete.
 type Rewriter struct {
-	src  io.ReadCloser
 	opts Options
 	enc  *encoder
 	now  func() time.Time
 
-	mu         sync.Mutex // guards stop, closed, quiet and the ping timer's rearming
-	stop       string     // why the stream was interrupted: "cancelled" or "shutdown"
-	closed     bool
-	quiet      bool // the stream has ended: no more pings
-	pinger     *time.Timer
-	unCancel   func() bool
-	unShutdown func() bool
-
-	out      []byte // encoded events not yet returned by Read
-	off      int
-	partial  []byte // an incomplete line carried between reads
+	out      []byte // encoded events not yet taken
+	partial  []byte // an incomplete line carried between writes
 	dropping bool   // inside an over-long line, skipping to its end
 
-	started  bool
 	finished bool
 	start    time.Time
 	lineNo   int64
@@ -93,13 +65,10 @@ const (
 	stopShutdown  = "shutdown"
 )
 
-// NewRewriter returns a Rewriter reading NDJSON from src.
-func NewRewriter(src io.ReadCloser, opts Options) *Rewriter {
+// NewRewriter returns a Rewriter; it opens the stream (stream_start) at once.
+func NewRewriter(opts Options) *Rewriter {
 	if opts.MaxLineBytes <= 0 {
 		opts.MaxLineBytes = DefaultMaxLineBytes
-	}
-	if opts.PingInterval == 0 {
-		opts.PingInterval = DefaultPingInterval
 	}
 	if opts.RetryAfter <= 0 {
 		opts.RetryAfter = 5 * time.Second
@@ -108,164 +77,51 @@ func NewRewriter(src io.ReadCloser, opts Options) *Rewriter {
 	if now == nil {
 		now = time.Now
 	}
-	return &Rewriter{src: src, opts: opts, enc: newEncoder(opts.RequestID), now: now}
-}
-
-// Stats reports the stream's counters; valid once Read has returned io.EOF.
-func (rw *Rewriter) Stats() Stats { return rw.stats }
-
-// Read implements io.Reader. It uses p as its upstream read buffer, so it needs no buffer of
-// its own while it waits.
-func (rw *Rewriter) Read(p []byte) (int, error) {
-	if len(p) == 0 {
-		return 0, nil
-	}
-	for {
-		if rw.off < len(rw.out) {
-			n := copy(p, rw.out[rw.off:])
-			rw.off += n
-			if rw.off == len(rw.out) {
-				rw.resetOut()
-			}
-			return n, nil
-		}
-		if rw.finished {
-			return 0, io.EOF
-		}
-		if !rw.started {
-			rw.begin()
-			continue
-		}
-		if why, closed := rw.interrupted(); closed {
-			return 0, io.ErrClosedPipe
-		} else if why != "" {
-			rw.interrupt(why)
-			continue
-		}
-		n, err := rw.src.Read(p)
-		if _, closed := rw.interrupted(); closed {
-			return 0, io.ErrClosedPipe
-		}
-		if n > 0 {
-			rw.consume(p[:n])
-			rw.resetPing()
-		}
-		if err != nil && !rw.finished {
-			if why, _ := rw.interrupted(); why != "" {
-				continue // we closed the upstream ourselves; report why
-			}
-			rw.upstreamEnded(err)
-		}
-	}
-}
-
-// Close stops the timers and closes the upstream body, which cancels the upstream request if
-// it is still running.
-func (rw *Rewriter) Close() error {
-	rw.mu.Lock()
-	if rw.closed {
-		rw.mu.Unlock()
-		return nil
-	}
-	rw.closed = true
-	if rw.pinger != nil {
-		rw.pinger.Stop()
-	}
-	rw.mu.Unlock()
-	rw.stopWatching()
-	return rw.src.Close()
-}
-
-func (rw *Rewriter) stopWatching() {
-	if rw.unCancel != nil {
-		rw.unCancel()
-	}
-	if rw.unShutdown != nil {
-		rw.unShutdown()
-	}
-}
-
-func (rw *Rewriter) begin() {
-	rw.started = true
+	rw := &Rewriter{opts: opts, enc: newEncoder(opts.RequestID), now: now}
 	rw.start = rw.now()
 	rw.out = rw.enc.appendGatewayEvent(rw.out, EventStart, rw.start.UnixMilli())
 	rw.emitted(EventStart)
-	if rw.opts.Ping != nil && rw.opts.PingInterval > 0 {
-		rw.pinger = time.AfterFunc(rw.opts.PingInterval, rw.ping)
-	}
-	if rw.opts.Cancel != nil {
-		rw.unCancel = context.AfterFunc(rw.opts.Cancel, func() { rw.wake(stopCancelled) })
-	}
-	if rw.opts.Shutdown != nil {
-		rw.unShutdown = context.AfterFunc(rw.opts.Shutdown, func() { rw.wake(stopShutdown) })
-	}
+	return rw
 }
 
-// wake records why the stream must end and closes the upstream body, so that a Read blocked on
-// it returns.
-func (rw *Rewriter) wake(why string) {
-	rw.mu.Lock()
-	if rw.stop == "" {
-		rw.stop = why
-	}
-	closed := rw.closed
-	rw.mu.Unlock()
-	if !closed {
-		_ = rw.src.Close()
-	}
-}
+// Stats reports the stream's counters; final once Finished.
+func (rw *Rewriter) Stats() Stats { return rw.stats }
 
-func (rw *Rewriter) interrupted() (why string, closed bool) {
-	rw.mu.Lock()
-	defer rw.mu.Unlock()
-	return rw.stop, rw.closed
-}
+// Finished reports whether the stream has ended: nothing more is accepted.
+func (rw *Rewriter) Finished() bool { return rw.finished }
 
-// interrupt ends the stream for a cancel or a shutdown.
-func (rw *Rewriter) interrupt(why string) {
-	if why == stopCancelled {
-		rw.event(EventCancelled, field("reason", "cancelled by request"))
-		rw.finish(stopCancelled, false)
-		return
-	}
-	rw.event(EventShutdown, field("retry_after_ms", rw.opts.RetryAfter.Milliseconds()))
-	rw.finish(stopShutdown, true)
-}
+// Pending reports how many encoded bytes wait to be taken.
+func (rw *Rewriter) Pending() int { return len(rw.out) }
 
-// ping runs on the timer's goroutine.
-func (rw *Rewriter) ping() {
-	rw.mu.Lock()
-	defer rw.mu.Unlock()
-	if rw.closed || rw.quiet {
-		return
+// Take returns the events encoded so far, appended to dst, and forgets them. Passing the
+// previous result back as dst[:0] makes the two sides swap buffers and allocate nothing.
+func (rw *Rewriter) Take(dst []byte) []byte {
+	if len(rw.out) == 0 {
+		return dst
 	}
-	rw.opts.Ping()
-	rw.pinger.Reset(rw.opts.PingInterval)
-}
-
-func (rw *Rewriter) resetPing() {
-	if rw.pinger != nil && !rw.finished {
-		rw.pinger.Reset(rw.opts.PingInterval)
+	if len(dst) == 0 {
+		// Swap: the caller gets the filled buffer, the rewriter goes on in the caller's.
+		out := rw.out
+		rw.out = dst[:0]
+		if cap(rw.out) > 64<<10 {
+			rw.out = nil // let a buffer grown by an over-long event go
+		}
+		return out
 	}
-}
-
-// resetOut empties the output buffer, letting go of it if an over-long event grew it.
-func (rw *Rewriter) resetOut() {
-	rw.off = 0
-	if cap(rw.out) > 64<<10 {
-		rw.out = nil
-		return
-	}
+	dst = append(dst, rw.out...)
 	rw.out = rw.out[:0]
+	return dst
 }
 
-// consume splits data into lines, carrying an incomplete last line over to the next chunk.
-func (rw *Rewriter) consume(data []byte) {
+// Write consumes upstream bytes. It never fails: what cannot be used becomes error events. Bytes
+// after the stream finished are ignored.
+func (rw *Rewriter) Write(data []byte) (int, error) {
+	n := len(data)
 	for len(data) > 0 && !rw.finished {
 		nl := bytes.IndexByte(data, '\n')
 		if rw.dropping {
 			if nl < 0 {
-				return
+				return n, nil
 			}
 			rw.dropping = false
 			data = data[nl+1:]
@@ -274,10 +130,10 @@ func (rw *Rewriter) consume(data []byte) {
 		if nl < 0 {
 			if len(rw.partial)+len(data) > rw.opts.MaxLineBytes {
 				rw.tooLong()
-				return
+				return n, nil
 			}
 			rw.partial = append(rw.partial, data...)
-			return
+			return n, nil
 		}
 		line := data[:nl]
 		data = data[nl+1:]
@@ -298,6 +154,7 @@ func (rw *Rewriter) consume(data []byte) {
 		rw.line(line)
 		rw.clearPartial()
 	}
+	return n, nil
 }
 
 func (rw *Rewriter) clearPartial() {
@@ -351,11 +208,15 @@ func (rw *Rewriter) line(line []byte) {
 	}
 }
 
-// upstreamEnded handles the end of the upstream body: a clean end after a terminal event never
-// reaches here (the stream finished first); anything else is an incomplete answer.
-func (rw *Rewriter) upstreamEnded(err error) {
+// End handles the end of the upstream body, err being what ended it (io.EOF for a clean end):
+// a clean end after a terminal event changes nothing (the stream finished first); anything
+// else is an incomplete answer.
+func (rw *Rewriter) End(err error) {
 	if rw.finished {
 		return
+	}
+	if err == nil {
+		err = io.EOF
 	}
 	if len(rw.partial) > 0 && !rw.dropping && errors.Is(err, io.EOF) {
 		// The last line may lack its newline.
@@ -375,6 +236,21 @@ func (rw *Rewriter) upstreamEnded(err error) {
 		field("message", msg),
 		field("fatal", true))
 	rw.finish("incomplete", true)
+}
+
+// Interrupt ends the stream early: "cancelled" (stream_cancelled) or "shutdown"
+// (server_shutdown with a retry hint, then stream_end).
+func (rw *Rewriter) Interrupt(why string) {
+	if rw.finished {
+		return
+	}
+	if why == stopCancelled {
+		rw.event(EventCancelled, field("reason", "cancelled by request"))
+		rw.finish(stopCancelled, false)
+		return
+	}
+	rw.event(EventShutdown, field("retry_after_ms", rw.opts.RetryAfter.Milliseconds()))
+	rw.finish(stopShutdown, true)
 }
 
 func (rw *Rewriter) event(name string, fields ...string) {
@@ -400,11 +276,5 @@ func (rw *Rewriter) finish(outcome string, withEnd bool) {
 			field("duration_ms", now.Sub(rw.start).Milliseconds()))
 	}
 	rw.finished = true
-	rw.mu.Lock()
-	rw.quiet = true
-	if rw.pinger != nil {
-		rw.pinger.Stop()
-	}
-	rw.mu.Unlock()
-	rw.stopWatching()
+	rw.clearPartial()
 }

@@ -2,9 +2,7 @@ package sse_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"io"
 	"os"
@@ -23,27 +21,26 @@ var update = flag.Bool("update", false, "rewrite the golden .sse files in testda
 // fixedClock makes timestamps and durations deterministic for golden files.
 func fixedClock() time.Time { return time.UnixMilli(1700000000000) }
 
-func newRewriter(src io.Reader, o sse.Options) *sse.Rewriter {
+// rewrite runs a whole body through a Rewriter, in the reads src gives, and returns the SSE
+// output.
+func rewrite(t testing.TB, src io.Reader, o sse.Options) []byte {
+	t.Helper()
 	if o.RequestID == "" {
 		o.RequestID = "req-golden"
 	}
 	if o.Now == nil {
 		o.Now = fixedClock
 	}
-	if o.PingInterval == 0 {
-		o.PingInterval = -1
-	}
-	return sse.NewRewriter(io.NopCloser(src), o)
-}
-
-// rewrite runs a whole body through a Rewriter and returns the SSE output.
-func rewrite(t testing.TB, src io.Reader, o sse.Options) []byte {
-	t.Helper()
-	rw := newRewriter(src, o)
-	defer rw.Close()
-	out, err := io.ReadAll(rw)
-	if err != nil {
-		t.Fatalf("reading the rewriter: %v", err)
+	rw := sse.NewRewriter(o)
+	buf := make([]byte, 2<<10) // production's read buffer
+	var out []byte
+	for !rw.Finished() {
+		n, err := src.Read(buf)
+		rw.Write(buf[:n])
+		if err != nil {
+			rw.End(err)
+		}
+		out = rw.Take(out)
 	}
 	return out
 }
@@ -129,8 +126,12 @@ func parseEvents(t testing.TB, body []byte) []event {
 			case "event":
 				ev.name = v
 			case "data":
-				if err := json.Unmarshal([]byte(v), &ev.data); err != nil {
-					t.Fatalf("data %q is not a JSON object: %v", v, err)
+				// Numbers stay text: the upstream's are passed on as written, and JSON allows
+				// some (1e700) that no float64 holds.
+				dec := json.NewDecoder(strings.NewReader(v))
+				dec.UseNumber()
+				if err := dec.Decode(&ev.data); err != nil || dec.More() {
+					t.Fatalf("data %q is not one JSON object: %v", v, err)
 				}
 			default:
 				t.Fatalf("unexpected SSE field %q in %q", k, body)
@@ -192,7 +193,7 @@ func TestUpstreamDiesAfterThreeLines(t *testing.T) {
 		t.Fatalf("error event = %v", errEv.data)
 	}
 	end := evs[5].data
-	if end["lines_processed"] != 3.0 || end["outcome"] != "incomplete" {
+	if end["lines_processed"] != json.Number("3") || end["outcome"] != "incomplete" {
 		t.Fatalf("stream_end = %v", end)
 	}
 }
@@ -234,7 +235,7 @@ func TestOverlongLineKeepsMemoryBounded(t *testing.T) {
 	if evs[2].data["code"] != sse.CodeLineTooLong || evs[2].data["fatal"] != false {
 		t.Fatalf("error event = %v", evs[2].data)
 	}
-	if evs[3].data["content"] != "after" || evs[3].data["line_number"] != 3.0 {
+	if evs[3].data["content"] != "after" || evs[3].data["line_number"] != json.Number("3") {
 		t.Fatalf("line after the long one = %v", evs[3].data)
 	}
 }
@@ -251,137 +252,53 @@ func TestExactlyMaxLineIsAccepted(t *testing.T) {
 	}
 }
 
-// readEvent reads from rw until it returns something, or fails the test after timeout.
-func readEvent(t *testing.T, rw io.Reader, timeout time.Duration) string {
-	t.Helper()
-	type result struct {
-		s   string
-		err error
+func TestInterrupt(t *testing.T) {
+	tests := []struct {
+		why, events string
+	}{
+		{"cancelled", "stream_start,generation_chunk,stream_cancelled"},
+		{"shutdown", "stream_start,generation_chunk,server_shutdown,stream_end"},
 	}
-	ch := make(chan result, 1)
-	go func() {
-		buf := make([]byte, 64<<10)
-		n, err := rw.Read(buf)
-		ch <- result{string(buf[:n]), err}
-	}()
-	select {
-	case r := <-ch:
-		if r.err != nil {
-			t.Fatalf("read: %v", r.err)
-		}
-		return r.s
-	case <-time.After(timeout):
-		t.Fatalf("no event within %v", timeout)
-	}
-	return ""
-}
-
-// TestPingWhileSilent checks that Ping is called while the upstream is silent, while Read is
-// blocked on it, and not any more once lines flow and the stream has ended.
-func TestPingWhileSilent(t *testing.T) {
-	pr, pw := io.Pipe()
-	pings := make(chan struct{}, 100)
-	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r", PingInterval: 20 * time.Millisecond,
-		Ping: func() { pings <- struct{}{} }})
-	defer rw.Close()
-	if ev := readEvent(t, rw, time.Second); !strings.HasPrefix(ev, "event: stream_start\n") {
-		t.Fatalf("first read = %q", ev)
-	}
-	done := make(chan []byte)
-	go func() {
-		b, _ := io.ReadAll(rw)
-		done <- b
-	}()
-	for i := 0; i < 3; i++ {
-		select {
-		case <-pings:
-		case <-time.After(time.Second):
-			t.Fatal("no ping while the upstream was silent")
-		}
-	}
-	if _, err := pw.Write([]byte(`{"type":"done"}` + "\n")); err != nil {
-		t.Fatal(err)
-	}
-	out := <-done
-	if got := names(parseEvents(t, out)); got != "done,stream_end" {
-		t.Fatalf("events after the pings = %s", got)
-	}
-	for len(pings) > 0 {
-		<-pings
-	}
-	time.Sleep(60 * time.Millisecond)
-	if len(pings) != 0 {
-		t.Fatal("pinged after the stream ended")
+	for _, tt := range tests {
+		t.Run(tt.why, func(t *testing.T) {
+			rw := sse.NewRewriter(sse.Options{RequestID: "r", Now: fixedClock, RetryAfter: 3 * time.Second})
+			rw.Write([]byte(`{"type":"generation_chunk","content":"a"}` + "\n" + `{"type":"generation_ch`))
+			rw.Interrupt(tt.why)
+			rw.Write([]byte(`unk"}` + "\n")) // after the end: ignored
+			rw.End(io.EOF)
+			evs := parseEvents(t, rw.Take(nil))
+			if got := names(evs); got != tt.events {
+				t.Fatalf("events %s, want %s", got, tt.events)
+			}
+			if rw.Stats().Outcome != tt.why || !rw.Finished() {
+				t.Errorf("outcome %q, finished %v", rw.Stats().Outcome, rw.Finished())
+			}
+			if tt.why == "shutdown" && evs[2].data["retry_after_ms"] != json.Number("3000") {
+				t.Errorf("server_shutdown %v, want retry_after_ms 3000", evs[2].data)
+			}
+		})
 	}
 }
 
-func TestCancel(t *testing.T) {
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r", Cancel: ctx})
-	defer rw.Close()
-	readEvent(t, rw, time.Second)
-	time.AfterFunc(20*time.Millisecond, cancel) // while Read is blocked on the silent upstream
-	out, err := io.ReadAll(rw)
-	if err != nil {
-		t.Fatal(err)
+// TestTakeSwapsBuffers checks that taking events copies nothing: the caller's buffer and the
+// rewriter's trade places, and a line written and taken allocates nothing.
+func TestTakeSwapsBuffers(t *testing.T) {
+	rw := sse.NewRewriter(sse.Options{RequestID: "r", Now: fixedClock})
+	line := []byte(`{"type":"generation_chunk","content":"x"}` + "\n")
+	rw.Take(nil) // stream_start
+	big := make([]byte, 0, 4096)
+	rw.Write(line)
+	b := rw.Take(big) // the line's event; the rewriter goes on in big
+	rw.Write(line)
+	if b = rw.Take(b[:0]); &b[:1][0] != &big[:1][0] {
+		t.Error("the buffer handed in did not come back filled: a copy was made")
 	}
-	evs := parseEvents(t, out)
-	if len(evs) != 1 || evs[0].name != sse.EventCancelled {
-		t.Fatalf("after cancel got %q, want only stream_cancelled", out)
-	}
-	if rw.Stats().Outcome != "cancelled" {
-		t.Fatalf("outcome = %q", rw.Stats().Outcome)
-	}
-	// The upstream body was closed: the upstream request is cancelled.
-	if _, err := pw.Write([]byte("x")); !errors.Is(err, io.ErrClosedPipe) {
-		t.Fatalf("upstream still open after cancel: %v", err)
-	}
-}
-
-func TestShutdown(t *testing.T) {
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	ctx, shutdown := context.WithCancel(context.Background())
-	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r", Shutdown: ctx, RetryAfter: 3 * time.Second})
-	defer rw.Close()
-	readEvent(t, rw, time.Second)
-	time.AfterFunc(20*time.Millisecond, shutdown)
-	out, err := io.ReadAll(rw)
-	if err != nil {
-		t.Fatal(err)
-	}
-	evs := parseEvents(t, out)
-	if names(evs) != "server_shutdown,stream_end" || evs[0].data["retry_after_ms"] != 3000.0 {
-		t.Fatalf("after shutdown got %q", out)
-	}
-}
-
-// TestCloseUnblocksRead checks that Close wakes a Read blocked on a silent upstream.
-func TestCloseUnblocksRead(t *testing.T) {
-	pr, _ := io.Pipe()
-	rw := sse.NewRewriter(pr, sse.Options{RequestID: "r"})
-	readEvent(t, rw, time.Second)
-	errc := make(chan error, 1)
-	go func() {
-		_, err := rw.Read(make([]byte, 10))
-		errc <- err
-	}()
-	time.Sleep(20 * time.Millisecond)
-	if err := rw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-errc:
-		if err == nil {
-			t.Fatal("Read after Close returned no error")
-		}
-	case <-time.After(time.Second):
-		t.Fatal("Close did not unblock Read")
-	}
-	if _, err := rw.Read(make([]byte, 10)); !errors.Is(err, io.ErrClosedPipe) {
-		t.Fatalf("Read after Close = %v", err)
+	allocs := testing.AllocsPerRun(100, func() {
+		rw.Write(line)
+		b = rw.Take(b[:0])
+	})
+	if allocs != 0 {
+		t.Errorf("%v allocations per line written and taken, want 0", allocs)
 	}
 }
 
