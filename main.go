@@ -453,7 +453,7 @@ func (g *gateway) handler() (http.Handler, error) {
 			id := auth.FromContext(r.Context())
 			return id.UserID, id.TenantID
 		},
-		OnEvent:       func(name string) { tel.sseEvents.Add(bg, 1, tel.set("event", name)) },
+		OnEvents:      func(name string, n int64) { tel.sseEvents.Add(bg, n, tel.add1("event", name)...) },
 		OnStreamStart: func() { tel.sseActive.Add(bg, 1) },
 		OnStreamEnd:   func() { tel.sseActive.Add(bg, -1) },
 		OnFirstEvent:  func(d time.Duration) { tel.firstEvent.Record(bg, d.Seconds()) },

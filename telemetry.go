@@ -58,6 +58,7 @@ type telemetry struct {
 
 	sets    sync.Map // label values → attribute set, so recording allocates nothing once warm
 	reqSets sync.Map // requestLabels → [2]metric.MeasurementOption (with and without status)
+	oneSets sync.Map // oneLabel → []metric.AddOption, for the per-event counters
 }
 
 // requestLabels are one request's metric labels; a comparable key needs no string building.
@@ -197,6 +198,19 @@ func (t *telemetry) set(kv ...string) metric.MeasurementOption {
 	}
 	s, _ := t.sets.LoadOrStore(key, metric.WithAttributeSet(attribute.NewSet(attrs...)))
 	return s.(metric.MeasurementOption)
+}
+
+// oneLabel is a label and its value.
+type oneLabel struct{ key, value string }
+
+// add1 is the options of an Add with a single label, made once: it runs per event, where
+// building the key, or the variadic slice at each call, would allocate.
+func (t *telemetry) add1(key, value string) []metric.AddOption {
+	if s, ok := t.oneSets.Load(oneLabel{key, value}); ok {
+		return s.([]metric.AddOption)
+	}
+	s, _ := t.oneSets.LoadOrStore(oneLabel{key, value}, []metric.AddOption{t.set(key, value)})
+	return s.([]metric.AddOption)
 }
 
 // requestSets returns the cached attribute sets of a request's labels.

@@ -58,8 +58,10 @@ type HandlerOptions struct {
 	UpstreamHeaders func(in *http.Request, out http.Header)
 	// Owner, if set, names the user and tenant of a request for the registry.
 	Owner func(r *http.Request) (userID, tenantID string)
-	// OnEvent, if set, is called for every event written (for metrics); see Options.OnEvent.
-	OnEvent func(name string)
+	// OnEvents, if set, is told how many events of each name a stream has sent (for metrics;
+	// names as in Options.OnEvent): every 64 events and when the stream ends, since a metric
+	// updated per event would cost more than the event.
+	OnEvents func(name string, n int64)
 	// OnStreamStart and OnStreamEnd, if set, bracket every stream the upstream answered, however
 	// it ends.
 	OnStreamStart, OnStreamEnd func()
@@ -126,8 +128,9 @@ var errEnded = errors.New("sse: the stream was ended")
 // to the algorithm service, and rewrites the NDJSON answer into SSE. Failures before the
 // upstream answers 200 are plain JSON errors; after that, in-stream events.
 //
-// A stream has two goroutines: the handler's, which writes to the client, and one that reads
-// the upstream and encodes its lines (see pipe). Every write to the client has a deadline;
+// A stream has two goroutines: one that reads the upstream, encodes its lines and writes them
+// to the client, and the handler's, which pings a silent stream and notices a client gone (see
+// pipe). Every write to the client has a deadline;
 // however the stream ends — done, cancelled, drained, the client gone or not reading — the
 // upstream request is cancelled and everything the stream held is released.
 func NewHandler(o HandlerOptions) http.Handler {
@@ -218,7 +221,9 @@ func NewHandler(o HandlerOptions) http.Handler {
 			if why := stop.reason(); why == endCancelled || why == endShutdown {
 				// Ended before the upstream answered: the client still gets the stream it asked
 				// for, opened and ended, as if the end had come a moment later.
-				writeInterrupted(w, o.rewriterOptions(q.RequestID), why)
+				t := newTally(o.OnEvents)
+				writeInterrupted(w, o.rewriterOptions(q.RequestID, t), why)
+				t.flush()
 				return
 			}
 			proxy.WriteError(w, r, mapper.Map(r, err))
@@ -231,27 +236,27 @@ func NewHandler(o HandlerOptions) http.Handler {
 		if o.OnStreamEnd != nil {
 			defer o.OnStreamEnd() // however the stream ends
 		}
-		ro := o.rewriterOptions(q.RequestID)
+		events := newTally(o.OnEvents)
+		defer events.flush() // after produce has returned: the tally is the handler's again
+		ro := o.rewriterOptions(q.RequestID, events)
 		if o.OnFirstEvent != nil {
 			ro.OnFirstLine = func() { o.OnFirstEvent(o.Now().Sub(started)) }
 		}
 		rw := NewRewriter(ro)
-		p := newPipe(rw)
+		setStreamHeaders(w.Header())
+		w.WriteHeader(http.StatusOK)
+		cw := &clientWriter{w: w, rc: http.NewResponseController(w), timeout: o.WriteTimeout}
+		p := newPipe(rw, cw)
 		buf := o.BufferPool.Get()
 		produced := make(chan struct{})
 		go func() {
 			defer close(produced)
 			p.produce(res.Body, buf, stop)
 		}()
-
-		setStreamHeaders(w.Header())
-		w.WriteHeader(http.StatusOK)
-		cw := &clientWriter{w: w, rc: http.NewResponseController(w), timeout: o.WriteTimeout}
-		delivered := p.deliver(cw, stop, r.Context().Done(), o.PingInterval)
-		stop.end(endClient) // no-op if the stream finished or ended already; else stop reading
-		<-produced
+		p.watch(stop, produced, r.Context().Done(), o.PingInterval)
 		o.BufferPool.Put(buf)
 		cw.done()
+		delivered := !p.failed.Load() && stop.reason() != endClient
 
 		p.mu.Lock()
 		stats := rw.Stats()
@@ -266,9 +271,48 @@ func NewHandler(o HandlerOptions) http.Handler {
 	})
 }
 
-func (o *HandlerOptions) rewriterOptions(requestID string) Options {
-	return Options{RequestID: requestID, MaxLineBytes: o.MaxLineBytes, Now: o.Now,
-		RetryAfter: o.RetryAfter, OnEvent: o.OnEvent}
+// rewriterOptions are a stream's Rewriter options; events are counted into t (nil: not).
+func (o *HandlerOptions) rewriterOptions(requestID string, t *tally) Options {
+	ro := Options{RequestID: requestID, MaxLineBytes: o.MaxLineBytes, Now: o.Now, RetryAfter: o.RetryAfter}
+	if t != nil {
+		ro.OnEvent = t.add
+	}
+	return ro
+}
+
+// tally counts a stream's events by name and reports them now and then. It is used by one
+// goroutine at a time (the Rewriter's caller).
+type tally struct {
+	counts  map[string]int64
+	pending int
+	report  func(name string, n int64)
+}
+
+func newTally(report func(string, int64)) *tally {
+	if report == nil {
+		return nil
+	}
+	return &tally{counts: make(map[string]int64, 8), report: report}
+}
+
+func (t *tally) add(name string) {
+	t.counts[name]++
+	if t.pending++; t.pending >= 64 {
+		t.flush()
+	}
+}
+
+func (t *tally) flush() {
+	if t == nil {
+		return
+	}
+	for name, n := range t.counts {
+		if n > 0 {
+			t.report(name, n)
+			t.counts[name] = 0
+		}
+	}
+	t.pending = 0
 }
 
 // writeInterrupted answers with a stream that opens and is ended at once, for why.

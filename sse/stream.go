@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -48,38 +49,61 @@ func (e *ending) reason() string {
 	}
 }
 
-// maxPending bounds the encoded events that may wait for a writer that is busy (at most its
-// write timeout): past it, the reader waits too, and the upstream with it.
-const maxPending = 256 << 10
-
-// pipe carries a stream's events from the goroutine that reads the upstream (produce) to the
-// one that writes to the client (deliver). The Rewriter is shared under mu, which nothing holds
-// while it reads, writes or waits: the two swap buffers, so an event is encoded once and copied
-// never.
+// pipe carries a stream's events to the client. The goroutine that reads the upstream encodes
+// each line and writes it to the client itself, as a bare proxy would: no hand-off, no queue.
+// The handler's goroutine writes only pings, while the stream is silent. Whoever holds the
+// write token (writing) writes; nobody ever waits for it: a goroutine that finds it taken
+// leaves its events pending, and the holder writes them before it lets go. So nothing blocks
+// under a lock: mu guards the Rewriter, and is never held across a read, a write or a wait.
 type pipe struct {
-	mu    sync.Mutex
-	rw    *Rewriter
-	ready chan struct{} // something to take, or the stream finished
-	space chan struct{} // the writer took what was pending
+	mu        sync.Mutex
+	rw        *Rewriter
+	cw        *clientWriter // used by the write token's holder only
+	writing   atomic.Bool   // the write token
+	failed    atomic.Bool   // a write to the client failed: it is gone, or not reading
+	lastWrite atomic.Int64  // unix ns of the last write to the client
 }
 
-func newPipe(rw *Rewriter) *pipe {
-	return &pipe{rw: rw, ready: make(chan struct{}, 1), space: make(chan struct{}, 1)}
-}
+func newPipe(rw *Rewriter, cw *clientWriter) *pipe { return &pipe{rw: rw, cw: cw} }
 
-func signal(ch chan struct{}) {
-	select {
-	case ch <- struct{}{}:
-	default:
+// flush writes what is pending, with extra (a ping) after it, if it can take the write token;
+// else the holder will. A failed write ends the stream. buf is the caller's own buffer.
+func (p *pipe) flush(buf *[]byte, extra []byte, stop *ending) {
+	for p.writing.CompareAndSwap(false, true) {
+		p.mu.Lock()
+		*buf = p.rw.Take((*buf)[:0])
+		p.mu.Unlock()
+		out := *buf
+		if extra != nil {
+			out = append(out, extra...)
+			*buf, extra = out, nil
+		}
+		if len(out) > 0 && !p.failed.Load() {
+			if err := p.cw.write(out); err != nil {
+				p.failed.Store(true)
+				stop.end(endClient)
+			} else {
+				p.lastWrite.Store(time.Now().UnixNano())
+			}
+		}
+		p.writing.Store(false)
+		// Events left while the token was taken are this holder's to write.
+		p.mu.Lock()
+		more := p.rw.Pending() > 0
+		p.mu.Unlock()
+		if !more || p.failed.Load() {
+			return
+		}
 	}
 }
 
-// produce reads the upstream body into the pipe until the answer is complete, the upstream
-// ends, or the stream is ended; an interruption becomes the events it calls for. It closes the
-// body, which cancels the upstream request if it is still running.
+// produce reads the upstream body and writes its events to the client until the answer is
+// complete, the upstream ends, or the stream is ended; an interruption becomes the events it
+// calls for. It closes the body, which cancels the upstream request if it is still running.
 func (p *pipe) produce(body io.ReadCloser, buf []byte, stop *ending) {
 	defer body.Close()
-	defer signal(p.ready)
+	var out []byte
+	p.flush(&out, nil, stop) // stream_start
 	for {
 		n, err := body.Read(buf)
 		why := stop.reason()
@@ -95,32 +119,20 @@ func (p *pipe) produce(body io.ReadCloser, buf []byte, stop *ending) {
 		case err != nil:
 			p.rw.End(err)
 		}
-		finished, pending := p.rw.Finished(), p.rw.Pending()
+		finished := p.rw.Finished()
 		p.mu.Unlock()
-		if why == endClient {
+		if why == endClient || p.failed.Load() {
 			return
 		}
-		signal(p.ready)
+		p.flush(&out, nil, stop)
 		if finished {
 			return
-		}
-		for pending > maxPending {
-			select {
-			case <-p.space:
-			case <-stop.done:
-			}
-			if stop.reason() != "" {
-				break
-			}
-			p.mu.Lock()
-			pending = p.rw.Pending()
-			p.mu.Unlock()
 		}
 	}
 }
 
 // clientWriter writes a stream to the client, every write and flush bounded by a deadline
-// through http.ResponseController. It is used by one goroutine only.
+// through http.ResponseController. Only the holder of its pipe's write token uses it.
 type clientWriter struct {
 	w       http.ResponseWriter
 	rc      *http.ResponseController
@@ -152,11 +164,10 @@ func (cw *clientWriter) done() {
 	}
 }
 
-// deliver writes the pipe's events to the client as they come, a ping comment whenever the
-// stream has been silent for pingEvery (none if zero), until the stream is finished or ended.
-// gone is done when the client has gone away. It returns false if the client did not take the
-// whole stream.
-func (p *pipe) deliver(cw *clientWriter, stop *ending, gone <-chan struct{}, pingEvery time.Duration) bool {
+// watch is the handler's part of a stream while produce runs: a ping comment whenever nothing
+// has been written for pingEvery (none if zero), and the end of the stream when the client goes
+// away. It returns when produce has.
+func (p *pipe) watch(stop *ending, produced, gone <-chan struct{}, pingEvery time.Duration) {
 	var ping <-chan time.Time
 	var t *time.Timer
 	if pingEvery > 0 {
@@ -165,41 +176,20 @@ func (p *pipe) deliver(cw *clientWriter, stop *ending, gone <-chan struct{}, pin
 		ping = t.C
 	}
 	var buf []byte
-	ended := stop.done
 	for {
-		p.mu.Lock()
-		buf = p.rw.Take(buf[:0])
-		finished := p.rw.Finished()
-		p.mu.Unlock()
-		signal(p.space)
-		if len(buf) > 0 {
-			if err := cw.write(buf); err != nil {
-				stop.end(endClient)
-				return false
-			}
-			if t != nil {
-				t.Reset(pingEvery)
-			}
-		}
-		if finished {
-			return true
-		}
 		select {
-		case <-p.ready:
-		case <-ping:
-			if err := cw.write(pingComment); err != nil {
-				stop.end(endClient)
-				return false
-			}
-			t.Reset(pingEvery)
+		case <-produced:
+			return
 		case <-gone:
 			stop.end(endClient)
-			return false
-		case <-ended:
-			if stop.reason() == endClient {
-				return false
+			gone = nil
+		case now := <-ping:
+			if quiet := now.Sub(time.Unix(0, p.lastWrite.Load())); quiet < pingEvery {
+				t.Reset(pingEvery - quiet)
+				continue
 			}
-			ended = nil // the reader turns the interruption into events: deliver them
+			p.flush(&buf, pingComment, stop)
+			t.Reset(pingEvery)
 		}
 	}
 }
