@@ -56,7 +56,7 @@ func BenchmarkSSEProcess(b *testing.B) {
 	needProcfs(b)
 	streams := envInt(b, "SSE_BENCH_STREAMS", 100)
 	rounds := envInt(b, "SSE_BENCH_ROUNDS", 3)
-	lines := envInt(b, "SSE_BENCH_LINES", 100)
+	const lines = 100
 	algo := pacedUpstream(b, lines, 20*time.Millisecond)
 	bin := buildGateway(b)
 	bare := startBare(b, algo.URL)

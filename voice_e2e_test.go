@@ -702,3 +702,47 @@ func TestVoiceDemoSession(t *testing.T) {
 		t.Errorf("the line names session %v of %v, want %s of demo-user", rec["session_id"], rec["user_id"], v.id)
 	}
 }
+
+// ---- 7. a client that never reads ----------------------------------------------------------
+
+// TestVoiceClientThatNeverReads: the algorithm service streams TTS audio to a client that has
+// stopped reading. Once the gateway's writes stall past VOICE_WRITE_TIMEOUT the session is
+// dropped: its Redis registry entry is gone, and its concurrency slot with it (the policy
+// allows one session per user, and the user opens another).
+func TestVoiceClientThatNeverReads(t *testing.T) {
+	r := startRedis(t)
+	testDone := t.Context()
+	algo := newFakeBackend(t, func(w http.ResponseWriter, req *http.Request) {
+		c, err := websocket.Accept(w, req, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
+		if err != nil {
+			return
+		}
+		defer c.CloseNow()
+		go func() { // answers pings and the close
+			for {
+				if _, _, err := c.Read(testDone); err != nil {
+					return
+				}
+			}
+		}()
+		frame := make([]byte, 64<<10)
+		for c.Write(testDone, websocket.MessageBinary, frame) == nil {
+		}
+	})
+	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
+		"POLICY_FILE": "testdata/policy/e2e-voice-cap.json", "VOICE_WRITE_TIMEOUT": "300ms"}))
+	g := startRun(t, nil, env)
+	w := watchTokens(t, g)
+	tok := w.token(t, "u-stall", []string{"user"}, nil)
+	v := openVoice(t, g, "?conversation_id=c-stall", bearer(tok)) // then reads nothing
+	key := "voicegate:voice:session:" + v.id
+	if n := r.Do(t, "EXISTS", key); n != int64(1) {
+		t.Fatalf("EXISTS %s = %v while the session runs, want 1", key, n)
+	}
+	took := eventually(t, 5*time.Second, "the stalled session leaves Redis", func() bool {
+		return r.Do(t, "EXISTS", key) == int64(0) && r.Do(t, "ZSCORE", "voicegate:voice:sessions", v.id) == nil
+	})
+	t.Logf("the session left Redis %v after the client stopped reading (VOICE_WRITE_TIMEOUT 300ms)", took)
+	again := openVoice(t, g, "?conversation_id=c-after", bearer(tok)) // the user's one slot is free
+	_ = again.conn.Close(websocket.StatusNormalClosure, "bye")
+}
