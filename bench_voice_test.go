@@ -176,6 +176,7 @@ type relayFigures struct {
 	p50, p99      time.Duration
 	echoes, sent  int64
 	cpu, measured time.Duration
+	rtts          []time.Duration
 }
 
 // measureRelay offers sessions × 50 frames/s through the child at url for the given time, after
@@ -201,7 +202,7 @@ func measureRelay(tb testing.TB, c *child, url string, sessions int, init bool, 
 	rtts := l.rtts
 	slices.Sort(rtts)
 	f := relayFigures{name: c.name, echoes: l.echoes.Load(), sent: int64(float64(sessions) * 50 * elapsed.Seconds()),
-		cpu: cpu1 - cpu0, measured: elapsed}
+		cpu: cpu1 - cpu0, measured: elapsed, rtts: rtts}
 	if len(rtts) > 0 {
 		f.p50, f.p99 = rtts[len(rtts)/2], rtts[len(rtts)*99/100]
 	}
@@ -215,24 +216,50 @@ func measureRelay(tb testing.TB, c *child, url string, sessions int, init bool, 
 // BenchmarkVoiceRelay runs the built gateway (its defaults: audio_chunk JSON, access log on)
 // and, in raw-audio mode, a second one, beside a bare httputil.ReverseProxy relaying the
 // WebSocket as bytes, each a child process in front of the same echoing algorithm service, at
-// the same fixed load: VOICE_BENCH_SESSIONS (default 100) sessions × 50 frames/s × 640 B, for
-// VOICE_BENCH_SECONDS (default 10) each. It reports CPU per relayed frame (user+sys from
-// /proc, divided by frames up and echoes down) and the round trip's p50 and p99.
+// the same fixed load: VOICE_BENCH_SESSIONS (default 100) sessions × 50 frames/s × 640 B. The
+// three take turns, VOICE_BENCH_ROUNDS (default 3) windows of VOICE_BENCH_SECONDS (default 5)
+// each, so that the machine's noise falls on all alike. It reports CPU per relayed frame
+// (user+sys from /proc, divided by frames up and echoes down) and the round trip's p50 and p99.
 func BenchmarkVoiceRelay(b *testing.B) {
 	needProcfs(b)
 	sessions := envInt(b, "VOICE_BENCH_SESSIONS", 100)
-	window := time.Duration(envInt(b, "VOICE_BENCH_SECONDS", 10)) * time.Second
+	rounds := envInt(b, "VOICE_BENCH_ROUNDS", 3)
+	window := time.Duration(envInt(b, "VOICE_BENCH_SECONDS", 5)) * time.Second
 	algo := echoAlgo(b)
 	bin := buildGateway(b)
-	bare := startBare(b, algo.URL)
-	dflt := startGatewayProcess(b, bin, "voicegate", map[string]string{"ALGO_URL": algo.URL})
-	raw := startGatewayProcess(b, bin, "voicegate raw", map[string]string{"ALGO_URL": algo.URL, "VOICE_RAW_AUDIO": "true"})
+	relays := []struct {
+		c    *child
+		path string
+		init bool
+	}{
+		{startBare(b, algo.URL), "/voice/stream", false},
+		{startGatewayProcess(b, bin, "voicegate", map[string]string{"ALGO_URL": algo.URL}), "/api/v2/voice/stream", true},
+		{startGatewayProcess(b, bin, "voicegate raw", map[string]string{"ALGO_URL": algo.URL, "VOICE_RAW_AUDIO": "true"}), "/api/v2/voice/stream", true},
+	}
 	b.ResetTimer()
 	for range b.N {
-		var figs []relayFigures
-		figs = append(figs, measureRelay(b, bare, "ws://"+bare.addr+"/voice/stream", sessions, false, 2*time.Second, window))
-		figs = append(figs, measureRelay(b, dflt, "ws://"+dflt.addr+"/api/v2/voice/stream", sessions, true, 2*time.Second, window))
-		figs = append(figs, measureRelay(b, raw, "ws://"+raw.addr+"/api/v2/voice/stream", sessions, true, 2*time.Second, window))
+		figs := make([]relayFigures, len(relays))
+		var rtts [][]time.Duration = make([][]time.Duration, len(relays))
+		for round := range rounds {
+			for k := range relays {
+				i := (k + round) % len(relays)
+				r := relays[i]
+				f := measureRelay(b, r.c, "ws://"+r.c.addr+r.path, sessions, r.init, time.Second, window)
+				figs[i].name = f.name
+				figs[i].cpu += f.cpu
+				figs[i].echoes += f.echoes
+				figs[i].sent += f.sent
+				figs[i].measured += f.measured
+				rtts[i] = append(rtts[i], f.rtts...)
+			}
+		}
+		for i := range figs {
+			figs[i].cpuPerFrame = figs[i].cpu / time.Duration(max(2*figs[i].echoes, 1))
+			slices.Sort(rtts[i])
+			if n := len(rtts[i]); n > 0 {
+				figs[i].p50, figs[i].p99 = rtts[i][n/2], rtts[i][n*99/100]
+			}
+		}
 		base := figs[0].cpuPerFrame
 		for _, f := range figs {
 			b.Logf("%-18s %6.1f µs CPU/frame (%.2f× bare)  p50 %-9v p99 %-9v  %d echoes of %d frames sent (%.1f%%), CPU %v over %v",
