@@ -406,9 +406,15 @@ func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
 	opt.ConnWriteTimeout = 2 * time.Second // notice a dead Redis connection within seconds
 	deadline := time.Now().Add(cfg.RedisConnectWithin)
 	for {
-		client, err := rueidis.NewClient(opt)
+		// A client is made only once an address accepts a connection: a client made against
+		// nothing leaves a goroutine of its own behind for a while (a cluster-topology refresh
+		// scheduled before it failed).
+		err := reachable(ctx, cfg.RedisAddrs)
 		if err == nil {
-			return client, nil
+			var client rueidis.Client
+			if client, err = rueidis.NewClient(opt); err == nil {
+				return client, nil
+			}
 		}
 		if time.Now().After(deadline) {
 			return nil, fmt.Errorf("REDIS_URL: cannot reach Redis: %v", proxy.Describe(err))
@@ -419,6 +425,24 @@ func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
+}
+
+// reachable reports whether one of addrs accepts a TCP connection within a second.
+func reachable(ctx context.Context, addrs []string) error {
+	var first error
+	for _, a := range addrs {
+		ctx, cancel := context.WithTimeout(ctx, time.Second)
+		c, err := (&net.Dialer{}).DialContext(ctx, "tcp", a)
+		cancel()
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	return first
 }
 
 // handler is the whole route table, with the edge middleware around it. Every route but the
