@@ -44,11 +44,7 @@ func benchGateway(tb testing.TB, env map[string]string) (*httptest.Server, *gate
 	if err != nil {
 		tb.Fatal(err)
 	}
-	h, err := gw.handler()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	srv := httptest.NewServer(h)
+	srv := httptest.NewServer(gw.handler)
 	tb.Cleanup(func() {
 		srv.Close()
 		gw.close()

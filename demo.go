@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"strings"
 	"time"
+	"voicegate/proxy"
 
 	"github.com/coder/websocket"
 )
@@ -41,7 +42,7 @@ func startDemo(logger *slog.Logger, addr string) (*demoAlgo, error) {
 	mux.HandleFunc("GET /voice/stream", demoVoice)
 	// For the container health check (voicegate -healthcheck) of demo-algo.
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+		proxy.WriteJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}

@@ -40,13 +40,17 @@ func WithIdentity(ctx context.Context, id *Identity) context.Context {
 
 // FromContext returns the request's verified identity, or nil.
 func FromContext(ctx context.Context) *Identity {
-	if info := proxy.InfoFrom(ctx); info != nil {
-		if id, ok := info.Identity.(*Identity); ok {
-			return id
-		}
-	}
 	id, _ := ctx.Value(identityKey{}).(*Identity)
 	return id
+}
+
+// Owner names the request's verified user and tenant ("" without an identity): who owns what
+// the request starts, a chat stream or a voice session.
+func Owner(r *http.Request) (userID, tenantID string) {
+	if id := FromContext(r.Context()); id != nil {
+		return id.UserID, id.TenantID
+	}
+	return "", ""
 }
 
 // Identity headers sent to upstreams, which trust only these.

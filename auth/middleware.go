@@ -28,7 +28,8 @@ type Options struct {
 	// RefreshWindow: a token with less than this left gets X-Token-Refresh-Required; zero means
 	// 15 minutes.
 	RefreshWindow time.Duration
-	// PublicPaths are path prefixes served without a token.
+	// PublicPaths are path prefixes served without a token (Public): whoever mounts Require
+	// decides, once, to skip it for them — and the policy too.
 	PublicPaths []string
 	// CacheSize bounds the verified-token cache; zero means 10000.
 	CacheSize int
@@ -77,10 +78,6 @@ const SubprotocolPrefix = "bearer."
 func (a *Authenticator) Require(allowSubprotocol bool) proxy.Middleware {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if a.Public(r.URL.Path) {
-				next.ServeHTTP(w, r)
-				return
-			}
 			id, aerr := a.Authenticate(r, allowSubprotocol)
 			if aerr != nil {
 				if a.o.OnFailure != nil {
@@ -94,13 +91,8 @@ func (a *Authenticator) Require(allowSubprotocol bool) proxy.Middleware {
 				h.Set("X-Token-Refresh-Required", "true")
 				h.Set("X-Token-Expires-At", strconv.FormatInt(id.ExpiresAt.Unix(), 10))
 			}
-			// The edge's per-request Info carries the identity when there is one, which saves
-			// a context and a request copy per request.
 			if info := proxy.InfoFrom(r.Context()); info != nil {
-				info.UserID = id.UserID
-				info.Identity = id
-				next.ServeHTTP(w, r)
-				return
+				info.UserID = id.UserID // for the access log
 			}
 			next.ServeHTTP(w, r.WithContext(WithIdentity(r.Context(), id)))
 		})
@@ -257,3 +249,7 @@ func verifyError(err error) *proxy.Error {
 	}
 	return unauthorized(proxy.CodeTokenInvalid, "the token is invalid", err)
 }
+
+// Revocations is the store the authenticator checks tokens against (the revoke endpoint writes
+// to it).
+func (a *Authenticator) Revocations() Revocations { return a.o.Revocations }

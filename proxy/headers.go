@@ -62,3 +62,50 @@ func StripUntrusted(h http.Header) {
 	}
 	StripIdentity(h)
 }
+
+// Outbound shapes every request the gateway sends an upstream on a client's behalf — proxied,
+// chat or voice dial — in one place: X-Request-ID, X-Forwarded-For (the client's chain kept only
+// when it came from a trusted proxy, as ClientIP decided), X-Forwarded-Host and -Proto, and the
+// identity headers of the verified caller (Identity). Trace context is the upstream pool's: it
+// is per attempt.
+type Outbound struct {
+	// Identity, if set, sets the headers of the request's verified caller (auth.UpstreamHeaders).
+	Identity func(in *http.Request, out http.Header)
+}
+
+// Shape sets out's gateway-made headers for a request to an upstream made on behalf of in. out
+// may hold what the client sent (a proxied request): whatever a client may not set is dropped
+// first.
+func (o Outbound) Shape(in *http.Request, out http.Header) {
+	StripUntrusted(out)
+	info := InfoFrom(in.Context())
+	if info != nil && info.RequestID != "" {
+		out.Set("X-Request-Id", info.RequestID)
+	}
+	peer := remoteAddr(in)
+	var chain string
+	if info != nil && info.PeerTrusted {
+		chain = strings.Join(in.Header.Values("X-Forwarded-For"), ", ")
+	}
+	if peer.IsValid() {
+		if chain != "" {
+			chain += ", "
+		}
+		chain += peer.String()
+	}
+	if chain != "" {
+		out.Set("X-Forwarded-For", chain)
+	} else {
+		out.Del("X-Forwarded-For")
+	}
+	out.Set("X-Forwarded-Host", in.Host)
+	proto := "http"
+	if in.TLS != nil {
+		proto = "https"
+	}
+	out.Set("X-Forwarded-Proto", proto)
+	out.Del("Forwarded")
+	if o.Identity != nil {
+		o.Identity(in, out)
+	}
+}

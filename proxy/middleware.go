@@ -34,13 +34,15 @@ func Chain(h http.Handler, mws ...Middleware) http.Handler {
 type Info struct {
 	RequestID string
 	ClientIP  netip.Addr
-	Route     string // the ServeMux pattern, set by Route once a route matched
-	UserID    string // set by authentication, for the access log
-	Identity  any    // set by authentication: the verified caller (auth.FromContext reads it)
-	ErrCode   string // set by WriteError
-	ErrCause  error  // set by WriteError; logged, never sent
-	Status    int    // the response status once written; 0 before
-	Bytes     int64  // response body bytes written
+	// PeerTrusted: the connection came from one of TRUSTED_PROXIES, so its X-Forwarded-*
+	// headers are believed (decided once, by ClientIP; Outbound passes the chain on).
+	PeerTrusted bool
+	Route       string // the ServeMux pattern, set by Route once a route matched
+	UserID      string // set by authentication, for the access log
+	ErrCode     string // set by WriteError
+	ErrCause    error  // set by WriteError; logged, never sent
+	Status      int    // the response status once written; 0 before
+	Bytes       int64  // response body bytes written
 
 	// bodyErr is the first failure reading the request body from the client. It is set by
 	// whichever goroutine reads the body (a Transport's, for proxied requests), so atomically.
@@ -348,6 +350,7 @@ func ClientIP(trusted Prefixes) Middleware {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			info, r := ensureInfo(r)
 			info.ClientIP = clientIP(r, trusted)
+			info.PeerTrusted = trusted.Contains(remoteAddr(r))
 			next.ServeHTTP(w, r)
 		})
 	}
@@ -374,12 +377,6 @@ func clientIP(r *http.Request, trusted Prefixes) netip.Addr {
 		}
 	}
 	return ip
-}
-
-// PeerTrusted reports whether the request came straight from a trusted proxy, whose
-// X-Forwarded-* headers may then be passed on.
-func PeerTrusted(r *http.Request, trusted Prefixes) bool {
-	return trusted.Contains(remoteAddr(r))
 }
 
 // CORSOptions configures CORS.

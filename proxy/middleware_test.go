@@ -792,8 +792,12 @@ func TestPeerTrusted(t *testing.T) {
 		t.Run(tt.remote, func(t *testing.T) {
 			req := httptest.NewRequest(http.MethodGet, "/", nil)
 			req.RemoteAddr = tt.remote
-			if got := proxy.PeerTrusted(req, trusted); got != tt.want {
-				t.Errorf("PeerTrusted(%q) = %v, want %v", tt.remote, got, tt.want)
+			var got bool
+			proxy.ClientIP(trusted)(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				got = proxy.InfoFrom(r.Context()).PeerTrusted
+			})).ServeHTTP(httptest.NewRecorder(), req)
+			if got != tt.want {
+				t.Errorf("PeerTrusted for %q = %v, want %v", tt.remote, got, tt.want)
 			}
 		})
 	}

@@ -105,15 +105,12 @@ type Options struct {
 	Transport http.RoundTripper
 	// BufferPool holds copy buffers; nil means a private pool.
 	BufferPool httputil.BufferPool
-	// TrustedProxies decides whether incoming X-Forwarded-For is passed on or replaced.
-	TrustedProxies Prefixes
 	// Code is the error code for an unreachable or failing upstream; empty means UPSTREAM_ERROR.
 	Code string
 	// Name names the upstream in client messages ("admin service"); empty means "upstream".
 	Name string
-	// UpstreamHeaders, if set, adds headers the upstream may trust (identity, trace context)
-	// after every client-sent identity header has been removed.
-	UpstreamHeaders func(in *http.Request, out http.Header)
+	// Outbound shapes the request to the upstream (forwarded-for, request ID, identity).
+	Outbound Outbound
 	// Rewrite, if set, runs after the standard rewrite to adjust the outgoing request.
 	Rewrite func(*httputil.ProxyRequest)
 	// ModifyResponse is passed to httputil.ReverseProxy. Returning an *UpstreamStatusError maps
@@ -139,18 +136,9 @@ func New(o Options) *httputil.ReverseProxy {
 			if o.Target != nil {
 				pr.SetURL(o.Target)
 			}
-			if PeerTrusted(pr.In, o.TrustedProxies) {
-				if prior := pr.In.Header["X-Forwarded-For"]; len(prior) > 0 {
-					pr.Out.Header["X-Forwarded-For"] = append([]string(nil), prior...)
-				}
-			}
-			pr.SetXForwarded()
-			StripUntrusted(pr.Out.Header)
+			o.Outbound.Shape(pr.In, pr.Out.Header)
 			// A failure to read the client's body must not pass for a failing upstream.
 			pr.Out.Body = markBody(pr.In.Context(), pr.Out.Body)
-			if o.UpstreamHeaders != nil {
-				o.UpstreamHeaders(pr.In, pr.Out.Header)
-			}
 			if o.Rewrite != nil {
 				o.Rewrite(pr)
 			}

@@ -304,9 +304,10 @@ func TestNewForwardedHeaders(t *testing.T) {
 			backend, got := recordingBackend(t)
 			tr := newTransport(t, proxy.TransportOptions{})
 			logger, _ := newLog(slog.LevelDebug)
-			p := proxy.New(proxy.Options{Target: mustURL(t, backend.URL), Transport: tr,
-				TrustedProxies: mustPrefixes(t, tt.trusted)})
-			front := startServer(t, edge(p, logger))
+			p := proxy.New(proxy.Options{Target: mustURL(t, backend.URL), Transport: tr})
+			// ClientIP decides whether the peer is trusted; Outbound acts on it.
+			front := startServer(t, proxy.Chain(p, proxy.Recover(logger), proxy.RequestID(),
+				proxy.ClientIP(mustPrefixes(t, tt.trusted)), proxy.AccessLog(logger)))
 
 			req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, front.URL+"/x", nil)
 			if err != nil {
@@ -1144,14 +1145,14 @@ func TestStripIdentity(t *testing.T) {
 }
 
 // TestNewIdentityHeaders checks that a client cannot claim an identity through the proxy and
-// that UpstreamHeaders sets the gateway's own after the strip.
+// that the outbound identity sets the gateway's own after the strip.
 func TestNewIdentityHeaders(t *testing.T) {
 	tests := []struct {
 		name     string
 		set      func(in *http.Request, out http.Header)
 		wantUser string
 	}{
-		{name: "stripped without UpstreamHeaders"},
+		{name: "stripped without an identity"},
 		{name: "gateway identity set after the strip", set: func(in *http.Request, out http.Header) {
 			out.Set("X-User-ID", "verified-"+in.URL.Query().Get("who"))
 		}, wantUser: "verified-alice"},
@@ -1161,7 +1162,7 @@ func TestNewIdentityHeaders(t *testing.T) {
 			backend, got := recordingBackend(t)
 			tr := newTransport(t, proxy.TransportOptions{})
 			logger, _ := newLog(slog.LevelDebug)
-			p := proxy.New(proxy.Options{Target: mustURL(t, backend.URL), Transport: tr, UpstreamHeaders: tt.set})
+			p := proxy.New(proxy.Options{Target: mustURL(t, backend.URL), Transport: tr, Outbound: proxy.Outbound{Identity: tt.set}})
 			front := startServer(t, edge(p, logger))
 
 			req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, front.URL+"/x?who=alice", nil)

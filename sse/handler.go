@@ -32,8 +32,6 @@ type HandlerOptions struct {
 	BufferPool httputil.BufferPool
 	// Registry records running streams for cancellation and drains; nil means a private one.
 	Registry *Registry
-	// TrustedProxies decides whether X-Forwarded-For is passed on.
-	TrustedProxies proxy.Prefixes
 	// MaxBodyBytes bounds the request body; zero means 64 KiB.
 	MaxBodyBytes int64
 	// MaxMessageChars bounds "message" in characters; zero means 4000.
@@ -54,8 +52,8 @@ type HandlerOptions struct {
 	// Admit, if set, charges a valid request to the caller's rates and takes its concurrency
 	// slot, held until the stream ends (policy.Admit). It answers a refused request itself.
 	Admit func(w http.ResponseWriter, r *http.Request) (release func(), ok bool)
-	// UpstreamHeaders, if set, adds headers to the upstream request (identity, trace context).
-	UpstreamHeaders func(in *http.Request, out http.Header)
+	// Outbound shapes the upstream request (forwarded-for, request ID, identity).
+	Outbound proxy.Outbound
 	// Owner, if set, names the user and tenant of a request for the registry.
 	Owner func(r *http.Request) (userID, tenantID string)
 	// OnEvents, if set, is told how many events of each name a stream has sent (for metrics;
@@ -338,17 +336,10 @@ func (o *HandlerOptions) upstreamRequest(ctx context.Context, in *http.Request, 
 	// A dial that failed sent nothing: the pool may try another replica with the same body.
 	out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 	h := out.Header
-	if proxy.PeerTrusted(in, o.TrustedProxies) {
-		if v := in.Header["X-Forwarded-For"]; v != nil {
-			h["X-Forwarded-For"] = v
-		}
-	}
+	o.Outbound.Shape(in, h)
 	h.Set("Content-Type", "application/json")
 	h.Set("Accept", "application/x-ndjson")
-	h.Set("X-Request-ID", q.RequestID)
-	if o.UpstreamHeaders != nil {
-		o.UpstreamHeaders(in, h)
-	}
+	h.Set("X-Request-ID", q.RequestID) // the stream's, which the client may have chosen
 	return out, nil
 }
 

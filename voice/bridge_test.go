@@ -52,7 +52,7 @@ func TestSessionHandshake(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			o := fast()
-			o.UpstreamHeaders = func(in *http.Request, out http.Header) {
+			o.Outbound.Identity = func(in *http.Request, out http.Header) {
 				out.Set("X-User-ID", in.Header.Get("X-Test-User"))
 				out.Set("Traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
 			}

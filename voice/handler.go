@@ -64,8 +64,8 @@ type Options struct {
 	// with 4401. It must not keep r.
 	Recheck         func(r *http.Request) func(ctx context.Context) error
 	RecheckInterval time.Duration // zero means 500 ms
-	// UpstreamHeaders adds headers to the dial (identity, trace context).
-	UpstreamHeaders func(in *http.Request, out http.Header)
+	// Outbound shapes the dial's request (forwarded-for, request ID, identity).
+	Outbound proxy.Outbound
 	// OnStart and OnEnd, if set, are called as sessions begin and end (metrics, logs).
 	OnStart func()
 	OnEnd   func(Stats)
@@ -266,12 +266,7 @@ func (h *Handler) dial(r *http.Request, info Info) (*websocket.Conn, *conn, erro
 	q.Set("language", info.Language)
 	target.RawQuery = q.Encode()
 	hdr := http.Header{}
-	if h.o.UpstreamHeaders != nil {
-		h.o.UpstreamHeaders(r, hdr)
-	}
-	if id := proxy.RequestIDFrom(r.Context()); id != "" {
-		hdr.Set("X-Request-ID", id)
-	}
+	h.o.Outbound.Shape(r, hdr)
 	// The transport names the socket it used; the session needs it to bound and drop it.
 	var got net.Conn
 	ctx := httptrace.WithClientTrace(r.Context(), &httptrace.ClientTrace{
