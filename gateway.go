@@ -36,6 +36,7 @@ type gateway struct {
 	streams   *sse.Registry
 	streamDir *sse.Directory // nil without Redis
 	voices    *voice.Registry
+	renewer   *renewer // nil without Redis
 	h         handlers
 	handler   http.Handler // the route table behind the edge middleware
 
@@ -68,6 +69,10 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		}
 		g.redis = guardRedis(client, logger)
 		g.closers = append(g.closers, g.redis.Close)
+		// Stopped once whatever releases leases and sessions has closed, just before the client:
+		// its last round takes their releases to Redis.
+		g.renewer = newRenewer(cfg.LeaseTTL/3, logger)
+		g.closers = append(g.closers, g.renewer.stop)
 	}
 	if err := g.buildAuth(ctx); err != nil {
 		return nil, err
@@ -80,6 +85,9 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		return nil, fmt.Errorf("POLICY_FILE: %w", err)
 	}
 	g.handler = g.edge(g.router())
+	if g.renewer != nil {
+		g.renewer.start()
+	}
 	if err := tel.observeReady(func(ctx context.Context) bool { return g.readiness(ctx) == "ready" }); err != nil {
 		return nil, err
 	}
@@ -137,8 +145,9 @@ func (g *gateway) buildFairUse() {
 	var leases policy.Leases = policy.NewMemoryLeases()
 	if g.redis != nil {
 		limiter = policy.NewRedisLimiter(g.redis, policy.RedisLimiterOptions{Prefix: cfg.RedisPrefix})
-		rl := policy.NewRedisLeases(g.redis, cfg.RedisPrefix, cfg.LeaseTTL, g.log)
-		g.closers = append(g.closers, rl.Close)
+		rl := policy.NewRedisLeases(g.redis, policy.RedisLeasesOptions{Prefix: cfg.RedisPrefix, TTL: cfg.LeaseTTL,
+			OnChange: g.renewer.Kick})
+		g.renewer.add("concurrency leases", rl.Renew)
 		leases = rl
 	}
 	g.enforcer = policy.NewEnforcer(policy.EnforcerOptions{
@@ -207,9 +216,15 @@ func (g *gateway) buildHandlers() {
 		Leeway:      cfg.JWTLeeway,
 	})
 
-	g.voices = voice.NewRegistry(voice.RegistryOptions{Instance: cfg.Instance, Redis: g.redis,
-		Prefix: cfg.RedisPrefix, TTL: cfg.LeaseTTL, Log: g.log})
-	g.closers = append(g.closers, g.voices.Close)
+	vo := voice.RegistryOptions{Instance: cfg.Instance, Redis: g.redis, Prefix: cfg.RedisPrefix,
+		TTL: cfg.LeaseTTL, Log: g.log}
+	if g.renewer != nil {
+		vo.OnChange = g.renewer.Kick
+	}
+	g.voices = voice.NewRegistry(vo)
+	if g.renewer != nil {
+		g.renewer.add("voice sessions", g.voices.Renew)
+	}
 	vh := voice.NewHandler(voice.Options{
 		AlgoURL:      algo.Primary(),
 		Via:          algo.Via, // voice dials share the replicas' health with chat

@@ -1151,7 +1151,7 @@ func BenchmarkRateLimitRedis(b *testing.B) {
 	}
 
 	b.Run("check", func(b *testing.B) {
-		lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{})
+		lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{Prefix: "voicegate:"})
 		c := charge()
 		// The first check loads the script (EVALSHA, NOSCRIPT, EVAL); the loop measures the
 		// steady state.

@@ -15,7 +15,7 @@ import (
 // round trip, and Redis's invalidation messages drop the local copy the moment any instance
 // revokes, so a revocation reaches every instance at once.
 //
-// Keys (Prefix defaults to "voicegate:"):
+// Keys (Prefix is REDIS_PREFIX, as given):
 //
 //	{prefix}revoked:jti:{jti}       "1", expiring with the token
 //	{prefix}revoked:user:{user_id}  unix ms; tokens issued before it are revoked; kept MaxLifetime
@@ -29,7 +29,7 @@ type RedisRevocations struct {
 
 // RedisRevocationsOptions configures RedisRevocations.
 type RedisRevocationsOptions struct {
-	Prefix      string        // key prefix; empty means "voicegate:"
+	Prefix      string        // key prefix (REDIS_PREFIX), as given
 	MaxLifetime time.Duration // the longest a token lives; zero means 24h
 	// CacheTTL bounds how long a lookup is served from local memory; invalidations usually drop
 	// it much sooner. Zero means 10 minutes.
@@ -38,9 +38,6 @@ type RedisRevocationsOptions struct {
 
 // NewRedisRevocations returns a store on client.
 func NewRedisRevocations(client rueidis.Client, o RedisRevocationsOptions) *RedisRevocations {
-	if o.Prefix == "" {
-		o.Prefix = "voicegate:"
-	}
 	if o.MaxLifetime <= 0 {
 		o.MaxLifetime = 24 * time.Hour
 	}

@@ -26,7 +26,7 @@ type UserStatusOptions struct {
 	Client *http.Client
 	// Redis, if set, is the second cache level shared by instances.
 	Redis rueidis.Client
-	// Prefix for Redis keys; empty means "voicegate:".
+	// Prefix for Redis keys (REDIS_PREFIX), as given.
 	Prefix string
 	// MemoryTTL and RedisTTL bound how long a status is cached; zero means 30 s and 60 s.
 	MemoryTTL, RedisTTL time.Duration
@@ -51,9 +51,6 @@ type statusEntry struct {
 func NewUserStatus(o UserStatusOptions) *UserStatus {
 	if o.Client == nil {
 		o.Client = &http.Client{Timeout: 2 * time.Second}
-	}
-	if o.Prefix == "" {
-		o.Prefix = "voicegate:"
 	}
 	if o.MemoryTTL <= 0 {
 		o.MemoryTTL = 30 * time.Second

@@ -5,14 +5,11 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/redis/rueidis"
-
-	"voicegate/proxy"
 )
 
 // ErrCapReached means a concurrency cap is full; the error is a *CapError saying which.
@@ -122,53 +119,61 @@ end
 return 0`
 
 // RedisLeases holds concurrency slots in Redis sorted sets shared by every instance. Each slot
-// expires TTL after its last renewal; one goroutine per gateway renews every held slot every
-// TTL/3 in one pipeline, so an instance that dies frees its slots within TTL, and no stream
-// needs a goroutine of its own for it. A renewal puts back a slot that expired meanwhile (Redis
-// was unreachable for longer than TTL): its session is still running. Expiries are on Redis's
+// expires TTL after its last renewal. Renew, called by the gateway's one renewer every TTL/3 and
+// whenever OnChange says so, deletes released slots and renews every held one, each in one
+// pipeline: an instance that dies frees its slots within TTL, and no stream or session needs
+// a goroutine of its own for it. A renewal puts back a slot that expired meanwhile (Redis was
+// unreachable for longer than TTL): its session is still running. Expiries are on Redis's
 // clock.
 //
 // Keys: {prefix}lease:{tenant}:{kind}:u:{user} and {prefix}lease:{tenant}:{kind}:t (sorted sets;
 // the tenant is the Redis Cluster hash tag).
 type RedisLeases struct {
-	client  rueidis.Client
-	prefix  string
-	ttl     time.Duration
-	acquire *rueidis.Lua
-	renewal *rueidis.Lua
-	log     *slog.Logger
+	client   rueidis.Client
+	prefix   string
+	ttl      time.Duration
+	acquire  *rueidis.Lua
+	renewal  *rueidis.Lua
+	onChange func()
+	now      func() time.Time
 
-	mu   sync.Mutex
-	held map[string]heldLease // by member
-	stop context.CancelFunc
-	done chan struct{}
+	mu       sync.Mutex
+	held     map[string]heldLease // by member
+	released []releasedLease      // to delete from Redis
+	renewed  time.Time            // when held slots were last renewed
 }
 
 type heldLease struct{ userKey, tenantKey string }
 
-// NewRedisLeases returns leases on client and starts their renewal; Close stops it.
-func NewRedisLeases(client rueidis.Client, prefix string, ttl time.Duration, log *slog.Logger) *RedisLeases {
-	if prefix == "" {
-		prefix = "voicegate:"
-	}
-	if ttl <= 0 {
-		ttl = 30 * time.Second
-	}
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	ctx, stop := context.WithCancel(context.Background())
-	l := &RedisLeases{client: client, prefix: prefix, ttl: ttl, acquire: rueidis.NewLuaScript(acquireScript),
-		renewal: rueidis.NewLuaScript(renewScript), log: log, held: map[string]heldLease{}, stop: stop,
-		done: make(chan struct{})}
-	go l.renew(ctx)
-	return l
+type releasedLease struct {
+	member string
+	heldLease
 }
 
-// Close stops renewing. Held slots then expire within TTL.
-func (l *RedisLeases) Close() {
-	l.stop()
-	<-l.done
+// RedisLeasesOptions configures RedisLeases.
+type RedisLeasesOptions struct {
+	Prefix string        // key prefix (REDIS_PREFIX), as given
+	TTL    time.Duration // how long a slot outlives its last renewal; zero means 30 s
+	// OnChange, if set, is called when a slot is released: Renew has it to delete.
+	OnChange func()
+	// Now is the clock that decides when renewals are due; nil means time.Now.
+	Now func() time.Time
+}
+
+// NewRedisLeases returns leases on client.
+func NewRedisLeases(client rueidis.Client, o RedisLeasesOptions) *RedisLeases {
+	if o.TTL <= 0 {
+		o.TTL = 30 * time.Second
+	}
+	if o.OnChange == nil {
+		o.OnChange = func() {}
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &RedisLeases{client: client, prefix: o.Prefix, ttl: o.TTL, acquire: rueidis.NewLuaScript(acquireScript),
+		renewal: rueidis.NewLuaScript(renewScript), onChange: o.OnChange, now: o.Now,
+		held: map[string]heldLease{}, renewed: o.Now()}
 }
 
 // Acquire implements Leases.
@@ -195,44 +200,50 @@ func (l *RedisLeases) Acquire(ctx context.Context, req LeaseRequest) (func(), er
 		once.Do(func() {
 			l.mu.Lock()
 			delete(l.held, member)
+			l.released = append(l.released, releasedLease{member, h})
 			l.mu.Unlock()
-			// A release that fails is repaired by expiry.
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			defer cancel()
-			l.client.DoMulti(ctx,
-				l.client.B().Zrem().Key(h.userKey).Member(member).Build(),
-				l.client.B().Zrem().Key(h.tenantKey).Member(member).Build())
+			l.onChange()
 		})
 	}, nil
 }
 
-func (l *RedisLeases) renew(ctx context.Context) {
-	defer close(l.done)
-	t := time.NewTicker(l.ttl / 3)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		l.mu.Lock()
+// Renew deletes released slots and, once a quarter of the TTL has gone by since it last did,
+// renews the held ones. Called every TTL/3, it renews on every call however late the previous
+// one ran, and a call in between (to delete) postpones the next renewal by at most one period.
+// A deletion that fails is repaired by expiry.
+func (l *RedisLeases) Renew(ctx context.Context) error {
+	l.mu.Lock()
+	released := l.released
+	l.released = nil
+	var execs []rueidis.LuaExec
+	if now := l.now(); now.Sub(l.renewed) >= l.ttl/4 {
+		l.renewed = now
 		ttl := strconv.FormatInt(l.ttl.Milliseconds(), 10)
-		execs := make([]rueidis.LuaExec, 0, len(l.held))
+		execs = make([]rueidis.LuaExec, 0, len(l.held))
 		for member, h := range l.held {
 			execs = append(execs, rueidis.LuaExec{Keys: []string{h.userKey, h.tenantKey}, Args: []string{member, ttl}})
 		}
-		l.mu.Unlock()
-		if len(execs) == 0 {
-			continue
+	}
+	l.mu.Unlock()
+	var rerr error
+	if len(released) > 0 {
+		cmds := make(rueidis.Commands, 0, 2*len(released))
+		for _, r := range released {
+			cmds = append(cmds, l.client.B().Zrem().Key(r.userKey).Member(r.member).Build(),
+				l.client.B().Zrem().Key(r.tenantKey).Member(r.member).Build())
 		}
-		rctx, cancel := context.WithTimeout(ctx, l.ttl/3)
-		for _, r := range l.renewal.ExecMulti(rctx, l.client, execs...) {
-			if err := r.Error(); err != nil {
-				l.log.Warn("renewing concurrency leases failed; they expire unless renewed in time", "err", proxy.Describe(err))
+		for _, res := range l.client.DoMulti(ctx, cmds...) {
+			if err := res.Error(); err != nil {
+				// Not returned yet: the held slots must be renewed all the same.
+				rerr = fmt.Errorf("policy: release leases: %w", err)
 				break
 			}
 		}
-		cancel()
 	}
+	for _, r := range l.renewal.ExecMulti(ctx, l.client, execs...) {
+		if err := r.Error(); err != nil {
+			return errors.Join(rerr, fmt.Errorf("policy: renew leases (they expire unless renewed in time): %w", err))
+		}
+	}
+	return rerr
 }

@@ -206,7 +206,7 @@ return res`
 
 // RedisLimiter limits across instances through one Lua script per check: one round trip.
 //
-// Keys (Prefix defaults to "voicegate:"), with the tenant as the Redis Cluster hash tag so one
+// Keys (Prefix is REDIS_PREFIX, as given), with the tenant as the Redis Cluster hash tag so one
 // request's keys share a slot:
 //
 //	{prefix}rl:{tenant}:{bucket key}           GCRA theoretical arrival time, µs (Redis's clock)
@@ -220,7 +220,7 @@ type RedisLimiter struct {
 
 // RedisLimiterOptions configures a RedisLimiter.
 type RedisLimiterOptions struct {
-	// Prefix of every key; empty means "voicegate:".
+	// Prefix of every key (REDIS_PREFIX), as given.
 	Prefix string
 	// Now is this instance's clock, used only to name the quota keys around today; Redis's
 	// clock decides. Nil means time.Now.
@@ -229,9 +229,6 @@ type RedisLimiterOptions struct {
 
 // NewRedisLimiter returns a limiter on client.
 func NewRedisLimiter(client rueidis.Client, o RedisLimiterOptions) *RedisLimiter {
-	if o.Prefix == "" {
-		o.Prefix = "voicegate:"
-	}
 	if o.Now == nil {
 		o.Now = time.Now
 	}

@@ -15,7 +15,7 @@ import (
 // Directory makes running streams known to every instance through Redis, so that a cancel sent
 // to any instance reaches the one serving the stream.
 //
-// Keys (Prefix defaults to "voicegate:"): {prefix}stream:{request_id} holds the stream's owner
+// Keys (prefix is REDIS_PREFIX, as given): {prefix}stream:{request_id} holds the stream's owner
 // while it runs (expiring after TTL as a backstop if an instance dies); cancels travel on the
 // channel {prefix}cancel.
 type Directory struct {
@@ -28,9 +28,6 @@ type Directory struct {
 // NewDirectory returns a directory on client. ttl bounds how long an entry outlives an instance
 // that died without removing it; zero means 15 minutes.
 func NewDirectory(client rueidis.Client, prefix string, ttl time.Duration, log *slog.Logger) *Directory {
-	if prefix == "" {
-		prefix = "voicegate:"
-	}
 	if ttl <= 0 {
 		ttl = 15 * time.Minute
 	}

@@ -3,6 +3,7 @@ package voice
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sort"
@@ -42,48 +43,43 @@ type Registry struct {
 
 	mu       sync.Mutex
 	sessions map[string]*session
-	gone     []string      // ended sessions whose published entries are still to delete
-	kick     chan struct{} // wakes the renewer to delete them
-	stop     context.CancelFunc
-	done     chan struct{}
+	gone     []string // ended sessions whose published entries are still to delete
+	onChange func()   // something to tell Redis now
+	now      func() time.Time
+	renewed  time.Time // when the live sessions were last published
 }
 
 // RegistryOptions configures a Registry.
 type RegistryOptions struct {
 	Instance string         // this instance's name in listings
 	Redis    rueidis.Client // nil: local only
-	Prefix   string         // Redis key prefix; empty means "voicegate:"
+	Prefix   string         // Redis key prefix (REDIS_PREFIX), as given
 	TTL      time.Duration  // how long a published entry outlives its last renewal; zero means 30 s
-	Log      *slog.Logger
+	// OnChange, if set, is called when a session ended: Renew has its entry to delete. The
+	// gateway's renewer (which calls Renew) wakes on it.
+	OnChange func()
+	// Now is the clock of expiries and of when renewals are due; nil means time.Now.
+	Now func() time.Time
+	Log *slog.Logger
 }
 
-// NewRegistry returns a registry; with Redis it renews its entries until Close.
+// NewRegistry returns a registry. With Redis, someone must call Renew every TTL/3 and whenever
+// OnChange says so: it publishes the live sessions and deletes ended ones.
 func NewRegistry(o RegistryOptions) *Registry {
-	if o.Prefix == "" {
-		o.Prefix = "voicegate:"
-	}
 	if o.TTL <= 0 {
 		o.TTL = 30 * time.Second
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	r := &Registry{instance: o.Instance, redis: o.Redis, prefix: o.Prefix, ttl: o.TTL, log: o.Log,
-		sessions: map[string]*session{}, kick: make(chan struct{}, 1), done: make(chan struct{})}
-	ctx, stop := context.WithCancel(context.Background())
-	r.stop = stop
-	if r.redis == nil {
-		close(r.done)
-		return r
+	if o.OnChange == nil {
+		o.OnChange = func() {}
 	}
-	go r.renew(ctx)
-	return r
-}
-
-// Close stops renewing the published entries.
-func (r *Registry) Close() {
-	r.stop()
-	<-r.done
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Registry{instance: o.Instance, redis: o.Redis, prefix: o.Prefix, ttl: o.TTL, log: o.Log,
+		onChange: o.OnChange, now: o.Now, sessions: map[string]*session{}, renewed: o.Now()}
 }
 
 func (r *Registry) key(id string) string { return r.prefix + "voice:session:" + id }
@@ -103,7 +99,7 @@ func (r *Registry) add(ctx context.Context, s *session) {
 	}
 }
 
-// remove forgets s at once, here, and has its published entry deleted by the renewer: an ended
+// remove forgets s at once, here, and leaves its published entry for Renew to delete: an ended
 // session needs no request's context, nor to wait for Redis.
 func (r *Registry) remove(s *session) {
 	r.mu.Lock()
@@ -113,41 +109,35 @@ func (r *Registry) remove(s *session) {
 	}
 	r.mu.Unlock()
 	if r.redis != nil {
-		select {
-		case r.kick <- struct{}{}:
-		default:
-		}
+		r.onChange()
 	}
 }
 
-// unpublish deletes the entries of ended sessions, in one round trip.
-func (r *Registry) unpublish(ctx context.Context) {
+// unpublish deletes the entries of ended sessions, in one round trip. Those it fails to delete
+// expire within TTL anyway, and listings skip them once their score is past.
+func (r *Registry) unpublish(ctx context.Context) error {
 	r.mu.Lock()
 	gone := r.gone
 	r.gone = nil
 	r.mu.Unlock()
 	if len(gone) == 0 {
-		return
+		return nil
 	}
 	cmds := make(rueidis.Commands, 0, len(gone)+1)
 	for _, id := range gone {
 		cmds = append(cmds, r.redis.B().Del().Key(r.key(id)).Build())
 	}
 	cmds = append(cmds, r.redis.B().Zrem().Key(r.index()).Member(gone...).Build())
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
 	for _, res := range r.redis.DoMulti(ctx, cmds...) {
 		if err := res.Error(); err != nil {
-			// The entries expire within TTL anyway, and listings skip them once their
-			// score is past.
-			r.log.Warn("deleting ended voice sessions from Redis failed", "err", proxy.Describe(err))
-			return
+			return fmt.Errorf("voice: delete ended sessions: %w", err)
 		}
 	}
+	return nil
 }
 
 func (r *Registry) publish(ctx context.Context, ss []*session) error {
-	expiry := float64(time.Now().Add(r.ttl).UnixMilli())
+	expiry := float64(r.now().Add(r.ttl).UnixMilli())
 	cmds := make(rueidis.Commands, 0, 2*len(ss)+1)
 	for _, s := range ss {
 		b, _ := json.Marshal(s.info)
@@ -155,7 +145,7 @@ func (r *Registry) publish(ctx context.Context, ss []*session) error {
 			r.redis.B().Set().Key(r.key(s.info.SessionID)).Value(string(b)).Px(r.ttl).Build(),
 			r.redis.B().Zadd().Key(r.index()).ScoreMember().ScoreMember(expiry, s.info.SessionID).Build())
 	}
-	cmds = append(cmds, r.redis.B().Zremrangebyscore().Key(r.index()).Min("-inf").Max(fmt.Sprint(time.Now().UnixMilli())).Build())
+	cmds = append(cmds, r.redis.B().Zremrangebyscore().Key(r.index()).Min("-inf").Max(fmt.Sprint(r.now().UnixMilli())).Build())
 	for _, res := range r.redis.DoMulti(ctx, cmds...) {
 		if err := res.Error(); err != nil {
 			return err
@@ -164,32 +154,32 @@ func (r *Registry) publish(ctx context.Context, ss []*session) error {
 	return nil
 }
 
-// renew republishes the live sessions every TTL/3 and deletes ended ones as they end, until
-// Close; then it deletes what is left to delete.
-func (r *Registry) renew(ctx context.Context) {
-	defer close(r.done)
-	defer r.unpublish(context.WithoutCancel(ctx))
-	t := time.NewTicker(r.ttl / 3)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-r.kick:
-			r.unpublish(ctx)
-			continue
-		case <-t.C:
-		}
-		ss := r.local()
-		if len(ss) == 0 {
-			continue
-		}
-		rctx, cancel := context.WithTimeout(ctx, r.ttl/3)
-		if err := r.publish(rctx, ss); err != nil {
-			r.log.Warn("renewing voice sessions in Redis failed", "err", proxy.Describe(err))
-		}
-		cancel()
+// Renew deletes the published entries of ended sessions and, once a quarter of the TTL has gone
+// by since it last did, publishes the live ones again: each in one round trip. Called every
+// TTL/3, it then publishes on every call however late the previous one ran, and a call in
+// between (to delete) postpones the next publication by at most one period: an entry is
+// always renewed well within its TTL.
+func (r *Registry) Renew(ctx context.Context) error {
+	if r.redis == nil {
+		return nil
 	}
+	// A failed deletion does not hold back the renewal: the entries to renew must not expire.
+	uerr := r.unpublish(ctx)
+	r.mu.Lock()
+	now := r.now()
+	due := now.Sub(r.renewed) >= renewDue(r.ttl)
+	if due {
+		r.renewed = now
+	}
+	r.mu.Unlock()
+	ss := r.local()
+	if !due || len(ss) == 0 {
+		return uerr
+	}
+	if err := r.publish(ctx, ss); err != nil {
+		return errors.Join(uerr, fmt.Errorf("voice: renew sessions: %w", err))
+	}
+	return uerr
 }
 
 func (r *Registry) local() []*session {
@@ -217,7 +207,7 @@ func (r *Registry) List(ctx context.Context) ([]Info, error) {
 			out = append(out, s.info)
 		}
 	} else {
-		now := fmt.Sprint(time.Now().UnixMilli())
+		now := fmt.Sprint(r.now().UnixMilli())
 		ids, err := r.redis.Do(ctx, r.redis.B().Zrangebyscore().Key(r.index()).Min(now).Max("+inf").Build()).AsStrSlice()
 		if err != nil {
 			return nil, fmt.Errorf("voice: list sessions: %w", err)
@@ -262,3 +252,6 @@ func (r *Registry) CloseAll(ctx context.Context, code websocket.StatusCode, errC
 		}
 	}
 }
+
+// renewDue is how long after a publication the next is due; see Renew.
+func renewDue(ttl time.Duration) time.Duration { return ttl / 4 }
