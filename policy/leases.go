@@ -178,7 +178,7 @@ func NewRedisLeases(client rueidis.Client, o RedisLeasesOptions) *RedisLeases {
 
 // Acquire implements Leases.
 func (l *RedisLeases) Acquire(ctx context.Context, req LeaseRequest) (func(), error) {
-	tag := "{" + req.Tenant + "}:" + req.Kind
+	tag := Tag(req.Tenant) + ":" + req.Kind
 	h := heldLease{userKey: l.prefix + "lease:" + tag + ":u:" + req.User, tenantKey: l.prefix + "lease:" + tag + ":t"}
 	member := rand.Text()
 	res, err := l.acquire.Exec(ctx, l.client, []string{h.userKey, h.tenantKey}, []string{member,

@@ -240,7 +240,7 @@ var errClockSkew = errors.New("policy: rate limit: this instance's clock is more
 
 // Allow implements Limiter.
 func (l *RedisLimiter) Allow(ctx context.Context, c *Charge) (Verdict, error) {
-	tag := "{" + c.Tenant + "}:"
+	tag := Tag(c.Tenant) + ":"
 	keys := make([]string, 0, len(c.Buckets)+3)
 	args := make([]string, 0, 6+2*len(c.Buckets))
 	args = append(args, strconv.Itoa(len(c.Buckets)), strconv.FormatInt(c.Quota, 10), "90000000") // 25h
