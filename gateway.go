@@ -141,22 +141,19 @@ func (g *gateway) buildAuth(ctx context.Context) error {
 // reads the policy in force from the store, made once the routes are known.
 func (g *gateway) buildFairUse() {
 	cfg := g.cfg
-	var limiter policy.Limiter = policy.NewMemoryLimiter()
-	var leases policy.Leases = policy.NewMemoryLeases()
+	admitter := policy.Compose(policy.NewMemoryLimiter(), policy.NewMemoryLeases())
 	if g.redis != nil {
-		limiter = policy.NewRedisLimiter(g.redis, policy.RedisLimiterOptions{Prefix: cfg.RedisPrefix})
-		rl := policy.NewRedisLeases(g.redis, policy.RedisLeasesOptions{Prefix: cfg.RedisPrefix, TTL: cfg.LeaseTTL,
+		ra := policy.NewRedisAdmitter(g.redis, policy.RedisAdmitterOptions{Prefix: cfg.RedisPrefix, TTL: cfg.LeaseTTL,
 			OnChange: g.renewer.Kick})
-		g.renewer.add("concurrency leases", rl.Renew)
-		leases = rl
+		g.renewer.add("concurrency leases", ra.Renew)
+		admitter = ra
 	}
 	g.enforcer = policy.NewEnforcer(policy.EnforcerOptions{
 		OnLimited:    func() { g.tel.rateLimited.Add(context.Background(), 1) },
 		OnStoreError: g.redisError,
 		Policy:       func() *policy.Policy { return g.policy.Policy() },
 		Subject:      subject,
-		Limiter:      limiter,
-		Leases:       leases,
+		Admitter:     admitter,
 		Budget:       cfg.LimitBudget,
 		Log:          g.log,
 	})
@@ -172,13 +169,14 @@ func (g *gateway) buildHandlers() {
 	algo := g.newPool("algo", cfg.AlgoURLs, transport)
 
 	if g.redis != nil {
-		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, 0, g.log)
+		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, g.log)
 	}
-	g.streams = sse.NewRegistry(g.streamDir)
+	g.streams = sse.NewRegistry()
 	g.h.chat = sse.NewHandler(sse.HandlerOptions{
 		AlgoURL:         algo.Primary(),
 		Transport:       algo,
 		Registry:        g.streams,
+		Directory:       g.streamDir,
 		Outbound:        outbound,
 		MaxBodyBytes:    cfg.ChatMaxBodyBytes,
 		MaxMessageChars: cfg.ChatMaxMessage,
@@ -205,7 +203,13 @@ func (g *gateway) buildHandlers() {
 	}
 	if g.streamDir != nil {
 		cancel.Remote = func(ctx context.Context, r *http.Request, id string) error {
-			return g.streamDir.Cancel(ctx, id, func(owner, _ string) bool { return mayCancel(r, owner) })
+			// The stream is looked up in the tenant the request names (the policy let it name
+			// only its own, unless it is a super admin's), or else the caller's.
+			_, tenant := auth.Owner(r)
+			if t := r.Header.Get(policy.HeaderTenant); t != "" {
+				tenant = t
+			}
+			return g.streamDir.Cancel(ctx, tenant, id, func(owner, _ string) bool { return mayCancel(r, owner) })
 		}
 	}
 	g.h.cancel = sse.NewCancelHandler(cancel)
@@ -236,7 +240,7 @@ func (g *gateway) buildHandlers() {
 		Audio:        voice.AudioConfig{Language: cfg.VoiceLanguage},
 		Registry:     g.voices,
 		Owner:        auth.Owner,
-		Admit:        policy.Admit,
+		Admit:        func(w http.ResponseWriter, r *http.Request) (func(), bool) { return policy.Admit(w, r, nil) },
 		Recheck:      g.recheck,
 		Outbound:     outbound,
 		OnStart: func() {

@@ -47,8 +47,9 @@ func TestLeaseRenewalRestores(t *testing.T) {
 	const ttl = 300 * time.Millisecond
 	now := time.Now()
 	clock := func() time.Time { return now }
-	leases := policy.NewRedisLeases(client, policy.RedisLeasesOptions{Prefix: "voicegate:", TTL: ttl, Now: clock})
-	release, err := leases.Acquire(t.Context(), policy.LeaseRequest{Kind: "chat", Tenant: "acme", User: "alice", PerUser: 1})
+	leases := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:", TTL: ttl, Now: clock})
+	ask := &policy.Ask{Charge: policy.Charge{Tenant: "acme", User: "alice"}, Slot: &policy.Slot{Kind: "chat", PerUser: 1}}
+	_, release, err := leases.Admit(t.Context(), ask)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,22 +72,19 @@ func TestLeaseRenewalRestores(t *testing.T) {
 		t.Fatal("the renewal did not put the slot back")
 	}
 	// Back in the count: a second slot for the user is refused.
-	if _, err := leases.Acquire(t.Context(), policy.LeaseRequest{Kind: "chat", Tenant: "acme", User: "alice", PerUser: 1}); err == nil {
+	if _, _, err := leases.Admit(t.Context(), ask); err == nil {
 		t.Error("a second slot was granted while the restored one is held (cap 1)")
 	}
-	release()
-	if err := leases.Renew(t.Context()); err != nil {
-		t.Fatal(err)
-	}
+	release(t.Context())
 	if n := r.Do(t, "ZCARD", user); n != int64(0) {
-		t.Errorf("ZCARD %s = %#v after release and renewal, want 0", user, n)
+		t.Errorf("ZCARD %s = %#v after release, want 0: the release is done when it returns", user, n)
 	}
 	// The expiry is on Redis's clock: TTL from Redis's now, not this process's.
-	release, err = leases.Acquire(t.Context(), policy.LeaseRequest{Kind: "chat", Tenant: "acme", User: "alice", PerUser: 1})
+	_, release, err = leases.Admit(t.Context(), ask)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer release()
+	defer release(t.Context())
 	members, _ := r.Do(t, "ZRANGE", user, "0", "-1", "WITHSCORES").([]any)
 	if len(members) != 2 {
 		t.Fatalf("ZRANGE = %#v", members)
@@ -106,7 +104,7 @@ func TestQuotaOnRedisDay(t *testing.T) {
 	day := redisNow(t, r).UTC().Format("20060102")
 	key := "voicegate:quota:{acme}:alice:" + day
 	for i, skew := range []time.Duration{0, 20 * time.Hour, -20 * time.Hour, 23 * time.Hour} {
-		lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{Prefix: "voicegate:", Now: func() time.Time { return time.Now().Add(skew) }})
+		lim := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:", Now: func() time.Time { return time.Now().Add(skew) }})
 		v, err := lim.Allow(t.Context(), &policy.Charge{Tenant: "acme", User: "alice", Quota: 100})
 		if err != nil || !v.Allowed {
 			t.Fatalf("clock off by %v: %+v, %v", skew, v, err)
@@ -121,13 +119,13 @@ func TestQuotaOnRedisDay(t *testing.T) {
 	if keys, _ := r.Do(t, "KEYS", "voicegate:quota:*").([]any); len(keys) != 1 {
 		t.Errorf("quota keys %v, want only %s", keys, key)
 	}
-	lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{Prefix: "voicegate:", Now: func() time.Time { return time.Now().Add(72 * time.Hour) }})
+	lim := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:", Now: func() time.Time { return time.Now().Add(72 * time.Hour) }})
 	if _, err := lim.Allow(t.Context(), &policy.Charge{Tenant: "acme", User: "alice", Quota: 100}); err == nil {
 		t.Error("an instance three days off was answered; want an error")
 	}
 
 	// Refused at the quota: Retry-After runs to Redis's next UTC midnight.
-	lim = policy.NewRedisLimiter(client, policy.RedisLimiterOptions{Prefix: "voicegate:"})
+	lim = policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:"})
 	v, err := lim.Allow(t.Context(), &policy.Charge{Tenant: "acme", User: "alice", Quota: 4})
 	if err != nil || v.Allowed || !v.QuotaExceeded {
 		t.Fatalf("fifth request with a quota of 4: %+v, %v", v, err)
@@ -144,7 +142,7 @@ func TestQuotaOnRedisDay(t *testing.T) {
 func TestRateFinerThanAMillisecond(t *testing.T) {
 	r := startRedis(t)
 	client := testClient(t, r)
-	lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{Prefix: "voicegate:"})
+	lim := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:"})
 	for _, interval := range []time.Duration{500 * time.Microsecond, 1500 * time.Microsecond, 3 * time.Millisecond} {
 		c := &policy.Charge{Tenant: "acme", User: "alice",
 			Buckets: []policy.Bucket{{Key: "u:alice:" + interval.String(), Interval: interval, Burst: 1, Limit: 1}}}

@@ -889,14 +889,14 @@ func TestPolicyRedisDown(t *testing.T) {
 	if m := len(backend.requests()) - n; m != extra {
 		t.Errorf("back end received %d requests with Redis down, want %d (none from the fail-closed gateway)", m, extra)
 	}
-	count, rec := logCount(t, open, "rate limiter unavailable")
+	count, rec := logCount(t, open, "fair-use store unavailable")
 	if count != 1 {
-		t.Errorf("%d log lines about the rate limiter for %d requests, want exactly 1 (at most one per 10s):\n%s",
+		t.Errorf("%d log lines about the fair-use store for %d requests, want exactly 1 (at most one per 10s):\n%s",
 			count, extra, clipText(open.Stderr.String()))
 	} else if rec["level"] != "WARN" {
 		t.Errorf("the limiter line is at level %v, want WARN: %v", rec["level"], rec)
 	}
-	if count, _ := logCount(t, closed, "rate limiter unavailable"); count != 0 {
+	if count, _ := logCount(t, closed, "fair-use store unavailable"); count != 0 {
 		t.Errorf("the fail-closed gateway logged %d limiter lines; auth refused first, the limiter was never asked", count)
 	}
 
@@ -1151,7 +1151,7 @@ func BenchmarkRateLimitRedis(b *testing.B) {
 	}
 
 	b.Run("check", func(b *testing.B) {
-		lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{Prefix: "voicegate:"})
+		lim := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:"})
 		c := charge()
 		// The first check loads the script (EVALSHA, NOSCRIPT, EVAL); the loop measures the
 		// steady state.

@@ -117,10 +117,9 @@ func BenchmarkWrap(b *testing.B) {
 	}
 	s := policy.Subject{UserID: "alice", TenantID: "acme", Roles: []string{"user"}}
 	e := policy.NewEnforcer(policy.EnforcerOptions{
-		Policy:  func() *policy.Policy { return p },
-		Subject: func(*http.Request) (policy.Subject, bool) { return s, true },
-		Limiter: policy.NewMemoryLimiter(),
-		Leases:  policy.NewMemoryLeases(),
+		Policy:   func() *policy.Policy { return p },
+		Subject:  func(*http.Request) (policy.Subject, bool) { return s, true },
+		Admitter: policy.Compose(policy.NewMemoryLimiter(), policy.NewMemoryLeases()),
 	})
 	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
 	r := httptest.NewRequest("POST", "/api/v2/chat/stream", nil)

@@ -26,12 +26,11 @@ type EnforcerOptions struct {
 	Policy func() *Policy
 	// Subject returns the request's authenticated caller; ok is false without one.
 	Subject func(r *http.Request) (s Subject, ok bool)
-	// Limiter and Leases enforce fair use; nil means none.
-	Limiter Limiter
-	Leases  Leases
-	// Budget bounds each limiter or lease call; zero means 100 ms. When the store cannot answer
-	// in time the request goes through (fair use fails open, counted and logged): refusing
-	// every request because a counter is unreachable would be worse than a few extra.
+	// Admitter enforces fair use: rates, quota and concurrency slots; nil means none.
+	Admitter Admitter
+	// Budget bounds each admission and each release; zero means 100 ms. When the store cannot
+	// answer in time the request goes through (fair use fails open, counted and logged):
+	// refusing every request because a counter is unreachable would be worse than a few extra.
 	Budget time.Duration
 	// OnLimited is called for every request refused by a rate, quota or cap (metrics).
 	OnLimited func()
@@ -121,7 +120,7 @@ func (e *Enforcer) Wrap(h http.Handler) http.Handler {
 			proxy.WriteError(w, r, perr)
 			return
 		}
-		release, perr := e.admit(w, r, p, p.bindings[r.Pattern], &s)
+		release, perr := e.admit(w, r, p, p.bindings[r.Pattern], &s, nil)
 		if perr != nil {
 			proxy.WriteError(w, r, perr)
 			return
@@ -158,16 +157,18 @@ type admission struct {
 	s Subject
 }
 
-// Admit charges a request that Guard let through to its rates and quota and takes its
-// concurrency slot. On a refusal it answers the request (429) and returns false; otherwise the
-// caller must call release once the work is over. A request that did not pass Guard is
-// admitted as is.
-func Admit(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
+// Admit charges a request that Guard let through to its rates and quota, takes its
+// concurrency slot and claim (nil: none), all in one call to the store. On a refusal it answers
+// the request (429, or 409 for a held claim) and returns false; otherwise the caller must call
+// release once the work is over, which gives back the slot and the claim before it returns
+// (bounded by the enforcer's budget). A request that did not pass Guard is admitted as is, and
+// takes no claim.
+func Admit(w http.ResponseWriter, r *http.Request, claim *Claim) (release func(), ok bool) {
 	a, _ := r.Context().Value(admissionKey{}).(*admission)
 	if a == nil {
 		return func() {}, true
 	}
-	release, perr := a.e.admit(w, r, a.p, a.b, &a.s)
+	release, perr := a.e.admit(w, r, a.p, a.b, &a.s, claim)
 	if perr != nil {
 		proxy.WriteError(w, r, perr)
 		return nil, false
@@ -175,75 +176,69 @@ func Admit(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
 	return release, true
 }
 
-// admit charges the request and takes its slot; the release it returns is safe to call more
-// than once.
-func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *binding, s *Subject) (func(), *proxy.Error) {
-	if perr := e.charge(w, r, p, b, s); perr != nil {
-		return nil, perr
-	}
-	if b.lease == "" || e.o.Leases == nil {
+// admit charges the request and takes its slot and claim; the release it returns is safe to
+// call more than once.
+func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *binding, s *Subject, claim *Claim) (func(), *proxy.Error) {
+	if e.o.Admitter == nil {
 		return func() {}, nil
 	}
-	c := p.Limits.Concurrency[b.lease]
+	l := &p.Limits
+	var buckets [3]Bucket
+	ask := Ask{Charge: Charge{Tenant: s.TenantID, User: s.UserID, Buckets: buckets[:0], Quota: l.DailyRequestsPerUser},
+		Claim: claim}
+	if l.PerUser != nil {
+		ask.Buckets = append(ask.Buckets, bucket("u:"+s.UserID, *l.PerUser))
+	}
+	if l.PerTenant != nil {
+		ask.Buckets = append(ask.Buckets, bucket("t", *l.PerTenant))
+	}
+	if rate, ok := l.Classes[b.class]; ok && b.class != "" {
+		ask.Buckets = append(ask.Buckets, bucket("c:"+b.class+":u:"+s.UserID, rate))
+	}
+	if b.lease != "" {
+		c := l.Concurrency[b.lease]
+		ask.Slot = &Slot{Kind: b.lease, PerUser: c.PerUser, PerTenant: c.PerTenant}
+	}
+	if ask.empty() {
+		return func() {}, nil
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), e.o.Budget)
-	release, err := e.o.Leases.Acquire(ctx, LeaseRequest{Kind: b.lease, Tenant: s.TenantID, User: s.UserID,
-		PerUser: c.PerUser, PerTenant: c.PerTenant})
+	v, release, err := e.o.Admitter.Admit(ctx, &ask)
 	cancel()
 	switch {
 	case errors.Is(err, ErrCapReached):
 		e.limited()
 		return nil, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited,
 			Message: "concurrency cap reached: " + err.Error(), RetryAfter: 1}
+	case errors.Is(err, ErrClaimed):
+		return nil, &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict, Message: claim.Conflict}
 	case err != nil:
-		e.storeFailed("concurrency leases unavailable; not capping", err)
+		e.storeFailed("fair-use store unavailable; not limiting or capping", err)
 		return func() {}, nil
 	}
-	return release, nil
-}
-
-// charge applies rates and the daily quota, and sets the RateLimit-* headers.
-func (e *Enforcer) charge(w http.ResponseWriter, r *http.Request, p *Policy, b *binding, s *Subject) *proxy.Error {
-	if e.o.Limiter == nil {
-		return nil
-	}
-	l := &p.Limits
-	var buckets [3]Bucket
-	c := Charge{Tenant: s.TenantID, User: s.UserID, Buckets: buckets[:0], Quota: l.DailyRequestsPerUser}
-	if l.PerUser != nil {
-		c.Buckets = append(c.Buckets, bucket("u:"+s.UserID, *l.PerUser))
-	}
-	if l.PerTenant != nil {
-		c.Buckets = append(c.Buckets, bucket("t", *l.PerTenant))
-	}
-	if rate, ok := l.Classes[b.class]; ok && b.class != "" {
-		c.Buckets = append(c.Buckets, bucket("c:"+b.class+":u:"+s.UserID, rate))
-	}
-	if len(c.Buckets) == 0 && c.Quota == 0 {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), e.o.Budget)
-	v, err := e.o.Limiter.Allow(ctx, &c)
-	cancel()
-	if err != nil {
-		e.storeFailed("rate limiter unavailable; not limiting", err)
-		return nil
-	}
 	h := w.Header()
-	if len(c.Buckets) > 0 {
+	if len(ask.Buckets) > 0 {
 		h.Set("RateLimit-Limit", strconv.Itoa(v.Limit))
 		h.Set("RateLimit-Remaining", strconv.Itoa(max(v.Remaining, 0)))
 		h.Set("RateLimit-Reset", strconv.FormatInt(int64((v.Reset+time.Second-1)/time.Second), 10))
 	}
-	if v.Allowed {
-		return nil
+	if !v.Allowed {
+		e.limited()
+		retry := max(int((v.RetryAfter+time.Second-1)/time.Second), 1)
+		msg := "rate limit exceeded; retry later"
+		if v.QuotaExceeded {
+			msg = "daily request quota exceeded"
+		}
+		return nil, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited, Message: msg, RetryAfter: retry}
 	}
-	e.limited()
-	retry := max(int((v.RetryAfter+time.Second-1)/time.Second), 1)
-	msg := "rate limit exceeded; retry later"
-	if v.QuotaExceeded {
-		msg = "daily request quota exceeded"
-	}
-	return &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited, Message: msg, RetryAfter: retry}
+	// The release outlives the request's cancellation (a client gone is the commonest end of a
+	// stream) but keeps its values, and is bounded like the admission.
+	rctx := context.WithoutCancel(r.Context())
+	return func() {
+		ctx, cancel := context.WithTimeout(rctx, e.o.Budget)
+		defer cancel()
+		release(ctx)
+	}, nil
 }
 
 func bucket(key string, r Rate) Bucket {

@@ -58,8 +58,7 @@ func newHarness(t *testing.T, o harnessOptions) *harness {
 	h.enforcer = policy.NewEnforcer(policy.EnforcerOptions{
 		Policy:       func() *policy.Policy { return p },
 		Subject:      subjectOf,
-		Limiter:      o.limiter,
-		Leases:       o.leases,
+		Admitter:     policy.Compose(o.limiter, o.leases),
 		Budget:       o.budget,
 		OnLimited:    func() { h.limited.Add(1) },
 		OnStoreError: func() { h.storeErrs.Add(1) },
@@ -502,10 +501,10 @@ func TestEnforcerFailsOpen(t *testing.T) {
 		method, target string
 		logMsg         string
 	}{
-		{"limiter error", fakeLimiter{err: down}, nil, "GET", docs, "rate limiter unavailable"},
-		{"limiter too slow", fakeLimiter{block: true}, nil, "GET", docs, "rate limiter unavailable"},
-		{"leases error", nil, fakeLeases{err: down}, "POST", chat, "concurrency leases unavailable"},
-		{"leases too slow", nil, fakeLeases{block: true}, "POST", chat, "concurrency leases unavailable"},
+		{"limiter error", fakeLimiter{err: down}, nil, "GET", docs, "fair-use store unavailable"},
+		{"limiter too slow", fakeLimiter{block: true}, nil, "GET", docs, "fair-use store unavailable"},
+		{"leases error", nil, fakeLeases{err: down}, "POST", chat, "fair-use store unavailable"},
+		{"leases too slow", nil, fakeLeases{block: true}, "POST", chat, "fair-use store unavailable"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

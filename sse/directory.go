@@ -2,6 +2,7 @@ package sse
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -9,62 +10,62 @@ import (
 
 	"github.com/redis/rueidis"
 
+	"voicegate/policy"
 	"voicegate/proxy"
 )
 
 // Directory makes running streams known to every instance through Redis, so that a cancel sent
 // to any instance reaches the one serving the stream.
 //
-// Keys (prefix is REDIS_PREFIX, as given): {prefix}stream:{request_id} holds the stream's owner
-// while it runs (expiring after TTL as a backstop if an instance dies); cancels travel on the
-// channel {prefix}cancel.
+// A stream's entry is claimed with its admission (policy.Claim), in the same round trip as its
+// rate limit and concurrency slot, only if no stream of its tenant holds that request ID; it is
+// renewed with the slot and deleted with it, so it outlives an instance that died by at most
+// the lease TTL. A chat route left without a policy (AUTH_PUBLIC_PATHS) has no admission, and
+// its streams can be cancelled only on their own instance.
+//
+// Keys (prefix is REDIS_PREFIX, as given): {prefix}stream:{tenant}:{request_id} holds the
+// stream's owner while it runs, with the tenant as the Redis Cluster hash tag (policy.Tag) like
+// the admission's other keys; cancels travel on the channel {prefix}cancel.
 type Directory struct {
 	client rueidis.Client
 	prefix string
-	ttl    time.Duration
 	log    *slog.Logger
 }
 
-// NewDirectory returns a directory on client. ttl bounds how long an entry outlives an instance
-// that died without removing it; zero means 15 minutes.
-func NewDirectory(client rueidis.Client, prefix string, ttl time.Duration, log *slog.Logger) *Directory {
-	if ttl <= 0 {
-		ttl = 15 * time.Minute
-	}
+// NewDirectory returns a directory on client.
+func NewDirectory(client rueidis.Client, prefix string, log *slog.Logger) *Directory {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Directory{client: client, prefix: prefix, ttl: ttl, log: log}
+	return &Directory{client: client, prefix: prefix, log: log}
 }
 
 type entry struct {
 	UserID   string `json:"user_id"`
 	TenantID string `json:"tenant_id,omitempty"`
+	// Nonce makes each stream's entry its own, so that a stream deletes only the entry it took.
+	Nonce string `json:"nonce"`
 }
 
-func (d *Directory) key(id string) string { return d.prefix + "stream:" + id }
-func (d *Directory) channel() string      { return d.prefix + "cancel" }
+func (d *Directory) key(tenantID, requestID string) string {
+	return d.prefix + "stream:" + policy.Tag(tenantID) + ":" + requestID
+}
+func (d *Directory) channel() string { return d.prefix + "cancel" }
 
-// announce records s; the returned function removes it.
-func (d *Directory) announce(s *Stream) func() {
-	b, _ := json.Marshal(entry{UserID: s.UserID, TenantID: s.TenantID})
-	ctx, cancel := context.WithTimeout(context.Background(), 250*time.Millisecond)
-	defer cancel()
-	if err := d.client.Do(ctx, d.client.B().Set().Key(d.key(s.RequestID)).Value(string(b)).Px(d.ttl).Build()).Error(); err != nil {
-		// The stream still works and can be cancelled on this instance.
-		d.log.Warn("announcing a stream to other instances failed", "err", proxy.Describe(err))
+// claim is the directory entry of a stream, for its admission to take; nil without a directory.
+func (d *Directory) claim(requestID, userID, tenantID string) *policy.Claim {
+	if d == nil {
+		return nil
 	}
-	return func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 250*time.Millisecond)
-		defer cancel()
-		d.client.Do(ctx, d.client.B().Del().Key(d.key(s.RequestID)).Build())
-	}
+	b, _ := json.Marshal(entry{UserID: userID, TenantID: tenantID, Nonce: rand.Text()})
+	return &policy.Claim{Key: d.key(tenantID, requestID), Value: string(b),
+		Conflict: "a stream with this request_id is already running"}
 }
 
-// Cancel cancels a stream running on another instance: ErrStreamNotFound when none runs it,
-// ErrNotOwner when allowed refuses its owner.
-func (d *Directory) Cancel(ctx context.Context, requestID string, allowed func(userID, tenantID string) bool) error {
-	b, err := d.client.Do(ctx, d.client.B().Get().Key(d.key(requestID)).Build()).AsBytes()
+// Cancel cancels a stream of tenantID running on another instance: ErrStreamNotFound when none
+// runs it, ErrNotOwner when allowed refuses its owner.
+func (d *Directory) Cancel(ctx context.Context, tenantID, requestID string, allowed func(userID, tenantID string) bool) error {
+	b, err := d.client.Do(ctx, d.client.B().Get().Key(d.key(tenantID, requestID)).Build()).AsBytes()
 	if rueidis.IsRedisNil(err) {
 		return ErrStreamNotFound
 	}

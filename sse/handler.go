@@ -16,6 +16,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"voicegate/policy"
 	"voicegate/proxy"
 )
 
@@ -32,6 +33,9 @@ type HandlerOptions struct {
 	BufferPool httputil.BufferPool
 	// Registry records running streams for cancellation and drains; nil means a private one.
 	Registry *Registry
+	// Directory, if set, makes running streams known to every instance: each stream's entry is
+	// a claim of its admission.
+	Directory *Directory
 	// MaxBodyBytes bounds the request body; zero means 64 KiB.
 	MaxBodyBytes int64
 	// MaxMessageChars bounds "message" in characters; zero means 4000.
@@ -50,8 +54,9 @@ type HandlerOptions struct {
 	// stream, and the upstream request with it. Zero means 10 s.
 	WriteTimeout time.Duration
 	// Admit, if set, charges a valid request to the caller's rates and takes its concurrency
-	// slot, held until the stream ends (policy.Admit). It answers a refused request itself.
-	Admit func(w http.ResponseWriter, r *http.Request) (release func(), ok bool)
+	// slot and its directory entry (claim; nil without a Directory), held until the stream ends
+	// (policy.Admit). It answers a refused request itself.
+	Admit func(w http.ResponseWriter, r *http.Request, claim *policy.Claim) (release func(), ok bool)
 	// Outbound shapes the upstream request (forwarded-for, request ID, identity).
 	Outbound proxy.Outbound
 	// Owner, if set, names the user and tenant of a request for the registry.
@@ -154,7 +159,7 @@ func NewHandler(o HandlerOptions) http.Handler {
 		o.WriteTimeout = 10 * time.Second
 	}
 	if o.Registry == nil {
-		o.Registry = NewRegistry(nil)
+		o.Registry = NewRegistry()
 	}
 	if o.Transport == nil {
 		o.Transport = proxy.NewTransport(proxy.TransportOptions{})
@@ -181,8 +186,15 @@ func NewHandler(o HandlerOptions) http.Handler {
 			proxy.WriteError(w, r, perr)
 			return
 		}
+		var user, tenant string
+		if o.Owner != nil {
+			user, tenant = o.Owner(r)
+		}
 		if o.Admit != nil {
-			release, ok := o.Admit(w, r)
+			// Released after everything else the stream holds, and before the client sees the
+			// end of the response: a client that starts its next stream at once finds its slot
+			// free on every instance.
+			release, ok := o.Admit(w, r, o.Directory.claim(q.RequestID, user, tenant))
 			if !ok {
 				return
 			}
@@ -192,10 +204,6 @@ func NewHandler(o HandlerOptions) http.Handler {
 		defer cancelUp(nil)
 		stop := newEnding(func() { cancelUp(errEnded) })
 		started := o.Now()
-		var user, tenant string
-		if o.Owner != nil {
-			user, tenant = o.Owner(r)
-		}
 		remove, err := o.Registry.Add(newStream(q.RequestID, user, tenant, started, stop))
 		if err != nil {
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict,

@@ -32,13 +32,11 @@ func newStream(requestID, user, tenant string, started time.Time, stop *ending) 
 type Registry struct {
 	mu      sync.Mutex
 	streams map[string]*Stream
-	dir     *Directory // nil: this instance only
 }
 
-// NewRegistry returns an empty registry; with a Directory, streams are announced to every
-// instance.
-func NewRegistry(dir *Directory) *Registry {
-	return &Registry{streams: make(map[string]*Stream), dir: dir}
+// NewRegistry returns an empty registry.
+func NewRegistry() *Registry {
+	return &Registry{streams: make(map[string]*Stream)}
 }
 
 // Add registers a stream; the returned function removes it and must be called when it ends.
@@ -50,17 +48,12 @@ func (r *Registry) Add(s *Stream) (remove func(), err error) {
 	}
 	r.streams[s.RequestID] = s
 	r.mu.Unlock()
-	unannounce := func() {}
-	if r.dir != nil {
-		unannounce = r.dir.announce(s)
-	}
 	return func() {
 		r.mu.Lock()
 		if r.streams[s.RequestID] == s {
 			delete(r.streams, s.RequestID)
 		}
 		r.mu.Unlock()
-		unannounce()
 	}, nil
 }
 

@@ -158,7 +158,7 @@ type streamEnv struct {
 const writeTimeout = 300 * time.Millisecond
 
 func newStreamEnv(t *testing.T, a *algo, ping time.Duration) *streamEnv {
-	e := &streamEnv{net: &pipeNet{}, reg: sse.NewRegistry(nil), algo: a, leases: policy.NewMemoryLeases(),
+	e := &streamEnv{net: &pipeNet{}, reg: sse.NewRegistry(), algo: a, leases: policy.NewMemoryLeases(),
 		ended: make(chan struct{}, 16)}
 	a.cancelled = make(chan time.Time, 16)
 	algoURL := e.net.serve(t, "algo", a)
@@ -170,7 +170,7 @@ func newStreamEnv(t *testing.T, a *algo, ping time.Duration) *streamEnv {
 		Registry:     e.reg,
 		PingInterval: ping,
 		WriteTimeout: writeTimeout,
-		Admit: func(w http.ResponseWriter, r *http.Request) (func(), bool) {
+		Admit: func(w http.ResponseWriter, r *http.Request, _ *policy.Claim) (func(), bool) {
 			e.admits.Add(1)
 			release, err := e.leases.Acquire(r.Context(), policy.LeaseRequest{Kind: "chat", User: "u", PerUser: 1})
 			if err != nil {

@@ -1,0 +1,391 @@
+package policy
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/redis/rueidis"
+)
+
+// admitScript admits a request in one round trip: GCRA over several buckets, a daily quota, a
+// concurrency slot and a claimed key, all or nothing. It takes the time from Redis, in
+// microseconds, so instances with drifting clocks share one budget exactly.
+//
+// The quota's day is Redis's UTC day: the caller offers the keys of the days around its own
+// (yesterday, today, tomorrow) and the script counts in the one that is today for Redis, so
+// every instance counts in the same key whatever its clock says. A slot is a member of the
+// user's and the tenant's sorted sets, scored with its expiry in ms on Redis's clock, after
+// expired members are dropped.
+//
+// KEYS: the buckets; if quota > 0, three quota keys; with a slot, the user and tenant sets; with
+// a claim, its key.
+// ARGV: n, quota, quota ttl ms, slot (0/1), member, lease ttl ms, user cap, tenant cap,
+// claim (0/1), claim value; then per bucket: interval µs, burst; then, with a quota, the day
+// numbers (days since the epoch) of the three quota keys.
+// Returns {status, quota exceeded, retry µs, then per bucket: remaining, reset µs}, where status
+// is 1 admitted, 0 refused by a rate or the quota, 2 the user cap full, 3 the tenant cap full,
+// 4 the claim held; or {-1} when Redis's day is none of the three (an instance clock off by
+// more than a day).
+const admitScript = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local nowms = math.floor(now / 1000)
+local n = tonumber(ARGV[1])
+local quota = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[6])
+local status, overQuota, retry = 1, 0, 0
+local tats, out = {}, {}
+for i = 1, n do
+  local interval = tonumber(ARGV[9 + 2 * i])
+  local burst = tonumber(ARGV[10 + 2 * i])
+  local tau = interval * math.max(burst - 1, 0)
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  if tat - tau > now then
+    status = 0
+    retry = math.max(retry, tat - tau - now)
+    out[#out + 1] = 0
+    out[#out + 1] = tat - now
+  else
+    tats[i] = tat + interval
+    out[#out + 1] = math.floor((now + tau - tat) / interval)
+    out[#out + 1] = tat + interval - now
+  end
+end
+local k = n
+local qkey
+if quota > 0 then
+  local day = math.floor(tonumber(t[1]) / 86400)
+  for j = 1, 3 do
+    if tonumber(ARGV[10 + 2 * n + j]) == day then qkey = KEYS[k + j] end
+  end
+  k = k + 3
+  if not qkey then return {-1} end
+  if tonumber(redis.call('GET', qkey) or '0') >= quota then
+    status, overQuota = 0, 1
+    retry = math.max(retry, (day + 1) * 86400000000 - now)
+  end
+end
+local slot = ARGV[4] == '1'
+if slot then
+  for i = 1, 2 do
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + i], '-inf', nowms)
+    local cap = tonumber(ARGV[6 + i])
+    if status == 1 and cap > 0 and redis.call('ZCARD', KEYS[k + i]) >= cap then status = 1 + i end
+  end
+end
+local ckey
+if ARGV[9] == '1' then
+  ckey = KEYS[k + (slot and 2 or 0) + 1]
+  if status == 1 and redis.call('EXISTS', ckey) == 1 then status = 4 end
+end
+if status == 1 then
+  for i = 1, n do
+    -- %.0f: a Lua number becomes a string with 14 digits otherwise, and these have 16
+    redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', math.max(math.ceil((tats[i] - now) / 1000), 1))
+  end
+  if qkey then
+    redis.call('INCR', qkey)
+    redis.call('PEXPIRE', qkey, ARGV[3])
+  end
+  if slot then
+    for i = 1, 2 do
+      redis.call('ZADD', KEYS[k + i], nowms + ttl, ARGV[5])
+      redis.call('PEXPIRE', KEYS[k + i], ttl)
+    end
+  end
+  if ckey then redis.call('SET', ckey, ARGV[10], 'PX', ttl) end
+end
+local res = {status, overQuota, retry}
+for i = 1, #out do res[#res + 1] = out[i] end
+return res`
+
+// renewScript moves a held slot's and claim's expiry to the TTL from now on Redis's clock, and
+// puts them back if they are gone: they expired while Redis could not be reached, or Redis lost
+// its data. The request still runs, so its slot must count toward the cap again, even if that
+// puts the count over the cap for a while (no running session is ended for it). GT never moves
+// an expiry back. A claim taken meanwhile by someone else is left to them.
+//
+// KEYS: with a slot, the user and tenant sets; with a claim, its key. ARGV: member, ttl ms,
+// slot (0/1), claim value.
+const renewScript = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local k = 0
+if ARGV[3] == '1' then
+  for i = 1, 2 do
+    redis.call('ZADD', KEYS[i], 'GT', now + ttl, ARGV[1])
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+  k = 2
+end
+if KEYS[k + 1] then
+  local v = redis.call('GET', KEYS[k + 1])
+  if v == ARGV[4] then
+    redis.call('PEXPIRE', KEYS[k + 1], ttl)
+  elseif not v then
+    redis.call('SET', KEYS[k + 1], ARGV[4], 'PX', ttl)
+  end
+end
+return 0`
+
+// releaseScript gives a slot back and deletes a claim that is still this admission's.
+//
+// KEYS: as renewScript's. ARGV: member, slot (0/1), claim value.
+const releaseScript = `
+local k = 0
+if ARGV[2] == '1' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  k = 2
+end
+if KEYS[k + 1] and redis.call('GET', KEYS[k + 1]) == ARGV[3] then
+  redis.call('DEL', KEYS[k + 1])
+end
+return 0`
+
+// RedisAdmitter admits requests against rates, quotas and concurrency caps shared by every
+// instance, and takes their claims, in one Lua script per admission: one round trip. Releasing
+// is one more. Slots and claims expire TTL after their last renewal; Renew, called by the
+// gateway's one renewer every TTL/3 and whenever OnChange says so, renews every held one in one
+// pipeline, so an instance that dies frees its slots within TTL and no request needs a
+// goroutine of its own for it.
+//
+// Keys (Prefix is REDIS_PREFIX, as given), with the tenant as the Redis Cluster hash tag so one
+// admission's keys share a slot:
+//
+//	{prefix}rl:{tenant}:{bucket key}           GCRA theoretical arrival time, µs (Redis's clock)
+//	{prefix}quota:{tenant}:{user}:{yyyymmdd}   requests that UTC day (Redis's day)
+//	{prefix}lease:{tenant}:{kind}:u:{user}     the user's slots (sorted set, expiry in ms)
+//	{prefix}lease:{tenant}:{kind}:t            the tenant's
+type RedisAdmitter struct {
+	client   rueidis.Client
+	prefix   string
+	ttl      time.Duration
+	admit    *rueidis.Lua
+	renewal  *rueidis.Lua
+	release  *rueidis.Lua
+	onChange func()
+	now      func() time.Time
+
+	mu       sync.Mutex
+	held     map[string]holding // by member
+	released []holding          // whose release failed or raced a renewal: Renew retries
+	renewed  time.Time          // when held slots were last renewed
+}
+
+// holding is what one admission holds in Redis.
+type holding struct {
+	member               string
+	userKey, tenantKey   string // empty: no slot
+	claimKey, claimValue string // empty: no claim
+}
+
+func (h *holding) keys() []string {
+	keys := make([]string, 0, 3)
+	if h.userKey != "" {
+		keys = append(keys, h.userKey, h.tenantKey)
+	}
+	if h.claimKey != "" {
+		keys = append(keys, h.claimKey)
+	}
+	return keys
+}
+
+func (h *holding) slot() string {
+	if h.userKey != "" {
+		return "1"
+	}
+	return "0"
+}
+
+// RedisAdmitterOptions configures a RedisAdmitter.
+type RedisAdmitterOptions struct {
+	Prefix string        // key prefix (REDIS_PREFIX), as given
+	TTL    time.Duration // how long a slot or claim outlives its last renewal; zero means 30 s
+	// OnChange, if set, is called when a release has to be retried: Renew has it to do.
+	OnChange func()
+	// Now is this instance's clock. It decides when renewals are due and names the quota keys
+	// around today; Redis's clock decides the rest. Nil means time.Now.
+	Now func() time.Time
+}
+
+// NewRedisAdmitter returns an admitter on client.
+func NewRedisAdmitter(client rueidis.Client, o RedisAdmitterOptions) *RedisAdmitter {
+	if o.TTL <= 0 {
+		o.TTL = 30 * time.Second
+	}
+	if o.OnChange == nil {
+		o.OnChange = func() {}
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &RedisAdmitter{client: client, prefix: o.Prefix, ttl: o.TTL, admit: rueidis.NewLuaScript(admitScript),
+		renewal: rueidis.NewLuaScript(renewScript), release: rueidis.NewLuaScript(releaseScript),
+		onChange: o.OnChange, now: o.Now, held: map[string]holding{}, renewed: o.Now()}
+}
+
+// errClockSkew means this instance's clock is more than a day away from Redis's.
+var errClockSkew = errors.New("policy: admission: this instance's clock is more than a day from Redis's")
+
+// Admit implements Admitter.
+func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, error) {
+	tag := Tag(a.Tenant) + ":"
+	n := len(a.Buckets)
+	keys := make([]string, 0, n+6)
+	args := make([]string, 10, 13+2*n)
+	args[0], args[1], args[2] = strconv.Itoa(n), strconv.FormatInt(a.Quota, 10), "90000000" // 25h
+	args[3], args[5], args[8] = "0", strconv.FormatInt(l.ttl.Milliseconds(), 10), "0"
+	for _, b := range a.Buckets {
+		keys = append(keys, l.prefix+"rl:"+tag+b.Key)
+		args = append(args, strconv.FormatInt(intervalUS(b), 10), strconv.Itoa(b.Burst))
+	}
+	if a.Quota > 0 {
+		today := l.now().UTC().Truncate(24 * time.Hour)
+		for _, d := range []time.Time{today.AddDate(0, 0, -1), today, today.AddDate(0, 0, 1)} {
+			keys = append(keys, l.prefix+"quota:"+tag+a.User+":"+d.Format("20060102"))
+			args = append(args, strconv.FormatInt(d.Unix()/86400, 10))
+		}
+	}
+	var h *holding
+	if a.Slot != nil || a.Claim != nil {
+		h = &holding{member: rand.Text()}
+		args[4] = h.member
+	}
+	if s := a.Slot; s != nil {
+		h.userKey = l.prefix + "lease:" + tag + s.Kind + ":u:" + a.User
+		h.tenantKey = l.prefix + "lease:" + tag + s.Kind + ":t"
+		keys = append(keys, h.userKey, h.tenantKey)
+		args[3], args[6], args[7] = "1", strconv.Itoa(s.PerUser), strconv.Itoa(s.PerTenant)
+	} else {
+		args[6], args[7] = "0", "0"
+	}
+	if c := a.Claim; c != nil {
+		h.claimKey, h.claimValue = c.Key, c.Value
+		keys = append(keys, c.Key)
+		args[8], args[9] = "1", c.Value
+	}
+
+	res, err := l.admit.Exec(ctx, l.client, keys, args).AsIntSlice()
+	if err != nil {
+		return Verdict{}, nil, fmt.Errorf("policy: admission: %w", err)
+	}
+	if len(res) == 1 && res[0] == -1 {
+		return Verdict{}, nil, errClockSkew
+	}
+	if len(res) != 3+2*n {
+		return Verdict{}, nil, fmt.Errorf("policy: admission: unexpected answer of %d values", len(res))
+	}
+	switch res[0] {
+	case 2:
+		return Verdict{}, nil, &CapError{a.Slot.Kind, "user", a.Slot.PerUser}
+	case 3:
+		return Verdict{}, nil, &CapError{a.Slot.Kind, "tenant", a.Slot.PerTenant}
+	case 4:
+		return Verdict{}, nil, ErrClaimed
+	}
+	v := Verdict{Allowed: res[0] == 1, QuotaExceeded: res[1] == 1, Remaining: -1,
+		RetryAfter: time.Duration(res[2]) * time.Microsecond}
+	for i, b := range a.Buckets {
+		v.note(true, b.Limit, 0, res[3+2*i], res[4+2*i])
+	}
+	if !v.Allowed {
+		return v, nil, nil
+	}
+	if h == nil {
+		return v, func(context.Context) {}, nil
+	}
+	l.mu.Lock()
+	l.held[h.member] = *h
+	l.mu.Unlock()
+	var once sync.Once
+	return v, func(ctx context.Context) { once.Do(func() { l.give(ctx, h) }) }, nil
+}
+
+// Allow implements Limiter: an admission with a charge only.
+func (l *RedisAdmitter) Allow(ctx context.Context, c *Charge) (Verdict, error) {
+	v, _, err := l.Admit(ctx, &Ask{Charge: *c})
+	return v, err
+}
+
+// give releases h at once, in one round trip; if that fails, Renew does it again.
+func (l *RedisAdmitter) give(ctx context.Context, h *holding) {
+	l.mu.Lock()
+	delete(l.held, h.member)
+	l.mu.Unlock()
+	if err := l.release.Exec(ctx, l.client, h.keys(), []string{h.member, h.slot(), h.claimValue}).Error(); err != nil {
+		l.mu.Lock()
+		l.released = append(l.released, *h)
+		l.mu.Unlock()
+		l.onChange()
+	}
+}
+
+// Renew retries the releases that failed and, once a quarter of the TTL has gone by since it
+// last did, renews the held slots and claims. Called every TTL/3, it renews on every call
+// however late the previous one ran, and a call in between (to release) postpones the next
+// renewal by at most one period. A release that fails again is repaired by expiry. Calls must
+// not overlap (the gateway's renewer makes them one at a time).
+func (l *RedisAdmitter) Renew(ctx context.Context) error {
+	l.mu.Lock()
+	released := l.released
+	l.released = nil
+	var renew []rueidis.LuaExec
+	var renewing map[string]holding // what the renewal may put back, by member
+	if now := l.now(); now.Sub(l.renewed) >= l.ttl/4 {
+		l.renewed = now
+		ttl := strconv.FormatInt(l.ttl.Milliseconds(), 10)
+		renew = make([]rueidis.LuaExec, 0, len(l.held))
+		renewing = make(map[string]holding, len(l.held))
+		for member, h := range l.held {
+			renew = append(renew, rueidis.LuaExec{Keys: h.keys(), Args: []string{member, ttl, h.slot(), h.claimValue}})
+			renewing[member] = h
+		}
+	}
+	l.mu.Unlock()
+
+	var rerr error
+	if len(released) > 0 {
+		execs := make([]rueidis.LuaExec, len(released))
+		for i, h := range released {
+			execs[i] = rueidis.LuaExec{Keys: h.keys(), Args: []string{h.member, h.slot(), h.claimValue}}
+		}
+		for _, res := range l.release.ExecMulti(ctx, l.client, execs...) {
+			if err := res.Error(); err != nil {
+				// Not returned yet: the held slots must be renewed all the same.
+				rerr = fmt.Errorf("policy: release leases: %w", err)
+				break
+			}
+		}
+	}
+	var err error
+	if len(renew) > 0 {
+		for _, res := range l.renewal.ExecMulti(ctx, l.client, renew...) {
+			if err = res.Error(); err != nil {
+				err = fmt.Errorf("policy: renew leases (they expire unless renewed in time): %w", err)
+				break
+			}
+		}
+		// What was released while the renewal ran may have been put back by it: release it again.
+		l.mu.Lock()
+		raced := 0
+		for member, h := range renewing {
+			if _, ok := l.held[member]; !ok {
+				l.released = append(l.released, h)
+				raced++
+			}
+		}
+		l.mu.Unlock()
+		if raced > 0 {
+			l.onChange()
+		}
+	}
+	return errors.Join(rerr, err)
+}
