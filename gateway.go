@@ -101,7 +101,7 @@ func (g *gateway) buildAuth(ctx context.Context) error {
 	// A user revocation must outlive every token it covers, and the verifier accepts a token
 	// until its exp (at most JWT_MAX_LIFETIME away) plus the leeway.
 	keep := cfg.JWTMaxLifetime + cfg.JWTLeeway
-	var revocations auth.Revocations = auth.NewMemoryRevocations(keep)
+	var revocations auth.Revocations = auth.NewMemoryRevocations(keep, nil)
 	if g.redis != nil {
 		revocations = auth.NewRedisRevocations(g.redis, auth.RedisRevocationsOptions{Prefix: cfg.RedisPrefix, MaxLifetime: keep})
 	}
@@ -141,7 +141,7 @@ func (g *gateway) buildAuth(ctx context.Context) error {
 // reads the policy in force from the store, made once the routes are known.
 func (g *gateway) buildFairUse() {
 	cfg := g.cfg
-	admitter := policy.Compose(policy.NewMemoryLimiter(), policy.NewMemoryLeases())
+	admitter := policy.Compose(policy.NewMemoryLimiter(nil), policy.NewMemoryLeases())
 	if g.redis != nil {
 		ra := policy.NewRedisAdmitter(g.redis, policy.RedisAdmitterOptions{Prefix: cfg.RedisPrefix, TTL: cfg.LeaseTTL,
 			OnChange: g.renewer.Kick})

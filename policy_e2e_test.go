@@ -1183,7 +1183,7 @@ func BenchmarkRateLimitRedis(b *testing.B) {
 		}
 	})
 	b.Run("memory", func(b *testing.B) {
-		lim := policy.NewMemoryLimiter()
+		lim := policy.NewMemoryLimiter(nil)
 		c := charge()
 		b.ReportAllocs()
 		for b.Loop() {

@@ -28,7 +28,7 @@ func FuzzTokenPreParse(f *testing.F) {
 	f.Add("Bearer " + b64([]byte(`{"alg":"RS256","kid":"`+strings.Repeat("k", 200)+`"}`)) + ".e30.AAAA")
 
 	v, _, _ := newVerifier(f, nil)
-	a := auth.New(auth.Options{Verifier: v, Revocations: auth.NewMemoryRevocations(time.Hour), Now: fixedClock(0)})
+	a := auth.New(auth.Options{Verifier: v, Revocations: auth.NewMemoryRevocations(time.Hour, nil), Now: fixedClock(0)})
 	h := a.Require(false)(okHandler())
 	f.Fuzz(func(t *testing.T, header string) {
 		req, err := http.NewRequest(http.MethodGet, "http://gw/x", nil)

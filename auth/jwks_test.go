@@ -165,7 +165,7 @@ func TestJWKSUnavailable(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			a := auth.New(auth.Options{Verifier: v, Revocations: auth.NewMemoryRevocations(time.Hour), Now: fixedClock(0)})
+			a := auth.New(auth.Options{Verifier: v, Revocations: auth.NewMemoryRevocations(time.Hour, nil), Now: fixedClock(0)})
 			h := a.Require(false)(okHandler())
 			es := fixture(t, "es256_valid")
 

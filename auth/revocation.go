@@ -35,11 +35,14 @@ type MemoryRevocations struct {
 	puts     int
 }
 
-// NewMemoryRevocations returns an in-memory store. maxLifetime is the longest a token lives: a
-// user revocation is kept that long.
-func NewMemoryRevocations(maxLifetime time.Duration) *MemoryRevocations {
+// NewMemoryRevocations returns an in-memory store on the clock now (nil means time.Now).
+// maxLifetime is the longest a token lives: a user revocation is kept that long.
+func NewMemoryRevocations(maxLifetime time.Duration, now func() time.Time) *MemoryRevocations {
+	if now == nil {
+		now = time.Now
+	}
 	return &MemoryRevocations{tokens: map[string]time.Time{}, users: map[string]time.Time{},
-		lifetime: maxLifetime, now: time.Now}
+		lifetime: maxLifetime, now: now}
 }
 
 // NeverBlocks tells the middleware that lookups need no time budget.

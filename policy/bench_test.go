@@ -86,7 +86,7 @@ func BenchmarkAllows(b *testing.B) {
 // BenchmarkMemoryLimiter is one Allow with the three buckets the Enforcer charges (user, tenant,
 // class) and a daily quota, each roomy enough never to refuse.
 func BenchmarkMemoryLimiter(b *testing.B) {
-	l := policy.NewMemoryLimiter()
+	l := policy.NewMemoryLimiter(nil)
 	roomy := policy.Bucket{Interval: time.Millisecond, Burst: 1 << 40, Limit: 1 << 30}
 	c := &policy.Charge{Tenant: "acme", User: "alice", Quota: 1 << 60}
 	for _, key := range []string{"u:alice", "t", "u:alice:c:chat"} {
@@ -119,7 +119,7 @@ func BenchmarkWrap(b *testing.B) {
 	e := policy.NewEnforcer(policy.EnforcerOptions{
 		Policy:   func() *policy.Policy { return p },
 		Subject:  func(*http.Request) (policy.Subject, bool) { return s, true },
-		Admitter: policy.Compose(policy.NewMemoryLimiter(), policy.NewMemoryLeases()),
+		Admitter: policy.Compose(policy.NewMemoryLimiter(nil), policy.NewMemoryLeases()),
 	})
 	ok := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusOK) })
 	r := httptest.NewRequest("POST", "/api/v2/chat/stream", nil)

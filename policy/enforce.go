@@ -36,7 +36,9 @@ type EnforcerOptions struct {
 	OnLimited func()
 	// OnStoreError is called when the limiter or the leases fail (metrics).
 	OnStoreError func()
-	Log          *slog.Logger
+	// Now is the clock that spaces out store-failure log lines; nil means time.Now.
+	Now func() time.Time
+	Log *slog.Logger
 }
 
 // Enforcer is the authorization and fair-use middleware. It goes inside the router, on each
@@ -53,6 +55,9 @@ func NewEnforcer(o EnforcerOptions) *Enforcer {
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
 	}
 	return &Enforcer{o: o}
 }
@@ -257,7 +262,7 @@ func (e *Enforcer) storeFailed(msg string, err error) {
 	if e.o.OnStoreError != nil {
 		e.o.OnStoreError()
 	}
-	now := time.Now().UnixMilli()
+	now := e.o.Now().UnixMilli()
 	if last := e.lastLog.Load(); now-last > 10_000 && e.lastLog.CompareAndSwap(last, now) {
 		e.o.Log.Warn(msg, "err", proxy.Describe(err))
 	}

@@ -183,7 +183,7 @@ func TestEnforcerRateLimits(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, harnessOptions{limits: tc.limits, limiter: policy.NewMemoryLimiter()})
+			h := newHarness(t, harnessOptions{limits: tc.limits, limiter: policy.NewMemoryLimiter(nil)})
 			runSteps(t, h, tc.steps)
 			if got := h.limited.Load(); got != tc.limited {
 				t.Errorf("OnLimited called %d times, want %d", got, tc.limited)
@@ -201,7 +201,7 @@ func TestEnforcerRateLimits(t *testing.T) {
 func TestEnforcerClassRate(t *testing.T) {
 	h := newHarness(t, harnessOptions{
 		limits:  policy.Limits{Classes: map[string]policy.Rate{"chat": {Requests: 5, Per: policy.Duration(time.Minute), Burst: 5}}},
-		limiter: policy.NewMemoryLimiter(),
+		limiter: policy.NewMemoryLimiter(nil),
 	})
 	a := user("alice", "acme")
 	for i, want := range []string{"4", "3", "2", "1", "0"} {
@@ -242,31 +242,43 @@ func TestEnforcerClassRate(t *testing.T) {
 }
 
 // TestEnforcerRefill: 10 per second with a burst of 1 refuses a second request at once and
-// admits one again after a generous wait.
+// admits one again once the slot has refilled (100 ms on the limiter's clock).
 func TestEnforcerRefill(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Date(2026, 1, 2, 12, 0, 0, 0, time.UTC)
+	clock := func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return now
+	}
+	advance := func(d time.Duration) {
+		mu.Lock()
+		defer mu.Unlock()
+		now = now.Add(d)
+	}
 	h := newHarness(t, harnessOptions{
 		limits:  policy.Limits{PerUser: &policy.Rate{Requests: 10, Per: policy.Duration(time.Second), Burst: 1}},
-		limiter: policy.NewMemoryLimiter(),
+		limiter: policy.NewMemoryLimiter(clock),
 	})
 	a := user("alice", "acme")
 	if rec := h.do("GET", docs, a); rec.Code != http.StatusOK {
 		t.Fatalf("first: %d", rec.Code)
 	}
-	// The slot refills after 100 ms; only a stall of that length between the two requests
-	// could admit this one, which would make the check below pass but not fail wrongly.
-	start := time.Now()
-	rec := h.do("GET", docs, a)
-	if time.Since(start) < 50*time.Millisecond && rec.Code != http.StatusTooManyRequests {
+	if rec := h.do("GET", docs, a); rec.Code != http.StatusTooManyRequests {
 		t.Fatalf("second at once: %d, want 429", rec.Code)
 	}
-	time.Sleep(300 * time.Millisecond)
+	advance(99 * time.Millisecond)
+	if rec := h.do("GET", docs, a); rec.Code != http.StatusTooManyRequests {
+		t.Fatalf("1 ms before the refill: %d, want 429", rec.Code)
+	}
+	advance(time.Millisecond)
 	if rec := h.do("GET", docs, a); rec.Code != http.StatusOK {
-		t.Fatalf("after the refill: %d, want 200", rec.Code)
+		t.Fatalf("at the refill: %d, want 200", rec.Code)
 	}
 }
 
 func TestEnforcerDailyQuota(t *testing.T) {
-	h := newHarness(t, harnessOptions{limits: policy.Limits{DailyRequestsPerUser: 3}, limiter: policy.NewMemoryLimiter()})
+	h := newHarness(t, harnessOptions{limits: policy.Limits{DailyRequestsPerUser: 3}, limiter: policy.NewMemoryLimiter(nil)})
 	a, b := user("alice", "acme"), user("bob", "acme")
 	runSteps(t, h, []step{
 		{a, "GET", docs, 200, ""},

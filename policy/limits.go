@@ -67,9 +67,12 @@ type MemoryLimiter struct {
 	sweeps int
 }
 
-// NewMemoryLimiter returns an in-process limiter.
-func NewMemoryLimiter() *MemoryLimiter {
-	return &MemoryLimiter{tats: map[string]int64{}, quotas: map[string]int64{}, now: time.Now}
+// NewMemoryLimiter returns an in-process limiter on the clock now; nil means time.Now.
+func NewMemoryLimiter(now func() time.Time) *MemoryLimiter {
+	if now == nil {
+		now = time.Now
+	}
+	return &MemoryLimiter{tats: map[string]int64{}, quotas: map[string]int64{}, now: now}
 }
 
 // Allow implements Limiter.

@@ -57,7 +57,7 @@ func TestMemoryLimiter(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			l := policy.NewMemoryLimiter()
+			l := policy.NewMemoryLimiter(nil)
 			for i, c := range tc.calls {
 				v, err := l.Allow(ctx, &c.c)
 				if err != nil {
@@ -83,7 +83,7 @@ func TestMemoryLimiter(t *testing.T) {
 // TestMemoryLimiterSubMillisecondInterval: Bucket is exported, and nothing says its Interval must
 // be at least a millisecond.
 func TestMemoryLimiterSubMillisecondInterval(t *testing.T) {
-	l := policy.NewMemoryLimiter()
+	l := policy.NewMemoryLimiter(nil)
 	c := &policy.Charge{Tenant: "acme", User: "a",
 		Buckets: []policy.Bucket{{Key: "u:a", Interval: 100 * time.Microsecond, Burst: 1, Limit: 10000}}}
 	defer func() {
@@ -180,7 +180,7 @@ func TestMemoryLimiterMicroseconds(t *testing.T) {
 	for _, interval := range []time.Duration{500 * time.Microsecond, 1500 * time.Microsecond} {
 		t.Run(interval.String(), func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				l := policy.NewMemoryLimiter()
+				l := policy.NewMemoryLimiter(nil)
 				c := &policy.Charge{Tenant: "acme", User: "a",
 					Buckets: []policy.Bucket{{Key: "u:a", Interval: interval, Burst: 1, Limit: 1}}}
 				allowed := func() bool {

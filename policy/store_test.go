@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"voicegate/policy"
@@ -233,58 +234,63 @@ func TestStoreReload(t *testing.T) {
 	})
 }
 
+// TestStoreWatch: a watched file that changes is reloaded, a bad one is refused once and leaves
+// the policy in force, and Watch ends with its context. Time is synctest's: the polls and the
+// waits below are on its clock, so a busy machine cannot make them late.
 func TestStoreWatch(t *testing.T) {
-	v1, v2, bad := policyVersions(t)
-	path := filepath.Join(t.TempDir(), "policy.json")
-	writeAtomically(t, path, v1)
-	log := &syncBuffer{}
-	s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayRoutes, ExtraPerms: handlerPerms,
-		Log: slog.New(slog.NewJSONHandler(log, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p1 := s.Policy()
-
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	done := make(chan struct{})
-	go func() {
-		s.Watch(ctx, 20*time.Millisecond)
-		close(done)
-	}()
-
-	waitFor := func(what string, cond func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(time.Second)
-		for !cond() {
-			if time.Now().After(deadline) {
-				t.Fatalf("not within a second: %s", what)
-			}
-			time.Sleep(5 * time.Millisecond)
+	synctest.Test(t, func(t *testing.T) {
+		v1, v2, bad := policyVersions(t)
+		path := filepath.Join(t.TempDir(), "policy.json")
+		writeAtomically(t, path, v1)
+		log := &syncBuffer{}
+		s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayRoutes, ExtraPerms: handlerPerms,
+			Log: slog.New(slog.NewJSONHandler(log, nil))})
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
+		p1 := s.Policy()
 
-	writeAtomically(t, path, v2)
-	waitFor("the changed file is in force", func() bool { return s.Policy() != p1 })
-	p2 := s.Policy()
-	if !userMayReadAdmin(p2) {
-		t.Fatal("the watched change is not the policy in force")
-	}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		done := make(chan struct{})
+		go func() {
+			s.Watch(ctx, 20*time.Millisecond)
+			close(done)
+		}()
 
-	writeAtomically(t, path, bad)
-	waitFor("the bad file is refused in the log", func() bool { return log.count(t, "ERROR") > 0 })
-	time.Sleep(100 * time.Millisecond) // several more polls of the same bad file
-	if s.Policy() != p2 {
-		t.Fatal("a bad file replaced the policy")
-	}
-	if n := log.count(t, "ERROR"); n != 1 {
-		t.Fatalf("%d ERROR lines for one bad write, want 1", n)
-	}
+		waitFor := func(what string, cond func() bool) {
+			t.Helper()
+			deadline := time.Now().Add(time.Second)
+			for !cond() {
+				if time.Now().After(deadline) {
+					t.Fatalf("not within a second: %s", what)
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
 
-	cancel()
-	select {
-	case <-done:
-	case <-time.After(time.Second):
-		t.Fatal("Watch did not stop when its context ended")
-	}
+		writeAtomically(t, path, v2)
+		waitFor("the changed file is in force", func() bool { return s.Policy() != p1 })
+		p2 := s.Policy()
+		if !userMayReadAdmin(p2) {
+			t.Fatal("the watched change is not the policy in force")
+		}
+
+		writeAtomically(t, path, bad)
+		waitFor("the bad file is refused in the log", func() bool { return log.count(t, "ERROR") > 0 })
+		time.Sleep(100 * time.Millisecond) // several more polls of the same bad file
+		if s.Policy() != p2 {
+			t.Fatal("a bad file replaced the policy")
+		}
+		if n := log.count(t, "ERROR"); n != 1 {
+			t.Fatalf("%d ERROR lines for one bad write, want 1", n)
+		}
+
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(time.Second):
+			t.Fatal("Watch did not stop when its context ended")
+		}
+	})
 }

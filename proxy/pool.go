@@ -35,6 +35,8 @@ type PoolOptions struct {
 	// function that writes the trace context into the outgoing headers, and one that ends the
 	// span. Hooking in here costs no request copy of its own.
 	Trace func(ctx context.Context, method string) (context.Context, func(http.Header), func(status int, err error))
+	// Now is the clock ejections are timed by; nil means time.Now.
+	Now func() time.Time
 }
 
 // Replica is one member of a Pool.
@@ -45,6 +47,7 @@ type Replica struct {
 	failures    int
 	ejections   int
 	until       time.Time // ejected until
+	now         func() time.Time
 }
 
 // Pool balances requests over an upstream's replicas by least outstanding requests, takes out a
@@ -73,9 +76,12 @@ func NewPool(o PoolOptions) *Pool {
 	if o.MaxEject <= 0 {
 		o.MaxEject = time.Minute
 	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
 	p := &Pool{o: o}
 	for _, u := range o.Targets {
-		p.replicas = append(p.replicas, &Replica{URL: u})
+		p.replicas = append(p.replicas, &Replica{URL: u, now: o.Now})
 	}
 	return p
 }
@@ -90,14 +96,14 @@ func (p *Pool) Replicas() []*Replica { return p.replicas }
 func (r *Replica) Ejected() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return time.Now().Before(r.until)
+	return r.now().Before(r.until)
 }
 
 // Pick chooses a replica: the least loaded of those in rotation, skipping exclude. When every
 // candidate is ejected it returns the one whose ejection ends first, so a pool never refuses
 // outright. The caller must call done with the attempt's outcome.
 func (p *Pool) Pick(exclude []*Replica) (r *Replica, done func(outcome string)) {
-	now := time.Now()
+	now := p.o.Now()
 	start := int(p.next.Add(1))
 	var best, soonest *Replica
 	var bestLoad int64
@@ -162,7 +168,7 @@ func (p *Pool) record(r *Replica, outcome string) {
 	r.failures++
 	if outcome == "refused" || r.failures >= p.o.EjectAfter {
 		d := p.o.EjectFor << min(r.ejections, 10)
-		r.until = time.Now().Add(min(d, p.o.MaxEject))
+		r.until = p.o.Now().Add(min(d, p.o.MaxEject))
 		r.ejections++
 		r.failures = 0
 	}

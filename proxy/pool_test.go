@@ -412,25 +412,34 @@ func TestPoolEjectAfterErrorStatus(t *testing.T) {
 
 // TestPoolEjectionEnds: an ejection lasts EjectFor; a replica that still fails when tried again
 // is ejected twice as long, up to MaxEject; one that answers is re-admitted and its next
-// ejection is short again.
+// ejection is short again. Ejections are timed on the pool's clock, stepped by hand here.
 func TestPoolEjectionEnds(t *testing.T) {
 	const ejectFor, maxEject = 50 * time.Millisecond, 120 * time.Millisecond
+	var mu sync.Mutex
+	now := time.Date(2026, 1, 2, 12, 0, 0, 0, time.UTC)
+	clock := func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return now
+	}
+	advance := func(d time.Duration) {
+		mu.Lock()
+		defer mu.Unlock()
+		now = now.Add(d)
+	}
 	flaky, good := newReplica(t, "flaky"), newReplica(t, "good")
 	flaky.status.Store(503)
-	p, c, rec := newPool(t, proxy.PoolOptions{EjectAfter: 1, EjectFor: ejectFor, MaxEject: maxEject},
+	p, c, rec := newPool(t, proxy.PoolOptions{EjectAfter: 1, EjectFor: ejectFor, MaxEject: maxEject, Now: clock},
 		flaky.srv.URL, good.srv.URL)
 	r := replicaByURL(p, flaky.srv.URL)
 
 	// tryFlaky sends requests until one reaches the flaky replica (the first after an
-	// ejection ends, or the other replica's turn first), and returns the times just before
-	// and just after that request.
-	tryFlaky := func() (before, after time.Time) {
+	// ejection ends, or the other replica's turn first).
+	tryFlaky := func() {
 		t.Helper()
 		for range 4 {
 			n := flaky.hits.Load()
-			before = time.Now()
 			got, _, err := fetch(t, c, p, "GET", "/", "")
-			after = time.Now()
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -438,25 +447,10 @@ func TestPoolEjectionEnds(t *testing.T) {
 				if got != "flaky" {
 					t.Fatalf("flaky replica was hit but the answer came from %q", got)
 				}
-				return before, after
+				return
 			}
 		}
 		t.Fatalf("the flaky replica received none of 4 requests while in rotation (outcomes %v)", rec.all())
-		return
-	}
-	// ejection measures how long the ejection that began with a request sent at before and
-	// answered at after lasts. (No request is sent meanwhile: one landing on the replica just
-	// as the ejection ends would start the next.)
-	ejection := func(before, after time.Time) (least, most time.Duration) {
-		t.Helper()
-		if !r.Ejected() {
-			t.Fatal("the failing replica is not ejected")
-		}
-		for r.Ejected() {
-			time.Sleep(time.Millisecond)
-		}
-		end := time.Now()
-		return end.Sub(after), end.Sub(before)
 	}
 
 	steps := []struct {
@@ -476,21 +470,24 @@ func TestPoolEjectionEnds(t *testing.T) {
 		} else {
 			flaky.status.Store(503)
 		}
-		before, after := tryFlaky()
+		tryFlaky()
 		if st.healthy {
 			if r.Ejected() {
 				t.Fatalf("step %d: replica answering 200 is ejected", i+1)
 			}
 			continue
 		}
-		least, most := ejection(before, after)
-		// The ejection ends no earlier than want after the request, and well before the next
-		// doubling would.
-		if most < st.want {
-			t.Errorf("step %d: ejection ended %v after the request, want at least %v", i+1, most, st.want)
+		// Ejected for exactly want from the failed request (the clock stood still meanwhile).
+		if !r.Ejected() {
+			t.Fatalf("step %d: the failing replica is not ejected", i+1)
 		}
-		if limit := st.want + 70*time.Millisecond; least > limit {
-			t.Errorf("step %d: ejection lasted at least %v, want about %v (under %v)", i+1, least, st.want, limit)
+		advance(st.want - time.Millisecond)
+		if !r.Ejected() {
+			t.Errorf("step %d: ejection ended before %v", i+1, st.want)
+		}
+		advance(time.Millisecond)
+		if r.Ejected() {
+			t.Errorf("step %d: still ejected %v after the request", i+1, st.want)
 		}
 	}
 }
