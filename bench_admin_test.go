@@ -70,7 +70,8 @@ func fixedGets(tb testing.TB, url, token string, conns, rate int, d time.Duratio
 // httputil.ReverseProxy, each a child process in front of the same back end, at the same fixed
 // load: ADMIN_BENCH_RATE (default 2000) authenticated small GETs per second over 64 keep-alive
 // connections, ADMIN_BENCH_SECONDS (default 5) per turn, three turns each, alternating. It
-// reports CPU per request (user+sys from /proc).
+// reports CPU per request (user+sys from /proc); with VOICEGATE_BENCH_PERF, the first turn of
+// each is profiled.
 func BenchmarkAdminProcess(b *testing.B) {
 	needProcfs(b)
 	rate := envInt(b, "ADMIN_BENCH_RATE", 2000)
@@ -99,7 +100,12 @@ func BenchmarkAdminProcess(b *testing.B) {
 			c := children[i]
 			fixedGets(b, "http://"+c.addr+"/api/v2/admin/users", token, 64, rate, time.Second) // warm
 			cpu0 := c.cpu(b)
+			stopProfile := func() {}
+			if round < 2 {
+				stopProfile = c.profile(b, window)
+			}
 			n, lat := fixedGets(b, "http://"+c.addr+"/api/v2/admin/users", token, 64, rate, window)
+			stopProfile()
 			figs[i].cpu += c.cpu(b) - cpu0
 			figs[i].reqs += n
 			figs[i].lat = append(figs[i].lat, lat...)

@@ -2,8 +2,12 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -117,5 +121,106 @@ func BenchmarkSSEProcess(b *testing.B) {
 		b.ReportMetric(micros(per(fb)), "bare-µs/event")
 		b.ReportMetric(micros(per(fg)), "gateway-µs/event")
 		b.ReportMetric(float64(per(fg))/float64(per(fb)), "gateway/bare")
+	}
+}
+
+// firstLineUpstream answers every chat at once: one chunk stamped with its send time, then done.
+func firstLineUpstream(tb testing.TB) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		fmt.Fprintf(w, `{"type":"generation_chunk","content":"first","sent_ns":%d}`+"\n", time.Now().UnixNano())
+		http.NewResponseController(w).Flush()
+		io.WriteString(w, `{"type":"generation_done"}`+"\n")
+	}))
+	tb.Cleanup(srv.Close)
+	return srv
+}
+
+// firstEvent sends one chat and returns how long its first upstream line took to arrive, from
+// just before the request was sent.
+func firstEvent(tb testing.TB, client *http.Client, url, token string) time.Duration {
+	tb.Helper()
+	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(`{"message":"benchmark question"}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+token)
+	start := time.Now()
+	res, err := client.Do(req)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		tb.Fatalf("%s: status %d", url, res.StatusCode)
+	}
+	sc := bufio.NewScanner(res.Body)
+	for sc.Scan() {
+		if bytes.Contains(sc.Bytes(), []byte(`"sent_ns":`)) {
+			d := time.Since(start)
+			io.Copy(io.Discard, res.Body) // to the end: the stream's release is part of its cost
+			return d
+		}
+	}
+	tb.Fatalf("%s: the stream ended without its first line (%v)", url, sc.Err())
+	return 0
+}
+
+// BenchmarkFirstEvent measures the time to a chat stream's first event through the built gateway
+// with Redis on (its defaults, the benchmark policy: rates, quota and caps all in the path, and
+// the stream announced in the stream directory) and through a bare httputil.ReverseProxy
+// passing the NDJSON through, each a child process in front of the same algorithm service, which
+// answers at once. One stream at a time, FIRST_EVENT_STREAMS (default 2000) through each, in
+// alternating rounds of 100 (FIRST_EVENT_REDIS=off runs the gateway without Redis). The target
+// is gateway ≤ 1.2 × bare + 200 µs, at p50 and p99.
+func BenchmarkFirstEvent(b *testing.B) {
+	needProcfs(b)
+	total := envInt(b, "FIRST_EVENT_STREAMS", 2000)
+	r := startRedis(b)
+	algo := firstLineUpstream(b)
+	bin := buildGateway(b)
+	bare := startBare(b, algo.URL)
+	env := map[string]string{"ALGO_URL": algo.URL, "REDIS_URL": r.URL(), "POLICY_FILE": "testdata/policy/bench.json"}
+	if os.Getenv("FIRST_EVENT_REDIS") == "off" { // to tell Redis's share from the rest
+		delete(env, "REDIS_URL")
+	}
+	gw := startGatewayProcess(b, bin, "voicegate", env)
+	token := tokenFor(b, "u-first", []string{"user"}, map[string]any{"tenant_id": "t-first"})
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
+	b.Cleanup(client.CloseIdleConnections)
+	urls := [2]string{"http://" + bare.addr + "/api/v2/chat/stream", "http://" + gw.addr + "/api/v2/chat/stream"}
+	for _, u := range urls { // warm: connections, scripts, the token's revocation cache
+		for range 50 {
+			firstEvent(b, client, u, token)
+		}
+	}
+	b.ResetTimer()
+	for range b.N {
+		var lat [2][]time.Duration
+		for round := 0; round < total/100; round++ {
+			for k := range 2 {
+				i := (round + k) % 2
+				for range 100 {
+					lat[i] = append(lat[i], firstEvent(b, client, urls[i], token))
+				}
+			}
+		}
+		for i := range lat {
+			slices.Sort(lat[i])
+		}
+		p := func(i int, q float64) time.Duration { return percentile(lat[i], q) }
+		for _, q := range []float64{0.5, 0.99} {
+			bound := time.Duration(1.2*float64(p(0, q))) + 200*time.Microsecond
+			verdict := "within"
+			if p(1, q) > bound {
+				verdict = "OVER"
+			}
+			b.Logf("p%02.0f: bare %v, gateway %v (added %v; bound 1.2× bare + 200 µs = %v: %s)", q*100,
+				p(0, q).Round(time.Microsecond), p(1, q).Round(time.Microsecond),
+				(p(1, q) - p(0, q)).Round(time.Microsecond), bound.Round(time.Microsecond), verdict)
+		}
+		b.ReportMetric(micros(p(0, 0.5)), "bare-p50-µs")
+		b.ReportMetric(micros(p(1, 0.5)), "gateway-p50-µs")
+		b.ReportMetric(micros(p(0, 0.99)), "bare-p99-µs")
+		b.ReportMetric(micros(p(1, 0.99)), "gateway-p99-µs")
 	}
 }
