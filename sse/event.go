@@ -23,6 +23,8 @@ const (
 	CodeLineTooLong        = "LINE_TOO_LONG"
 	CodeUpstreamIncomplete = "UPSTREAM_INCOMPLETE"
 	CodeStreamError        = "STREAM_ERROR"
+	CodeResumeGap          = "RESUME_GAP"
+	CodeTokenRevoked       = "TOKEN_REVOKED"
 )
 
 // knownEvent returns the metrics label of an upstream type, without allocating: the types of
@@ -174,9 +176,15 @@ func (e *encoder) appendSlow(dst, line []byte, lineNo, now int64) ([]byte, []byt
 	return dst, typ, true
 }
 
-// appendGatewayEvent appends an event the gateway makes itself (no id): its data is the
-// encoded members in fields (each `"key":value`) plus request_id and timestamp.
-func (e *encoder) appendGatewayEvent(dst []byte, name string, now int64, fields ...string) []byte {
+// appendGatewayEvent appends an event the gateway makes itself, with the id given (none when
+// negative): its data is the encoded members in fields (each `"key":value`) plus request_id
+// and timestamp.
+func (e *encoder) appendGatewayEvent(dst []byte, id int64, name string, now int64, fields ...string) []byte {
+	if id >= 0 {
+		dst = append(dst, "id: "...)
+		dst = strconv.AppendInt(dst, id, 10)
+		dst = append(dst, '\n')
+	}
 	dst = append(dst, "event: "...)
 	dst = append(dst, name...)
 	dst = append(dst, "\ndata: {"...)

@@ -18,6 +18,7 @@ func ExampleRewriter() {
 	io.WriteString(rw, `tent":"Hello"}`+"\n"+`{"type":"generation_done"}`+"\n")
 	fmt.Print(string(rw.Take(nil)))
 	// Output:
+	// retry: 2000
 	// event: stream_start
 	// data: {"request_id":"r1","timestamp":1700000000000}
 	//
@@ -29,6 +30,7 @@ func ExampleRewriter() {
 	// event: generation_done
 	// data: {"type":"generation_done","request_id":"r1","line_number":2,"timestamp":1700000000000}
 	//
+	// id: 3
 	// event: stream_end
 	// data: {"request_id":"r1","lines_processed":2,"lines_skipped":0,"outcome":"completed","duration_ms":0,"timestamp":1700000000000}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"strconv"
 	"time"
 )
 
@@ -11,6 +12,7 @@ import (
 const (
 	DefaultMaxLineBytes = 1 << 20
 	DefaultPingInterval = 15 * time.Second
+	DefaultReconnect    = 2 * time.Second
 )
 
 // Options configures a Rewriter.
@@ -24,6 +26,9 @@ type Options struct {
 	Now func() time.Time
 	// RetryAfter is the reconnect hint sent with server_shutdown; zero means 5s.
 	RetryAfter time.Duration
+	// Reconnect is the SSE retry: field sent with stream_start, how long an EventSource waits
+	// before it reconnects after losing the stream; zero means DefaultReconnect.
+	Reconnect time.Duration
 	// OnEvent, if set, is called with the name of every event written (for metrics). Upstream
 	// types outside the contract's (retrieval_*, generation_*, done, error) are reported as
 	// "other", so the names form a small set.
@@ -56,6 +61,7 @@ type Rewriter struct {
 	finished bool
 	start    time.Time
 	lineNo   int64
+	tail     int64 // events after the last line (the end's): ids lineNo+1, lineNo+2, …
 	stats    Stats
 }
 
@@ -73,16 +79,27 @@ func NewRewriter(opts Options) *Rewriter {
 	if opts.RetryAfter <= 0 {
 		opts.RetryAfter = 5 * time.Second
 	}
+	if opts.Reconnect <= 0 {
+		opts.Reconnect = DefaultReconnect
+	}
 	now := opts.Now
 	if now == nil {
 		now = time.Now
 	}
 	rw := &Rewriter{opts: opts, enc: newEncoder(opts.RequestID), now: now}
 	rw.start = rw.now()
-	rw.out = rw.enc.appendGatewayEvent(rw.out, EventStart, rw.start.UnixMilli())
+	rw.out = append(rw.out, "retry: "...)
+	rw.out = strconv.AppendInt(rw.out, opts.Reconnect.Milliseconds(), 10)
+	rw.out = append(rw.out, '\n')
+	rw.out = rw.enc.appendGatewayEvent(rw.out, -1, EventStart, rw.start.UnixMilli())
 	rw.emitted(EventStart)
 	return rw
 }
+
+// LastID is the id of the last event encoded: every event but stream_start has one, increasing
+// by one from event to event (an upstream line's is its line number), so a client that resumes
+// after an id is owed exactly the events with greater ones. Zero before the first.
+func (rw *Rewriter) LastID() int64 { return rw.lineNo + rw.tail }
 
 // Stats reports the stream's counters; final once Finished.
 func (rw *Rewriter) Stats() Stats { return rw.stats }
@@ -171,7 +188,7 @@ func (rw *Rewriter) tooLong() {
 	rw.stats.LinesSkipped++
 	rw.clearPartial()
 	rw.dropping = true
-	rw.event(EventError,
+	rw.lineEvent(EventError,
 		field("code", CodeLineTooLong),
 		field("message", "an upstream line exceeded the line limit and was skipped"),
 		field("line_number", rw.lineNo),
@@ -191,7 +208,7 @@ func (rw *Rewriter) line(line []byte) {
 	out, typ, ok := rw.enc.appendLine(rw.out, line, rw.lineNo, rw.now().UnixMilli())
 	if !ok {
 		rw.stats.LinesSkipped++
-		rw.event(EventError,
+		rw.lineEvent(EventError,
 			field("code", CodeInvalidLine),
 			field("message", "an upstream line was not a JSON object and was skipped"),
 			field("line_number", rw.lineNo),
@@ -231,11 +248,7 @@ func (rw *Rewriter) End(err error) {
 	if !errors.Is(err, io.EOF) {
 		msg = "the connection to the algorithm service broke off mid-answer"
 	}
-	rw.event(EventError,
-		field("code", CodeUpstreamIncomplete),
-		field("message", msg),
-		field("fatal", true))
-	rw.finish("incomplete", true)
+	rw.Fail(CodeUpstreamIncomplete, msg, "incomplete")
 }
 
 // Interrupt ends the stream early: "cancelled" (stream_cancelled) or "shutdown"
@@ -253,8 +266,34 @@ func (rw *Rewriter) Interrupt(why string) {
 	rw.finish(stopShutdown, true)
 }
 
+// Fail ends the stream with a fatal error event of code, then stream_end with outcome.
+func (rw *Rewriter) Fail(code, message, outcome string) {
+	if rw.finished {
+		return
+	}
+	rw.event(EventError, field("code", code), field("message", message), field("fatal", true))
+	rw.finish(outcome, true)
+}
+
+// ShutdownNotice is the server_shutdown event for a stream that goes on without this client: it
+// tells the client to resume elsewhere. It has no id and is not part of the stream: a client
+// that resumes is not told again.
+func (rw *Rewriter) ShutdownNotice(dst []byte) []byte {
+	rw.emitted(EventShutdown)
+	return rw.enc.appendGatewayEvent(dst, -1, EventShutdown, rw.now().UnixMilli(),
+		field("retry_after_ms", rw.opts.RetryAfter.Milliseconds()), field("resume", true))
+}
+
+// event appends a stream-level event, after the last line: it takes the next id.
 func (rw *Rewriter) event(name string, fields ...string) {
-	rw.out = rw.enc.appendGatewayEvent(rw.out, name, rw.now().UnixMilli(), fields...)
+	rw.tail++
+	rw.out = rw.enc.appendGatewayEvent(rw.out, rw.LastID(), name, rw.now().UnixMilli(), fields...)
+	rw.emitted(name)
+}
+
+// lineEvent appends the event standing for the current line (an error about it): the line's id.
+func (rw *Rewriter) lineEvent(name string, fields ...string) {
+	rw.out = rw.enc.appendGatewayEvent(rw.out, rw.lineNo, name, rw.now().UnixMilli(), fields...)
 	rw.emitted(name)
 }
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"testing/iotest"
@@ -102,11 +103,12 @@ func TestEverySplit(t *testing.T) {
 
 // event is one parsed SSE event.
 type event struct {
-	id, name string
-	data     map[string]any
+	id, name, retry string
+	data            map[string]any
 }
 
-// parseEvents parses an SSE body strictly: only id, event and data fields and ping comments.
+// parseEvents parses an SSE body strictly: only id, event, data and retry fields and ping
+// comments.
 func parseEvents(t testing.TB, body []byte) []event {
 	t.Helper()
 	var evs []event
@@ -123,6 +125,8 @@ func parseEvents(t testing.TB, body []byte) []event {
 			switch k {
 			case "id":
 				ev.id = v
+			case "retry":
+				ev.retry = v
 			case "event":
 				ev.name = v
 			case "data":
@@ -156,6 +160,16 @@ func checkWellFormed(t testing.TB, body []byte) []event {
 	last := evs[len(evs)-1].name
 	if last != sse.EventEnd && last != sse.EventCancelled {
 		t.Fatalf("stream does not end with stream_end: %q", body)
+	}
+	// The reconnect delay comes with stream_start; every later event has an id, one more than
+	// the event before it, so a client that resumes after an id is owed exactly what follows.
+	if evs[0].retry != "2000" || evs[0].id != "" {
+		t.Fatalf("stream_start has retry %q and id %q, want retry 2000 and no id", evs[0].retry, evs[0].id)
+	}
+	for i, ev := range evs[1:] {
+		if ev.id != strconv.Itoa(i+1) || ev.retry != "" {
+			t.Fatalf("event %d (%s) has id %q (retry %q), want id %d", i+1, ev.name, ev.id, ev.retry, i+1)
+		}
 	}
 	for _, ev := range evs {
 		if ev.data["request_id"] == nil || ev.data["timestamp"] == nil {
