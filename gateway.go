@@ -34,7 +34,8 @@ type gateway struct {
 	enforcer  *policy.Enforcer
 	policy    *policy.Store
 	streams   *sse.Registry
-	streamDir *sse.Directory // nil without Redis
+	streamDir *sse.Directory   // nil without Redis
+	replay    *sse.RedisReplay // nil without Redis or with resuming off
 	voices    *voice.Registry
 	renewer   *renewer // nil without Redis
 	h         handlers
@@ -46,7 +47,7 @@ type gateway struct {
 
 // handlers are the routes' own handlers, before protection.
 type handlers struct {
-	chat, cancel, revoke, voice, voiceSessions, admin, docs http.Handler
+	chat, chatResume, cancel, revoke, voice, voiceSessions, admin, docs http.Handler
 }
 
 // Permissions that handlers check themselves, besides those the policy binds routes to.
@@ -172,11 +173,22 @@ func (g *gateway) buildHandlers() {
 		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, g.log)
 	}
 	g.streams = sse.NewRegistry()
-	g.h.chat = sse.NewHandler(sse.HandlerOptions{
+	var replay sse.ReplayLog // nil: resuming off
+	if cfg.SSEResumeWindow > 0 {
+		if g.redis != nil {
+			g.replay = sse.NewRedisReplay(g.redis, cfg.RedisPrefix, cfg.SSEResumeRetention, g.log)
+			replay = g.replay
+		} else {
+			replay = sse.NewMemoryReplay(cfg.SSEResumeRetention, nil)
+		}
+	}
+	chat := sse.HandlerOptions{
 		AlgoURL:         algo.Primary(),
 		Transport:       algo,
 		Registry:        g.streams,
 		Directory:       g.streamDir,
+		Replay:          replay,
+		ResumeWindow:    cfg.SSEResumeWindow,
 		Outbound:        outbound,
 		MaxBodyBytes:    cfg.ChatMaxBodyBytes,
 		MaxMessageChars: cfg.ChatMaxMessage,
@@ -192,7 +204,9 @@ func (g *gateway) buildHandlers() {
 		OnStreamEnd:     func() { tel.sseActive.Add(bg, -1) },
 		OnFirstEvent:    func(d time.Duration) { tel.firstEvent.Record(bg, d.Seconds()) },
 		Log:             g.log,
-	})
+	}
+	g.h.chat = sse.NewHandler(chat)
+	g.h.chatResume = sse.NewResumeHandler(chat)
 	mayCancel := func(r *http.Request, owner string) bool {
 		user, _ := auth.Owner(r)
 		return owner == user || g.can(r, "chat:admin")

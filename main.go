@@ -120,6 +120,12 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 	if gw.streamDir != nil {
 		background.Go(func() { gw.streamDir.Run(watchCtx, gw.streams) })
 	}
+	if gw.replay != nil {
+		// Runs until the drain is over: streams fill their logs to the end of the grace.
+		replayCtx, stopReplay := context.WithCancel(context.WithoutCancel(ctx))
+		defer stopReplay()
+		background.Go(func() { gw.replay.Run(replayCtx) })
+	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -244,6 +250,9 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 	if drain > 0 {
 		time.Sleep(drain) // a second SIGTERM still kills at once: main restored the default
 	}
+	// Resumable streams tell their clients to resume on another instance now, and go on
+	// filling their logs for them.
+	g.streams.Drain()
 	// Streams and voice sessions get the grace period to finish, and are ended a little before
 	// its end so their last words get out: server_shutdown for streams, 1012 for sessions.
 	margin := min(grace/5, 2*time.Second)
@@ -260,11 +269,12 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 		g.log.Warn("grace period over; closing remaining connections")
 		err = srv.Close()
 	}
-	// Shutdown does not wait for hijacked connections: wait for the voice sessions here, until
-	// they have all ended (on their own or closed 1012 near the deadline).
+	// Shutdown does not wait for hijacked connections, nor for resumable streams that went on
+	// without their clients: wait for them here, until they have all ended (on their own, or
+	// closed 1012 and cut short near the deadline).
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
-	for g.voices.Len() > 0 && ctx.Err() == nil {
+	for (g.voices.Len() > 0 || g.streams.Len() > 0) && ctx.Err() == nil {
 		select {
 		case <-ctx.Done():
 		case <-tick.C:

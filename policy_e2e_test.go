@@ -821,13 +821,16 @@ func startChildGateway(t *testing.T, env map[string]string) *childGateway {
 }
 
 // TestPolicyChildGateway is not a test: it is the gateway of startChildGateway, run by a child
-// process (VOICEGATE_CHILD_GATEWAY=1) until it is killed or its stdin closes.
+// process (VOICEGATE_CHILD_GATEWAY=1) until it is killed, its stdin closes, or SIGTERM drains
+// it as in production.
 func TestPolicyChildGateway(t *testing.T) {
 	if os.Getenv("VOICEGATE_CHILD_GATEWAY") != "1" {
 		t.Skip("the gateway of a child process started by TestPolicyLeaseAcrossInstances")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM)
+	defer stop()
 	go func() {
 		_, _ = io.Copy(io.Discard, os.Stdin)
 		cancel()

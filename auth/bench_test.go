@@ -20,7 +20,7 @@ import (
 // handler a shallow copy (r.WithContext), so nothing carries over between ops.
 func BenchmarkMiddleware(b *testing.B) {
 	v, _, _ := newVerifier(b, nil)
-	a := auth.New(auth.Options{Verifier: v, Revocations: auth.NewMemoryRevocations(24 * time.Hour, nil), Now: fixedClock(0)})
+	a := auth.New(auth.Options{Verifier: v, Revocations: auth.NewMemoryRevocations(24*time.Hour, nil), Now: fixedClock(0)})
 	final := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
 	authed := a.Require(false)(final)
 	hs, es := fixture(b, "hs256_valid"), fixture(b, "es256_valid")

@@ -33,7 +33,7 @@ func TestRevocationOutlivesLeeway(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rev := auth.NewMemoryRevocations(24 * time.Hour, nil)
+		rev := auth.NewMemoryRevocations(24*time.Hour, nil)
 		a := auth.New(auth.Options{Verifier: v, Revocations: rev})
 		logout := a.Require(false)(auth.NewRevokeHandler(auth.RevokeOptions{Revocations: rev, Leeway: leeway}))
 		req := httptest.NewRequest(http.MethodPost, "/api/v2/auth/revoke", nil)
@@ -66,7 +66,7 @@ func (r *recordingRevocations) RevokeToken(ctx context.Context, jti string, unti
 // TestRevokeKeepsLeeway: a logout keeps the jti until exp plus the leeway; an admin's revocation
 // of another jti until the longest lifetime plus the leeway.
 func TestRevokeKeepsLeeway(t *testing.T) {
-	rec := &recordingRevocations{Revocations: auth.NewMemoryRevocations(24 * time.Hour, nil)}
+	rec := &recordingRevocations{Revocations: auth.NewMemoryRevocations(24*time.Hour, nil)}
 	a, _ := newAuth(t, func(o *auth.Options) { o.Revocations = rec })
 	admin := signHS256(t, secret(t), nil, claims(map[string]any{"user_id": "admin-1", "jti": "jti-admin",
 		"permissions": []string{auth.PermRevoke}}))

@@ -73,7 +73,7 @@ func TestRevokeHandler(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			rev := auth.NewMemoryRevocations(24 * time.Hour, nil)
+			rev := auth.NewMemoryRevocations(24*time.Hour, nil)
 			a, _ := newAuth(t, func(o *auth.Options) { o.Revocations = rev })
 			var asked []string
 			revoke := a.Require(false)(auth.NewRevokeHandler(auth.RevokeOptions{
@@ -121,7 +121,7 @@ func TestRevokeHandler(t *testing.T) {
 	}
 
 	t.Run("revoked caller", func(t *testing.T) {
-		rev := auth.NewMemoryRevocations(24 * time.Hour, nil)
+		rev := auth.NewMemoryRevocations(24*time.Hour, nil)
 		a, _ := newAuth(t, func(o *auth.Options) { o.Revocations = rev })
 		if err := rev.RevokeToken(context.Background(), "jti-user2", time.Unix(fixtureExp, 0)); err != nil {
 			t.Fatal(err)

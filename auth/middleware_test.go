@@ -76,7 +76,7 @@ func wantError(t *testing.T, res *httptest.ResponseRecorder, status int, code st
 func newAuth(t testing.TB, mod func(*auth.Options)) (*auth.Authenticator, *auth.MemoryRevocations) {
 	t.Helper()
 	v, _, _ := newVerifier(t, nil)
-	rev := auth.NewMemoryRevocations(24 * time.Hour, nil)
+	rev := auth.NewMemoryRevocations(24*time.Hour, nil)
 	o := auth.Options{Verifier: v, Revocations: rev, Now: fixedClock(0)}
 	if mod != nil {
 		mod(&o)
@@ -294,7 +294,7 @@ func TestRequireRevocation(t *testing.T) {
 	noIAT := signHS256(t, secret(t), nil, claims(map[string]any{"iat": nil, "jti": "jti-no-iat"}))
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			rev := auth.NewMemoryRevocations(24 * time.Hour, nil)
+			rev := auth.NewMemoryRevocations(24*time.Hour, nil)
 			v, _, _ := newVerifier(t, func(o *auth.VerifierOptions) { o.Now = fixedClock(200) })
 			a := auth.New(auth.Options{Verifier: v, Revocations: rev, Now: fixedClock(200)})
 			h := a.Require(false)(okHandler())

@@ -16,6 +16,7 @@ import (
 // gatewayRoutes are the protected routes main registers today, in its order.
 var gatewayRoutes = []string{
 	"POST /api/v2/chat/stream",
+	"GET /api/v2/chat/stream/{request_id}",
 	"POST /api/v2/chat/cancel",
 	"POST /api/v2/auth/revoke",
 	"GET /api/v2/voice/stream",

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -36,6 +37,12 @@ type HandlerOptions struct {
 	// Directory, if set, makes running streams known to every instance: each stream's entry is
 	// a claim of its admission.
 	Directory *Directory
+	// Replay, if set, makes streams resumable: every event is also appended to it; a client that
+	// loses its connection leaves its stream running for ResumeWindow (longer while someone
+	// resumes it) and gets the rest with Last-Event-ID, on any instance; a drain tells clients to
+	// resume elsewhere and keeps filling the log until the stream ends or the grace is over.
+	Replay       ReplayLog
+	ResumeWindow time.Duration
 	// MaxBodyBytes bounds the request body; zero means 64 KiB.
 	MaxBodyBytes int64
 	// MaxMessageChars bounds "message" in characters; zero means 4000.
@@ -190,6 +197,22 @@ func NewHandler(o HandlerOptions) http.Handler {
 		if o.Owner != nil {
 			user, tenant = o.Owner(r)
 		}
+		if o.Replay != nil && r.Header.Get("Last-Event-ID") != "" {
+			// The same request again after a lost connection: the rest of the stream, never
+			// a second generation.
+			o.resume(w, r, ReplayKey{Tenant: tenant, User: user, RequestID: q.RequestID})
+			return
+		}
+		// What the stream holds is released by whoever ends it last: this handler, or, once
+		// the upstream answered, the goroutine that produces the stream (which may outlive the
+		// handler when the stream is resumable).
+		var held []func()
+		handedOff := false
+		defer func() {
+			if !handedOff {
+				runReverse(held)
+			}
+		}()
 		if o.Admit != nil {
 			// Released after everything else the stream holds, and before the client sees the
 			// end of the response: a client that starts its next stream at once finds its slot
@@ -198,26 +221,34 @@ func NewHandler(o HandlerOptions) http.Handler {
 			if !ok {
 				return
 			}
-			defer release()
+			held = append(held, release)
 		}
-		ctx, cancelUp := context.WithCancelCause(r.Context())
-		defer cancelUp(nil)
+		// The upstream request outlives the handler's context when the stream goes on without
+		// its client (resuming); the stream's ending cancels it on every path.
+		ctx, cancelUp := context.WithCancelCause(context.WithoutCancel(r.Context()))
+		held = append(held, func() { cancelUp(nil) })
 		stop := newEnding(func() { cancelUp(errEnded) })
 		started := o.Now()
-		remove, err := o.Registry.Add(newStream(q.RequestID, user, tenant, started, stop))
+		st := newStream(q.RequestID, user, tenant, started, stop)
+		remove, err := o.Registry.Add(st)
 		if err != nil {
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict,
 				Message: "a stream with this request_id is already running"})
 			return
 		}
-		defer remove()
+		held = append(held, remove)
+		// Until the upstream answers, a client that goes away ends the stream; after that, watch
+		// decides (a resumable stream goes on without it).
+		early := context.AfterFunc(r.Context(), func() { stop.end(endClient) })
 
 		req, err := o.upstreamRequest(ctx, r, queryURL, q)
 		if err != nil {
+			early()
 			proxy.WriteError(w, r, &proxy.Error{Cause: err})
 			return
 		}
 		res, err := o.Transport.RoundTrip(req)
+		early()
 		if err == nil && res.StatusCode != http.StatusOK {
 			err = &proxy.UpstreamStatusError{Status: res.StatusCode,
 				RetryAfter: proxy.ParseRetryAfter(res.Header.Get("Retry-After"))}
@@ -240,10 +271,9 @@ func NewHandler(o HandlerOptions) http.Handler {
 			o.OnStreamStart()
 		}
 		if o.OnStreamEnd != nil {
-			defer o.OnStreamEnd() // however the stream ends
+			held = append(held, o.OnStreamEnd) // however the stream ends
 		}
 		events := newTally(o.OnEvents)
-		defer events.flush() // after produce has returned: the tally is the handler's again
 		ro := o.rewriterOptions(q.RequestID, events)
 		if o.OnFirstEvent != nil {
 			ro.OnFirstLine = func() { o.OnFirstEvent(o.Now().Sub(started)) }
@@ -253,28 +283,147 @@ func NewHandler(o HandlerOptions) http.Handler {
 		w.WriteHeader(http.StatusOK)
 		cw := &clientWriter{w: w, rc: http.NewResponseController(w), timeout: o.WriteTimeout}
 		p := newPipe(rw, cw)
-		buf := o.BufferPool.Get()
-		produced := make(chan struct{})
-		go func() {
-			defer close(produced)
-			p.produce(res.Body, buf, stop)
-		}()
-		p.watch(stop, produced, r.Context().Done(), o.PingInterval)
-		o.BufferPool.Put(buf)
-		cw.done()
-		delivered := !p.failed.Load() && stop.reason() != endClient
-
-		p.mu.Lock()
-		stats := rw.Stats()
-		p.mu.Unlock()
-		outcome := stats.Outcome
-		if !delivered {
-			outcome = "disconnected"
+		if o.Replay != nil {
+			key := ReplayKey{Tenant: tenant, User: user, RequestID: q.RequestID}
+			p.resumable(o.Replay, key, o.ResumeWindow)
+			held = append(held, o.Replay.Produce(key))
 		}
-		o.Log.DebugContext(r.Context(), "stream ended", "request_id", q.RequestID, "outcome", outcome,
-			"lines_processed", stats.LinesProcessed, "lines_skipped", stats.LinesSkipped,
-			"duration", o.Now().Sub(started))
+		if o.Replay != nil {
+			o.Registry.setDrain(st, func() { p.drain(stop) })
+		}
+		buf := o.BufferPool.Get()
+		finished := make(chan struct{})
+		handedOff = true
+		go func() {
+			defer close(finished)
+			p.produce(res.Body, buf, stop)
+			o.BufferPool.Put(buf)
+			p.stopWindow()
+			events.flush() // produce has returned: the tally is this goroutine's
+			p.mu.Lock()
+			stats := rw.Stats()
+			p.mu.Unlock()
+			outcome := stats.Outcome
+			if p.failed.Load() || stop.reason() == endClient {
+				outcome = "disconnected"
+			}
+			o.Log.Debug("stream ended", "request_id", q.RequestID, "outcome", outcome,
+				"lines_processed", stats.LinesProcessed, "lines_skipped", stats.LinesSkipped,
+				"duration", o.Now().Sub(started))
+			runReverse(held)
+		}()
+		p.watch(stop, finished, r.Context().Done(), o.PingInterval)
+		// Either the stream is over and released, or it goes on without this client (resuming):
+		// this handler writes nothing more either way.
+		cw.done()
 	})
+}
+
+// NewResumeHandler returns GET /api/v2/chat/stream/{request_id}: the caller's stream of that
+// request ID, after the event Last-Event-ID names (from its start without one), then its live
+// tail, on any instance. It uses the Replay, Owner, WriteTimeout and Now of o; without a Replay
+// every stream is unknown to it (404).
+func NewResumeHandler(o HandlerOptions) http.Handler {
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = 10 * time.Second
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("request_id")
+		if !proxy.ValidRequestID(id) {
+			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
+				Message: "invalid request_id", Details: []FieldError{{"request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -"}}})
+			return
+		}
+		var user, tenant string
+		if o.Owner != nil {
+			user, tenant = o.Owner(r)
+		}
+		o.resume(w, r, ReplayKey{Tenant: tenant, User: user, RequestID: id})
+	})
+}
+
+// resume answers with the rest of a stream from its replay log: the events after Last-Event-ID,
+// then the live tail until stream_end. What the log cannot give ends the answer honestly: an
+// error event RESUME_GAP when events are missing, UPSTREAM_INCOMPLETE when the instance that
+// produced the stream died, each followed by stream_end.
+func (o *HandlerOptions) resume(w http.ResponseWriter, r *http.Request, k ReplayKey) {
+	after := int64(-1)
+	if v := r.Header.Get("Last-Event-ID"); v != "" {
+		n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		if err != nil || n < 0 {
+			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
+				Message: "Last-Event-ID must be the id of an event of the stream",
+				Details: []FieldError{{"Last-Event-ID", "must be a whole number"}}})
+			return
+		}
+		after = n
+	}
+	if o.Replay == nil {
+		proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeNotFound, "streams cannot be resumed here (SSE_RESUME_WINDOW is 0)")
+		return
+	}
+	cw := &clientWriter{w: w, rc: http.NewResponseController(w), timeout: o.WriteTimeout}
+	defer cw.done()
+	// The headers go out once the log is known to exist (Replay's first call has no events),
+	// so that a client resuming a silent stream is answered at once; the retry field goes with
+	// the first event (stream_start carries it when replaying from the start).
+	started, retry := false, after >= 0
+	start := func(b []byte) []byte {
+		if !started {
+			started = true
+			setStreamHeaders(w.Header())
+			w.WriteHeader(http.StatusOK)
+		}
+		if retry && len(b) > 0 {
+			retry = false
+			return append(strconv.AppendInt([]byte("retry: "), DefaultReconnect.Milliseconds(), 10), append([]byte("\n"), b...)...)
+		}
+		return b
+	}
+	emit := func(b []byte) error {
+		if b = start(b); len(b) == 0 {
+			return cw.rc.Flush()
+		}
+		return cw.write(b)
+	}
+	err := o.Replay.Replay(r.Context(), k, after, emit)
+	if err == nil || r.Context().Err() != nil {
+		return
+	}
+	var gap *GapError
+	var gone *GoneError
+	now := time.Now
+	if o.Now != nil {
+		now = o.Now
+	}
+	end := func(last int64, code, msg, outcome string) {
+		enc := newEncoder(k.RequestID)
+		t := now().UnixMilli()
+		b := enc.appendGatewayEvent(nil, last+1, EventError, t, field("code", code), field("message", msg), field("fatal", true))
+		b = enc.appendGatewayEvent(b, last+2, EventEnd, t, field("outcome", outcome))
+		_ = cw.write(start(b))
+	}
+	switch {
+	case errors.Is(err, ErrNoReplay) && !started:
+		proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeNotFound,
+			"no stream with this request_id to resume: it is not yours, never ran, or its log has expired")
+	case errors.As(err, &gap):
+		end(gap.After, CodeResumeGap, "the replay log no longer holds the events after Last-Event-ID; the stream cannot be resumed from there", "incomplete")
+	case errors.As(err, &gone):
+		end(gone.After, CodeUpstreamIncomplete, "the gateway instance producing the stream stopped before it ended", "incomplete")
+	case !started:
+		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusServiceUnavailable, Code: proxy.CodeUnavailable,
+			Message: "the replay log cannot be read", Cause: err})
+	default:
+		o.Log.Warn("resuming a stream failed", "request_id", k.RequestID, "err", proxy.Describe(err))
+	}
+}
+
+// runReverse calls fs last first, as deferred calls would be.
+func runReverse(fs []func()) {
+	for i := len(fs) - 1; i >= 0; i-- {
+		fs[i]()
+	}
 }
 
 // rewriterOptions are a stream's Rewriter options; events are counted into t (nil: not).

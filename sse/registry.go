@@ -20,7 +20,8 @@ type Stream struct {
 	TenantID  string
 	Started   time.Time
 
-	stop *ending
+	stop  *ending
+	drain func() // a drain's part (see pipe.drain); nil until the upstream answered
 }
 
 // newStream returns a stream whose ending (Registry.Cancel, EndAll) goes to stop.
@@ -73,17 +74,43 @@ func (r *Registry) Cancel(requestID string, allowed func(*Stream) bool) error {
 	return nil
 }
 
-// EndAll ends every running stream with server_shutdown, for a drain.
-func (r *Registry) EndAll() {
+// setDrain records what a drain does to s.
+func (r *Registry) setDrain(s *Stream, drain func()) {
 	r.mu.Lock()
+	defer r.mu.Unlock()
+	s.drain = drain
+}
+
+// Drain tells the clients of resumable streams to resume elsewhere (server_shutdown) and lets
+// them go; the streams go on filling their logs until they end, or EndAll. Other streams are
+// left to finish.
+func (r *Registry) Drain() {
+	for _, s := range r.all() {
+		r.mu.Lock()
+		drain := s.drain
+		r.mu.Unlock()
+		if drain != nil {
+			drain()
+		}
+	}
+}
+
+// EndAll ends every running stream for a shutdown: server_shutdown for a client still
+// attached, and, in the log of a resumable one, the error that says it was cut short.
+func (r *Registry) EndAll() {
+	for _, s := range r.all() {
+		s.stop.end(endShutdown)
+	}
+}
+
+func (r *Registry) all() []*Stream {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	streams := make([]*Stream, 0, len(r.streams))
 	for _, s := range r.streams {
 		streams = append(streams, s)
 	}
-	r.mu.Unlock()
-	for _, s := range streams {
-		s.stop.end(endShutdown)
-	}
+	return streams
 }
 
 // Len reports how many streams are running.

@@ -1,6 +1,7 @@
 package sse
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net/http"
@@ -54,7 +55,14 @@ func (e *ending) reason() string {
 // The handler's goroutine writes only pings, while the stream is silent. Whoever holds the
 // write token (writing) writes; nobody ever waits for it: a goroutine that finds it taken
 // leaves its events pending, and the holder writes them before it lets go. So nothing blocks
-// under a lock: mu guards the Rewriter, and is never held across a read, a write or a wait.
+// under a lock: mu guards the Rewriter and the resume state, and is never held across a read,
+// a write or a wait.
+//
+// A resumable stream also appends every batch it takes to its replay log, before it writes it,
+// so that whatever a client saw can be resumed. It survives its client: when the client goes
+// away or stops reading, or a drain tells it to resume elsewhere, the pipe detaches it
+// (clientDone closes, nothing more is written to it) and goes on filling the log, for the
+// resume window, and for as long after as someone resumes it.
 type pipe struct {
 	mu        sync.Mutex
 	rw        *Rewriter
@@ -62,39 +70,145 @@ type pipe struct {
 	writing   atomic.Bool   // the write token
 	failed    atomic.Bool   // a write to the client failed: it is gone, or not reading
 	lastWrite atomic.Int64  // unix ns of the last write to the client
+
+	// Resuming; all nil or zero for a stream that is not resumable.
+	log        ReplayLog
+	key        ReplayKey
+	window     time.Duration
+	logged     int64 // the last id appended to the log; -1 before stream_start
+	detached   atomic.Bool
+	clientDone chan struct{} // closed when the client is detached
+	notice     bool          // a drain asked for server_shutdown; the token holder sends it
+	timer      *time.Timer   // the resume window, once the client is gone
+	over       bool          // production has ended: no window any more
 }
 
-func newPipe(rw *Rewriter, cw *clientWriter) *pipe { return &pipe{rw: rw, cw: cw} }
+func newPipe(rw *Rewriter, cw *clientWriter) *pipe {
+	return &pipe{rw: rw, cw: cw, logged: -1, clientDone: make(chan struct{})}
+}
+
+// resumable makes the stream resumable through log, under key, for window after its client
+// goes.
+func (p *pipe) resumable(log ReplayLog, key ReplayKey, window time.Duration) {
+	p.log, p.key, p.window = log, key, window
+}
+
+// take takes the pending events into buf and, for a resumable stream, appends them to the
+// log. The caller holds mu.
+func (p *pipe) take(buf []byte) []byte {
+	buf = p.rw.Take(buf[:0])
+	if p.log != nil && len(buf) > 0 {
+		last := p.rw.LastID()
+		p.log.Append(p.key, p.logged+1, last, buf, p.rw.Finished())
+		p.logged = last
+	}
+	return buf
+}
 
 // flush writes what is pending, with extra (a ping) after it, if it can take the write token;
-// else the holder will. A failed write ends the stream. buf is the caller's own buffer.
+// else the holder will. A failed write loses the client: the stream ends, or, resumable, goes on
+// without it. buf is the caller's own buffer.
 func (p *pipe) flush(buf *[]byte, extra []byte, stop *ending) {
 	for p.writing.CompareAndSwap(false, true) {
 		p.mu.Lock()
-		*buf = p.rw.Take((*buf)[:0])
+		*buf = p.take(*buf)
+		notice := p.notice && !p.detached.Load()
+		if notice {
+			*buf = p.rw.ShutdownNotice(*buf)
+		}
 		p.mu.Unlock()
 		out := *buf
 		if extra != nil {
 			out = append(out, extra...)
 			*buf, extra = out, nil
 		}
-		if len(out) > 0 && !p.failed.Load() {
+		if len(out) > 0 && !p.failed.Load() && !p.detached.Load() {
 			if err := p.cw.write(out); err != nil {
 				p.failed.Store(true)
-				stop.end(endClient)
+				p.lose(stop)
 			} else {
 				p.lastWrite.Store(time.Now().UnixNano())
 			}
 		}
+		if notice {
+			p.detach()
+		}
 		p.writing.Store(false)
 		// Events left while the token was taken are this holder's to write.
 		p.mu.Lock()
-		more := p.rw.Pending() > 0
+		more := p.rw.Pending() > 0 || (p.notice && !p.detached.Load())
 		p.mu.Unlock()
-		if !more || p.failed.Load() {
+		if !more || p.failed.Load() || p.detached.Load() {
 			return
 		}
 	}
+}
+
+// detach lets go of the client: nothing more is written to it, and the handler returns. Called
+// by the holder of the write token, or once the client is gone.
+func (p *pipe) detach() {
+	if p.detached.CompareAndSwap(false, true) {
+		close(p.clientDone)
+	}
+}
+
+// lose handles a client that went away or stopped reading: the end of a stream that is not
+// resumable; for one that is, its window starts.
+func (p *pipe) lose(stop *ending) {
+	if p.log == nil {
+		stop.end(endClient)
+		return
+	}
+	p.detach()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.timer == nil && !p.over {
+		p.timer = time.AfterFunc(p.window, func() { p.windowOver(stop) })
+	}
+}
+
+// windowOver ends a stream nobody resumed within the window; one being resumed gets another
+// look a second later.
+func (p *pipe) windowOver(stop *ending) {
+	p.mu.Lock()
+	over := p.over
+	p.mu.Unlock()
+	if over {
+		return
+	}
+	if p.log.Watched(context.Background(), p.key) {
+		p.mu.Lock()
+		if !p.over {
+			p.timer.Reset(time.Second)
+		}
+		p.mu.Unlock()
+		return
+	}
+	stop.end(endClient)
+}
+
+// stopWindow stops the window once production is over.
+func (p *pipe) stopWindow() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.over = true
+	if p.timer != nil {
+		p.timer.Stop()
+	}
+}
+
+// drain is a drain's part: a resumable stream tells its client to resume elsewhere
+// (server_shutdown) and goes on without it; any other is ended with server_shutdown.
+func (p *pipe) drain(stop *ending) {
+	if p.log == nil {
+		stop.end(endShutdown)
+		return
+	}
+	p.mu.Lock()
+	p.notice = true
+	p.mu.Unlock()
+	var buf []byte
+	p.flush(&buf, nil, stop)
 }
 
 // produce reads the upstream body and writes its events to the client until the answer is
@@ -112,8 +226,12 @@ func (p *pipe) produce(body io.ReadCloser, buf []byte, stop *ending) {
 			p.rw.Write(buf[:n])
 		}
 		switch {
-		case why == endClient:
+		case why == endClient && p.log == nil:
 			// Nobody reads any more; what the answer would have said is dropped.
+		case why == endClient:
+			p.rw.Fail(CodeUpstreamIncomplete, "nobody resumed the stream within the resume window; the rest of the answer was abandoned", "abandoned")
+		case why == endShutdown && p.log != nil:
+			p.rw.Fail(CodeUpstreamIncomplete, "the gateway instance shut down before the answer was complete", stopShutdown)
 		case why != "":
 			p.rw.Interrupt(why)
 		case err != nil:
@@ -121,7 +239,7 @@ func (p *pipe) produce(body io.ReadCloser, buf []byte, stop *ending) {
 		}
 		finished := p.rw.Finished()
 		p.mu.Unlock()
-		if why == endClient || p.failed.Load() {
+		if why == endClient && p.log == nil || p.failed.Load() && p.log == nil {
 			return
 		}
 		p.flush(&out, nil, stop)
@@ -165,8 +283,8 @@ func (cw *clientWriter) done() {
 }
 
 // watch is the handler's part of a stream while produce runs: a ping comment whenever nothing
-// has been written for pingEvery (none if zero), and the end of the stream when the client goes
-// away. It returns when produce has.
+// has been written for pingEvery (none if zero), and the loss of the client when it goes away.
+// It returns when the stream is over, or goes on without this client.
 func (p *pipe) watch(stop *ending, produced, gone <-chan struct{}, pingEvery time.Duration) {
 	var ping <-chan time.Time
 	var t *time.Timer
@@ -180,8 +298,10 @@ func (p *pipe) watch(stop *ending, produced, gone <-chan struct{}, pingEvery tim
 		select {
 		case <-produced:
 			return
+		case <-p.clientDone:
+			return
 		case <-gone:
-			stop.end(endClient)
+			p.lose(stop)
 			gone = nil
 		case now := <-ping:
 			if quiet := now.Sub(time.Unix(0, p.lastWrite.Load())); quiet < pingEvery {

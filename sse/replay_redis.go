@@ -1,0 +1,315 @@
+package sse
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"voicegate/policy"
+	"voicegate/proxy"
+)
+
+// Timing of the Redis replay log.
+const (
+	replayBeat      = time.Second     // how often a producing instance says it is alive
+	replayBeatTTL   = 3 * replayBeat  // how long a resumer waits for the next before it gives up
+	replayBlock     = replayBeat      // how long a resumer's XREAD waits for new events
+	replayCallBound = 2 * time.Second // every other call
+	replayBatch     = 512             // appends sent in one pipeline at most
+)
+
+// RedisReplay is a ReplayLog in Redis Streams, shared by every instance: a stream produced on
+// one instance can be resumed on any other, and a resumer notices within replayBeatTTL that the
+// producing instance died.
+//
+// Appends go through one goroutine (Run) that sends whatever has queued up in one pipeline:
+// under load, many streams' events share a round trip, and a stream never waits for Redis.
+//
+// Keys (prefix is REDIS_PREFIX, as given; the tenant is the Redis Cluster hash tag):
+//
+//	{prefix}replay:{tenant}:{user}:{request_id}      the stream's batches (a Redis Stream, MAXLEN ~4096;
+//	                                                 entry ID "<last event id>-1", fields f, d, e)
+//	{prefix}replay:{tenant}:{user}:{request_id}:hb   set every second while an instance produces it
+//	{prefix}replay:{tenant}:{user}:{request_id}:w    set every second while someone resumes it
+//
+// The stream and its keys expire retention after the last append.
+type RedisReplay struct {
+	client    rueidis.Client
+	prefix    string
+	retention time.Duration
+	log       *slog.Logger
+	ops       chan replayOp
+
+	mu       sync.Mutex
+	live     map[ReplayKey]int // streams produced here, for the heartbeats
+	lastWarn atomic.Int64
+}
+
+type replayOp struct {
+	k     ReplayKey
+	e     replayEntry
+	beat  bool // set the heartbeat now (production started)
+	ended bool // production ended: drop the heartbeat
+}
+
+// NewRedisReplay returns a log on client; Run must be running for appends to reach Redis.
+func NewRedisReplay(client rueidis.Client, prefix string, retention time.Duration, log *slog.Logger) *RedisReplay {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &RedisReplay{client: client, prefix: prefix, retention: retention, log: log,
+		ops: make(chan replayOp, 16*replayBatch), live: map[ReplayKey]int{}}
+}
+
+func (r *RedisReplay) key(k ReplayKey) string {
+	return r.prefix + "replay:" + policy.Tag(k.Tenant) + ":" + k.User + ":" + k.RequestID
+}
+
+// Append implements ReplayLog.
+func (r *RedisReplay) Append(k ReplayKey, first, last int64, data []byte, end bool) {
+	r.enqueue(replayOp{k: k, e: replayEntry{first: first, last: last, end: end, data: bytes.Clone(data)}})
+}
+
+func (r *RedisReplay) enqueue(op replayOp) {
+	select {
+	case r.ops <- op:
+	default:
+		// Redis cannot keep up: the batch is lost, and a resume across it is told so.
+		r.warn("replay log queue full; events dropped from the log", nil)
+	}
+}
+
+// Produce implements ReplayLog.
+func (r *RedisReplay) Produce(k ReplayKey) func() {
+	r.mu.Lock()
+	r.live[k]++
+	r.mu.Unlock()
+	r.enqueue(replayOp{k: k, beat: true})
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			r.mu.Lock()
+			if r.live[k]--; r.live[k] <= 0 {
+				delete(r.live, k)
+			}
+			r.mu.Unlock()
+			r.enqueue(replayOp{k: k, ended: true})
+		})
+	}
+}
+
+// Run sends queued appends and the heartbeats of the streams produced here until ctx ends,
+// then sends what is still queued.
+func (r *RedisReplay) Run(ctx context.Context) {
+	tick := time.NewTicker(replayBeat)
+	defer tick.Stop()
+	batch := make([]replayOp, 0, replayBatch)
+	for {
+		beat := false
+		select {
+		case <-ctx.Done():
+			// The streams have ended by now (the gateway waits for them): send what is left.
+			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), replayCallBound)
+			for len(r.ops) > 0 {
+				batch = r.drain(batch[:0])
+				r.send(fctx, batch, false)
+			}
+			cancel()
+			return
+		case op := <-r.ops:
+			batch = append(batch[:0], op)
+		case <-tick.C:
+			batch, beat = batch[:0], true
+		}
+		batch = r.drain(batch)
+		sctx, cancel := context.WithTimeout(ctx, replayCallBound)
+		r.send(sctx, batch, beat)
+		cancel()
+	}
+}
+
+// drain adds to batch what is queued, up to replayBatch.
+func (r *RedisReplay) drain(batch []replayOp) []replayOp {
+	for len(batch) < replayBatch {
+		select {
+		case op := <-r.ops:
+			batch = append(batch, op)
+		default:
+			return batch
+		}
+	}
+	return batch
+}
+
+// send writes one batch, and the heartbeats when beat, in one pipeline.
+func (r *RedisReplay) send(ctx context.Context, batch []replayOp, beat bool) {
+	b := r.client.B()
+	cmds := make(rueidis.Commands, 0, 2*len(batch)+8)
+	ttl := r.retention.Milliseconds()
+	touched := map[string]bool{}
+	for _, op := range batch {
+		key := r.key(op.k)
+		switch {
+		case op.beat:
+			cmds = append(cmds, b.Set().Key(key+":hb").Value("1").Px(replayBeatTTL).Build())
+		case op.ended:
+			cmds = append(cmds, b.Del().Key(key+":hb").Build())
+		default:
+			fields := b.Xadd().Key(key).Maxlen().Almost().Threshold(strconv.Itoa(maxReplayEntries)).
+				Id(strconv.FormatInt(op.e.last, 10)+"-1").FieldValue().
+				FieldValue("f", strconv.FormatInt(op.e.first, 10)).FieldValue("d", string(op.e.data))
+			if op.e.end {
+				fields = fields.FieldValue("e", "1")
+			}
+			cmds = append(cmds, fields.Build())
+			touched[key] = true
+		}
+	}
+	for key := range touched {
+		cmds = append(cmds, b.Pexpire().Key(key).Milliseconds(ttl).Build())
+	}
+	if beat {
+		r.mu.Lock()
+		for k := range r.live {
+			cmds = append(cmds, b.Set().Key(r.key(k)+":hb").Value("1").Px(replayBeatTTL).Build())
+		}
+		r.mu.Unlock()
+	}
+	if len(cmds) == 0 {
+		return
+	}
+	for _, res := range r.client.DoMulti(ctx, cmds...) {
+		if err := res.Error(); err != nil {
+			r.warn("replay log: Redis write failed; resumes across the lost events will be told", err)
+			return
+		}
+	}
+}
+
+// warn logs at most every 10 seconds.
+func (r *RedisReplay) warn(msg string, err error) {
+	now := time.Now().UnixMilli()
+	if last := r.lastWarn.Load(); now-last > 10_000 && r.lastWarn.CompareAndSwap(last, now) {
+		if err != nil {
+			r.log.Warn(msg, "err", proxy.Describe(err))
+		} else {
+			r.log.Warn(msg)
+		}
+	}
+}
+
+// Watched implements ReplayLog.
+func (r *RedisReplay) Watched(ctx context.Context, k ReplayKey) bool {
+	ctx, cancel := context.WithTimeout(ctx, replayCallBound)
+	defer cancel()
+	n, err := r.client.Do(ctx, r.client.B().Exists().Key(r.key(k)+":w").Build()).AsInt64()
+	return err == nil && n > 0
+}
+
+// Replay implements ReplayLog.
+func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit func([]byte) error) error {
+	key := r.key(k)
+	b := r.client.B()
+	id := after
+	from := "0-0" // the last stream entry ID read
+	if id >= 0 {
+		from = strconv.FormatInt(id, 10) + "-1"
+	}
+	// What the log holds already.
+	for first := true; ; first = false {
+		start := "(" + from
+		if id < 0 {
+			start = "-"
+		}
+		cctx, cancel := context.WithTimeout(ctx, replayCallBound)
+		entries, err := r.client.Do(cctx, b.Xrange().Key(key).Start(start).End("+").Count(256).Build()).AsXRange()
+		if err == nil && first && len(entries) == 0 {
+			var n int64
+			n, err = r.client.Do(cctx, b.Exists().Key(key, key+":hb").Build()).AsInt64()
+			if err == nil && n == 0 {
+				cancel()
+				return ErrNoReplay
+			}
+		}
+		cancel()
+		if err != nil {
+			return fmt.Errorf("sse: replay: %w", err)
+		}
+		if first {
+			if err := emit(nil); err != nil {
+				return err
+			}
+		}
+		var ended bool
+		if id, from, ended, err = r.emitEntries(entries, id, from, emit); err != nil || ended {
+			return err
+		}
+		if len(entries) < 256 {
+			break
+		}
+	}
+	// The live tail. While it runs the stream is watched: its producer keeps it going for us.
+	for {
+		cctx, cancel := context.WithTimeout(ctx, replayCallBound)
+		err := r.client.Do(cctx, b.Set().Key(key+":w").Value("1").Px(replayBeatTTL).Build()).Error()
+		cancel()
+		if err != nil {
+			return fmt.Errorf("sse: replay: %w", err)
+		}
+		cctx, cancel = context.WithTimeout(ctx, replayBlock+replayCallBound)
+		res, err := r.client.Do(cctx, b.Xread().Count(256).Block(replayBlock.Milliseconds()).Streams().Key(key).Id(from).Build()).AsXRead()
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if rueidis.IsRedisNil(err) {
+			// Nothing new for a while: is anyone still producing it?
+			cctx, cancel := context.WithTimeout(ctx, replayCallBound)
+			n, err := r.client.Do(cctx, b.Exists().Key(key+":hb").Build()).AsInt64()
+			cancel()
+			if err != nil {
+				return fmt.Errorf("sse: replay: %w", err)
+			}
+			if n == 0 {
+				return &GoneError{After: max(id, 0)}
+			}
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("sse: replay: %w", err)
+		}
+		var ended bool
+		if id, from, ended, err = r.emitEntries(res[key], id, from, emit); err != nil || ended {
+			return err
+		}
+	}
+}
+
+// emitEntries decodes stream entries and emits their events after id.
+func (r *RedisReplay) emitEntries(entries []rueidis.XRangeEntry, id int64, from string, emit func([]byte) error) (int64, string, bool, error) {
+	if len(entries) == 0 {
+		return id, from, false, nil
+	}
+	batch := make([]replayEntry, 0, len(entries))
+	for _, x := range entries {
+		last, _, _ := strings.Cut(x.ID, "-")
+		e := replayEntry{data: []byte(x.FieldValues["d"]), end: x.FieldValues["e"] == "1"}
+		var err1, err2 error
+		e.last, err1 = strconv.ParseInt(last, 10, 64)
+		e.first, err2 = strconv.ParseInt(x.FieldValues["f"], 10, 64)
+		if err1 != nil || err2 != nil {
+			return id, from, false, fmt.Errorf("sse: replay: malformed entry %q", x.ID)
+		}
+		batch = append(batch, e)
+	}
+	id, ended, err := replayFrom(batch, id, emit)
+	return id, entries[len(entries)-1].ID, ended, err
+}
