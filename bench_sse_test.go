@@ -33,7 +33,8 @@ func runStreams(tb testing.TB, client *http.Client, url string, tokens []string)
 		}
 		defer res.Body.Close()
 		if res.StatusCode != http.StatusOK {
-			return fmt.Errorf("stream %d: status %d", i, res.StatusCode)
+			body, _ := io.ReadAll(io.LimitReader(res.Body, 512))
+			return fmt.Errorf("%s stream %d: status %d: %s", url, i, res.StatusCode, body)
 		}
 		l, err := readLatencies(bufio.NewReader(res.Body), nil)
 		if err != nil {
@@ -222,5 +223,133 @@ func BenchmarkFirstEvent(b *testing.B) {
 		b.ReportMetric(micros(p(1, 0.5)), "gateway-p50-µs")
 		b.ReportMetric(micros(p(0, 0.99)), "bare-p99-µs")
 		b.ReportMetric(micros(p(1, 0.99)), "gateway-p99-µs")
+	}
+}
+
+// redisCalls is the number of commands Redis has run for its clients (INFO commandstats, the
+// commands scripts run left out).
+func redisCalls(tb testing.TB, r *testRedis) int64 {
+	tb.Helper()
+	info, _ := r.Do(tb, "INFO", "commandstats").(string)
+	var total int64
+	for _, line := range strings.Split(info, "\n") {
+		_, stats, ok := strings.Cut(strings.TrimSpace(line), ":")
+		if !ok || !strings.HasPrefix(line, "cmdstat_") {
+			continue
+		}
+		for _, kv := range strings.Split(stats, ",") {
+			if v, ok := strings.CutPrefix(kv, "calls="); ok {
+				n, _ := strconv.ParseInt(v, 10, 64)
+				total += n
+			}
+		}
+	}
+	return total
+}
+
+// BenchmarkReplayLog measures what resuming costs: the built gateway with SSE_RESUME_WINDOW on
+// (its events appended to the Redis replay log) beside the same gateway with it off, each a
+// child process on the same Redis, at the same load: REPLAY_BENCH_STREAMS (default 500)
+// concurrent streams of 100 lines 20 ms apart, twice each, alternating. It reports CPU per event
+// (user+sys from /proc) and Redis commands per event (INFO commandstats, which also counts the
+// admission scripts of both), then the latency of resuming: from a GET with Last-Event-ID to its
+// first replayed event, over REPLAY_BENCH_RESUMES (default 500) resumes of finished streams.
+func BenchmarkReplayLog(b *testing.B) {
+	needProcfs(b)
+	streams := envInt(b, "REPLAY_BENCH_STREAMS", 500)
+	resumes := envInt(b, "REPLAY_BENCH_RESUMES", 500)
+	const lines = 100
+	r := startRedis(b)
+	algo := pacedUpstream(b, lines, 20*time.Millisecond)
+	bin := buildGateway(b)
+	env := func(window string) map[string]string {
+		return map[string]string{"ALGO_URL": algo.URL, "REDIS_URL": r.URL(), "SSE_RESUME_WINDOW": window,
+			"POLICY_FILE": "testdata/policy/bench.json"}
+	}
+	off := startGatewayProcess(b, bin, "resume off", env("0s"))
+	on := startGatewayProcess(b, bin, "resume on", env("30s"))
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 2 * streams}}
+	b.Cleanup(client.CloseIdleConnections)
+	tokens := make([]string, streams)
+	for i := range tokens {
+		tokens[i] = tokenFor(b, "u-"+strconv.Itoa(i), []string{"user"}, map[string]any{"tenant_id": "t-" + strconv.Itoa(i%10)})
+	}
+	b.ResetTimer()
+	for range b.N {
+		type figures struct {
+			cpu           time.Duration
+			events, calls int64
+		}
+		var figs [2]figures
+		children := [2]*child{off, on}
+		for round := range 4 {
+			i := (round + round/2) % 2 // off, on, on, off
+			c := children[i]
+			url := "http://" + c.addr + "/api/v2/chat/stream"
+			if round < 2 {
+				// Warm, 50 users at a time (a first request looks its token up in Redis, and 500
+				// at once from a cold cache can outrun AUTH_BUDGET): connections, tokens, scripts.
+				for j := 0; j < len(tokens); j += 50 {
+					runStreams(b, client, url, tokens[j:min(j+50, len(tokens))])
+				}
+			}
+			cpu0, calls0 := c.cpu(b), redisCalls(b, r)
+			n, _ := runStreams(b, client, url, tokens)
+			figs[i].cpu += c.cpu(b) - cpu0
+			figs[i].calls += redisCalls(b, r) - calls0
+			figs[i].events += n
+		}
+		for i, name := range []string{"resume off", "resume on"} {
+			f := figs[i]
+			b.Logf("%-10s %5.1f µs CPU/event  %.3f Redis commands/event  (%d events, CPU %v, %d commands)", name,
+				micros(f.cpu/time.Duration(f.events)), float64(f.calls)/float64(f.events), f.events, f.cpu, f.calls)
+		}
+		b.ReportMetric(micros(figs[0].cpu/time.Duration(figs[0].events)), "off-µs/event")
+		b.ReportMetric(micros(figs[1].cpu/time.Duration(figs[1].events)), "on-µs/event")
+		b.ReportMetric(float64(figs[1].calls-figs[0].calls)/float64(figs[1].events), "log-commands/event")
+
+		// Resume latency: streams of the last round, finished, resumed from their tenth event.
+		var lat []time.Duration
+		for i := range resumes {
+			id := "bench-resume-" + strconv.Itoa(i)
+			req, _ := http.NewRequest(http.MethodPost, "http://"+on.addr+"/api/v2/chat/stream",
+				strings.NewReader(`{"message":"benchmark question","request_id":"`+id+`"}`))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Authorization", "Bearer "+tokens[0])
+			res, err := client.Do(req)
+			if err != nil {
+				b.Fatal(err)
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			req, _ = http.NewRequest(http.MethodGet, "http://"+on.addr+"/api/v2/chat/stream/"+id, nil)
+			req.Header.Set("Authorization", "Bearer "+tokens[0])
+			req.Header.Set("Last-Event-ID", "10")
+			start := time.Now()
+			res, err = client.Do(req)
+			if err != nil {
+				b.Fatal(err)
+			}
+			sc := bufio.NewScanner(res.Body)
+			for sc.Scan() {
+				if bytes.HasPrefix(sc.Bytes(), []byte("id: 11")) {
+					lat = append(lat, time.Since(start))
+					break
+				}
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			if i > 0 && len(lat) != i+1 {
+				b.Fatalf("resume %d did not replay event 11", i)
+			}
+			if i == 0 && len(lat) != 1 {
+				b.Fatal("the first resume did not replay event 11")
+			}
+		}
+		slices.Sort(lat)
+		b.Logf("resume: first replayed event after p50 %v, p99 %v (%d resumes)", percentile(lat, 0.5).Round(time.Microsecond),
+			percentile(lat, 0.99).Round(time.Microsecond), len(lat))
+		b.ReportMetric(micros(percentile(lat, 0.5)), "resume-p50-µs")
+		b.ReportMetric(micros(percentile(lat, 0.99)), "resume-p99-µs")
 	}
 }

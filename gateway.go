@@ -36,6 +36,7 @@ type gateway struct {
 	streams   *sse.Registry
 	streamDir *sse.Directory   // nil without Redis
 	replay    *sse.RedisReplay // nil without Redis or with resuming off
+	bulkRedis rueidis.Client   // the replay log's own connection; nil without it
 	voices    *voice.Registry
 	renewer   *renewer // nil without Redis
 	h         handlers
@@ -74,6 +75,16 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		// its last round takes their releases to Redis.
 		g.renewer = newRenewer(cfg.LeaseTTL/3, logger)
 		g.closers = append(g.closers, g.renewer.stop)
+		if cfg.SSEResumeWindow > 0 {
+			// The replay log's appends are bulk traffic: on a connection of their own, a
+			// pipeline of them never delays a token check or an admission queued behind it.
+			bulk, err := connectRedis(ctx, cfg)
+			if err != nil {
+				return nil, err
+			}
+			g.bulkRedis = guardRedis(bulk, logger)
+			g.closers = append(g.closers, g.bulkRedis.Close)
+		}
 	}
 	if err := g.buildAuth(ctx); err != nil {
 		return nil, err
@@ -176,7 +187,7 @@ func (g *gateway) buildHandlers() {
 	var replay sse.ReplayLog // nil: resuming off
 	if cfg.SSEResumeWindow > 0 {
 		if g.redis != nil {
-			g.replay = sse.NewRedisReplay(g.redis, cfg.RedisPrefix, cfg.SSEResumeRetention, g.log)
+			g.replay = sse.NewRedisReplay(g.bulkRedis, cfg.RedisPrefix, cfg.SSEResumeRetention, g.log)
 			replay = g.replay
 		} else {
 			replay = sse.NewMemoryReplay(cfg.SSEResumeRetention, nil)
