@@ -23,6 +23,7 @@ type timers struct {
 	stop     chan struct{} // closed to stop the running clock; nil when none runs
 
 	batch []*session // the tick's sessions; used by the clock goroutine only
+	due   []*session // those due a charge; likewise
 }
 
 func newTimers(h *Handler) *timers {
@@ -70,7 +71,14 @@ func (t *timers) tick(now time.Time) {
 	}
 	t.mu.Unlock()
 	o := &t.h.o
+	due := t.due[:0]
 	for _, s := range batch {
+		if s.ended.Load() {
+			continue
+		}
+		if s.govern(now) {
+			due = append(due, s)
+		}
 		if s.ended.Load() {
 			continue
 		}
@@ -87,6 +95,9 @@ func (t *timers) tick(now time.Time) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), o.RecheckInterval)
 	defer cancel()
+	t.charge(ctx, now, due)
+	clear(due)
+	t.due = due
 	for _, s := range batch {
 		if s.recheck == nil || s.ended.Load() {
 			continue
