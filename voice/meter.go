@@ -50,7 +50,8 @@ type meter struct {
 	estIn, estOut       atomic.Int64 // non-PCM estimates, ns
 	lastIn, lastOut     int64        // unix ns of the last frame; each owned by one relay goroutine
 	eou                 atomic.Int64 // unix ns of an end of utterance awaiting its answer; 0 none
-	utterance           atomic.Int64 // unix ns its first audio arrived; 0 none; -1 recognised
+	speaking            atomic.Bool  // an utterance is under way: audio came since the last end
+	asrFrom             atomic.Int64 // unix ns of an utterance's first audio, until its first asr_partial; 0 none
 	ttsFlowing          atomic.Bool
 	bargeIns            atomic.Int64
 	mu                  sync.Mutex
@@ -129,8 +130,11 @@ func (s *session) clientAudio(now int64) {
 	if !m.pcm {
 		estimate(&m.lastIn, &m.estIn, now)
 	}
-	if m.utterance.Load() == 0 && m.utterance.CompareAndSwap(0, now) && m.ttsFlowing.Load() {
-		s.bargeIn()
+	if !m.speaking.Load() && m.speaking.CompareAndSwap(false, true) {
+		m.asrFrom.Store(now)
+		if m.ttsFlowing.Load() {
+			s.bargeIn()
+		}
 	}
 }
 
@@ -148,7 +152,7 @@ func (s *session) clientControl(typ string, now int64) {
 }
 
 func (s *session) endUtterance(now int64) {
-	s.m.utterance.Store(0)
+	s.m.speaking.Store(false)
 	s.m.eou.CompareAndSwap(0, now)
 }
 
@@ -183,8 +187,11 @@ func (s *session) ttsComplete() { s.m.ttsFlowing.Store(false) }
 
 // asrPartial notes an asr_partial (fromUpstream only).
 func (s *session) asrPartial(now int64) {
-	if at := s.m.utterance.Load(); at > 0 && s.m.utterance.CompareAndSwap(at, -1) {
-		s.latency(LatencyASR, time.Duration(max(now-at, 0)))
+	// Its utterance may have ended already (a short one): the partial still answers it.
+	if s.m.asrFrom.Load() != 0 {
+		if at := s.m.asrFrom.Swap(0); at != 0 {
+			s.latency(LatencyASR, time.Duration(max(now-at, 0)))
+		}
 	}
 }
 
