@@ -131,7 +131,8 @@ func TestQuotaCrossedThenRefused(t *testing.T) {
 	bubble(t, func(t *testing.T, n *memNet) {
 		meter := policy.NewMemoryAudioMeter()
 		lim := policy.VoiceLimits{UserSecondsPerDay: 1}
-		e := newEnv(t, setup{opts: governed(meter, lim), net: n})
+		leases := policy.NewMemoryLeases()
+		e := newEnv(t, setup{opts: governed(meter, lim), net: n, lease: leases})
 		cl := e.connect(t, "", nil)
 		cl.initMsg(t)
 		// Real-time audio: a 20 ms frame every 20 ms, until the session is closed.
@@ -183,6 +184,8 @@ func TestQuotaCrossedThenRefused(t *testing.T) {
 		if res.StatusCode != http.StatusTooManyRequests || doc["code"] != voice.CodeQuotaExceeded || res.Header.Get("Retry-After") == "" {
 			t.Errorf("refusal %d %s (Retry-After %q), want 429 QUOTA_EXCEEDED with Retry-After", res.StatusCode, raw, res.Header.Get("Retry-After"))
 		}
+		// Neither the session closed for its quota nor the one refused holds anything.
+		allOver(t, e, leases)
 	})
 }
 
