@@ -131,7 +131,7 @@ func (t *timers) charge(ctx context.Context, now time.Time, batch []*session) {
 		}
 		g := &s.gov
 		g.lastCharge = now
-		g.charged.Store(int64(u.Used))
+		g.charge(u.Used)
 		g.left, g.bounded = u.Remaining(g.limits)
 		if !s.ended.Load() {
 			s.overQuota()
@@ -154,5 +154,16 @@ func (s *session) finalCharge() {
 			"err", proxy.Describe(err))
 		return
 	}
-	g.charged.Store(int64(u.Used))
+	g.charge(u.Used)
+}
+
+// charge notes that the session was charged for used: never less than before, since a tick's
+// charge may land after the session's last.
+func (g *governor) charge(used time.Duration) {
+	for {
+		old := g.charged.Load()
+		if int64(used) <= old || g.charged.CompareAndSwap(old, int64(used)) {
+			return
+		}
+	}
 }

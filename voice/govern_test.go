@@ -372,3 +372,63 @@ func TestBargeIns(t *testing.T) {
 		}
 	})
 }
+
+// TestLocalDetailAndBroadcast: without Redis, a session's live counters come from the registry,
+// and a broadcast reaches the matching sessions of this instance, counted.
+func TestLocalDetailAndBroadcast(t *testing.T) {
+	bubble(t, func(t *testing.T, n *memNet) {
+		o := fast()
+		owners := map[string][2]string{"alice": {"alice", "acme"}, "bob": {"bob", "acme"}, "carol": {"carol", "globex"}}
+		o.Owner = func(r *http.Request) (string, string) {
+			ow := owners[r.URL.Query().Get("conversation_id")]
+			return ow[0], ow[1]
+		}
+		e := newEnv(t, setup{opts: o, net: n})
+		clients := map[string]*client{}
+		ids := map[string]string{}
+		for _, who := range []string{"alice", "bob", "carol"} {
+			cl := e.connect(t, "conversation_id="+who, nil)
+			ids[who] = cl.initMsg(t)["session_id"].(string)
+			clients[who] = cl
+		}
+		write(t, clients["alice"].c, websocket.MessageBinary, make([]byte, 3200))
+		synctest.Wait()
+		l, ok, err := e.reg.Get(context.Background(), ids["alice"])
+		if err != nil || !ok || l.AudioSecondsIn != 0.1 || l.PacketsIn != 1 || l.UserID != "alice" || l.TenantID != "acme" {
+			t.Errorf("alice's detail = %+v, %v, %v", l, ok, err)
+		}
+		if _, ok, _ := e.reg.Get(context.Background(), "nobody"); ok {
+			t.Error("an unknown session has a detail")
+		}
+		for _, tc := range []struct {
+			b    voice.Broadcast
+			want []string
+		}{
+			{voice.Broadcast{Message: json.RawMessage(`"to acme"`), TenantID: "acme"}, []string{"alice", "bob"}},
+			{voice.Broadcast{Message: json.RawMessage(`"to bob"`), TenantID: "acme", UserID: "bob"}, []string{"bob"}},
+			{voice.Broadcast{Message: json.RawMessage(`"to all"`), AllTenants: true}, []string{"alice", "bob", "carol"}},
+			{voice.Broadcast{Message: json.RawMessage(`"to none"`), TenantID: ""}, nil},
+		} {
+			got, err := e.reg.Broadcast(context.Background(), tc.b)
+			if err != nil || got != len(tc.want) {
+				t.Errorf("broadcast %s reached %d (%v), want %d", tc.b.Message, got, err, len(tc.want))
+			}
+			for _, who := range tc.want {
+				m := clients[who].nextJSON(t)
+				if m["type"] != voice.TypeNotice || m["session_id"] != ids[who] {
+					t.Errorf("%s got %v, want the notice %s", who, m, tc.b.Message)
+				}
+				if b, _ := json.Marshal(m["message"]); string(b) != string(tc.b.Message) {
+					t.Errorf("%s got message %s, want %s", who, b, tc.b.Message)
+				}
+			}
+		}
+		for _, cl := range clients {
+			select {
+			case m := <-cl.msgs:
+				t.Errorf("an unexpected message %s", m.data)
+			default:
+			}
+		}
+	})
+}
