@@ -46,9 +46,10 @@ const broadcastWait = 2 * time.Second
 
 func (r *Registry) channel() string { return r.prefix + "voice:broadcast" }
 
-// Broadcast delivers b to every matching live session: through Redis pub/sub to every
-// instance (each answers how many of its sessions took it), or to this instance's without
-// Redis. It returns the number of sessions that took the notice.
+// Broadcast delivers b to every matching live session: through Redis sharded pub/sub
+// (SPUBLISH, whose answer counts every instance subscribed even on a cluster, where PUBLISH
+// counts one node's) to every instance, each answering how many of its sessions took it; or
+// to this instance's without Redis. It returns the number of sessions that took the notice.
 func (r *Registry) Broadcast(ctx context.Context, b Broadcast) (int, error) {
 	if r.redis == nil {
 		return r.deliver(b), nil
@@ -57,7 +58,7 @@ func (r *Registry) Broadcast(ctx context.Context, b Broadcast) (int, error) {
 	defer cancel()
 	b.Reply = r.prefix + "voice:broadcast:" + rand.Text()
 	msg, _ := json.Marshal(b)
-	instances, err := r.redis.Do(ctx, r.redis.B().Publish().Channel(r.channel()).Message(string(msg)).Build()).AsInt64()
+	instances, err := r.redis.Do(ctx, r.redis.B().Spublish().Channel(r.channel()).Message(string(msg)).Build()).AsInt64()
 	if err != nil {
 		return 0, fmt.Errorf("voice: broadcast: %w", err)
 	}
@@ -97,7 +98,7 @@ func (r *Registry) RunBroadcasts(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for ctx.Err() == nil {
-		err := r.redis.Receive(ctx, r.redis.B().Subscribe().Channel(r.channel()).Build(), func(m rueidis.PubSubMessage) {
+		err := r.redis.Receive(ctx, r.redis.B().Ssubscribe().Channel(r.channel()).Build(), func(m rueidis.PubSubMessage) {
 			var b Broadcast
 			if json.Unmarshal([]byte(m.Message), &b) != nil || b.Reply == "" {
 				return
