@@ -242,11 +242,13 @@ func TestVoiceUsageRecords(t *testing.T) {
 	_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
 	waitEnding(t, ended, 5*time.Second)
 
-	// A session on K, which dies after its audio was charged.
+	// A session on K, which dies mid-session: a second of audio charged, then 100 ms more
+	// (less than an increment) sent just before the SIGKILL, which may or may not be charged.
 	kv := openVoice(t, kgw, "", bearer(tok))
 	sendAudio(t, kv, time.Second)
 	sessionKey := "voicegate:vq:{tenant-a}:s:" + kv.id
 	eventually(t, 5*time.Second, "K charges the second of audio", func() bool { return r.Do(t, "GET", sessionKey) == "1000" })
+	sendAudio(t, kv, 100*time.Millisecond)
 	if err := k.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
@@ -279,13 +281,17 @@ func TestVoiceUsageRecords(t *testing.T) {
 	if lost["close_code"] != "1006" || lost["close_reason"] != "instance lost" || lost["instance"] != "k" || lost["user_id"] != "u-usage" {
 		t.Errorf("the lost session's record: %v", lost)
 	}
-	// Its charge is lost by at most one increment (200 ms of wall time: at most 0.2 s of
-	// real-time audio); here all of it had been charged.
-	if c := num(t, lost, "charged_seconds"); c < 0.8 || c > 1 {
-		t.Errorf("lost session charged %v s of its 1 s", c)
+	// Its charge is lost by at most the increment under way: of its 1.1 s, at least the
+	// second charged before, at most all of it; the record says what the quota was charged.
+	c := num(t, lost, "charged_seconds")
+	if c < 1 || c > 1.1 {
+		t.Errorf("lost session charged %v s of its 1.1 s, want 1 to 1.1", c)
 	}
-	if got := chargedMS(t, r, "u-usage"); got != 1600 {
-		t.Errorf("the user was charged %d ms, want 1600 (0.6 s on A, 1 s on K)", got)
+	if got := chargedMS(t, r, "u-usage"); got != 600+int64(c*1000+0.5) {
+		t.Errorf("the user was charged %d ms, want 600 on A and %v s on K", got, c)
+	}
+	if in := num(t, lost, "audio_seconds_in"); in < c {
+		t.Errorf("lost session's audio in %v s, less than it was charged (%v s)", in, c)
 	}
 	// A consumer group reads the records as a billing job would.
 	if res := r.Do(t, "XGROUP", "CREATE", "voicegate:usage", "billing", "0"); res != "OK" {

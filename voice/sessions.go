@@ -95,7 +95,7 @@ func NewBroadcastHandler(reg *Registry, caller Caller) http.Handler {
 		if err != nil {
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusServiceUnavailable, Code: proxy.CodeUnavailable,
 				Message: "the broadcast did not reach every instance", Cause: err,
-				Details: []map[string]int{{"delivered": n}}})
+				Details: []map[string]any{{"delivered": n, "reason": "not every instance answered in time"}}})
 			return
 		}
 		proxy.WriteJSON(w, http.StatusOK, map[string]int{"delivered": n})
