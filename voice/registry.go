@@ -288,9 +288,6 @@ func (r *Registry) Renew(ctx context.Context) error {
 	}
 	// A failed deletion does not hold back the renewal: the entries to renew must not expire.
 	uerr := r.unpublish(ctx)
-	if err := r.sweep(ctx); err != nil {
-		uerr = errors.Join(uerr, fmt.Errorf("voice: sweep lost sessions: %w", err))
-	}
 	r.mu.Lock()
 	now := r.now()
 	due := now.Sub(r.renewed) >= renewDue(r.ttl)
@@ -298,6 +295,12 @@ func (r *Registry) Renew(ctx context.Context) error {
 		r.renewed = now
 	}
 	r.mu.Unlock()
+	// Lost sessions are looked for on the renewal's rounds only, not on every ended session's.
+	if due {
+		if err := r.sweep(ctx); err != nil {
+			uerr = errors.Join(uerr, fmt.Errorf("voice: sweep lost sessions: %w", err))
+		}
+	}
 	ss := r.local()
 	if !due || len(ss) == 0 {
 		return uerr
