@@ -111,6 +111,9 @@ func (s *session) overQuota() bool {
 	return false
 }
 
+// chargeWarnEvery spaces the log lines of failed charges: a store that is down fails every tick.
+const chargeWarnEvery = 10 * time.Second
+
 // charge charges every session in batch in one call and holds each to what is left.
 func (t *timers) charge(ctx context.Context, now time.Time, batch []*session) {
 	if len(batch) == 0 {
@@ -120,7 +123,8 @@ func (t *timers) charge(ctx context.Context, now time.Time, batch []*session) {
 	for i, s := range batch {
 		uses[i] = &policy.AudioUse{Tenant: s.info.TenantID, User: s.info.UserID, Session: s.info.SessionID, Used: s.used()}
 	}
-	if err := t.h.o.Meter.Charge(ctx, uses); err != nil {
+	if err := t.h.o.Meter.Charge(ctx, uses); err != nil && now.Sub(t.chargeWarned) >= chargeWarnEvery {
+		t.chargeWarned = now
 		t.h.o.Log.Warn("charging voice audio failed; a later increment charges it", "sessions", len(batch),
 			"err", proxy.Describe(err))
 	}

@@ -6,9 +6,11 @@ package voice_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -430,5 +432,42 @@ func TestLocalDetailAndBroadcast(t *testing.T) {
 			default:
 			}
 		}
+	})
+}
+
+// downMeter is a quota store that cannot answer, as a Redis that is down.
+type downMeter struct{ calls atomic.Int64 }
+
+func (m *downMeter) Charge(_ context.Context, uses []*policy.AudioUse) error {
+	m.calls.Add(1)
+	err := errors.New("policy: audio quota: connection refused")
+	for _, u := range uses {
+		u.Err = err
+	}
+	return err
+}
+
+// TestQuotaFailsOpen: when the quota store cannot answer, a session starts and runs on (fair
+// use fails open), charges keep being tried, and the session ends normally.
+func TestQuotaFailsOpen(t *testing.T) {
+	bubble(t, func(t *testing.T, n *memNet) {
+		meter := &downMeter{}
+		e := newEnv(t, setup{opts: governed(meter, policy.VoiceLimits{UserSecondsPerDay: 1}), net: n})
+		cl := e.connect(t, "", nil)
+		cl.initMsg(t)
+		for i := range 100 { // 2 s of audio, over the quota the store cannot count
+			write(t, cl.c, websocket.MessageBinary, frame(byte(i)))
+			time.Sleep(20 * time.Millisecond)
+		}
+		cl.c.Close(websocket.StatusNormalClosure, "")
+		st := e.nextStats(t)
+		if st.CloseCode != websocket.StatusNormalClosure || st.Charged != 0 {
+			t.Errorf("session ended %v having been charged %v, want a normal end with nothing charged", st.CloseCode, st.Charged)
+		}
+		// The admission, an increment every 500 ms of the 2 s, and the end.
+		if c := meter.calls.Load(); c < 5 {
+			t.Errorf("%d calls to the store, want the admission, the increments and the end", c)
+		}
+		e.gone(t)
 	})
 }

@@ -24,6 +24,8 @@ type timers struct {
 
 	batch []*session // the tick's sessions; used by the clock goroutine only
 	due   []*session // those due a charge; likewise
+
+	chargeWarned time.Time // when a failed charge was last logged; likewise
 }
 
 func newTimers(h *Handler) *timers {
