@@ -23,7 +23,7 @@ import (
 
 // testRedis is one redis-server process that outlives Kill and Restart: its port stays the same.
 type testRedis struct {
-	t    *testing.T
+	t    testing.TB
 	bin  string
 	dir  string
 	port int
@@ -37,7 +37,7 @@ type testRedis struct {
 // startRedis starts redis-server on 127.0.0.3 (where nothing else in the tests binds, so a port
 // freed by Kill is still free for Restart) and a free port, and kills it at cleanup. Without
 // redis-server on PATH the test is skipped, or fails when VOICEGATE_REQUIRE_REDIS=1 (as in CI).
-func startRedis(t *testing.T) *testRedis {
+func startRedis(t testing.TB) *testRedis {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
