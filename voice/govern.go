@@ -56,14 +56,17 @@ func (s *session) used() time.Duration {
 }
 
 // admitQuota refuses, with 429 QUOTA_EXCEEDED, a session whose user or tenant has no audio left
-// today, and returns its limits otherwise.
-func (h *Handler) admitQuota(w http.ResponseWriter, r *http.Request, user, tenant string) (policy.VoiceLimits, bool) {
+// today, and otherwise sets g up: the session's limits, and what it may use until its first
+// charge.
+func (h *Handler) admitQuota(w http.ResponseWriter, r *http.Request, user, tenant string, g *governor) bool {
 	var lim policy.VoiceLimits
 	if h.o.Limits != nil {
 		lim = h.o.Limits(tenant)
 	}
-	if h.o.Meter == nil || !lim.Metered() {
-		return lim, true
+	g.limits = lim
+	g.metered = h.o.Meter != nil && lim.Metered()
+	if !g.metered {
+		return true
 	}
 	u := &policy.AudioUse{Tenant: tenant, User: user}
 	ctx, cancel := context.WithTimeout(r.Context(), h.o.ChargeBudget)
@@ -71,16 +74,17 @@ func (h *Handler) admitQuota(w http.ResponseWriter, r *http.Request, user, tenan
 	cancel()
 	if err != nil {
 		h.o.Log.Warn("the audio quota could not be checked; the session goes ahead", "err", proxy.Describe(err))
-		return lim, true
+		return true
 	}
-	if left, ok := u.Remaining(lim); ok && left <= 0 {
+	g.left, g.bounded = u.Remaining(lim)
+	if g.bounded && g.left <= 0 {
 		retry := policy.RetryTomorrow(time.Now())
 		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusTooManyRequests, Code: CodeQuotaExceeded,
 			Message: "the daily voice audio quota is used up",
 			Header:  http.Header{"Retry-After": {strconv.Itoa(int(retry.Seconds()) + 1)}}})
-		return lim, false
+		return false
 	}
-	return lim, true
+	return true
 }
 
 // govern holds s to its limits at the clock's tick, and says whether its quota is due a charge.

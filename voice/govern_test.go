@@ -471,3 +471,37 @@ func TestQuotaFailsOpen(t *testing.T) {
 		e.gone(t)
 	})
 }
+
+// TestQuotaHeldBeforeFirstCharge: a session is held to what its admission said was left even
+// before its first charge, however long the charge interval.
+func TestQuotaHeldBeforeFirstCharge(t *testing.T) {
+	bubble(t, func(t *testing.T, n *memNet) {
+		meter := policy.NewMemoryAudioMeter()
+		earlier := &policy.AudioUse{Tenant: "acme", User: "alice", Session: "earlier", Used: 600 * time.Millisecond}
+		if err := meter.Charge(context.Background(), []*policy.AudioUse{earlier}); err != nil {
+			t.Fatal(err)
+		}
+		o := governed(meter, policy.VoiceLimits{UserSecondsPerDay: 1})
+		o.ChargeInterval = time.Hour
+		e := newEnv(t, setup{opts: o, net: n})
+		cl := e.connect(t, "", nil)
+		cl.initMsg(t)
+		for i := range 50 {
+			ctx, cancel := context.WithTimeout(context.Background(), wait)
+			err := cl.c.Write(ctx, websocket.MessageBinary, frame(byte(i)))
+			cancel()
+			if err != nil {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		_, err := cl.end(t, wait)
+		if code := websocket.CloseStatus(err); code != voice.CloseQuotaExceeded {
+			t.Fatalf("closed %v (%v), want %d", code, err, voice.CloseQuotaExceeded)
+		}
+		st := e.nextStats(t)
+		if st.AudioIn < 400*time.Millisecond || st.AudioIn > 500*time.Millisecond {
+			t.Errorf("closed after %v of audio, want the 400 ms left (within a tick)", st.AudioIn)
+		}
+	})
+}

@@ -211,8 +211,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if h.o.Owner != nil {
 		user, tenant = h.o.Owner(r)
 	}
-	limits, ok := h.admitQuota(w, r, user, tenant)
-	if !ok {
+	var gov governor
+	if !h.admitQuota(w, r, user, tenant, &gov) {
 		return
 	}
 	release := func() {}
@@ -258,8 +258,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	s := newSession(h, info, cfg, side{ws: client, conn: hj.conn}, side{ws: up, conn: upConn})
 	s.release = release
-	s.gov.limits = limits
-	s.gov.metered = h.o.Meter != nil && limits.Metered()
+	s.gov.limits, s.gov.metered, s.gov.left, s.gov.bounded = gov.limits, gov.metered, gov.left, gov.bounded
 	s.gov.lastCharge = s.start
 	if h.o.Recheck != nil {
 		s.recheck = h.o.Recheck(r)
