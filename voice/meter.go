@@ -12,7 +12,8 @@ import (
 //
 // Audio seconds. For PCM ("pcm": 16-bit samples) they are exact, from bytes, the sample rate and
 // the channels: 16 kHz mono is 32000 bytes a second, each way (TTS binary frames are taken to be
-// in the session's format). For any other format they are an estimate: the time between
+// in the session's format; tts_audio JSON messages mark TTS for the latencies but their payload,
+// the service's own, is not counted). For any other format they are an estimate: the time between
 // consecutive audio frames while frames flow, each gap counted up to maxFrameGap, so a pause in
 // the stream (a client that stopped sending) costs nothing.
 //
