@@ -36,6 +36,7 @@ type gateway struct {
 	streams   *sse.Registry
 	streamDir *sse.Directory // nil without Redis
 	voices    *voice.Registry
+	vadmin    voiceAdmin
 	renewer   *renewer // nil without Redis
 	h         handlers
 	handler   http.Handler // the route table behind the edge middleware
@@ -47,7 +48,6 @@ type gateway struct {
 // handlers are the routes' own handlers, before protection.
 type handlers struct {
 	chat, cancel, revoke, voice, voiceSessions, admin, docs http.Handler
-	voiceSession, voiceBroadcast                            http.Handler
 }
 
 // Permissions that handlers check themselves, besides those the policy binds routes to.
@@ -262,8 +262,8 @@ func (g *gateway) buildHandlers() error {
 	g.closers = append(g.closers, vh.Close)
 	g.h.voice = vh
 	g.h.voiceSessions = voice.NewSessionsHandler(g.voices)
-	g.h.voiceSession = voice.NewSessionHandler(g.voices, voiceCaller)
-	g.h.voiceBroadcast = voice.NewBroadcastHandler(g.voices, voiceCaller)
+	g.vadmin = voiceAdmin{session: voice.NewSessionHandler(g.voices, voiceCaller),
+		broadcast: voice.NewBroadcastHandler(g.voices, voiceCaller)}
 
 	g.h.admin = g.backend("admin", "admin service", cfg.AdminURLs, transport, outbound)
 	g.h.docs = g.backend("docs", "documents service", cfg.DocsURLs, transport, outbound)

@@ -117,10 +117,10 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 	defer background.Wait()
 	defer stopWatching()
 	background.Go(func() { gw.policy.Watch(watchCtx, cfg.PolicyWatch) })
+	background.Go(func() { gw.voices.RunBroadcasts(watchCtx) })
 	if gw.streamDir != nil {
 		background.Go(func() { gw.streamDir.Run(watchCtx, gw.streams) })
 	}
-	background.Go(func() { gw.voices.RunBroadcasts(watchCtx) })
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)

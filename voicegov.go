@@ -83,6 +83,10 @@ func (g *gateway) voiceGovernance(o *voice.Options) error {
 	return nil
 }
 
+// voiceAdmin are the handlers of the voice routes governance adds: one session's live detail,
+// and broadcast.
+type voiceAdmin struct{ session, broadcast http.Handler }
+
 // voiceCaller is the caller of the voice admin routes: their tenant, and whether they are a
 // super admin.
 func voiceCaller(r *http.Request) (tenant string, super bool) {
