@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"voicegate/policy"
 )
 
 // echoAlgo is the algorithm service of the voice benchmarks: it sends every audio frame back as
@@ -213,6 +215,19 @@ func measureRelay(tb testing.TB, c *child, url string, sessions int, init bool, 
 	return f
 }
 
+// benchVoicePolicy is the built-in policy with voice governance on: daily audio quotas no
+// session reaches, a maximum session length, and ten of the sessions' tenants named.
+func benchVoicePolicy(tb testing.TB) string {
+	return voicePolicy(tb, "good/default.json", func(l *policy.Limits) {
+		l.VoiceAudioSecondsPerDay = &policy.AudioQuota{PerUser: 36000, PerTenant: 3600000}
+		l.VoiceMaxSession = policy.Duration(2 * time.Hour)
+		l.Tenants = map[string]policy.TenantLimits{}
+		for i := range 10 {
+			l.Tenants["t-"+strconv.Itoa(i)] = policy.TenantLimits{}
+		}
+	})
+}
+
 // BenchmarkVoiceRelay runs the built gateway (its defaults: audio_chunk JSON, access log on),
 // the same on a real redis-server (without a voice quota: the built-in policy), the same on
 // Redis with voice governance on (a policy with daily audio quotas, a maximum session length
@@ -242,7 +257,7 @@ func BenchmarkVoiceRelay(b *testing.B) {
 			"REDIS_URL": redis.URL(), "INSTANCE_NAME": "plain"}), "/api/v2/voice/stream", true},
 		{startGatewayProcess(b, bin, "voicegate governed", map[string]string{"ALGO_URL": algo.URL,
 			"REDIS_URL": redis.URL(), "INSTANCE_NAME": "governed",
-			"POLICY_FILE": "testdata/policy/bench-voice-gov.json"}), "/api/v2/voice/stream", true},
+			"POLICY_FILE": benchVoicePolicy(b)}), "/api/v2/voice/stream", true},
 		{startGatewayProcess(b, bin, "voicegate raw", map[string]string{"ALGO_URL": algo.URL, "VOICE_RAW_AUDIO": "true"}), "/api/v2/voice/stream", true},
 	}
 	b.ResetTimer()

@@ -13,6 +13,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -23,6 +25,39 @@ import (
 	"voicegate/policy"
 	"voicegate/voice"
 )
+
+// voicePolicy writes base (a policy file of testdata/policy) with its limits changed by edit
+// to a file of the test's own and returns its path: the routes stay those base binds.
+func voicePolicy(tb testing.TB, base string, edit func(*policy.Limits)) string {
+	tb.Helper()
+	data, err := os.ReadFile(filepath.Join("testdata", "policy", base))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	f, err := policy.Parse(data)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	edit(&f.Limits)
+	out, err := json.Marshal(f)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	file := filepath.Join(tb.TempDir(), "policy.json")
+	if err := os.WriteFile(file, out, 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	return file
+}
+
+// govPolicy is the e2e policy with a daily voice audio quota of 2 s per user (100 s per
+// tenant), and tenant-a named.
+func govPolicy(tb testing.TB) string {
+	return voicePolicy(tb, "e2e.json", func(l *policy.Limits) {
+		l.VoiceAudioSecondsPerDay = &policy.AudioQuota{PerUser: 2, PerTenant: 100}
+		l.Tenants = map[string]policy.TenantLimits{"tenant-a": {}}
+	})
+}
 
 // talkingAlgo is an algorithm service that answers like a real one: the first audio of an
 // utterance gets an asr_partial, a stop gets asr_final, one llm_response_chunk, a TTS binary
@@ -149,7 +184,7 @@ func chargedMS(t *testing.T, r *testRedis, user string) int64 {
 	}
 }
 
-// TestVoiceQuotaAcrossInstances: a user's daily audio (2 s, policy e2e-voice-gov.json) is
+// TestVoiceQuotaAcrossInstances: a user's daily audio (2 s, govPolicy) is
 // shared by two instances. A session on A uses 1 s; the user's session on B is closed 4429
 // after an error QUOTA_EXCEEDED once it crosses the rest; a new session on A is refused with
 // 429 before the upgrade; and the user was charged exactly the audio both sessions carried.
@@ -157,7 +192,7 @@ func TestVoiceQuotaAcrossInstances(t *testing.T) {
 	r := startRedis(t)
 	algo := newVoiceAlgo(t)
 	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
-		"POLICY_FILE": "testdata/policy/e2e-voice-gov.json", "VOICE_CHARGE_INTERVAL": "100ms"}))
+		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "100ms"}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -198,7 +233,9 @@ func TestVoiceQuotaAcrossInstances(t *testing.T) {
 // error SESSION_TOO_LONG, within a recheck interval of its second.
 func TestVoiceMaxSessionLength(t *testing.T) {
 	algo := newVoiceAlgo(t)
-	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "POLICY_FILE": "testdata/policy/e2e-voice-maxlen.json"})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "POLICY_FILE": voicePolicy(t, "e2e.json", func(l *policy.Limits) {
+		l.VoiceMaxSession = policy.Duration(time.Second)
+	})})
 	w := watchTokens(t, g)
 	v := openVoice(t, g, "", bearer(w.token(t, "u-long", []string{"user"}, nil)))
 	opened := time.Now()
@@ -221,7 +258,7 @@ func TestVoiceUsageRecords(t *testing.T) {
 	r := startRedis(t)
 	algo := talkingAlgo(t)
 	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
-		"POLICY_FILE": "testdata/policy/e2e-voice-gov.json", "VOICE_CHARGE_INTERVAL": "200ms", "LEASE_TTL": "900ms"}))
+		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "200ms", "LEASE_TTL": "900ms"}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	bin := buildGateway(t)
 	k := startGatewayProcess(t, bin, "instance k", with(env, map[string]string{"INSTANCE_NAME": "k"}))
@@ -327,7 +364,7 @@ func TestVoiceDetailAndBroadcastAcrossInstances(t *testing.T) {
 	r := startRedis(t)
 	algo := newVoiceAlgo(t)
 	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
-		"POLICY_FILE": "testdata/policy/e2e-voice-gov.json", "VOICE_CHARGE_INTERVAL": "100ms"}))
+		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "100ms"}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -422,7 +459,7 @@ func TestVoiceMetricsTenantsBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer tel.shutdown(context.Background())
-	store, err := policy.NewStore(policy.StoreOptions{Path: "testdata/policy/e2e-voice-gov.json",
+	store, err := policy.NewStore(policy.StoreOptions{Path: govPolicy(t),
 		Routes: protectedPatterns((&gateway{cfg: &config{}}).routes()), ExtraPerms: handlerPerms})
 	if err != nil {
 		t.Fatal(err)

@@ -98,8 +98,6 @@ var badFixtures = map[string]struct {
 	"limit-per-missing.json":          {want: `limits.per_tenant: want requests ≥ 1, a positive per`},
 	"limit-class-upper.json":          {want: `class "Chat" is not a lower-case name`},
 	"limit-quota-negative.json":       {want: `daily_requests_per_user cannot be negative`},
-	"limit-voice-quota-negative.json": {want: `limits.voice_audio_seconds_per_day: quotas cannot be negative`},
-	"limit-tenant-other.json":         {want: `limits.tenants: "other" cannot name a tenant`},
 	"limit-concurrency-unknown.json":  {want: `unknown lease "video" (want chat or voice)`},
 	"limit-concurrency-negative.json": {want: `limits.concurrency.chat: caps cannot be negative`},
 	"duration-word.json":              {want: `"fast" is not a positive duration`},

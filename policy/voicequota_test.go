@@ -2,6 +2,7 @@ package policy_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -10,7 +11,9 @@ import (
 	"voicegate/policy"
 )
 
-func TestVoiceLimitsFromPolicy(t *testing.T) {
+// readmePolicy is the README's worked policy file, parsed.
+func readmePolicy(t *testing.T) *policy.File {
+	t.Helper()
 	data, err := os.ReadFile(filepath.Join(fixtures, "good", "readme.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -19,6 +22,47 @@ func TestVoiceLimitsFromPolicy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return f
+}
+
+func TestVoiceLimitsRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		edit func(*policy.Limits)
+		want string
+	}{
+		{"negative user quota", func(l *policy.Limits) { l.VoiceAudioSecondsPerDay.PerUser = -1 },
+			"policy: limits.voice_audio_seconds_per_day: quotas cannot be negative"},
+		{"negative tenant quota", func(l *policy.Limits) { l.VoiceAudioSecondsPerDay.PerTenant = -1 },
+			"policy: limits.voice_audio_seconds_per_day: quotas cannot be negative"},
+		{"tenant named other", func(l *policy.Limits) { l.Tenants["other"] = policy.TenantLimits{} },
+			`policy: limits.tenants: "other" cannot name a tenant`},
+		{"tenant without a name", func(l *policy.Limits) { l.Tenants[""] = policy.TenantLimits{} },
+			`policy: limits.tenants: "" cannot name a tenant`},
+		{"negative tenant override", func(l *policy.Limits) { l.Tenants["acme"] = policy.TenantLimits{VoiceAudioSecondsPerDay: -1} },
+			"policy: limits.tenants.acme: voice_audio_seconds_per_day cannot be negative"},
+		{"too many tenants", func(l *policy.Limits) {
+			for i := range 1001 {
+				l.Tenants[fmt.Sprint("t-", i)] = policy.TenantLimits{}
+			}
+		}, "policy: limits.tenants: at most 1000 tenants may be named"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := readmePolicy(t)
+			tc.edit(&f.Limits)
+			_, err := policy.Compile(f, gatewayRoutes, nil)
+			if err == nil || err.Error() != tc.want {
+				t.Errorf("Compile = %v, want %q", err, tc.want)
+			}
+		})
+	}
+	if _, err := policy.Parse([]byte(`{"limits": {"voice_max_session": "0s"}}`)); err == nil {
+		t.Error("a zero voice_max_session was accepted")
+	}
+}
+
+func TestVoiceLimitsFromPolicy(t *testing.T) {
+	f := readmePolicy(t)
 	p, err := policy.Compile(f, gatewayRoutes, nil)
 	if err != nil {
 		t.Fatal(err)
