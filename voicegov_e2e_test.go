@@ -237,8 +237,9 @@ func TestVoiceMaxSessionLength(t *testing.T) {
 		l.VoiceMaxSession = policy.Duration(time.Second)
 	})})
 	w := watchTokens(t, g)
-	v := openVoice(t, g, "", bearer(w.token(t, "u-long", []string{"user"}, nil)))
-	opened := time.Now()
+	tok := w.token(t, "u-long", []string{"user"}, nil)
+	dialed := time.Now() // before the session starts: its second ends after dialed+1s
+	v := openVoice(t, g, "", bearer(tok))
 	e := waitEnding(t, v.readToClose(t.Context()), 5*time.Second)
 	if e.code != voice.CloseSessionTooLong {
 		t.Errorf("closed %v (%v), want 4408", e.code, e.err)
@@ -246,7 +247,7 @@ func TestVoiceMaxSessionLength(t *testing.T) {
 	if codes := e.errorCodes(); len(codes) != 1 || codes[0] != voice.CodeSessionTooLong {
 		t.Errorf("error messages %v, want [SESSION_TOO_LONG]", codes)
 	}
-	if took := e.at.Sub(opened); took < time.Second {
+	if took := e.at.Sub(dialed); took < time.Second {
 		t.Errorf("closed after %v, before the maximum length", took)
 	}
 }
