@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"voicegate/policy"
 )
 
 // echoAlgo is the algorithm service of the voice benchmarks: it sends every audio frame back as
@@ -213,11 +215,27 @@ func measureRelay(tb testing.TB, c *child, url string, sessions int, init bool, 
 	return f
 }
 
-// BenchmarkVoiceRelay runs the built gateway (its defaults: audio_chunk JSON, access log on)
-// and, in raw-audio mode, a second one, beside a bare httputil.ReverseProxy relaying the
-// WebSocket as bytes, each a child process in front of the same echoing algorithm service, at
-// the same fixed load: VOICE_BENCH_SESSIONS (default 100) sessions × 50 frames/s × 640 B. The
-// three take turns, VOICE_BENCH_ROUNDS (default 3) windows of VOICE_BENCH_SECONDS (default 5)
+// benchVoicePolicy is the built-in policy with voice governance on: daily audio quotas no
+// session reaches, a maximum session length, and ten of the sessions' tenants named.
+func benchVoicePolicy(tb testing.TB) string {
+	return voicePolicy(tb, "good/default.json", func(l *policy.Limits) {
+		l.VoiceAudioSecondsPerDay = &policy.AudioQuota{PerUser: 36000, PerTenant: 3600000}
+		l.VoiceMaxSession = policy.Duration(2 * time.Hour)
+		l.Tenants = map[string]policy.TenantLimits{}
+		for i := range 10 {
+			l.Tenants["t-"+strconv.Itoa(i)] = policy.TenantLimits{}
+		}
+	})
+}
+
+// BenchmarkVoiceRelay runs the built gateway (its defaults: audio_chunk JSON, access log on),
+// the same on a real redis-server (without a voice quota: the built-in policy), the same on
+// Redis with voice governance on (a policy with daily audio quotas, a maximum session length
+// and named tenants: every session metered, charged across instances every
+// VOICE_CHARGE_INTERVAL and its latencies recorded per tenant) and, in raw-audio mode, a fourth
+// one, beside a bare httputil.ReverseProxy relaying the WebSocket as bytes, each a child
+// process in front of the same echoing algorithm service, at the same fixed load:
+// VOICE_BENCH_SESSIONS (default 100) sessions × 50 frames/s × 640 B. The five take turns, VOICE_BENCH_ROUNDS (default 3) windows of VOICE_BENCH_SECONDS (default 5)
 // each, so that the machine's noise falls on all alike. It reports CPU per relayed frame
 // (user+sys from /proc, divided by frames up and echoes down) and the round trip's p50 and p99.
 func BenchmarkVoiceRelay(b *testing.B) {
@@ -227,6 +245,7 @@ func BenchmarkVoiceRelay(b *testing.B) {
 	window := time.Duration(envInt(b, "VOICE_BENCH_SECONDS", 5)) * time.Second
 	algo := echoAlgo(b)
 	bin := buildGateway(b)
+	redis := startRedis(b)
 	relays := []struct {
 		c    *child
 		path string
@@ -234,6 +253,11 @@ func BenchmarkVoiceRelay(b *testing.B) {
 	}{
 		{startBare(b, algo.URL), "/voice/stream", false},
 		{startGatewayProcess(b, bin, "voicegate", map[string]string{"ALGO_URL": algo.URL}), "/api/v2/voice/stream", true},
+		{startGatewayProcess(b, bin, "voicegate redis", map[string]string{"ALGO_URL": algo.URL,
+			"REDIS_URL": redis.URL(), "INSTANCE_NAME": "plain"}), "/api/v2/voice/stream", true},
+		{startGatewayProcess(b, bin, "voicegate governed", map[string]string{"ALGO_URL": algo.URL,
+			"REDIS_URL": redis.URL(), "INSTANCE_NAME": "governed",
+			"POLICY_FILE": benchVoicePolicy(b)}), "/api/v2/voice/stream", true},
 		{startGatewayProcess(b, bin, "voicegate raw", map[string]string{"ALGO_URL": algo.URL, "VOICE_RAW_AUDIO": "true"}), "/api/v2/voice/stream", true},
 	}
 	b.ResetTimer()
@@ -268,12 +292,16 @@ func BenchmarkVoiceRelay(b *testing.B) {
 		}
 		b.ReportMetric(micros(figs[0].cpuPerFrame), "bare-µs/frame")
 		b.ReportMetric(micros(figs[1].cpuPerFrame), "gateway-µs/frame")
-		b.ReportMetric(micros(figs[2].cpuPerFrame), "raw-µs/frame")
+		b.ReportMetric(micros(figs[2].cpuPerFrame), "redis-µs/frame")
+		b.ReportMetric(micros(figs[3].cpuPerFrame), "governed-µs/frame")
+		b.ReportMetric(micros(figs[4].cpuPerFrame), "raw-µs/frame")
 		b.ReportMetric(float64(figs[1].cpuPerFrame)/float64(base), "gateway/bare")
-		b.ReportMetric(float64(figs[2].cpuPerFrame)/float64(base), "raw/bare")
+		b.ReportMetric(float64(figs[3].cpuPerFrame)/float64(figs[2].cpuPerFrame), "governed/ungoverned")
+		b.ReportMetric(float64(figs[4].cpuPerFrame)/float64(base), "raw/bare")
 		b.ReportMetric(micros(figs[0].p99), "bare-p99-µs")
 		b.ReportMetric(micros(figs[1].p99), "gateway-p99-µs")
-		b.ReportMetric(micros(figs[2].p99), "raw-p99-µs")
+		b.ReportMetric(micros(figs[3].p99), "governed-p99-µs")
+		b.ReportMetric(micros(figs[4].p99), "raw-p99-µs")
 	}
 }
 

@@ -88,6 +88,10 @@ type config struct {
 	VoiceWriteTimeout time.Duration
 	VoiceRawAudio     bool
 	VoiceLanguage     string
+	// VoiceChargeInterval is the increment voice audio is charged in; VoiceUsageMaxLen caps
+	// the usage stream.
+	VoiceChargeInterval time.Duration
+	VoiceUsageMaxLen    int
 
 	PolicyFile  string
 	PolicyWatch time.Duration
@@ -291,6 +295,8 @@ func settings() []setting {
 			c.VoiceLanguage = v
 			return nil
 		}},
+		{"VOICE_CHARGE_INTERVAL", "5s", "voice audio is charged to the daily quotas in increments of this length while a session runs (an instance that dies loses at most one)", durationSetting(func(c *config) *time.Duration { return &c.VoiceChargeInterval }, 10*time.Millisecond)},
+		{"VOICE_USAGE_MAX_LEN", "100000", "usage records kept in the Redis stream {REDIS_PREFIX}usage (approximately; older ones are trimmed)", intSetting(func(c *config) *int { return &c.VoiceUsageMaxLen })},
 		{"METRICS_ENABLED", "true", "record metrics and serve /metrics", func(c *config, v string) (err error) {
 			if c.MetricsEnabled, err = strconv.ParseBool(v); err != nil {
 				return errors.New("want true or false")

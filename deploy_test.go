@@ -250,6 +250,7 @@ func scrapeBusyGateway(t *testing.T) exportedSeries {
 	if err := v.conn.Write(ctx, websocket.MessageBinary, bytes.Repeat([]byte{1, 2}, 320)); err != nil {
 		t.Fatal(err)
 	}
+	v.turn(t)
 	_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
 	var fams map[string]*dto.MetricFamily
 	eventually(t, 5*time.Second, "the voice session counted", func() bool {

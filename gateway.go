@@ -38,6 +38,7 @@ type gateway struct {
 	replay    *sse.RedisReplay // nil without Redis or with resuming off
 	bulkRedis rueidis.Client   // the replay log's own connection; nil without it
 	voices    *voice.Registry
+	vadmin    voiceAdmin
 	renewer   *renewer // nil without Redis
 	h         handlers
 	handler   http.Handler // the route table behind the edge middleware
@@ -90,7 +91,9 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		return nil, err
 	}
 	g.buildFairUse()
-	g.buildHandlers()
+	if err := g.buildHandlers(); err != nil {
+		return nil, err
+	}
 	g.policy, err = policy.NewStore(policy.StoreOptions{Path: cfg.PolicyFile, Routes: protectedPatterns(g.routes()),
 		ExtraPerms: handlerPerms, Log: logger})
 	if err != nil {
@@ -173,7 +176,7 @@ func (g *gateway) buildFairUse() {
 
 // buildHandlers builds the handler of every route: chat and its cancel, revocation, voice and
 // its listing, and the proxies of the plain back ends.
-func (g *gateway) buildHandlers() {
+func (g *gateway) buildHandlers() error {
 	cfg, tel, bg := g.cfg, g.tel, context.Background()
 	transport := proxy.NewTransport(proxy.TransportOptions{ResponseHeaderTimeout: cfg.UpstreamTimeout})
 	g.closers = append(g.closers, transport.CloseIdleConnections)
@@ -246,7 +249,7 @@ func (g *gateway) buildHandlers() {
 	})
 
 	vo := voice.RegistryOptions{Instance: cfg.Instance, Redis: g.redis, Prefix: cfg.RedisPrefix,
-		TTL: cfg.LeaseTTL, Log: g.log}
+		TTL: cfg.LeaseTTL, UsageMaxLen: int64(cfg.VoiceUsageMaxLen), Log: g.log}
 	if g.renewer != nil {
 		vo.OnChange = g.renewer.Kick
 	}
@@ -254,7 +257,7 @@ func (g *gateway) buildHandlers() {
 	if g.renewer != nil {
 		g.renewer.add("voice sessions", g.voices.Renew)
 	}
-	vh := voice.NewHandler(voice.Options{
+	vopts := voice.Options{
 		AlgoURL:      algo.Primary(),
 		Via:          algo.Via, // voice dials share the replicas' health with chat
 		AllowOrigin:  proxy.CORSOptions{Origins: cfg.CORSOrigins}.AllowOrigin,
@@ -280,13 +283,20 @@ func (g *gateway) buildHandlers() {
 			tel.voiceSessions.Add(bg, 1, tel.add1("code", strconv.Itoa(int(s.CloseCode)))...)
 		},
 		Log: g.log,
-	})
+	}
+	if err := g.voiceGovernance(&vopts); err != nil {
+		return err
+	}
+	vh := voice.NewHandler(vopts)
 	g.closers = append(g.closers, vh.Close)
 	g.h.voice = vh
 	g.h.voiceSessions = voice.NewSessionsHandler(g.voices)
+	g.vadmin = voiceAdmin{session: voice.NewSessionHandler(g.voices, voiceCaller),
+		broadcast: voice.NewBroadcastHandler(g.voices, voiceCaller)}
 
 	g.h.admin = g.backend("admin", "admin service", cfg.AdminURLs, transport, outbound)
 	g.h.docs = g.backend("docs", "documents service", cfg.DocsURLs, transport, outbound)
+	return nil
 }
 
 // backend proxies to a plain back end's replicas, or answers 404 when it has none.

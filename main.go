@@ -117,6 +117,7 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 	defer background.Wait()
 	defer stopWatching()
 	background.Go(func() { gw.policy.Watch(watchCtx, cfg.PolicyWatch) })
+	background.Go(func() { gw.voices.RunBroadcasts(watchCtx) })
 	if gw.streamDir != nil {
 		background.Go(func() { gw.streamDir.Run(watchCtx, gw.streams) })
 	}

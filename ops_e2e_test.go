@@ -42,7 +42,8 @@ import (
 // ---- helpers -------------------------------------------------------------------------------
 
 // opsAlgo is a fake algorithm service that answers POST /query with query and accepts voice
-// sessions on /voice/stream, which read until the gateway closes them (or the test ends).
+// sessions on /voice/stream, which read until the gateway closes them (or the test ends),
+// answering a stop with an asr_partial and a TTS audio frame.
 type opsAlgo struct {
 	*fakeBackend
 	voiceOpen   atomic.Int64  // upstream voice connections open now
@@ -69,8 +70,13 @@ func newOpsAlgo(t *testing.T, query http.HandlerFunc) *opsAlgo {
 				a.voiceClosed <- struct{}{}
 			}()
 			for {
-				if _, _, err := c.Read(testDone); err != nil {
+				_, msg, err := c.Read(testDone)
+				if err != nil {
 					return
+				}
+				if bytes.Contains(msg, []byte(`"type":"stop"`)) {
+					_ = c.Write(testDone, websocket.MessageText, []byte(`{"type":"asr_partial","text":"hi"}`))
+					_ = c.Write(testDone, websocket.MessageBinary, make([]byte, 640))
 				}
 			}
 		default:
@@ -78,6 +84,26 @@ func newOpsAlgo(t *testing.T, query http.HandlerFunc) *opsAlgo {
 		}
 	})
 	return a
+}
+
+// turn ends an utterance on v (after audio) and waits for the TTS audio that answers it, so
+// that the latency histograms have a sample.
+func (v *opsVoice) turn(t *testing.T) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := v.conn.Write(ctx, websocket.MessageText, []byte(`{"type":"stop"}`)); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		typ, _, err := v.conn.Read(ctx)
+		if err != nil {
+			t.Fatalf("waiting for the TTS audio: %v", err)
+		}
+		if typ == websocket.MessageBinary {
+			return
+		}
+	}
 }
 
 // opsVoice is a client voice session through the gateway.
@@ -674,6 +700,9 @@ var wantMetrics = map[string][]string{
 	"redis_errors_total":              {},
 	"voicegate_ready":                 {},
 	"voicegate_build_info":            {"go_version", "version"},
+	"voice_response_latency_seconds":  {"tenant"},
+	"voice_asr_latency_seconds":       {"tenant"},
+	"voice_barge_ins_total":           {"tenant"},
 }
 
 // checkFamily fails the test unless fams has name with exactly labels on every series.
@@ -773,6 +802,7 @@ func TestOpsMetrics(t *testing.T) {
 	if err := v.conn.Write(ctx, websocket.MessageBinary, audio); err != nil {
 		t.Fatal(err)
 	}
+	v.turn(t)
 	_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
 	var fams map[string]*dto.MetricFamily
 	eventually(t, 5*time.Second, "websocket_connections_active back to 0", func() bool {

@@ -35,6 +35,8 @@ func (g *gateway) routes() []route {
 		{"POST /api/v2/auth/revoke", token, g.h.revoke},
 		{"GET /api/v2/voice/stream", tokenWS, g.h.voice},
 		{"GET /api/v2/voice/sessions", token, g.h.voiceSessions},
+		{"GET /api/v2/voice/sessions/{session_id}", token, g.vadmin.session},
+		{"POST /api/v2/voice/broadcast", token, g.vadmin.broadcast},
 		{"/api/v2/admin/", token, g.h.admin},
 		{"/api/v2/documents/", token, g.h.docs},
 	}

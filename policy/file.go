@@ -54,6 +54,12 @@ type Limits struct {
 	DailyRequestsPerUser int64 `json:"daily_requests_per_user,omitempty"`
 	// Concurrency caps open streams and sessions, by lease name ("chat", "voice").
 	Concurrency map[string]Concurrency `json:"concurrency,omitempty"`
+	// VoiceAudioSecondsPerDay caps voice audio per user and tenant per UTC day; absent means
+	// none. VoiceMaxSession caps one voice session's length; absent means none. Tenants names
+	// tenants, with limits of their own. See voicequota.go.
+	VoiceAudioSecondsPerDay *AudioQuota             `json:"voice_audio_seconds_per_day,omitempty"`
+	VoiceMaxSession         Duration                `json:"voice_max_session,omitempty"`
+	Tenants                 map[string]TenantLimits `json:"tenants,omitempty"`
 }
 
 // Rate is a GCRA rate: Requests per Per, with bursts of up to Burst requests.
@@ -245,7 +251,7 @@ func (l Limits) check() error {
 			return fmt.Errorf("policy: limits.concurrency.%s: caps cannot be negative", name)
 		}
 	}
-	return nil
+	return l.checkVoice()
 }
 
 // Default is the built-in policy (used without POLICY_FILE), for the gateway's routes.
@@ -258,6 +264,8 @@ func Default() *File {
 			{Route: "POST /api/v2/chat/cancel", Permission: ""},
 			{Route: "GET /api/v2/voice/stream", Permission: "voice:write", Class: "voice", Lease: "voice"},
 			{Route: "GET /api/v2/voice/sessions", Permission: "voice:admin"},
+			{Route: "GET /api/v2/voice/sessions/{session_id}", Permission: "voice:admin"},
+			{Route: "POST /api/v2/voice/broadcast", Permission: "voice:admin"},
 			{Route: "POST /api/v2/auth/revoke", Permission: ""},
 			{Route: "/api/v2/admin/", Permission: "admin:write", Methods: map[string]string{"GET": "admin:read", "HEAD": "admin:read"}, Class: "admin"},
 			{Route: "/api/v2/documents/", Permission: "document:write",

@@ -21,6 +21,8 @@ var gatewayRoutes = []string{
 	"POST /api/v2/auth/revoke",
 	"GET /api/v2/voice/stream",
 	"GET /api/v2/voice/sessions",
+	"GET /api/v2/voice/sessions/{session_id}",
+	"POST /api/v2/voice/broadcast",
 	"/api/v2/admin/",
 	"/api/v2/documents/",
 }

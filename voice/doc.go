@@ -7,7 +7,9 @@
 // The files follow the life of a session: handler.go (the handshake and the dial), conn.go
 // (the sockets and their deadlines), relay.go (the two directions), timers.go (the clock all
 // sessions share), session.go (how a session ends), close.go (close codes), protocol.go (the
-// messages), registry.go (live sessions, across instances with Redis).
+// messages), registry.go (live sessions, across instances with Redis), and governance:
+// meter.go (audio seconds, latencies, barge-ins), govern.go (quotas and the maximum session
+// length), usage.go (live counters and usage records), broadcast.go (notices to many sessions).
 //
 // The rules a reader must know:
 //
@@ -15,8 +17,8 @@
 //     reads the client and writes each message it read to the algorithm service, and one that
 //     reads the algorithm service and writes each message to the client. A message is written
 //     by the goroutine that read it; there is no queue and no writer goroutine. Other writes to
-//     a connection (an error message, a ping, a close) may come from other goroutines:
-//     coder/websocket serialises them.
+//     a connection (an error message, a ping, a close, a broadcast notice) may come from other
+//     goroutines: coder/websocket serialises them.
 //   - What bounds each in time. Every read and write the library makes on a socket, its
 //     control frames included, gets a deadline from the conn under it: a write must be taken
 //     within the write timeout (VOICE_WRITE_TIMEOUT), and a side that sends nothing at all,
@@ -27,7 +29,9 @@
 //   - One clock. A single goroutine per Handler, running only while there are sessions, ticks
 //     every recheck interval for all of them: idle timeouts, keepalive pings (each sent from a
 //     short-lived goroutine, since the library's Ping waits for the pong) and token rechecks.
-//     Nothing on it blocks but the rechecks, which share one deadline per tick.
+//     The same tick holds sessions to their quotas and maximum length, and charges those due
+//     in one batch. Nothing on it blocks but the charges and the rechecks, which share one
+//     deadline per tick.
 //   - How a session ends. end records the first reason and returns at once, whoever calls it;
 //     a goroutine of the ending then tells each side that can still hear (an error message, a
 //     close frame), drops the sockets of those that cannot, and after a second drops whatever

@@ -17,6 +17,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"voicegate/policy"
 	"voicegate/proxy"
 )
 
@@ -69,7 +70,18 @@ type Options struct {
 	// OnStart and OnEnd, if set, are called as sessions begin and end (metrics, logs).
 	OnStart func()
 	OnEnd   func(Stats)
-	Log     *slog.Logger
+	// Meter, if set, charges sessions' audio to the daily quotas that Limits gives each tenant
+	// (see govern.go); Limits also gives the maximum session length. Nil Limits means none.
+	Meter  policy.AudioMeter
+	Limits func(tenant string) policy.VoiceLimits
+	// ChargeInterval is the increment sessions are charged in; zero means 5 s. ChargeBudget
+	// bounds each charge; zero means 250 ms.
+	ChargeInterval, ChargeBudget time.Duration
+	// OnLatency and OnBargeIn, if set, are told each latency and barge-in (see meter.go), with
+	// the session's tenant; they run on a relay goroutine and must not block.
+	OnLatency func(kind LatencyKind, tenant string, d time.Duration)
+	OnBargeIn func(tenant string)
+	Log       *slog.Logger
 }
 
 // Handler is the GET /api/v2/voice/stream handler.
@@ -98,6 +110,8 @@ func NewHandler(o Options) *Handler {
 	def(&o.IdleTimeout, 5*time.Minute)
 	def(&o.WriteTimeout, 10*time.Second)
 	def(&o.RecheckInterval, 500*time.Millisecond)
+	def(&o.ChargeInterval, 5*time.Second)
+	def(&o.ChargeBudget, 250*time.Millisecond)
 	if o.ReadLimit <= 0 {
 		o.ReadLimit = 1 << 20
 	}
@@ -193,6 +207,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if language != "" {
 		cfg.Language = language
 	}
+	var user, tenant string
+	if h.o.Owner != nil {
+		user, tenant = h.o.Owner(r)
+	}
+	var gov governor
+	if !h.admitQuota(w, r, user, tenant, &gov) {
+		return
+	}
 	release := func() {}
 	if h.o.Admit != nil {
 		var ok bool
@@ -207,10 +229,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	info := Info{SessionID: rand.Text(), ConversationID: conversation, Language: cfg.Language,
-		Instance: h.o.Registry.instance, StartedAt: time.Now().UTC()}
-	if h.o.Owner != nil {
-		info.UserID, info.TenantID = h.o.Owner(r)
-	}
+		Instance: h.o.Registry.instance, StartedAt: time.Now().UTC(), UserID: user, TenantID: tenant}
 
 	// The algorithm service first: if it is down the client gets a proper HTTP error, not a
 	// socket that opens and dies.
@@ -239,6 +258,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	s := newSession(h, info, cfg, side{ws: client, conn: hj.conn}, side{ws: up, conn: upConn})
 	s.release = release
+	s.gov.limits, s.gov.metered, s.gov.left, s.gov.bounded = gov.limits, gov.metered, gov.left, gov.bounded
+	s.gov.lastCharge = s.start
 	if h.o.Recheck != nil {
 		s.recheck = h.o.Recheck(r)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 
@@ -32,8 +33,13 @@ type Info struct {
 // instance can list every instance's sessions. A published entry expires unless renewed, so the
 // sessions of an instance that dies disappear within TTL.
 //
-// Redis keys: {prefix}voice:session:{id} (JSON Info, expiring) and {prefix}voice:sessions
-// (sorted set: session ID → expiry in ms).
+// Redis keys: {prefix}voice:session:{id} (JSON Live, the session's counters as last
+// published; kept for three TTLs), {prefix}voice:sessions (sorted set: session ID → expiry in
+// ms) and {prefix}usage (the stream of usage records, capped at UsageMaxLen entries).
+//
+// An entry whose expiry has been past for a whole TTL more belongs to a session whose instance
+// died: the first instance to remove it from the set writes its usage record from its last
+// counters (see Usage).
 type Registry struct {
 	instance string
 	redis    rueidis.Client // nil: this instance only
@@ -41,9 +47,12 @@ type Registry struct {
 	ttl      time.Duration
 	log      *slog.Logger
 
+	maxLen int64 // of the usage stream
+
 	mu       sync.Mutex
 	sessions map[string]*session
 	gone     []string // ended sessions whose published entries are still to delete
+	usage    []Usage  // records still to write to the stream
 	onChange func()   // something to tell Redis now
 	now      func() time.Time
 	renewed  time.Time // when the live sessions were last published
@@ -60,7 +69,10 @@ type RegistryOptions struct {
 	OnChange func()
 	// Now is the clock of expiries and of when renewals are due; nil means time.Now.
 	Now func() time.Time
-	Log *slog.Logger
+	// UsageMaxLen caps the usage stream (approximately, as XADD MAXLEN ~ does); zero means
+	// 100000 records.
+	UsageMaxLen int64
+	Log         *slog.Logger
 }
 
 // NewRegistry returns a registry. With Redis, someone must call Renew every TTL/3 and whenever
@@ -78,12 +90,20 @@ func NewRegistry(o RegistryOptions) *Registry {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.UsageMaxLen <= 0 {
+		o.UsageMaxLen = 100000
+	}
 	return &Registry{instance: o.Instance, redis: o.Redis, prefix: o.Prefix, ttl: o.TTL, log: o.Log,
-		onChange: o.OnChange, now: o.Now, sessions: map[string]*session{}, renewed: o.Now()}
+		onChange: o.OnChange, now: o.Now, sessions: map[string]*session{}, renewed: o.Now(), maxLen: o.UsageMaxLen}
 }
 
 func (r *Registry) key(id string) string { return r.prefix + "voice:session:" + id }
 func (r *Registry) index() string        { return r.prefix + "voice:sessions" }
+func (r *Registry) stream() string       { return r.prefix + "usage" }
+
+// maxPendingUsage bounds the usage records waiting for Redis; beyond it the oldest are dropped
+// (they are in the log all the same).
+const maxPendingUsage = 10000
 
 func (r *Registry) add(ctx context.Context, s *session) {
 	r.mu.Lock()
@@ -99,13 +119,16 @@ func (r *Registry) add(ctx context.Context, s *session) {
 	}
 }
 
-// remove forgets s at once, here, and leaves its published entry for Renew to delete: an ended
-// session needs no request's context, nor to wait for Redis.
-func (r *Registry) remove(s *session) {
+// remove forgets s at once, here, logs its usage record, and leaves the record and its
+// published entry for Renew to take to Redis: an ended session needs no request's context, nor
+// to wait for Redis.
+func (r *Registry) remove(s *session, u Usage) {
+	r.logUsage(u)
 	r.mu.Lock()
 	delete(r.sessions, s.info.SessionID)
 	if r.redis != nil {
 		r.gone = append(r.gone, s.info.SessionID)
+		r.queueUsage(u)
 	}
 	r.mu.Unlock()
 	if r.redis != nil {
@@ -113,42 +136,142 @@ func (r *Registry) remove(s *session) {
 	}
 }
 
-// unpublish deletes the entries of ended sessions, in one round trip. Those it fails to delete
-// expire within TTL anyway, and listings skip them once their score is past.
+// queueUsage keeps u for the stream; r.mu is held.
+func (r *Registry) queueUsage(u ...Usage) {
+	r.usage = append(r.usage, u...)
+	if over := len(r.usage) - maxPendingUsage; over > 0 {
+		r.log.Warn("usage records could not reach Redis in time; the oldest are only in the log", "dropped", over)
+		r.usage = append(r.usage[:0], r.usage[over:]...)
+	}
+}
+
+func (r *Registry) logUsage(u Usage) {
+	f := u.fields()
+	args := make([]any, 0, len(f)/2)
+	for i := 0; i+1 < len(f); i += 2 {
+		args = append(args, slog.String(f[i], f[i+1]))
+	}
+	r.log.Info("voice usage", args...)
+}
+
+// unpublish writes the usage records of ended sessions and deletes their entries, in one round
+// trip. Entries it fails to delete expire anyway, and listings skip them once their score is
+// past; records it fails to write are kept for the next call.
 func (r *Registry) unpublish(ctx context.Context) error {
 	r.mu.Lock()
-	gone := r.gone
-	r.gone = nil
+	gone, usage := r.gone, r.usage
+	r.gone, r.usage = nil, nil
 	r.mu.Unlock()
-	if len(gone) == 0 {
+	if len(gone) == 0 && len(usage) == 0 {
 		return nil
 	}
-	cmds := make(rueidis.Commands, 0, len(gone)+1)
+	cmds := make(rueidis.Commands, 0, len(usage)+len(gone)+1)
+	for _, u := range usage {
+		cmds = append(cmds, r.xadd(&u))
+	}
 	for _, id := range gone {
 		cmds = append(cmds, r.redis.B().Del().Key(r.key(id)).Build())
 	}
-	cmds = append(cmds, r.redis.B().Zrem().Key(r.index()).Member(gone...).Build())
+	if len(gone) > 0 {
+		cmds = append(cmds, r.redis.B().Zrem().Key(r.index()).Member(gone...).Build())
+	}
+	var failed []Usage
+	var err error
+	for i, res := range r.redis.DoMulti(ctx, cmds...) {
+		if e := res.Error(); e != nil {
+			if i < len(usage) {
+				failed = append(failed, usage[i])
+			}
+			if err == nil {
+				err = fmt.Errorf("voice: write usage records and delete ended sessions: %w", e)
+			}
+		}
+	}
+	if len(failed) > 0 {
+		r.mu.Lock()
+		r.queueUsage(append(failed, r.usage...)...)
+		r.mu.Unlock()
+	}
+	return err
+}
+
+func (r *Registry) xadd(u *Usage) rueidis.Completed {
+	fv := r.redis.B().Xadd().Key(r.stream()).Maxlen().Almost().Threshold(strconv.FormatInt(r.maxLen, 10)).Id("*").FieldValue()
+	f := u.fields()
+	for i := 0; i+1 < len(f); i += 2 {
+		fv = fv.FieldValue(f[i], f[i+1])
+	}
+	return fv.Build()
+}
+
+// publishLive publishes the counters of ss now (after a charge), if there is Redis; a failure
+// is left to the next renewal.
+func (r *Registry) publishLive(ctx context.Context, ss []*session) {
+	if r.redis == nil || len(ss) == 0 {
+		return
+	}
+	if err := r.publish(ctx, ss); err != nil {
+		r.log.Warn("publishing voice sessions' counters failed; the next renewal retries", "err", proxy.Describe(err))
+	}
+}
+
+func (r *Registry) publish(ctx context.Context, ss []*session) error {
+	expiry := float64(r.now().Add(r.ttl).UnixMilli())
+	cmds := make(rueidis.Commands, 0, 2*len(ss))
+	for _, s := range ss {
+		b, _ := json.Marshal(s.live())
+		cmds = append(cmds,
+			r.redis.B().Set().Key(r.key(s.info.SessionID)).Value(string(b)).Px(orphanKeep*r.ttl).Build(),
+			r.redis.B().Zadd().Key(r.index()).ScoreMember().ScoreMember(expiry, s.info.SessionID).Build())
+	}
 	for _, res := range r.redis.DoMulti(ctx, cmds...) {
 		if err := res.Error(); err != nil {
-			return fmt.Errorf("voice: delete ended sessions: %w", err)
+			return err
 		}
 	}
 	return nil
 }
 
-func (r *Registry) publish(ctx context.Context, ss []*session) error {
-	expiry := float64(r.now().Add(r.ttl).UnixMilli())
-	cmds := make(rueidis.Commands, 0, 2*len(ss)+1)
-	for _, s := range ss {
-		b, _ := json.Marshal(s.info)
-		cmds = append(cmds,
-			r.redis.B().Set().Key(r.key(s.info.SessionID)).Value(string(b)).Px(r.ttl).Build(),
-			r.redis.B().Zadd().Key(r.index()).ScoreMember().ScoreMember(expiry, s.info.SessionID).Build())
+// orphanKeep is how many TTLs a published entry is kept: an instance that finds it expired for
+// a TTL more has two TTLs to write the session's usage record from it.
+const orphanKeep = 3
+
+// maxSweep bounds the orphaned sessions one Renew writes records for.
+const maxSweep = 64
+
+// sweep writes the usage records of sessions whose instance died — their entries expired a TTL
+// ago and more — and deletes them. Removing a session from the set is the claim: of all the
+// instances sweeping, only the one whose ZREM removed it writes its record.
+func (r *Registry) sweep(ctx context.Context) error {
+	before := strconv.FormatInt(r.now().Add(-r.ttl).UnixMilli(), 10)
+	ids, err := r.redis.Do(ctx, r.redis.B().Zrangebyscore().Key(r.index()).Min("-inf").Max(before).
+		Limit(0, maxSweep).Build()).AsStrSlice()
+	if err != nil || len(ids) == 0 {
+		return err
 	}
-	cmds = append(cmds, r.redis.B().Zremrangebyscore().Key(r.index()).Min("-inf").Max(fmt.Sprint(r.now().UnixMilli())).Build())
-	for _, res := range r.redis.DoMulti(ctx, cmds...) {
+	claims := make(rueidis.Commands, 0, 2*len(ids))
+	for _, id := range ids {
+		claims = append(claims, r.redis.B().Zrem().Key(r.index()).Member(id).Build(),
+			r.redis.B().Get().Key(r.key(id)).Build())
+	}
+	res := r.redis.DoMulti(ctx, claims...)
+	var writes rueidis.Commands
+	for i, id := range ids {
+		if n, err := res[2*i].AsInt64(); err != nil || n != 1 {
+			continue // another instance claimed it
+		}
+		b, err := res[2*i+1].AsBytes()
+		var l Live
+		if err != nil || json.Unmarshal(b, &l) != nil {
+			continue // nothing left to write a record from
+		}
+		u := usageOf(l, l.UpdatedAt, int(websocket.StatusAbnormalClosure), "instance lost")
+		r.logUsage(u)
+		writes = append(writes, r.xadd(&u), r.redis.B().Del().Key(r.key(id)).Build())
+	}
+	for _, res := range r.redis.DoMulti(ctx, writes...) {
 		if err := res.Error(); err != nil {
-			return err
+			return fmt.Errorf("voice: write the usage records of lost sessions: %w", err)
 		}
 	}
 	return nil
@@ -172,6 +295,12 @@ func (r *Registry) Renew(ctx context.Context) error {
 		r.renewed = now
 	}
 	r.mu.Unlock()
+	// Lost sessions are looked for on the renewal's rounds only, not on every ended session's.
+	if due {
+		if err := r.sweep(ctx); err != nil {
+			uerr = errors.Join(uerr, fmt.Errorf("voice: sweep lost sessions: %w", err))
+		}
+	}
 	ss := r.local()
 	if !due || len(ss) == 0 {
 		return uerr
@@ -180,6 +309,43 @@ func (r *Registry) Renew(ctx context.Context) error {
 		return errors.Join(uerr, fmt.Errorf("voice: renew sessions: %w", err))
 	}
 	return uerr
+}
+
+// Get returns the live counters of session id, exactly if it runs here, else as its instance
+// last published them (with Redis); ok is false when no live session has that ID.
+func (r *Registry) Get(ctx context.Context, id string) (l Live, ok bool, err error) {
+	r.mu.Lock()
+	s := r.sessions[id]
+	r.mu.Unlock()
+	if s != nil {
+		return s.live(), true, nil
+	}
+	if r.redis == nil {
+		return Live{}, false, nil
+	}
+	res := r.redis.DoMulti(ctx, r.redis.B().Zscore().Key(r.index()).Member(id).Build(),
+		r.redis.B().Get().Key(r.key(id)).Build())
+	score, err := res[0].AsFloat64()
+	if rueidis.IsRedisNil(err) {
+		return Live{}, false, nil
+	}
+	if err != nil {
+		return Live{}, false, fmt.Errorf("voice: get session: %w", err)
+	}
+	if int64(score) < r.now().UnixMilli() {
+		return Live{}, false, nil // its instance is gone
+	}
+	b, err := res[1].AsBytes()
+	if rueidis.IsRedisNil(err) {
+		return Live{}, false, nil
+	}
+	if err != nil {
+		return Live{}, false, fmt.Errorf("voice: get session: %w", err)
+	}
+	if err := json.Unmarshal(b, &l); err != nil {
+		return Live{}, false, fmt.Errorf("voice: get session: %w", err)
+	}
+	return l, true, nil
 }
 
 func (r *Registry) local() []*session {
@@ -222,9 +388,9 @@ func (r *Registry) List(ctx context.Context) ([]Info, error) {
 				if err != nil {
 					continue // expired between the two calls
 				}
-				var info Info
-				if json.Unmarshal(b, &info) == nil {
-					out = append(out, info)
+				var l Live
+				if json.Unmarshal(b, &l) == nil {
+					out = append(out, l.Info)
 				}
 			}
 		}

@@ -56,6 +56,7 @@ func (s *session) fromClient() {
 		case websocket.MessageBinary:
 			s.n.audioIn.Add(int64(len(*b)))
 			s.n.firstAudio.CompareAndSwap(0, now.UnixNano())
+			s.clientAudio(now.UnixNano())
 			out := b
 			if !s.h.o.RawAudio {
 				seq++
@@ -73,7 +74,7 @@ func (s *session) fromClient() {
 					reason: "text messages must be UTF-8"})
 				return
 			}
-			out, _, code, reason := control(*b, s.info.SessionID)
+			out, ctype, code, reason := control(*b, s.info.SessionID)
 			s.h.putBuf(b)
 			if code != "" {
 				if s.sendError(code, reason) != nil {
@@ -82,6 +83,7 @@ func (s *session) fromClient() {
 				}
 				continue
 			}
+			s.clientControl(ctype, now.UnixNano())
 			err = s.up.ws.Write(unbounded(), websocket.MessageText, out)
 		}
 		if err != nil {
@@ -147,19 +149,25 @@ func (s *session) count(typ websocket.MessageType, msg []byte) {
 	if typ == websocket.MessageBinary {
 		s.n.audioOut.Add(int64(len(msg)))
 		s.n.ttsChunks.Add(1)
+		s.ttsAudio()
 		return
 	}
 	switch string(upstreamType(msg)) {
 	case "asr_partial":
 		s.n.asrPartial.Add(1)
 		s.firstASR()
+		s.asrPartial(time.Now().UnixNano())
 	case "asr_final":
 		s.n.asrFinal.Add(1)
 		s.firstASR()
+		s.endUtterance(time.Now().UnixNano())
 	case "llm_response_chunk":
 		s.n.llmChunks.Add(1)
 	case "tts_audio":
 		s.n.ttsChunks.Add(1)
+		s.ttsAudio()
+	case "tts_complete":
+		s.ttsComplete()
 	case "error":
 		s.n.errors.Add(1)
 	}

@@ -28,6 +28,14 @@ type Stats struct {
 	FirstASR      time.Duration // first client audio → first recognition event; 0 if none
 	CloseCode     websocket.StatusCode
 	CloseReason   string
+	// Governance (meter.go, govern.go).
+	TenantID        string
+	AudioIn         time.Duration // audio seconds from the client
+	AudioOut        time.Duration // TTS audio seconds to it
+	Charged         time.Duration // what the quotas were charged
+	BargeIns        int64
+	ResponseLatency Latency
+	ASRLatency      Latency
 }
 
 // counters are a session's live figures. Each is written by one relay goroutine and may be read
@@ -70,6 +78,8 @@ type session struct {
 	release func()                          // the session's concurrency slot
 	start   time.Time
 	n       counters
+	m       *meter
+	gov     governor
 
 	lastIn   atomic.Int64 // unix ns of the last client message
 	lastPing time.Time    // owned by the timers goroutine
@@ -85,7 +95,7 @@ type session struct {
 func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *session {
 	now := time.Now()
 	s := &session{h: h, info: info, cfg: cfg, client: client, up: up, start: now, release: func() {},
-		enc: newChunkEncoder(info.SessionID, info.ConversationID, cfg), lastPing: now,
+		enc: newChunkEncoder(info.SessionID, info.ConversationID, cfg), lastPing: now, m: newMeter(cfg),
 		closed: make(chan struct{}), upDone: make(chan struct{})}
 	s.lastIn.Store(now.UnixNano())
 	return s
@@ -104,10 +114,13 @@ func (s *session) run() {
 	// Both sockets are closed; this releases the library's side of each at once.
 	s.client.ws.CloseNow()
 	s.up.ws.CloseNow()
-	s.h.o.Registry.remove(s)
 	s.release()
-
+	// Charged before the registry lets go, so that shutdown, which waits for the registry to
+	// empty, waits for this bounded charge too.
+	s.finalCharge()
 	st := s.stats()
+	s.h.o.Registry.remove(s, usageOf(s.live(), time.Now(), int(st.CloseCode), st.CloseReason))
+
 	s.h.o.Log.Info("voice session ended", "session_id", s.info.SessionID, "user_id", s.info.UserID,
 		"duration", st.Duration, "packets_in", st.PacketsIn, "bytes_in", st.BytesIn,
 		"packets_out", st.PacketsOut, "bytes_out", st.BytesOut, "asr_partial", st.ASRPartial,
@@ -127,7 +140,11 @@ func (s *session) stats() Stats {
 		ASRPartial: s.n.asrPartial.Load(), ASRFinal: s.n.asrFinal.Load(), LLMChunks: s.n.llmChunks.Load(),
 		TTSChunks: s.n.ttsChunks.Load(), Errors: s.n.errors.Load(),
 		FirstASR: time.Duration(s.n.firstASR.Load()),
+		TenantID: s.info.TenantID, AudioIn: s.m.audio(s.n.audioIn.Load(), &s.m.estIn),
+		AudioOut: s.m.audio(s.n.audioOut.Load(), &s.m.estOut), Charged: time.Duration(s.gov.charged.Load()),
+		BargeIns: s.m.bargeIns.Load(),
 	}
+	st.ResponseLatency, st.ASRLatency = s.m.latencies()
 	if s.ended.Load() {
 		st.CloseCode, st.CloseReason = s.outcome.code, s.outcome.reason
 	}

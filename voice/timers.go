@@ -21,8 +21,13 @@ type timers struct {
 	mu       sync.Mutex
 	sessions map[*session]struct{}
 	stop     chan struct{} // closed to stop the running clock; nil when none runs
+	done     chan struct{} // closed when the last clock started has returned
 
-	batch []*session // the tick's sessions; used by the clock goroutine only
+	// Used by the clock goroutine only. There is one at a time: a clock started while the
+	// last one finishes its tick waits for it to return, so that no two tick at once.
+	batch        []*session // the tick's sessions
+	due          []*session // those due a charge
+	chargeWarned time.Time  // when a failed charge was last logged
 }
 
 func newTimers(h *Handler) *timers {
@@ -35,7 +40,9 @@ func (t *timers) add(s *session) {
 	t.sessions[s] = struct{}{}
 	if t.stop == nil {
 		t.stop = make(chan struct{})
-		go t.run(t.stop)
+		last, done := t.done, make(chan struct{})
+		t.done = done
+		go t.run(t.stop, last, done)
 	}
 }
 
@@ -49,7 +56,11 @@ func (t *timers) remove(s *session) {
 	}
 }
 
-func (t *timers) run(stop <-chan struct{}) {
+func (t *timers) run(stop, last <-chan struct{}, done chan<- struct{}) {
+	defer close(done)
+	if last != nil {
+		<-last // bounded: a tick's blocking calls share a deadline of one recheck interval
+	}
 	tk := time.NewTicker(t.h.o.RecheckInterval)
 	defer tk.Stop()
 	for {
@@ -70,7 +81,14 @@ func (t *timers) tick(now time.Time) {
 	}
 	t.mu.Unlock()
 	o := &t.h.o
+	due := t.due[:0]
 	for _, s := range batch {
+		if s.ended.Load() {
+			continue
+		}
+		if s.govern(now) {
+			due = append(due, s)
+		}
 		if s.ended.Load() {
 			continue
 		}
@@ -87,6 +105,9 @@ func (t *timers) tick(now time.Time) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), o.RecheckInterval)
 	defer cancel()
+	t.charge(ctx, now, due)
+	clear(due)
+	t.due = due
 	for _, s := range batch {
 		if s.recheck == nil || s.ended.Load() {
 			continue

@@ -1,0 +1,526 @@
+package main
+
+// End-to-end tests of voice governance: quotas shared by two instances through a real
+// redis-server, usage records in the stream (one from an instance that was SIGKILLed),
+// broadcast and live detail across instances and tenants, the maximum session length, and the
+// bounded tenant label of the latency metrics.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"voicegate/policy"
+	"voicegate/voice"
+)
+
+// voicePolicy writes base (a policy file of testdata/policy) with its limits changed by edit
+// to a file of the test's own and returns its path: the routes stay those base binds.
+func voicePolicy(tb testing.TB, base string, edit func(*policy.Limits)) string {
+	tb.Helper()
+	data, err := os.ReadFile(filepath.Join("testdata", "policy", base))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	f, err := policy.Parse(data)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	edit(&f.Limits)
+	out, err := json.Marshal(f)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	file := filepath.Join(tb.TempDir(), "policy.json")
+	if err := os.WriteFile(file, out, 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	return file
+}
+
+// govPolicy is the e2e policy with a daily voice audio quota of 2 s per user (100 s per
+// tenant), and tenant-a named.
+func govPolicy(tb testing.TB) string {
+	return voicePolicy(tb, "e2e.json", func(l *policy.Limits) {
+		l.VoiceAudioSecondsPerDay = &policy.AudioQuota{PerUser: 2, PerTenant: 100}
+		l.Tenants = map[string]policy.TenantLimits{"tenant-a": {}}
+	})
+}
+
+// talkingAlgo is an algorithm service that answers like a real one: the first audio of an
+// utterance gets an asr_partial, a stop gets asr_final, one llm_response_chunk, a TTS binary
+// frame of 3200 bytes (100 ms of 16 kHz mono PCM) and tts_complete.
+func talkingAlgo(t *testing.T) *fakeBackend {
+	t.Helper()
+	done := t.Context()
+	return newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/voice/stream" {
+			http.NotFound(w, r)
+			return
+		}
+		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
+		if err != nil {
+			return
+		}
+		defer c.CloseNow()
+		c.SetReadLimit(1 << 20)
+		talking := false
+		for {
+			_, msg, err := c.Read(done)
+			if err != nil {
+				return
+			}
+			var m struct{ Type string }
+			_ = json.Unmarshal(msg, &m)
+			var out [][]byte
+			switch m.Type {
+			case "audio_chunk":
+				if !talking {
+					talking = true
+					out = append(out, []byte(`{"type":"asr_partial","text":"hel"}`))
+				}
+			case "stop":
+				talking = false
+				out = append(out, []byte(`{"type":"asr_final","text":"hello"}`), []byte(`{"type":"llm_response_chunk","text":"hi"}`), nil,
+					[]byte(`{"type":"tts_complete"}`))
+			}
+			for _, o := range out {
+				typ := websocket.MessageText
+				if o == nil {
+					typ, o = websocket.MessageBinary, make([]byte, 3200)
+				}
+				if err := c.Write(done, typ, o); err != nil {
+					return
+				}
+			}
+		}
+	})
+}
+
+// sendAudio sends d of 16 kHz mono PCM in 20 ms frames, as fast as the session takes them.
+func sendAudio(t *testing.T, v *voiceClient, d time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	for range int(d / (20 * time.Millisecond)) {
+		if err := v.conn.Write(ctx, websocket.MessageBinary, make([]byte, 640)); err != nil {
+			t.Fatalf("send audio: %v", err)
+		}
+	}
+}
+
+// sendAudioUntilClosed is sendAudio that stops at the first write the session no longer takes,
+// and returns how much it sent.
+func sendAudioUntilClosed(t *testing.T, v *voiceClient, d time.Duration) time.Duration {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	var sent time.Duration
+	for ; sent < d; sent += 20 * time.Millisecond {
+		if err := v.conn.Write(ctx, websocket.MessageBinary, make([]byte, 640)); err != nil {
+			break
+		}
+	}
+	return sent
+}
+
+// send sends a control message.
+func (v *voiceClient) send(t *testing.T, msg string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := v.conn.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+		t.Fatalf("send %s: %v", msg, err)
+	}
+}
+
+// usageRecords reads the whole usage stream, each entry's fields as a map.
+func usageRecords(t *testing.T, r *testRedis) []map[string]string {
+	t.Helper()
+	res, ok := r.Do(t, "XRANGE", "voicegate:usage", "-", "+").([]any)
+	if !ok {
+		t.Fatalf("XRANGE voicegate:usage answered %v", res)
+	}
+	var out []map[string]string
+	for _, e := range res {
+		kv := e.([]any)[1].([]any)
+		m := map[string]string{}
+		for i := 0; i+1 < len(kv); i += 2 {
+			m[kv[i].(string)] = kv[i+1].(string)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func recordOf(recs []map[string]string, session string) map[string]string {
+	for _, r := range recs {
+		if r["session_id"] == session {
+			return r
+		}
+	}
+	return nil
+}
+
+func num(t *testing.T, rec map[string]string, field string) float64 {
+	t.Helper()
+	v, err := strconv.ParseFloat(rec[field], 64)
+	if err != nil {
+		t.Fatalf("usage field %s = %q: %v", field, rec[field], err)
+	}
+	return v
+}
+
+// chargedMS reads a user's audio charged today, in ms (Redis's day).
+func chargedMS(t *testing.T, r *testRedis, user string) int64 {
+	t.Helper()
+	key := "voicegate:vq:{tenant-a}:u:" + user + ":" + redisNow(t, r).UTC().Format("20060102")
+	switch v := r.Do(t, "GET", key).(type) {
+	case nil:
+		return 0
+	case string:
+		n, _ := strconv.ParseInt(v, 10, 64)
+		return n
+	default:
+		t.Fatalf("GET %s = %v", key, v)
+		return 0
+	}
+}
+
+// TestVoiceQuotaAcrossInstances: a user's daily audio (2 s, govPolicy) is
+// shared by two instances. A session on A uses 1 s; the user's session on B is closed 4429
+// after an error QUOTA_EXCEEDED once it crosses the rest; a new session on A is refused with
+// 429 before the upgrade; and the user was charged exactly the audio both sessions carried.
+func TestVoiceQuotaAcrossInstances(t *testing.T) {
+	r := startRedis(t)
+	algo := newVoiceAlgo(t)
+	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "100ms"}))
+	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
+	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
+	w := watchTokens(t, a, b)
+	tok := w.token(t, "u-quota", []string{"user"}, nil)
+
+	first := openVoice(t, a, "", bearer(tok))
+	ended := first.readToClose(t.Context())
+	sendAudio(t, first, time.Second)
+	_ = first.conn.Close(websocket.StatusNormalClosure, "bye")
+	waitEnding(t, ended, 5*time.Second)
+	eventually(t, 5*time.Second, "A charges the first session's second", func() bool { return chargedMS(t, r, "u-quota") == 1000 })
+
+	second := openVoice(t, b, "", bearer(tok))
+	ended = second.readToClose(t.Context())
+	sent := sendAudioUntilClosed(t, second, 1500*time.Millisecond) // crosses the 1 s left
+	e := waitEnding(t, ended, 5*time.Second)
+	if e.code != voice.CloseQuotaExceeded {
+		t.Errorf("the crossing session closed %v (%v), want 4429", e.code, e.err)
+	}
+	if codes := e.errorCodes(); len(codes) != 1 || codes[0] != voice.CodeQuotaExceeded {
+		t.Errorf("error messages %v, want [QUOTA_EXCEEDED]", codes)
+	}
+	// Charged for what the sessions carried, and nothing more: the second session at least
+	// the second it was allowed, at most what was sent before it was closed.
+	var charged int64
+	eventually(t, 5*time.Second, "B charges the second session", func() bool {
+		charged = chargedMS(t, r, "u-quota")
+		return charged >= 2000
+	})
+	if charged > 1000+sent.Milliseconds() {
+		t.Errorf("the user was charged %d ms for 1000 ms on A and %v sent to B", charged, sent)
+	}
+
+	res := voiceRefused(t, a, "", bearer(tok))
+	wantError(t, res, http.StatusTooManyRequests, voice.CodeQuotaExceeded)
+	if ra, err := strconv.Atoi(res.Header.Get("Retry-After")); err != nil || ra < 1 || ra > 86401 {
+		t.Errorf("Retry-After = %q, want the seconds to the next UTC day", res.Header.Get("Retry-After"))
+	}
+	// Another user of the tenant still has audio.
+	other := openVoice(t, b, "", bearer(w.token(t, "u-quota-other", []string{"user"}, nil)))
+	_ = other.conn.Close(websocket.StatusNormalClosure, "bye")
+}
+
+// TestVoiceMaxSessionLength: with voice_max_session 1s the session is closed 4408 after an
+// error SESSION_TOO_LONG, within a recheck interval of its second.
+func TestVoiceMaxSessionLength(t *testing.T) {
+	algo := newVoiceAlgo(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "POLICY_FILE": voicePolicy(t, "e2e.json", func(l *policy.Limits) {
+		l.VoiceMaxSession = policy.Duration(time.Second)
+	})})
+	w := watchTokens(t, g)
+	tok := w.token(t, "u-long", []string{"user"}, nil)
+	dialed := time.Now() // before the session starts: its second ends after dialed+1s
+	v := openVoice(t, g, "", bearer(tok))
+	e := waitEnding(t, v.readToClose(t.Context()), 5*time.Second)
+	if e.code != voice.CloseSessionTooLong {
+		t.Errorf("closed %v (%v), want 4408", e.code, e.err)
+	}
+	if codes := e.errorCodes(); len(codes) != 1 || codes[0] != voice.CodeSessionTooLong {
+		t.Errorf("error messages %v, want [SESSION_TOO_LONG]", codes)
+	}
+	if took := e.at.Sub(dialed); took < time.Second {
+		t.Errorf("closed after %v, before the maximum length", took)
+	}
+}
+
+// TestVoiceUsageRecords: every session leaves one usage record in the stream, with its fields;
+// a session whose instance was SIGKILLed leaves one too, written by the other instance, and its
+// charge is short by at most one increment.
+func TestVoiceUsageRecords(t *testing.T) {
+	r := startRedis(t)
+	algo := talkingAlgo(t)
+	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
+		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "200ms", "LEASE_TTL": "900ms"}))
+	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
+	bin := buildGateway(t)
+	k := startGatewayProcess(t, bin, "instance k", with(env, map[string]string{"INSTANCE_NAME": "k"}))
+	kgw := &testGateway{Addr: k.addr}
+	w := watchTokens(t, a)
+	tok := w.token(t, "u-usage", []string{"user"}, nil)
+	admin := w.token(t, "u-usage-admin", []string{"admin"}, nil)
+
+	// A full turn on A: 0.5 s of audio, stop, the answer.
+	v := openVoice(t, a, "?conversation_id=c-usage", bearer(tok))
+	ended := v.readToClose(t.Context())
+	sendAudio(t, v, 500*time.Millisecond)
+	v.send(t, `{"type":"stop"}`)
+	eventually(t, 5*time.Second, "the answer arrives", func() bool {
+		l, ok, _ := a.voiceLive(t, admin, v.id)
+		return ok && l.TTSChunks == 1
+	})
+	_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
+	waitEnding(t, ended, 5*time.Second)
+
+	// A session on K, which dies mid-session: a second of audio charged, then 100 ms more
+	// (less than an increment) sent just before the SIGKILL, which may or may not be charged.
+	kv := openVoice(t, kgw, "", bearer(tok))
+	sendAudio(t, kv, time.Second)
+	sessionKey := "voicegate:vq:{tenant-a}:s:" + kv.id
+	eventually(t, 5*time.Second, "K charges the second of audio", func() bool { return r.Do(t, "GET", sessionKey) == "1000" })
+	sendAudio(t, kv, 100*time.Millisecond)
+	if err := k.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-k.done
+
+	var recs []map[string]string
+	eventually(t, 10*time.Second, "A writes the lost session's record", func() bool {
+		recs = usageRecords(t, r)
+		return recordOf(recs, kv.id) != nil
+	})
+	if len(recs) != 2 {
+		t.Errorf("%d usage records, want one per session (2): %v", len(recs), recs)
+	}
+	rec := recordOf(recs, v.id)
+	if rec == nil {
+		t.Fatalf("no usage record for the session on A: %v", recs)
+	}
+	for field, want := range map[string]string{"user_id": "u-usage", "tenant_id": "tenant-a", "instance": "a",
+		"conversation_id": "c-usage", "close_code": "1000", "asr_partial": "1", "asr_final": "1", "llm_chunks": "1",
+		"tts_chunks": "1", "audio_seconds_in": "0.5", "audio_seconds_out": "0.1", "charged_seconds": "0.6", "barge_ins": "0"} {
+		if rec[field] != want {
+			t.Errorf("record field %s = %q, want %q", field, rec[field], want)
+		}
+	}
+	if num(t, rec, "duration_s") <= 0 || num(t, rec, "response_latency_max_s") <= 0 || num(t, rec, "asr_latency_max_s") <= 0 ||
+		num(t, rec, "response_latency_p50_s") > num(t, rec, "response_latency_max_s") {
+		t.Errorf("record times: %v", rec)
+	}
+	lost := recordOf(recs, kv.id)
+	if lost["close_code"] != "1006" || lost["close_reason"] != "instance lost" || lost["instance"] != "k" || lost["user_id"] != "u-usage" {
+		t.Errorf("the lost session's record: %v", lost)
+	}
+	// Its charge is lost by at most the increment under way: of its 1.1 s, at least the
+	// second charged before, at most all of it; the record says what the quota was charged.
+	c := num(t, lost, "charged_seconds")
+	if c < 1 || c > 1.1 {
+		t.Errorf("lost session charged %v s of its 1.1 s, want 1 to 1.1", c)
+	}
+	if got := chargedMS(t, r, "u-usage"); got != 600+int64(c*1000+0.5) {
+		t.Errorf("the user was charged %d ms, want 600 on A and %v s on K", got, c)
+	}
+	if in := num(t, lost, "audio_seconds_in"); in < c {
+		t.Errorf("lost session's audio in %v s, less than it was charged (%v s)", in, c)
+	}
+	// A consumer group reads the records as a billing job would.
+	if res := r.Do(t, "XGROUP", "CREATE", "voicegate:usage", "billing", "0"); res != "OK" {
+		t.Fatalf("XGROUP CREATE = %v", res)
+	}
+	got, _ := r.Do(t, "XREADGROUP", "GROUP", "billing", "worker", "COUNT", "10", "STREAMS", "voicegate:usage", ">").([]any)
+	if len(got) != 1 || len(got[0].([]any)[1].([]any)) != 2 {
+		t.Errorf("XREADGROUP = %v, want both records", got)
+	}
+}
+
+// voiceLive asks g for one session's live detail.
+func (g *testGateway) voiceLive(t *testing.T, token, id string) (voice.Live, bool, int) {
+	t.Helper()
+	res := call(t, g, "GET", "/api/v2/voice/sessions/"+id, token, "")
+	defer res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		_, _ = io.Copy(io.Discard, res.Body)
+		return voice.Live{}, false, res.StatusCode
+	}
+	var l voice.Live
+	if err := json.NewDecoder(res.Body).Decode(&l); err != nil {
+		t.Fatalf("decode the session detail: %v", err)
+	}
+	return l, true, res.StatusCode
+}
+
+// TestVoiceDetailAndBroadcastAcrossInstances: a session's live counters are read on either
+// instance by an admin of its tenant (not another tenant's, unless super_admin); a broadcast
+// reaches the matching sessions on both instances, within the caller's tenant unless
+// super_admin, and says how many it reached.
+func TestVoiceDetailAndBroadcastAcrossInstances(t *testing.T) {
+	r := startRedis(t)
+	algo := newVoiceAlgo(t)
+	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "100ms"}))
+	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
+	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
+	w := watchTokens(t, a, b)
+	adminA := w.token(t, "u-admin-a", []string{"admin"}, nil)
+	adminB := w.token(t, "u-admin-b", []string{"admin"}, map[string]any{"tenant_id": "tenant-b"})
+	super := w.token(t, "u-super", []string{"super_admin"}, map[string]any{"tenant_id": "tenant-z"})
+	user := w.token(t, "u-plain", []string{"user"}, nil)
+
+	s1 := openVoice(t, a, "", bearer(w.token(t, "u-one", []string{"user"}, nil)))
+	s2 := openVoice(t, b, "", bearer(w.token(t, "u-two", []string{"user"}, nil)))
+	s3 := openVoice(t, b, "", bearer(w.token(t, "u-three", []string{"user"}, map[string]any{"tenant_id": "tenant-b"})))
+	sendAudio(t, s2, 400*time.Millisecond)
+
+	// Live detail of a session on B, read on A.
+	eventually(t, 5*time.Second, "A reads the audio of B's session", func() bool {
+		l, ok, _ := a.voiceLive(t, adminA, s2.id)
+		return ok && l.AudioSecondsIn == 0.4 && l.PacketsIn == 20 && l.Instance == "b" && l.UserID == "u-two"
+	})
+	if _, _, status := a.voiceLive(t, adminB, s2.id); status != http.StatusNotFound {
+		t.Errorf("another tenant's admin reads the session: %d, want 404", status)
+	}
+	if _, ok, status := b.voiceLive(t, super, s2.id); !ok {
+		t.Errorf("super_admin reads the session: %d, want 200", status)
+	}
+	if _, _, status := a.voiceLive(t, adminA, "no-such-session"); status != http.StatusNotFound {
+		t.Errorf("an unknown session: %d, want 404", status)
+	}
+	wantError(t, call(t, a, "GET", "/api/v2/voice/sessions/"+s2.id, user, ""), http.StatusForbidden, "PERMISSION_DENIED")
+
+	ends := map[string]<-chan voiceEnding{}
+	for _, s := range []*voiceClient{s1, s2, s3} {
+		ends[s.id] = s.readToClose(t.Context())
+	}
+	broadcast := func(g *testGateway, token, body string) int {
+		t.Helper()
+		res := call(t, g, "POST", "/api/v2/voice/broadcast", token, body)
+		wantStatus(t, res, http.StatusOK)
+		var got struct{ Delivered int }
+		if err := json.NewDecoder(res.Body).Decode(&got); err != nil {
+			t.Fatal(err)
+		}
+		return got.Delivered
+	}
+	if n := broadcast(a, adminA, `{"message":"maintenance at noon"}`); n != 2 {
+		t.Errorf("tenant-a's broadcast reached %d sessions, want 2 (one per instance)", n)
+	}
+	if n := broadcast(b, adminA, `{"message":{"text":"only you"},"user_id":"u-two"}`); n != 1 {
+		t.Errorf("a broadcast to u-two reached %d sessions, want 1", n)
+	}
+	if n := broadcast(a, super, `{"message":"everyone"}`); n != 3 {
+		t.Errorf("super_admin's broadcast reached %d sessions, want 3", n)
+	}
+	if n := broadcast(a, super, `{"message":"tenant b","tenant_id":"tenant-b"}`); n != 1 {
+		t.Errorf("super_admin's broadcast to tenant-b reached %d sessions, want 1", n)
+	}
+	wantError(t, call(t, a, "POST", "/api/v2/voice/broadcast", adminA, `{"message":"x","tenant_id":"tenant-b"}`), http.StatusForbidden, "PERMISSION_DENIED")
+	wantError(t, call(t, a, "POST", "/api/v2/voice/broadcast", user, `{"message":"x"}`), http.StatusForbidden, "PERMISSION_DENIED")
+	wantError(t, call(t, a, "POST", "/api/v2/voice/broadcast", adminA, `{"text":"x"}`), http.StatusBadRequest, "INVALID_JSON")
+
+	for _, s := range []*voiceClient{s1, s2, s3} {
+		_ = s.conn.Close(websocket.StatusNormalClosure, "bye")
+	}
+	want := map[string][]string{
+		s1.id: {`"maintenance at noon"`, `"everyone"`},
+		s2.id: {`"maintenance at noon"`, `{"text":"only you"}`, `"everyone"`},
+		s3.id: {`"everyone"`, `"tenant b"`},
+	}
+	for _, s := range []*voiceClient{s1, s2, s3} {
+		e := waitEnding(t, ends[s.id], 5*time.Second)
+		var got []string
+		for _, m := range e.msgs {
+			if m["type"] == "notice" {
+				b, _ := json.Marshal(m["message"])
+				got = append(got, string(b))
+				if m["session_id"] != s.id {
+					t.Errorf("notice for session %v delivered to %s", m["session_id"], s.id)
+				}
+			}
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want[s.id]) {
+			t.Errorf("session %s got notices %v, want %v", s.id, got, want[s.id])
+		}
+	}
+}
+
+// TestVoiceMetricsTenantsBounded: latencies and barge-ins of 1,000 tenants make series for the
+// tenants the policy names (tenant-a) and one "other", however many tenants there are.
+func TestVoiceMetricsTenantsBounded(t *testing.T) {
+	cfg := &config{MetricsEnabled: true, ServiceName: "voicegate", VoiceChargeInterval: time.Second}
+	tel, err := newTelemetry(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tel.shutdown(context.Background())
+	store, err := policy.NewStore(policy.StoreOptions{Path: govPolicy(t),
+		Routes: protectedPatterns((&gateway{cfg: &config{}}).routes()), ExtraPerms: handlerPerms})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gateway{cfg: cfg, tel: tel, policy: store}
+	var o voice.Options
+	if err := g.voiceGovernance(&o); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 1000 {
+		tenant := fmt.Sprintf("tenant-%d", i)
+		if i == 0 {
+			tenant = "tenant-a"
+		}
+		o.OnLatency(voice.LatencyResponse, tenant, 300*time.Millisecond)
+		o.OnLatency(voice.LatencyASR, tenant, 100*time.Millisecond)
+		o.OnBargeIn(tenant)
+	}
+	rec := httptest.NewRecorder()
+	tel.metricsHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	series := map[string]map[string]string{}
+	sc := bufio.NewScanner(strings.NewReader(rec.Body.String()))
+	for sc.Scan() {
+		line := sc.Text()
+		for _, m := range []string{"voice_response_latency_seconds_count", "voice_asr_latency_seconds_count", "voice_barge_ins_total"} {
+			if strings.HasPrefix(line, m+"{") {
+				if series[m] == nil {
+					series[m] = map[string]string{}
+				}
+				labels, value, _ := strings.Cut(line[len(m):], " ")
+				series[m][labels] = value
+			}
+		}
+	}
+	for _, m := range []string{"voice_response_latency_seconds_count", "voice_asr_latency_seconds_count", "voice_barge_ins_total"} {
+		want := map[string]string{`{tenant="tenant-a"}`: "1", `{tenant="other"}`: "999"}
+		if fmt.Sprint(series[m]) != fmt.Sprint(want) {
+			t.Errorf("%s series = %v, want %v", m, series[m], want)
+		}
+	}
+}
