@@ -91,6 +91,8 @@ type config struct {
 	PolicyWatch time.Duration
 	LeaseTTL    time.Duration
 	LimitBudget time.Duration
+
+	ConsoleEnabled bool // serve the browser console at /console
 }
 
 // setting is one configuration variable: an environment variable that a flag of the same name
@@ -289,6 +291,12 @@ func settings() []setting {
 		}},
 		{"METRICS_ENABLED", "true", "record metrics and serve /metrics", func(c *config, v string) (err error) {
 			if c.MetricsEnabled, err = strconv.ParseBool(v); err != nil {
+				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"CONSOLE_ENABLED", "false", "serve the browser console (chat and microphone) at /console", func(c *config, v string) (err error) {
+			if c.ConsoleEnabled, err = strconv.ParseBool(v); err != nil {
 				return errors.New("want true or false")
 			}
 			return nil
@@ -548,6 +556,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 		// balancer to drain from, so Ctrl-C ends it at once.
 		defaults["LISTEN_ADDR"] = "127.0.0.1:8080"
 		defaults["DRAIN_DELAY"] = "0s"
+		defaults["CONSOLE_ENABLED"] = "true" // a first look should let you talk to it
 	}
 	if err := applySettings(c, all, values, fromFlag, getenv, defaults); err != nil {
 		return nil, err

@@ -3,7 +3,10 @@ package main
 import (
 	"net/http"
 
+	"voicegate/console"
+	"voicegate/openapi"
 	"voicegate/proxy"
+	"voicegate/voice"
 )
 
 // access is what a route asks of its caller.
@@ -36,6 +39,11 @@ func (g *gateway) routes() []route {
 		{"GET /api/v2/voice/sessions", token, g.h.voiceSessions},
 		{"/api/v2/admin/", token, g.h.admin},
 		{"/api/v2/documents/", token, g.h.docs},
+		{"GET /openapi.json", open, openapi.Handler()},
+	}
+	if g.cfg.ConsoleEnabled {
+		page := console.Handler()
+		rs = append(rs, route{"GET /console", open, page}, route{"GET /console/{file}", open, page})
 	}
 	if g.cfg.MetricsEnabled && g.cfg.MetricsAddr == "" {
 		rs = append(rs, route{"GET /metrics", open, g.tel.metricsHandler()})
@@ -76,7 +84,9 @@ func (g *gateway) protect(h http.Handler, a access) http.Handler {
 	case tokenLater:
 		guarded = g.authn.Require(false)(g.enforcer.Guard(h))
 	case tokenWS:
-		guarded = g.authn.Require(true)(g.enforcer.Guard(h))
+		// Browsers cannot read a refused upgrade's status: they are told in-band instead.
+		guarded = voice.RefuseInBand(g.authn.Require(true)(g.enforcer.Guard(h)))
+		h = voice.RefuseInBand(h)
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if g.authn.Public(r.URL.Path) {
