@@ -233,8 +233,8 @@ async function sendChat(question) {
   }
 }
 
-// cancelChat asks the gateway to end the stream (it answers with stream_cancelled, then
-// stream_end, on whichever instance runs it); if that cannot be asked, it stops reading.
+// cancelChat asks the gateway to end the stream (it ends with stream_cancelled, on whichever
+// instance runs it); if that cannot be asked, it stops reading.
 async function cancelChat() {
   const id = state.chat.requestId;
   if (!id) {
