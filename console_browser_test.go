@@ -153,7 +153,10 @@ func (p *page) do(what string, actions ...chromedp.Action[chromedp.Void]) {
 	}
 }
 
-func (p *page) click(sel string) { p.t.Helper(); p.do("clicking "+sel, chromedp.Click(chromedp.CSS(sel))) }
+func (p *page) click(sel string) {
+	p.t.Helper()
+	p.do("clicking "+sel, chromedp.Click(chromedp.CSS(sel)))
+}
 
 // eval evaluates a JavaScript expression into out, through JSON.
 func (p *page) eval(expr string, out any) {
