@@ -120,7 +120,7 @@ func demoQuery(w http.ResponseWriter, r *http.Request) {
 }
 
 // demoVoice answers a voice session the way an algorithm service would: recognition events
-// while audio arrives, then, on "stop" (or after about three seconds of audio), the final
+// while audio arrives, then, on "stop" (or after three seconds of audio), the final
 // transcript, an answer in llm_response_chunk messages and synthesized speech as binary PCM
 // frames (tts_start, the frames, tts_complete). The words are canned; the speech is a
 // voice-like signal (see demoSpeech) at the session's sample rate, so a listener hears it.
@@ -141,8 +141,10 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 	words := strings.Fields("what can voicegate do for my voice assistant")
 	reply := strings.Fields("voicegate bridges your voice app to the algorithm service, relays recognition and answers as they happen, and streams synthesized speech back.")
 	rate := 16000 // the session's, as each audio_chunk says
-	chunks := 0
+	chunks := 0   // of the utterance in progress
+	answered := false
 	answer := func() error {
+		chunks, answered = 0, true
 		if err := send(map[string]any{"type": "asr_final", "text": strings.Join(words, " "), "confidence": 0.93}); err != nil {
 			return err
 		}
@@ -194,7 +196,8 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 				}
 			}
 		case m.Type == "stop":
-			if answer() != nil {
+			// The utterance so far gets its answer, unless it had one already.
+			if (chunks > 0 || !answered) && answer() != nil {
 				return
 			}
 		case m.Type == "ping":

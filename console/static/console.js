@@ -26,7 +26,7 @@ const closeMeanings = {
   1005: "closed without a code",
   1006: "the connection dropped without a close: the gateway is down or unreachable, or something in between cut it",
   1007: "a text message that was not UTF-8",
-  1008: "closed by policy: an administrator ended this session",
+  1008: "closed by policy (an administrator ended the session)",
   1009: "a message over 1 MiB",
   1011: "the algorithm service failed or went away",
   1012: "the gateway or the algorithm service is restarting: reconnect",
@@ -295,6 +295,7 @@ async function audioContext() {
 
 // connect opens a session; it resolves once session_initialized has arrived.
 function connect() {
+  state.voice.lastError = null;
   return new Promise((resolve, reject) => {
     const u = new URL("/api/v2/voice/stream", gateway);
     u.protocol = gateway.protocol === "https:" ? "wss:" : "ws:";
@@ -461,7 +462,7 @@ function stopCapture() {
     for (const t of voice.stream.getTracks()) t.stop();
     voice.stream = null;
   }
-  $("mic").textContent = "🎤 Start talking";
+  $("mic").textContent = "Start talking";
   renderCounters();
 }
 
@@ -474,7 +475,7 @@ async function startTalking() {
     voice.ws.send(JSON.stringify({ type: "start" }));
     await startCapture();
     voice.talking = true;
-    $("mic").textContent = "■ Stop talking";
+    $("mic").textContent = "Stop talking";
     $("hangup").disabled = false;
   } catch (err) {
     stopCapture();
