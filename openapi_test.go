@@ -26,6 +26,7 @@ import (
 	"github.com/coder/websocket"
 	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/getkin/kin-openapi/openapi3filter"
+	"github.com/getkin/kin-openapi/routers"
 	"github.com/getkin/kin-openapi/routers/gorillamux"
 
 	"voicegate/openapi"
@@ -473,31 +474,7 @@ func TestOpenAPIResponses(t *testing.T) {
 				t.Fatalf("status %d, want %d: %s", res.StatusCode, tt.status, clipText(string(raw)))
 			}
 
-			// kin-openapi finds the operation by the request as sent.
-			route, params, err := router.FindRoute(req)
-			if err != nil {
-				t.Fatalf("openapi.json has no operation for %s %s: %v", tt.method, tt.path, err)
-			}
-			sse := strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream")
-			in := &openapi3filter.ResponseValidationInput{
-				RequestValidationInput: &openapi3filter.RequestValidationInput{Request: req, PathParams: params, Route: route},
-				Status:                 res.StatusCode,
-				Header:                 res.Header,
-				Body:                   io.NopCloser(bytes.NewReader(raw)),
-				Options: &openapi3filter.Options{
-					IncludeResponseStatus: true,
-					// An event stream is not one document: its events are checked below.
-					ExcludeResponseBody:     sse || !strings.HasPrefix(res.Header.Get("Content-Type"), "application/json"),
-					SchemaValidationOptions: []openapi3.SchemaValidationOption{openapi3.EnableJSONSchema2020()},
-				},
-			}
-			if err := openapi3filter.ValidateResponse(t.Context(), in); err != nil {
-				t.Errorf("the response does not match openapi.json: %v\n%s", err, clipText(string(raw)))
-			}
-			if mt := route.Operation.Responses.Status(res.StatusCode); mt != nil && mt.Value.Content != nil &&
-				mt.Value.Content.Get(strings.Split(res.Header.Get("Content-Type"), ";")[0]) == nil && len(raw) > 0 {
-				t.Errorf("Content-Type %q is not among the documented ones of %d", res.Header.Get("Content-Type"), res.StatusCode)
-			}
+			sse := checkResponse(t, router, req, res, raw)
 			if sse {
 				evs := readSSE(t, bytes.NewReader(raw))
 				if len(evs) < 5 {
@@ -509,4 +486,60 @@ func TestOpenAPIResponses(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("rate limited", func(t *testing.T) {
+		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "POLICY_FILE": "testdata/policy/e2e-rate.json"})
+		limited := false
+		for i := 0; i < 40 && !limited; i++ {
+			req, _ := http.NewRequestWithContext(t.Context(), "GET", gr.URL+"/api/v2/voice/sessions", nil)
+			req.Header.Set("Authorization", "Bearer "+admin)
+			res, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			raw, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.Header.Get("RateLimit-Limit") == "" {
+				t.Errorf("answer %d without RateLimit-Limit", res.StatusCode)
+			}
+			checkResponse(t, router, req, res, raw)
+			limited = res.StatusCode == http.StatusTooManyRequests
+		}
+		if !limited {
+			t.Fatal("never rate limited within 40 requests")
+		}
+	})
+}
+
+// checkResponse validates a real response against the operation kin-openapi finds for its
+// request: status, headers and (JSON) body. It reports whether the body is an event stream,
+// whose events the caller checks.
+func checkResponse(t *testing.T, router routers.Router, req *http.Request, res *http.Response, raw []byte) (sse bool) {
+	t.Helper()
+	route, params, err := router.FindRoute(req)
+	if err != nil {
+		t.Fatalf("openapi.json has no operation for %s %s: %v", req.Method, req.URL.Path, err)
+	}
+	ctype := res.Header.Get("Content-Type")
+	sse = strings.HasPrefix(ctype, "text/event-stream")
+	in := &openapi3filter.ResponseValidationInput{
+		RequestValidationInput: &openapi3filter.RequestValidationInput{Request: req, PathParams: params, Route: route},
+		Status:                 res.StatusCode,
+		Header:                 res.Header,
+		Body:                   io.NopCloser(bytes.NewReader(raw)),
+		Options: &openapi3filter.Options{
+			IncludeResponseStatus: true,
+			// An event stream is not one document: its events are checked on their own.
+			ExcludeResponseBody:     !strings.HasPrefix(ctype, "application/json"),
+			SchemaValidationOptions: []openapi3.SchemaValidationOption{openapi3.EnableJSONSchema2020()},
+		},
+	}
+	if err := openapi3filter.ValidateResponse(t.Context(), in); err != nil {
+		t.Errorf("%s %s %d does not match openapi.json: %v\n%s", req.Method, req.URL.Path, res.StatusCode, err, clipText(string(raw)))
+	}
+	if mt := route.Operation.Responses.Status(res.StatusCode); mt != nil && mt.Value.Content != nil && len(raw) > 0 &&
+		mt.Value.Content.Get(strings.Split(ctype, ";")[0]) == nil {
+		t.Errorf("%s %s %d: Content-Type %q is not among the documented ones", req.Method, req.URL.Path, res.StatusCode, ctype)
+	}
+	return sse
 }
