@@ -109,6 +109,25 @@ func TestVoiceBrowserRefusals(t *testing.T) {
 
 	t.Run("a non-browser client keeps the HTTP status", func(t *testing.T) {
 		wantError(t, voiceRefused(t, g, "", nil, voiceSubprotocol), http.StatusUnauthorized, "TOKEN_MISSING")
+		// A client that sends Authorization is no browser, whatever its Origin says.
+		h := bearer(noPerm)
+		h.Set("Origin", app)
+		wantError(t, voiceRefused(t, g, "", h, voiceSubprotocol), http.StatusForbidden, "PERMISSION_DENIED")
+	})
+
+	t.Run("the access log counts the refusal's status", func(t *testing.T) {
+		m := browserRefused(t, g, "https://logged.example", user)
+		eventually(t, 2*time.Second, "the refusal's access log line", func() bool {
+			for _, rec := range logRecords(t, g) {
+				if rec["msg"] == "request" && rec["request_id"] == m.RequestID {
+					if rec["status"] != float64(403) || rec["code"] != "PERMISSION_DENIED" || rec["origin"] != "https://logged.example" {
+						t.Fatalf("access log line %v, want status 403, code PERMISSION_DENIED and the origin", rec)
+					}
+					return true
+				}
+			}
+			return false
+		})
 	})
 
 	t.Run("over the concurrency cap", func(t *testing.T) {

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"voicegate/proxy"
 )
 
 // RefusalCode is the close code that tells a browser its upgrade was refused with an HTTP
@@ -28,15 +30,17 @@ const maxRefusalBody = 16 << 10
 // RefuseInBand wraps the voice route — authentication, the policy and the handler — so that a
 // browser whose upgrade is refused can learn why. Browser JavaScript never sees the status or
 // the body of a refused WebSocket handshake, only close 1006. So when a browser-style upgrade
-// (one with an Origin that offers voice-protocol-v2) is refused with an HTTP error, the
+// (one with an Origin and without an Authorization header, which browsers cannot send on a
+// WebSocket, offering voice-protocol-v2) is refused with an HTTP error, the
 // upgrade is accepted instead, the client gets one error message carrying the refusal
 // ({"type":"error","code","message","status","request_id","retry_after","details"}) and the
 // socket is closed with RefusalCode(status). Nothing else happens on that socket: no session,
 // no dial, nothing read from the client but its close frame; so accepting it even from an
 // origin that is not allowed grants that origin nothing but the reason.
 //
-// Every other request (non-browser clients send no Origin) keeps the HTTP status and JSON
-// error.
+// Every other request (non-browser clients send no Origin, or send their token in
+// Authorization) keeps the HTTP status and JSON error. The access log and the metrics count
+// the refusal's status either way, not the 101 that carried it.
 func RefuseInBand(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !browserUpgrade(r) {
@@ -52,9 +56,9 @@ func RefuseInBand(next http.Handler) http.Handler {
 }
 
 // browserUpgrade reports whether r is a WebSocket upgrade as a browser's voice client makes
-// it: with an Origin, offering the voice subprotocol.
+// it: with an Origin, without Authorization, offering the voice subprotocol.
 func browserUpgrade(r *http.Request) bool {
-	if !isUpgrade(r) || r.Header.Get("Origin") == "" {
+	if !isUpgrade(r) || r.Header.Get("Origin") == "" || r.Header.Get("Authorization") != "" {
 		return false
 	}
 	for _, v := range r.Header.Values("Sec-WebSocket-Protocol") {
@@ -156,6 +160,9 @@ func refuse(w http.ResponseWriter, r *http.Request, status int, body []byte) {
 	defer c.CloseNow()
 	msg, _ := json.Marshal(refusal{Type: TypeError, Code: doc.Code, Message: doc.Error, Status: status,
 		RequestID: doc.RequestID, RetryAfter: retry, Details: doc.Details, Timestamp: time.Now().UnixMilli()})
+	if info := proxy.InfoFrom(r.Context()); info != nil {
+		info.Status = status // for the access log and the metrics: a refusal, not a session
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), refusalTimeout)
 	defer cancel()
 	if err := c.Write(ctx, websocket.MessageText, msg); err != nil {
