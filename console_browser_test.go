@@ -17,12 +17,15 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/coder/websocket"
 
 	"voicegate/console"
 )
@@ -111,8 +114,14 @@ func (b *browser) open(t *testing.T, url string) *page {
 		_ = chromedp.Cancel(tab)
 		cancelTab()
 	})
+	// The tab lives as long as the context of its first action: p.ctx. Loading gets less.
+	p.do("opening a tab")
+	load, cancelLoad := context.WithTimeout(ctx, 20*time.Second)
+	defer cancelLoad()
 	shown, _, _ := strings.Cut(url, "#") // the fragment holds a token
-	p.do("loading "+shown, chromedp.Navigate(url), chromedp.WaitVisible(chromedp.CSS(`body[data-ready="true"]`)))
+	if err := chromedp.Do(load, chromedp.Navigate(url), chromedp.WaitVisible(chromedp.CSS(`body[data-ready="true"]`))); err != nil {
+		t.Fatalf("loading %s: %v\nconsole errors: %q", shown, err, p.consoleErrors())
+	}
 	return p
 }
 
@@ -382,5 +391,53 @@ func TestConsoleInBrowser(t *testing.T) {
 		if got := p.text("#chat-status"); !strings.Contains(got, "CORS_ORIGINS") || !strings.Contains(got, other.URL) {
 			t.Errorf("chat status %q, want it to name CORS_ORIGINS and this page's origin", got)
 		}
+	})
+
+	t.Run("reconnects when the algorithm service restarts", func(t *testing.T) {
+		// The first session's algorithm service closes 1012 (restarting) once it is told to
+		// start; the console reconnects, and the second session stays open.
+		var sessions atomic.Int64
+		testDone := t.Context()
+		algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
+			if err != nil {
+				return
+			}
+			defer c.CloseNow()
+			first := sessions.Add(1) == 1
+			for {
+				_, msg, err := c.Read(testDone)
+				if err != nil {
+					return
+				}
+				if first && strings.Contains(string(msg), `"type":"start"`) {
+					_ = c.Close(websocket.StatusServiceRestart, "restarting")
+					return
+				}
+			}
+		})
+		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
+		tok := w.token(t, "u-console-reconnect", []string{"user"}, nil)
+		p := b.open(t, gr.URL+"/console#token="+tok)
+		p.click("#mic")
+		p.waitFor("the first session to close 1012", `window.voicegate.voice.closes.length === 1`)
+		var first struct {
+			Code int `json:"code"`
+		}
+		p.eval(`window.voicegate.voice.closes[0]`, &first)
+		if first.Code != 1012 {
+			t.Fatalf("the first session closed %d, want 1012", first.Code)
+		}
+		var firstID string
+		p.eval(`window.voicegate.voice.sessionId`, &firstID)
+		p.waitFor("a new session", `window.voicegate.voice.open && window.voicegate.voice.sessionId !== `+strconv.Quote(firstID))
+		if n := sessions.Load(); n != 2 {
+			t.Errorf("the algorithm service saw %d sessions, want 2", n)
+		}
+		if got := p.text("#voice-log"); !strings.Contains(got, "reconnecting") || !strings.Contains(got, "restarting") {
+			t.Errorf("the message log does not show the restart and the reconnect: %q", got)
+		}
+		p.click("#hangup")
+		p.waitFor("the close", `window.voicegate.voice.closes.length === 2`)
 	})
 }

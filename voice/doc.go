@@ -7,7 +7,8 @@
 // The files follow the life of a session: handler.go (the handshake and the dial), conn.go
 // (the sockets and their deadlines), relay.go (the two directions), timers.go (the clock all
 // sessions share), session.go (how a session ends), close.go (close codes), protocol.go (the
-// messages), registry.go (live sessions, across instances with Redis).
+// messages), registry.go (live sessions, across instances with Redis), refusal.go (telling a
+// browser why its upgrade was refused: an error message and close 4000 + the HTTP status).
 //
 // The rules a reader must know:
 //
