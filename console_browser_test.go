@@ -9,8 +9,10 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -39,11 +41,17 @@ type browser struct {
 func startBrowser(t *testing.T) *browser {
 	t.Helper()
 	bin := requireTool(t, "chromium", "/usr/bin/chromium", "chromium")
+	// The fake microphone plays a 440 Hz tone, so that what arrives can be checked for it.
+	wav := filepath.Join(t.TempDir(), "tone.wav")
+	if err := os.WriteFile(wav, toneWAV(48000, 440, 2*time.Second), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	opts := append(slices.Clone(chromedp.DefaultExecAllocatorOptions[:]),
 		chromedp.ExecPath(bin),
 		chromedp.NoSandbox, // CI runs as root, where Chromium's sandbox cannot start
 		chromedp.Flag("use-fake-device-for-media-stream", true),
 		chromedp.Flag("use-fake-ui-for-media-stream", true),
+		chromedp.Flag("use-file-for-fake-audio-capture", wav),
 		chromedp.Flag("autoplay-policy", "no-user-gesture-required"),
 		chromedp.WindowSize(1280, 1100),
 	)
@@ -71,6 +79,48 @@ func startBrowser(t *testing.T) *browser {
 		cancelAlloc()
 	})
 	return &browser{ctx: ctx}
+}
+
+// toneWAV is a WAV file of a sine tone: mono, 16-bit PCM at rate.
+func toneWAV(rate, freq int, d time.Duration) []byte {
+	n := int(int64(rate) * int64(d) / int64(time.Second))
+	le := func(b []byte, v uint32, size int) []byte {
+		for i := range size {
+			b = append(b, byte(v>>(8*i)))
+		}
+		return b
+	}
+	b := []byte("RIFF")
+	b = le(b, uint32(36+2*n), 4)
+	b = append(b, "WAVEfmt "...)
+	b = le(b, 16, 4)
+	b = le(b, 1, 2) // PCM
+	b = le(b, 1, 2) // mono
+	b = le(b, uint32(rate), 4)
+	b = le(b, uint32(2*rate), 4)
+	b = le(b, 2, 2)
+	b = le(b, 16, 2)
+	b = append(b, "data"...)
+	b = le(b, uint32(2*n), 4)
+	for i := range n {
+		v := int16(12000 * math.Sin(2*math.Pi*float64(freq)*float64(i)/float64(rate)))
+		b = le(b, uint32(uint16(v)), 2)
+	}
+	return b
+}
+
+// toneLevel is the amplitude of the freq component of pcm (16-bit little-endian at rate), by
+// the Goertzel algorithm, relative to full scale.
+func toneLevel(pcm []byte, rate, freq int) float64 {
+	coeff := 2 * math.Cos(2*math.Pi*float64(freq)/float64(rate))
+	var s1, s2 float64
+	n := len(pcm) / 2
+	for i := range n {
+		x := float64(int16(uint16(pcm[2*i])|uint16(pcm[2*i+1])<<8)) / 32768
+		s1, s2 = x+coeff*s1-s2, s1
+	}
+	power := s1*s1 + s2*s2 - coeff*s1*s2
+	return 2 * math.Sqrt(max(power, 0)) / float64(n)
 }
 
 // page is one tab, with what its console reported.
@@ -439,5 +489,67 @@ func TestConsoleInBrowser(t *testing.T) {
 		}
 		p.click("#hangup")
 		p.waitFor("the close", `window.voicegate.voice.closes.length === 2`)
+	})
+
+	t.Run("the microphone arrives as 16 kHz PCM16", func(t *testing.T) {
+		// The algorithm service keeps the audio of the session: the fake microphone's 440 Hz
+		// tone must be in it at 440 Hz, which it is only if the page resampled to 16 kHz.
+		var mu sync.Mutex
+		var pcm []byte
+		rates := map[float64]bool{}
+		testDone := t.Context()
+		algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
+			if err != nil {
+				return
+			}
+			defer c.CloseNow()
+			for {
+				_, msg, err := c.Read(testDone)
+				if err != nil {
+					return
+				}
+				var m struct {
+					Type       string  `json:"type"`
+					Audio      string  `json:"audio_chunk"`
+					SampleRate float64 `json:"sample_rate"`
+				}
+				if json.Unmarshal(msg, &m) != nil || m.Type != "audio_chunk" {
+					continue
+				}
+				b, _ := base64.StdEncoding.DecodeString(m.Audio)
+				mu.Lock()
+				pcm = append(pcm, b...)
+				rates[m.SampleRate] = true
+				mu.Unlock()
+			}
+		})
+		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
+		p := b.open(t, gr.URL+"/console#token="+w.token(t, "u-console-tone", []string{"user"}, nil))
+		p.click("#mic")
+		p.waitFor("two seconds of audio sent", `window.voicegate.voice.framesSent >= 100`)
+		p.click("#hangup")
+		p.waitFor("the close", `window.voicegate.voice.closes.length === 1`)
+		eventually(t, 2*time.Second, "the audio at the algorithm service", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return len(pcm) >= 100*640
+		})
+		mu.Lock()
+		defer mu.Unlock()
+		if len(rates) != 1 || !rates[16000] {
+			t.Errorf("audio_chunk sample rates %v, want 16000", rates)
+		}
+		// The last second: after the capture's start-up.
+		tail := pcm[len(pcm)-32000:]
+		at, off := toneLevel(tail, 16000, 440), toneLevel(tail, 16000, 600)
+		if at < 0.02 || at < 10*off {
+			t.Errorf("the tone's level at 440 Hz is %.4f (at 600 Hz %.4f), want it clearly there", at, off)
+		}
+		// Had the page sent the capture's own rate (48 kHz) as 16 kHz, the tone would sit at
+		// a third of its frequency.
+		if low := toneLevel(tail, 16000, 147); low > at/10 {
+			t.Errorf("level at 147 Hz %.4f against %.4f at 440 Hz: the audio is at the wrong rate", low, at)
+		}
 	})
 }
