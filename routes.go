@@ -3,8 +3,6 @@ package main
 import (
 	"net/http"
 
-	"voicegate/console"
-	"voicegate/openapi"
 	"voicegate/proxy"
 	"voicegate/voice"
 )
@@ -39,11 +37,10 @@ func (g *gateway) routes() []route {
 		{"GET /api/v2/voice/sessions", token, g.h.voiceSessions},
 		{"/api/v2/admin/", token, g.h.admin},
 		{"/api/v2/documents/", token, g.h.docs},
-		{"GET /openapi.json", open, openapi.Handler()},
+		{"GET /openapi.json", open, g.h.openapi},
 	}
 	if g.cfg.ConsoleEnabled {
-		page := console.Handler()
-		rs = append(rs, route{"GET /console", open, page}, route{"GET /console/{file}", open, page})
+		rs = append(rs, route{"GET /console", open, g.h.console}, route{"GET /console/{file}", open, g.h.console})
 	}
 	if g.cfg.MetricsEnabled && g.cfg.MetricsAddr == "" {
 		rs = append(rs, route{"GET /metrics", open, g.tel.metricsHandler()})
