@@ -345,6 +345,15 @@ func TestConsoleInBrowser(t *testing.T) {
 		}
 	})
 
+	t.Run("a refused chat shows the error", func(t *testing.T) {
+		p := b.open(t, g.URL+"/console#token=not-a-token")
+		p.click("#send")
+		p.waitFor("the refusal", `!window.voicegate.chat.running && window.voicegate.chat.error !== ""`)
+		if got := p.text("#chat-status"); !strings.Contains(got, "401 TOKEN_INVALID") {
+			t.Errorf("chat status %q, want the status and code of the refusal", got)
+		}
+	})
+
 	t.Run("a voice session sends the microphone and plays the answer", func(t *testing.T) {
 		p := b.open(t, url)
 		p.click("#mic")

@@ -169,6 +169,8 @@ async function sendChat(question) {
         c.outcome = "cancelled";
         break;
       case "error":
+        // A skipped line (fatal: false) is only logged; the stream goes on.
+        if (data.fatal === false) break;
         c.error = `${data.code}: ${data.message || ""}`;
         setStatus($("chat-status"), `error in the stream: ${c.error}`, true);
         break;
@@ -208,19 +210,19 @@ async function sendChat(question) {
         retry = (await readEvents(res.body, onEvent, onComment)) || retry;
       } catch (err) {
         if (err.name === "AbortError") throw err;
-        // The connection broke mid-stream. A gateway that keeps streams resumable says so
-        // with a retry: field; without one the stream is gone with the connection.
-        if (retry > 0 && c.requestId && !c.outcome && attempt < 3) {
-          logLine($("chat-log"), `connection lost; resuming after event ${lastId} in ${retry} ms`, true);
-          await new Promise((r) => setTimeout(r, retry));
-          continue;
-        }
-        throw new Error("the connection broke before the stream ended");
       }
-      break;
+      if (c.outcome) break;
+      // The connection broke before the last event. A gateway that keeps streams resumable
+      // says so with a retry: field; without one the stream is gone with the connection.
+      if (retry > 0 && c.requestId && attempt < 3) {
+        logLine($("chat-log"), `connection lost; resuming after event ${lastId} in ${retry} ms`, true);
+        await new Promise((r) => setTimeout(r, retry));
+        continue;
+      }
+      throw new Error("the connection broke before the stream ended");
     }
     if (c.outcome === "cancelled") setStatus($("chat-status"), "cancelled");
-    else if (!c.error) setStatus($("chat-status"), `done: ${c.outcome || "ended"} (${c.events.length} events)`);
+    else if (!c.error) setStatus($("chat-status"), `done: ${c.outcome} (${c.events.length} events)`);
   } catch (err) {
     c.error = c.error || err.message;
     if (err.name === "AbortError") setStatus($("chat-status"), "stopped reading");
