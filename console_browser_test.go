@@ -345,6 +345,31 @@ func TestConsoleInBrowser(t *testing.T) {
 		}
 	})
 
+	t.Run("the README's fetch() stream reader works", func(t *testing.T) {
+		readme, err := os.ReadFile("README.md")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := regexp.MustCompile("(?s)## Browsers\n.*?```js\n(.*?)```").FindSubmatch(readme)
+		if m == nil {
+			t.Fatal("README.md has no js block under ## Browsers")
+		}
+		snippet := strings.ReplaceAll(string(m[1]), "http://127.0.0.1:8080", g.URL)
+		p := b.open(t, g.URL+"/console")
+		// The snippet logs each event; the page collects what it logs.
+		expr := `(async () => { const token = ` + strconv.Quote(demoToken) + `; const seen = []; const log = console.log;
+			console.log = (event, data) => seen.push(event + " " + data.request_id);
+			try { ` + snippet + ` } finally { console.log = log; } return seen; })()`
+		seen, err := chromedp.Run(p.ctx, chromedp.Evaluate[[]string](expr, chromedp.EvalAwaitPromise))
+		if err != nil {
+			t.Fatalf("running the README's snippet: %v", err)
+		}
+		if len(seen) < 5 || !strings.HasPrefix(seen[0], "stream_start ") || !strings.HasPrefix(seen[len(seen)-1], "stream_end ") ||
+			!slices.ContainsFunc(seen, func(s string) bool { return strings.HasPrefix(s, "generation_chunk ") }) {
+			t.Errorf("the snippet logged %q, want stream_start, generation_chunk… and stream_end", seen)
+		}
+	})
+
 	t.Run("a refused chat shows the error", func(t *testing.T) {
 		p := b.open(t, g.URL+"/console#token=not-a-token")
 		p.click("#send")
