@@ -97,6 +97,8 @@ type config struct {
 	PolicyWatch time.Duration
 	LeaseTTL    time.Duration
 	LimitBudget time.Duration
+
+	ConsoleEnabled bool // serve the browser console at /console
 }
 
 // setting is one configuration variable: an environment variable that a flag of the same name
@@ -299,6 +301,12 @@ func settings() []setting {
 		{"VOICE_USAGE_MAX_LEN", "100000", "usage records kept in the Redis stream {REDIS_PREFIX}usage (approximately; older ones are trimmed)", intSetting(func(c *config) *int { return &c.VoiceUsageMaxLen })},
 		{"METRICS_ENABLED", "true", "record metrics and serve /metrics", func(c *config, v string) (err error) {
 			if c.MetricsEnabled, err = strconv.ParseBool(v); err != nil {
+				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"CONSOLE_ENABLED", "false", "serve the browser console (chat and microphone) at /console", func(c *config, v string) (err error) {
+			if c.ConsoleEnabled, err = strconv.ParseBool(v); err != nil {
 				return errors.New("want true or false")
 			}
 			return nil
@@ -558,6 +566,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 		// balancer to drain from, so Ctrl-C ends it at once.
 		defaults["LISTEN_ADDR"] = "127.0.0.1:8080"
 		defaults["DRAIN_DELAY"] = "0s"
+		defaults["CONSOLE_ENABLED"] = "true" // a first look should let you talk to it
 	}
 	if err := applySettings(c, all, values, fromFlag, getenv, defaults); err != nil {
 		return nil, err

@@ -120,9 +120,10 @@ func demoQuery(w http.ResponseWriter, r *http.Request) {
 }
 
 // demoVoice answers a voice session the way an algorithm service would: recognition events
-// while audio arrives, then, on "stop" (or after about three seconds of audio), the final
+// while audio arrives, then, on "stop" (or after three seconds of audio), the final
 // transcript, an answer in llm_response_chunk messages and synthesized speech as binary PCM
-// frames followed by tts_complete. The "speech" is a quiet tone; the words are canned.
+// frames (tts_start, the frames, tts_complete). The words are canned; the speech is a
+// voice-like signal (see demoSpeech) at the session's sample rate, so a listener hears it.
 func demoVoice(w http.ResponseWriter, r *http.Request) {
 	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"voice-protocol-v2"}})
 	if err != nil {
@@ -138,28 +139,32 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 		return c.Write(ctx, websocket.MessageText, b)
 	}
 	words := strings.Fields("what can voicegate do for my voice assistant")
-	chunks := 0
+	reply := strings.Fields("voicegate bridges your voice app to the algorithm service, relays recognition and answers as they happen, and streams synthesized speech back.")
+	rate := 16000 // the session's, as each audio_chunk says
+	chunks := 0   // of the utterance in progress
+	answered := false
 	answer := func() error {
+		chunks, answered = 0, true
 		if err := send(map[string]any{"type": "asr_final", "text": strings.Join(words, " "), "confidence": 0.93}); err != nil {
 			return err
 		}
-		for _, part := range strings.Fields("voicegate bridges your voice app to the algorithm service, relays recognition and answers as they happen, and streams synthesized speech back.") {
+		for _, part := range reply {
 			if err := send(map[string]any{"type": "llm_response_chunk", "content": part + " "}); err != nil {
 				return err
 			}
 			time.Sleep(demoChunkDelay / 2)
 		}
-		for i := 0; i < 10; i++ { // 200 ms of a 440 Hz tone, 16 kHz mono pcm_s16le, in 20 ms frames
-			frame := make([]byte, 640)
-			for j := 0; j < 320; j++ {
-				v := int16(2000 * math.Sin(2*math.Pi*440*float64(i*320+j)/16000))
-				frame[2*j], frame[2*j+1] = byte(v), byte(v>>8)
-			}
-			if err := c.Write(ctx, websocket.MessageBinary, frame); err != nil {
+		pcm := demoSpeech(reply, rate)
+		if err := send(map[string]any{"type": "tts_start", "sample_rate": rate, "channels": 1, "format": "pcm_s16le"}); err != nil {
+			return err
+		}
+		frame := rate / 50 * 2 // 20 ms of mono pcm_s16le
+		for i := 0; i < len(pcm); i += frame {
+			if err := c.Write(ctx, websocket.MessageBinary, pcm[i:min(i+frame, len(pcm))]); err != nil {
 				return err
 			}
 		}
-		return send(map[string]any{"type": "tts_complete", "audio_ms": 200})
+		return send(map[string]any{"type": "tts_complete", "audio_ms": len(pcm) / 2 * 1000 / rate})
 	}
 	for {
 		typ, msg, err := c.Read(ctx)
@@ -167,13 +172,17 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		var m struct {
-			Type string `json:"type"`
+			Type       string `json:"type"`
+			SampleRate int    `json:"sample_rate"`
 		}
 		if typ == websocket.MessageText {
 			_ = json.Unmarshal(msg, &m)
 		}
 		switch {
 		case typ == websocket.MessageBinary || m.Type == "audio_chunk":
+			if m.SampleRate >= 8000 && m.SampleRate <= 48000 {
+				rate = m.SampleRate
+			}
 			chunks++
 			if chunks%10 == 0 {
 				n := min(chunks/10, len(words))
@@ -187,7 +196,8 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 				}
 			}
 		case m.Type == "stop":
-			if answer() != nil {
+			// The utterance so far gets its answer, unless it had one already.
+			if (chunks > 0 || !answered) && answer() != nil {
 				return
 			}
 		case m.Type == "ping":
@@ -200,6 +210,40 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
+}
+
+// demoSpeech synthesizes a voice-like signal for words as 16-bit little-endian mono PCM at
+// rate: one syllable per word (at most 12), each a glottal pulse train — harmonics of a pitch
+// that falls through the syllable, weighted by two formant resonances of a vowel — under an
+// attack and decay, with short pauses between. It is no language, but it sounds like speech.
+func demoSpeech(words []string, rate int) []byte {
+	vowels := [][2]float64{{730, 1090}, {270, 2290}, {530, 1840}, {570, 840}, {300, 870}, {660, 1720}}
+	const syllable, gap = 0.18, 0.05 // seconds
+	n := min(len(words), 12)
+	per := int(float64(rate) * (syllable + gap))
+	out := make([]byte, 0, n*per*2)
+	phase := 0.0
+	for w := 0; w < n; w++ {
+		f1, f2 := vowels[(len(words[w])+w)%len(vowels)][0], vowels[(len(words[w])+w)%len(vowels)][1]
+		resonance := func(f, center float64) float64 { d := (f - center) / 90; return 1 / (1 + d*d) }
+		for i := 0; i < per; i++ {
+			t := float64(i) / float64(rate)
+			v := 0.0
+			if t < syllable {
+				f0 := 150 - 40*t/syllable // falling pitch, as at the end of a phrase
+				phase += 2 * math.Pi * f0 / float64(rate)
+				env := math.Min(1, t/0.02) * math.Min(1, (syllable-t)/0.06)
+				for k := 1; float64(k)*f0 < math.Min(4000, float64(rate)/2); k++ {
+					f := float64(k) * f0
+					v += (resonance(f, f1) + 0.6*resonance(f, f2) + 0.02) / float64(k) * math.Sin(float64(k)*phase)
+				}
+				v *= env
+			}
+			s := int16(max(-1, min(1, 0.25*v)) * 32767)
+			out = append(out, byte(s), byte(uint16(s)>>8))
+		}
+	}
+	return out
 }
 
 // demoAnswer composes a plausible answer that quotes the question, so a reader can see that it
@@ -230,9 +274,15 @@ func demoTokenFor(cfg *config) (string, error) {
 }
 
 // printDemo tells the user what to try. ownSecret says the secret is the user's JWT_SECRET
-// rather than one made up for this run.
-func printDemo(w io.Writer, addr, token string, ownSecret bool) {
+// rather than one made up for this run; console that /console is served.
+func printDemo(w io.Writer, addr, token string, ownSecret, console bool) {
 	addr = dialAddr(addr)
+	consoleLine := "The browser console is off (CONSOLE_ENABLED=false)."
+	if console {
+		// The token rides in the fragment, which the browser keeps to itself: it is never
+		// sent to the server, logged, or left at a URL anyone can fetch.
+		consoleLine = fmt.Sprintf("Talk to it in a browser (chat, and voice through your microphone):\n\n  http://%s/console#token=%s", addr, token)
+	}
 	secretLine := "the HMAC secret is made up for this run"
 	tokens := `More tokens (other users, roles, tenants): start the demo with a secret of your own, at least
 32 bytes, and mint them with "voicegate token" ("go run . token" from the source tree):
@@ -251,6 +301,8 @@ voicegate is running in DEMO MODE on http://%[1]s
 A built-in fake algorithm service answers and %[3]s; this mode is for a
 first look, never for production.
 
+%[5]s
+
 A token for the demo user (role "user", valid 24 hours):
 
   TOKEN=%[2]s
@@ -259,14 +311,15 @@ Stream a chat answer (events arrive one by one):
 
   curl -N http://%[1]s/api/v2/chat/stream -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '{"message":"How does voicegate stream answers?"}'
 
-Open a voice session (then type {"type":"start"} and {"type":"stop"}):
+Open a voice session from a terminal with the Python client in README.md ("Voice from a
+terminal", apt-get install python3-websockets), then type {"type":"start"} and {"type":"stop"}:
 
-  websocat -H "Authorization: Bearer $TOKEN" --protocol voice-protocol-v2 ws://%[1]s/api/v2/voice/stream
+  python3 voice.py ws://%[1]s/api/v2/voice/stream
 
 %[4]s
 
 Press Ctrl-C to stop (open streams get SHUTDOWN_GRACE to finish; Ctrl-C again stops at once).
-`, addr, token, secretLine, tokens)
+`, addr, token, secretLine, tokens, consoleLine)
 }
 
 // runDemoAlgo is "voicegate demo-algo": the demo's fake algorithm service alone, on

@@ -47,11 +47,18 @@ func requireTool(t *testing.T, name, usual, pkg string) string {
 	if _, err := os.Stat(usual); err == nil {
 		return usual
 	}
-	if os.Getenv("VOICEGATE_REQUIRE_TOOLS") == "1" {
-		t.Fatalf("%s not found (on PATH or at %s), and these tests are required (VOICEGATE_REQUIRE_TOOLS=1)", name, usual)
-	}
-	t.Skipf("%s not installed; install it with: apt-get install %s", name, pkg)
+	missingTool(t, fmt.Sprintf("%s (on PATH or at %s)", name, usual), pkg)
 	return ""
+}
+
+// missingTool skips the test because what is not installed, saying how to install it, or
+// fails it when VOICEGATE_REQUIRE_TOOLS=1.
+func missingTool(t *testing.T, what, pkg string) {
+	t.Helper()
+	if os.Getenv("VOICEGATE_REQUIRE_TOOLS") == "1" {
+		t.Fatalf("%s not found, and these tests are required (VOICEGATE_REQUIRE_TOOLS=1)", what)
+	}
+	t.Skipf("%s not installed; install it with: apt-get install %s", what, pkg)
 }
 
 func runTool(t *testing.T, bin string, args ...string) string {

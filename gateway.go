@@ -16,6 +16,8 @@ import (
 	"github.com/redis/rueidis"
 
 	"voicegate/auth"
+	"voicegate/console"
+	"voicegate/openapi"
 	"voicegate/policy"
 	"voicegate/proxy"
 	"voicegate/sse"
@@ -50,6 +52,7 @@ type gateway struct {
 // handlers are the routes' own handlers, before protection.
 type handlers struct {
 	chat, chatResume, cancel, revoke, voice, voiceSessions, admin, docs http.Handler
+	openapi, console                                                    http.Handler // console: nil unless CONSOLE_ENABLED
 }
 
 // Permissions that handlers check themselves, besides those the policy binds routes to.
@@ -175,7 +178,7 @@ func (g *gateway) buildFairUse() {
 }
 
 // buildHandlers builds the handler of every route: chat and its cancel, revocation, voice and
-// its listing, and the proxies of the plain back ends.
+// its listing, the proxies of the plain back ends, the API description and the console.
 func (g *gateway) buildHandlers() error {
 	cfg, tel, bg := g.cfg, g.tel, context.Background()
 	transport := proxy.NewTransport(proxy.TransportOptions{ResponseHeaderTimeout: cfg.UpstreamTimeout})
@@ -296,6 +299,10 @@ func (g *gateway) buildHandlers() error {
 
 	g.h.admin = g.backend("admin", "admin service", cfg.AdminURLs, transport, outbound)
 	g.h.docs = g.backend("docs", "documents service", cfg.DocsURLs, transport, outbound)
+	g.h.openapi = openapi.Handler()
+	if cfg.ConsoleEnabled {
+		g.h.console = console.Handler()
+	}
 	return nil
 }
 

@@ -178,7 +178,7 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 	}
 	logger.Info("listening", "addr", addr, "version", buildVersion())
 	if cfg.Demo {
-		printDemo(stdout, addr, demoToken, ownSecret)
+		printDemo(stdout, addr, demoToken, ownSecret, cfg.ConsoleEnabled)
 	}
 
 	select {

@@ -4,6 +4,7 @@ import (
 	"net/http"
 
 	"voicegate/proxy"
+	"voicegate/voice"
 )
 
 // access is what a route asks of its caller.
@@ -39,6 +40,10 @@ func (g *gateway) routes() []route {
 		{"POST /api/v2/voice/broadcast", token, g.vadmin.broadcast},
 		{"/api/v2/admin/", token, g.h.admin},
 		{"/api/v2/documents/", token, g.h.docs},
+		{"GET /openapi.json", open, g.h.openapi},
+	}
+	if g.cfg.ConsoleEnabled {
+		rs = append(rs, route{"GET /console", open, g.h.console}, route{"GET /console/{file}", open, g.h.console})
 	}
 	if g.cfg.MetricsEnabled && g.cfg.MetricsAddr == "" {
 		rs = append(rs, route{"GET /metrics", open, g.tel.metricsHandler()})
@@ -79,7 +84,9 @@ func (g *gateway) protect(h http.Handler, a access) http.Handler {
 	case tokenLater:
 		guarded = g.authn.Require(false)(g.enforcer.Guard(h))
 	case tokenWS:
-		guarded = g.authn.Require(true)(g.enforcer.Guard(h))
+		// Browsers cannot read a refused upgrade's status: they are told in-band instead.
+		guarded = voice.RefuseInBand(g.authn.Require(true)(g.enforcer.Guard(h)))
+		h = voice.RefuseInBand(h)
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if g.authn.Public(r.URL.Path) {

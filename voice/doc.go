@@ -7,9 +7,11 @@
 // The files follow the life of a session: handler.go (the handshake and the dial), conn.go
 // (the sockets and their deadlines), relay.go (the two directions), timers.go (the clock all
 // sessions share), session.go (how a session ends), close.go (close codes), protocol.go (the
-// messages), registry.go (live sessions, across instances with Redis), and governance:
-// meter.go (audio seconds, latencies, barge-ins), govern.go (quotas and the maximum session
-// length), usage.go (live counters and usage records), broadcast.go (notices to many sessions).
+// messages), registry.go (live sessions, across instances with Redis), refusal.go (telling a
+// browser why its upgrade was refused: an error message and close 4000 + the HTTP status), and
+// governance: meter.go (audio seconds, latencies, barge-ins), govern.go (quotas and the maximum
+// session length), usage.go (live counters and usage records), broadcast.go (notices to many
+// sessions).
 //
 // The rules a reader must know:
 //

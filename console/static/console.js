@@ -1,0 +1,522 @@
+// voicegate console: chat through fetch() with a streamed body (EventSource can neither POST
+// nor send Authorization), voice through a WebSocket with the token as a "bearer.<token>"
+// subprotocol. The page's own counters live in window.voicegate, where anyone (and the
+// browser tests) can read what was sent, received and played.
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const gateway = new URL(params.get("gateway") || location.origin);
+const fragment = new URLSearchParams(location.hash.slice(1));
+
+// What the page has done, for people and tests alike.
+const state = {
+  chat: { events: [], answer: "", requestId: "", running: false, outcome: "", error: "" },
+  voice: {
+    sessionId: "", framesSent: 0, bytesSent: 0, ttsFrames: 0, ttsSamples: 0,
+    buffersScheduled: 0, buffersPlayed: 0, playedMs: 0, messages: [], closes: [],
+    lastError: null, open: false,
+  },
+};
+window.voicegate = state;
+
+// What each close code means to the person at the microphone.
+const closeMeanings = {
+  1000: "normal end of the session",
+  1001: "the other side went away",
+  1005: "closed without a code",
+  1006: "the connection dropped without a close: the gateway is down or unreachable, or something in between cut it",
+  1007: "a text message that was not UTF-8",
+  1008: "closed by policy (an administrator ended the session)",
+  1009: "a message over 1 MiB",
+  1011: "the algorithm service failed or went away",
+  1012: "the gateway or the algorithm service is restarting: reconnect",
+  1013: "a side could not keep up, or the algorithm service is overloaded: try again later",
+  4400: "refused before the session: the request was invalid",
+  4401: "the token is missing, invalid, expired or was revoked",
+  4403: "refused: the token lacks voice:write, or this page's origin is not allowed (CORS_ORIGINS)",
+  4404: "refused: no such route",
+  4429: "refused: rate limit, quota or concurrent-session cap reached; try again later",
+  4500: "refused: the gateway failed",
+  4502: "refused: the algorithm service is unavailable",
+  4503: "refused: the gateway could not check the token (its revocation store is unreachable)",
+  4504: "refused: the algorithm service did not answer in time",
+};
+
+function meaning(code) {
+  if (closeMeanings[code]) return closeMeanings[code];
+  if (code >= 4400 && code < 4600) return `refused before the session with HTTP status ${code - 4000}`;
+  return "no meaning known to this console";
+}
+
+function token() {
+  return $("token").value.trim();
+}
+
+function logLine(list, text, bad) {
+  const li = document.createElement("li");
+  li.textContent = text;
+  if (bad) li.className = "bad";
+  list.append(li);
+  list.scrollTop = list.scrollHeight;
+}
+
+function setStatus(el, text, bad) {
+  el.textContent = text;
+  el.className = bad ? "status bad" : "status";
+}
+
+function clip(s, n = 240) {
+  return s.length > n ? s.slice(0, n) + "…" : s;
+}
+
+// crossOriginHint explains a request that failed without an answer the page could read.
+function crossOriginHint() {
+  if (gateway.origin === location.origin) return "the gateway did not answer (is it running?)";
+  return `no readable answer: the gateway is down, or this page's origin ${location.origin} is not in its ` +
+    `CORS_ORIGINS (origins match exactly: scheme, host and port; localhost is not 127.0.0.1)`;
+}
+
+// ---- chat ----------------------------------------------------------------------------------
+
+let chatAbort = null;
+
+// readEvents parses a text/event-stream body as it arrives and calls onEvent for each event
+// ({event, data, id}) and onComment for each comment (": ping"). It returns the last retry:
+// value seen, or 0.
+async function readEvents(body, onEvent, onComment) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  let ev = { event: "message", data: [], id: null };
+  let retry = 0;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return retry;
+    buf += value;
+    let nl;
+    while ((nl = buf.search(/\r\n|\r|\n/)) >= 0) {
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + (buf.startsWith("\r\n", nl) ? 2 : 1));
+      if (line === "") {
+        if (ev.data.length > 0) onEvent({ event: ev.event, data: ev.data.join("\n"), id: ev.id });
+        ev = { event: "message", data: [], id: null };
+        continue;
+      }
+      if (line.startsWith(":")) {
+        onComment(line.slice(1).trim());
+        continue;
+      }
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let v = colon < 0 ? "" : line.slice(colon + 1);
+      if (v.startsWith(" ")) v = v.slice(1);
+      if (field === "event") ev.event = v;
+      else if (field === "data") ev.data.push(v);
+      else if (field === "id") ev.id = v;
+      else if (field === "retry" && /^\d+$/.test(v)) retry = Number(v);
+    }
+  }
+}
+
+async function errorText(res) {
+  try {
+    const e = await res.json();
+    return `${res.status} ${e.code}: ${e.error}` + (res.headers.get("Retry-After") ? ` (retry after ${res.headers.get("Retry-After")} s)` : "");
+  } catch {
+    return `${res.status} ${res.statusText}`;
+  }
+}
+
+async function sendChat(question) {
+  const c = state.chat;
+  c.events = [];
+  c.answer = "";
+  c.requestId = "";
+  c.outcome = "";
+  c.error = "";
+  c.running = true;
+  $("answer").textContent = "";
+  $("chat-log").replaceChildren();
+  $("send").disabled = true;
+  $("cancel").disabled = false;
+  setStatus($("chat-status"), "sending…");
+  const started = performance.now();
+  let lastId = null;
+  let retry = 0;
+
+  const onEvent = (e) => {
+    const t = Math.round(performance.now() - started);
+    let data;
+    try {
+      data = JSON.parse(e.data);
+    } catch {
+      data = e.data;
+    }
+    c.events.push({ name: e.event, t, id: e.id });
+    if (e.id !== null) lastId = e.id;
+    logLine($("chat-log"), `${t} ${e.event}${e.id ? " #" + e.id : ""} ${clip(e.data)}`, e.event === "error");
+    switch (e.event) {
+      case "stream_start":
+        c.requestId = data.request_id;
+        setStatus($("chat-status"), `streaming (request ${c.requestId})`);
+        break;
+      case "generation_chunk": {
+        const text = typeof data.content === "string" ? data.content : JSON.stringify(data.content);
+        c.answer += text;
+        $("answer").textContent = c.answer;
+        break;
+      }
+      case "stream_cancelled":
+        c.outcome = "cancelled";
+        break;
+      case "error":
+        // A skipped line (fatal: false) is only logged; the stream goes on.
+        if (data.fatal === false) break;
+        c.error = `${data.code}: ${data.message || ""}`;
+        setStatus($("chat-status"), `error in the stream: ${c.error}`, true);
+        break;
+      case "stream_end":
+        c.outcome = c.outcome || data.outcome || "completed";
+        break;
+    }
+  };
+  const onComment = (text) => logLine($("chat-log"), `${Math.round(performance.now() - started)} : ${text}`);
+
+  try {
+    for (let attempt = 0; ; attempt++) {
+      chatAbort = new AbortController();
+      const headers = { Authorization: "Bearer " + token(), Accept: "text/event-stream" };
+      let req;
+      if (attempt === 0) {
+        headers["Content-Type"] = "application/json";
+        req = fetch(new URL("/api/v2/chat/stream", gateway), {
+          method: "POST", headers, body: JSON.stringify({ message: question }), signal: chatAbort.signal,
+        });
+      } else {
+        // Resuming: the events after the last one seen, then the live tail, from any instance.
+        headers["Last-Event-ID"] = lastId || "0";
+        req = fetch(new URL(`/api/v2/chat/stream/${encodeURIComponent(c.requestId)}`, gateway), {
+          headers, signal: chatAbort.signal,
+        });
+      }
+      let res;
+      try {
+        res = await req;
+      } catch (err) {
+        if (err.name === "AbortError") throw err;
+        throw new Error(crossOriginHint());
+      }
+      if (!res.ok) throw new Error(await errorText(res));
+      try {
+        retry = (await readEvents(res.body, onEvent, onComment)) || retry;
+      } catch (err) {
+        if (err.name === "AbortError") throw err;
+      }
+      if (c.outcome) break;
+      // The connection broke before the last event. A gateway that keeps streams resumable
+      // says so with a retry: field; without one the stream is gone with the connection.
+      if (retry > 0 && c.requestId && attempt < 3) {
+        logLine($("chat-log"), `connection lost; resuming after event ${lastId} in ${retry} ms`, true);
+        await new Promise((r) => setTimeout(r, retry));
+        continue;
+      }
+      throw new Error("the connection broke before the stream ended");
+    }
+    if (c.outcome === "cancelled") setStatus($("chat-status"), "cancelled");
+    else if (!c.error) setStatus($("chat-status"), `done: ${c.outcome} (${c.events.length} events)`);
+  } catch (err) {
+    c.error = c.error || err.message;
+    if (err.name === "AbortError") setStatus($("chat-status"), "stopped reading");
+    else setStatus($("chat-status"), err.message, true);
+  } finally {
+    c.running = false;
+    chatAbort = null;
+    $("send").disabled = false;
+    $("cancel").disabled = true;
+  }
+}
+
+// cancelChat asks the gateway to end the stream (it ends with stream_cancelled, on whichever
+// instance runs it); if that cannot be asked, it stops reading.
+async function cancelChat() {
+  const id = state.chat.requestId;
+  if (!id) {
+    if (chatAbort) chatAbort.abort();
+    return;
+  }
+  try {
+    const res = await fetch(new URL("/api/v2/chat/cancel", gateway), {
+      method: "POST",
+      headers: { Authorization: "Bearer " + token(), "Content-Type": "application/json" },
+      body: JSON.stringify({ request_id: id }),
+    });
+    if (!res.ok) {
+      logLine($("chat-log"), "cancel: " + (await errorText(res)), true);
+      if (chatAbort) chatAbort.abort();
+    }
+  } catch {
+    if (chatAbort) chatAbort.abort();
+  }
+}
+
+// ---- voice ---------------------------------------------------------------------------------
+
+const voice = {
+  ws: null,
+  ctx: null, // the AudioContext: capture and playback
+  stream: null, // the microphone
+  node: null, // the capture worklet
+  talking: false,
+  rate: 16000, // the session's audio rate, from session_initialized
+  ttsRate: 16000,
+  playAt: 0, // when the next TTS buffer starts, on the context's clock
+  attempts: 0,
+  hungUp: false,
+};
+
+function renderCounters() {
+  const v = state.voice;
+  $("frames-sent").textContent = String(v.framesSent);
+  $("audio-sent").textContent = `${Math.round((v.bytesSent / 2 / voice.rate) * 1000)} ms`;
+  $("tts-frames").textContent = String(v.ttsFrames);
+  $("tts-played").textContent = `${Math.round(v.playedMs)} ms`;
+}
+
+function voiceLog(text, bad) {
+  state.voice.messages.push(text);
+  logLine($("voice-log"), text, bad);
+}
+
+async function audioContext() {
+  if (!voice.ctx) {
+    voice.ctx = new AudioContext();
+    await voice.ctx.audioWorklet.addModule("/console/mic-worklet.js");
+  }
+  if (voice.ctx.state === "suspended") await voice.ctx.resume();
+  return voice.ctx;
+}
+
+// connect opens a session; it resolves once session_initialized has arrived.
+function connect() {
+  state.voice.lastError = null;
+  return new Promise((resolve, reject) => {
+    const u = new URL("/api/v2/voice/stream", gateway);
+    u.protocol = gateway.protocol === "https:" ? "wss:" : "ws:";
+    u.searchParams.set("language", navigator.language || "en-US");
+    setStatus($("voice-status"), "connecting…");
+    let ws;
+    try {
+      ws = new WebSocket(u, ["voice-protocol-v2", "bearer." + token()]);
+    } catch (err) {
+      reject(err);
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    voice.ws = ws;
+    let initialized = false;
+    ws.onmessage = (e) => {
+      if (typeof e.data !== "string") {
+        playTTS(e.data);
+        return;
+      }
+      let m;
+      try {
+        m = JSON.parse(e.data);
+      } catch {
+        voiceLog("not JSON: " + clip(e.data), true);
+        return;
+      }
+      onVoiceMessage(m);
+      if (m.type === "session_initialized" && !initialized) {
+        initialized = true;
+        voice.attempts = 0;
+        resolve();
+      }
+    };
+    ws.onclose = (e) => {
+      onVoiceClose(e);
+      if (!initialized) reject(new Error(`closed ${e.code} before the session started: ${meaning(e.code)}`));
+    };
+  });
+}
+
+function onVoiceMessage(m) {
+  const v = state.voice;
+  switch (m.type) {
+    case "session_initialized":
+      v.sessionId = m.session_id;
+      v.open = true;
+      voice.rate = (m.config && m.config.sample_rate) || 16000;
+      voice.ttsRate = voice.rate;
+      voiceLog(`session_initialized ${m.session_id}: ${voice.rate} Hz, ${m.config && m.config.language}`);
+      setStatus($("voice-status"), `connected: session ${m.session_id}`);
+      break;
+    case "asr_partial":
+      $("transcript").textContent = m.text + " …";
+      voiceLog(`asr_partial (recognition so far): ${m.text}`);
+      break;
+    case "asr_final":
+      $("transcript").textContent = m.text;
+      $("voice-answer").textContent = "";
+      voiceLog(`asr_final (what you said): ${m.text}`);
+      break;
+    case "llm_response_chunk":
+      $("voice-answer").textContent += m.content;
+      voiceLog(`llm_response_chunk (answer): ${m.content}`);
+      break;
+    case "tts_start":
+      if (m.sample_rate) voice.ttsRate = m.sample_rate;
+      voiceLog(`tts_start (speech follows): ${voice.ttsRate} Hz`);
+      break;
+    case "tts_complete":
+      voiceLog(`tts_complete (speech sent): ${m.audio_ms ?? "?"} ms`);
+      break;
+    case "error": {
+      v.lastError = m;
+      const refused = m.status ? ` (refused with HTTP ${m.status}${m.retry_after ? `, retry after ${m.retry_after} s` : ""})` : "";
+      voiceLog(`error ${m.code}: ${m.message}${refused}`, true);
+      setStatus($("voice-status"), `${m.code}: ${m.message}${refused}`, true);
+      break;
+    }
+    default:
+      voiceLog(`${m.type}: ${clip(JSON.stringify(m), 160)}`);
+  }
+}
+
+function onVoiceClose(e) {
+  const v = state.voice;
+  v.open = false;
+  v.closes.push({ code: e.code, reason: e.reason });
+  const text = `closed ${e.code}${e.reason ? " " + e.reason : ""}: ${meaning(e.code)}`;
+  voiceLog(text, e.code !== 1000);
+  const why = v.lastError && v.lastError.status ? `${v.lastError.code}: ${v.lastError.message} — ` : "";
+  setStatus($("voice-status"), why + text, e.code !== 1000);
+  voice.ws = null;
+  stopCapture();
+  $("hangup").disabled = true;
+  // The gateway or the service restarting (1012) and overload (1013) ask for another try;
+  // a dropped connection (1006) after a session had opened is worth one too.
+  const again = { 1012: 1000, 1013: 5000, 1006: 2000, 1001: 1000 }[e.code];
+  if (again && !voice.hungUp && $("reconnect").checked && v.sessionId && voice.attempts < 5) {
+    voice.attempts++;
+    const wait = again * voice.attempts;
+    voiceLog(`reconnecting in ${wait} ms (attempt ${voice.attempts})`);
+    setTimeout(() => startTalking().catch(() => {}), wait);
+  }
+}
+
+function playTTS(buf) {
+  const v = state.voice;
+  const ctx = voice.ctx;
+  v.ttsFrames++;
+  if (!ctx || buf.byteLength < 2) return;
+  const pcm = new Int16Array(buf, 0, buf.byteLength >> 1);
+  v.ttsSamples += pcm.length;
+  const audio = ctx.createBuffer(1, pcm.length, voice.ttsRate);
+  const ch = audio.getChannelData(0);
+  for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 0x8000;
+  const src = ctx.createBufferSource();
+  src.buffer = audio;
+  src.connect(ctx.destination);
+  // Frames play back to back as they arrive; a gap in arrival restarts the clock.
+  voice.playAt = Math.max(voice.playAt, ctx.currentTime + 0.02);
+  src.start(voice.playAt);
+  voice.playAt += audio.duration;
+  v.buffersScheduled++;
+  src.onended = () => {
+    v.buffersPlayed++;
+    v.playedMs += audio.duration * 1000;
+    renderCounters();
+  };
+  renderCounters();
+}
+
+async function startCapture() {
+  const ctx = await audioContext();
+  voice.stream = await navigator.mediaDevices.getUserMedia({
+    audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+  });
+  const source = ctx.createMediaStreamSource(voice.stream);
+  voice.node = new AudioWorkletNode(ctx, "pcm16-capture", {
+    processorOptions: { targetRate: voice.rate, frameMs: 20 },
+  });
+  voice.node.port.onmessage = (e) => {
+    const ws = voice.ws;
+    if (!voice.talking || !ws || ws.readyState !== WebSocket.OPEN) return;
+    ws.send(e.data);
+    state.voice.framesSent++;
+    state.voice.bytesSent += e.data.byteLength;
+    if (state.voice.framesSent % 10 === 0) renderCounters();
+  };
+  // A worklet runs only while it is pulled: through a muted gain to the speakers.
+  const mute = ctx.createGain();
+  mute.gain.value = 0;
+  source.connect(voice.node).connect(mute).connect(ctx.destination);
+}
+
+function stopCapture() {
+  voice.talking = false;
+  if (voice.node) {
+    voice.node.port.postMessage("stop");
+    voice.node.disconnect();
+    voice.node = null;
+  }
+  if (voice.stream) {
+    for (const t of voice.stream.getTracks()) t.stop();
+    voice.stream = null;
+  }
+  $("mic").textContent = "Start talking";
+  renderCounters();
+}
+
+async function startTalking() {
+  voice.hungUp = false;
+  $("mic").disabled = true;
+  try {
+    await audioContext(); // within the click: browsers start audio only on a gesture
+    if (!voice.ws) await connect();
+    voice.ws.send(JSON.stringify({ type: "start" }));
+    await startCapture();
+    voice.talking = true;
+    $("mic").textContent = "Stop talking";
+    $("hangup").disabled = false;
+  } catch (err) {
+    stopCapture();
+    if (!state.voice.lastError) setStatus($("voice-status"), err.message, true);
+  } finally {
+    $("mic").disabled = false;
+  }
+}
+
+function stopTalking() {
+  stopCapture();
+  if (voice.ws && voice.ws.readyState === WebSocket.OPEN) {
+    voice.ws.send(JSON.stringify({ type: "stop" }));
+    voiceLog("stop sent: waiting for the answer");
+  }
+}
+
+function hangUp() {
+  voice.hungUp = true;
+  stopCapture();
+  if (voice.ws) voice.ws.close(1000, "hung up");
+}
+
+// ---- wiring --------------------------------------------------------------------------------
+
+$("gateway").textContent = gateway.origin;
+$("openapi").href = new URL("/openapi.json", gateway).href;
+if (fragment.get("token")) $("token").value = fragment.get("token");
+if (gateway.origin !== location.origin) {
+  $("origin-note").textContent = `This page (${location.origin}) talks to another origin: the gateway must list ` +
+    `${location.origin} in CORS_ORIGINS.`;
+}
+$("chat-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const q = $("question").value.trim();
+  if (q && !state.chat.running) sendChat(q);
+});
+$("cancel").addEventListener("click", cancelChat);
+$("mic").addEventListener("click", () => (voice.talking ? stopTalking() : startTalking()));
+$("hangup").addEventListener("click", hangUp);
+renderCounters();
+document.body.dataset.ready = "true";

@@ -1,0 +1,589 @@
+package main
+
+// Browser tests of the console: Debian's Chromium, driven over the DevTools protocol
+// (chromedp), against the gateway started through run with -demo. The microphone is the
+// console's real capture code (getUserMedia, the AudioWorklet) fed by Chromium's fake audio
+// device. Chromium is real: without it the tests skip with an install hint, unless
+// VOICEGATE_REQUIRE_TOOLS=1 (as in CI), where they fail instead. A failing test leaves a
+// screenshot of its page behind and names its path.
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"math"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+	"github.com/coder/websocket"
+
+	"voicegate/console"
+)
+
+// browser is one Chromium for a test; each page gets a tab of its own.
+type browser struct {
+	ctx context.Context // the browser's: tabs derive from it
+}
+
+// startBrowser starts headless Chromium with a fake microphone, for the test's lifetime.
+func startBrowser(t *testing.T) *browser {
+	t.Helper()
+	bin := requireTool(t, "chromium", "/usr/bin/chromium", "chromium")
+	// The fake microphone plays a 440 Hz tone, so that what arrives can be checked for it.
+	wav := filepath.Join(t.TempDir(), "tone.wav")
+	if err := os.WriteFile(wav, toneWAV(48000, 440, 2*time.Second), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	opts := append(slices.Clone(chromedp.DefaultExecAllocatorOptions[:]),
+		chromedp.ExecPath(bin),
+		chromedp.NoSandbox, // CI runs as root, where Chromium's sandbox cannot start
+		chromedp.Flag("use-fake-device-for-media-stream", true),
+		chromedp.Flag("use-fake-ui-for-media-stream", true),
+		chromedp.Flag("use-file-for-fake-audio-capture", wav),
+		chromedp.Flag("autoplay-policy", "no-user-gesture-required"),
+		chromedp.WindowSize(1280, 1100),
+	)
+	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	ctx, cancel := chromedp.NewContext(allocCtx)
+	// The first action on a context starts the browser, which lives as long as the context
+	// it was started with: this one, not one with a deadline. So the start is bounded here.
+	started := make(chan error, 1)
+	go func() { started <- chromedp.Do(ctx) }()
+	var err error
+	select {
+	case err = <-started:
+	case <-time.After(30 * time.Second):
+		cancel()
+		err = fmt.Errorf("not started within 30s (then: %v)", <-started)
+	}
+	if err != nil {
+		cancel()
+		cancelAlloc()
+		t.Fatalf("starting Chromium: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = chromedp.Cancel(ctx) // closes the browser and waits for it
+		cancel()
+		cancelAlloc()
+	})
+	return &browser{ctx: ctx}
+}
+
+// toneWAV is a WAV file of a sine tone: mono, 16-bit PCM at rate.
+func toneWAV(rate, freq int, d time.Duration) []byte {
+	n := int(int64(rate) * int64(d) / int64(time.Second))
+	le := func(b []byte, v uint32, size int) []byte {
+		for i := range size {
+			b = append(b, byte(v>>(8*i)))
+		}
+		return b
+	}
+	b := []byte("RIFF")
+	b = le(b, uint32(36+2*n), 4)
+	b = append(b, "WAVEfmt "...)
+	b = le(b, 16, 4)
+	b = le(b, 1, 2) // PCM
+	b = le(b, 1, 2) // mono
+	b = le(b, uint32(rate), 4)
+	b = le(b, uint32(2*rate), 4)
+	b = le(b, 2, 2)
+	b = le(b, 16, 2)
+	b = append(b, "data"...)
+	b = le(b, uint32(2*n), 4)
+	for i := range n {
+		v := int16(12000 * math.Sin(2*math.Pi*float64(freq)*float64(i)/float64(rate)))
+		b = le(b, uint32(uint16(v)), 2)
+	}
+	return b
+}
+
+// toneLevel is the amplitude of the freq component of pcm (16-bit little-endian at rate), by
+// the Goertzel algorithm, relative to full scale.
+func toneLevel(pcm []byte, rate, freq int) float64 {
+	coeff := 2 * math.Cos(2*math.Pi*float64(freq)/float64(rate))
+	var s1, s2 float64
+	n := len(pcm) / 2
+	for i := range n {
+		x := float64(int16(uint16(pcm[2*i])|uint16(pcm[2*i+1])<<8)) / 32768
+		s1, s2 = x+coeff*s1-s2, s1
+	}
+	power := s1*s1 + s2*s2 - coeff*s1*s2
+	return 2 * math.Sqrt(max(power, 0)) / float64(n)
+}
+
+// page is one tab, with what its console reported.
+type page struct {
+	t   *testing.T
+	ctx context.Context // bounded: no test waits on a page for long
+
+	mu     sync.Mutex
+	errors []string // console errors, uncaught exceptions, failed loads
+}
+
+// open opens url in a new tab that closes at the end of the test, and waits until the console
+// has wired itself up. A failing test gets a screenshot of the tab.
+func (b *browser) open(t *testing.T, url string) *page {
+	t.Helper()
+	tab, cancelTab := chromedp.NewContext(b.ctx)
+	ctx, cancel := context.WithTimeout(tab, 60*time.Second)
+	p := &page{t: t, ctx: ctx}
+	listening, stopListening := context.WithCancel(ctx)
+	msgs := chromedp.Console(listening)
+	var reading sync.WaitGroup
+	reading.Go(func() {
+		for m, err := range msgs {
+			if err != nil {
+				return
+			}
+			if m.Type == chromedp.ConsoleError || m.Type == chromedp.ConsoleException {
+				p.mu.Lock()
+				p.errors = append(p.errors, m.String()+" "+m.URL)
+				p.mu.Unlock()
+			}
+		}
+	})
+	t.Cleanup(func() {
+		if t.Failed() {
+			p.screenshot()
+		}
+		stopListening()
+		reading.Wait()
+		cancel()
+		_ = chromedp.Cancel(tab)
+		cancelTab()
+	})
+	// The tab lives as long as the context of its first action: p.ctx. Loading gets less.
+	p.do("opening a tab")
+	load, cancelLoad := context.WithTimeout(ctx, 20*time.Second)
+	defer cancelLoad()
+	shown, _, _ := strings.Cut(url, "#") // the fragment holds a token
+	if err := chromedp.Do(load, chromedp.Navigate(url), chromedp.WaitVisible(chromedp.CSS(`body[data-ready="true"]`))); err != nil {
+		t.Fatalf("loading %s: %v\nconsole errors: %q", shown, err, p.consoleErrors())
+	}
+	return p
+}
+
+// screenshot writes the page as a PNG to a directory of its own under the temporary directory,
+// which outlives the test, and logs its path.
+func (p *page) screenshot() {
+	ctx, cancel := context.WithTimeout(p.ctx, 10*time.Second)
+	defer cancel()
+	png, err := chromedp.Run(ctx, chromedp.CaptureScreenshot())
+	if err != nil {
+		p.t.Logf("no screenshot: %v", err)
+		return
+	}
+	dir, err := os.MkdirTemp("", "voicegate-browser-")
+	if err != nil {
+		p.t.Logf("no screenshot: %v", err)
+		return
+	}
+	file := filepath.Join(dir, strings.NewReplacer("/", "_", " ", "_").Replace(p.t.Name())+".png")
+	if err := os.WriteFile(file, png, 0o644); err != nil {
+		p.t.Logf("no screenshot: %v", err)
+		return
+	}
+	p.t.Logf("screenshot of the page: %s", file)
+}
+
+func (p *page) consoleErrors() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.errors)
+}
+
+// do runs actions on the page, failing the test on error.
+func (p *page) do(what string, actions ...chromedp.Action[chromedp.Void]) {
+	p.t.Helper()
+	if err := chromedp.Do(p.ctx, actions...); err != nil {
+		p.t.Fatalf("%s: %v\nconsole errors: %q", what, err, p.consoleErrors())
+	}
+}
+
+func (p *page) click(sel string) {
+	p.t.Helper()
+	p.do("clicking "+sel, chromedp.Click(chromedp.CSS(sel)))
+}
+
+// eval evaluates a JavaScript expression into out, through JSON.
+func (p *page) eval(expr string, out any) {
+	p.t.Helper()
+	s, err := chromedp.Run(p.ctx, chromedp.Evaluate[string]("JSON.stringify("+expr+")"))
+	if err != nil {
+		p.t.Fatalf("evaluating %s: %v", expr, err)
+	}
+	if err := json.Unmarshal([]byte(s), out); err != nil {
+		p.t.Fatalf("evaluating %s: %v: %s", expr, err, s)
+	}
+}
+
+// waitFor polls a JavaScript condition until it holds.
+func (p *page) waitFor(what, cond string) {
+	p.t.Helper()
+	err := chromedp.Do(p.ctx, chromedp.Poll[chromedp.Void](cond,
+		chromedp.WithPollingInterval(20*time.Millisecond), chromedp.WithPollingTimeout(30*time.Second)))
+	if err != nil {
+		state, _ := chromedp.Run(p.ctx, chromedp.Evaluate[string](`JSON.stringify(window.voicegate)`))
+		p.t.Fatalf("waiting for %s (%s): %v\npage state: %s\nconsole errors: %q", what, cond, err, clipText(state), p.consoleErrors())
+	}
+}
+
+func (p *page) text(sel string) string {
+	p.t.Helper()
+	s, err := chromedp.Run(p.ctx, chromedp.TextContent(chromedp.CSS(sel)))
+	if err != nil {
+		p.t.Fatalf("reading %s: %v", sel, err)
+	}
+	return s
+}
+
+// chatEvent is one entry of the console's chat log.
+type chatEvent struct {
+	Name string  `json:"name"`
+	T    float64 `json:"t"` // ms since the request
+}
+
+// consoleURL is the URL -demo prints for the console.
+var consoleURL = regexp.MustCompile(`http://\S+/console#token=(\S+)`)
+
+func TestConsoleInBrowser(t *testing.T) {
+	b := startBrowser(t)
+	g := startRun(t, []string{"-demo"}, map[string]string{"LISTEN_ADDR": "127.0.0.1:0"})
+	var url, demoToken string
+	eventually(t, 2*time.Second, "-demo prints the console URL", func() bool {
+		m := consoleURL.FindStringSubmatch(g.Stdout.String())
+		if m != nil {
+			url, demoToken = m[0], m[1]
+		}
+		return m != nil
+	})
+	if !strings.HasPrefix(url, g.URL+"/console#") {
+		t.Fatalf("the console URL %q is not on the gateway %s", url, g.URL)
+	}
+	w := watchTokens(t, g)
+	w.add(demoToken)
+
+	t.Run("loads with the token and no errors", func(t *testing.T) {
+		p := b.open(t, url)
+		var tok string
+		p.eval(`document.getElementById("token").value`, &tok)
+		if tok != demoToken {
+			t.Errorf("the token field holds %.12q…, want the demo's token", tok)
+		}
+		if got := p.text("#gateway"); got != g.URL {
+			t.Errorf("the console talks to %q, want its own origin %s", got, g.URL)
+		}
+		if errs := p.consoleErrors(); len(errs) > 0 {
+			t.Errorf("console errors while loading: %q", errs)
+		}
+	})
+
+	t.Run("a chat answer streams in", func(t *testing.T) {
+		p := b.open(t, url)
+		question := "How does the console read a stream?"
+		p.do("asking", chromedp.SetValue(chromedp.CSS("#question"), question), chromedp.Click(chromedp.CSS("#send")))
+		p.waitFor("the stream to end", `window.voicegate.chat.outcome !== "" && !window.voicegate.chat.running`)
+		var evs []chatEvent
+		p.eval(`window.voicegate.chat.events`, &evs)
+		if len(evs) < 6 || evs[0].Name != "stream_start" || evs[len(evs)-1].Name != "stream_end" {
+			t.Fatalf("events %v, want stream_start … stream_end", evs)
+		}
+		// Streamed, not buffered: the events arrived at many different times before stream_end.
+		times := map[float64]bool{}
+		for _, e := range evs[:len(evs)-1] {
+			times[e.T] = true
+		}
+		if len(times) < 5 {
+			t.Errorf("the %d events before stream_end arrived at only %d distinct times (%v), want them to stream in", len(evs)-1, len(times), evs)
+		}
+		var outcome, answer string
+		p.eval(`window.voicegate.chat.outcome`, &outcome)
+		p.eval(`window.voicegate.chat.answer`, &answer)
+		if outcome != "completed" || !strings.Contains(answer, question) {
+			t.Errorf("outcome %q, answer %q; want completed, quoting the question", outcome, answer)
+		}
+		if shown := p.text("#answer"); shown != answer {
+			t.Errorf("the page shows %q, want the streamed answer %q", shown, answer)
+		}
+		if n := len(p.text("#chat-log")); n == 0 {
+			t.Error("the raw event log is empty")
+		}
+		if errs := p.consoleErrors(); len(errs) > 0 {
+			t.Errorf("console errors: %q", errs)
+		}
+	})
+
+	t.Run("cancel ends the stream", func(t *testing.T) {
+		p := b.open(t, url)
+		p.click("#send")
+		p.waitFor("the answer to begin", `window.voicegate.chat.events.some(e => e.name === "generation_chunk")`)
+		p.click("#cancel")
+		p.waitFor("the stream to end", `!window.voicegate.chat.running`)
+		var evs []chatEvent
+		p.eval(`window.voicegate.chat.events`, &evs)
+		names := make([]string, len(evs))
+		for i, e := range evs {
+			names[i] = e.Name
+		}
+		if names[len(names)-1] != "stream_cancelled" || slices.Contains(names, "generation_done") {
+			t.Errorf("events %v, want stream_cancelled last, without generation_done", names)
+		}
+		if got := p.text("#chat-status"); got != "cancelled" {
+			t.Errorf("chat status %q, want cancelled", got)
+		}
+	})
+
+	t.Run("the README's fetch() stream reader works", func(t *testing.T) {
+		readme, err := os.ReadFile("README.md")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := regexp.MustCompile("(?s)## Browsers\n.*?```js\n(.*?)```").FindSubmatch(readme)
+		if m == nil {
+			t.Fatal("README.md has no js block under ## Browsers")
+		}
+		snippet := strings.ReplaceAll(string(m[1]), "http://127.0.0.1:8080", g.URL)
+		p := b.open(t, g.URL+"/console")
+		// The snippet logs each event; the page collects what it logs.
+		expr := `(async () => { const token = ` + strconv.Quote(demoToken) + `; const seen = []; const log = console.log;
+			console.log = (event, data) => seen.push(event + " " + data.request_id);
+			try { ` + snippet + ` } finally { console.log = log; } return seen; })()`
+		seen, err := chromedp.Run(p.ctx, chromedp.Evaluate[[]string](expr, chromedp.EvalAwaitPromise))
+		if err != nil {
+			t.Fatalf("running the README's snippet: %v", err)
+		}
+		if len(seen) < 5 || !strings.HasPrefix(seen[0], "stream_start ") || !strings.HasPrefix(seen[len(seen)-1], "stream_end ") ||
+			!slices.ContainsFunc(seen, func(s string) bool { return strings.HasPrefix(s, "generation_chunk ") }) {
+			t.Errorf("the snippet logged %q, want stream_start, generation_chunk… and stream_end", seen)
+		}
+	})
+
+	t.Run("a refused chat shows the error", func(t *testing.T) {
+		p := b.open(t, g.URL+"/console#token=not-a-token")
+		p.click("#send")
+		p.waitFor("the refusal", `!window.voicegate.chat.running && window.voicegate.chat.error !== ""`)
+		if got := p.text("#chat-status"); !strings.Contains(got, "401 TOKEN_INVALID") {
+			t.Errorf("chat status %q, want the status and code of the refusal", got)
+		}
+	})
+
+	t.Run("a voice session sends the microphone and plays the answer", func(t *testing.T) {
+		p := b.open(t, url)
+		p.click("#mic")
+		p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.framesSent >= 50`)
+		p.waitFor("recognition of it", `window.voicegate.voice.messages.some(m => m.startsWith("asr_partial"))`)
+		p.click("#mic")
+		p.waitFor("the spoken answer to play", `window.voicegate.voice.messages.some(m => m.startsWith("tts_complete")) && `+
+			`window.voicegate.voice.ttsFrames > 0 && window.voicegate.voice.buffersPlayed === window.voicegate.voice.ttsFrames`)
+		var v struct {
+			FramesSent, BytesSent, TTSFrames, TTSSamples, BuffersPlayed int
+			PlayedMs                                                    float64
+		}
+		p.eval(`({FramesSent: voicegate.voice.framesSent, BytesSent: voicegate.voice.bytesSent, TTSFrames: voicegate.voice.ttsFrames,
+			TTSSamples: voicegate.voice.ttsSamples, BuffersPlayed: voicegate.voice.buffersPlayed, PlayedMs: voicegate.voice.playedMs})`, &v)
+		if v.BytesSent != v.FramesSent*640 {
+			t.Errorf("%d bytes in %d frames, want 640 bytes (20 ms at 16 kHz, PCM16) each", v.BytesSent, v.FramesSent)
+		}
+		if v.TTSSamples < 8000 || v.PlayedMs < 500 {
+			t.Errorf("played %d TTS samples, %.0f ms, want at least half a second", v.TTSSamples, v.PlayedMs)
+		}
+		if got := p.text("#tts-played"); got == "0 ms" {
+			t.Errorf("the page shows %q of TTS audio played", got)
+		}
+		if got := p.text("#voice-answer"); !strings.Contains(got, "voicegate bridges") {
+			t.Errorf("the spoken answer's text %q is not shown", got)
+		}
+		p.click("#hangup")
+		p.waitFor("the close", `window.voicegate.voice.closes.length === 1`)
+		var code int
+		p.eval(`window.voicegate.voice.closes[0].code`, &code)
+		if code != 1000 {
+			t.Errorf("the session closed %d, want 1000", code)
+		}
+		if got := p.text("#voice-status"); !strings.Contains(got, "1000") || !strings.Contains(got, "normal end") {
+			t.Errorf("voice status %q, want 1000 and its meaning", got)
+		}
+		// The gateway saw the page's frames.
+		var rec map[string]any
+		eventually(t, 2*time.Second, "the session's log line", func() bool {
+			var n int
+			n, rec = logCount(t, g, "voice session ended")
+			return n >= 1
+		})
+		if in, _ := rec["packets_in"].(float64); int(in) < v.FramesSent {
+			t.Errorf("the gateway counted %v packets in, want at least the page's %d frames", rec["packets_in"], v.FramesSent)
+		}
+		if errs := p.consoleErrors(); len(errs) > 0 {
+			t.Errorf("console errors: %q", errs)
+		}
+	})
+
+	t.Run("a revoked token ends the session with 4401", func(t *testing.T) {
+		tok := w.token(t, "u-console-revoked", []string{"user"}, nil)
+		p := b.open(t, g.URL+"/console#token="+tok)
+		p.click("#mic")
+		p.waitFor("the session to open", `window.voicegate.voice.open`)
+		wantStatus(t, call(t, g, "POST", "/api/v2/auth/revoke", tok, ""), http.StatusOK)
+		p.waitFor("the close", `window.voicegate.voice.closes.length === 1`)
+		var code int
+		p.eval(`window.voicegate.voice.closes[0].code`, &code)
+		if code != 4401 {
+			t.Errorf("closed %d, want 4401", code)
+		}
+		if got := p.text("#voice-status"); !strings.Contains(got, "4401") || !strings.Contains(got, "revoked") {
+			t.Errorf("voice status %q, want 4401 and its meaning", got)
+		}
+	})
+
+	t.Run("a page from a disallowed origin is refused and shows why", func(t *testing.T) {
+		mux := http.NewServeMux()
+		mux.Handle("GET /console", console.Handler())
+		mux.Handle("GET /console/{file}", console.Handler())
+		other := httptest.NewServer(mux)
+		defer other.Close()
+		p := b.open(t, fmt.Sprintf("%s/console?gateway=%s#token=%s", other.URL, g.URL, demoToken))
+		if got := p.text("#origin-note"); !strings.Contains(got, "CORS_ORIGINS") {
+			t.Errorf("the page does not say that its origin must be allowed: %q", got)
+		}
+		p.click("#mic")
+		p.waitFor("the refusal", `window.voicegate.voice.closes.length === 1`)
+		var code int
+		p.eval(`window.voicegate.voice.closes[0].code`, &code)
+		if code != 4403 {
+			t.Errorf("closed %d, want 4403", code)
+		}
+		if got := p.text("#voice-status"); !strings.Contains(got, "PERMISSION_DENIED") || !strings.Contains(got, "origin not allowed") ||
+			!strings.Contains(got, "4403") {
+			t.Errorf("voice status %q, want the refusal's code, reason and close code", got)
+		}
+		// Chat from there is refused by the CORS preflight, which no script can read: the page
+		// says what that most likely means.
+		p.click("#send")
+		p.waitFor("the chat request to fail", `!window.voicegate.chat.running && window.voicegate.chat.error !== ""`)
+		if got := p.text("#chat-status"); !strings.Contains(got, "CORS_ORIGINS") || !strings.Contains(got, other.URL) {
+			t.Errorf("chat status %q, want it to name CORS_ORIGINS and this page's origin", got)
+		}
+	})
+
+	t.Run("reconnects when the algorithm service restarts", func(t *testing.T) {
+		// The first session's algorithm service closes 1012 (restarting) once it is told to
+		// start; the console reconnects, and the second session stays open.
+		var sessions atomic.Int64
+		testDone := t.Context()
+		algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
+			if err != nil {
+				return
+			}
+			defer c.CloseNow()
+			first := sessions.Add(1) == 1
+			for {
+				_, msg, err := c.Read(testDone)
+				if err != nil {
+					return
+				}
+				if first && strings.Contains(string(msg), `"type":"start"`) {
+					_ = c.Close(websocket.StatusServiceRestart, "restarting")
+					return
+				}
+			}
+		})
+		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
+		tok := w.token(t, "u-console-reconnect", []string{"user"}, nil)
+		p := b.open(t, gr.URL+"/console#token="+tok)
+		p.click("#mic")
+		p.waitFor("the first session to close 1012", `window.voicegate.voice.closes.length === 1`)
+		var first struct {
+			Code int `json:"code"`
+		}
+		p.eval(`window.voicegate.voice.closes[0]`, &first)
+		if first.Code != 1012 {
+			t.Fatalf("the first session closed %d, want 1012", first.Code)
+		}
+		var firstID string
+		p.eval(`window.voicegate.voice.sessionId`, &firstID)
+		p.waitFor("a new session", `window.voicegate.voice.open && window.voicegate.voice.sessionId !== `+strconv.Quote(firstID))
+		if n := sessions.Load(); n != 2 {
+			t.Errorf("the algorithm service saw %d sessions, want 2", n)
+		}
+		if got := p.text("#voice-log"); !strings.Contains(got, "reconnecting") || !strings.Contains(got, "restarting") {
+			t.Errorf("the message log does not show the restart and the reconnect: %q", got)
+		}
+		p.click("#hangup")
+		p.waitFor("the close", `window.voicegate.voice.closes.length === 2`)
+	})
+
+	t.Run("the microphone arrives as 16 kHz PCM16", func(t *testing.T) {
+		// The algorithm service keeps the audio of the session: the fake microphone's 440 Hz
+		// tone must be in it at 440 Hz, which it is only if the page resampled to 16 kHz.
+		var mu sync.Mutex
+		var pcm []byte
+		rates := map[float64]bool{}
+		testDone := t.Context()
+		algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
+			if err != nil {
+				return
+			}
+			defer c.CloseNow()
+			for {
+				_, msg, err := c.Read(testDone)
+				if err != nil {
+					return
+				}
+				var m struct {
+					Type       string  `json:"type"`
+					Audio      string  `json:"audio_chunk"`
+					SampleRate float64 `json:"sample_rate"`
+				}
+				if json.Unmarshal(msg, &m) != nil || m.Type != "audio_chunk" {
+					continue
+				}
+				b, _ := base64.StdEncoding.DecodeString(m.Audio)
+				mu.Lock()
+				pcm = append(pcm, b...)
+				rates[m.SampleRate] = true
+				mu.Unlock()
+			}
+		})
+		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
+		p := b.open(t, gr.URL+"/console#token="+w.token(t, "u-console-tone", []string{"user"}, nil))
+		p.click("#mic")
+		p.waitFor("two seconds of audio sent", `window.voicegate.voice.framesSent >= 100`)
+		p.click("#hangup")
+		p.waitFor("the close", `window.voicegate.voice.closes.length === 1`)
+		eventually(t, 2*time.Second, "the audio at the algorithm service", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return len(pcm) >= 100*640
+		})
+		mu.Lock()
+		defer mu.Unlock()
+		if len(rates) != 1 || !rates[16000] {
+			t.Errorf("audio_chunk sample rates %v, want 16000", rates)
+		}
+		// The last second: after the capture's start-up.
+		tail := pcm[len(pcm)-32000:]
+		at, off := toneLevel(tail, 16000, 440), toneLevel(tail, 16000, 600)
+		if at < 0.02 || at < 10*off {
+			t.Errorf("the tone's level at 440 Hz is %.4f (at 600 Hz %.4f), want it clearly there", at, off)
+		}
+		// Had the page sent the capture's own rate (48 kHz) as 16 kHz, the tone would sit at
+		// a third of its frequency.
+		if low := toneLevel(tail, 16000, 147); low > at/10 {
+			t.Errorf("level at 147 Hz %.4f against %.4f at 440 Hz: the audio is at the wrong rate", low, at)
+		}
+	})
+}

@@ -1,0 +1,545 @@
+package main
+
+// Tests that keep openapi/openapi.json true: it is a valid OpenAPI 3.1 document (checked by
+// kin-openapi, an independent implementation), it has exactly the routes of the route table,
+// its error codes are the gateway's, the SSE golden files and real voice messages match its
+// schemas, and real responses of a running gateway match their operations.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"go/ast"
+	"go/parser"
+	gotoken "go/token"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/getkin/kin-openapi/openapi3"
+	"github.com/getkin/kin-openapi/openapi3filter"
+	"github.com/getkin/kin-openapi/routers"
+	"github.com/getkin/kin-openapi/routers/gorillamux"
+
+	"voicegate/openapi"
+)
+
+// loadOpenAPI loads and validates the document.
+func loadOpenAPI(t *testing.T) *openapi3.T {
+	t.Helper()
+	loader := openapi3.NewLoader()
+	doc, err := loader.LoadFromData(openapi.Document())
+	if err != nil {
+		t.Fatalf("openapi.json does not load: %v", err)
+	}
+	if err := doc.Validate(loader.Context, openapi3.EnableExamplesValidation()); err != nil {
+		t.Fatalf("openapi.json is not a valid OpenAPI document: %v", err)
+	}
+	return doc
+}
+
+// schemaCheck validates values against the document's component schemas.
+type schemaCheck struct {
+	t   *testing.T
+	doc *openapi3.T
+}
+
+func (c schemaCheck) err(name string, v any) error {
+	ref := c.doc.Components.Schemas[name]
+	if ref == nil || ref.Value == nil {
+		c.t.Fatalf("openapi.json has no schema %s", name)
+	}
+	return c.doc.ValidateSchemaJSON(ref.Value, v, openapi3.EnableJSONSchema2020())
+}
+
+// valid fails the test unless v (JSON text or a decoded value) matches schema name.
+func (c schemaCheck) valid(name string, v any, what string) {
+	c.t.Helper()
+	if raw, ok := v.(string); ok {
+		if err := json.Unmarshal([]byte(raw), &v); err != nil {
+			c.t.Fatalf("%s is not JSON: %v: %s", what, err, raw)
+		}
+	}
+	if err := c.err(name, v); err != nil {
+		c.t.Errorf("%s does not match %s: %v\n%s", what, name, err, clipText(mustJSON(v)))
+	}
+}
+
+// invalid fails the test if v matches schema name: the schemas must tell right from wrong.
+func (c schemaCheck) invalid(name string, v any, what string) {
+	c.t.Helper()
+	if raw, ok := v.(string); ok {
+		_ = json.Unmarshal([]byte(raw), &v)
+	}
+	if c.err(name, v) == nil {
+		c.t.Errorf("%s matches %s, want it refused: %s", what, name, mustJSON(v))
+	}
+}
+
+func mustJSON(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+func TestOpenAPIDocument(t *testing.T) {
+	doc := loadOpenAPI(t)
+	if !doc.IsOpenAPI31OrLater() || !strings.HasPrefix(doc.OpenAPI, "3.1") {
+		t.Errorf("openapi = %q, want 3.1.x", doc.OpenAPI)
+	}
+	bearer := doc.Components.SecuritySchemes["bearer"]
+	if bearer == nil || bearer.Value.Type != "http" || bearer.Value.Scheme != "bearer" || bearer.Value.BearerFormat != "JWT" {
+		t.Errorf("securitySchemes.bearer = %+v, want http bearer JWT", bearer)
+	}
+	if len(doc.Security) != 1 || doc.Security[0]["bearer"] == nil {
+		t.Errorf("the document's default security = %v, want bearer", doc.Security)
+	}
+	for _, h := range []string{"RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "Retry-After", "X-Request-ID"} {
+		if doc.Components.Headers[h] == nil {
+			t.Errorf("components.headers has no %s", h)
+		}
+	}
+	rl := doc.Components.Responses["RateLimited"].Value
+	for _, h := range []string{"Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} {
+		if rl.Headers[h] == nil {
+			t.Errorf("the 429 response does not describe %s", h)
+		}
+	}
+
+	// The error codes are exactly the gateway's: proxy's Code constants.
+	var enum []string
+	for _, v := range doc.Components.Schemas["ErrorCode"].Value.Enum {
+		enum = append(enum, v.(string))
+	}
+	codes := proxyErrorCodes(t)
+	sort.Strings(enum)
+	if !slices.Equal(enum, codes) {
+		t.Errorf("ErrorCode enum = %v\nwant proxy's codes %v", enum, codes)
+	}
+
+	// Every error response of every operation is the Error object; /readyz's 503 is a
+	// status for probes, not an error.
+	for path, item := range doc.Paths.Map() {
+		if path == "/readyz" {
+			continue
+		}
+		for method, op := range item.Operations() {
+			for status, ref := range op.Responses.Map() {
+				code, err := strconv.Atoi(status)
+				if err != nil || code < 400 {
+					continue
+				}
+				mt := ref.Value.Content.Get("application/json")
+				if mt == nil || mt.Schema == nil || mt.Schema.Ref != "#/components/schemas/Error" {
+					t.Errorf("%s %s: response %s is not an application/json Error", method, path, status)
+				}
+			}
+		}
+	}
+
+	// The chat stream describes its events, and the voice upgrade its subprotocols.
+	chat := doc.Paths.Find("/api/v2/chat/stream").Post.Responses.Status(200).Value
+	if mt := chat.Content.Get("text/event-stream"); mt == nil || mt.Schema.Ref != "#/components/schemas/ChatEvent" {
+		t.Errorf("the chat stream's 200 is not text/event-stream of ChatEvent")
+	}
+	up := doc.Paths.Find("/api/v2/voice/stream").Get
+	ws, _ := up.Extensions["x-websocket"].(map[string]any)
+	if protos, _ := ws["subprotocols"].([]any); len(protos) == 0 || protos[0] != "voice-protocol-v2" {
+		t.Errorf("the voice upgrade's x-websocket.subprotocols = %v, want voice-protocol-v2 first", ws["subprotocols"])
+	}
+	if up.Responses.Status(101) == nil {
+		t.Error("the voice upgrade has no 101 response")
+	}
+}
+
+// proxyErrorCodes reads the values of proxy's Code constants from its source.
+func proxyErrorCodes(t *testing.T) []string {
+	t.Helper()
+	pkgs, err := parser.ParseDir(gotoken.NewFileSet(), "proxy", func(fi os.FileInfo) bool {
+		return !strings.HasSuffix(fi.Name(), "_test.go")
+	}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var codes []string
+	ast.Inspect(pkgs["proxy"], func(n ast.Node) bool {
+		vs, ok := n.(*ast.ValueSpec)
+		if !ok || len(vs.Names) != 1 || len(vs.Values) != 1 || !strings.HasPrefix(vs.Names[0].Name, "Code") {
+			return true
+		}
+		if lit, ok := vs.Values[0].(*ast.BasicLit); ok && lit.Kind == gotoken.STRING {
+			s, _ := strconv.Unquote(lit.Value)
+			codes = append(codes, s)
+		}
+		return true
+	})
+	if len(codes) < 10 {
+		t.Fatalf("found only %d Code constants in proxy/errors.go", len(codes))
+	}
+	sort.Strings(codes)
+	return codes
+}
+
+// TestOpenAPIRouteTable: every route of the route table (with every optional route on) has its
+// path and methods in the document, no path or method of the document lacks a route, and the
+// routes served without a token are exactly those the document marks security: [].
+func TestOpenAPIRouteTable(t *testing.T) {
+	doc := loadOpenAPI(t)
+	g := &gateway{cfg: &config{ConsoleEnabled: true, MetricsEnabled: true}, tel: &telemetry{}}
+	anyMethod := []string{"DELETE", "GET", "HEAD", "PATCH", "POST", "PUT"}
+	want := map[string]access{} // "METHOD /doc/path"
+	for _, r := range g.routes() {
+		method, path, ok := strings.Cut(r.pattern, " ")
+		if !ok {
+			method, path = "", r.pattern
+		}
+		path = strings.ReplaceAll(path, "...}", "}")
+		if strings.HasSuffix(path, "/") {
+			path += "{path}" // a subtree: the rest of the path, passed on
+		}
+		methods := []string{method}
+		if method == "" {
+			methods = anyMethod
+		}
+		for _, m := range methods {
+			want[m+" "+path] = r.access
+		}
+	}
+	have := map[string]bool{}
+	for path, item := range doc.Paths.Map() {
+		for method, op := range item.Operations() {
+			key := method + " " + path
+			have[key] = true
+			a, ok := want[key]
+			if !ok {
+				t.Errorf("openapi.json describes %s, which no route serves", key)
+				continue
+			}
+			public := op.Security != nil && len(*op.Security) == 0
+			if public != (a == open) {
+				t.Errorf("%s: security [] is %v in openapi.json, but the route's access is %v", key, public, a)
+			}
+		}
+	}
+	for key := range want {
+		if !have[key] {
+			t.Errorf("route %s has no operation in openapi.json", key)
+		}
+	}
+}
+
+// readSSE parses a stream's events as ChatEvent describes them: event, id and the decoded
+// data.
+func readSSE(t *testing.T, r io.Reader) []map[string]any {
+	t.Helper()
+	s := newSSEReader(r)
+	var out []map[string]any
+	for {
+		e, err := s.next()
+		if err == io.EOF {
+			return out
+		}
+		if err != nil {
+			t.Fatalf("reading the stream: %v", err)
+		}
+		ev := map[string]any{"event": e.Event, "data": e.fields(t)}
+		if e.ID != "" {
+			ev["id"] = e.ID
+		}
+		out = append(out, ev)
+	}
+}
+
+// TestOpenAPISSEGoldenFiles: every event of every SSE golden file matches ChatEvent, and
+// events that break the contract do not.
+func TestOpenAPISSEGoldenFiles(t *testing.T) {
+	c := schemaCheck{t, loadOpenAPI(t)}
+	files, _ := filepath.Glob(filepath.Join("testdata", "sse", "*.sse"))
+	if len(files) == 0 {
+		t.Fatal("no testdata/sse/*.sse golden files")
+	}
+	seen := map[string]bool{}
+	for _, f := range files {
+		raw, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, ev := range readSSE(t, bytes.NewReader(raw)) {
+			seen[ev["event"].(string)] = true
+			c.valid("ChatEvent", ev, filepath.Base(f)+" event "+strconv.Itoa(i))
+		}
+	}
+	for _, name := range []string{"stream_start", "generation_chunk", "generation_done", "error", "stream_end", "message"} {
+		if !seen[name] {
+			t.Errorf("no golden file has a %s event to check", name)
+		}
+	}
+	for _, bad := range []struct{ what, event string }{
+		{"stream_end without its counts", `{"event":"stream_end","data":{"request_id":"r","timestamp":1}}`},
+		{"stream_start without request_id", `{"event":"stream_start","data":{"timestamp":1}}`},
+		{"an upstream event without its id", `{"event":"generation_chunk","data":{"type":"generation_chunk","content":"x","request_id":"r","line_number":1,"timestamp":1}}`},
+		{"an upstream event without line_number", `{"event":"custom","id":"3","data":{"type":"custom","request_id":"r","timestamp":1}}`},
+		{"an error event without a code", `{"event":"error","data":{"request_id":"r","message":"m","timestamp":1}}`},
+	} {
+		c.invalid("ChatEvent", bad.event, bad.what)
+	}
+}
+
+// TestOpenAPIVoiceMessages: the messages of a real session against -demo, both ways, match
+// the voice schemas; so do a browser's in-band refusal and its close code.
+func TestOpenAPIVoiceMessages(t *testing.T) {
+	c := schemaCheck{t, loadOpenAPI(t)}
+	for _, m := range []string{`{"type":"start"}`, `{"type":"stop"}`, `{"type":"ping"}`, `{"type":"config","language":"en-US"}`,
+		`{"type":"text","text":"hello"}`, `{"type":"cancel"}`, `{"type":"interrupt"}`, `{"type":"end"}`} {
+		c.valid("VoiceClientMessage", m, "client message "+m)
+	}
+	c.invalid("VoiceClientMessage", `{"type":"launch"}`, "an unknown control type")
+	c.invalid("VoiceClientMessage", `{"text":"no type"}`, "a control message without type")
+
+	// What the algorithm service receives: audio_chunk messages.
+	algo := newVoiceAlgo(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	v := openVoice(t, g, "?conversation_id=c-schema", bearer(tokenFor(t, "u-schema", []string{"user"}, nil)))
+	c.valid("VoiceServerMessage", v.init, "session_initialized")
+	c.valid("VoiceSessionInitialized", v.init, "session_initialized")
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	for range 3 {
+		if err := v.conn.Write(ctx, websocket.MessageBinary, make([]byte, 640)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.conn.Write(ctx, websocket.MessageText, []byte(`{"type":"frobnicate"}`)); err != nil {
+		t.Fatal(err)
+	}
+	_, msg, err := v.conn.Read(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.valid("VoiceServerMessage", string(msg), "the error for an unknown control type")
+	c.valid("VoiceError", string(msg), "the error for an unknown control type")
+	var chunks []string
+	eventually(t, 2*time.Second, "three audio_chunk messages reach the algorithm service", func() bool {
+		algo.mu.Lock()
+		defer algo.mu.Unlock()
+		chunks = slices.Clone(algo.got)
+		return len(chunks) >= 3
+	})
+	for i, m := range chunks {
+		c.valid("VoiceAudioChunk", m, "audio_chunk "+strconv.Itoa(i))
+	}
+	_ = v.conn.Close(websocket.StatusNormalClosure, "")
+
+	// What a client receives from the demo's algorithm service.
+	demo := startRun(t, []string{"-demo"}, nil)
+	d := openVoice(t, demo, "?conversation_id=c-demo-schema", bearer(tokenFor(t, "u-demo", []string{"user"}, nil)))
+	for _, m := range []string{`{"type":"start"}`} {
+		if err := d.conn.Write(ctx, websocket.MessageText, []byte(m)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 20 {
+		if err := d.conn.Write(ctx, websocket.MessageBinary, make([]byte, 640)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.conn.Write(ctx, websocket.MessageText, []byte(`{"type":"stop"}`)); err != nil {
+		t.Fatal(err)
+	}
+	types := map[string]bool{}
+	audio := 0
+	for !types["tts_complete"] {
+		typ, msg, err := d.conn.Read(ctx)
+		if err != nil {
+			t.Fatalf("reading the demo session after %v: %v", types, err)
+		}
+		if typ == websocket.MessageBinary {
+			audio += len(msg)
+			continue
+		}
+		var m map[string]any
+		_ = json.Unmarshal(msg, &m)
+		typeName, _ := m["type"].(string)
+		types[typeName] = true
+		c.valid("VoiceServerMessage", string(msg), typeName+" message")
+	}
+	for _, want := range []string{"ack", "asr_partial", "asr_final", "llm_response_chunk", "tts_start", "tts_complete"} {
+		if !types[want] {
+			t.Errorf("the demo session sent no %s (got %v)", want, types)
+		}
+	}
+	if audio < 16000*2/2 {
+		t.Errorf("the demo sent %d bytes of TTS audio, want at least half a second at 16 kHz", audio)
+	}
+	_ = d.conn.Close(websocket.StatusNormalClosure, "")
+
+	// A browser's refusal.
+	conn, res, err := voiceDial(t, g, "", http.Header{"Origin": {"https://elsewhere.example"}}, voiceSubprotocol)
+	if err != nil {
+		t.Fatalf("a browser-style upgrade without a token was not accepted for an in-band refusal: %v (%s)", err, describeResult(res, err))
+	}
+	_, msg, err = conn.Read(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.valid("VoiceServerMessage", string(msg), "an in-band refusal")
+	c.valid("VoiceError", string(msg), "an in-band refusal")
+	_, _, err = conn.Read(ctx)
+	code := websocket.CloseStatus(err)
+	if err := c.err("VoiceCloseCode", float64(code)); err != nil {
+		t.Errorf("close code %d does not match VoiceCloseCode: %v", code, err)
+	}
+	c.invalid("VoiceCloseCode", 1006.0, "1006, which no gateway sends")
+}
+
+// TestOpenAPIResponses: real responses of a running gateway, errors included, match the
+// operations they answer: status, headers and body (kin-openapi's response validation), and
+// the chat stream's events ChatEvent.
+func TestOpenAPIResponses(t *testing.T) {
+	doc := loadOpenAPI(t)
+	c := schemaCheck{t, doc}
+	router, err := gorillamux.NewRouter(doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
+		ndjson(w, `{"type":"generation_start","model":"m"}`, `{"type":"generation_chunk","content":"Hi"}`,
+			`{"type":"something_else","x":1}`, `{"type":"generation_done","finish_reason":"stop"}`)
+	})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
+	user := tokenFor(t, "u-oas", []string{"user"}, nil)
+	admin := tokenFor(t, "u-oas-admin", []string{"admin"}, nil)
+	revoked := tokenFor(t, "u-oas-out", []string{"user"}, nil)
+
+	for _, tt := range []struct {
+		method, path, token, body string
+		header                    map[string]string
+		status                    int
+	}{
+		{"GET", "/healthz", "", "", nil, 200},
+		{"GET", "/readyz", "", "", nil, 200},
+		{"GET", "/openapi.json", "", "", nil, 200},
+		{"GET", "/console", "", "", nil, 200},
+		{"GET", "/console/console.js", "", "", nil, 200},
+		{"GET", "/console/nothing.js", "", "", nil, 404},
+		{"GET", "/metrics", "", "", nil, 200},
+		{"POST", "/api/v2/chat/stream", user, `{"message":"hello"}`, nil, 200},
+		{"POST", "/api/v2/chat/stream", "", `{"message":"hello"}`, nil, 401},
+		{"POST", "/api/v2/chat/stream", user, `{"message":""}`, nil, 400},
+		{"POST", "/api/v2/chat/stream", user, `{"message":`, nil, 400},
+		{"POST", "/api/v2/chat/stream", user, `{"message":"hi"}`, map[string]string{"Content-Type": "text/plain"}, 415},
+		{"POST", "/api/v2/chat/cancel", user, `{"request_id":"nobody-runs-this"}`, nil, 404},
+		{"POST", "/api/v2/chat/cancel", user, `{}`, nil, 400},
+		{"POST", "/api/v2/auth/revoke", revoked, ``, nil, 200},
+		{"POST", "/api/v2/auth/revoke", user, `{"user_id":"someone-else"}`, nil, 403},
+		{"GET", "/api/v2/voice/sessions", admin, "", nil, 200},
+		{"GET", "/api/v2/voice/sessions", user, "", nil, 403},
+		{"GET", "/api/v2/voice/stream", user, "", nil, 426},
+		{"GET", "/api/v2/admin/users", admin, "", nil, 404},
+		{"DELETE", "/api/v2/documents/d1", admin, "", nil, 404},
+	} {
+		name := tt.method + " " + tt.path + " " + strconv.Itoa(tt.status)
+		t.Run(name, func(t *testing.T) {
+			var body io.Reader
+			if tt.body != "" || tt.method == "POST" {
+				body = strings.NewReader(tt.body)
+			}
+			req, err := http.NewRequestWithContext(t.Context(), tt.method, g.URL+tt.path, body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.method == "POST" {
+				req.Header.Set("Content-Type", "application/json")
+			}
+			if tt.token != "" {
+				req.Header.Set("Authorization", "Bearer "+tt.token)
+			}
+			for k, v := range tt.header {
+				req.Header.Set(k, v)
+			}
+			res, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			raw, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.StatusCode != tt.status {
+				t.Fatalf("status %d, want %d: %s", res.StatusCode, tt.status, clipText(string(raw)))
+			}
+
+			sse := checkResponse(t, router, req, res, raw)
+			if sse {
+				evs := readSSE(t, bytes.NewReader(raw))
+				if len(evs) < 5 {
+					t.Fatalf("%d events, want stream_start, 4 upstream lines, stream_end", len(evs))
+				}
+				for i, ev := range evs {
+					c.valid("ChatEvent", ev, "event "+strconv.Itoa(i)+" of a real stream")
+				}
+			}
+		})
+	}
+
+	t.Run("rate limited", func(t *testing.T) {
+		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "POLICY_FILE": "testdata/policy/e2e-rate.json"})
+		limited := false
+		for i := 0; i < 40 && !limited; i++ {
+			req, _ := http.NewRequestWithContext(t.Context(), "GET", gr.URL+"/api/v2/voice/sessions", nil)
+			req.Header.Set("Authorization", "Bearer "+admin)
+			res, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			raw, _ := io.ReadAll(res.Body)
+			res.Body.Close()
+			if res.Header.Get("RateLimit-Limit") == "" {
+				t.Errorf("answer %d without RateLimit-Limit", res.StatusCode)
+			}
+			checkResponse(t, router, req, res, raw)
+			limited = res.StatusCode == http.StatusTooManyRequests
+		}
+		if !limited {
+			t.Fatal("never rate limited within 40 requests")
+		}
+	})
+}
+
+// checkResponse validates a real response against the operation kin-openapi finds for its
+// request: status, headers and (JSON) body. It reports whether the body is an event stream,
+// whose events the caller checks.
+func checkResponse(t *testing.T, router routers.Router, req *http.Request, res *http.Response, raw []byte) (sse bool) {
+	t.Helper()
+	route, params, err := router.FindRoute(req)
+	if err != nil {
+		t.Fatalf("openapi.json has no operation for %s %s: %v", req.Method, req.URL.Path, err)
+	}
+	ctype := res.Header.Get("Content-Type")
+	sse = strings.HasPrefix(ctype, "text/event-stream")
+	in := &openapi3filter.ResponseValidationInput{
+		RequestValidationInput: &openapi3filter.RequestValidationInput{Request: req, PathParams: params, Route: route},
+		Status:                 res.StatusCode,
+		Header:                 res.Header,
+		Body:                   io.NopCloser(bytes.NewReader(raw)),
+		Options: &openapi3filter.Options{
+			IncludeResponseStatus: true,
+			// An event stream is not one document: its events are checked on their own.
+			ExcludeResponseBody:     !strings.HasPrefix(ctype, "application/json"),
+			SchemaValidationOptions: []openapi3.SchemaValidationOption{openapi3.EnableJSONSchema2020()},
+		},
+	}
+	if err := openapi3filter.ValidateResponse(t.Context(), in); err != nil {
+		t.Errorf("%s %s %d does not match openapi.json: %v\n%s", req.Method, req.URL.Path, res.StatusCode, err, clipText(string(raw)))
+	}
+	if mt := route.Operation.Responses.Status(res.StatusCode); mt != nil && mt.Value.Content != nil && len(raw) > 0 &&
+		mt.Value.Content.Get(strings.Split(ctype, ";")[0]) == nil {
+		t.Errorf("%s %s %d: Content-Type %q is not among the documented ones", req.Method, req.URL.Path, res.StatusCode, ctype)
+	}
+	return sse
+}
