@@ -187,7 +187,7 @@ func (g *gateway) buildHandlers() error {
 	algo := g.newPool("algo", cfg.AlgoURLs, transport)
 
 	if g.redis != nil {
-		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, g.log)
+		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, cfg.Instance, g.log)
 	}
 	g.streams = sse.NewRegistry()
 	var replay sse.ReplayLog // nil: resuming off
@@ -216,6 +216,7 @@ func (g *gateway) buildHandlers() error {
 		WriteTimeout:    cfg.SSEWriteTimeout,
 		Admit:           policy.Admit,
 		Owner:           auth.Owner,
+		Token:           auth.Token,
 		OnEvents:        func(name string, n int64) { tel.sseEvents.Add(bg, n, tel.add1("event", name)...) },
 		OnStreamStart:   func() { tel.sseActive.Add(bg, 1) },
 		OnStreamEnd:     func() { tel.sseActive.Add(bg, -1) },
@@ -224,23 +225,18 @@ func (g *gateway) buildHandlers() error {
 	}
 	g.h.chat = sse.NewHandler(chat)
 	g.h.chatResume = sse.NewResumeHandler(chat)
-	mayCancel := func(r *http.Request, owner string) bool {
-		user, _ := auth.Owner(r)
-		return owner == user || g.can(r, "chat:admin")
-	}
 	cancel := sse.CancelOptions{
 		Registry: g.streams,
-		Allowed:  func(r *http.Request, s *sse.Stream) bool { return mayCancel(r, s.UserID) },
+		Tenant:   addressedTenant,
+		Allowed: func(r *http.Request, s *sse.Stream) bool {
+			user, _ := auth.Owner(r)
+			return s.UserID == user || g.can(r, "chat:admin")
+		},
 	}
 	if g.streamDir != nil {
-		cancel.Remote = func(ctx context.Context, r *http.Request, id string) error {
-			// The stream is looked up in the tenant the request names (the policy let it name
-			// only its own, unless it is a super admin's), or else the caller's.
-			_, tenant := auth.Owner(r)
-			if t := r.Header.Get(policy.HeaderTenant); t != "" {
-				tenant = t
-			}
-			return g.streamDir.Cancel(ctx, tenant, id, func(owner, _ string) bool { return mayCancel(r, owner) })
+		cancel.Remote = func(ctx context.Context, r *http.Request, tenant, id string) error {
+			user, _ := auth.Owner(r)
+			return g.streamDir.Cancel(ctx, tenant, id, user, g.can(r, "chat:admin"))
 		}
 	}
 	g.h.cancel = sse.NewCancelHandler(cancel)
@@ -249,6 +245,7 @@ func (g *gateway) buildHandlers() error {
 		Can:         g.can,
 		MaxLifetime: cfg.JWTMaxLifetime,
 		Leeway:      cfg.JWTLeeway,
+		OnRevoked:   g.revoked,
 	})
 
 	vo := voice.RegistryOptions{Instance: cfg.Instance, Redis: g.redis, Prefix: cfg.RedisPrefix,
@@ -271,6 +268,7 @@ func (g *gateway) buildHandlers() error {
 		Audio:        voice.AudioConfig{Language: cfg.VoiceLanguage},
 		Registry:     g.voices,
 		Owner:        auth.Owner,
+		Token:        auth.Token,
 		Admit:        func(w http.ResponseWriter, r *http.Request) (func(), bool) { return policy.Admit(w, r, nil) },
 		Recheck:      g.recheck,
 		Outbound:     outbound,
@@ -293,8 +291,9 @@ func (g *gateway) buildHandlers() error {
 	vh := voice.NewHandler(vopts)
 	g.closers = append(g.closers, vh.Close)
 	g.h.voice = vh
-	g.h.voiceSessions = voice.NewSessionsHandler(g.voices)
+	g.h.voiceSessions = voice.NewSessionsHandler(g.voices, voiceCaller)
 	g.vadmin = voiceAdmin{session: voice.NewSessionHandler(g.voices, voiceCaller),
+		close:     voice.NewCloseHandler(g.voices, voiceCaller),
 		broadcast: voice.NewBroadcastHandler(g.voices, voiceCaller)}
 
 	g.h.admin = g.backend("admin", "admin service", cfg.AdminURLs, transport, outbound)
@@ -385,6 +384,38 @@ func (g *gateway) recheck(r *http.Request) func(context.Context) error {
 
 // can reports whether the request's caller holds permission p.
 func (g *gateway) can(r *http.Request, p string) bool { return g.enforcer.Allows(r, p) }
+
+// addressedTenant is the tenant whose streams or sessions a request addresses: the one it names
+// in X-Tenant-Id (the policy lets only a super admin name another than its own), or else the
+// caller's.
+func addressedTenant(r *http.Request) string {
+	if t := r.Header.Get(policy.HeaderTenant); t != "" {
+		return t
+	}
+	_, tenant := auth.Owner(r)
+	return tenant
+}
+
+// revoked ends, on every instance, the chat streams and voice sessions of a token just revoked
+// (tokenID), or of a user's tokens issued before before. Failures are logged: the voice
+// sessions' periodic recheck still closes them, and a stream ends with its answer.
+func (g *gateway) revoked(ctx context.Context, tokenID, userID string, before time.Time) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	defer cancel()
+	g.streams.Revoke(tokenID, userID, before) // this instance's at once
+	if g.streamDir != nil {
+		if err := g.streamDir.Revoke(ctx, tokenID, userID, before); err != nil {
+			g.log.Warn("telling other instances about a revocation failed", "err", proxy.Describe(err))
+		}
+	}
+	v := voice.Revocation{TokenID: tokenID, UserID: userID}
+	if userID != "" {
+		v.Before = before.UnixMilli()
+	}
+	if err := g.voices.Revoke(ctx, v); err != nil {
+		g.log.Warn("telling other instances about a revocation failed", "err", proxy.Describe(err))
+	}
+}
 
 // subject presents the authenticated caller to the policy.
 func subject(r *http.Request) (policy.Subject, bool) {

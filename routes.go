@@ -37,6 +37,7 @@ func (g *gateway) routes() []route {
 		{"GET /api/v2/voice/stream", tokenWS, g.h.voice},
 		{"GET /api/v2/voice/sessions", token, g.h.voiceSessions},
 		{"GET /api/v2/voice/sessions/{session_id}", token, g.vadmin.session},
+		{"DELETE /api/v2/voice/sessions/{session_id}", token, g.vadmin.close},
 		{"POST /api/v2/voice/broadcast", token, g.vadmin.broadcast},
 		{"/api/v2/admin/", token, g.h.admin},
 		{"/api/v2/documents/", token, g.h.docs},

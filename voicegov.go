@@ -83,9 +83,9 @@ func (g *gateway) voiceGovernance(o *voice.Options) error {
 	return nil
 }
 
-// voiceAdmin are the handlers of the voice routes governance adds: one session's live detail,
+// voiceAdmin are the handlers of the voice admin routes: one session's live detail, closing it,
 // and broadcast.
-type voiceAdmin struct{ session, broadcast http.Handler }
+type voiceAdmin struct{ session, close, broadcast http.Handler }
 
 // voiceCaller is the caller of the voice admin routes: their tenant, and whether they are a
 // super admin.

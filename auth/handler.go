@@ -28,6 +28,10 @@ type RevokeOptions struct {
 	Budget time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// OnRevoked, if set, is told of every revocation stored: a token (tokenID) or the tokens of
+	// a user issued before before. It ends what runs on them (streams, voice sessions) at once,
+	// on every instance; the periodic recheck of long-lived sessions is only the fallback.
+	OnRevoked func(ctx context.Context, tokenID, userID string, before time.Time)
 }
 
 type revokeRequest struct {
@@ -79,6 +83,7 @@ func NewRevokeHandler(o RevokeOptions) http.Handler {
 		defer cancel()
 		now := o.Now()
 		var result map[string]any
+		var tokenID, userID string
 		switch {
 		case req.UserID != "":
 			if req.UserID != id.UserID && !can(PermRevoke) {
@@ -87,6 +92,7 @@ func NewRevokeHandler(o RevokeOptions) http.Handler {
 			}
 			err = o.Revocations.RevokeUser(ctx, req.UserID, now)
 			result = map[string]any{"revoked": "user", "user_id": req.UserID, "before": now.Unix()}
+			tokenID, userID = "", req.UserID
 		case req.JTI != "" && req.JTI != id.TokenID:
 			if !can(PermRevoke) {
 				proxy.Errorf(w, r, http.StatusForbidden, proxy.CodePermission, "revoking another token needs "+PermRevoke)
@@ -94,14 +100,19 @@ func NewRevokeHandler(o RevokeOptions) http.Handler {
 			}
 			err = o.Revocations.RevokeToken(ctx, req.JTI, now.Add(o.MaxLifetime+o.Leeway))
 			result = map[string]any{"revoked": "token", "jti": req.JTI}
+			tokenID = req.JTI
 		default:
 			err = o.Revocations.RevokeToken(ctx, id.TokenID, id.ExpiresAt.Add(o.Leeway))
 			result = map[string]any{"revoked": "token", "jti": id.TokenID}
+			tokenID = id.TokenID
 		}
 		if err != nil {
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusServiceUnavailable, Code: proxy.CodeAuthService,
 				Message: "the revocation could not be stored; try again", RetryAfter: 1, Cause: err})
 			return
+		}
+		if o.OnRevoked != nil {
+			o.OnRevoked(ctx, tokenID, userID, now)
 		}
 		w.Header().Set("Content-Type", "application/json; charset=utf-8")
 		_ = json.NewEncoder(w).Encode(result)

@@ -53,6 +53,14 @@ func Owner(r *http.Request) (userID, tenantID string) {
 	return "", ""
 }
 
+// Token names the token of the request's verified identity: its ID and when it was issued.
+func Token(r *http.Request) (tokenID string, issuedAt time.Time) {
+	if id := FromContext(r.Context()); id != nil {
+		return id.TokenID, id.IssuedAt
+	}
+	return "", time.Time{}
+}
+
 // Identity headers sent to upstreams, which trust only these.
 const (
 	HeaderUserID    = "X-User-Id"

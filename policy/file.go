@@ -265,6 +265,7 @@ func Default() *File {
 			{Route: "GET /api/v2/voice/stream", Permission: "voice:write", Class: "voice", Lease: "voice"},
 			{Route: "GET /api/v2/voice/sessions", Permission: "voice:admin"},
 			{Route: "GET /api/v2/voice/sessions/{session_id}", Permission: "voice:admin"},
+			{Route: "DELETE /api/v2/voice/sessions/{session_id}", Permission: "voice:admin"},
 			{Route: "POST /api/v2/voice/broadcast", Permission: "voice:admin"},
 			{Route: "POST /api/v2/auth/revoke", Permission: ""},
 			{Route: "/api/v2/admin/", Permission: "admin:write", Methods: map[string]string{"GET": "admin:read", "HEAD": "admin:read"}, Class: "admin"},

@@ -22,6 +22,7 @@ var gatewayRoutes = []string{
 	"GET /api/v2/voice/stream",
 	"GET /api/v2/voice/sessions",
 	"GET /api/v2/voice/sessions/{session_id}",
+	"DELETE /api/v2/voice/sessions/{session_id}",
 	"POST /api/v2/voice/broadcast",
 	"/api/v2/admin/",
 	"/api/v2/documents/",

@@ -15,57 +15,80 @@ import (
 )
 
 // Directory makes running streams known to every instance through Redis, so that a cancel sent
-// to any instance reaches the one serving the stream.
+// to any instance reaches the one serving the stream, and a revocation reaches every stream of
+// the token, wherever it runs.
 //
 // A stream's entry is claimed with its admission (policy.Claim), in the same round trip as its
 // rate limit and concurrency slot, only if no stream of its tenant holds that request ID; it is
-// renewed with the slot and deleted with it, so it outlives an instance that died by at most
-// the lease TTL. A chat route left without a policy (AUTH_PUBLIC_PATHS) has no admission, and
-// its streams can be cancelled only on their own instance.
+// renewed with the slot and deleted with it. It names the instance running the stream, and a
+// cancel goes to that instance's own channel: when nobody listens there (the instance died), the
+// entry is stale, is deleted, and the cancel answers that no such stream runs. A chat route left
+// without a policy (AUTH_PUBLIC_PATHS) has no admission, and its streams can be cancelled only on
+// their own instance.
 //
 // Keys (prefix is REDIS_PREFIX, as given): {prefix}stream:{tenant}:{request_id} holds the
-// stream's owner while it runs, with the tenant as the Redis Cluster hash tag (policy.Tag) like
-// the admission's other keys; cancels travel on the channel {prefix}cancel.
+// stream's owner and instance while it runs, with the tenant as the Redis Cluster hash tag
+// (policy.Tag) like the admission's other keys. Messages travel by sharded pub/sub: cancels on
+// {prefix}{control}:{instance}, revocations on {prefix}{control} (one hash tag: one SSUBSCRIBE
+// takes both, on a cluster too).
 type Directory struct {
-	client rueidis.Client
-	prefix string
-	log    *slog.Logger
+	client   rueidis.Client
+	prefix   string
+	instance string
+	log      *slog.Logger
 }
 
-// NewDirectory returns a directory on client.
-func NewDirectory(client rueidis.Client, prefix string, log *slog.Logger) *Directory {
+// NewDirectory returns a directory on client for the instance named instance.
+func NewDirectory(client rueidis.Client, prefix, instance string, log *slog.Logger) *Directory {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Directory{client: client, prefix: prefix, log: log}
+	return &Directory{client: client, prefix: prefix, instance: instance, log: log}
 }
 
 type entry struct {
 	UserID   string `json:"user_id"`
 	TenantID string `json:"tenant_id,omitempty"`
+	Instance string `json:"instance"`
 	// Nonce makes each stream's entry its own, so that a stream deletes only the entry it took.
 	Nonce string `json:"nonce"`
+}
+
+// control is a message between instances.
+type control struct {
+	Op        string `json:"op"` // "cancel" or "revoke"
+	TenantID  string `json:"tenant_id,omitempty"`
+	RequestID string `json:"request_id,omitempty"`
+	// For a cancel: who asks, checked again where the stream runs.
+	UserID string `json:"user_id,omitempty"`
+	Admin  bool   `json:"admin,omitempty"` // the caller holds chat:admin in the tenant
+	// For a revocation: the token, or the user whose tokens issued before Before (unix ms) go.
+	TokenID string `json:"token_id,omitempty"`
+	Before  int64  `json:"before,omitempty"`
 }
 
 func (d *Directory) key(tenantID, requestID string) string {
 	return d.prefix + "stream:" + policy.Tag(tenantID) + ":" + requestID
 }
-func (d *Directory) channel() string { return d.prefix + "cancel" }
+func (d *Directory) channel(instance string) string { return d.prefix + "{control}:" + instance }
+func (d *Directory) everyone() string               { return d.prefix + "{control}" }
 
 // claim is the directory entry of a stream, for its admission to take; nil without a directory.
 func (d *Directory) claim(requestID, userID, tenantID string) *policy.Claim {
 	if d == nil {
 		return nil
 	}
-	b, _ := json.Marshal(entry{UserID: userID, TenantID: tenantID, Nonce: rand.Text()})
+	b, _ := json.Marshal(entry{UserID: userID, TenantID: tenantID, Instance: d.instance, Nonce: rand.Text()})
 	return &policy.Claim{Key: d.key(tenantID, requestID), Value: string(b),
 		Conflict: "a stream with this request_id is already running"}
 }
 
-// Cancel cancels a stream of tenantID running on another instance: ErrStreamNotFound when none
-// runs it, ErrNotOwner when allowed refuses its owner.
-func (d *Directory) Cancel(ctx context.Context, tenantID, requestID string, allowed func(userID, tenantID string) bool) error {
-	b, err := d.client.Do(ctx, d.client.B().Get().Key(d.key(tenantID, requestID)).Build()).AsBytes()
+// Cancel cancels a stream of tenantID running on another instance for the caller userID (admin:
+// holding chat:admin in that tenant): ErrStreamNotFound when none runs it, ErrNotOwner when the
+// stream is someone else's and the caller no admin.
+func (d *Directory) Cancel(ctx context.Context, tenantID, requestID, userID string, admin bool) error {
+	key := d.key(tenantID, requestID)
+	raw, err := d.client.Do(ctx, d.client.B().Get().Key(key).Build()).ToString()
 	if rueidis.IsRedisNil(err) {
 		return ErrStreamNotFound
 	}
@@ -73,29 +96,65 @@ func (d *Directory) Cancel(ctx context.Context, tenantID, requestID string, allo
 		return fmt.Errorf("sse: look up stream: %w", err)
 	}
 	var e entry
-	if err := json.Unmarshal(b, &e); err != nil {
+	if err := json.Unmarshal([]byte(raw), &e); err != nil {
 		return fmt.Errorf("sse: stream entry: %w", err)
 	}
-	if allowed != nil && !allowed(e.UserID, e.TenantID) {
+	if e.UserID != userID && !admin {
 		return ErrNotOwner
 	}
-	if err := d.client.Do(ctx, d.client.B().Publish().Channel(d.channel()).Message(requestID).Build()).Error(); err != nil {
+	msg, _ := json.Marshal(control{Op: "cancel", TenantID: tenantID, RequestID: requestID, UserID: userID, Admin: admin})
+	n, err := d.client.Do(ctx, d.client.B().Spublish().Channel(d.channel(e.Instance)).Message(string(msg)).Build()).AsInt64()
+	if err != nil {
 		return fmt.Errorf("sse: publish cancel: %w", err)
+	}
+	if n == 0 {
+		// Nobody listens for that instance: it is gone, and so is its stream.
+		_ = d.client.Do(ctx, d.client.B().Eval().Script(`if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`).
+			Numkeys(1).Key(key).Arg(raw).Build()).Error()
+		return ErrStreamNotFound
 	}
 	return nil
 }
 
-// Run delivers cancels published by any instance to reg until ctx ends, resubscribing after
-// connection trouble.
+// Revoke tells every instance to end the streams of the token tokenID, or of userID's tokens
+// issued before before.
+func (d *Directory) Revoke(ctx context.Context, tokenID, userID string, before time.Time) error {
+	c := control{Op: "revoke", TokenID: tokenID, UserID: userID}
+	if !before.IsZero() {
+		c.Before = before.UnixMilli()
+	}
+	msg, _ := json.Marshal(c)
+	if err := d.client.Do(ctx, d.client.B().Spublish().Channel(d.everyone()).Message(string(msg)).Build()).Error(); err != nil {
+		return fmt.Errorf("sse: publish revocation: %w", err)
+	}
+	return nil
+}
+
+// Run delivers the cancels for this instance's streams and every instance's revocations to
+// reg until ctx ends, resubscribing after connection trouble.
 func (d *Directory) Run(ctx context.Context, reg *Registry) {
 	for ctx.Err() == nil {
-		err := d.client.Receive(ctx, d.client.B().Subscribe().Channel(d.channel()).Build(), func(m rueidis.PubSubMessage) {
-			_ = reg.Cancel(m.Message, nil) // permission was checked where the cancel came in
+		err := d.client.Receive(ctx, d.client.B().Ssubscribe().Channel(d.channel(d.instance), d.everyone()).Build(), func(m rueidis.PubSubMessage) {
+			var c control
+			if json.Unmarshal([]byte(m.Message), &c) != nil {
+				return
+			}
+			switch c.Op {
+			case "cancel":
+				// Checked again here: the stream's owner, or an admin of its tenant.
+				_ = reg.Cancel(c.TenantID, c.RequestID, func(s *Stream) bool { return s.UserID == c.UserID || c.Admin })
+			case "revoke":
+				var before time.Time
+				if c.Before > 0 {
+					before = time.UnixMilli(c.Before)
+				}
+				reg.Revoke(c.TokenID, c.UserID, before)
+			}
 		})
 		if ctx.Err() != nil {
 			return
 		}
-		d.log.Warn("stream cancel subscription lost; resubscribing", "err", proxy.Describe(err))
+		d.log.Warn("stream control subscription lost; resubscribing", "err", proxy.Describe(err))
 		select {
 		case <-ctx.Done():
 		case <-time.After(time.Second):

@@ -68,6 +68,9 @@ type HandlerOptions struct {
 	Outbound proxy.Outbound
 	// Owner, if set, names the user and tenant of a request for the registry.
 	Owner func(r *http.Request) (userID, tenantID string)
+	// Token, if set, names the token of a request (its ID and when it was issued), so that
+	// revoking it ends the stream.
+	Token func(r *http.Request) (tokenID string, issuedAt time.Time)
 	// OnEvents, if set, is told how many events of each name a stream has sent (for metrics;
 	// names as in Options.OnEvent): every 64 events and when the stream ends, since a metric
 	// updated per event would cost more than the event.
@@ -230,6 +233,9 @@ func NewHandler(o HandlerOptions) http.Handler {
 		stop := newEnding(func() { cancelUp(errEnded) })
 		started := o.Now()
 		st := newStream(q.RequestID, user, tenant, started, stop)
+		if o.Token != nil {
+			st.TokenID, st.IssuedAt = o.Token(r)
+		}
 		remove, err := o.Registry.Add(st)
 		if err != nil {
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict,
@@ -624,11 +630,14 @@ func jsonType(kind string) string {
 // CancelOptions configures the cancel handler.
 type CancelOptions struct {
 	Registry *Registry
+	// Tenant names the tenant whose streams the caller of r addresses: a caller reaches only
+	// its own tenant's streams (a super admin, the one it names). Nil: the tenantless streams.
+	Tenant func(r *http.Request) string
 	// Allowed, if set, decides whether the caller of r may cancel s (ownership).
 	Allowed func(r *http.Request, s *Stream) bool
 	// Remote, if set, is asked to cancel a stream this instance does not run; it reports
 	// ErrStreamNotFound when no instance runs it.
-	Remote func(ctx context.Context, r *http.Request, requestID string) error
+	Remote func(ctx context.Context, r *http.Request, tenantID, requestID string) error
 }
 
 // NewCancelHandler returns POST /api/v2/chat/cancel: {"request_id": "..."} ends that stream
@@ -656,9 +665,13 @@ func NewCancelHandler(o CancelOptions) http.Handler {
 		if o.Allowed != nil {
 			allowed = func(s *Stream) bool { return o.Allowed(r, s) }
 		}
-		err := o.Registry.Cancel(req.RequestID, allowed)
+		var tenant string
+		if o.Tenant != nil {
+			tenant = o.Tenant(r)
+		}
+		err := o.Registry.Cancel(tenant, req.RequestID, allowed)
 		if errors.Is(err, ErrStreamNotFound) && o.Remote != nil {
-			err = o.Remote(r.Context(), r, req.RequestID)
+			err = o.Remote(r.Context(), r, tenant, req.RequestID)
 		}
 		switch {
 		case errors.Is(err, ErrStreamNotFound):

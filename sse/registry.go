@@ -19,6 +19,9 @@ type Stream struct {
 	UserID    string // owner; empty when unauthenticated
 	TenantID  string
 	Started   time.Time
+	// The token it was opened with, so that a revocation ends it.
+	TokenID  string
+	IssuedAt time.Time
 
 	stop  *ending
 	drain func() // a drain's part (see pipe.drain); nil until the upstream answered
@@ -30,39 +33,46 @@ func newStream(requestID, user, tenant string, started time.Time, stop *ending) 
 }
 
 // Registry holds the streams running on this instance, so that a cancel request can find them.
+// Request IDs are the clients' to choose, so streams are known by tenant and request ID: two
+// tenants never see, or stop, each other's.
 type Registry struct {
 	mu      sync.Mutex
-	streams map[string]*Stream
+	streams map[streamKey]*Stream
 }
+
+type streamKey struct{ tenant, requestID string }
+
+func keyOf(s *Stream) streamKey { return streamKey{s.TenantID, s.RequestID} }
 
 // NewRegistry returns an empty registry.
 func NewRegistry() *Registry {
-	return &Registry{streams: make(map[string]*Stream)}
+	return &Registry{streams: make(map[streamKey]*Stream)}
 }
 
 // Add registers a stream; the returned function removes it and must be called when it ends.
 func (r *Registry) Add(s *Stream) (remove func(), err error) {
+	k := keyOf(s)
 	r.mu.Lock()
-	if _, dup := r.streams[s.RequestID]; dup {
+	if _, dup := r.streams[k]; dup {
 		r.mu.Unlock()
 		return nil, ErrStreamExists
 	}
-	r.streams[s.RequestID] = s
+	r.streams[k] = s
 	r.mu.Unlock()
 	return func() {
 		r.mu.Lock()
-		if r.streams[s.RequestID] == s {
-			delete(r.streams, s.RequestID)
+		if r.streams[k] == s {
+			delete(r.streams, k)
 		}
 		r.mu.Unlock()
 	}, nil
 }
 
-// Cancel cancels the stream with requestID. allowed, when non-nil, decides whether the caller
-// may cancel that stream (ownership); a refusal is ErrNotOwner.
-func (r *Registry) Cancel(requestID string, allowed func(*Stream) bool) error {
+// Cancel cancels the stream of tenantID with requestID. allowed, when non-nil, decides whether
+// the caller may cancel that stream (ownership); a refusal is ErrNotOwner.
+func (r *Registry) Cancel(tenantID, requestID string, allowed func(*Stream) bool) error {
 	r.mu.Lock()
-	s := r.streams[requestID]
+	s := r.streams[streamKey{tenantID, requestID}]
 	r.mu.Unlock()
 	if s == nil {
 		return ErrStreamNotFound
@@ -93,6 +103,21 @@ func (r *Registry) Drain() {
 			drain()
 		}
 	}
+}
+
+// Revoke ends, with an error event TOKEN_REVOKED, every stream opened with the token tokenID,
+// or with a token of userID issued before before; it returns how many. Empty fields match
+// nothing.
+func (r *Registry) Revoke(tokenID, userID string, before time.Time) int {
+	n := 0
+	for _, s := range r.all() {
+		if tokenID != "" && s.TokenID == tokenID ||
+			userID != "" && s.UserID == userID && (s.IssuedAt.IsZero() || s.IssuedAt.Before(before)) {
+			s.stop.end(endRevoked)
+			n++
+		}
+	}
+	return n
 }
 
 // EndAll ends every running stream for a shutdown: server_shutdown for a client still

@@ -15,6 +15,7 @@ const (
 	endCancelled = stopCancelled // POST /api/v2/chat/cancel: stream_cancelled
 	endShutdown  = stopShutdown  // the gateway drains: server_shutdown, then stream_end
 	endClient    = "client"      // the client left, or stopped reading: nothing more is sent
+	endRevoked   = "revoked"     // the token was revoked: an error event TOKEN_REVOKED, stream_end
 )
 
 // ending owns "this stream ends now, for this reason": whoever ends it (a cancel, a drain, the
@@ -230,6 +231,8 @@ func (p *pipe) produce(body io.ReadCloser, buf []byte, stop *ending) {
 			// Nobody reads any more; what the answer would have said is dropped.
 		case why == endClient:
 			p.rw.Fail(CodeUpstreamIncomplete, "nobody resumed the stream within the resume window; the rest of the answer was abandoned", "abandoned")
+		case why == endRevoked:
+			p.rw.Fail(CodeTokenRevoked, "the token this stream was opened with has been revoked", "revoked")
 		case why == endShutdown && p.log != nil:
 			p.rw.Fail(CodeUpstreamIncomplete, "the gateway instance shut down before the answer was complete", stopShutdown)
 		case why != "":

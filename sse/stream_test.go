@@ -284,7 +284,7 @@ func TestEndWhileTheClientStopsReading(t *testing.T) {
 		name string
 		end  func(e *streamEnv) error
 	}{
-		{"cancel", func(e *streamEnv) error { return e.reg.Cancel("r-1", nil) }},
+		{"cancel", func(e *streamEnv) error { return e.reg.Cancel("", "r-1", nil) }},
 		{"drain", func(e *streamEnv) error { e.reg.EndAll(); return nil }},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -437,7 +437,7 @@ func TestCancelBeforeTheUpstreamAnswers(t *testing.T) {
 		errs := make(chan error, 1)
 		go func() {
 			time.Sleep(time.Second)
-			errs <- e.reg.Cancel("r-early", nil)
+			errs <- e.reg.Cancel("", "r-early", nil)
 		}()
 		req, _ := http.NewRequest(http.MethodPost, gw.String(), strings.NewReader(`{"message":"hi","request_id":"r-early"}`))
 		res, err := e.client.Do(req)

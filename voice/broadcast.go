@@ -26,8 +26,53 @@ type Broadcast struct {
 	TenantID   string          `json:"tenant_id,omitempty"`
 	AllTenants bool            `json:"all_tenants,omitempty"`
 	UserID     string          `json:"user_id,omitempty"`
-	// Reply is the list each instance pushes its count to (set by Registry.Broadcast).
+	// Instead of a notice: close the session Close (1008, for an admin), or the sessions of a
+	// revoked token (4401).
+	Close  string      `json:"close,omitempty"`
+	Revoke *Revocation `json:"revoke,omitempty"`
+	// Reply is the list each instance pushes its count to (set by Registry.Broadcast); none
+	// when empty.
 	Reply string `json:"reply,omitempty"`
+}
+
+// Revocation names revoked tokens: one by its ID, or a user's issued before Before (unix ms).
+type Revocation struct {
+	TokenID string `json:"token_id,omitempty"`
+	UserID  string `json:"user_id,omitempty"`
+	Before  int64  `json:"before,omitempty"`
+}
+
+// matches reports whether the session's token is revoked by v.
+func (v *Revocation) matches(i *Info) bool {
+	return v.TokenID != "" && i.TokenID == v.TokenID ||
+		v.UserID != "" && i.UserID == v.UserID && (i.IssuedAt.IsZero() || i.IssuedAt.UnixMilli() < v.Before)
+}
+
+// CodeClosedByAdmin is the error a session closed by an admin gets, before close 1008.
+const CodeClosedByAdmin = "SESSION_CLOSED"
+
+// Revoke closes, 4401 after an error TOKEN_REVOKED, every live session of a revoked token on
+// every instance (Redis sharded pub/sub; this instance's without Redis). It does not wait for
+// the other instances.
+func (r *Registry) Revoke(ctx context.Context, v Revocation) error {
+	if r.redis == nil {
+		r.deliver(Broadcast{Revoke: &v})
+		return nil
+	}
+	msg, _ := json.Marshal(Broadcast{Revoke: &v})
+	ctx, cancel := context.WithTimeout(ctx, broadcastWait)
+	defer cancel()
+	if err := r.redis.Do(ctx, r.redis.B().Spublish().Channel(r.channel()).Message(string(msg)).Build()).Error(); err != nil {
+		return fmt.Errorf("voice: revoke: %w", err)
+	}
+	return nil
+}
+
+// CloseSession closes the live session id wherever it runs: the client gets an error
+// SESSION_CLOSED and close 1008. It reports whether a session was closed.
+func (r *Registry) CloseSession(ctx context.Context, id string) (bool, error) {
+	n, err := r.Broadcast(ctx, Broadcast{Close: id, AllTenants: true})
+	return n > 0, err
 }
 
 type notice struct {
@@ -100,7 +145,11 @@ func (r *Registry) RunBroadcasts(ctx context.Context) {
 	for ctx.Err() == nil {
 		err := r.redis.Receive(ctx, r.redis.B().Ssubscribe().Channel(r.channel()).Build(), func(m rueidis.PubSubMessage) {
 			var b Broadcast
-			if json.Unmarshal([]byte(m.Message), &b) != nil || b.Reply == "" {
+			if json.Unmarshal([]byte(m.Message), &b) != nil {
+				return
+			}
+			if b.Reply == "" { // nothing to count: a revocation
+				r.deliver(b)
 				return
 			}
 			// Not on the subscription's own goroutine: a delivery waits for sockets.
@@ -135,7 +184,25 @@ func (r *Registry) deliver(b Broadcast) int {
 	var n atomic.Int64
 	var wg sync.WaitGroup
 	for _, s := range r.local() {
-		if s.ended.Load() || !b.AllTenants && s.info.TenantID != b.TenantID || b.UserID != "" && s.info.UserID != b.UserID {
+		if s.ended.Load() {
+			continue
+		}
+		switch {
+		case b.Revoke != nil:
+			if b.Revoke.matches(&s.info) {
+				s.end(ending{code: CloseTokenInvalid, errCode: CodeTokenRevoked, reason: "the token was revoked"})
+				n.Add(1)
+			}
+			continue
+		case b.Close != "":
+			if s.info.SessionID == b.Close {
+				s.end(ending{code: websocket.StatusPolicyViolation, errCode: CodeClosedByAdmin,
+					reason: "an administrator closed this session", upCode: websocket.StatusNormalClosure})
+				n.Add(1)
+			}
+			continue
+		}
+		if !b.AllTenants && s.info.TenantID != b.TenantID || b.UserID != "" && s.info.UserID != b.UserID {
 			continue
 		}
 		msg, _ := json.Marshal(notice{Type: TypeNotice, Message: b.Message, SessionID: s.info.SessionID,

@@ -55,6 +55,9 @@ type Options struct {
 	Registry *Registry
 	// Owner names the request's user and tenant.
 	Owner func(r *http.Request) (userID, tenantID string)
+	// Token, if set, names the token of a request (its ID and when it was issued), so that
+	// revoking it closes the session at once (Registry.Revoke).
+	Token func(r *http.Request) (tokenID string, issuedAt time.Time)
 	// Admit, if set, charges a session to the caller's rates and takes its concurrency slot,
 	// once the request is validated and before anything is dialled (policy.Admit). It answers a
 	// refused request itself and returns false. The session holds what it took until it ends,
@@ -230,6 +233,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 	info := Info{SessionID: rand.Text(), ConversationID: conversation, Language: cfg.Language,
 		Instance: h.o.Registry.instance, StartedAt: time.Now().UTC(), UserID: user, TenantID: tenant}
+	if h.o.Token != nil {
+		info.TokenID, info.IssuedAt = h.o.Token(r)
+	}
 
 	// The algorithm service first: if it is down the client gets a proper HTTP error, not a
 	// socket that opens and dies.

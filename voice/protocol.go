@@ -24,6 +24,7 @@ const (
 	CodeAlgoService    = "ALGO_SERVICE_ERROR"
 	CodeSlowConsumer   = "SLOW_CONSUMER"
 	CodeTokenInvalid   = "TOKEN_INVALID"
+	CodeTokenRevoked   = "TOKEN_REVOKED"
 	CodeShutdown       = "SERVER_SHUTDOWN"
 	CodeIdle           = "IDLE_TIMEOUT"
 )

@@ -26,6 +26,9 @@ type Info struct {
 	Language       string    `json:"language,omitempty"`
 	Instance       string    `json:"instance"`
 	StartedAt      time.Time `json:"started_at"`
+	// The session's token, so that revoking it closes the session; never published.
+	TokenID  string    `json:"-"`
+	IssuedAt time.Time `json:"-"`
 }
 
 // Registry tracks this instance's live sessions (so shutdown can close them: the HTTP server

@@ -10,8 +10,9 @@ import (
 )
 
 // NewSessionsHandler returns GET /api/v2/voice/sessions: the live sessions of every instance
-// (of this one without Redis), oldest first.
-func NewSessionsHandler(reg *Registry) http.Handler {
+// (of this one without Redis), oldest first: the caller's tenant's, or every tenant's for a
+// super admin.
+func NewSessionsHandler(reg *Registry, caller Caller) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
@@ -21,9 +22,14 @@ func NewSessionsHandler(reg *Registry) http.Handler {
 				Message: "the session registry is unavailable", Cause: err})
 			return
 		}
-		if list == nil {
-			list = []Info{}
+		tenant, super := caller(r)
+		mine := []Info{}
+		for _, i := range list {
+			if super || i.TenantID == tenant {
+				mine = append(mine, i)
+			}
 		}
+		list = mine
 		proxy.WriteJSON(w, http.StatusOK, map[string]any{"sessions": list, "count": len(list)})
 	})
 }
@@ -51,6 +57,34 @@ func NewSessionHandler(reg *Registry, caller Caller) http.Handler {
 			return
 		}
 		proxy.WriteJSON(w, http.StatusOK, l)
+	})
+}
+
+// NewCloseHandler returns DELETE /api/v2/voice/sessions/{session_id}: that session is closed
+// wherever it runs, its client told why (an error SESSION_CLOSED, then close 1008). A session of
+// another tenant is not found, unless the caller is a super admin.
+func NewCloseHandler(reg *Registry, caller Caller) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		id := r.PathValue("session_id")
+		l, ok, err := reg.Get(ctx, id)
+		tenant, super := caller(r)
+		if err == nil && ok && (super || l.TenantID == tenant) {
+			ok, err = reg.CloseSession(ctx, id)
+		} else if err == nil {
+			ok = false
+		}
+		if err != nil {
+			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusServiceUnavailable, Code: proxy.CodeUnavailable,
+				Message: "the session registry is unavailable", Cause: err})
+			return
+		}
+		if !ok {
+			proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeNotFound, "no such live voice session")
+			return
+		}
+		proxy.WriteJSON(w, http.StatusOK, map[string]string{"session_id": id, "status": "closed"})
 	})
 }
 
