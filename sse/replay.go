@@ -110,6 +110,9 @@ func replayFrom(entries []replayEntry, id int64, emit func([]byte) error) (int64
 	for i := range entries {
 		e := &entries[i]
 		if e.last <= id {
+			if e.end { // the client has seen the end already
+				return id, true, nil
+			}
 			continue
 		}
 		if e.first > id+1 {
@@ -250,8 +253,9 @@ func (m *MemoryReplay) Replay(ctx context.Context, k ReplayKey, after int64, emi
 	id := after
 	for {
 		m.mu.Lock()
-		// The entries still to emit, copied: emit is I/O, not done under the lock.
-		i := sort.Search(len(s.entries), func(i int) bool { return s.entries[i].last > id })
+		// The entries still to emit, copied: emit is I/O, not done under the lock. (The one
+		// before them, if it ends the stream, says that nothing is left.)
+		i := max(sort.Search(len(s.entries), func(i int) bool { return s.entries[i].last > id })-1, 0)
 		entries := append([]replayEntry(nil), s.entries[i:]...)
 		producing, changed := s.producing, s.changed
 		m.mu.Unlock()

@@ -247,6 +247,18 @@ func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit
 			if err := emit(nil); err != nil {
 				return err
 			}
+			if len(entries) == 0 && id >= 0 {
+				// Nothing after id: if the last entry ends the stream, the client has seen it all.
+				cctx, cancel := context.WithTimeout(ctx, replayCallBound)
+				last, err := r.client.Do(cctx, b.Xrevrange().Key(key).End("+").Start("-").Count(1).Build()).AsXRange()
+				cancel()
+				if err != nil {
+					return fmt.Errorf("sse: replay: %w", err)
+				}
+				if len(last) == 1 && last[0].FieldValues["e"] == "1" {
+					return nil
+				}
+			}
 		}
 		var ended bool
 		if id, from, ended, err = r.emitEntries(entries, id, from, emit); err != nil || ended {
