@@ -103,7 +103,8 @@ func (g *gateway) buildAuth(ctx context.Context) error {
 	keep := cfg.JWTMaxLifetime + cfg.JWTLeeway
 	var revocations auth.Revocations = auth.NewMemoryRevocations(keep)
 	if g.redis != nil {
-		revocations = auth.NewRedisRevocations(g.redis, auth.RedisRevocationsOptions{Prefix: cfg.RedisPrefix, MaxLifetime: keep})
+		revocations = auth.NewRedisRevocations(g.redis, auth.RedisRevocationsOptions{Prefix: cfg.RedisPrefix, MaxLifetime: keep,
+			Replicas: revocationReplicas(g.redis)})
 	}
 	var jwks *auth.JWKS
 	if cfg.JWKSURL != nil {
@@ -349,8 +350,8 @@ func subject(r *http.Request) (policy.Subject, bool) {
 	return policy.Subject{UserID: id.UserID, TenantID: id.TenantID, Roles: id.Roles, Grants: id.Permissions}, true
 }
 
-// readiness is what /readyz and voicegate_ready report: "ready", "draining" or
-// "redis unreachable".
+// readiness is what /readyz and voicegate_ready report: "ready", "draining", or what
+// redisReadiness says is wrong with Redis.
 func (g *gateway) readiness(ctx context.Context) string {
 	if g.draining.Load() {
 		return "draining"
@@ -358,9 +359,7 @@ func (g *gateway) readiness(ctx context.Context) string {
 	if g.redis != nil {
 		ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
 		defer cancel()
-		if err := g.redis.Do(ctx, g.redis.B().Ping().Build()).Error(); err != nil {
-			return "redis unreachable"
-		}
+		return redisReadiness(ctx, g.redis)
 	}
 	return "ready"
 }
@@ -379,6 +378,7 @@ func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
 		ReadBufferEachConn:  64 << 10,
 		WriteBufferEachConn: 64 << 10,
 		Dialer:              net.Dialer{Timeout: time.Second, KeepAlive: time.Second},
+		ClusterOption:       clusterOption(),
 	}
 	opt.ConnWriteTimeout = 2 * time.Second // notice a dead Redis connection within seconds
 	deadline := time.Now().Add(cfg.RedisConnectWithin)

@@ -14,5 +14,14 @@ func TestMain(m *testing.M) {
 	if role := os.Getenv(childEnv); role != "" {
 		runChild(role)
 	}
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(stopsCluster{m})
+}
+
+// stopsCluster runs the tests, then stops the Redis Cluster they shared (cluster_test.go)
+// before goleak looks for goroutines left behind.
+type stopsCluster struct{ m *testing.M }
+
+func (s stopsCluster) Run() int {
+	defer stopSharedCluster()
+	return s.m.Run()
 }
