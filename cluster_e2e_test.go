@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"sync"
@@ -14,6 +15,10 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/redis/rueidis"
+
+	"voicegate/auth"
+	"voicegate/policy"
 )
 
 // clusterTenants are tenants whose keys must each stay in one slot: none, braces that would
@@ -219,4 +224,107 @@ func TestClusterSharedFeatures(t *testing.T) {
 			t.Errorf("the user service was asked %d times for one user by two instances, want once (B reads Redis)", n)
 		}
 	})
+}
+
+// clusterClient is a rueidis client on the cluster, closed at cleanup.
+func clusterClient(t *testing.T, c *testCluster) rueidis.Client {
+	t.Helper()
+	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: strings.Split(c.URL(), ","), DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(client.Close)
+	return client
+}
+
+// oneSlot runs f, a call of a store that runs scripts, and fails the test if its keys span
+// slots: the cluster client refuses to build such a command (it panics), and Redis answers
+// CROSSSLOT to any it did not check.
+func oneSlot(t *testing.T, what string, f func() error) {
+	t.Helper()
+	err := func() (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("panic: %v", r)
+			}
+		}()
+		return f()
+	}()
+	if err != nil {
+		t.Errorf("%s: %v", what, err)
+	}
+}
+
+// awkwardStrings are the fixed tenants plus random ones built from braces, the tag's escape
+// character, separators and Unicode.
+func awkwardStrings(n int) []string {
+	out := append([]string{"%", "%7B", "{%}", "}{", "{{}}", "a}b{c"}, clusterTenants...)
+	alphabet := []rune{'{', '}', '%', ':', 'a', 'ü', '日', ' ', '7', 'B'}
+	r := rand.New(rand.NewPCG(13, 13))
+	for range n {
+		s := make([]rune, r.IntN(7))
+		for i := range s {
+			s[i] = alphabet[r.IntN(len(alphabet))]
+		}
+		out = append(out, string(s))
+	}
+	return out
+}
+
+// TestClusterScriptsOneSlot: every multi-key command the gateway sends — the rate-limit and
+// quota script, the lease scripts and their renewal, the revocation writes and lookups —
+// keeps its keys in one slot for any tenant and user, run against the cluster itself. A
+// script whose keys span slots is caught here, as the control case shows.
+func TestClusterScriptsOneSlot(t *testing.T) {
+	c := startCluster(t)
+	client := clusterClient(t, c)
+	ctx := t.Context()
+
+	t.Run("control: keys in two slots are caught", func(t *testing.T) {
+		script := rueidis.NewLuaScript("return 1")
+		err := func() (err error) {
+			defer func() {
+				if r := recover(); r != nil {
+					err = fmt.Errorf("panic: %v", r)
+				}
+			}()
+			return script.Exec(ctx, client, []string{"x:{a}", "x:{b}"}, nil).Error()
+		}()
+		if err == nil {
+			t.Fatal("a script with keys in two slots ran; the check below would catch nothing")
+		}
+	})
+
+	lim := policy.NewRedisLimiter(client, policy.RedisLimiterOptions{Prefix: "voicegate:"})
+	leases := policy.NewRedisLeases(client, policy.RedisLeasesOptions{Prefix: "voicegate:", TTL: 30 * time.Second})
+	revs := auth.NewRedisRevocations(client, auth.RedisRevocationsOptions{Prefix: "voicegate:", Replicas: 1})
+	users := awkwardStrings(8)
+	for i, tenant := range awkwardStrings(60) {
+		user := users[i%len(users)]
+		oneSlot(t, fmt.Sprintf("rate limit and quota, tenant %q, user %q", tenant, user), func() error {
+			_, err := lim.Allow(ctx, &policy.Charge{Tenant: tenant, User: user, Quota: 100, Buckets: []policy.Bucket{
+				{Key: "u:" + user, Interval: time.Second, Burst: 10, Limit: 10},
+				{Key: "t:" + tenant, Interval: time.Millisecond, Burst: 100, Limit: 1000},
+				{Key: "c:chat:u:" + user, Interval: time.Second, Burst: 10, Limit: 10}}})
+			return err
+		})
+		oneSlot(t, fmt.Sprintf("lease, tenant %q, user %q", tenant, user), func() error {
+			release, err := leases.Acquire(ctx, policy.LeaseRequest{Kind: "chat", Tenant: tenant, User: user, PerUser: 100, PerTenant: 100})
+			if err != nil {
+				return err
+			}
+			release()
+			return leases.Renew(ctx)
+		})
+		oneSlot(t, fmt.Sprintf("revocation, user %q", user), func() error {
+			if err := revs.RevokeUser(ctx, user+tenant, time.Now()); err != nil {
+				return err
+			}
+			if err := revs.RevokeToken(ctx, "jti-"+tenant, time.Now().Add(time.Minute)); err != nil {
+				return err
+			}
+			_, err := revs.Revoked(ctx, &auth.Identity{UserID: user + tenant, TenantID: tenant, TokenID: "jti-" + tenant, IssuedAt: time.Now()})
+			return err
+		})
+	}
 }

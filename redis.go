@@ -42,22 +42,51 @@ var errRedisPaused = errors.New("redis: not answering; calls paused for a moment
 // that lives as long as its context) and the rest pass straight through.
 type guardedRedis struct {
 	rueidis.Client
-	br  *breaker
 	log *slog.Logger
+
+	// One breaker for a single Redis. On a cluster, one per hash slot, made on first use: a
+	// failed master pauses the calls of its own slots, not those of the healthy shards.
+	br       *breaker
+	mu       sync.Mutex // guards slots
+	slots    map[uint16]*breaker
+	openNow  atomic.Int64 // slot breakers open, for the log: its first opening and last closing
+	newBreak func() *breaker
 }
 
 // guardRedis wraps c.
 func guardRedis(c rueidis.Client, log *slog.Logger) *guardedRedis {
-	return &guardedRedis{Client: c, br: newBreaker(breakerFailures, breakerOpen, time.Now), log: log}
+	g := &guardedRedis{Client: c, log: log,
+		newBreak: func() *breaker { return newBreaker(breakerFailures, breakerOpen, time.Now) }}
+	if c.Mode() == rueidis.ClientModeCluster {
+		g.slots = map[uint16]*breaker{}
+	} else {
+		g.br = g.newBreak()
+	}
+	return g
+}
+
+// breakerOf is the breaker of calls to slot.
+func (g *guardedRedis) breakerOf(slot uint16) *breaker {
+	if g.slots == nil {
+		return g.br
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	b := g.slots[slot]
+	if b == nil {
+		b = g.newBreak()
+		g.slots[slot] = b
+	}
+	return b
 }
 
 func (g *guardedRedis) Do(ctx context.Context, cmd rueidis.Completed) rueidis.RedisResult {
-	return guarded(g, ctx, !cmd.IsBlock(), func() rueidis.RedisResult { return g.Client.Do(ctx, cmd) },
+	return guarded(g, g.gate(!cmd.IsBlock(), cmd.Slot()), ctx, func() rueidis.RedisResult { return g.Client.Do(ctx, cmd) },
 		rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
 }
 
 func (g *guardedRedis) DoCache(ctx context.Context, cmd rueidis.Cacheable, ttl time.Duration) rueidis.RedisResult {
-	return guarded(g, ctx, true, func() rueidis.RedisResult { return g.Client.DoCache(ctx, cmd, ttl) },
+	return guarded(g, g.gate(true, cmd.Slot()), ctx, func() rueidis.RedisResult { return g.Client.DoCache(ctx, cmd, ttl) },
 		rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
 }
 
@@ -66,13 +95,30 @@ func (g *guardedRedis) DoMulti(ctx context.Context, multi ...rueidis.Completed) 
 	for _, c := range multi {
 		gated = gated && !c.IsBlock()
 	}
-	return guarded(g, ctx, gated, func() []rueidis.RedisResult { return g.Client.DoMulti(ctx, multi...) },
+	var slot uint16
+	if len(multi) > 0 {
+		slot = multi[0].Slot()
+	}
+	return guarded(g, g.gate(gated, slot), ctx, func() []rueidis.RedisResult { return g.Client.DoMulti(ctx, multi...) },
 		func(err error) []rueidis.RedisResult { return errorResults(len(multi), err) }, firstError)
 }
 
 func (g *guardedRedis) DoMultiCache(ctx context.Context, multi ...rueidis.CacheableTTL) []rueidis.RedisResult {
-	return guarded(g, ctx, true, func() []rueidis.RedisResult { return g.Client.DoMultiCache(ctx, multi...) },
+	var slot uint16
+	if len(multi) > 0 {
+		slot = multi[0].Cmd.Slot()
+	}
+	return guarded(g, g.gate(true, slot), ctx, func() []rueidis.RedisResult { return g.Client.DoMultiCache(ctx, multi...) },
 		func(err error) []rueidis.RedisResult { return errorResults(len(multi), err) }, firstError)
+}
+
+// gate is the breaker a call goes through, nil when it is not gated. A multi-command call
+// goes through the breaker of its first command's slot.
+func (g *guardedRedis) gate(gated bool, slot uint16) *breaker {
+	if !gated {
+		return nil
+	}
+	return g.breakerOf(slot)
 }
 
 func errorResults(n int, err error) []rueidis.RedisResult {
@@ -101,13 +147,13 @@ func firstError(results []rueidis.RedisResult) error {
 
 // guarded runs do, a call into rueidis, and returns its result, or failure(ctx.Err()) as soon as
 // ctx ends, leaving do to finish on its goroutine (it does, by rueidis's own timeouts; Close
-// waits for it). With gate, the call goes through the breaker: refused at once while it is
+// waits for it). With a breaker br, the call goes through it: refused at once while it is
 // open, and its outcome recorded. Blocking commands are not gated: they wait by design.
-func guarded[T any](g *guardedRedis, ctx context.Context, gate bool, do func() T, failure func(error) T, errOf func(T) error) T {
+func guarded[T any](g *guardedRedis, br *breaker, ctx context.Context, do func() T, failure func(error) T, errOf func(T) error) T {
 	probe := false
-	if gate {
+	if br != nil {
 		var err error
-		if probe, err = g.br.enter(); err != nil {
+		if probe, err = br.enter(); err != nil {
 			return failure(err)
 		}
 	}
@@ -117,11 +163,11 @@ func guarded[T any](g *guardedRedis, ctx context.Context, gate bool, do func() T
 		res := do()
 		err := errOf(res)
 		if claimed.CompareAndSwap(false, true) {
-			if gate {
-				g.record(probe, outcomeOf(err))
+			if br != nil {
+				g.record(br, probe, outcomeOf(err))
 			}
-		} else if gate && outcomeOf(err) == answered {
-			g.record(false, answered) // late, but Redis answers: no need to wait for a probe
+		} else if br != nil && outcomeOf(err) == answered {
+			g.record(br, false, answered) // late, but Redis answers: no need to wait for a probe
 		}
 		done <- res
 	}()
@@ -132,24 +178,30 @@ func guarded[T any](g *guardedRedis, ctx context.Context, gate bool, do func() T
 		if !claimed.CompareAndSwap(false, true) {
 			return <-done // finished at the same moment: its answer is here
 		}
-		if gate {
+		if br != nil {
 			o := outcomeOf(context.Cause(ctx))
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 				o = unanswered
 			}
-			g.record(probe, o)
+			g.record(br, probe, o)
 		}
 		return failure(ctx.Err())
 	}
 }
 
-// record feeds an outcome to the breaker and logs its changes of state, outside its lock.
-func (g *guardedRedis) record(probe bool, o outcome) {
-	switch g.br.record(probe, o) {
+// record feeds an outcome to a breaker and logs changes of state, outside its lock: on a
+// cluster only the first slot's pause and the last one's end, so a failed master with
+// thousands of slots is two lines.
+func (g *guardedRedis) record(br *breaker, probe bool, o outcome) {
+	switch br.record(probe, o) {
 	case opened:
-		g.log.Warn("Redis is not answering; calls paused", "pause", breakerOpen, "after_failures", breakerFailures)
+		if g.slots == nil || g.openNow.Add(1) == 1 {
+			g.log.Warn("Redis is not answering; calls paused", "pause", breakerOpen, "after_failures", breakerFailures)
+		}
 	case closed:
-		g.log.Info("Redis answers again; calls resumed")
+		if g.slots == nil || g.openNow.Add(-1) == 0 {
+			g.log.Info("Redis answers again; calls resumed")
+		}
 	}
 }
 

@@ -114,5 +114,5 @@ func parseClusterInfo(text string) clusterInfo {
 // on its own goroutine, by rueidis's own timeouts): guarded without a breaker, for calls to
 // one node.
 func bounded(ctx context.Context, do func() rueidis.RedisResult) rueidis.RedisResult {
-	return guarded(nil, ctx, false, do, rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
+	return guarded(nil, nil, ctx, do, rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
 }

@@ -1,0 +1,293 @@
+package main
+
+// Failovers of the test cluster under traffic: a master killed (SIGKILL) or frozen (SIGSTOP),
+// its replica promoted, the old master back as a replica; revocations acknowledged before a
+// kill survive it, and a revocation that no replica confirms is not acknowledged.
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+// slotsOf are the slot ranges of node i, as the cluster sees it now.
+func (c *testCluster) slotsOf(t *testing.T, i int) [][2]int {
+	t.Helper()
+	nodes, err := c.view()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cn := range nodes {
+		if cn.port == c.nodes[i].port {
+			return cn.slots
+		}
+	}
+	return nil
+}
+
+func inSlots(slot int, ranges [][2]int) bool {
+	for _, r := range ranges {
+		if slot >= r[0] && slot <= r[1] {
+			return true
+		}
+	}
+	return false
+}
+
+// jtiOn returns a jti whose revocation key lives in ranges (and another user's whose doesn't, when on is false).
+func jtiOn(ranges [][2]int, on bool, seed string) string {
+	for i := 0; ; i++ {
+		jti := fmt.Sprintf("%s-%d", seed, i)
+		if inSlots(keySlot("voicegate:revoked:jti:"+jti), ranges) == on {
+			return jti
+		}
+	}
+}
+
+// userOn returns a user ID whose user-revocation key lives in ranges or not.
+func userOn(ranges [][2]int, on bool, seed string) string {
+	for i := 0; ; i++ {
+		u := fmt.Sprintf("%s-%d", seed, i)
+		if inSlots(keySlot("voicegate:revoked:user:"+u), ranges) == on {
+			return u
+		}
+	}
+}
+
+// metricSum is the sum of a counter's series on g's /metrics.
+func metricSum(t *testing.T, g *testGateway, name string) float64 {
+	t.Helper()
+	fam := scrape(t, g.URL+"/metrics")[name]
+	sum := 0.0
+	for _, m := range fam.GetMetric() {
+		sum += m.GetCounter().GetValue()
+	}
+	return sum
+}
+
+// TestClusterFailover: the master of the shard that holds tenant-a's limits and a share of the
+// revocation keys is killed (SIGKILL) or frozen (SIGSTOP) while gateway A serves steady
+// traffic and gateway B sits idle. Meanwhile every answer is 200 or 503 AUTH_SERVICE_ERROR
+// (revocation checks fail closed, limits fail open and count a Redis error), within
+// AUTH_BUDGET + LIMIT_BUDGET as the gateway measures itself; a chat stream and a voice session
+// opened before keep running. Once the replica is promoted, A serves every token again within
+// cluster-node-timeout plus a few seconds, and B's first request then succeeds. Tokens whose
+// keys live on the healthy shards are served throughout. The old master
+// comes back as a replica, and both gateways serve on.
+func TestClusterFailover(t *testing.T) {
+	const (
+		authBudget  = 75 * time.Millisecond
+		limitBudget = 100 * time.Millisecond
+		recoverBy   = clusterNodeTimeout + 4*time.Second
+	)
+	for _, how := range []string{"SIGKILL", "SIGSTOP"} {
+		t.Run(how, func(t *testing.T) {
+			c := startCluster(t)
+			t.Cleanup(func() { c.heal(t) })
+			backend := okBackend(t)
+			algo := clusterAlgo(t)
+			a, b := clusterPair(t, c, algo, backend, map[string]string{
+				"AUTH_BUDGET": authBudget.String(), "LIMIT_BUDGET": limitBudget.String()})
+			w := watchTokens(t, a, b)
+			const doc = "/api/v2/documents/x"
+
+			master, replica := c.masterOf(t, keySlot("{tenant-a}"))
+			dead := c.slotsOf(t, master)
+			// Tokens whose revocation keys are on the shard that fails, and others'.
+			var onDead, elsewhere []string
+			for i := range 8 {
+				onDead = append(onDead, w.token(t, userOn(dead, true, fmt.Sprintf("u-fo-d%d", i)), []string{"user"},
+					map[string]any{"jti": jtiOn(dead, true, fmt.Sprintf("fo-d%d", i))}))
+				elsewhere = append(elsewhere, w.token(t, userOn(dead, false, fmt.Sprintf("u-fo-e%d", i)), []string{"user"},
+					map[string]any{"jti": jtiOn(dead, false, fmt.Sprintf("fo-e%d", i))}))
+			}
+			for _, tok := range append(onDead, elsewhere...) {
+				wantStatus(t, call(t, a, "GET", doc, tok, ""), http.StatusOK)
+			}
+			// And fresh ones, each used once: a cached answer (kept while a frozen node's
+			// connection looks alive) would hide what the check does without Redis.
+			fresh := make([]string, 1200)
+			for i := range fresh {
+				fresh[i] = tokenFor(t, userOn(dead, true, fmt.Sprintf("u-fo-f%d", i)), []string{"user"},
+					map[string]any{"jti": jtiOn(dead, true, fmt.Sprintf("fo-f%d-%s", i, how))})
+			}
+			var nextFresh atomic.Int64
+			// Running before the failure: a chat stream and a voice session on A.
+			streamUser := w.token(t, "u-fo-stream", []string{"user"}, nil)
+			s := chatWithID(t, a, streamUser, "fo-stream-"+how, "hold")
+			v := openVoice(t, a, "?conversation_id=c-fo", bearer(w.token(t, "u-fo-voice", []string{"user"}, nil)))
+			voiceEnded := v.readToClose(t.Context())
+			errorsBefore := metricSum(t, a, "redis_errors_total")
+
+			// Steady traffic on A: two workers, every token in turn, until stopped.
+			type answer struct {
+				status int
+				code   string
+				err    error
+				at     time.Time
+				dead   bool
+			}
+			var (
+				mu      sync.Mutex
+				answers []answer
+				stop    = make(chan struct{})
+				wg      sync.WaitGroup
+			)
+			for k := range 2 {
+				wg.Go(func() {
+					for i := 0; ; i++ {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						onD := (i+k)%2 == 0
+						tok := elsewhere[i%len(elsewhere)]
+						if onD {
+							tok = onDead[i%len(onDead)]
+							if n := nextFresh.Add(1); n <= int64(len(fresh)) {
+								tok = fresh[n-1]
+							}
+						}
+						res, err := try(t.Context(), a, "GET", doc, tok, "",
+							map[string]string{"X-Request-ID": fmt.Sprintf("fo-%d-%d", k, i)})
+						an := answer{err: err, at: time.Now(), dead: onD}
+						if err == nil {
+							an.status, an.code = res.StatusCode, errorCode(res)
+						}
+						mu.Lock()
+						answers = append(answers, an)
+						mu.Unlock()
+						time.Sleep(5 * time.Millisecond) // a steady rate, not a flood: 2 cores are shared
+					}
+				})
+			}
+			stopTraffic := func() {
+				select {
+				case <-stop:
+				default:
+					close(stop)
+					wg.Wait()
+				}
+			}
+			defer stopTraffic()
+
+			time.Sleep(200 * time.Millisecond) // some traffic before the failure
+			failed := time.Now()
+			switch how {
+			case "SIGKILL":
+				c.nodes[master].Kill()
+			case "SIGSTOP":
+				c.nodes[master].mu.Lock()
+				_ = c.nodes[master].cmd.Process.Signal(syscall.SIGSTOP)
+				c.nodes[master].mu.Unlock()
+			}
+			promoted := c.promoted(t, replica, 15*time.Second)
+
+			// A is busy: the first moment after which tokens on the failed shard pass again.
+			var busyBack time.Time
+			for busyBack.IsZero() {
+				mu.Lock()
+				for j := len(answers) - 1; j >= 0; j-- {
+					an := answers[j]
+					if an.at.Before(promoted) {
+						break
+					}
+					if an.dead && an.status == http.StatusOK {
+						busyBack = an.at
+						break
+					}
+				}
+				mu.Unlock()
+				if time.Since(failed) > recoverBy+5*time.Second {
+					t.Fatalf("A did not serve tokens of the failed shard again within %v", time.Since(failed))
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			// B was idle all along: its first request, with a token it never saw, on the
+			// failed shard, succeeds.
+			idleTok := w.token(t, userOn(dead, true, "u-fo-idle"), []string{"user"}, map[string]any{"jti": jtiOn(dead, true, "fo-idle-"+how)})
+			idleRes := call(t, b, "GET", doc, idleTok, "")
+			idleAt := time.Now()
+			time.Sleep(300 * time.Millisecond) // more traffic after the recovery
+			stopTraffic()
+
+			t.Logf("%s: replica promoted %v after the failure; busy A served the failed shard again after %v, idle B's first request (%v after) answered %d",
+				how, promoted.Sub(failed).Round(time.Millisecond), busyBack.Sub(failed).Round(time.Millisecond),
+				idleAt.Sub(failed).Round(time.Millisecond), idleRes.StatusCode)
+			if idleRes.StatusCode != http.StatusOK {
+				t.Errorf("idle B's first request after the promotion = %d %s, want 200", idleRes.StatusCode, errorCode(idleRes))
+			}
+			if d := busyBack.Sub(failed); d > recoverBy {
+				t.Errorf("A recovered %v after the failure, want within cluster-node-timeout %v + a few seconds (%v)", d, clusterNodeTimeout, recoverBy)
+			}
+
+			refused, served := 0, 0
+			for _, an := range answers {
+				switch {
+				case an.err != nil:
+					t.Errorf("request failed: %v", an.err)
+				case an.status == http.StatusOK:
+					served++
+				case an.status == http.StatusServiceUnavailable && an.code == "AUTH_SERVICE_ERROR":
+					refused++
+					if !an.dead {
+						t.Errorf("a token whose keys are on healthy shards was refused: the failure of one shard spread")
+					}
+				default:
+					t.Errorf("answer %d %s during the failover, want 200 or 503 AUTH_SERVICE_ERROR", an.status, an.code)
+				}
+			}
+			t.Logf("%s: %d requests served, %d refused (503) from the failure to the recovery", how, served, refused)
+			if refused == 0 {
+				t.Errorf("no request was refused: the failure did not reach the traffic, and the test shows nothing")
+			}
+			if n := metricSum(t, a, "redis_errors_total") - errorsBefore; n == 0 {
+				t.Error("redis_errors_total did not grow: failures are not counted")
+			}
+			d := requestDurations(t, a, "fo-")
+			if bound := authBudget + limitBudget + 25*time.Millisecond; percentile(d, 0.99) > bound || d[len(d)-1] > bound+250*time.Millisecond {
+				t.Errorf("request durations p99 %v, max %v, want p99 within AUTH_BUDGET + LIMIT_BUDGET (+25ms) = %v", percentile(d, 0.99), d[len(d)-1], bound)
+			}
+
+			// Still running: the stream takes a cancel from B, the session was never closed.
+			select {
+			case e := <-voiceEnded:
+				t.Errorf("the voice session ended during the failover: %d %v", e.code, e.err)
+			default:
+			}
+			eventually(t, 3*time.Second, "B cancels A's stream", func() bool {
+				return call(t, b, "POST", "/api/v2/chat/cancel", streamUser, `{"request_id":"fo-stream-`+how+`"}`).StatusCode == http.StatusOK
+			})
+			if evs := readEvents(t, s); len(evs) == 0 || evs[len(evs)-1].Event != "stream_cancelled" {
+				t.Errorf("the stream running through the failover ended with %v, want stream_cancelled", eventNames(evs))
+			}
+			if err := v.conn.Close(websocket.StatusNormalClosure, "bye"); err != nil {
+				t.Errorf("closing the voice session that ran through the failover: %v", err)
+			}
+
+			// The old master back, as a replica: the cluster is whole and both serve on.
+			c.heal(t)
+			if _, r := c.masterOf(t, keySlot("{tenant-a}")); r != master {
+				t.Errorf("the old master came back as node %d's replica? replica is %d, want %d", replica, r, master)
+			}
+			for _, g := range []*testGateway{a, b} {
+				for _, tok := range onDead[:2] {
+					ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+					res, err := try(ctx, g, "GET", doc, tok, "", nil)
+					cancel()
+					if err != nil || res.StatusCode != http.StatusOK {
+						t.Errorf("after the old master rejoined: %s", describeResult(res, err))
+					}
+				}
+			}
+		})
+	}
+}
