@@ -7,7 +7,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -289,5 +291,151 @@ func TestClusterFailover(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestClusterRevocationSurvivesKill: a revocation answered 200 is still in force after the
+// master that took it is killed right after the answer and its replica promoted.
+func TestClusterRevocationSurvivesKill(t *testing.T) {
+	c := startCluster(t)
+	t.Cleanup(func() { c.heal(t) })
+	backend := okBackend(t)
+	a, b := clusterPair(t, c, clusterAlgo(t), backend, nil)
+	w := watchTokens(t, a, b)
+	const doc = "/api/v2/documents/x"
+	master, replica := c.masterOf(t, 0)
+	slots := c.slotsOf(t, master)
+	var toks []string
+	for i := range 5 {
+		tok := w.token(t, userOn(slots, true, fmt.Sprintf("u-keep-%d", i)), []string{"user"},
+			map[string]any{"jti": jtiOn(slots, true, fmt.Sprintf("keep-%d", i))})
+		wantStatus(t, call(t, b, "GET", doc, tok, ""), http.StatusOK) // cached on B as not revoked
+		toks = append(toks, tok)
+	}
+	for i, tok := range toks {
+		g := []*testGateway{a, b}[i%2]
+		wantStatus(t, call(t, g, "POST", "/api/v2/auth/revoke", tok, ""), http.StatusOK)
+	}
+	c.nodes[master].Kill()
+	killed := time.Now()
+	c.promoted(t, replica, 15*time.Second)
+	for _, g := range []*testGateway{a, b} {
+		for i, tok := range toks {
+			for {
+				res := call(t, g, "GET", doc, tok, "")
+				if res.StatusCode == http.StatusOK {
+					t.Fatalf("revoked token %d served after the failover: the revocation was lost", i)
+				}
+				if res.StatusCode == http.StatusUnauthorized {
+					wantError(t, res, http.StatusUnauthorized, "TOKEN_REVOKED")
+					break
+				}
+				if time.Since(killed) > 10*time.Second {
+					t.Fatalf("revoked token %d: %d %s 10s after the kill, want 401 TOKEN_REVOKED", i, res.StatusCode, errorCode(res))
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
+	}
+	t.Logf("5 revocations acknowledged just before the kill: 0 lost; refused again %v after the kill", time.Since(killed).Round(time.Millisecond))
+}
+
+// TestClusterRevocationNeedsReplica: with the replica of the master that would take it
+// frozen, a revocation answers 503 AUTH_SERVICE_ERROR within its budget instead of 200, since
+// nothing could promise it survives that master; with the replica back it is acknowledged.
+func TestClusterRevocationNeedsReplica(t *testing.T) {
+	c := startCluster(t)
+	t.Cleanup(func() { c.heal(t) })
+	g := startRun(t, nil, map[string]string{"REDIS_URL": c.URL(), "ALGO_URL": doneAlgo(t).URL, "DOCS_URL": okBackend(t).URL})
+	w := watchTokens(t, g)
+	master, replica := c.masterOf(t, 0)
+	slots := c.slotsOf(t, master)
+	tok := w.token(t, "u-wait", []string{"user"}, map[string]any{"jti": jtiOn(slots, true, "wait")})
+	wantStatus(t, call(t, g, "GET", "/api/v2/documents/x", tok, ""), http.StatusOK)
+
+	c.nodes[replica].mu.Lock()
+	_ = c.nodes[replica].cmd.Process.Signal(syscall.SIGSTOP)
+	c.nodes[replica].mu.Unlock()
+	start := time.Now()
+	res := call(t, g, "POST", "/api/v2/auth/revoke", tok, "")
+	took := time.Since(start)
+	wantError(t, res, http.StatusServiceUnavailable, "AUTH_SERVICE_ERROR")
+	const budget = 500 * time.Millisecond // the revocation's budget
+	if took > budget+200*time.Millisecond {
+		t.Errorf("the unconfirmed revocation answered after %v, want within its %v budget", took, budget)
+	}
+	t.Logf("revocation without a replica: 503 after %v", took.Round(time.Millisecond))
+
+	c.nodes[replica].mu.Lock()
+	_ = c.nodes[replica].cmd.Process.Signal(syscall.SIGCONT)
+	c.nodes[replica].mu.Unlock()
+	// The master did take it: the token is refused; a revocation answered 503 is safe to send
+	// again, and is acknowledged once the replica is back.
+	wantError(t, call(t, g, "GET", "/api/v2/documents/x", tok, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
+	admin := w.token(t, "u-wait-admin", []string{"admin"}, nil)
+	eventually(t, 5*time.Second, "the revocation is acknowledged once the replica is back", func() bool {
+		res := call(t, g, "POST", "/api/v2/auth/revoke", admin, `{"jti":"`+jtiOn(slots, true, "wait")+`"}`)
+		return res.StatusCode == http.StatusOK
+	})
+}
+
+// TestClusterReadiness: a cluster with slots no master serves makes /readyz answer 503 and
+// say how many; serving them again makes it ready.
+func TestClusterReadiness(t *testing.T) {
+	c := startCluster(t)
+	t.Cleanup(func() { c.heal(t) })
+	g := startRun(t, nil, map[string]string{"REDIS_URL": c.URL(), "ALGO_URL": doneAlgo(t).URL})
+	master, _ := c.masterOf(t, 100)
+	if _, err := rawDo(c.nodes[master].Addr(), "CLUSTER", "DELSLOTSRANGE", "100", "109"); err != nil {
+		t.Fatal(err)
+	}
+	restored := false
+	restore := func() {
+		if !restored {
+			restored = true
+			if _, err := rawDo(c.nodes[master].Addr(), "CLUSTER", "ADDSLOTSRANGE", "100", "109"); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	defer restore()
+	var body string
+	eventually(t, 5*time.Second, "/readyz answers 503", func() bool {
+		res := call(t, g, "GET", "/readyz", "", "")
+		b, _ := io.ReadAll(res.Body)
+		body = string(b)
+		return res.StatusCode == http.StatusServiceUnavailable
+	})
+	if !strings.Contains(body, "redis cluster: 10 of 16384 slots not served") {
+		t.Errorf("/readyz body %s, want it to say 10 of 16384 slots are not served", body)
+	}
+	restore()
+	eventually(t, 5*time.Second, "/readyz answers 200 again", func() bool {
+		return call(t, g, "GET", "/readyz", "", "").StatusCode == http.StatusOK
+	})
+}
+
+// TestClusterUnreachableAtStart: with no node of the cluster listening, the gateway stops
+// within REDIS_CONNECT_TIMEOUT with one line naming REDIS_URL.
+func TestClusterUnreachableAtStart(t *testing.T) {
+	var addrs []string
+	for range 3 {
+		p, err := freeClusterPort(map[int]bool{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs = append(addrs, fmt.Sprintf("%s:%d", redisHost, p))
+	}
+	var stderr syncBuffer
+	env := map[string]string{"REDIS_URL": strings.Join(addrs, ","), "REDIS_CONNECT_TIMEOUT": "1s",
+		"ALGO_URL": "http://127.0.0.1:1", "JWT_SECRET": testSecret, "LISTEN_ADDR": "127.0.0.1:0", "LOG_FORMAT": "json"}
+	start := time.Now()
+	err := run(t.Context(), []string{"voicegate"}, func(k string) string { return env[k] }, &syncBuffer{}, &stderr)
+	took := time.Since(start)
+	if err == nil || !strings.HasPrefix(err.Error(), "REDIS_URL: cannot reach Redis") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("run = %v, want one line starting REDIS_URL: cannot reach Redis", err)
+	}
+	if took > 3*time.Second {
+		t.Errorf("run gave up after %v, want about REDIS_CONNECT_TIMEOUT (1s)", took)
 	}
 }
