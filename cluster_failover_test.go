@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,6 +19,9 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/redis/rueidis"
+
+	"voicegate/policy"
 )
 
 // slotsOf are the slot ranges of node i, as the cluster sees it now.
@@ -437,5 +442,119 @@ func TestClusterUnreachableAtStart(t *testing.T) {
 	}
 	if took > 3*time.Second {
 		t.Errorf("run gave up after %v, want about REDIS_CONNECT_TIMEOUT (1s)", took)
+	}
+}
+
+// tenantIn is a tenant whose hash tag's slot is below n.
+func tenantIn(n int, seed string) string {
+	for i := 0; ; i++ {
+		tenant := fmt.Sprintf("%s-%d", seed, i)
+		if keySlot("x"+"{"+tenant+"}") < n { // policy.Tag(tenant) for a tenant without braces or %
+			return tenant
+		}
+	}
+}
+
+// TestClusterReshard: slots 0–15, holding the limits and leases of two tenants and the
+// revocations of some tokens, move to another master (redis-cli --cluster reshard) and back
+// while two gateways serve those tenants and tokens: MOVED, ASK and TRYAGAIN are followed
+// inside the gateway, and every request is answered 200.
+func TestClusterReshard(t *testing.T) {
+	c := startCluster(t)
+	t.Cleanup(func() { c.heal(t) })
+	a, b := clusterPair(t, c, clusterAlgo(t), okBackend(t), nil)
+	w := watchTokens(t, a, b)
+	const moved = 16
+	var toks []string
+	for i := range 4 {
+		tenant := tenantIn(moved, fmt.Sprintf("t-reshard-%d", i%2))
+		toks = append(toks, w.token(t, fmt.Sprintf("u-reshard-%d", i), []string{"user"}, map[string]any{
+			"tenant_id": tenant, "jti": jtiOn([][2]int{{0, moved - 1}}, true, fmt.Sprintf("reshard-%d", i))}))
+	}
+	// Keys beside the gateway's in the tenants' slots, moved one at a time, so the migration
+	// lasts while requests come: the gateway's keys of a slot are then partly moved.
+	client := clusterClient(t, c)
+	for i := range 2 {
+		tag := policy.Tag(tenantIn(moved, fmt.Sprintf("t-reshard-%d", i)))
+		var cmds rueidis.Commands
+		for j := range 1500 {
+			cmds = append(cmds, client.B().Set().Key(fmt.Sprintf("fill:%s:%d", tag, j)).Value("x").Build())
+		}
+		for _, r := range client.DoMulti(t.Context(), cmds...) {
+			if err := r.Error(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	src, _ := c.masterOf(t, 0)
+	dst, _ := c.masterOf(t, 16383)
+	if src == dst {
+		t.Fatal("slots 0 and 16383 on one master")
+	}
+	ids := map[int]string{}
+	nodes, err := c.view()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cn := range nodes {
+		ids[c.index(t, cn.port)] = cn.id
+	}
+	errorsBefore := metricSum(t, a, "redis_errors_total") + metricSum(t, b, "redis_errors_total")
+
+	var (
+		mu   sync.Mutex
+		bad  []string
+		n    atomic.Int64
+		stop = make(chan struct{})
+		wg   sync.WaitGroup
+	)
+	for k, g := range []*testGateway{a, b} {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				res, err := try(t.Context(), g, "GET", "/api/v2/documents/x", toks[(i+k)%len(toks)], "", nil)
+				n.Add(1)
+				if err != nil || res.StatusCode != http.StatusOK {
+					mu.Lock()
+					bad = append(bad, describeResult(res, err))
+					mu.Unlock()
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+		})
+	}
+	reshard := func(from, to int) {
+		ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, c.cli, "--cluster", "reshard", c.nodes[from].Addr(),
+			"--cluster-from", ids[from], "--cluster-to", ids[to], "--cluster-slots", strconv.Itoa(moved),
+			"--cluster-yes", "--cluster-pipeline", "1").CombinedOutput()
+		if err != nil {
+			t.Fatalf("redis-cli --cluster reshard: %v\n%s", err, out)
+		}
+	}
+	reshard(src, dst)
+	if m, _ := c.masterOf(t, 0); m != dst {
+		t.Fatalf("slot 0 is on node %d after the reshard, want %d", m, dst)
+	}
+	reshard(dst, src) // and back: the next test finds the cluster as it was
+	close(stop)
+	wg.Wait()
+	if m, _ := c.masterOf(t, 0); m != src {
+		t.Errorf("slot 0 is on node %d after resharding back, want %d", m, src)
+	}
+	redisErrors := metricSum(t, a, "redis_errors_total") + metricSum(t, b, "redis_errors_total") - errorsBefore
+	t.Logf("%d requests during two reshards of %d slots; %d not answered 200; %v Redis errors counted",
+		n.Load(), moved, len(bad), redisErrors)
+	if len(bad) > 0 {
+		t.Errorf("answers other than 200 during the reshard: %v", bad[:min(len(bad), 5)])
+	}
+	// Limits fail open, so a 200 alone could hide a failed call: none may fail.
+	if redisErrors != 0 {
+		t.Errorf("%v Redis calls failed during the reshard, want 0", redisErrors)
 	}
 }
