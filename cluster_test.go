@@ -47,7 +47,7 @@ var sharedCluster struct {
 // replica each, all slots served. Without redis-server or redis-cli the test is skipped, or
 // fails when VOICEGATE_REQUIRE_REDIS=1 (as in CI). Cluster tests must not run in parallel: they
 // break nodes.
-func startCluster(t *testing.T) *testCluster {
+func startCluster(t testing.TB) *testCluster {
 	t.Helper()
 	startRedisBinaries(t)
 	sharedCluster.mu.Lock()
@@ -64,7 +64,7 @@ func startCluster(t *testing.T) *testCluster {
 }
 
 // startRedisBinaries skips or fails the test without redis-server and redis-cli.
-func startRedisBinaries(t *testing.T) {
+func startRedisBinaries(t testing.TB) {
 	t.Helper()
 	for _, bin := range []string{"redis-server", "redis-cli"} {
 		if _, err := exec.LookPath(bin); err != nil {
@@ -323,11 +323,10 @@ func (c *testCluster) waitHealthy(within time.Duration) error {
 
 // heal makes the cluster whole again: frozen nodes resumed, stopped ones restarted (a replaced
 // master comes back as a replica of its successor), and waits for it.
-func (c *testCluster) heal(t *testing.T) {
+func (c *testCluster) heal(t testing.TB) {
 	t.Helper()
 	for i, n := range c.nodes {
 		if !c.running(i) {
-			n.t = t
 			if err := n.launch(); err != nil {
 				t.Fatalf("restart cluster node %d: %v", i, err)
 			}
