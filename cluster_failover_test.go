@@ -196,7 +196,13 @@ func TestClusterFailover(t *testing.T) {
 				_ = c.nodes[master].cmd.Process.Signal(syscall.SIGSTOP)
 				c.nodes[master].mu.Unlock()
 			}
+			idleTok := w.token(t, userOn(dead, true, "u-fo-idle"), []string{"user"}, map[string]any{"jti": jtiOn(dead, true, "fo-idle-"+how)})
 			promoted := c.promoted(t, replica, 15*time.Second)
+			// B was idle all along: its first request, sent as soon as every node sees the
+			// replica promoted, with a token it never saw whose keys are on the failed shard,
+			// succeeds.
+			idleRes := call(t, b, "GET", doc, idleTok, "")
+			idleAt := time.Now()
 
 			// A is busy: the first moment after which tokens on the failed shard pass again.
 			var busyBack time.Time
@@ -218,11 +224,6 @@ func TestClusterFailover(t *testing.T) {
 				}
 				time.Sleep(10 * time.Millisecond)
 			}
-			// B was idle all along: its first request, with a token it never saw, on the
-			// failed shard, succeeds.
-			idleTok := w.token(t, userOn(dead, true, "u-fo-idle"), []string{"user"}, map[string]any{"jti": jtiOn(dead, true, "fo-idle-"+how)})
-			idleRes := call(t, b, "GET", doc, idleTok, "")
-			idleAt := time.Now()
 			time.Sleep(300 * time.Millisecond) // more traffic after the recovery
 			stopTraffic()
 
@@ -231,6 +232,11 @@ func TestClusterFailover(t *testing.T) {
 				idleAt.Sub(failed).Round(time.Millisecond), idleRes.StatusCode)
 			if idleRes.StatusCode != http.StatusOK {
 				t.Errorf("idle B's first request after the promotion = %d %s, want 200", idleRes.StatusCode, errorCode(idleRes))
+				for _, rec := range logRecords(t, b) {
+					if rec["level"] != "DEBUG" {
+						t.Logf("B: %v", rec)
+					}
+				}
 			}
 			if d := busyBack.Sub(failed); d > recoverBy {
 				t.Errorf("A recovered %v after the failure, want within cluster-node-timeout %v + a few seconds (%v)", d, clusterNodeTimeout, recoverBy)
@@ -270,9 +276,29 @@ func TestClusterFailover(t *testing.T) {
 				t.Errorf("the voice session ended during the failover: %d %v", e.code, e.err)
 			default:
 			}
-			eventually(t, 3*time.Second, "B cancels A's stream", func() bool {
-				return call(t, b, "POST", "/api/v2/chat/cancel", streamUser, `{"request_id":"fo-stream-`+how+`"}`).StatusCode == http.StatusOK
-			})
+			// B cancels A's stream. An attempt that answered an error may still have reached
+			// A (its publication went out before the answer's deadline), so a 404 afterwards is
+			// checked with A itself: the stream must be gone there.
+			var attempts []string
+			cancelled := time.Now()
+			body := `{"request_id":"fo-stream-` + how + `"}`
+			for {
+				res := call(t, b, "POST", "/api/v2/chat/cancel", streamUser, body)
+				attempts = append(attempts, fmt.Sprintf("%d %s", res.StatusCode, errorCode(res)))
+				if res.StatusCode == http.StatusOK {
+					break
+				}
+				if res.StatusCode == http.StatusNotFound {
+					if ra := call(t, a, "POST", "/api/v2/chat/cancel", streamUser, body); ra.StatusCode != http.StatusNotFound {
+						t.Errorf("B answered 404 for the stream A still runs (A: %d); B's attempts: %v", ra.StatusCode, attempts)
+					}
+					break
+				}
+				if time.Since(cancelled) > 3*time.Second {
+					t.Fatalf("B could not cancel A's stream within 3s of the recovery: %v", attempts)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
 			if evs := readEvents(t, s); len(evs) == 0 || evs[len(evs)-1].Event != "stream_cancelled" {
 				t.Errorf("the stream running through the failover ended with %v, want stream_cancelled", eventNames(evs))
 			}

@@ -206,6 +206,9 @@ func (g *gateway) buildHandlers() {
 	}
 	if g.streamDir != nil {
 		cancel.Remote = func(ctx context.Context, r *http.Request, id string) error {
+			// Bounded like a revocation: a frozen Redis must not hold the request.
+			ctx, stop := context.WithTimeout(ctx, remoteCancelBudget)
+			defer stop()
 			return g.streamDir.Cancel(ctx, id, func(owner, _ string) bool { return mayCancel(r, owner) })
 		}
 	}
@@ -260,6 +263,10 @@ func (g *gateway) buildHandlers() {
 	g.h.admin = g.backend("admin", "admin service", cfg.AdminURLs, transport, outbound)
 	g.h.docs = g.backend("docs", "documents service", cfg.DocsURLs, transport, outbound)
 }
+
+// remoteCancelBudget bounds the Redis calls of a cancel for a stream on another instance (the
+// lookup of its owner and the publication).
+const remoteCancelBudget = 500 * time.Millisecond
 
 // backend proxies to a plain back end's replicas, or answers 404 when it has none.
 func (g *gateway) backend(label, name string, targets []*url.URL, t *http.Transport, outbound proxy.Outbound) http.Handler {
@@ -379,6 +386,7 @@ func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
 		WriteBufferEachConn: 64 << 10,
 		Dialer:              net.Dialer{Timeout: time.Second, KeepAlive: time.Second},
 		ClusterOption:       clusterOption(),
+		RetryDelay:          retryDelay,
 	}
 	opt.ConnWriteTimeout = 2 * time.Second // notice a dead Redis connection within seconds
 	deadline := time.Now().Add(cfg.RedisConnectWithin)

@@ -39,7 +39,8 @@ var errRedisPaused = errors.New("redis: not answering; calls paused for a moment
 
 // guardedRedis bounds every call by its context and runs it through a breaker. Do, DoMulti,
 // DoCache and DoMultiCache are guarded — every call the gateway makes; Receive (a subscription
-// that lives as long as its context) and the rest pass straight through.
+// that lives as long as its context) passes through, watched on a cluster (see
+// rediscluster.go); the rest pass straight through.
 type guardedRedis struct {
 	rueidis.Client
 	log *slog.Logger
@@ -51,6 +52,7 @@ type guardedRedis struct {
 	slots    map[uint16]*breaker
 	openNow  atomic.Int64 // slot breakers open, for the log: its first opening and last closing
 	newBreak func() *breaker
+	routes   *clusterRoutes // cluster: where to send what the client could not deliver
 }
 
 // guardRedis wraps c.
@@ -59,6 +61,7 @@ func guardRedis(c rueidis.Client, log *slog.Logger) *guardedRedis {
 		newBreak: func() *breaker { return newBreaker(breakerFailures, breakerOpen, time.Now) }}
 	if c.Mode() == rueidis.ClientModeCluster {
 		g.slots = map[uint16]*breaker{}
+		g.routes = &clusterRoutes{client: c}
 	} else {
 		g.br = g.newBreak()
 	}
@@ -81,13 +84,41 @@ func (g *guardedRedis) breakerOf(slot uint16) *breaker {
 }
 
 func (g *guardedRedis) Do(ctx context.Context, cmd rueidis.Completed) rueidis.RedisResult {
-	return guarded(g, g.gate(!cmd.IsBlock(), cmd.Slot()), ctx, func() rueidis.RedisResult { return g.Client.Do(ctx, cmd) },
-		rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
+	if g.routes != nil && isPublish(cmd) {
+		if n := g.routes.liveMaster(ctx); n != nil {
+			return bounded(ctx, func() rueidis.RedisResult { return n.Do(ctx, cmd) })
+		}
+	}
+	res := guarded(g, g.gate(!cmd.IsBlock(), cmd.Slot()), ctx, func() rueidis.RedisResult { return g.Client.Do(ctx, cmd) },
+		rueidis.NewErrorResult, resultError)
+	if !cmd.IsBlock() && g.undelivered(res.Error()) {
+		if n := g.routes.ownerOf(ctx, cmd.Slot()); n != nil {
+			return g.resent(ctx, cmd.Slot(), func() rueidis.RedisResult { return n.Do(ctx, cmd) })
+		}
+	}
+	return res
+}
+
+// Receive runs a subscription; on a cluster, one without a key goes to a master that answers
+// and ends when it stops answering (clusterRoutes.receive).
+func (g *guardedRedis) Receive(ctx context.Context, subscribe rueidis.Completed, fn func(rueidis.PubSubMessage)) error {
+	if g.routes != nil && subscribe.Slot() == keylessSlot {
+		if n := g.routes.liveMaster(ctx); n != nil {
+			return g.routes.receive(ctx, n, subscribe, fn)
+		}
+	}
+	return g.Client.Receive(ctx, subscribe, fn)
 }
 
 func (g *guardedRedis) DoCache(ctx context.Context, cmd rueidis.Cacheable, ttl time.Duration) rueidis.RedisResult {
-	return guarded(g, g.gate(true, cmd.Slot()), ctx, func() rueidis.RedisResult { return g.Client.DoCache(ctx, cmd, ttl) },
-		rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
+	res := guarded(g, g.gate(true, cmd.Slot()), ctx, func() rueidis.RedisResult { return g.Client.DoCache(ctx, cmd, ttl) },
+		rueidis.NewErrorResult, resultError)
+	if g.undelivered(res.Error()) {
+		if n := g.routes.ownerOf(ctx, cmd.Slot()); n != nil {
+			return g.resent(ctx, cmd.Slot(), func() rueidis.RedisResult { return n.DoCache(ctx, cmd, ttl) })
+		}
+	}
+	return res
 }
 
 func (g *guardedRedis) DoMulti(ctx context.Context, multi ...rueidis.Completed) []rueidis.RedisResult {
@@ -99,8 +130,18 @@ func (g *guardedRedis) DoMulti(ctx context.Context, multi ...rueidis.Completed) 
 	if len(multi) > 0 {
 		slot = multi[0].Slot()
 	}
-	return guarded(g, g.gate(gated, slot), ctx, func() []rueidis.RedisResult { return g.Client.DoMulti(ctx, multi...) },
+	res := guarded(g, g.gate(gated, slot), ctx, func() []rueidis.RedisResult { return g.Client.DoMulti(ctx, multi...) },
 		func(err error) []rueidis.RedisResult { return errorResults(len(multi), err) }, firstError)
+	if gated { // a pipeline with a blocking command (a write and its WAIT) must stay whole
+		for i, r := range res {
+			if g.undelivered(r.Error()) {
+				if n := g.routes.ownerOf(ctx, multi[i].Slot()); n != nil {
+					res[i] = g.resent(ctx, multi[i].Slot(), func() rueidis.RedisResult { return n.Do(ctx, multi[i]) })
+				}
+			}
+		}
+	}
+	return res
 }
 
 func (g *guardedRedis) DoMultiCache(ctx context.Context, multi ...rueidis.CacheableTTL) []rueidis.RedisResult {
@@ -108,8 +149,36 @@ func (g *guardedRedis) DoMultiCache(ctx context.Context, multi ...rueidis.Cachea
 	if len(multi) > 0 {
 		slot = multi[0].Cmd.Slot()
 	}
-	return guarded(g, g.gate(true, slot), ctx, func() []rueidis.RedisResult { return g.Client.DoMultiCache(ctx, multi...) },
+	res := guarded(g, g.gate(true, slot), ctx, func() []rueidis.RedisResult { return g.Client.DoMultiCache(ctx, multi...) },
 		func(err error) []rueidis.RedisResult { return errorResults(len(multi), err) }, firstError)
+	for i, r := range res {
+		if g.undelivered(r.Error()) {
+			c := multi[i]
+			if n := g.routes.ownerOf(ctx, c.Cmd.Slot()); n != nil {
+				res[i] = g.resent(ctx, c.Cmd.Slot(), func() rueidis.RedisResult { return n.DoCache(ctx, c.Cmd, c.TTL) })
+			}
+		}
+	}
+	return res
+}
+
+func resultError(r rueidis.RedisResult) error { return r.Error() }
+
+// undelivered reports whether, on a cluster, a call failed without reaching Redis and there is
+// time left to send it to the slot's master as the cluster names it. rueidis keeps a command
+// that failed so (it recycles only those that were answered), so it can be sent again.
+func (g *guardedRedis) undelivered(err error) bool {
+	return g.routes != nil && err != nil && unsent(err)
+}
+
+// resent sends a command again, to the node clusterRoutes named, within ctx; an answer closes
+// the slot's breaker, since the slot is served again.
+func (g *guardedRedis) resent(ctx context.Context, slot uint16, do func() rueidis.RedisResult) rueidis.RedisResult {
+	res := bounded(ctx, do)
+	if outcomeOf(res.Error()) == answered {
+		g.record(g.breakerOf(slot), false, answered)
+	}
+	return res
 }
 
 // gate is the breaker a call goes through, nil when it is not gated. A multi-command call
