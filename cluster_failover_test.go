@@ -24,6 +24,30 @@ import (
 	"voicegate/policy"
 )
 
+// replicated waits until node replica has every write node master had when asked.
+func (c *testCluster) replicated(t *testing.T, master, replica int) {
+	t.Helper()
+	offset := func(i int, field string) int64 {
+		v, err := rawDo(c.nodes[i].Addr(), "INFO", "replication")
+		if err != nil {
+			t.Fatal(err)
+		}
+		text, _ := v.(string)
+		for line := range strings.SplitSeq(text, "\r\n") {
+			if rest, ok := strings.CutPrefix(line, field+":"); ok {
+				n, _ := strconv.ParseInt(rest, 10, 64)
+				return n
+			}
+		}
+		t.Fatalf("node %d: no %s in INFO replication", i, field)
+		return 0
+	}
+	want := offset(master, "master_repl_offset")
+	eventually(t, 5*time.Second, "the replica has the master's writes", func() bool {
+		return offset(replica, "slave_repl_offset") >= want
+	})
+}
+
 // slotsOf are the slot ranges of node i, as the cluster sees it now.
 func (c *testCluster) slotsOf(t *testing.T, i int) [][2]int {
 	t.Helper()
@@ -187,6 +211,10 @@ func TestClusterFailover(t *testing.T) {
 			defer stopTraffic()
 
 			time.Sleep(200 * time.Millisecond) // some traffic before the failure
+			// What ran before the failure is on the replica: writes acknowledged within the
+			// replication lag before a failure are lost in a failover (the README says which
+			// ones matter), and this test is about what keeps running.
+			c.replicated(t, master, replica)
 			failed := time.Now()
 			switch how {
 			case "SIGKILL":
@@ -291,6 +319,19 @@ func TestClusterFailover(t *testing.T) {
 				if res.StatusCode == http.StatusNotFound {
 					if ra := call(t, a, "POST", "/api/v2/chat/cancel", streamUser, body); ra.StatusCode != http.StatusNotFound {
 						t.Errorf("B answered 404 for the stream A still runs (A: %d); B's attempts: %v", ra.StatusCode, attempts)
+						for _, g := range []*testGateway{a, b} {
+							for _, rec := range logRecords(t, g) {
+								if rec["level"] == "WARN" && rec["msg"] != "request" {
+									t.Logf("%s: %v", g.Addr, rec)
+								}
+							}
+						}
+						key := "voicegate:stream:fo-stream-" + how
+						for i, n := range c.nodes {
+							v, err := rawDo(n.Addr(), "SCAN", "0", "MATCH", key, "COUNT", "100000")
+							role, _ := rawDo(n.Addr(), "ROLE")
+							t.Logf("node %d (%v, slot %d on it? %v): %v %v", i, role, keySlot(key), inSlots(keySlot(key), c.slotsOf(t, i)), v, err)
+						}
 					}
 					break
 				}
@@ -566,6 +607,9 @@ func TestClusterReshard(t *testing.T) {
 	reshard(src, dst)
 	if m, _ := c.masterOf(t, 0); m != dst {
 		t.Fatalf("slot 0 is on node %d after the reshard, want %d", m, dst)
+	}
+	if err := c.waitHealthy(10 * time.Second); err != nil { // every node knows, as redis-cli requires
+		t.Fatal(err)
 	}
 	reshard(dst, src) // and back: the next test finds the cluster as it was
 	close(stop)

@@ -263,8 +263,9 @@ func (c *testCluster) view() ([]clusterNode, error) {
 
 // healthyNow says what keeps the cluster from being whole: every node running and answering,
 // cluster_state ok everywhere, three masters each with a replica whose link is up, nobody
-// failing in anybody's view. "" when whole.
+// failing in anybody's view, and every node's slot map the same. "" when whole.
 func (c *testCluster) healthyNow() string {
+	views := map[string]bool{} // each node's slot map, as text: all must agree
 	for i, n := range c.nodes {
 		if !c.running(i) {
 			return fmt.Sprintf("node %d is not running", i)
@@ -281,6 +282,17 @@ func (c *testCluster) healthyNow() string {
 			return err.Error()
 		}
 		masters, replicas := 0, map[string]int{}
+		var view []string
+		for _, cn := range nodes {
+			if cn.master {
+				view = append(view, fmt.Sprint(cn.id, cn.slots))
+			}
+		}
+		slices.Sort(view)
+		views[strings.Join(view, " ")] = true
+		if len(views) > 1 {
+			return fmt.Sprintf("node %d sees other slot owners than the others", i)
+		}
 		for _, cn := range nodes {
 			if cn.failing {
 				return fmt.Sprintf("node %d sees %s failing", i, cn.addr)

@@ -111,9 +111,14 @@ func (g *guardedRedis) Receive(ctx context.Context, subscribe rueidis.Completed,
 }
 
 func (g *guardedRedis) DoCache(ctx context.Context, cmd rueidis.Cacheable, ttl time.Duration) rueidis.RedisResult {
-	res := guarded(g, g.gate(true, cmd.Slot()), ctx, func() rueidis.RedisResult { return g.Client.DoCache(ctx, cmd, ttl) },
+	first, stop := g.firstTry(ctx)
+	defer stop()
+	if g.routes != nil {
+		cmd = cmd.Pin() // it may be sent again while rueidis still holds it
+	}
+	res := guarded(g, g.gate(true, cmd.Slot()), first, func() rueidis.RedisResult { return g.Client.DoCache(first, cmd, ttl) },
 		rueidis.NewErrorResult, resultError)
-	if g.undelivered(res.Error()) {
+	if g.unread(ctx, res.Error()) {
 		if n := g.routes.ownerOf(ctx, cmd.Slot()); n != nil {
 			return g.resent(ctx, cmd.Slot(), func() rueidis.RedisResult { return n.DoCache(ctx, cmd, ttl) })
 		}
@@ -149,10 +154,17 @@ func (g *guardedRedis) DoMultiCache(ctx context.Context, multi ...rueidis.Cachea
 	if len(multi) > 0 {
 		slot = multi[0].Cmd.Slot()
 	}
-	res := guarded(g, g.gate(true, slot), ctx, func() []rueidis.RedisResult { return g.Client.DoMultiCache(ctx, multi...) },
+	first, stop := g.firstTry(ctx)
+	defer stop()
+	if g.routes != nil {
+		for i := range multi {
+			multi[i].Cmd = multi[i].Cmd.Pin() // they may be sent again while rueidis still holds them
+		}
+	}
+	res := guarded(g, g.gate(true, slot), first, func() []rueidis.RedisResult { return g.Client.DoMultiCache(first, multi...) },
 		func(err error) []rueidis.RedisResult { return errorResults(len(multi), err) }, firstError)
 	for i, r := range res {
-		if g.undelivered(r.Error()) {
+		if g.unread(ctx, r.Error()) {
 			c := multi[i]
 			if n := g.routes.ownerOf(ctx, c.Cmd.Slot()); n != nil {
 				res[i] = g.resent(ctx, c.Cmd.Slot(), func() rueidis.RedisResult { return n.DoCache(ctx, c.Cmd, c.TTL) })
@@ -160,6 +172,25 @@ func (g *guardedRedis) DoMultiCache(ctx context.Context, multi ...rueidis.Cachea
 		}
 	}
 	return res
+}
+
+// firstTry is the context of a cached read's first attempt. On a cluster it has half of
+// what is left of ctx: a read stuck on a node that froze (its connection still looks alive,
+// and the client library's slot map may still name it for a while after its replica took
+// over) then leaves time to read from the master the cluster names now. Reads can be sent
+// twice.
+func (g *guardedRedis) firstTry(ctx context.Context) (context.Context, context.CancelFunc) {
+	dl, ok := ctx.Deadline()
+	if g.routes == nil || !ok {
+		return ctx, func() {}
+	}
+	return context.WithDeadline(ctx, time.Now().Add(time.Until(dl)/2))
+}
+
+// unread reports whether a cached read should be sent again to the slot's master: it was not
+// delivered, or its first try ran out while the whole budget has time left.
+func (g *guardedRedis) unread(ctx context.Context, err error) bool {
+	return g.undelivered(err) || (g.routes != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil)
 }
 
 func resultError(r rueidis.RedisResult) error { return r.Error() }
