@@ -293,6 +293,14 @@ func TestClusterFailover(t *testing.T) {
 			if n := metricSum(t, a, "redis_errors_total") - errorsBefore; n == 0 {
 				t.Error("redis_errors_total did not grow: failures are not counted")
 			}
+			failedOpen := false
+			for _, rec := range logRecords(t, a) {
+				msg, _ := rec["msg"].(string)
+				failedOpen = failedOpen || strings.Contains(msg, "not limiting")
+			}
+			if !failedOpen {
+				t.Error("A never logged that its rate limits failed open, though tenant-a's limits are on the failed shard")
+			}
 			d := requestDurations(t, a, "fo-")
 			if bound := authBudget + limitBudget + 25*time.Millisecond; percentile(d, 0.99) > bound || d[len(d)-1] > bound+250*time.Millisecond {
 				t.Errorf("request durations p99 %v, max %v, want p99 within AUTH_BUDGET + LIMIT_BUDGET (+25ms) = %v", percentile(d, 0.99), d[len(d)-1], bound)
