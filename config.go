@@ -273,7 +273,12 @@ func settings() []setting {
 			return err
 		}},
 		{"REDIS_URL", "", "redis://[user:password@]host:port/db, or comma-separated host:port addresses of a Redis Cluster (unset: in-memory, one instance)", parseRedis},
-		{"REDIS_PREFIX", "voicegate:", "prefix of every Redis key", func(c *config, v string) error {
+		{"REDIS_PREFIX", "voicegate:", "prefix of every Redis key, without braces", func(c *config, v string) error {
+			// A brace in the prefix would become the Redis Cluster hash tag of every key,
+			// splitting the keys of one script over several slots.
+			if strings.ContainsAny(v, "{}") {
+				return errors.New("must not contain { or }: on Redis Cluster they would decide the slot of every key")
+			}
 			c.RedisPrefix = v
 			return nil
 		}},

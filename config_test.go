@@ -42,6 +42,7 @@ func TestConfigRejectsInvalidValues(t *testing.T) {
 		{"DOCS_URL with query", map[string]string{"DOCS_URL": "http://docs.internal/?a=1"}, nil, "DOCS_URL"},
 		{"SHUTDOWN_GRACE not a duration", map[string]string{"SHUTDOWN_GRACE": "abc"}, nil, "SHUTDOWN_GRACE"},
 		{"LOG_FORMAT unknown", map[string]string{"LOG_FORMAT": "xml"}, nil, "LOG_FORMAT"},
+		{"REDIS_PREFIX with a brace", map[string]string{"REDIS_PREFIX": "app{1}:"}, nil, "REDIS_PREFIX"},
 		{"LOG_LEVEL unknown", map[string]string{"LOG_LEVEL": "loud"}, nil, "LOG_LEVEL"},
 		{"LOG_LEVEL with a line break", map[string]string{"LOG_LEVEL": "loud\nvery"}, nil, "LOG_LEVEL"},
 		{"TRUSTED_PROXIES junk", map[string]string{"TRUSTED_PROXIES": "junk"}, nil, "TRUSTED_PROXIES"},

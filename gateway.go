@@ -121,7 +121,8 @@ func (g *gateway) buildAuth(ctx context.Context) error {
 	keep := cfg.JWTMaxLifetime + cfg.JWTLeeway
 	var revocations auth.Revocations = auth.NewMemoryRevocations(keep, nil)
 	if g.redis != nil {
-		revocations = auth.NewRedisRevocations(g.redis, auth.RedisRevocationsOptions{Prefix: cfg.RedisPrefix, MaxLifetime: keep})
+		revocations = auth.NewRedisRevocations(g.redis, auth.RedisRevocationsOptions{Prefix: cfg.RedisPrefix, MaxLifetime: keep,
+			Replicas: revocationReplicas(g.redis)})
 	}
 	var jwks *auth.JWKS
 	if cfg.JWKSURL != nil {
@@ -235,6 +236,9 @@ func (g *gateway) buildHandlers() error {
 	}
 	if g.streamDir != nil {
 		cancel.Remote = func(ctx context.Context, r *http.Request, tenant, id string) error {
+			// Bounded like a revocation: a frozen Redis must not hold the request.
+			ctx, stop := context.WithTimeout(ctx, remoteCancelBudget)
+			defer stop()
 			user, _ := auth.Owner(r)
 			return g.streamDir.Cancel(ctx, tenant, id, user, g.can(r, "chat:admin"))
 		}
@@ -304,6 +308,10 @@ func (g *gateway) buildHandlers() error {
 	}
 	return nil
 }
+
+// remoteCancelBudget bounds the Redis calls of a cancel for a stream on another instance (the
+// lookup of its owner and the publication).
+const remoteCancelBudget = 500 * time.Millisecond
 
 // backend proxies to a plain back end's replicas, or answers 404 when it has none.
 func (g *gateway) backend(label, name string, targets []*url.URL, t *http.Transport, outbound proxy.Outbound) http.Handler {
@@ -426,8 +434,8 @@ func subject(r *http.Request) (policy.Subject, bool) {
 	return policy.Subject{UserID: id.UserID, TenantID: id.TenantID, Roles: id.Roles, Grants: id.Permissions}, true
 }
 
-// readiness is what /readyz and voicegate_ready report: "ready", "draining" or
-// "redis unreachable".
+// readiness is what /readyz and voicegate_ready report: "ready", "draining", or what
+// redisReadiness says is wrong with Redis.
 func (g *gateway) readiness(ctx context.Context) string {
 	if g.draining.Load() {
 		return "draining"
@@ -435,9 +443,7 @@ func (g *gateway) readiness(ctx context.Context) string {
 	if g.redis != nil {
 		ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
 		defer cancel()
-		if err := g.redis.Do(ctx, g.redis.B().Ping().Build()).Error(); err != nil {
-			return "redis unreachable"
-		}
+		return redisReadiness(ctx, g.redis)
 	}
 	return "ready"
 }
@@ -456,6 +462,8 @@ func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
 		ReadBufferEachConn:  64 << 10,
 		WriteBufferEachConn: 64 << 10,
 		Dialer:              net.Dialer{Timeout: time.Second, KeepAlive: time.Second},
+		ClusterOption:       clusterOption(),
+		RetryDelay:          retryDelay,
 	}
 	opt.ConnWriteTimeout = 2 * time.Second // notice a dead Redis connection within seconds
 	deadline := time.Now().Add(cfg.RedisConnectWithin)

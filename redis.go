@@ -39,26 +39,91 @@ var errRedisPaused = errors.New("redis: not answering; calls paused for a moment
 
 // guardedRedis bounds every call by its context and runs it through a breaker. Do, DoMulti,
 // DoCache and DoMultiCache are guarded — every call the gateway makes; Receive (a subscription
-// that lives as long as its context) and the rest pass straight through.
+// that lives as long as its context) passes through, watched on a cluster (see
+// rediscluster.go); the rest pass straight through.
 type guardedRedis struct {
 	rueidis.Client
-	br  *breaker
 	log *slog.Logger
+
+	// One breaker for a single Redis. On a cluster, one per hash slot, made on first use: a
+	// failed master pauses the calls of its own slots, not those of the healthy shards.
+	br       *breaker
+	mu       sync.Mutex // guards slots
+	slots    map[uint16]*breaker
+	openNow  atomic.Int64 // slot breakers open, for the log: its first opening and last closing
+	newBreak func() *breaker
+	routes   *clusterRoutes // cluster: where to send what the client could not deliver
 }
 
 // guardRedis wraps c.
 func guardRedis(c rueidis.Client, log *slog.Logger) *guardedRedis {
-	return &guardedRedis{Client: c, br: newBreaker(breakerFailures, breakerOpen, time.Now), log: log}
+	g := &guardedRedis{Client: c, log: log,
+		newBreak: func() *breaker { return newBreaker(breakerFailures, breakerOpen, time.Now) }}
+	if c.Mode() == rueidis.ClientModeCluster {
+		g.slots = map[uint16]*breaker{}
+		g.routes = &clusterRoutes{client: c}
+	} else {
+		g.br = g.newBreak()
+	}
+	return g
+}
+
+// breakerOf is the breaker of calls to slot.
+func (g *guardedRedis) breakerOf(slot uint16) *breaker {
+	if g.slots == nil {
+		return g.br
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	b := g.slots[slot]
+	if b == nil {
+		b = g.newBreak()
+		g.slots[slot] = b
+	}
+	return b
 }
 
 func (g *guardedRedis) Do(ctx context.Context, cmd rueidis.Completed) rueidis.RedisResult {
-	return guarded(g, ctx, !cmd.IsBlock(), func() rueidis.RedisResult { return g.Client.Do(ctx, cmd) },
-		rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
+	if g.routes != nil && isPublish(cmd) {
+		if n := g.routes.liveMaster(ctx); n != nil {
+			return bounded(ctx, func() rueidis.RedisResult { return n.Do(ctx, cmd) })
+		}
+	}
+	res := guarded(g, g.gate(!cmd.IsBlock(), cmd.Slot()), ctx, func() rueidis.RedisResult { return g.Client.Do(ctx, cmd) },
+		rueidis.NewErrorResult, resultError)
+	if !cmd.IsBlock() && g.undelivered(res.Error()) {
+		if n := g.routes.ownerOf(ctx, cmd.Slot()); n != nil {
+			return g.resent(ctx, cmd.Slot(), func() rueidis.RedisResult { return n.Do(ctx, cmd) })
+		}
+	}
+	return res
+}
+
+// Receive runs a subscription; on a cluster, one without a key goes to a master that answers
+// and ends when it stops answering (clusterRoutes.receive).
+func (g *guardedRedis) Receive(ctx context.Context, subscribe rueidis.Completed, fn func(rueidis.PubSubMessage)) error {
+	if g.routes != nil && subscribe.Slot() == keylessSlot {
+		if n := g.routes.liveMaster(ctx); n != nil {
+			return g.routes.receive(ctx, n, subscribe, fn)
+		}
+	}
+	return g.Client.Receive(ctx, subscribe, fn)
 }
 
 func (g *guardedRedis) DoCache(ctx context.Context, cmd rueidis.Cacheable, ttl time.Duration) rueidis.RedisResult {
-	return guarded(g, ctx, true, func() rueidis.RedisResult { return g.Client.DoCache(ctx, cmd, ttl) },
-		rueidis.NewErrorResult, func(r rueidis.RedisResult) error { return r.Error() })
+	first, stop := g.firstTry(ctx)
+	defer stop()
+	if g.routes != nil {
+		cmd = cmd.Pin() // it may be sent again while rueidis still holds it
+	}
+	res := guarded(g, g.gate(true, cmd.Slot()), first, func() rueidis.RedisResult { return g.Client.DoCache(first, cmd, ttl) },
+		rueidis.NewErrorResult, resultError)
+	if g.unread(ctx, res.Error()) {
+		if n := g.routes.ownerOf(ctx, cmd.Slot()); n != nil {
+			return g.resent(ctx, cmd.Slot(), func() rueidis.RedisResult { return n.DoCache(ctx, cmd, ttl) })
+		}
+	}
+	return res
 }
 
 func (g *guardedRedis) DoMulti(ctx context.Context, multi ...rueidis.Completed) []rueidis.RedisResult {
@@ -66,13 +131,94 @@ func (g *guardedRedis) DoMulti(ctx context.Context, multi ...rueidis.Completed) 
 	for _, c := range multi {
 		gated = gated && !c.IsBlock()
 	}
-	return guarded(g, ctx, gated, func() []rueidis.RedisResult { return g.Client.DoMulti(ctx, multi...) },
+	var slot uint16
+	if len(multi) > 0 {
+		slot = multi[0].Slot()
+	}
+	res := guarded(g, g.gate(gated, slot), ctx, func() []rueidis.RedisResult { return g.Client.DoMulti(ctx, multi...) },
 		func(err error) []rueidis.RedisResult { return errorResults(len(multi), err) }, firstError)
+	if gated { // a pipeline with a blocking command (a write and its WAIT) must stay whole
+		for i, r := range res {
+			if g.undelivered(r.Error()) {
+				if n := g.routes.ownerOf(ctx, multi[i].Slot()); n != nil {
+					res[i] = g.resent(ctx, multi[i].Slot(), func() rueidis.RedisResult { return n.Do(ctx, multi[i]) })
+				}
+			}
+		}
+	}
+	return res
 }
 
 func (g *guardedRedis) DoMultiCache(ctx context.Context, multi ...rueidis.CacheableTTL) []rueidis.RedisResult {
-	return guarded(g, ctx, true, func() []rueidis.RedisResult { return g.Client.DoMultiCache(ctx, multi...) },
+	var slot uint16
+	if len(multi) > 0 {
+		slot = multi[0].Cmd.Slot()
+	}
+	first, stop := g.firstTry(ctx)
+	defer stop()
+	if g.routes != nil {
+		for i := range multi {
+			multi[i].Cmd = multi[i].Cmd.Pin() // they may be sent again while rueidis still holds them
+		}
+	}
+	res := guarded(g, g.gate(true, slot), first, func() []rueidis.RedisResult { return g.Client.DoMultiCache(first, multi...) },
 		func(err error) []rueidis.RedisResult { return errorResults(len(multi), err) }, firstError)
+	for i, r := range res {
+		if g.unread(ctx, r.Error()) {
+			c := multi[i]
+			if n := g.routes.ownerOf(ctx, c.Cmd.Slot()); n != nil {
+				res[i] = g.resent(ctx, c.Cmd.Slot(), func() rueidis.RedisResult { return n.DoCache(ctx, c.Cmd, c.TTL) })
+			}
+		}
+	}
+	return res
+}
+
+// firstTry is the context of a cached read's first attempt. On a cluster it has half of
+// what is left of ctx: a read stuck on a node that froze (its connection still looks alive,
+// and the client library's slot map may still name it for a while after its replica took
+// over) then leaves time to read from the master the cluster names now. Reads can be sent
+// twice.
+func (g *guardedRedis) firstTry(ctx context.Context) (context.Context, context.CancelFunc) {
+	dl, ok := ctx.Deadline()
+	if g.routes == nil || !ok {
+		return ctx, func() {}
+	}
+	return context.WithDeadline(ctx, time.Now().Add(time.Until(dl)/2))
+}
+
+// unread reports whether a cached read should be sent again to the slot's master: it was not
+// delivered, or its first try ran out while the whole budget has time left.
+func (g *guardedRedis) unread(ctx context.Context, err error) bool {
+	return g.undelivered(err) || (g.routes != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil)
+}
+
+func resultError(r rueidis.RedisResult) error { return r.Error() }
+
+// undelivered reports whether, on a cluster, a call failed without reaching Redis and there is
+// time left to send it to the slot's master as the cluster names it. rueidis keeps a command
+// that failed so (it recycles only those that were answered), so it can be sent again.
+func (g *guardedRedis) undelivered(err error) bool {
+	return g.routes != nil && err != nil && unsent(err)
+}
+
+// resent sends a command again, to the node clusterRoutes named, within ctx; an answer closes
+// the slot's breaker, since the slot is served again.
+func (g *guardedRedis) resent(ctx context.Context, slot uint16, do func() rueidis.RedisResult) rueidis.RedisResult {
+	res := bounded(ctx, do)
+	if outcomeOf(res.Error()) == answered {
+		g.record(g.breakerOf(slot), false, answered)
+	}
+	return res
+}
+
+// gate is the breaker a call goes through, nil when it is not gated. A multi-command call
+// goes through the breaker of its first command's slot.
+func (g *guardedRedis) gate(gated bool, slot uint16) *breaker {
+	if !gated {
+		return nil
+	}
+	return g.breakerOf(slot)
 }
 
 func errorResults(n int, err error) []rueidis.RedisResult {
@@ -101,13 +247,13 @@ func firstError(results []rueidis.RedisResult) error {
 
 // guarded runs do, a call into rueidis, and returns its result, or failure(ctx.Err()) as soon as
 // ctx ends, leaving do to finish on its goroutine (it does, by rueidis's own timeouts; Close
-// waits for it). With gate, the call goes through the breaker: refused at once while it is
+// waits for it). With a breaker br, the call goes through it: refused at once while it is
 // open, and its outcome recorded. Blocking commands are not gated: they wait by design.
-func guarded[T any](g *guardedRedis, ctx context.Context, gate bool, do func() T, failure func(error) T, errOf func(T) error) T {
+func guarded[T any](g *guardedRedis, br *breaker, ctx context.Context, do func() T, failure func(error) T, errOf func(T) error) T {
 	probe := false
-	if gate {
+	if br != nil {
 		var err error
-		if probe, err = g.br.enter(); err != nil {
+		if probe, err = br.enter(); err != nil {
 			return failure(err)
 		}
 	}
@@ -117,11 +263,11 @@ func guarded[T any](g *guardedRedis, ctx context.Context, gate bool, do func() T
 		res := do()
 		err := errOf(res)
 		if claimed.CompareAndSwap(false, true) {
-			if gate {
-				g.record(probe, outcomeOf(err))
+			if br != nil {
+				g.record(br, probe, outcomeOf(err))
 			}
-		} else if gate && outcomeOf(err) == answered {
-			g.record(false, answered) // late, but Redis answers: no need to wait for a probe
+		} else if br != nil && outcomeOf(err) == answered {
+			g.record(br, false, answered) // late, but Redis answers: no need to wait for a probe
 		}
 		done <- res
 	}()
@@ -132,24 +278,30 @@ func guarded[T any](g *guardedRedis, ctx context.Context, gate bool, do func() T
 		if !claimed.CompareAndSwap(false, true) {
 			return <-done // finished at the same moment: its answer is here
 		}
-		if gate {
+		if br != nil {
 			o := outcomeOf(context.Cause(ctx))
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 				o = unanswered
 			}
-			g.record(probe, o)
+			g.record(br, probe, o)
 		}
 		return failure(ctx.Err())
 	}
 }
 
-// record feeds an outcome to the breaker and logs its changes of state, outside its lock.
-func (g *guardedRedis) record(probe bool, o outcome) {
-	switch g.br.record(probe, o) {
+// record feeds an outcome to a breaker and logs changes of state, outside its lock: on a
+// cluster only the first slot's pause and the last one's end, so a failed master with
+// thousands of slots is two lines.
+func (g *guardedRedis) record(br *breaker, probe bool, o outcome) {
+	switch br.record(probe, o) {
 	case opened:
-		g.log.Warn("Redis is not answering; calls paused", "pause", breakerOpen, "after_failures", breakerFailures)
+		if g.slots == nil || g.openNow.Add(1) == 1 {
+			g.log.Warn("Redis is not answering; calls paused", "pause", breakerOpen, "after_failures", breakerFailures)
+		}
 	case closed:
-		g.log.Info("Redis answers again; calls resumed")
+		if g.slots == nil || g.openNow.Add(-1) == 0 {
+			g.log.Info("Redis answers again; calls resumed")
+		}
 	}
 }
 

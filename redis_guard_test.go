@@ -42,6 +42,9 @@ func (f *fakeRedis) Do(ctx context.Context, cmd rueidis.Completed) rueidis.Redis
 	return rueidis.NewResult(rueidis.RedisMessage{}, nil)
 }
 
+// Mode: a single Redis, one breaker.
+func (f *fakeRedis) Mode() rueidis.ClientMode { return rueidis.ClientModeStandalone }
+
 func (f *fakeRedis) freeze() {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -27,6 +27,7 @@ type testRedis struct {
 	bin  string
 	dir  string
 	port int
+	args []string // more redis-server arguments (a cluster node's)
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -79,9 +80,9 @@ func freePort() (int, error) {
 
 // launch starts redis-server on r.port and waits until it answers PING.
 func (r *testRedis) launch() error {
-	cmd := exec.Command(r.bin,
-		"--save", "", "--appendonly", "no", "--protected-mode", "no",
-		"--port", strconv.Itoa(r.port), "--bind", redisHost, "--dir", r.dir)
+	args := append([]string{"--save", "", "--appendonly", "no", "--protected-mode", "no",
+		"--port", strconv.Itoa(r.port), "--bind", redisHost, "--dir", r.dir}, r.args...)
+	cmd := exec.Command(r.bin, args...)
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {

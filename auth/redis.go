@@ -24,7 +24,7 @@ type RedisRevocations struct {
 	prefix      string
 	maxLifetime time.Duration
 	cacheTTL    time.Duration
-	raise       *rueidis.Lua
+	replicas    int64
 }
 
 // RedisRevocationsOptions configures RedisRevocations.
@@ -34,6 +34,12 @@ type RedisRevocationsOptions struct {
 	// CacheTTL bounds how long a lookup is served from local memory; invalidations usually drop
 	// it much sooner. Zero means 10 minutes.
 	CacheTTL time.Duration
+	// Replicas is how many replicas must have a revocation before it is acknowledged: each
+	// write is followed by WAIT on the same connection, bounded by the call's deadline, and
+	// fewer acknowledgements make it an error. So a revocation answered 200 survives the loss
+	// of the master that took it (Redis Cluster promotes a replica that has it). Zero: no WAIT,
+	// for a single Redis without replicas.
+	Replicas int
 }
 
 // NewRedisRevocations returns a store on client.
@@ -45,7 +51,7 @@ func NewRedisRevocations(client rueidis.Client, o RedisRevocationsOptions) *Redi
 		o.CacheTTL = 10 * time.Minute
 	}
 	return &RedisRevocations{client: client, prefix: o.Prefix, maxLifetime: o.MaxLifetime, cacheTTL: o.CacheTTL,
-		raise: rueidis.NewLuaScript(raiseUserRevocation)}
+		replicas: int64(max(o.Replicas, 0))}
 }
 
 func (s *RedisRevocations) jtiKey(jti string) string   { return s.prefix + "revoked:jti:" + jti }
@@ -79,8 +85,7 @@ func (s *RedisRevocations) RevokeToken(ctx context.Context, jti string, until ti
 		return nil // already expired: nothing to refuse
 	}
 	err := retryOnce(ctx, func() error {
-		return s.client.Do(ctx, s.client.B().Set().Key(s.jtiKey(jti)).Value("1").
-			Px(max(ttl, time.Millisecond)).Build()).Error()
+		return s.write(ctx, s.client.B().Set().Key(s.jtiKey(jti)).Value("1").Px(max(ttl, time.Millisecond)).Build())
 	})
 	if err != nil {
 		return fmt.Errorf("auth: revoke token: %w", err)
@@ -99,12 +104,46 @@ return 1`
 
 // RevokeUser implements Revocations.
 func (s *RedisRevocations) RevokeUser(ctx context.Context, userID string, before time.Time) error {
+	// EVAL rather than EVALSHA: revocations are rare, and a script sent whole needs no
+	// NOSCRIPT round trip in the middle of the write and its WAIT.
 	err := retryOnce(ctx, func() error {
-		return s.raise.Exec(ctx, s.client, []string{s.userKey(userID)},
-			[]string{strconv.FormatInt(before.UnixMilli(), 10), strconv.FormatInt(s.maxLifetime.Milliseconds(), 10)}).Error()
+		return s.write(ctx, s.client.B().Eval().Script(raiseUserRevocation).Numkeys(1).Key(s.userKey(userID)).
+			Arg(strconv.FormatInt(before.UnixMilli(), 10), strconv.FormatInt(s.maxLifetime.Milliseconds(), 10)).Build())
 	})
 	if err != nil {
 		return fmt.Errorf("auth: revoke user: %w", err)
+	}
+	return nil
+}
+
+// ErrNotReplicated is the error of a revocation that the master took but no replica
+// confirmed within the call's budget: it may be lost with the master, so it is not
+// acknowledged. Sending it again is safe.
+var ErrNotReplicated = errors.New("not confirmed by a replica in time")
+
+// write sends cmd and, with Replicas, a WAIT behind it on the same connection (rueidis sends
+// a pipeline with a blocking command on one dedicated connection, and on a cluster to the node
+// of cmd's key), whose timeout leaves a quarter of the remaining budget for the answer to
+// arrive: WAIT 0 would wait for ever.
+func (s *RedisRevocations) write(ctx context.Context, cmd rueidis.Completed) error {
+	if s.replicas == 0 {
+		return s.client.Do(ctx, cmd).Error()
+	}
+	wait := 100 * time.Millisecond
+	if dl, ok := ctx.Deadline(); ok {
+		wait = time.Until(dl) * 3 / 4
+	}
+	res := s.client.DoMulti(ctx, cmd,
+		s.client.B().Wait().Numreplicas(s.replicas).Timeout(max(wait.Milliseconds(), 1)).Build())
+	if err := res[0].Error(); err != nil {
+		return err
+	}
+	n, err := res[1].AsInt64()
+	if err != nil {
+		return err
+	}
+	if n < s.replicas {
+		return fmt.Errorf("%w (%d of %d replicas within %v)", ErrNotReplicated, n, s.replicas, wait.Round(time.Millisecond))
 	}
 	return nil
 }
@@ -115,7 +154,7 @@ func (s *RedisRevocations) RevokeUser(ctx context.Context, userID string, before
 func retryOnce(ctx context.Context, write func() error) error {
 	err := write()
 	var re *rueidis.RedisError
-	if err == nil || errors.As(err, &re) || ctx.Err() != nil {
+	if err == nil || errors.As(err, &re) || errors.Is(err, ErrNotReplicated) || ctx.Err() != nil {
 		return err // nil, or an answer from Redis itself, or out of time
 	}
 	return write()
