@@ -20,10 +20,17 @@ import (
 // runStreams opens a concurrent chat stream to url per token, reads every event, and returns
 // how many upstream lines arrived (events carrying sent_ns) and their latencies.
 func runStreams(tb testing.TB, client *http.Client, url string, tokens []string) (lines int64, lat []time.Duration) {
+	return runStreamsSpread(tb, client, url, tokens, 0)
+}
+
+// runStreamsSpread is runStreams with the streams' starts spread evenly over spread, as
+// clients' questions are: 500 at the same instant is a burst no deployment sees.
+func runStreamsSpread(tb testing.TB, client *http.Client, url string, tokens []string, spread time.Duration) (lines int64, lat []time.Duration) {
 	tb.Helper()
 	var n atomic.Int64
 	var mu sync.Mutex
 	err := inParallel(len(tokens), len(tokens), func(i int) error {
+		time.Sleep(spread * time.Duration(i) / time.Duration(len(tokens)))
 		req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(`{"message":"benchmark question"}`))
 		req.Header.Set("Content-Type", "application/json")
 		req.Header.Set("Authorization", "Bearer "+tokens[i])
@@ -247,10 +254,32 @@ func redisCalls(tb testing.TB, r *testRedis) int64 {
 	return total
 }
 
+// counter sums the samples of a counter in the Prometheus text at url.
+func counter(tb testing.TB, url, name string) float64 {
+	tb.Helper()
+	res, err := http.Get(url)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer res.Body.Close()
+	var sum float64
+	sc := bufio.NewScanner(res.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if rest, ok := strings.CutPrefix(line, name); ok && (strings.HasPrefix(rest, " ") || strings.HasPrefix(rest, "{")) {
+			f := strings.Fields(line)
+			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+			sum += v
+		}
+	}
+	return sum
+}
+
 // BenchmarkReplayLog measures what resuming costs: the built gateway with SSE_RESUME_WINDOW on
 // (its events appended to the Redis replay log) beside the same gateway with it off, each a
 // child process on the same Redis, at the same load: REPLAY_BENCH_STREAMS (default 500)
-// concurrent streams of 100 lines 100 ms apart, twice each, alternating. It reports CPU per event
+// concurrent streams of 100 lines 100 ms apart (their starts spread over 2 s), twice each,
+// alternating. It reports CPU per event
 // (user+sys from /proc) and Redis commands per event (INFO commandstats, which also counts the
 // admission scripts of both), then the latency of resuming: from a GET with Last-Event-ID to its
 // first replayed event, over REPLAY_BENCH_RESUMES (default 500) resumes of finished streams.
@@ -281,6 +310,7 @@ func BenchmarkReplayLog(b *testing.B) {
 		type figures struct {
 			cpu           time.Duration
 			events, calls int64
+			pipes         float64 // the replay log's round trips
 		}
 		var figs [2]figures
 		children := [2]*child{off, on}
@@ -292,23 +322,26 @@ func BenchmarkReplayLog(b *testing.B) {
 				// Warm, 50 users at a time (a first request looks its token up in Redis, and 500
 				// at once from a cold cache can outrun AUTH_BUDGET): connections, tokens, scripts.
 				for j := 0; j < len(tokens); j += 50 {
-					runStreams(b, client, url, tokens[j:min(j+50, len(tokens))])
+					runStreamsSpread(b, client, url, tokens[j:min(j+50, len(tokens))], time.Second)
 				}
 			}
-			cpu0, calls0 := c.cpu(b), redisCalls(b, r)
-			n, _ := runStreams(b, client, url, tokens)
+			metrics := "http://" + c.addr + "/metrics"
+			cpu0, calls0, pipes0 := c.cpu(b), redisCalls(b, r), counter(b, metrics, "sse_replay_pipelines_total")
+			n, _ := runStreamsSpread(b, client, url, tokens, 2*time.Second)
 			figs[i].cpu += c.cpu(b) - cpu0
 			figs[i].calls += redisCalls(b, r) - calls0
+			figs[i].pipes += counter(b, metrics, "sse_replay_pipelines_total") - pipes0
 			figs[i].events += n
 		}
 		for i, name := range []string{"resume off", "resume on"} {
 			f := figs[i]
-			b.Logf("%-10s %5.1f µs CPU/event  %.3f Redis commands/event  (%d events, CPU %v, %d commands)", name,
-				micros(f.cpu/time.Duration(f.events)), float64(f.calls)/float64(f.events), f.events, f.cpu, f.calls)
+			b.Logf("%-10s %5.1f µs CPU/event  %.3f Redis commands/event  %.3f replay round trips/event  (%d events, CPU %v, %d commands)", name,
+				micros(f.cpu/time.Duration(f.events)), float64(f.calls)/float64(f.events), f.pipes/float64(f.events), f.events, f.cpu, f.calls)
 		}
 		b.ReportMetric(micros(figs[0].cpu/time.Duration(figs[0].events)), "off-µs/event")
 		b.ReportMetric(micros(figs[1].cpu/time.Duration(figs[1].events)), "on-µs/event")
 		b.ReportMetric(float64(figs[1].calls-figs[0].calls)/float64(figs[1].events), "log-commands/event")
+		b.ReportMetric(figs[1].pipes/float64(figs[1].events), "log-round-trips/event")
 
 		// Resume latency: finished streams with known request IDs, run all at once, then each
 		// resumed from its tenth event, one at a time.

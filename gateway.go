@@ -194,7 +194,12 @@ func (g *gateway) buildHandlers() error {
 	var replay sse.ReplayLog // nil: resuming off
 	if cfg.SSEResumeWindow > 0 {
 		if g.redis != nil {
-			g.replay = sse.NewRedisReplay(g.bulkRedis, cfg.RedisPrefix, cfg.SSEResumeRetention, g.log)
+			g.replay = sse.NewRedisReplay(g.bulkRedis, sse.RedisReplayOptions{Prefix: cfg.RedisPrefix,
+				Retention: cfg.SSEResumeRetention, Log: g.log,
+				OnSend: func(batches int) {
+					tel.replayPipelines.Add(bg, 1)
+					tel.replayBatches.Add(bg, int64(batches))
+				}})
 			replay = g.replay
 		} else {
 			replay = sse.NewMemoryReplay(cfg.SSEResumeRetention, nil)

@@ -692,6 +692,8 @@ var wantMetrics = map[string][]string{
 	"sse_streams_active":              {},
 	"sse_events_total":                {"event"},
 	"sse_time_to_first_event_seconds": {},
+	"sse_replay_pipelines_total":      {},
+	"sse_replay_batches_total":        {},
 	"voice_audio_bytes_total":         {"direction"},
 	"voice_sessions_total":            {"code"},
 	"upstream_requests_total":         {"outcome", "upstream"},

@@ -42,19 +42,21 @@ type telemetry struct {
 	shutdownMP func(context.Context) error
 	registry   *prometheus.Registry
 
-	requests      metric.Int64Counter
-	duration      metric.Float64Histogram
-	wsActive      metric.Int64UpDownCounter
-	sseActive     metric.Int64UpDownCounter
-	sseEvents     metric.Int64Counter
-	firstEvent    metric.Float64Histogram
-	voiceBytes    metric.Int64Counter
-	upstream      metric.Int64Counter
-	authFailures  metric.Int64Counter
-	rateLimited   metric.Int64Counter
-	redisErrors   metric.Int64Counter
-	voiceSessions metric.Int64Counter
-	buildInfo     metric.Int64Gauge
+	requests  metric.Int64Counter
+	duration  metric.Float64Histogram
+	wsActive  metric.Int64UpDownCounter
+	sseActive metric.Int64UpDownCounter
+	sseEvents metric.Int64Counter
+	// The replay log's writes to Redis: pipelines (round trips) and the event batches in them.
+	replayPipelines, replayBatches metric.Int64Counter
+	firstEvent                     metric.Float64Histogram
+	voiceBytes                     metric.Int64Counter
+	upstream                       metric.Int64Counter
+	authFailures                   metric.Int64Counter
+	rateLimited                    metric.Int64Counter
+	redisErrors                    metric.Int64Counter
+	voiceSessions                  metric.Int64Counter
+	buildInfo                      metric.Int64Gauge
 
 	sets    sync.Map // label values → attribute set, so recording allocates nothing once warm
 	reqSets sync.Map // requestLabels → [2]metric.MeasurementOption (with and without status)
@@ -130,6 +132,13 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 	must(err)
 	t.sseEvents, err = m.Int64Counter("sse_events_total", metric.WithDescription("SSE events sent, by event name (upstream types outside the known set count as other)."))
 	must(err)
+	t.replayPipelines, err = m.Int64Counter("sse_replay_pipelines_total", metric.WithDescription("Pipelines (Redis round trips) the resumable streams' replay log sent."))
+	must(err)
+	t.replayBatches, err = m.Int64Counter("sse_replay_batches_total", metric.WithDescription("Batches of events the replay log appended to Redis (one per write to a client, or fewer)."))
+	must(err)
+	// Exported from the start, at zero, like every other series the dashboard reads.
+	t.replayPipelines.Add(context.Background(), 0)
+	t.replayBatches.Add(context.Background(), 0)
 	t.firstEvent, err = m.Float64Histogram("sse_time_to_first_event_seconds", metric.WithDescription("From a chat request to its first upstream event."), metric.WithUnit("s"), latency)
 	must(err)
 	t.voiceBytes, err = m.Int64Counter("voice_audio_bytes_total", metric.WithDescription("Audio bytes relayed, by direction (in: from voice apps, out: to them)."))

@@ -46,6 +46,7 @@ type RedisReplay struct {
 	prefix    string
 	retention time.Duration
 	log       *slog.Logger
+	onSend    func(batches int)
 	ops       chan replayOp
 
 	mu       sync.Mutex
@@ -60,12 +61,25 @@ type replayOp struct {
 	ended bool // production ended: drop the heartbeat
 }
 
+// RedisReplayOptions configures a RedisReplay.
+type RedisReplayOptions struct {
+	Prefix    string        // key prefix (REDIS_PREFIX), as given
+	Retention time.Duration // how long a log is kept after its last event
+	// OnSend, if set, is told of every pipeline sent (one round trip) and how many batches of
+	// events it carried (for metrics).
+	OnSend func(batches int)
+	Log    *slog.Logger
+}
+
 // NewRedisReplay returns a log on client; Run must be running for appends to reach Redis.
-func NewRedisReplay(client rueidis.Client, prefix string, retention time.Duration, log *slog.Logger) *RedisReplay {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+func NewRedisReplay(client rueidis.Client, o RedisReplayOptions) *RedisReplay {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &RedisReplay{client: client, prefix: prefix, retention: retention, log: log,
+	if o.OnSend == nil {
+		o.OnSend = func(int) {}
+	}
+	return &RedisReplay{client: client, prefix: o.Prefix, retention: o.Retention, log: o.Log, onSend: o.OnSend,
 		ops: make(chan replayOp, 16*replayBatch), live: map[ReplayKey]int{}}
 }
 
@@ -153,8 +167,11 @@ func (r *RedisReplay) drain(batch []replayOp) []replayOp {
 func (r *RedisReplay) send(ctx context.Context, batch []replayOp, beat bool) {
 	b := r.client.B()
 	cmds := make(rueidis.Commands, 0, 2*len(batch)+8)
+	// A log's expiry is set when it starts and ends, and with every heartbeat while it runs:
+	// one command per batch of events, not two.
 	ttl := r.retention.Milliseconds()
 	touched := map[string]bool{}
+	batches := 0
 	for _, op := range batch {
 		key := r.key(op.k)
 		switch {
@@ -170,7 +187,10 @@ func (r *RedisReplay) send(ctx context.Context, batch []replayOp, beat bool) {
 				fields = fields.FieldValue("e", "1")
 			}
 			cmds = append(cmds, fields.Build())
-			touched[key] = true
+			batches++
+			if op.e.first == 0 || op.e.end {
+				touched[key] = true
+			}
 		}
 	}
 	for key := range touched {
@@ -179,13 +199,18 @@ func (r *RedisReplay) send(ctx context.Context, batch []replayOp, beat bool) {
 	if beat {
 		r.mu.Lock()
 		for k := range r.live {
-			cmds = append(cmds, b.Set().Key(r.key(k)+":hb").Value("1").Px(replayBeatTTL).Build())
+			key := r.key(k)
+			cmds = append(cmds, b.Set().Key(key+":hb").Value("1").Px(replayBeatTTL).Build())
+			if !touched[key] {
+				cmds = append(cmds, b.Pexpire().Key(key).Milliseconds(ttl).Build())
+			}
 		}
 		r.mu.Unlock()
 	}
 	if len(cmds) == 0 {
 		return
 	}
+	r.onSend(batches)
 	for _, res := range r.client.DoMulti(ctx, cmds...) {
 		if err := res.Error(); err != nil {
 			r.warn("replay log: Redis write failed; resumes across the lost events will be told", err)
