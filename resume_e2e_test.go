@@ -79,7 +79,7 @@ func wantRest(t *testing.T, s *sseReader, after int) {
 		want++
 	}
 	if names := eventNames(evs); len(names) < 2 || names[len(names)-2] != "generation_done" || names[len(names)-1] != "stream_end" {
-		t.Fatalf("resumed events %v, want the rest of the answer through generation_done, then stream_end", names)
+		t.Fatalf("resumed events %v, want the rest of the answer through generation_done, then stream_end (raw:\n%s)", names, clipText(s.raw.String()))
 	}
 	if want != resumeLines+2 { // the lines, then stream_end
 		t.Fatalf("resumed %d events after id %d, want the %d after it", len(evs), after, resumeLines+1-after)
@@ -104,7 +104,7 @@ func TestResumeAcrossInstances(t *testing.T) {
 	r := startRedis(t)
 	algo := newResumeAlgo(t)
 	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
-		"SSE_RESUME_WINDOW": "2s"}))
+		"SSE_RESUME_WINDOW": "2s", "LOG_LEVEL": "debug"}))
 	a := startRun(t, nil, env)
 	b := startRun(t, nil, env)
 	w := watchTokens(t, a, b)
@@ -162,7 +162,8 @@ func TestResumeAcrossInstances(t *testing.T) {
 		res.Body.Close()
 		if names := eventNames(evs); len(names) != 2 || names[0] != "error" || names[1] != "stream_end" ||
 			evs[0].fields(t)["code"] != sse.CodeUpstreamIncomplete {
-			t.Errorf("a late resume of an abandoned stream = %v (%v), want error UPSTREAM_INCOMPLETE, stream_end", names, evs)
+			t.Errorf("a late resume of an abandoned stream = %v (%v), want error UPSTREAM_INCOMPLETE, stream_end; B's log:\n%s",
+				names, evs, clipText(b.Stderr.String()))
 		}
 	})
 
@@ -178,6 +179,10 @@ func TestResumeAcrossInstances(t *testing.T) {
 		// What a log trimmed by its length bound looks like: the oldest batches are gone, up to
 		// and including the one holding event 4.
 		key := "voicegate:replay:{tenant-a}:u-alice:rs-gap"
+		eventually(t, 5*time.Second, "the log holds the stream's end", func() bool {
+			last, _ := r.Do(t, "XREVRANGE", key, "+", "-", "COUNT", "1").([]any)
+			return len(last) == 1 && strings.Contains(fmt.Sprint(last[0]), "stream_end")
+		})
 		entries, _ := r.Do(t, "XRANGE", key, "-", "+").([]any)
 		for _, e := range entries {
 			id := e.([]any)[0].(string)

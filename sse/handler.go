@@ -319,8 +319,13 @@ func NewHandler(o HandlerOptions) http.Handler {
 			runReverse(held)
 		}()
 		p.watch(stop, finished, r.Context().Done(), o.PingInterval)
-		// Either the stream is over and released, or it goes on without this client (resuming):
-		// this handler writes nothing more either way.
+		select {
+		case <-finished: // over and released; nothing writes to the client any more
+		default:
+			// It goes on without this client (resuming): nothing may write to the response once
+			// the handler has returned.
+			p.letGo()
+		}
 		cw.done()
 	})
 }
@@ -393,6 +398,7 @@ func (o *HandlerOptions) resume(w http.ResponseWriter, r *http.Request, k Replay
 		return cw.write(b)
 	}
 	err := o.Replay.Replay(r.Context(), k, after, emit)
+	o.Log.DebugContext(r.Context(), "resume ended", "request_id", k.RequestID, "after", after, "err", err)
 	if err == nil || r.Context().Err() != nil {
 		return
 	}

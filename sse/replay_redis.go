@@ -19,11 +19,13 @@ import (
 
 // Timing of the Redis replay log.
 const (
-	replayBeat      = time.Second     // how often a producing instance says it is alive
-	replayBeatTTL   = 3 * replayBeat  // how long a resumer waits for the next before it gives up
-	replayBlock     = replayBeat      // how long a resumer's XREAD waits for new events
-	replayCallBound = 2 * time.Second // every other call
-	replayBatch     = 512             // appends sent in one pipeline at most
+	replayBeat      = time.Second            // how often a producing instance says it is alive
+	replayBeatTTL   = 3 * replayBeat         // how long a resumer waits for the next before it gives up
+	replayBlock     = replayBeat             // how long a resumer's XREAD waits for new events
+	replayCallBound = 2 * time.Second        // every other call
+	replayBatch     = 512                    // appends sent in one pipeline at most
+	replayAppear    = 500 * time.Millisecond // how long a resume waits for a log to appear
+	replayPoll      = 50 * time.Millisecond
 )
 
 // RedisReplay is a ReplayLog in Redis Streams, shared by every instance: a stream produced on
@@ -248,6 +250,27 @@ func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit
 	if id >= 0 {
 		from = strconv.FormatInt(id, 10) + "-1"
 	}
+	// Is there a log? A client can see an event a moment before the producer's pipeline has
+	// taken it to Redis, so a log that is not there yet gets that moment to appear.
+	for waited := time.Duration(0); ; waited += replayPoll {
+		cctx, cancel := context.WithTimeout(ctx, replayCallBound)
+		n, err := r.client.Do(cctx, b.Exists().Key(key, key+":hb").Build()).AsInt64()
+		cancel()
+		if err != nil {
+			return fmt.Errorf("sse: replay: %w", err)
+		}
+		if n > 0 {
+			break
+		}
+		if waited >= replayAppear {
+			return ErrNoReplay
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(replayPoll):
+		}
+	}
 	// What the log holds already.
 	for first := true; ; first = false {
 		start := "(" + from
@@ -256,14 +279,6 @@ func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit
 		}
 		cctx, cancel := context.WithTimeout(ctx, replayCallBound)
 		entries, err := r.client.Do(cctx, b.Xrange().Key(key).Start(start).End("+").Count(256).Build()).AsXRange()
-		if err == nil && first && len(entries) == 0 {
-			var n int64
-			n, err = r.client.Do(cctx, b.Exists().Key(key, key+":hb").Build()).AsInt64()
-			if err == nil && n == 0 {
-				cancel()
-				return ErrNoReplay
-			}
-		}
 		cancel()
 		if err != nil {
 			return fmt.Errorf("sse: replay: %w", err)
@@ -280,8 +295,12 @@ func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit
 				if err != nil {
 					return fmt.Errorf("sse: replay: %w", err)
 				}
+				// (Only an end at or before id: one appended since the XRANGE is read below.)
 				if len(last) == 1 && last[0].FieldValues["e"] == "1" {
-					return nil
+					n, _, _ := strings.Cut(last[0].ID, "-")
+					if l, err := strconv.ParseInt(n, 10, 64); err == nil && l <= id {
+						return nil
+					}
 				}
 			}
 		}

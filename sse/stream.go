@@ -54,7 +54,7 @@ func (e *ending) reason() string {
 // pipe carries a stream's events to the client. The goroutine that reads the upstream encodes
 // each line and writes it to the client itself, as a bare proxy would: no hand-off, no queue.
 // The handler's goroutine writes only pings, while the stream is silent. Whoever holds the
-// write token (writing) writes; nobody ever waits for it: a goroutine that finds it taken
+// write token writes; no writer ever waits for it: a goroutine that finds it taken
 // leaves its events pending, and the holder writes them before it lets go. So nothing blocks
 // under a lock: mu guards the Rewriter and the resume state, and is never held across a read,
 // a write or a wait.
@@ -68,7 +68,7 @@ type pipe struct {
 	mu        sync.Mutex
 	rw        *Rewriter
 	cw        *clientWriter // used by the write token's holder only
-	writing   atomic.Bool   // the write token
+	token     chan struct{} // the write token: held while it is full
 	failed    atomic.Bool   // a write to the client failed: it is gone, or not reading
 	lastWrite atomic.Int64  // unix ns of the last write to the client
 
@@ -85,7 +85,7 @@ type pipe struct {
 }
 
 func newPipe(rw *Rewriter, cw *clientWriter) *pipe {
-	return &pipe{rw: rw, cw: cw, logged: -1, clientDone: make(chan struct{})}
+	return &pipe{rw: rw, cw: cw, logged: -1, clientDone: make(chan struct{}), token: make(chan struct{}, 1)}
 }
 
 // resumable makes the stream resumable through log, under key, for window after its client
@@ -110,7 +110,14 @@ func (p *pipe) take(buf []byte) []byte {
 // else the holder will. A failed write loses the client: the stream ends, or, resumable, goes on
 // without it. buf is the caller's own buffer.
 func (p *pipe) flush(buf *[]byte, extra []byte, stop *ending) {
-	for p.writing.CompareAndSwap(false, true) {
+	if p.detached.Load() {
+		// Nothing goes to the client any more; the log still gets every event.
+		p.mu.Lock()
+		*buf = p.take(*buf)
+		p.mu.Unlock()
+		return
+	}
+	for p.takeToken() {
 		p.mu.Lock()
 		*buf = p.take(*buf)
 		notice := p.notice && !p.detached.Load()
@@ -134,7 +141,7 @@ func (p *pipe) flush(buf *[]byte, extra []byte, stop *ending) {
 		if notice {
 			p.detach()
 		}
-		p.writing.Store(false)
+		<-p.token
 		// Events left while the token was taken are this holder's to write.
 		p.mu.Lock()
 		more := p.rw.Pending() > 0 || (p.notice && !p.detached.Load())
@@ -144,6 +151,21 @@ func (p *pipe) flush(buf *[]byte, extra []byte, stop *ending) {
 		}
 	}
 }
+
+// takeToken takes the write token if it is free.
+func (p *pipe) takeToken() bool {
+	select {
+	case p.token <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+// letGo is the handler's last word on a stream that goes on without its client: it waits for a
+// write under way to end (bounded by the write deadline) and keeps the write token, so that no
+// write to the client starts after the handler has returned.
+func (p *pipe) letGo() { p.token <- struct{}{} }
 
 // detach lets go of the client: nothing more is written to it, and the handler returns. Called
 // by the holder of the write token, or once the client is gone.
