@@ -49,10 +49,10 @@ func TestClusterHelper(t *testing.T) {
 	}
 }
 
-// clusterAlgo is an algorithm service for chat and voice: a chat message "hold" streams until
+// chatVoiceAlgo is an algorithm service for chat and voice: a chat message "hold" streams until
 // the request ends, any other is answered at once; voice sessions are accepted and read until
 // they close.
-func clusterAlgo(t *testing.T) *fakeBackend {
+func chatVoiceAlgo(t *testing.T) *fakeBackend {
 	t.Helper()
 	testDone := t.Context()
 	return newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
@@ -128,7 +128,7 @@ func TestClusterSharedFeatures(t *testing.T) {
 		io.WriteString(w, `{"status":"active"}`)
 	})
 	backend := okBackend(t)
-	a, b := clusterPair(t, c, clusterAlgo(t), backend, with(roomyBudgets, map[string]string{
+	a, b := clusterPair(t, c, chatVoiceAlgo(t), backend, with(roomyBudgets, map[string]string{
 		"POLICY_FILE": "testdata/policy/e2e-cluster.json", "USER_SERVICE_URL": users.URL}))
 	w := watchTokens(t, a, b)
 	const doc = "/api/v2/documents/x"

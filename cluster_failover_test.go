@@ -123,7 +123,7 @@ func TestClusterFailover(t *testing.T) {
 			c := startCluster(t)
 			t.Cleanup(func() { c.heal(t) })
 			backend := okBackend(t)
-			algo := clusterAlgo(t)
+			algo := chatVoiceAlgo(t)
 			a, b := clusterPair(t, c, algo, backend, map[string]string{
 				"AUTH_BUDGET": authBudget.String(), "LIMIT_BUDGET": limitBudget.String()})
 			w := watchTokens(t, a, b)
@@ -380,7 +380,7 @@ func TestClusterRevocationSurvivesKill(t *testing.T) {
 	c := startCluster(t)
 	t.Cleanup(func() { c.heal(t) })
 	backend := okBackend(t)
-	a, b := clusterPair(t, c, clusterAlgo(t), backend, nil)
+	a, b := clusterPair(t, c, chatVoiceAlgo(t), backend, nil)
 	w := watchTokens(t, a, b)
 	const doc = "/api/v2/documents/x"
 	master, replica := c.masterOf(t, 0)
@@ -537,7 +537,7 @@ func tenantIn(n int, seed string) string {
 func TestClusterReshard(t *testing.T) {
 	c := startCluster(t)
 	t.Cleanup(func() { c.heal(t) })
-	a, b := clusterPair(t, c, clusterAlgo(t), okBackend(t), nil)
+	a, b := clusterPair(t, c, chatVoiceAlgo(t), okBackend(t), nil)
 	w := watchTokens(t, a, b)
 	const moved = 16
 	var toks []string
