@@ -108,6 +108,17 @@ func (s *session) run() {
 	go s.fromUpstream()
 	s.h.timers.add(s)
 	s.fromClient()
+	s.finish()
+}
+
+// finish lets go of what the session held, once both readers have returned, and reports its
+// end. It is a function of its own, never inlined, so that its locals (the stats, the usage
+// record, the log line's attributes) are not part of run's frame: that frame is on the stack
+// for the whole session, under fromClient, and a bigger one keeps an idle session's stack at
+// twice the size.
+//
+//go:noinline
+func (s *session) finish() {
 	<-s.upDone
 	<-s.closed
 	s.h.timers.remove(s)
