@@ -86,8 +86,9 @@ func (g *gateway) protect(h http.Handler, a access) http.Handler {
 		guarded = g.authn.Require(false)(g.enforcer.Guard(h))
 	case tokenWS:
 		// Browsers cannot read a refused upgrade's status: they are told in-band instead.
-		guarded = voice.RefuseInBand(g.authn.Require(true)(g.enforcer.Guard(h)))
-		h = voice.RefuseInBand(h)
+		allow := proxy.CORSOptions{Origins: g.cfg.CORSOrigins}.AllowOrigin
+		guarded = voice.RefuseInBand(allow, g.authn.Require(true)(g.enforcer.Guard(h)))
+		h = voice.RefuseInBand(allow, h)
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if g.authn.Public(r.URL.Path) {

@@ -94,6 +94,10 @@ func TestVoiceBrowserRefusals(t *testing.T) {
 		{"bad token", app, forged, 401, "TOKEN_INVALID", ""},
 		{"no voice:write", app, noPerm, 403, "PERMISSION_DENIED", "voice:write"},
 		{"disallowed origin", "https://evil.example", user, 403, "PERMISSION_DENIED", "origin"},
+		// Only the origin's reason, whatever else is wrong: a page elsewhere learns nothing about
+		// the token it sent.
+		{"disallowed origin, bad token", "https://evil.example", forged, 403, "PERMISSION_DENIED", "origin"},
+		{"disallowed origin, no token", "https://evil.example", "", 403, "PERMISSION_DENIED", "origin"},
 		{"localhost is not 127.0.0.1", "http://localhost:" + strings.Split(g.Addr, ":")[1], user, 403, "PERMISSION_DENIED", "origin"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

@@ -188,15 +188,24 @@ func (h *Handler) putBuf(b *[]byte) {
 	h.bufs.Put(b)
 }
 
+// msgOriginRefused is the error of an upgrade from an origin that is not allowed.
+const msgOriginRefused = "origin not allowed"
+
+// originRefused reports whether r comes from a browser page whose origin may not open voice
+// sessions: one with an Origin that is neither this host nor allowed by allow (nil: none is).
+func originRefused(r *http.Request, allow func(origin string) bool) bool {
+	origin := r.Header.Get("Origin")
+	return origin != "" && !sameHost(origin, r.Host) && (allow == nil || !allow(origin))
+}
+
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !isUpgrade(r) {
 		w.Header().Set("Upgrade", "websocket")
 		proxy.Errorf(w, r, http.StatusUpgradeRequired, proxy.CodeValidation, "this route speaks WebSocket only")
 		return
 	}
-	if origin := r.Header.Get("Origin"); origin != "" && !sameHost(origin, r.Host) &&
-		(h.o.AllowOrigin == nil || !h.o.AllowOrigin(origin)) {
-		proxy.Errorf(w, r, http.StatusForbidden, proxy.CodePermission, "origin not allowed")
+	if originRefused(r, h.o.AllowOrigin) {
+		proxy.Errorf(w, r, http.StatusForbidden, proxy.CodePermission, msgOriginRefused)
 		return
 	}
 	q := r.URL.Query()

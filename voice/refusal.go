@@ -36,19 +36,26 @@ const maxRefusalBody = 16 << 10
 // ({"type":"error","code","message","status","request_id","retry_after","details"}) and the
 // socket is closed with RefusalCode(status). Nothing else happens on that socket: no session,
 // no dial, nothing read from the client but its close frame; so accepting it even from an
-// origin that is not allowed grants that origin nothing but the reason.
+// origin that is not allowed grants that origin nothing but the reason. And that reason is only
+// ever the origin's: an upgrade from an origin allow refuses is answered 403 before anything
+// else runs, so a page elsewhere cannot use the in-band answer to learn whether a token is
+// valid, or anything else the chain would have said.
 //
 // Every other request (non-browser clients send no Origin, or send their token in
 // Authorization) keeps the HTTP status and JSON error. The access log and the metrics count
 // the refusal's status either way, not the 101 that carried it.
-func RefuseInBand(next http.Handler) http.Handler {
+func RefuseInBand(allow func(origin string) bool, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !browserUpgrade(r) {
 			next.ServeHTTP(w, r)
 			return
 		}
 		rw := &refusalWriter{ResponseWriter: w}
-		next.ServeHTTP(rw, r)
+		if originRefused(r, allow) {
+			proxy.Errorf(rw, r, http.StatusForbidden, proxy.CodePermission, msgOriginRefused)
+		} else {
+			next.ServeHTTP(rw, r)
+		}
 		if rw.status != 0 {
 			refuse(w, r, rw.status, rw.body.Bytes())
 		}
@@ -151,7 +158,9 @@ func refuse(w http.ResponseWriter, r *http.Request, status int, body []byte) {
 	hj := &hijacker{ResponseWriter: w, read: refusalTimeout, write: refusalTimeout}
 	c, err := websocket.Accept(hj, r, &websocket.AcceptOptions{
 		Subprotocols:       []string{Subprotocol},
-		InsecureSkipVerify: true, // see RefuseInBand: the origin gets nothing but the reason
+		// The origin may be one the gateway refuses: that is what it is being told (see
+		// RefuseInBand), and all it is told.
+		InsecureSkipVerify: true,
 		CompressionMode:    websocket.CompressionDisabled,
 	})
 	if err != nil {
