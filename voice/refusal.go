@@ -157,7 +157,7 @@ func refuse(w http.ResponseWriter, r *http.Request, status int, body []byte) {
 	}
 	hj := &hijacker{ResponseWriter: w, read: refusalTimeout, write: refusalTimeout}
 	c, err := websocket.Accept(hj, r, &websocket.AcceptOptions{
-		Subprotocols:       []string{Subprotocol},
+		Subprotocols: []string{Subprotocol},
 		// The origin may be one the gateway refuses: that is what it is being told (see
 		// RefuseInBand), and all it is told.
 		InsecureSkipVerify: true,
