@@ -291,7 +291,8 @@ func NewHandler(o HandlerOptions) http.Handler {
 		p := newPipe(rw, cw)
 		if o.Replay != nil {
 			key := ReplayKey{Tenant: tenant, User: user, RequestID: q.RequestID}
-			p.resumable(o.Replay, key, o.ResumeWindow)
+			// Asked on the stream's own context, which ends with the stream.
+			p.resumable(o.Replay, key, o.ResumeWindow, func() bool { return o.Replay.Watched(ctx, key) })
 			held = append(held, o.Replay.Produce(key))
 		}
 		if o.Replay != nil {
@@ -337,6 +338,12 @@ func NewHandler(o HandlerOptions) http.Handler {
 func NewResumeHandler(o HandlerOptions) http.Handler {
 	if o.WriteTimeout <= 0 {
 		o.WriteTimeout = 10 * time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id := r.PathValue("request_id")
@@ -404,13 +411,9 @@ func (o *HandlerOptions) resume(w http.ResponseWriter, r *http.Request, k Replay
 	}
 	var gap *GapError
 	var gone *GoneError
-	now := time.Now
-	if o.Now != nil {
-		now = o.Now
-	}
 	end := func(last int64, code, msg, outcome string) {
 		enc := newEncoder(k.RequestID)
-		t := now().UnixMilli()
+		t := o.Now().UnixMilli()
 		b := enc.appendGatewayEvent(nil, last+1, EventError, t, field("code", code), field("message", msg), field("fatal", true))
 		b = enc.appendGatewayEvent(b, last+2, EventEnd, t, field("outcome", outcome))
 		_ = cw.write(start(b))

@@ -1,7 +1,6 @@
 package sse
 
 import (
-	"context"
 	"errors"
 	"io"
 	"net/http"
@@ -75,6 +74,7 @@ type pipe struct {
 	// Resuming; all nil or zero for a stream that is not resumable.
 	log        ReplayLog
 	key        ReplayKey
+	watched    func() bool // someone resumes the stream now (asked within the stream's life)
 	window     time.Duration
 	logged     int64 // the last id appended to the log; -1 before stream_start
 	detached   atomic.Bool
@@ -89,9 +89,9 @@ func newPipe(rw *Rewriter, cw *clientWriter) *pipe {
 }
 
 // resumable makes the stream resumable through log, under key, for window after its client
-// goes.
-func (p *pipe) resumable(log ReplayLog, key ReplayKey, window time.Duration) {
-	p.log, p.key, p.window = log, key, window
+// goes, and longer while watched says someone resumes it.
+func (p *pipe) resumable(log ReplayLog, key ReplayKey, window time.Duration, watched func() bool) {
+	p.log, p.key, p.window, p.watched = log, key, window, watched
 }
 
 // take takes the pending events into buf and, for a resumable stream, appends them to the
@@ -199,7 +199,7 @@ func (p *pipe) windowOver(stop *ending) {
 	if over {
 		return
 	}
-	if p.log.Watched(context.Background(), p.key) {
+	if p.watched() {
 		p.mu.Lock()
 		if !p.over {
 			p.timer.Reset(time.Second)
