@@ -259,6 +259,7 @@ func TestResumeAfterDrainAndDeath(t *testing.T) {
 		if names := eventNames(evs); len(names) != 2 || names[0] != "error" || evs[0].fields(t)["code"] != sse.CodeUpstreamIncomplete || names[1] != "stream_end" {
 			t.Fatalf("resuming a stream whose instance died = %v (%v), want error UPSTREAM_INCOMPLETE, stream_end", names, evs)
 		}
+		t.Logf("the resumer was told %v after the kill", time.Since(killed))
 		if d := time.Since(killed); d > 6*time.Second {
 			t.Errorf("the resumer noticed the dead instance after %v, want within a few seconds", d)
 		}
