@@ -187,6 +187,26 @@ func logCount(t *testing.T, g *testGateway, msg string) (int, map[string]any) {
 	return n, first
 }
 
+// clipTail is the end of a long log, where a failure usually is.
+func clipTail(s string) string {
+	if len(s) > 8000 {
+		return "…" + s[len(s)-8000:]
+	}
+	return s
+}
+
+// redisLog is what g logged about Redis and the fair-use store, one record a line.
+func redisLog(t *testing.T, g *testGateway) string {
+	t.Helper()
+	var b strings.Builder
+	for _, rec := range logRecords(t, g) {
+		if m, _ := rec["msg"].(string); strings.Contains(m, "Redis") || strings.Contains(m, "fair-use") {
+			fmt.Fprintln(&b, rec)
+		}
+	}
+	return b.String()
+}
+
 // eventually polls cond every 10 ms until it holds or within has passed, and reports how long
 // it took; it fails the test with what when it never holds.
 func eventually(t *testing.T, within time.Duration, what string, cond func() bool) time.Duration {
@@ -744,6 +764,7 @@ type childGateway struct {
 	cmd    *exec.Cmd
 	url    string
 	client *http.Client // of its own, so that its connections can be closed
+	stderr *logSink
 	once   sync.Once
 }
 
@@ -797,10 +818,13 @@ func startChildGateway(t *testing.T, env map[string]string) *childGateway {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c := &childGateway{cmd: cmd, client: &http.Client{Transport: &http.Transport{}}}
+	c := &childGateway{cmd: cmd, client: &http.Client{Transport: &http.Transport{}}, stderr: stderr}
 	t.Cleanup(func() {
 		stdin.Close()
 		c.kill()
+		if t.Failed() {
+			t.Logf("the child gateway's log:\n%s", clipTail(stderr.String()))
+		}
 	})
 	select {
 	case addr := <-stderr.addr:
@@ -915,8 +939,8 @@ func TestPolicyRedisDown(t *testing.T) {
 	for i := range 3 {
 		res := call(t, open, "GET", doc, user, "")
 		if res.StatusCode != http.StatusOK || res.Header.Get("RateLimit-Remaining") != strconv.Itoa(2-i) {
-			t.Fatalf("request %d after Redis came back = %d with RateLimit-Remaining %q, want 200 and %d",
-				i, res.StatusCode, res.Header.Get("RateLimit-Remaining"), 2-i)
+			t.Fatalf("request %d after Redis came back = %d with RateLimit-Remaining %q, want 200 and %d; the gateway's Redis log:\n%s",
+				i, res.StatusCode, res.Header.Get("RateLimit-Remaining"), 2-i, redisLog(t, open))
 		}
 	}
 	wantError(t, call(t, open, "GET", doc, user, ""), http.StatusTooManyRequests, "RATE_LIMITED")

@@ -215,7 +215,7 @@ func TestResumeAfterDrainAndDeath(t *testing.T) {
 	r := startRedis(t)
 	algo := newResumeAlgo(t)
 	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
-		"SSE_RESUME_WINDOW": "5s", "SHUTDOWN_GRACE": "10s"}))
+		"SSE_RESUME_WINDOW": "5s", "SHUTDOWN_GRACE": "10s", "LOG_LEVEL": "debug"}))
 	b := startRun(t, nil, env)
 	w := watchTokens(t, b)
 	alice := w.token(t, "u-alice", []string{"user"}, nil)

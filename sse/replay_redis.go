@@ -123,7 +123,8 @@ func (r *RedisReplay) Produce(k ReplayKey) func() {
 }
 
 // Run sends queued appends and the heartbeats of the streams produced here until ctx ends,
-// then sends what is still queued.
+// then sends what is still queued. A send under way when ctx ends is finished, not cut short:
+// ctx ends once the last stream has ended, and the batch in flight may be its last events.
 func (r *RedisReplay) Run(ctx context.Context) {
 	tick := time.NewTicker(replayBeat)
 	defer tick.Stop()
@@ -146,7 +147,7 @@ func (r *RedisReplay) Run(ctx context.Context) {
 			batch, beat = batch[:0], true
 		}
 		batch = r.drain(batch)
-		sctx, cancel := context.WithTimeout(ctx, replayCallBound)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), replayCallBound)
 		r.send(sctx, batch, beat)
 		cancel()
 	}
