@@ -935,16 +935,29 @@ func TestPolicyRedisDown(t *testing.T) {
 			return res.StatusCode == http.StatusOK && res.Header.Get("RateLimit-Limit") == "3"
 		})
 	}
-	// The restarted Redis kept nothing: a fresh budget of 3, then refusals again.
-	for i := range 3 {
+	// The restarted Redis kept nothing: a fresh budget of 3, then refusals again. A connection
+	// of the client library that the restart broke fails its next call (EOF) before it is
+	// dialled again; fair use fails open for that one call, which never reached the new Redis.
+	// So a few answers may come without a limiter, but those that have one count down from 2.
+	var remaining []string
+	for i := 0; len(remaining) < 3 && i < 6; i++ {
 		res := call(t, open, "GET", doc, user, "")
-		if res.StatusCode != http.StatusOK || res.Header.Get("RateLimit-Remaining") != strconv.Itoa(2-i) {
-			t.Fatalf("request %d after Redis came back = %d with RateLimit-Remaining %q, want 200 and %d; the gateway's Redis log:\n%s",
-				i, res.StatusCode, res.Header.Get("RateLimit-Remaining"), 2-i, redisLog(t, open))
+		if res.StatusCode != http.StatusOK {
+			t.Fatalf("request %d after Redis came back = %d %s, want 200", i, res.StatusCode, errorCode(res))
+		}
+		if v := res.Header.Get("RateLimit-Remaining"); v != "" {
+			remaining = append(remaining, v)
 		}
 	}
+	if got := strings.Join(remaining, ","); got != "2,1,0" {
+		t.Fatalf("RateLimit-Remaining after Redis came back = %q, want 2,1,0 (a fresh budget of 3); the gateway's Redis log:\n%s",
+			got, redisLog(t, open))
+	}
 	wantError(t, call(t, open, "GET", doc, user, ""), http.StatusTooManyRequests, "RATE_LIMITED")
-	wantError(t, call(t, closed, "GET", doc, user, ""), http.StatusTooManyRequests, "RATE_LIMITED")
+	eventually(t, 5*time.Second, "the fail-closed gateway refuses the exhausted user too", func() bool {
+		res := call(t, closed, "GET", doc, user, "")
+		return res.StatusCode == http.StatusTooManyRequests && errorCode(res) == "RATE_LIMITED"
+	})
 }
 
 // ---- 6. hot reload -------------------------------------------------------------------------
