@@ -986,6 +986,11 @@ func TestPolicyHotReload(t *testing.T) {
 	if !strings.Contains(res.Error+string(res.Details), "document:read") {
 		t.Errorf("403 = %s, want it to name document:read", res.raw)
 	}
+	// The line is written just after the new policy takes over, so it may trail the 403.
+	eventually(t, time.Second, "the reload is logged", func() bool {
+		n, _ := logCount(t, g, "policy reloaded")
+		return n > 0
+	})
 	if n, _ := logCount(t, g, "policy reloaded"); n != 1 {
 		t.Errorf("%d \"policy reloaded\" lines, want 1", n)
 	}
