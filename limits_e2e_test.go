@@ -16,7 +16,7 @@ import (
 )
 
 // testClient is a rueidis client on r, closed at cleanup.
-func testClient(t *testing.T, r *testRedis) rueidis.Client {
+func testClient(t testing.TB, r *testRedis) rueidis.Client {
 	t.Helper()
 	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{r.Addr()}, DisableCache: true})
 	if err != nil {

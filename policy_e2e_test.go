@@ -1180,11 +1180,7 @@ func scriptCalls(b *testing.B, client rueidis.Client) int64 {
 // floor: one bare round trip with the same client. "memory" is the in-process limiter.
 func BenchmarkRateLimitRedis(b *testing.B) {
 	r := startRedisB(b)
-	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{r.Addr()}, DisableCache: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer client.Close()
+	client := testClient(b, r)
 	ctx := context.Background()
 	charge := func() *policy.Charge {
 		// Limits never reached, so every check does the full work of an admitted request.

@@ -32,12 +32,7 @@ func (c *stallingClient) DoMulti(ctx context.Context, multi ...rueidis.Completed
 // to Redis. They must still get there: a client resuming on another instance is owed them.
 func TestReplayStopFinishesTheSendUnderWay(t *testing.T) {
 	r := startRedis(t)
-	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{r.Addr()}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	sc := &stallingClient{Client: client, held: make(chan struct{}, 1), let: make(chan struct{})}
+	sc := &stallingClient{Client: testClient(t, r), held: make(chan struct{}, 1), let: make(chan struct{})}
 	log := sse.NewRedisReplay(sc, sse.RedisReplayOptions{Prefix: "t:", Retention: time.Minute})
 
 	k := sse.ReplayKey{Tenant: "acme", User: "u-1", RequestID: "r-last"}
@@ -60,7 +55,7 @@ func TestReplayStopFinishesTheSendUnderWay(t *testing.T) {
 	var got bytes.Buffer
 	rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	err = log.Replay(rctx, k, -1, func(b []byte) error { got.Write(b); return nil })
+	err := log.Replay(rctx, k, -1, func(b []byte) error { got.Write(b); return nil })
 	if err != nil || !bytes.Equal(got.Bytes(), events) {
 		t.Fatalf("replaying the stream after the sender stopped = %q, %v; want its events %q", got.Bytes(), err, events)
 	}
