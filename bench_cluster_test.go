@@ -187,8 +187,8 @@ func BenchmarkRateLimitCluster(b *testing.B) {
 					i := next.Add(1)
 					tenant, user := "t-"+strconv.Itoa(int(i%64)), "u-"+strconv.Itoa(int(i%512))
 					c := &policy.Charge{Tenant: tenant, User: user, Quota: 1 << 40, Buckets: []policy.Bucket{
-						{Key: "u:" + user, Interval: time.Microsecond, Burst: 1 << 30, Limit: 1000000},
-						{Key: "t", Interval: time.Microsecond, Burst: 1 << 30, Limit: 1000000}}}
+						{Parts: []string{"u", user}, Interval: time.Microsecond, Burst: 1 << 30, Limit: 1000000},
+						{Parts: []string{"t"}, Interval: time.Microsecond, Burst: 1 << 30, Limit: 1000000}}}
 					ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 					v, err := lims[i%2].Allow(ctx, c)
 					cancel()

@@ -305,15 +305,15 @@ func TestClusterScriptsOneSlot(t *testing.T) {
 		user := users[i%len(users)]
 		oneSlot(t, fmt.Sprintf("rate limit and quota, tenant %q, user %q", tenant, user), func() error {
 			_, err := adm.Allow(ctx, &policy.Charge{Tenant: tenant, User: user, Quota: 100, Buckets: []policy.Bucket{
-				{Key: "u:" + user, Interval: time.Second, Burst: 10, Limit: 10},
-				{Key: "t:" + tenant, Interval: time.Millisecond, Burst: 100, Limit: 1000},
-				{Key: "c:chat:u:" + user, Interval: time.Second, Burst: 10, Limit: 10}}})
+				{Parts: []string{"u", user}, Interval: time.Second, Burst: 10, Limit: 10},
+				{Parts: []string{"t"}, Interval: time.Millisecond, Burst: 100, Limit: 1000},
+				{Parts: []string{"c", "chat", "u", user}, Interval: time.Second, Burst: 10, Limit: 10}}})
 			return err
 		})
 		oneSlot(t, fmt.Sprintf("chat admission (rate, quota, lease, directory claim), tenant %q, user %q", tenant, user), func() error {
 			_, release, err := adm.Admit(ctx, &policy.Ask{
 				Charge: policy.Charge{Tenant: tenant, User: user, Quota: 100, Buckets: []policy.Bucket{
-					{Key: "u:" + user, Interval: time.Second, Burst: 10, Limit: 10}}},
+					{Parts: []string{"u", user}, Interval: time.Second, Burst: 10, Limit: 10}}},
 				Slot:  &policy.Slot{Kind: "chat", PerUser: 100, PerTenant: 100},
 				Claim: &policy.Claim{Key: "voicegate:stream:" + policy.Tag(tenant) + ":r-" + user, Value: "mine"}})
 			if err != nil {

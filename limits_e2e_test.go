@@ -145,7 +145,7 @@ func TestRateFinerThanAMillisecond(t *testing.T) {
 	lim := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:"})
 	for _, interval := range []time.Duration{500 * time.Microsecond, 1500 * time.Microsecond, 3 * time.Millisecond} {
 		c := &policy.Charge{Tenant: "acme", User: "alice",
-			Buckets: []policy.Bucket{{Key: "u:alice:" + interval.String(), Interval: interval, Burst: 1, Limit: 1}}}
+			Buckets: []policy.Bucket{{Parts: []string{"u", "alice", interval.String()}, Interval: interval, Burst: 1, Limit: 1}}}
 		v, err := lim.Allow(context.Background(), c)
 		if err != nil || !v.Allowed {
 			t.Fatalf("interval %v, first request: %+v, %v", interval, v, err)

@@ -1185,7 +1185,7 @@ func BenchmarkRateLimitRedis(b *testing.B) {
 	charge := func() *policy.Charge {
 		// Limits never reached, so every check does the full work of an admitted request.
 		huge := func(key string) policy.Bucket {
-			return policy.Bucket{Key: key, Interval: time.Millisecond, Burst: 1 << 30, Limit: 1000}
+			return policy.Bucket{Parts: []string{key}, Interval: time.Millisecond, Burst: 1 << 30, Limit: 1000}
 		}
 		return &policy.Charge{Tenant: "tenant-a", User: "u-bench",
 			Buckets: []policy.Bucket{huge("u:u-bench"), huge("t"), huge("u:u-bench:c:chat")}, Quota: 1 << 40}

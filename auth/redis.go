@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"time"
 
+	"voicegate/policy"
+
 	"github.com/redis/rueidis"
 )
 
@@ -21,7 +23,7 @@ import (
 //	{prefix}revoked:user:{user_id}  unix ms; tokens issued before it are revoked; kept MaxLifetime
 type RedisRevocations struct {
 	client      rueidis.Client
-	prefix      string
+	keys        policy.Keys
 	maxLifetime time.Duration
 	cacheTTL    time.Duration
 	replicas    int64
@@ -50,12 +52,16 @@ func NewRedisRevocations(client rueidis.Client, o RedisRevocationsOptions) *Redi
 	if o.CacheTTL <= 0 {
 		o.CacheTTL = 10 * time.Minute
 	}
-	return &RedisRevocations{client: client, prefix: o.Prefix, maxLifetime: o.MaxLifetime, cacheTTL: o.CacheTTL,
+	return &RedisRevocations{client: client, keys: policy.NewKeys(o.Prefix), maxLifetime: o.MaxLifetime, cacheTTL: o.CacheTTL,
 		replicas: int64(max(o.Replicas, 0))}
 }
 
-func (s *RedisRevocations) jtiKey(jti string) string   { return s.prefix + "revoked:jti:" + jti }
-func (s *RedisRevocations) userKey(user string) string { return s.prefix + "revoked:user:" + user }
+func (s *RedisRevocations) jtiKey(jti string) string {
+	return s.keys.Key(policy.KindRevoked, "jti", jti)
+}
+func (s *RedisRevocations) userKey(user string) string {
+	return s.keys.Key(policy.KindRevoked, "user", user)
+}
 
 // Revoked implements Revocations with one cached multi-get.
 func (s *RedisRevocations) Revoked(ctx context.Context, id *Identity) (bool, error) {

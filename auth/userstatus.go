@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"voicegate/policy"
+
 	"github.com/redis/rueidis"
 )
 
@@ -85,7 +87,7 @@ func (u *UserStatus) status(ctx context.Context, userID string) (string, error) 
 	if ok && now.Before(e.expires) {
 		return e.status, nil
 	}
-	key := u.o.Prefix + "user:status:" + userID
+	key := policy.NewKeys(u.o.Prefix).Key(policy.KindUserStatus, userID)
 	if u.o.Redis != nil {
 		s, err := u.o.Redis.Do(ctx, u.o.Redis.B().Get().Key(key).Build()).ToString()
 		if err == nil {

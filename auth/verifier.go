@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"voicegate/proxy"
+
 	"github.com/lestrrat-go/jwx/v2/jwa"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
@@ -388,7 +390,7 @@ func (v *Verifier) claims(payload []byte, token string) (*Identity, error) {
 		id.IssuedAt = at(*c.Iat)
 	}
 	for _, s := range []string{id.UserID, id.Username, id.TenantID, id.SessionID, id.TokenID} {
-		if len(s) > maxClaimLen || !printable(s) {
+		if !proxy.ValidLabel(s, maxClaimLen) {
 			return nil, invalid("identity claim too long or not printable")
 		}
 	}
@@ -439,16 +441,6 @@ func isBase64URL(s string) bool {
 func printableASCII(s string) bool {
 	for i := 0; i < len(s); i++ {
 		if s[i] < 0x21 || s[i] > 0x7e {
-			return false
-		}
-	}
-	return true
-}
-
-// printable rejects control characters, which would break the headers these values become.
-func printable(s string) bool {
-	for _, r := range s {
-		if r < 0x20 || r == 0x7f || r == '\uFFFD' {
 			return false
 		}
 	}

@@ -89,9 +89,9 @@ func BenchmarkMemoryLimiter(b *testing.B) {
 	l := policy.NewMemoryLimiter(nil)
 	roomy := policy.Bucket{Interval: time.Millisecond, Burst: 1 << 40, Limit: 1 << 30}
 	c := &policy.Charge{Tenant: "acme", User: "alice", Quota: 1 << 60}
-	for _, key := range []string{"u:alice", "t", "u:alice:c:chat"} {
+	for _, parts := range [][]string{{"u", "alice"}, {"t"}, {"c", "chat", "u", "alice"}} {
 		bk := roomy
-		bk.Key = key
+		bk.Parts = parts
 		c.Buckets = append(c.Buckets, bk)
 	}
 	ctx := context.Background()

@@ -192,13 +192,13 @@ func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *b
 	ask := Ask{Charge: Charge{Tenant: s.TenantID, User: s.UserID, Buckets: buckets[:0], Quota: l.DailyRequestsPerUser},
 		Claim: claim}
 	if l.PerUser != nil {
-		ask.Buckets = append(ask.Buckets, bucket("u:"+s.UserID, *l.PerUser))
+		ask.Buckets = append(ask.Buckets, bucket(*l.PerUser, "u", s.UserID))
 	}
 	if l.PerTenant != nil {
-		ask.Buckets = append(ask.Buckets, bucket("t", *l.PerTenant))
+		ask.Buckets = append(ask.Buckets, bucket(*l.PerTenant, "t"))
 	}
 	if rate, ok := l.Classes[b.class]; ok && b.class != "" {
-		ask.Buckets = append(ask.Buckets, bucket("c:"+b.class+":u:"+s.UserID, rate))
+		ask.Buckets = append(ask.Buckets, bucket(rate, "c", b.class, "u", s.UserID))
 	}
 	if b.lease != "" {
 		c := l.Concurrency[b.lease]
@@ -246,8 +246,8 @@ func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *b
 	}, nil
 }
 
-func bucket(key string, r Rate) Bucket {
-	return Bucket{Key: key, Interval: max(time.Duration(r.Per)/time.Duration(r.Requests), time.Microsecond),
+func bucket(r Rate, parts ...string) Bucket {
+	return Bucket{Parts: parts, Interval: max(time.Duration(r.Per)/time.Duration(r.Requests), time.Microsecond),
 		Burst: max(r.Burst, 1), Limit: r.Requests}
 }
 

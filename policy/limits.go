@@ -8,7 +8,7 @@ import (
 
 // Bucket is one GCRA rate to charge a request to.
 type Bucket struct {
-	Key      string        // what is limited, such as "u:alice" or "t:acme"
+	Parts    []string      // what is limited, such as ["u", "alice"] or ["t"], named by Keys
 	Interval time.Duration // emission interval: Per / Requests
 	Burst    int           // requests allowed at once
 	Limit    int           // Requests, for the RateLimit-Limit header
@@ -59,7 +59,8 @@ func gcra(now, tat, interval, burst int64) (allowed bool, newTAT, retry, remaini
 
 // MemoryLimiter limits within one process.
 type MemoryLimiter struct {
-	mu     sync.Mutex
+	mu sync.Mutex
+	// Entries are named as Redis keys are (Keys, with no prefix): two tenants or users never share one.
 	tats   map[string]int64 // µs
 	quotas map[string]int64
 	day    string
@@ -87,11 +88,11 @@ func (m *MemoryLimiter) Allow(_ context.Context, c *Charge) (Verdict, error) {
 	v := Verdict{Allowed: true, Remaining: -1}
 	newTATs := make([]int64, len(c.Buckets))
 	for i, b := range c.Buckets {
-		ok, tat, retry, remaining, reset := gcra(now, m.tats[c.Tenant+"|"+b.Key], intervalUS(b), int64(b.Burst))
+		ok, tat, retry, remaining, reset := gcra(now, m.tats[Keys{}.Tenant(KindRateLimit, c.Tenant, b.Parts...)], intervalUS(b), int64(b.Burst))
 		newTATs[i] = tat
 		v.note(ok, b.Limit, retry, remaining, reset)
 	}
-	qkey := c.Tenant + "|" + c.User
+	qkey := Keys{}.Tenant(KindQuota, c.Tenant, c.User)
 	if c.Quota > 0 && m.quotas[qkey] >= c.Quota {
 		v.Allowed, v.QuotaExceeded = false, true
 		v.RetryAfter = max(v.RetryAfter, nextUTCDay(t).Sub(t))
@@ -100,7 +101,7 @@ func (m *MemoryLimiter) Allow(_ context.Context, c *Charge) (Verdict, error) {
 		return v, nil
 	}
 	for i, b := range c.Buckets {
-		m.tats[c.Tenant+"|"+b.Key] = newTATs[i]
+		m.tats[Keys{}.Tenant(KindRateLimit, c.Tenant, b.Parts...)] = newTATs[i]
 	}
 	if c.Quota > 0 {
 		m.quotas[qkey]++

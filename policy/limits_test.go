@@ -13,7 +13,7 @@ import (
 func TestMemoryLimiter(t *testing.T) {
 	ctx := context.Background()
 	bucket := func(key string, n int) policy.Bucket {
-		return policy.Bucket{Key: key, Interval: time.Hour / time.Duration(n), Burst: n, Limit: n}
+		return policy.Bucket{Parts: []string{key}, Interval: time.Hour / time.Duration(n), Burst: n, Limit: n}
 	}
 	type call struct {
 		c         policy.Charge
@@ -85,7 +85,7 @@ func TestMemoryLimiter(t *testing.T) {
 func TestMemoryLimiterSubMillisecondInterval(t *testing.T) {
 	l := policy.NewMemoryLimiter(nil)
 	c := &policy.Charge{Tenant: "acme", User: "a",
-		Buckets: []policy.Bucket{{Key: "u:a", Interval: 100 * time.Microsecond, Burst: 1, Limit: 10000}}}
+		Buckets: []policy.Bucket{{Parts: []string{"u", "a"}, Interval: 100 * time.Microsecond, Burst: 1, Limit: 10000}}}
 	defer func() {
 		if p := recover(); p != nil {
 			t.Fatalf("Allow panicked: %v", p)
@@ -182,7 +182,7 @@ func TestMemoryLimiterMicroseconds(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				l := policy.NewMemoryLimiter(nil)
 				c := &policy.Charge{Tenant: "acme", User: "a",
-					Buckets: []policy.Bucket{{Key: "u:a", Interval: interval, Burst: 1, Limit: 1}}}
+					Buckets: []policy.Bucket{{Parts: []string{"u", "a"}, Interval: interval, Burst: 1, Limit: 1}}}
 				allowed := func() bool {
 					v, err := l.Allow(context.Background(), c)
 					if err != nil {

@@ -166,7 +166,7 @@ return 0`
 //	{prefix}lease:{tenant}:{kind}:t            the tenant's
 type RedisAdmitter struct {
 	client   rueidis.Client
-	prefix   string
+	keys     Keys
 	ttl      time.Duration
 	admit    *rueidis.Lua
 	renewal  *rueidis.Lua
@@ -227,7 +227,7 @@ func NewRedisAdmitter(client rueidis.Client, o RedisAdmitterOptions) *RedisAdmit
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &RedisAdmitter{client: client, prefix: o.Prefix, ttl: o.TTL, admit: rueidis.NewLuaScript(admitScript),
+	return &RedisAdmitter{client: client, keys: NewKeys(o.Prefix), ttl: o.TTL, admit: rueidis.NewLuaScript(admitScript),
 		renewal: rueidis.NewLuaScript(renewScript), release: rueidis.NewLuaScript(releaseScript),
 		onChange: o.OnChange, now: o.Now, held: map[string]holding{}, renewed: o.Now()}
 }
@@ -237,20 +237,19 @@ var errClockSkew = errors.New("policy: admission: this instance's clock is more 
 
 // Admit implements Admitter.
 func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, error) {
-	tag := Tag(a.Tenant) + ":"
 	n := len(a.Buckets)
 	keys := make([]string, 0, n+6)
 	args := make([]string, 10, 13+2*n)
 	args[0], args[1], args[2] = strconv.Itoa(n), strconv.FormatInt(a.Quota, 10), "90000000" // 25h
 	args[3], args[5], args[8] = "0", strconv.FormatInt(l.ttl.Milliseconds(), 10), "0"
 	for _, b := range a.Buckets {
-		keys = append(keys, l.prefix+"rl:"+tag+b.Key)
+		keys = append(keys, l.keys.Tenant(KindRateLimit, a.Tenant, b.Parts...))
 		args = append(args, strconv.FormatInt(intervalUS(b), 10), strconv.Itoa(b.Burst))
 	}
 	if a.Quota > 0 {
 		today := l.now().UTC().Truncate(24 * time.Hour)
 		for _, d := range []time.Time{today.AddDate(0, 0, -1), today, today.AddDate(0, 0, 1)} {
-			keys = append(keys, l.prefix+"quota:"+tag+a.User+":"+d.Format("20060102"))
+			keys = append(keys, l.keys.Tenant(KindQuota, a.Tenant, a.User, d.Format("20060102")))
 			args = append(args, strconv.FormatInt(d.Unix()/86400, 10))
 		}
 	}
@@ -260,8 +259,8 @@ func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, er
 		args[4] = h.member
 	}
 	if s := a.Slot; s != nil {
-		h.userKey = l.prefix + "lease:" + tag + s.Kind + ":u:" + a.User
-		h.tenantKey = l.prefix + "lease:" + tag + s.Kind + ":t"
+		h.userKey = l.keys.Tenant(KindLease, a.Tenant, s.Kind, "u", a.User)
+		h.tenantKey = l.keys.Tenant(KindLease, a.Tenant, s.Kind, "t")
 		keys = append(keys, h.userKey, h.tenantKey)
 		args[3], args[6], args[7] = "1", strconv.Itoa(s.PerUser), strconv.Itoa(s.PerTenant)
 	} else {

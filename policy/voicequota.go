@@ -217,14 +217,14 @@ return {tonumber(redis.call('GET', ukey) or '0'), tonumber(redis.call('GET', tke
 //	{prefix}vq:{tenant}:s:{session}          what a session was charged so far, ms (48 h)
 type RedisAudioMeter struct {
 	client rueidis.Client
-	prefix string
+	keys   Keys
 	script *rueidis.Lua
 	now    func() time.Time
 }
 
 // NewRedisAudioMeter returns a meter on client; prefix is REDIS_PREFIX, as given.
 func NewRedisAudioMeter(client rueidis.Client, prefix string) *RedisAudioMeter {
-	return &RedisAudioMeter{client: client, prefix: prefix, script: rueidis.NewLuaScript(audioScript), now: time.Now}
+	return &RedisAudioMeter{client: client, keys: NewKeys(prefix), script: rueidis.NewLuaScript(audioScript), now: time.Now}
 }
 
 // Charge implements AudioMeter.
@@ -236,19 +236,18 @@ func (m *RedisAudioMeter) Charge(ctx context.Context, uses []*AudioUse) error {
 	days := []time.Time{today.AddDate(0, 0, -1), today, today.AddDate(0, 0, 1)}
 	execs := make([]rueidis.LuaExec, len(uses))
 	for i, u := range uses {
-		base := m.prefix + "vq:" + Tag(u.Tenant) + ":"
 		keys := make([]string, 0, 7)
 		for _, d := range days {
-			keys = append(keys, base+"u:"+u.User+":"+d.Format("20060102"))
+			keys = append(keys, m.keys.Tenant(KindAudioQuota, u.Tenant, "u", u.User, d.Format("20060102")))
 		}
 		for _, d := range days {
-			keys = append(keys, base+"t:"+d.Format("20060102"))
+			keys = append(keys, m.keys.Tenant(KindAudioQuota, u.Tenant, "t", d.Format("20060102")))
 		}
 		mode := "1"
 		if u.Session == "" {
 			mode = "0"
 		}
-		keys = append(keys, base+"s:"+u.Session)
+		keys = append(keys, m.keys.Tenant(KindAudioQuota, u.Tenant, "s", u.Session))
 		args := []string{mode, strconv.FormatInt(u.Used.Milliseconds(), 10)}
 		for _, d := range days {
 			args = append(args, strconv.FormatInt(d.Unix()/86400, 10))

@@ -121,27 +121,6 @@ func Recover(log *slog.Logger) Middleware {
 	}
 }
 
-// maxRequestIDLen bounds an incoming X-Request-ID; longer or odd ones are replaced.
-const maxRequestIDLen = 128
-
-// ValidRequestID reports whether id is a sane request ID: 1 to 128 characters from
-// [A-Za-z0-9._:-]. Anything else could smuggle text into logs or upstream headers.
-func ValidRequestID(id string) bool {
-	if id == "" || len(id) > maxRequestIDLen {
-		return false
-	}
-	for i := 0; i < len(id); i++ {
-		c := id[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9',
-			c == '-', c == '_', c == '.', c == ':':
-		default:
-			return false
-		}
-	}
-	return true
-}
-
 // NewRequestID returns a fresh random request ID.
 func NewRequestID() string { return rand.Text() }
 

@@ -33,7 +33,7 @@ import (
 // takes both, on a cluster too).
 type Directory struct {
 	client   rueidis.Client
-	prefix   string
+	keys     policy.Keys
 	instance string
 	log      *slog.Logger
 }
@@ -43,7 +43,7 @@ func NewDirectory(client rueidis.Client, prefix, instance string, log *slog.Logg
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Directory{client: client, prefix: prefix, instance: instance, log: log}
+	return &Directory{client: client, keys: policy.NewKeys(prefix), instance: instance, log: log}
 }
 
 type entry struct {
@@ -68,10 +68,10 @@ type control struct {
 }
 
 func (d *Directory) key(tenantID, requestID string) string {
-	return d.prefix + "stream:" + policy.Tag(tenantID) + ":" + requestID
+	return d.keys.Tenant(policy.KindStream, tenantID, requestID)
 }
-func (d *Directory) channel(instance string) string { return d.prefix + "{control}:" + instance }
-func (d *Directory) everyone() string               { return d.prefix + "{control}" }
+func (d *Directory) channel(instance string) string { return d.keys.Key(policy.KindControl, instance) }
+func (d *Directory) everyone() string               { return d.keys.Key(policy.KindControl) }
 
 // claim is the directory entry of a stream, for its admission to take; nil without a directory.
 func (d *Directory) claim(requestID, userID, tenantID string) *policy.Claim {

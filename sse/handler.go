@@ -586,14 +586,14 @@ func (o *HandlerOptions) parse(w http.ResponseWriter, r *http.Request) (*queryRe
 	}
 	if q.Model == "" {
 		q.Model = o.DefaultModel
-	} else if !validID(q.Model) {
-		bad = append(bad, FieldError{"model", "must be at most 256 printable characters"})
+	} else if !proxy.ValidLabel(q.Model, maxIDLen) {
+		bad = append(bad, FieldError{"model", "must be at most 256 bytes of text without control, line-separator or bidi characters"})
 	}
-	if q.ConversationID != "" && !validID(q.ConversationID) {
-		bad = append(bad, FieldError{"conversation_id", "must be at most 256 printable characters"})
+	if q.ConversationID != "" && !proxy.ValidLabel(q.ConversationID, maxIDLen) {
+		bad = append(bad, FieldError{"conversation_id", "must be at most 256 bytes of text without control, line-separator or bidi characters"})
 	}
-	if q.StreamID != "" && !validID(q.StreamID) {
-		bad = append(bad, FieldError{"stream_id", "must be at most 256 printable characters"})
+	if q.StreamID != "" && !proxy.ValidLabel(q.StreamID, maxIDLen) {
+		bad = append(bad, FieldError{"stream_id", "must be at most 256 bytes of text without control, line-separator or bidi characters"})
 	}
 	if q.RequestID == "" {
 		q.RequestID = proxy.RequestIDFrom(r.Context())
@@ -608,20 +608,6 @@ func (o *HandlerOptions) parse(w http.ResponseWriter, r *http.Request) (*queryRe
 			Message: "invalid request: " + bad[0].Field + " " + bad[0].Reason, Details: bad}
 	}
 	return q, nil
-}
-
-// validID accepts identifiers that are safe to log and forward: printable, no control
-// characters, bounded.
-func validID(s string) bool {
-	if len(s) > maxIDLen || !utf8.ValidString(s) {
-		return false
-	}
-	for _, c := range s {
-		if c < 0x20 || c == 0x7f {
-			return false
-		}
-	}
-	return true
 }
 
 func jsonType(kind string) string {

@@ -37,15 +37,17 @@ const (
 //
 // Keys (prefix is REDIS_PREFIX, as given; the tenant is the Redis Cluster hash tag):
 //
-//	{prefix}replay:{tenant}:{user}:{request_id}      the stream's batches (a Redis Stream, MAXLEN ~4096;
-//	                                                 entry ID "<last event id>-1", fields f, d, e)
-//	{prefix}replay:{tenant}:{user}:{request_id}:hb   set every second while an instance produces it
-//	{prefix}replay:{tenant}:{user}:{request_id}:w    set every second while someone resumes it
+//	{prefix}replay:{tenant}:{user}:{request_id}     the stream's batches (a Redis Stream, MAXLEN ~4096;
+//	                                                entry ID "<last event id>-1", fields f, d, e)
+//	{prefix}replayhb:{tenant}:{user}:{request_id}   set every second while an instance produces it
+//	{prefix}replayw:{tenant}:{user}:{request_id}    set every second while someone resumes it
+//
+// with every part escaped by policy.Keys.
 //
 // The stream and its keys expire retention after the last append.
 type RedisReplay struct {
 	client    rueidis.Client
-	prefix    string
+	keys      policy.Keys
 	retention time.Duration
 	log       *slog.Logger
 	onSend    func(batches int)
@@ -81,12 +83,22 @@ func NewRedisReplay(client rueidis.Client, o RedisReplayOptions) *RedisReplay {
 	if o.OnSend == nil {
 		o.OnSend = func(int) {}
 	}
-	return &RedisReplay{client: client, prefix: o.Prefix, retention: o.Retention, log: o.Log, onSend: o.OnSend,
+	return &RedisReplay{client: client, keys: policy.NewKeys(o.Prefix), retention: o.Retention, log: o.Log, onSend: o.OnSend,
 		ops: make(chan replayOp, 16*replayBatch), live: map[ReplayKey]int{}}
 }
 
 func (r *RedisReplay) key(k ReplayKey) string {
-	return r.prefix + "replay:" + policy.Tag(k.Tenant) + ":" + k.User + ":" + k.RequestID
+	return r.keys.Tenant(policy.KindReplay, k.Tenant, k.User, k.RequestID)
+}
+
+// beat names the key set while an instance produces the log named key.
+func (r *RedisReplay) beat(k ReplayKey) string {
+	return r.keys.Tenant(policy.KindReplayBeat, k.Tenant, k.User, k.RequestID)
+}
+
+// watcher names the key set while someone resumes the log.
+func (r *RedisReplay) watcher(k ReplayKey) string {
+	return r.keys.Tenant(policy.KindReplayWait, k.Tenant, k.User, k.RequestID)
 }
 
 // Append implements ReplayLog.
@@ -179,9 +191,9 @@ func (r *RedisReplay) send(ctx context.Context, batch []replayOp, beat bool) {
 		key := r.key(op.k)
 		switch {
 		case op.beat:
-			cmds = append(cmds, b.Set().Key(key+":hb").Value("1").Px(replayBeatTTL).Build())
+			cmds = append(cmds, b.Set().Key(r.beat(op.k)).Value("1").Px(replayBeatTTL).Build())
 		case op.ended:
-			cmds = append(cmds, b.Del().Key(key+":hb").Build())
+			cmds = append(cmds, b.Del().Key(r.beat(op.k)).Build())
 		default:
 			fields := b.Xadd().Key(key).Maxlen().Almost().Threshold(strconv.Itoa(maxReplayEntries)).
 				Id(strconv.FormatInt(op.e.last, 10)+"-1").FieldValue().
@@ -203,7 +215,7 @@ func (r *RedisReplay) send(ctx context.Context, batch []replayOp, beat bool) {
 		r.mu.Lock()
 		for k := range r.live {
 			key := r.key(k)
-			cmds = append(cmds, b.Set().Key(key+":hb").Value("1").Px(replayBeatTTL).Build())
+			cmds = append(cmds, b.Set().Key(r.beat(k)).Value("1").Px(replayBeatTTL).Build())
 			if !touched[key] {
 				cmds = append(cmds, b.Pexpire().Key(key).Milliseconds(ttl).Build())
 			}
@@ -238,13 +250,13 @@ func (r *RedisReplay) warn(msg string, err error) {
 func (r *RedisReplay) Watched(ctx context.Context, k ReplayKey) bool {
 	ctx, cancel := context.WithTimeout(ctx, replayCallBound)
 	defer cancel()
-	n, err := r.client.Do(ctx, r.client.B().Exists().Key(r.key(k)+":w").Build()).AsInt64()
+	n, err := r.client.Do(ctx, r.client.B().Exists().Key(r.watcher(k)).Build()).AsInt64()
 	return err == nil && n > 0
 }
 
 // Replay implements ReplayLog.
 func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit func([]byte) error) error {
-	key := r.key(k)
+	key, beat := r.key(k), r.beat(k)
 	b := r.client.B()
 	id := after
 	from := "0-0" // the last stream entry ID read
@@ -255,7 +267,7 @@ func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit
 	// taken it to Redis, so a log that is not there yet gets that moment to appear.
 	for waited := time.Duration(0); ; waited += replayPoll {
 		cctx, cancel := context.WithTimeout(ctx, replayCallBound)
-		n, err := r.client.Do(cctx, b.Exists().Key(key, key+":hb").Build()).AsInt64()
+		n, err := r.client.Do(cctx, b.Exists().Key(key, beat).Build()).AsInt64()
 		cancel()
 		if err != nil {
 			return fmt.Errorf("sse: replay: %w", err)
@@ -316,7 +328,7 @@ func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit
 	// The live tail. While it runs the stream is watched: its producer keeps it going for us.
 	for {
 		cctx, cancel := context.WithTimeout(ctx, replayCallBound)
-		err := r.client.Do(cctx, b.Set().Key(key+":w").Value("1").Px(replayBeatTTL).Build()).Error()
+		err := r.client.Do(cctx, b.Set().Key(r.watcher(k)).Value("1").Px(replayBeatTTL).Build()).Error()
 		cancel()
 		if err != nil {
 			return fmt.Errorf("sse: replay: %w", err)
@@ -330,7 +342,7 @@ func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit
 		if rueidis.IsRedisNil(err) {
 			// Nothing new for a while: is anyone still producing it?
 			cctx, cancel := context.WithTimeout(ctx, replayCallBound)
-			n, err := r.client.Do(cctx, b.Exists().Key(key+":hb").Build()).AsInt64()
+			n, err := r.client.Do(cctx, b.Exists().Key(beat).Build()).AsInt64()
 			cancel()
 			if err != nil {
 				return fmt.Errorf("sse: replay: %w", err)

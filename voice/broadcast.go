@@ -13,6 +13,7 @@ import (
 	"github.com/coder/websocket"
 	"github.com/redis/rueidis"
 
+	"voicegate/policy"
 	"voicegate/proxy"
 )
 
@@ -89,7 +90,7 @@ const deliverWait = time.Second
 // broadcastWait bounds Registry.Broadcast's wait for the instances' counts.
 const broadcastWait = 2 * time.Second
 
-func (r *Registry) channel() string { return r.prefix + "voice:broadcast" }
+func (r *Registry) channel() string { return r.keys.Key(policy.KindBroadcast) }
 
 // Broadcast delivers b to every matching live session: through Redis sharded pub/sub
 // (SPUBLISH, whose answer counts every instance subscribed even on a cluster, where PUBLISH
@@ -101,7 +102,7 @@ func (r *Registry) Broadcast(ctx context.Context, b Broadcast) (int, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, broadcastWait)
 	defer cancel()
-	b.Reply = r.prefix + "voice:broadcast:" + rand.Text()
+	b.Reply = r.keys.Key(policy.KindBroadcast, rand.Text())
 	msg, _ := json.Marshal(b)
 	instances, err := r.redis.Do(ctx, r.redis.B().Spublish().Channel(r.channel()).Message(string(msg)).Build()).AsInt64()
 	if err != nil {

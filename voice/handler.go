@@ -13,7 +13,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/coder/websocket"
 
@@ -210,9 +209,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	q := r.URL.Query()
 	conversation, language := q.Get("conversation_id"), q.Get("language")
-	if !validValue(conversation, 256) || !validLanguage(language) {
+	if !proxy.ValidLabel(conversation, 256) || !validLanguage(language) {
 		proxy.Errorf(w, r, http.StatusBadRequest, proxy.CodeValidation,
-			"conversation_id must be at most 256 printable characters and language a tag such as en-US")
+			"conversation_id must be at most 256 bytes of text without control, line-separator or bidi characters, and language a tag such as en-US")
 		return
 	}
 	cfg := h.o.Audio
@@ -391,18 +390,6 @@ func escapePattern(s string) string {
 		b.WriteRune(c)
 	}
 	return b.String()
-}
-
-func validValue(s string, max int) bool {
-	if len(s) > max || !utf8.ValidString(s) {
-		return false
-	}
-	for _, c := range s {
-		if c < 0x20 || c == 0x7f {
-			return false
-		}
-	}
-	return true
 }
 
 func validLanguage(s string) bool {

@@ -14,6 +14,7 @@ import (
 	"github.com/coder/websocket"
 	"github.com/redis/rueidis"
 
+	"voicegate/policy"
 	"voicegate/proxy"
 )
 
@@ -46,7 +47,7 @@ type Info struct {
 type Registry struct {
 	instance string
 	redis    rueidis.Client // nil: this instance only
-	prefix   string
+	keys     policy.Keys
 	ttl      time.Duration
 	log      *slog.Logger
 
@@ -96,13 +97,13 @@ func NewRegistry(o RegistryOptions) *Registry {
 	if o.UsageMaxLen <= 0 {
 		o.UsageMaxLen = 100000
 	}
-	return &Registry{instance: o.Instance, redis: o.Redis, prefix: o.Prefix, ttl: o.TTL, log: o.Log,
+	return &Registry{instance: o.Instance, redis: o.Redis, keys: policy.NewKeys(o.Prefix), ttl: o.TTL, log: o.Log,
 		onChange: o.OnChange, now: o.Now, sessions: map[string]*session{}, renewed: o.Now(), maxLen: o.UsageMaxLen}
 }
 
-func (r *Registry) key(id string) string { return r.prefix + "voice:session:" + id }
-func (r *Registry) index() string        { return r.prefix + "voice:sessions" }
-func (r *Registry) stream() string       { return r.prefix + "usage" }
+func (r *Registry) key(id string) string { return r.keys.Key(policy.KindSession, id) }
+func (r *Registry) index() string        { return r.keys.Key(policy.KindSessions) }
+func (r *Registry) stream() string       { return r.keys.Key(policy.KindUsage) }
 
 // maxPendingUsage bounds the usage records waiting for Redis; beyond it the oldest are dropped
 // (they are in the log all the same).
