@@ -220,7 +220,9 @@ func (g *gateway) buildHandlers() error {
 		MaxLineBytes:    cfg.SSEMaxLineBytes,
 		PingInterval:    cfg.SSEPingInterval,
 		WriteTimeout:    cfg.SSEWriteTimeout,
-		Admit:           policy.Admit,
+		Admit:           policy.AdmitClaim,
+		AdmitReplay:     policy.AdmitReplay,
+		Resumes:         sse.NewResumeLimit(cfg.SSEMaxResumes),
 		Owner:           auth.Owner,
 		Token:           auth.Token,
 		OnEvents:        func(name string, n int64) { tel.sseEvents.Add(bg, n, tel.add1("event", name)...) },
@@ -233,19 +235,16 @@ func (g *gateway) buildHandlers() error {
 	g.h.chatResume = sse.NewResumeHandler(chat)
 	cancel := sse.CancelOptions{
 		Registry: g.streams,
+		Owner:    auth.Owner,
 		Tenant:   addressedTenant,
-		Allowed: func(r *http.Request, s *sse.Stream) bool {
-			user, _ := auth.Owner(r)
-			return s.UserID == user || g.can(r, "chat:admin")
-		},
+		Admin:    func(r *http.Request) bool { return g.can(r, "chat:admin") },
 	}
 	if g.streamDir != nil {
-		cancel.Remote = func(ctx context.Context, r *http.Request, tenant, id string) error {
+		cancel.Remote = func(ctx context.Context, k sse.StreamKey) error {
 			// Bounded like a revocation: a frozen Redis must not hold the request.
 			ctx, stop := context.WithTimeout(ctx, remoteCancelBudget)
 			defer stop()
-			user, _ := auth.Owner(r)
-			return g.streamDir.Cancel(ctx, tenant, id, user, g.can(r, "chat:admin"))
+			return g.streamDir.Cancel(ctx, k)
 		}
 	}
 	g.h.cancel = sse.NewCancelHandler(cancel)

@@ -35,7 +35,7 @@ func TestReplayStopFinishesTheSendUnderWay(t *testing.T) {
 	sc := &stallingClient{Client: testClient(t, r), held: make(chan struct{}, 1), let: make(chan struct{})}
 	log := sse.NewRedisReplay(sc, sse.RedisReplayOptions{Prefix: "t:", Retention: time.Minute})
 
-	k := sse.ReplayKey{Tenant: "acme", User: "u-1", RequestID: "r-last"}
+	k := sse.StreamKey{Tenant: "acme", User: "u-1", RequestID: "r-last"}
 	events := []byte("id: 0\nevent: stream_start\ndata: {}\n\nid: 1\nevent: generation_done\ndata: {}\n\nid: 2\nevent: stream_end\ndata: {}\n\n")
 	ended := log.Produce(k)
 	log.Append(k, 0, 2, events, true) // queued before Run: the first pipeline carries it

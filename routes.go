@@ -31,7 +31,7 @@ func (g *gateway) routes() []route {
 		{"GET /healthz", open, http.HandlerFunc(g.healthz)},
 		{"GET /readyz", open, http.HandlerFunc(g.readyz)},
 		{"POST /api/v2/chat/stream", tokenLater, g.h.chat},
-		{"GET /api/v2/chat/stream/{request_id}", token, g.h.chatResume},
+		{"GET /api/v2/chat/stream/{request_id}", tokenLater, g.h.chatResume},
 		{"POST /api/v2/chat/cancel", token, g.h.cancel},
 		{"POST /api/v2/auth/revoke", token, g.h.revoke},
 		{"GET /api/v2/voice/stream", tokenWS, g.h.voice},

@@ -260,7 +260,7 @@ func Default() *File {
 		Roles: DefaultRoles(),
 		Routes: []Binding{
 			{Route: "POST /api/v2/chat/stream", Permission: "chat:write", Class: "chat", Lease: "chat"},
-			{Route: "GET /api/v2/chat/stream/{request_id}", Permission: "chat:write"},
+			{Route: "GET /api/v2/chat/stream/{request_id}", Permission: "chat:write", Lease: "chat"},
 			{Route: "POST /api/v2/chat/cancel", Permission: ""},
 			{Route: "GET /api/v2/voice/stream", Permission: "voice:write", Class: "voice", Lease: "voice"},
 			{Route: "GET /api/v2/voice/sessions", Permission: "voice:admin"},
