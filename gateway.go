@@ -69,7 +69,7 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		}
 	}()
 	if len(cfg.RedisAddrs) > 0 {
-		client, err := connectRedis(ctx, cfg)
+		client, err := connectRedis(ctx, cfg, 0)
 		if err != nil {
 			return nil, err
 		}
@@ -82,7 +82,8 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		if cfg.SSEResumeWindow > 0 {
 			// The replay log's appends are bulk traffic: on a connection of their own, a
 			// pipeline of them never delays a token check or an admission queued behind it.
-			bulk, err := connectRedis(ctx, cfg)
+			// Its one blocking command is the resumers' reader's XREAD: one connection for it.
+			bulk, err := connectRedis(ctx, cfg, 1)
 			if err != nil {
 				return nil, err
 			}
@@ -454,8 +455,9 @@ func (g *gateway) readiness(ctx context.Context) string {
 
 // connectRedis connects to Redis or Redis Cluster, retrying until REDIS_CONNECT_TIMEOUT:
 // instances often start before their Redis is ready. Later outages are ridden out by the client,
-// which reconnects on its own.
-func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
+// which reconnects on its own. blocking bounds the connections for blocking commands, per node
+// (0: the client library's default).
+func connectRedis(ctx context.Context, cfg *config, blocking int) (rueidis.Client, error) {
 	opt := rueidis.ClientOption{
 		InitAddress: cfg.RedisAddrs,
 		SelectDB:    cfg.RedisDB,
@@ -468,6 +470,7 @@ func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
 		Dialer:              net.Dialer{Timeout: time.Second, KeepAlive: time.Second},
 		ClusterOption:       clusterOption(),
 		RetryDelay:          retryDelay,
+		BlockingPoolSize:    blocking,
 	}
 	opt.ConnWriteTimeout = 2 * time.Second // notice a dead Redis connection within seconds
 	deadline := time.Now().Add(cfg.RedisConnectWithin)

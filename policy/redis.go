@@ -33,17 +33,25 @@ import (
 // value; then per bucket: interval µs, burst; then, with a quota, the day numbers (days since
 // the epoch) of the three quota keys.
 // Returns {status, quota exceeded, retry µs, then per bucket: remaining, reset µs}, where status
-// is 1 admitted, 0 refused by a rate or the quota, 2 the user cap full, 3 the tenant cap full,
-// 4 the claim held (or its absent key present); {-1} when Redis's day is none of the three (an
-// instance clock off by more than a day); {-2} when the member was released before the script
-// ran.
+// is 1 admitted, 0 refused by a rate or the quota, 2 the user cap full, 3 the tenant cap full;
+// {4} when the claim is held (or its absent key present), which is checked first and charges
+// nothing (the request is answered from what holds it); {-1} when Redis's day is none of the
+// three (an instance clock off by more than a day); {-2} when the member was released before
+// the script ran.
 const admitScript = `
 if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[#KEYS]) == 1 then return {-2} end
+local n = tonumber(ARGV[1])
+local quota = tonumber(ARGV[2])
+local slot = ARGV[4] == '1'
+local ckey
+if ARGV[9] ~= '0' then
+  ckey = KEYS[n + (quota > 0 and 3 or 0) + (slot and 2 or 0) + 1]
+  if redis.call('EXISTS', ckey) == 1 then return {4} end
+  if ARGV[9] == '2' and redis.call('EXISTS', KEYS[n + (quota > 0 and 3 or 0) + (slot and 2 or 0) + 2]) == 1 then return {4} end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local nowms = math.floor(now / 1000)
-local n = tonumber(ARGV[1])
-local quota = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[6])
 local status, overQuota, retry = 1, 0, 0
 local tats, out = {}, {}
@@ -78,19 +86,12 @@ if quota > 0 then
     retry = math.max(retry, (day + 1) * 86400000000 - now)
   end
 end
-local slot = ARGV[4] == '1'
 if slot then
   for i = 1, 2 do
     redis.call('ZREMRANGEBYSCORE', KEYS[k + i], '-inf', nowms)
     local cap = tonumber(ARGV[6 + i])
     if status == 1 and cap > 0 and redis.call('ZCARD', KEYS[k + i]) >= cap then status = 1 + i end
   end
-end
-local ckey
-if ARGV[9] ~= '0' then
-  ckey = KEYS[k + (slot and 2 or 0) + 1]
-  if status == 1 and redis.call('EXISTS', ckey) == 1 then status = 4 end
-  if status == 1 and ARGV[9] == '2' and redis.call('EXISTS', KEYS[k + (slot and 2 or 0) + 2]) == 1 then status = 4 end
 end
 if status == 1 then
   for i = 1, n do
@@ -322,6 +323,9 @@ func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, er
 		}
 		return Verdict{}, nil, fmt.Errorf("policy: admission: %w", err)
 	}
+	if len(res) == 1 && res[0] == 4 {
+		return Verdict{}, nil, ErrClaimed
+	}
 	if len(res) == 1 && res[0] == -1 {
 		return Verdict{}, nil, errClockSkew
 	}
@@ -333,8 +337,6 @@ func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, er
 		return Verdict{}, nil, &CapError{a.Slot.Kind, "user", a.Slot.PerUser}
 	case 3:
 		return Verdict{}, nil, &CapError{a.Slot.Kind, "tenant", a.Slot.PerTenant}
-	case 4:
-		return Verdict{}, nil, ErrClaimed
 	}
 	v := Verdict{Allowed: res[0] == 1, QuotaExceeded: res[1] == 1, Remaining: -1,
 		RetryAfter: time.Duration(res[2]) * time.Microsecond}
