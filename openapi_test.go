@@ -437,6 +437,8 @@ func TestOpenAPIResponses(t *testing.T) {
 		{"POST", "/api/v2/chat/stream", user, `{"message":"hi"}`, map[string]string{"Content-Type": "text/plain"}, 415},
 		{"POST", "/api/v2/chat/cancel", user, `{"request_id":"nobody-runs-this"}`, nil, 404},
 		{"POST", "/api/v2/chat/cancel", user, `{}`, nil, 400},
+		{"POST", "/api/v2/chat/cancel", user, `{"request_id":"r-1","user_id":"someone-else"}`, nil, 403},
+		{"POST", "/api/v2/chat/cancel", admin, `{"request_id":"r-1","user_id":"someone-else"}`, nil, 404},
 		{"POST", "/api/v2/auth/revoke", revoked, ``, nil, 200},
 		{"POST", "/api/v2/auth/revoke", user, `{"user_id":"someone-else"}`, nil, 403},
 		{"GET", "/api/v2/voice/sessions", admin, "", nil, 200},

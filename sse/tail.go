@@ -38,10 +38,10 @@ const (
 // armed logs in more than one slot, the reader reads them without blocking instead, one XREAD
 // per slot in one pipeline every replayPoll, on the client's shared connections.
 //
-// Every replayBeat the reader also renews the watcher keys of every log read here, catching up
-// or armed, so a stream counts as watched from the moment a resume starts reading it, and asks
-// whether the producers of the armed ones still beat; a follower whose producer stopped reads
-// the log once more itself before it says so (the last events may have landed meanwhile).
+// Every replayBeat a second goroutine renews the watcher keys of every log read here, catching
+// up or armed, so a stream counts as watched from the moment a resume starts reading it, and
+// asks whether the producers of the armed ones still beat; a follower whose producer stopped
+// reads the log once more itself before it says so (the last events may have landed meanwhile).
 //
 // Locks: mu guards everything below it; nothing under it calls Redis or blocks.
 type tails struct {
@@ -163,13 +163,12 @@ type read struct {
 	from      map[string]int64
 }
 
-// snapshot groups the armed logs by slot, and reports whether any log is read here at all.
-func (ts *tails) snapshot() (reads []read, watched bool) {
+// snapshot groups the armed logs by slot.
+func (ts *tails) snapshot() (reads []read) {
 	ts.mu.Lock()
 	defer ts.mu.Unlock()
 	bySlot := map[uint16]int{}
 	for key, t := range ts.logs {
-		watched = true
 		if len(t.armed) == 0 {
 			continue
 		}
@@ -183,7 +182,7 @@ func (ts *tails) snapshot() (reads []read, watched bool) {
 		reads[i].ids = append(reads[i].ids, entryID(t.cursor))
 		reads[i].from[key] = t.cursor
 	}
-	return reads, watched
+	return reads
 }
 
 // entryID is the stream entry ID after which the entries past event id lie (entries are
@@ -258,27 +257,40 @@ func signal(c chan struct{}) {
 	}
 }
 
-// run reads for the followers until ctx ends, then tells the armed ones it stopped.
+// run reads for the followers until ctx ends, then tells the armed ones it stopped. The watcher
+// keys are renewed, and the producers' heartbeats asked, on a goroutine of its own: a read that
+// Redis answers slowly never lets a watched stream look unwatched.
 func (ts *tails) run(ctx context.Context) {
-	defer ts.shut()
-	poll := time.NewTimer(0)
-	defer poll.Stop()
-	var beat time.Time
-	for ctx.Err() == nil {
-		if time.Since(beat) >= replayBeat {
-			ts.maintain(ctx)
-			beat = time.Now()
+	keeping := make(chan struct{})
+	go func() {
+		defer close(keeping)
+		tick := time.NewTicker(replayBeat)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				ts.maintain(ctx)
+			}
 		}
+	}()
+	defer func() {
+		<-keeping
+		ts.shut()
+	}()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for ctx.Err() == nil {
 		select { // the snapshot below sees every change made before it
 		case <-ts.wake:
 		default:
 		}
-		reads, watched := ts.snapshot()
-		untilBeat := replayBeat - time.Since(beat)
+		reads := ts.snapshot()
 		var wait time.Duration
 		switch {
 		case len(reads) == 1:
-			if err := ts.block(ctx, reads[0], untilBeat); err != nil {
+			if err := ts.block(ctx, reads[0], replayBlock); err != nil {
 				wait = ts.trouble(err)
 			}
 		case len(reads) > 1:
@@ -288,25 +300,23 @@ func (ts *tails) run(ctx context.Context) {
 			} else if !got {
 				wait = replayPoll
 			}
-		case watched:
-			wait = untilBeat // only the watcher keys to renew
 		default:
-			wait = -1 // nothing to do until a follower arms
+			wait = -1 // nothing to read until a follower arms
 		}
 		if wait == 0 {
 			continue
 		}
 		var tick <-chan time.Time
 		if wait > 0 {
-			poll.Reset(min(wait, untilBeat))
-			tick = poll.C
+			timer.Reset(wait)
+			tick = timer.C
 		}
 		select {
 		case <-ctx.Done():
 		case <-ts.wake:
 		case <-tick:
 		}
-		poll.Stop()
+		timer.Stop()
 	}
 }
 
