@@ -143,6 +143,9 @@ func setStreamHeaders(h http.Header) {
 	h.Set("X-Accel-Buffering", "no")
 }
 
+// logCheckBound bounds asking whether a replay log is kept, when no admission asked already.
+const logCheckBound = 250 * time.Millisecond
+
 // errEnded is the cause of an upstream request cancelled because its stream was ended.
 var errEnded = errors.New("sse: the stream was ended")
 
@@ -281,8 +284,12 @@ func NewHandler(o HandlerOptions) http.Handler {
 		if o.Replay != nil && !claimed {
 			// No claim asked for the log (in memory, on a public route, or the store did not
 			// answer the admission): ask now, after Registry.Add, which a producer holds until
-			// its log is complete.
-			if kept, _ := o.Replay.Exists(r.Context(), k); kept {
+			// its log is complete. A log that cannot be asked in time is taken to be absent,
+			// as fair use fails open.
+			lctx, cancel := context.WithTimeout(r.Context(), logCheckBound)
+			kept, _ := o.Replay.Exists(lctx, k)
+			cancel()
+			if kept {
 				answerFromLog()
 				return
 			}
