@@ -48,13 +48,13 @@ type tails struct {
 	client  rueidis.Client
 	cluster bool
 	log     *slog.Logger
+	wake    chan struct{} // holds a token when the set of positions to read changed
+	warned  atomic.Int64  // unix ms of the last warning
 
 	mu      sync.Mutex
-	logs    map[string]*tail // by log key
-	wake    chan struct{}    // holds a token when the set of positions to read changed
-	stop    context.CancelFunc
+	logs    map[string]*tail   // by log key
+	stop    context.CancelFunc // cancels the read in flight; nil when none
 	stopped bool
-	warned  atomic.Int64 // unix ms of the last warning
 }
 
 // tail is one log read here.
