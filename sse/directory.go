@@ -30,7 +30,8 @@ import (
 // stream's owner and instance while it runs, with the tenant as the Redis Cluster hash tag
 // (policy.Tag) like the admission's other keys. Messages travel by sharded pub/sub: cancels on
 // {prefix}{control}:{instance}, revocations on {prefix}{control} (one hash tag: one SSUBSCRIBE
-// takes both, on a cluster too).
+// takes both, on a cluster too). The instance is the process's own identity, never a name two
+// processes may share: a cancel for a dead instance's stream must find nobody listening.
 type Directory struct {
 	client   rueidis.Client
 	keys     policy.Keys
@@ -38,7 +39,8 @@ type Directory struct {
 	log      *slog.Logger
 }
 
-// NewDirectory returns a directory on client for the instance named instance.
+// NewDirectory returns a directory on client for the instance whose identity is instance,
+// unique to this process.
 func NewDirectory(client rueidis.Client, prefix, instance string, log *slog.Logger) *Directory {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
