@@ -86,14 +86,15 @@ func (s *RedisRevocations) Revoked(ctx context.Context, id *Identity) (bool, err
 	return policy.IssuedBefore(id.IssuedAt, before), nil
 }
 
-// RevokeToken implements Revocations.
+// RevokeToken implements Revocations. The entry expires at until on Redis's clock (PXAT), so
+// how long it lasts does not depend on this instance's clock.
 func (s *RedisRevocations) RevokeToken(ctx context.Context, tenant, jti string, until time.Time) error {
-	ttl := time.Until(until)
-	if ttl <= 0 {
-		return nil // already expired: nothing to refuse
+	if until.UnixMilli() <= 0 {
+		return nil // nothing to refuse, and PXAT takes a positive time only
 	}
 	err := retryOnce(ctx, func() error {
-		_, err := s.write(ctx, s.client.B().Set().Key(s.jtiKey(tenant, jti)).Value("1").Px(max(ttl, time.Millisecond)).Build())
+		_, err := s.write(ctx, s.client.B().Set().Key(s.jtiKey(tenant, jti)).Value("1").
+			PxatMillisecondsTimestamp(until.UnixMilli()).Build())
 		return err
 	})
 	if err != nil {
