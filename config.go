@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/rand"
 	"errors"
 	"flag"
 	"fmt"
@@ -73,7 +74,8 @@ type config struct {
 	RedisPrefix        string
 	RedisConnectWithin time.Duration
 
-	Instance string
+	Instance   string // INSTANCE_NAME, else the host name: shown in listings and usage records
+	InstanceID string // this process's own identity (instanceID): the name of its channels and entries
 
 	MetricsEnabled   bool
 	MetricsAddr      string        // "" serves /metrics on the main listener
@@ -282,7 +284,7 @@ func settings() []setting {
 			c.RedisPrefix = v
 			return nil
 		}},
-		{"INSTANCE_NAME", "", "this instance's name in session listings (default: the host name)", func(c *config, v string) error {
+		{"INSTANCE_NAME", "", "this instance's name in session listings and usage records, only a label (default: the host name); its identity in Redis is the name and a random suffix made at start", func(c *config, v string) error {
 			c.Instance = v
 			return nil
 		}},
@@ -605,7 +607,24 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 		return nil, fmt.Errorf("invalid %s: %v is more than half of SHUTDOWN_GRACE (%v); streams need the rest of the grace period to finish: lower DRAIN_DELAY or raise SHUTDOWN_GRACE",
 			name, c.DrainDelay, c.ShutdownGrace)
 	}
+	if c.Instance == "" {
+		c.Instance, _ = os.Hostname()
+	}
+	c.InstanceID = instanceID(c.Instance)
 	return c, nil
+}
+
+// instanceID names this process among the instances sharing Redis: its name and a random
+// suffix made at start. The name alone is not enough: two instances on one host share a host
+// name, and a deployment may give several the same INSTANCE_NAME; with one identity they would
+// share a control channel, and a cancel for a dead instance's stream would be answered by its
+// live sibling. A restarted process is a new instance too: nothing addressed to the old one
+// (its streams died with it) reaches the new.
+func instanceID(name string) string {
+	if name == "" {
+		name = "voicegate"
+	}
+	return name + "-" + strings.ToLower(rand.Text()[:10])
 }
 
 // bindSettings registers a string flag for each setting and returns their values by variable.

@@ -188,7 +188,7 @@ func (g *gateway) buildHandlers() error {
 	algo := g.newPool("algo", cfg.AlgoURLs, transport)
 
 	if g.redis != nil {
-		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, cfg.Instance, g.log)
+		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, cfg.InstanceID, g.log)
 	}
 	g.streams = sse.NewRegistry()
 	var replay sse.ReplayLog // nil: resuming off
@@ -409,21 +409,17 @@ func addressedTenant(r *http.Request) string {
 	return tenant
 }
 
-// revoked ends, on every instance, the chat streams and voice sessions of a token just revoked
-// (tokenID), or of a user's tokens issued before before. Failures are logged: the voice
-// sessions' periodic recheck still closes them, and a stream ends with its answer.
-func (g *gateway) revoked(ctx context.Context, tokenID, userID string, before time.Time) {
+// revoked ends, on every instance, the chat streams and voice sessions of the tokens v
+// revokes, in v's tenant only. Failures are logged: the voice sessions' periodic recheck still
+// closes them, and a stream ends with its answer.
+func (g *gateway) revoked(ctx context.Context, v policy.Revocation) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 	defer cancel()
-	g.streams.Revoke(tokenID, userID, before) // this instance's at once
+	g.streams.Revoke(v) // this instance's at once
 	if g.streamDir != nil {
-		if err := g.streamDir.Revoke(ctx, tokenID, userID, before); err != nil {
+		if err := g.streamDir.Revoke(ctx, v); err != nil {
 			g.log.Warn("telling other instances about a revocation failed", "err", proxy.Describe(err))
 		}
-	}
-	v := voice.Revocation{TokenID: tokenID, UserID: userID}
-	if userID != "" {
-		v.Before = before.UnixMilli()
 	}
 	if err := g.voices.Revoke(ctx, v); err != nil {
 		g.log.Warn("telling other instances about a revocation failed", "err", proxy.Describe(err))

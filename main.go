@@ -62,9 +62,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return healthCheck(ctx, cfg.ListenAddr)
 	}
 	logger := newLogger(cfg, stderr)
-	if cfg.Instance == "" {
-		cfg.Instance, _ = os.Hostname()
-	}
 
 	var demoToken string
 	ownSecret := cfg.JWTSecret != nil
@@ -176,7 +173,7 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 			defer os.Remove(cfg.ListenAddrFile)
 		}
 	}
-	logger.Info("listening", "addr", addr, "version", buildVersion())
+	logger.Info("listening", "addr", addr, "version", buildVersion(), "instance", cfg.InstanceID)
 	if cfg.Demo {
 		printDemo(stdout, addr, demoToken, ownSecret, cfg.ConsoleEnabled)
 	}

@@ -417,6 +417,7 @@ func TestOpenAPIResponses(t *testing.T) {
 	user := tokenFor(t, "u-oas", []string{"user"}, nil)
 	admin := tokenFor(t, "u-oas-admin", []string{"admin"}, nil)
 	revoked := tokenFor(t, "u-oas-out", []string{"user"}, nil)
+	super := tokenFor(t, "u-oas-root", []string{"super_admin"}, nil)
 
 	for _, tt := range []struct {
 		method, path, token, body string
@@ -439,6 +440,8 @@ func TestOpenAPIResponses(t *testing.T) {
 		{"POST", "/api/v2/chat/cancel", user, `{}`, nil, 400},
 		{"POST", "/api/v2/auth/revoke", revoked, ``, nil, 200},
 		{"POST", "/api/v2/auth/revoke", user, `{"user_id":"someone-else"}`, nil, 403},
+		{"POST", "/api/v2/auth/revoke", super, `{"user_id":"u-oas-gone","tenant_id":"tenant-b"}`, nil, 200},
+		{"POST", "/api/v2/auth/revoke", admin, `{"jti":"j-oas","tenant_id":"tenant-b"}`, nil, 403},
 		{"GET", "/api/v2/voice/sessions", admin, "", nil, 200},
 		{"GET", "/api/v2/voice/sessions", user, "", nil, 403},
 		{"GET", "/api/v2/voice/stream", user, "", nil, 426},

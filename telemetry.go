@@ -78,7 +78,7 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 		tracer:     noop.NewTracerProvider(),
 		shutdownTP: func(context.Context) error { return nil },
 	}
-	res := resource.NewSchemaless(semconv.ServiceName(cfg.ServiceName), semconv.ServiceInstanceID(cfg.Instance))
+	res := resource.NewSchemaless(semconv.ServiceName(cfg.ServiceName), semconv.ServiceInstanceID(cfg.InstanceID))
 	if cfg.OTLPEndpoint != "" {
 		opts := []otlptracehttp.Option{otlptracehttp.WithEndpointURL(cfg.OTLPEndpoint)}
 		if len(cfg.OTLPHeaders) > 0 {
