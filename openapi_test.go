@@ -188,13 +188,14 @@ func proxyErrorCodes(t *testing.T) []string {
 }
 
 // TestOpenAPIRouteTable: every route of the route table (with every optional route on) has its
-// path and methods in the document, no path or method of the document lacks a route, and the
-// routes served without a token are exactly those the document marks security: [].
+// path and methods in the document, no path or method of the document lacks a route, the routes
+// served without a token are exactly those the document marks security: [], and the routes that
+// declare an upgrade are exactly those it describes as WebSockets (x-websocket).
 func TestOpenAPIRouteTable(t *testing.T) {
 	doc := loadOpenAPI(t)
 	g := &gateway{cfg: &config{ConsoleEnabled: true, MetricsEnabled: true}, tel: &telemetry{}}
 	anyMethod := []string{"DELETE", "GET", "HEAD", "PATCH", "POST", "PUT"}
-	want := map[string]access{} // "METHOD /doc/path"
+	want := map[string]route{} // "METHOD /doc/path"
 	for _, r := range g.routes() {
 		method, path, ok := strings.Cut(r.pattern, " ")
 		if !ok {
@@ -209,7 +210,7 @@ func TestOpenAPIRouteTable(t *testing.T) {
 			methods = anyMethod
 		}
 		for _, m := range methods {
-			want[m+" "+path] = r.access
+			want[m+" "+path] = r
 		}
 	}
 	have := map[string]bool{}
@@ -217,14 +218,18 @@ func TestOpenAPIRouteTable(t *testing.T) {
 		for method, op := range item.Operations() {
 			key := method + " " + path
 			have[key] = true
-			a, ok := want[key]
+			r, ok := want[key]
 			if !ok {
 				t.Errorf("openapi.json describes %s, which no route serves", key)
 				continue
 			}
 			public := op.Security != nil && len(*op.Security) == 0
-			if public != (a == open) {
-				t.Errorf("%s: security [] is %v in openapi.json, but the route's access is %v", key, public, a)
+			if public != (r.access == open) {
+				t.Errorf("%s: security [] is %v in openapi.json, but the route's access is %v", key, public, r.access)
+			}
+			_, ws := op.Extensions["x-websocket"]
+			if ws != bool(r.upgrade) {
+				t.Errorf("%s: x-websocket is %v in openapi.json, but the route declares an upgrade: %v", key, ws, r.upgrade)
 			}
 		}
 	}
