@@ -406,7 +406,7 @@ func TestOpenAPIVoiceMessages(t *testing.T) {
 
 // TestOpenAPIResponses: real responses of a running gateway, errors included, match the
 // operations they answer: status, headers and body (kin-openapi's response validation), and
-// the chat stream's events ChatEvent.
+// the chat stream's events ChatEvent. Every route of the route table is asked at least once.
 func TestOpenAPIResponses(t *testing.T) {
 	doc := loadOpenAPI(t)
 	c := schemaCheck{t, doc}
@@ -422,6 +422,14 @@ func TestOpenAPIResponses(t *testing.T) {
 	user := tokenFor(t, "u-oas", []string{"user"}, nil)
 	admin := tokenFor(t, "u-oas-admin", []string{"admin"}, nil)
 	revoked := tokenFor(t, "u-oas-out", []string{"user"}, nil)
+
+	// The route table's patterns, to tell which route each request reaches.
+	table := http.NewServeMux()
+	untried := map[string]bool{}
+	for _, r := range (&gateway{cfg: &config{ConsoleEnabled: true, MetricsEnabled: true}, tel: &telemetry{}}).routes() {
+		table.Handle(r.pattern, http.NotFoundHandler())
+		untried[r.pattern] = true
+	}
 
 	for _, tt := range []struct {
 		method, path, token, body string
@@ -440,12 +448,17 @@ func TestOpenAPIResponses(t *testing.T) {
 		{"POST", "/api/v2/chat/stream", user, `{"message":""}`, nil, 400},
 		{"POST", "/api/v2/chat/stream", user, `{"message":`, nil, 400},
 		{"POST", "/api/v2/chat/stream", user, `{"message":"hi"}`, map[string]string{"Content-Type": "text/plain"}, 415},
+		{"GET", "/api/v2/chat/stream/nobody-runs-this", user, "", nil, 404},
 		{"POST", "/api/v2/chat/cancel", user, `{"request_id":"nobody-runs-this"}`, nil, 404},
 		{"POST", "/api/v2/chat/cancel", user, `{}`, nil, 400},
 		{"POST", "/api/v2/auth/revoke", revoked, ``, nil, 200},
 		{"POST", "/api/v2/auth/revoke", user, `{"user_id":"someone-else"}`, nil, 403},
 		{"GET", "/api/v2/voice/sessions", admin, "", nil, 200},
 		{"GET", "/api/v2/voice/sessions", user, "", nil, 403},
+		{"GET", "/api/v2/voice/sessions/no-such-session", admin, "", nil, 404},
+		{"DELETE", "/api/v2/voice/sessions/no-such-session", admin, "", nil, 404},
+		{"POST", "/api/v2/voice/broadcast", admin, `{"message":"maintenance at noon"}`, nil, 200},
+		{"POST", "/api/v2/voice/broadcast", user, `{"message":"hi"}`, nil, 403},
 		{"GET", "/api/v2/voice/stream", user, "", nil, 426},
 		{"GET", "/api/v2/admin/users", admin, "", nil, 404},
 		{"DELETE", "/api/v2/documents/d1", admin, "", nil, 404},
@@ -459,6 +472,9 @@ func TestOpenAPIResponses(t *testing.T) {
 			req, err := http.NewRequestWithContext(t.Context(), tt.method, g.URL+tt.path, body)
 			if err != nil {
 				t.Fatal(err)
+			}
+			if _, pattern := table.Handler(req); pattern != "" {
+				delete(untried, pattern)
 			}
 			if tt.method == "POST" {
 				req.Header.Set("Content-Type", "application/json")
@@ -490,6 +506,10 @@ func TestOpenAPIResponses(t *testing.T) {
 				}
 			}
 		})
+	}
+
+	for pattern := range untried {
+		t.Errorf("route %s is never asked: its responses are not checked against openapi.json", pattern)
 	}
 
 	t.Run("rate limited", func(t *testing.T) {

@@ -43,8 +43,10 @@ type route struct {
 }
 
 // routes is the whole route table, the one list of the gateway's routes: the router registers
-// it, the built-in policy binds it (bindings), and the OpenAPI check compares it with
-// openapi.json. It builds nothing: every handler is made by newGateway.
+// it, the built-in policy binds it (bindings; a POLICY_FILE must bind the same routes), and the
+// OpenAPI tests compare it with openapi.json. Entries are positional, so a route cannot be added
+// without saying whether it upgrades and how the built-in policy binds it. It builds nothing:
+// every handler is made by newGateway.
 func (g *gateway) routes() []route {
 	rs := []route{
 		{"GET /healthz", open, plain, http.HandlerFunc(g.healthz), bind{}},
