@@ -43,6 +43,7 @@ type config struct {
 	ForwardAuthorization bool
 	ForwardCookies       bool
 	UpstreamTimeout      time.Duration // how long an upstream may take to answer headers
+	ProxyWriteTimeout    time.Duration // bound on every write of a proxied response
 	ChatMaxBodyBytes     int64
 	ChatMaxMessage       int
 	ChatMaxTokens        int
@@ -195,6 +196,7 @@ func settings() []setting {
 		{"BODY_READ_TIMEOUT", "5s", "how long any request body may take, whatever its size (plus a second per BODY_MIN_RATE bytes received)", durationSetting(func(c *config) *time.Duration { return &c.BodyReadTimeout }, time.Millisecond)},
 		{"BODY_MIN_RATE", "16384", "bytes per second a request body must keep up on average beyond BODY_READ_TIMEOUT", bytesSetting(func(c *config) *int64 { return &c.BodyMinRate })},
 		{"UPSTREAM_TIMEOUT", "30s", "how long an upstream may take to answer headers", durationSetting(func(c *config) *time.Duration { return &c.UpstreamTimeout }, time.Millisecond)},
+		{"PROXY_WRITE_TIMEOUT", "10s", "bound on every write of a response proxied from ADMIN_URL or DOCS_URL; a client that does not take a write within it is dropped, with its back-end connection", durationSetting(func(c *config) *time.Duration { return &c.ProxyWriteTimeout }, 10*time.Millisecond)},
 		{"CHAT_MAX_BODY_BYTES", "65536", "largest chat request body", boundedBytes(func(c *config) *int64 { return &c.ChatMaxBodyBytes }, maxChatBody)},
 		{"CHAT_MAX_MESSAGE", "4000", "longest chat message, in characters", intSetting(func(c *config) *int { return &c.ChatMaxMessage })},
 		{"CHAT_MAX_TOKENS", "8192", "largest max_tokens a chat request may ask for", intSetting(func(c *config) *int { return &c.ChatMaxTokens })},

@@ -97,7 +97,7 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 	if err := g.buildHandlers(); err != nil {
 		return nil, err
 	}
-	g.policy, err = policy.NewStore(policy.StoreOptions{Path: cfg.PolicyFile, Routes: protectedPatterns(g.routes()),
+	g.policy, err = policy.NewStore(policy.StoreOptions{Path: cfg.PolicyFile, Routes: bindings(g.routes()),
 		ExtraPerms: handlerPerms, Log: logger})
 	if err != nil {
 		return nil, fmt.Errorf("POLICY_FILE: %w", err)
@@ -325,12 +325,13 @@ func (g *gateway) backend(label, name string, targets []*url.URL, t *http.Transp
 		return http.HandlerFunc(proxy.NotFound)
 	}
 	return proxy.Chain(proxy.New(proxy.Options{
-		Target:     pool.Primary(),
-		Transport:  pool,
-		BufferPool: proxy.NewBufferPool(0),
-		Name:       name,
-		Outbound:   outbound,
-		Rewrite:    backendCredentials(g.cfg),
+		Target:       pool.Primary(),
+		Transport:    pool,
+		BufferPool:   proxy.NewBufferPool(0),
+		Name:         name,
+		Outbound:     outbound,
+		Rewrite:      backendCredentials(g.cfg),
+		WriteTimeout: g.cfg.ProxyWriteTimeout,
 	}), proxy.BodyLimit(g.cfg.MaxBodyBytes))
 }
 

@@ -141,7 +141,8 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 		Handler:           gw.handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		// No server-wide write deadline: it would cut every stream and voice session at that
-		// age. Streams bound themselves with pings and cancellation instead.
+		// age. Streams, voice sessions and proxied responses put a deadline on each write
+		// instead (SSE_WRITE_TIMEOUT, VOICE_WRITE_TIMEOUT, PROXY_WRITE_TIMEOUT).
 		IdleTimeout:    120 * time.Second,
 		MaxHeaderBytes: 32 << 10,
 		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),

@@ -252,13 +252,13 @@ func TestSetHeaders(t *testing.T) {
 		want http.Header
 	}{
 		{"every claim", full, withKept(http.Header{
-			auth.HeaderUserID: {"u-123"}, auth.HeaderUsername: {"alice"}, auth.HeaderTenantID: {"t-1"},
-			auth.HeaderUserRoles: {"user,editor"}, auth.HeaderSessionID: {"s-1"},
+			proxy.HeaderUserID: {"u-123"}, proxy.HeaderUsername: {"alice"}, proxy.HeaderTenantID: {"t-1"},
+			proxy.HeaderUserRoles: {"user,editor"}, proxy.HeaderSessionID: {"s-1"},
 		})},
-		{"user ID only", subOnly, withKept(http.Header{auth.HeaderUserID: {"rs-user"}})},
+		{"user ID only", subOnly, withKept(http.Header{proxy.HeaderUserID: {"rs-user"}})},
 		{"no identity", nil, withKept(http.Header{})},
 		{"identity built by hand", &auth.Identity{UserID: "u-9", Roles: []string{"admin", "user"}},
-			withKept(http.Header{auth.HeaderUserID: {"u-9"}, auth.HeaderUserRoles: {"admin,user"}})},
+			withKept(http.Header{proxy.HeaderUserID: {"u-9"}, proxy.HeaderUserRoles: {"admin,user"}})},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -275,7 +275,7 @@ func TestSetHeaders(t *testing.T) {
 		in = in.WithContext(auth.WithIdentity(in.Context(), full))
 		out := forged()
 		auth.UpstreamHeaders(in, out)
-		if got := out.Get(auth.HeaderUserID); got != "u-123" || len(out.Values("X-User-Id")) != 1 {
+		if got := out.Get(proxy.HeaderUserID); got != "u-123" || len(out.Values("X-User-Id")) != 1 {
 			t.Errorf("X-User-Id = %q (%d values)", got, len(out.Values("X-User-Id")))
 		}
 		if _, ok := out["X_User_Id"]; ok {
