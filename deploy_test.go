@@ -886,8 +886,8 @@ func TestDeployCompose(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%s's environment is not a valid configuration: %v", name, err)
 			}
-			if got := str(dig(svc, "image")); got != "voicegate:local" || dig(svc, "build", "context") != ".." {
-				t.Errorf("%s: image %q built from %v, want voicegate:local from the repository root", name, got, dig(svc, "build", "context"))
+			if got := str(dig(svc, "image")); got != "localhost/voicegate:local" || dig(svc, "build", "context") != ".." {
+				t.Errorf("%s: image %q built from %v, want localhost/voicegate:local from the repository root", name, got, dig(svc, "build", "context"))
 			}
 			if env["INSTANCE_NAME"] != name {
 				t.Errorf("%s: INSTANCE_NAME = %q, want the service name", name, env["INSTANCE_NAME"])
@@ -1033,6 +1033,97 @@ func TestDeployCompose(t *testing.T) {
 			}
 		}
 	})
+}
+
+// ---- images --------------------------------------------------------------------------------
+
+// qualifiedImage reports whether an image reference names its registry: podman (and Docker
+// with short-name resolution off) refuses a short name such as golang:1.26 rather than guess
+// which registry is meant. The first part of the name must be a host (it has a dot or a port,
+// or is localhost), and a tag or digest must follow the name.
+func qualifiedImage(ref string) bool {
+	host, rest, ok := strings.Cut(ref, "/")
+	if !ok || !(strings.ContainsAny(host, ".:") || host == "localhost") || rest == "" {
+		return false
+	}
+	last := rest[strings.LastIndex(rest, "/")+1:]
+	return strings.Contains(last, ":") || strings.Contains(last, "@")
+}
+
+func TestQualifiedImage(t *testing.T) {
+	for ref, want := range map[string]bool{
+		"docker.io/library/golang:1.26":              true,
+		"gcr.io/distroless/static-debian12:nonroot":  true,
+		"localhost/voicegate:local":                  true,
+		"registry.example:5000/team/app@sha256:abcd": true,
+		"golang:1.26":                                false,
+		"prom/prometheus:v2.53.1":                    false,
+		"docker.io/library/golang":                   false,
+		"voicegate:local":                            false,
+	} {
+		if got := qualifiedImage(ref); got != want {
+			t.Errorf("qualifiedImage(%q) = %v, want %v", ref, got, want)
+		}
+	}
+}
+
+// TestDeployImagesFullyQualified: every image the Dockerfile, the compose file and the
+// Kubernetes example name is fully qualified (registry, name, tag), so podman pulls what Docker
+// pulls and nothing depends on a registry search list.
+func TestDeployImagesFullyQualified(t *testing.T) {
+	images := map[string]string{} // image → where
+	raw, err := os.ReadFile("Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stages := map[string]bool{}
+	for _, line := range strings.Split(string(raw), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || !strings.EqualFold(f[0], "FROM") {
+			continue
+		}
+		args := slices.DeleteFunc(f[1:], func(a string) bool { return strings.HasPrefix(a, "--") }) // --platform=...
+		if !stages[args[0]] {
+			images[args[0]] = "Dockerfile"
+		}
+		if len(args) == 3 && strings.EqualFold(args[1], "AS") {
+			stages[args[2]] = true
+		}
+	}
+	for name, svc := range composeServices(t) {
+		images[str(svc["image"])] = "compose service " + name
+	}
+	var walk func(where string, v any)
+	walk = func(where string, v any) {
+		switch v := v.(type) {
+		case map[string]any:
+			for k, e := range v {
+				if k == "image" {
+					images[str(e)] = where
+				}
+				walk(where, e)
+			}
+		case []any:
+			for _, e := range v {
+				walk(where, e)
+			}
+		}
+	}
+	for _, d := range yamlDocs(t, "kubernetes/voicegate.yaml") {
+		walk("kubernetes "+str(d["kind"]), d)
+	}
+	if len(images) < 3 {
+		t.Fatalf("found only %v", images)
+	}
+	for img, where := range images {
+		if !qualifiedImage(img) {
+			hint := "docker.io/library/" + img // Docker Hub's official images
+			if strings.Contains(img, "/") {
+				hint = "docker.io/" + img
+			}
+			t.Errorf("%s: image %q is not fully qualified (want registry/name:tag, such as %s)", where, img, hint)
+		}
+	}
 }
 
 // ---- Kubernetes ----------------------------------------------------------------------------
