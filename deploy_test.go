@@ -1056,10 +1056,10 @@ func TestQualifiedImage(t *testing.T) {
 		"gcr.io/distroless/static-debian12:nonroot":  true,
 		"localhost/voicegate:local":                  true,
 		"registry.example:5000/team/app@sha256:abcd": true,
-		"golang:1.26":                                false,
-		"prom/prometheus:v2.53.1":                    false,
-		"docker.io/library/golang":                   false,
-		"voicegate:local":                            false,
+		"golang:1.26":              false,
+		"prom/prometheus:v2.53.1":  false,
+		"docker.io/library/golang": false,
+		"voicegate:local":          false,
 	} {
 		if got := qualifiedImage(ref); got != want {
 			t.Errorf("qualifiedImage(%q) = %v, want %v", ref, got, want)
