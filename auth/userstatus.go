@@ -27,6 +27,11 @@ type UserStatusOptions struct {
 	URL *url.URL
 	// Client calls it; nil means a client with a 2 s timeout.
 	Client *http.Client
+	// OnResult, if set, is told the outcome of every request to the user service and how long
+	// it took to answer or fail (metrics). Outcomes are proxy.Outcome's, except that any status
+	// but 200 and 404 is "error_status": the gateway itself reads this answer, and any other
+	// means the status could not be learned.
+	OnResult func(outcome string, took time.Duration)
 	// Redis, if set, is the second cache level shared by instances.
 	Redis rueidis.Client
 	// Prefix for Redis keys (REDIS_PREFIX), as given.
@@ -35,11 +40,6 @@ type UserStatusOptions struct {
 	MemoryTTL, RedisTTL time.Duration
 	// MaxEntries bounds the memory cache; zero means 10000.
 	MaxEntries int
-	// OnResult, if set, is told the outcome of every request to the user service and how long
-	// it took to answer or fail (metrics). Outcomes are proxy.Outcome's, except that any status
-	// but 200 and 404 is "error_status": the gateway itself reads this answer, and any other
-	// means the status could not be learned.
-	OnResult func(outcome string, took time.Duration)
 }
 
 // UserStatus asks the user service whether a user is active, with a short memory cache in front
