@@ -73,7 +73,10 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		if err != nil {
 			return nil, err
 		}
-		timing := redisTiming{keys: policy.NewKeys(cfg.RedisPrefix), record: tel.redisCall}
+		timing := redisTiming{keys: policy.NewKeys(cfg.RedisPrefix)}
+		if tel.metrics {
+			timing.record = tel.redisCall
+		}
 		g.redis = guardRedis(client, logger, timing)
 		g.closers = append(g.closers, g.redis.Close)
 		// Stopped once whatever releases leases and sessions has closed, just before the client:
