@@ -73,7 +73,11 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		if err != nil {
 			return nil, err
 		}
-		g.redis = guardRedis(client, logger)
+		timing := redisTiming{keys: policy.NewKeys(cfg.RedisPrefix)}
+		if tel.metrics {
+			timing.record = tel.redisCall
+		}
+		g.redis = guardRedis(client, logger, timing)
 		g.closers = append(g.closers, g.redis.Close)
 		// Stopped once whatever releases leases and sessions has closed, just before the client:
 		// its last round takes their releases to Redis.
@@ -86,7 +90,7 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 			if err != nil {
 				return nil, err
 			}
-			g.bulkRedis = guardRedis(bulk, logger)
+			g.bulkRedis = guardRedis(bulk, logger, timing)
 			g.closers = append(g.closers, g.bulkRedis.Close)
 		}
 	}
@@ -138,7 +142,8 @@ func (g *gateway) buildAuth(ctx context.Context) error {
 	}
 	var users *auth.UserStatus
 	if cfg.UserServiceURL != nil {
-		users = auth.NewUserStatus(auth.UserStatusOptions{URL: cfg.UserServiceURL, Redis: g.redis, Prefix: cfg.RedisPrefix})
+		users = auth.NewUserStatus(auth.UserStatusOptions{URL: cfg.UserServiceURL, Redis: g.redis, Prefix: cfg.RedisPrefix,
+			OnResult: func(outcome string, took time.Duration) { g.tel.upstreamResult("user", outcome, took) }})
 	}
 	tel := g.tel
 	g.authn = auth.New(auth.Options{
@@ -291,6 +296,7 @@ func (g *gateway) buildHandlers() error {
 			tel.voiceBytes.Add(bg, s.AudioBytesIn, tel.add1("direction", "in")...)
 			tel.voiceBytes.Add(bg, s.AudioBytesOut, tel.add1("direction", "out")...)
 			tel.voiceSessions.Add(bg, 1, tel.add1("code", strconv.Itoa(int(s.CloseCode)))...)
+			tel.voiceSessionEnded(int(s.CloseCode), s.Duration)
 		},
 		Log: g.log,
 	}
@@ -366,9 +372,7 @@ func (g *gateway) newPool(name string, targets []*url.URL, t *http.Transport) *p
 		Targets:   targets,
 		Transport: t,
 		Trace:     g.tel.clientSpan(),
-		OnResult: func(upstream, outcome string) {
-			g.tel.upstream.Add(context.Background(), 1, g.tel.set("upstream", upstream, "outcome", outcome))
-		},
+		OnResult:  g.tel.upstreamResult,
 	})
 }
 

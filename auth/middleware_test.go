@@ -434,26 +434,44 @@ func TestRequireUserStatus(t *testing.T) {
 	const budget = 150 * time.Millisecond
 	sec := secret(t)
 	tests := []struct {
-		name   string
-		url    *url.URL
-		userID string
-		status int
-		code   string
+		name    string
+		url     *url.URL
+		userID  string
+		status  int
+		code    string
+		outcome string // what OnResult is told
 	}{
-		{"active", usersURL, "u-123", 200, ""},
-		{"disabled", usersURL, "u-456", 401, proxy.CodeUserDisabled},
-		{"unknown user", usersURL, "u-404", 401, proxy.CodeUserDisabled},
-		{"service error", usersURL, "u-500", 503, proxy.CodeAuthService},
-		{"malformed answer", usersURL, "u-garbled", 503, proxy.CodeAuthService},
-		{"service too slow", usersURL, "u-slow", 503, proxy.CodeAuthService},
-		{"service down", downURL, "u-123", 503, proxy.CodeAuthService},
+		{"active", usersURL, "u-123", 200, "", "ok"},
+		{"disabled", usersURL, "u-456", 401, proxy.CodeUserDisabled, "ok"},
+		{"unknown user", usersURL, "u-404", 401, proxy.CodeUserDisabled, "ok"},
+		{"service error", usersURL, "u-500", 503, proxy.CodeAuthService, "error_status"},
+		{"malformed answer", usersURL, "u-garbled", 503, proxy.CodeAuthService, "ok"},
+		{"service too slow", usersURL, "u-slow", 503, proxy.CodeAuthService, "timeout"},
+		{"service down", downURL, "u-123", 503, proxy.CodeAuthService, "refused"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			var outcomes []string
+			var took time.Duration
 			a, _ := newAuth(t, func(o *auth.Options) {
-				o.Users = auth.NewUserStatus(auth.UserStatusOptions{URL: tt.url, Client: users.Client()})
+				o.Users = auth.NewUserStatus(auth.UserStatusOptions{URL: tt.url, Client: users.Client(),
+					OnResult: func(outcome string, d time.Duration) {
+						mu.Lock()
+						defer mu.Unlock()
+						outcomes, took = append(outcomes, outcome), d
+					}})
 				o.Budget = budget
 			})
+			defer func() {
+				mu.Lock()
+				defer mu.Unlock()
+				if len(outcomes) != 1 || outcomes[0] != tt.outcome {
+					t.Errorf("OnResult told %v, want [%s]", outcomes, tt.outcome)
+				}
+				if tt.outcome == "timeout" && took < budget*9/10 {
+					t.Errorf("a call that ran out the %v budget took %v by OnResult", budget, took)
+				}
+			}()
 			token := signHS256(t, sec, nil, claims(map[string]any{"user_id": tt.userID}))
 			start := time.Now()
 			res := serve(a.Require(false)(okHandler()), bearer(token))

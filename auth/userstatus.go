@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"voicegate/policy"
+	"voicegate/proxy"
 
 	"github.com/redis/rueidis"
 )
@@ -26,6 +27,11 @@ type UserStatusOptions struct {
 	URL *url.URL
 	// Client calls it; nil means a client with a 2 s timeout.
 	Client *http.Client
+	// OnResult, if set, is told the outcome of every request to the user service and how long
+	// it took to answer or fail (metrics). Outcomes are proxy.Outcome's, except that any status
+	// but 200 and 404 is "error_status": the gateway itself reads this answer, and any other
+	// means the status could not be learned.
+	OnResult func(outcome string, took time.Duration)
 	// Redis, if set, is the second cache level shared by instances.
 	Redis rueidis.Client
 	// Prefix for Redis keys (REDIS_PREFIX), as given.
@@ -149,7 +155,15 @@ func (u *UserStatus) fetch(ctx context.Context, userID string) (string, error) {
 		return "", fmt.Errorf("auth: user status request: %w", err)
 	}
 	req.Header.Set("Accept", "application/json")
+	start := time.Now()
 	res, err := u.o.Client.Do(req)
+	if u.o.OnResult != nil {
+		outcome := proxy.Outcome(ctx, res, err)
+		if outcome == "ok" && res.StatusCode != http.StatusOK && res.StatusCode != http.StatusNotFound {
+			outcome = "error_status"
+		}
+		u.o.OnResult(outcome, time.Since(start))
+	}
 	if err != nil {
 		return "", fmt.Errorf("auth: user status: %w", err)
 	}
