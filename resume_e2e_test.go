@@ -621,8 +621,8 @@ func smallReceiveBuffer(_, _ string, c syscall.RawConn) error {
 // TestResumeWaitersShareOneReader: a thousand clients resume streams and wait at their tails,
 // then all leave at once; twice. No waiting client holds a Redis connection of its own (the
 // instance's one reader serves them all: the connections stay the handful the clients open
-// under any load), and within 5 s of their leaving the gateway's open files and Redis
-// connections are back where they were at rest.
+// under any load), and within 5 s of their leaving the gateway's open files, goroutines
+// (go_goroutines on /metrics) and Redis connections are back where they were at rest.
 //
 // Memory: a waiting client costs what a waiting HTTP request costs (its goroutines, its
 // buffers), which the Go runtime keeps after they leave until its next GC (an idle process runs
@@ -684,6 +684,19 @@ func TestResumeWaitersShareOneReader(t *testing.T) {
 	mb := func(n int64) float64 { return float64(n) / 1e6 }
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: -1}}
 	defer client.CloseIdleConnections()
+	goroutines := func() int {
+		res := doRequest(t, client, "GET", base+"/metrics", nil, nil)
+		defer res.Body.Close()
+		body, _ := io.ReadAll(res.Body)
+		for line := range strings.Lines(string(body)) {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(line), "go_goroutines "); ok {
+				n, _ := strconv.ParseFloat(v, 64)
+				return int(n)
+			}
+		}
+		t.Fatal("no go_goroutines on /metrics")
+		return 0
+	}
 
 	tokens := make([]string, users)
 	for u := range users {
@@ -696,12 +709,15 @@ func TestResumeWaitersShareOneReader(t *testing.T) {
 	}
 	// The streams run and their clients read them: this is the gateway at rest.
 	settle(t.Context(), time.Second)
-	fd0, rss0, rc0 := fds(), gw.rss(t), redisClients()
-	t.Logf("at rest: %d fds, RSS %.1f MB, %d Redis connections", fd0, mb(rss0), rc0)
+	fd0, rss0, rc0, gr0 := fds(), gw.rss(t), redisClients(), goroutines()
+	t.Logf("at rest: %d fds, %d goroutines, RSS %.1f MB, %d Redis connections", fd0, gr0, mb(rss0), rc0)
 
 	// What may come with load, whatever the number of waiters: the Redis clients open their
 	// pipelined connections as load asks for them, and the reader its blocking one.
 	const connSlack = 4
+	// Each of those connections has its reader and writer goroutines, and a scrape of /metrics
+	// is served by one more.
+	const goroutineSlack = 2*connSlack + 2
 	// What one waiting client may cost in memory, generously: it measures about 50 KB.
 	const perWaiter = 150 << 10
 	for storm := range storms {
@@ -744,8 +760,9 @@ func TestResumeWaitersShareOneReader(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fd1, rss1, rc1 := fds(), gw.rss(t), redisClients()
-		t.Logf("storm %d, %d resumers waiting: %d fds, RSS %.1f MB, %d Redis connections", storm+1, len(waiters), fd1, mb(rss1), rc1)
+		fd1, rss1, rc1, gr1 := fds(), gw.rss(t), redisClients(), goroutines()
+		t.Logf("storm %d, %d resumers waiting: %d fds, %d goroutines, RSS %.1f MB, %d Redis connections",
+			storm+1, len(waiters), fd1, gr1, mb(rss1), rc1)
 		if rc1 > rc0+connSlack {
 			t.Errorf("with %d resumers waiting the gateway holds %d Redis connections, %d at rest: waiters must share them",
 				len(waiters), rc1, rc0)
@@ -760,20 +777,20 @@ func TestResumeWaitersShareOneReader(t *testing.T) {
 			w.res.Body.Close()
 		}
 		left := time.Now()
-		var fd2, rc2 int
+		var fd2, rc2, gr2 int
 		back := func() bool {
-			fd2, rc2 = fds(), redisClients()
-			return fd2 <= fd0+4 && rc2 <= rc0+connSlack
+			fd2, rc2, gr2 = fds(), redisClients(), goroutines()
+			return fd2 <= fd0+4 && rc2 <= rc0+connSlack && gr2 <= gr0+goroutineSlack
 		}
 		for !back() && time.Since(left) < 5*time.Second {
 			time.Sleep(50 * time.Millisecond)
 		}
 		rss2 := gw.rss(t)
-		t.Logf("storm %d, %v after the resumers left: %d fds, RSS %.1f MB, %d Redis connections", storm+1,
-			time.Since(left).Round(time.Millisecond), fd2, mb(rss2), rc2)
+		t.Logf("storm %d, %v after the resumers left: %d fds, %d goroutines, RSS %.1f MB, %d Redis connections", storm+1,
+			time.Since(left).Round(time.Millisecond), fd2, gr2, mb(rss2), rc2)
 		if !back() {
-			t.Errorf("5 s after %d resumers left the gateway holds %d fds (%d at rest) and %d Redis connections (%d)",
-				len(waiters), fd2, fd0, rc2, rc0)
+			t.Errorf("5 s after %d resumers left the gateway holds %d fds (%d at rest), %d goroutines (%d) and %d Redis connections (%d)",
+				len(waiters), fd2, fd0, gr2, gr0, rc2, rc0)
 		}
 		if rss2 > rss0+perWaiter*int64(len(waiters)) {
 			t.Errorf("after %d resumers left the gateway's RSS is %.1f MB, %.1f at rest: more than %d KB a waiter kept",

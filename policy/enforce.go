@@ -64,7 +64,7 @@ func NewEnforcer(o EnforcerOptions) *Enforcer {
 
 // Permission headers and path wildcards the policy looks at.
 const (
-	HeaderTenant = "X-Tenant-Id"
+	HeaderTenant = proxy.HeaderTenantID // a client names a tenant in it; upstreams get the caller's
 	ParamTenant  = "tenant_id"
 	ParamUser    = "user_id"
 )
@@ -154,6 +154,9 @@ func (e *Enforcer) Guard(h http.Handler) http.Handler {
 
 type admissionKey struct{}
 
+// errNoAdmission is the logged cause of a refused Admit without Guard.
+var errNoAdmission = errors.New("policy: the route's handler asks for an admission, but no guard authorized the request (a public path over it, or a route not behind Guard)")
+
 // admission is what Guard decided, for Admit to charge.
 type admission struct {
 	e *Enforcer
@@ -166,8 +169,12 @@ type admission struct {
 // concurrency slot and claim (nil: none), all in one call to the store. On a refusal it answers
 // the request (429, or 409 for a held claim) and returns false; otherwise the caller must call
 // release once the work is over, which gives back the slot and the claim before it returns
-// (bounded by the enforcer's budget). A request that did not pass Guard is admitted as is, and
-// takes no claim.
+// (bounded by the enforcer's budget).
+//
+// A request that did not pass Guard is refused (500): its handler expects a verified caller
+// whose permission was checked, and charging nobody would let it run ungoverned. That is a
+// route left public (AUTH_PUBLIC_PATHS) or a wiring mistake, never the client's doing; the cause
+// goes to the access log.
 func Admit(w http.ResponseWriter, r *http.Request, claim *Claim) (release func(), ok bool) {
 	release, _, err := AdmitClaim(w, r, claim)
 	if errors.Is(err, ErrClaimed) {
@@ -181,13 +188,13 @@ func Admit(w http.ResponseWriter, r *http.Request, claim *Claim) (release func()
 var ErrAnswered = errors.New("policy: the request was refused and answered")
 
 // AdmitClaim is Admit for a caller that decides itself what a held claim means: it answers
-// every other refusal (ErrAnswered), but returns ErrClaimed without answering. claimed
-// reports whether the claim was checked and taken by the store (with its Absent key): not in
-// memory, not when the store did not answer, not for a request that did not pass Guard.
+// every other refusal (ErrAnswered), a request that did not pass Guard included, but returns
+// ErrClaimed without answering. claimed reports whether the claim was checked and taken by the
+// store (with its Absent key): not in memory, not when the store did not answer.
 func AdmitClaim(w http.ResponseWriter, r *http.Request, claim *Claim) (release func(), claimed bool, err error) {
-	a, _ := r.Context().Value(admissionKey{}).(*admission)
+	a := admissionOf(w, r)
 	if a == nil {
-		return func() {}, false, nil
+		return nil, false, ErrAnswered
 	}
 	release, claimed, perr := a.e.admit(w, r, a.p, a.b, &a.s, claim, true)
 	if perr == errHeld {
@@ -205,11 +212,12 @@ func AdmitClaim(w http.ResponseWriter, r *http.Request, claim *Claim) (release f
 // replay log. It takes the route's concurrency slot (a reader holds what a stream holds) and
 // charges the per-user and per-tenant rates every request pays, but neither the route's class
 // nor the daily quota: those are the generation's, paid once. On a refusal it answers the
-// request and returns false; otherwise the caller calls release when the answer is over.
+// request and returns false (500 for one that did not pass Guard, as Admit); otherwise the
+// caller calls release when the answer is over.
 func AdmitReplay(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
-	a, _ := r.Context().Value(admissionKey{}).(*admission)
+	a := admissionOf(w, r)
 	if a == nil {
-		return func() {}, true
+		return nil, false
 	}
 	release, _, perr := a.e.admit(w, r, a.p, a.b, &a.s, nil, false)
 	if perr != nil {
@@ -217,6 +225,16 @@ func AdmitReplay(w http.ResponseWriter, r *http.Request) (release func(), ok boo
 		return nil, false
 	}
 	return release, true
+}
+
+// admissionOf is what Guard decided for r; without it, r is answered 500 (see Admit).
+func admissionOf(w http.ResponseWriter, r *http.Request) *admission {
+	a, _ := r.Context().Value(admissionKey{}).(*admission)
+	if a == nil {
+		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusInternalServerError, Code: proxy.CodeInternal,
+			Message: "internal error", Cause: errNoAdmission})
+	}
+	return a
 }
 
 // errHeld is admit's answer for a held claim, which its caller answers.

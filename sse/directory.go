@@ -25,9 +25,7 @@ import (
 // of that key is kept (a repeat is served from it); it is renewed with the slot and deleted with
 // it. It names the instance running the stream, and a cancel goes to that instance's own
 // channel: when nobody listens there (the instance died), the entry is stale, is deleted, and
-// the cancel answers that no such stream runs. A chat route left without a policy
-// (AUTH_PUBLIC_PATHS) has no admission, and its streams can be cancelled only on their own
-// instance.
+// the cancel answers that no such stream runs.
 //
 // Who writes: the admission script (claim), the renewer (renewal), the stream's release
 // (delete), and Cancel (deletes a stale entry). Who reads: Cancel, one GET per cancel bounded by
@@ -37,7 +35,8 @@ import (
 // stream's owner and instance while it runs, with the tenant as the Redis Cluster hash tag
 // (policy.Tag) like the admission's other keys. Messages travel by sharded pub/sub: cancels on
 // {prefix}{control}:{instance}, revocations on {prefix}{control} (one hash tag: one SSUBSCRIBE
-// takes both, on a cluster too).
+// takes both, on a cluster too). The instance is the process's own identity, never a name two
+// processes may share: a cancel for a dead instance's stream must find nobody listening.
 type Directory struct {
 	client   rueidis.Client
 	keys     policy.Keys
@@ -45,7 +44,8 @@ type Directory struct {
 	log      *slog.Logger
 }
 
-// NewDirectory returns a directory on client for the instance named instance.
+// NewDirectory returns a directory on client for the instance whose identity is instance,
+// unique to this process.
 func NewDirectory(client rueidis.Client, prefix, instance string, log *slog.Logger) *Directory {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -69,9 +69,10 @@ type control struct {
 	TenantID  string `json:"tenant_id,omitempty"`
 	RequestID string `json:"request_id,omitempty"`
 	// For a cancel, the stream's owner; for a revocation, the user whose tokens issued before
-	// Before (unix ms) go, or none.
+	// Before go, or none.
 	UserID string `json:"user_id,omitempty"`
-	// For a revocation: the token.
+	// For a revocation (with TenantID and UserID): the token, or the user whose tokens issued
+	// before Before (a unix second) go.
 	TokenID string `json:"token_id,omitempty"`
 	Before  int64  `json:"before,omitempty"`
 }
@@ -122,14 +123,9 @@ func (d *Directory) Cancel(ctx context.Context, k StreamKey) error {
 	return nil
 }
 
-// Revoke tells every instance to end the streams of the token tokenID, or of userID's tokens
-// issued before before.
-func (d *Directory) Revoke(ctx context.Context, tokenID, userID string, before time.Time) error {
-	c := control{Op: "revoke", TokenID: tokenID, UserID: userID}
-	if !before.IsZero() {
-		c.Before = before.UnixMilli()
-	}
-	msg, _ := json.Marshal(c)
+// Revoke tells every instance to end the streams of the tokens v revokes, in v's tenant.
+func (d *Directory) Revoke(ctx context.Context, v policy.Revocation) error {
+	msg, _ := json.Marshal(control{Op: "revoke", TenantID: v.TenantID, TokenID: v.TokenID, UserID: v.UserID, Before: v.Before})
 	if err := d.client.Do(ctx, d.client.B().Spublish().Channel(d.everyone()).Message(string(msg)).Build()).Error(); err != nil {
 		return fmt.Errorf("sse: publish revocation: %w", err)
 	}
@@ -149,11 +145,7 @@ func (d *Directory) Run(ctx context.Context, reg *Registry) {
 			case "cancel":
 				_ = reg.Cancel(StreamKey{Tenant: c.TenantID, User: c.UserID, RequestID: c.RequestID})
 			case "revoke":
-				var before time.Time
-				if c.Before > 0 {
-					before = time.UnixMilli(c.Before)
-				}
-				reg.Revoke(c.TokenID, c.UserID, before)
+				reg.Revoke(policy.Revocation{TenantID: c.TenantID, TokenID: c.TokenID, UserID: c.UserID, Before: c.Before})
 			}
 		})
 		if ctx.Err() != nil {

@@ -282,10 +282,10 @@ func NewHandler(o HandlerOptions) http.Handler {
 		}
 		held = append(held, remove)
 		if o.Replay != nil && !claimed {
-			// No claim asked for the log (in memory, on a public route, or the store did not
-			// answer the admission): ask now, after Registry.Add, which a producer holds until
-			// its log is complete. A log that cannot be asked in time is taken to be absent,
-			// as fair use fails open.
+			// No claim asked for the log (in memory, or the store did not answer the
+			// admission): ask now, after Registry.Add, which a producer holds until its log is
+			// complete. A log that cannot be asked in time is taken to be absent, as fair use
+			// fails open.
 			lctx, cancel := context.WithTimeout(r.Context(), logCheckBound)
 			kept, _ := o.Replay.Exists(lctx, k)
 			cancel()
