@@ -149,7 +149,7 @@ func (k Keys) KindOf(name string) string {
 // knownKind returns s if it is a kind, else "".
 func knownKind(s string) string {
 	switch s {
-	case KindRateLimit, KindQuota, KindLease, KindAudioQuota, KindStream, KindReplay, KindReplayBeat,
+	case KindRateLimit, KindQuota, KindLease, KindReleased, KindAudioQuota, KindStream, KindReplay, KindReplayBeat,
 		KindReplayWait, KindRevoked, KindUserStatus, KindSession, KindSessions, KindUsage, KindBroadcast,
 		KindControl:
 		return s
