@@ -454,6 +454,7 @@ func TestOpenAPIResponses(t *testing.T) {
 		{"POST", "/api/v2/chat/cancel", user, `{}`, nil, 400},
 		{"POST", "/api/v2/chat/cancel", user, `{"request_id":"r-1","user_id":"someone-else"}`, nil, 403},
 		{"POST", "/api/v2/chat/cancel", admin, `{"request_id":"r-1","user_id":"someone-else"}`, nil, 404},
+		{"POST", "/api/v2/chat/cancel", admin, `{"request_id":"r-1","user_id":"a\u2028b"}`, nil, 400},
 		{"POST", "/api/v2/auth/revoke", revoked, ``, nil, 200},
 		{"POST", "/api/v2/auth/revoke", user, `{"user_id":"someone-else"}`, nil, 403},
 		{"POST", "/api/v2/auth/revoke", super, `{"user_id":"u-oas-gone","tenant_id":"tenant-b"}`, nil, 200},
