@@ -78,6 +78,15 @@ func NewRevokeHandler(o RevokeOptions) http.Handler {
 			proxy.Errorf(w, r, http.StatusBadRequest, proxy.CodeValidation, "give jti or user_id, not both")
 			return
 		}
+		// What a token's identity may hold (the verifier's rule), so nothing else can be named.
+		if !proxy.ValidLabel(req.JTI, maxClaimLen) {
+			proxy.WriteError(w, r, proxy.InvalidFields(proxy.FieldError{Field: "jti", Reason: proxy.LabelReason(maxClaimLen)}))
+			return
+		}
+		if !proxy.ValidLabel(req.UserID, maxClaimLen) {
+			proxy.WriteError(w, r, proxy.InvalidFields(proxy.FieldError{Field: "user_id", Reason: proxy.LabelReason(maxClaimLen)}))
+			return
+		}
 		can := func(perm string) bool { return o.Can != nil && o.Can(r, perm) }
 		ctx, cancel := context.WithTimeout(r.Context(), o.Budget)
 		defer cancel()
