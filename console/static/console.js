@@ -15,7 +15,7 @@ if (location.hash) history.replaceState(history.state, "", location.pathname + l
 // (CONSOLE_GATEWAYS, rendered into the page by the gateway that serves it). A page that was
 // pointed anywhere else talks to nobody: gateway stays null and nothing is ever sent. The
 // Content-Security-Policy allows connections to the same origins only.
-const allowedGateways = new Set([location.origin, ...document.documentElement.dataset.gateways.split(" ").filter(Boolean)]);
+const allowedGateways = new Set([location.origin, ...(document.documentElement.dataset.gateways || "").split(" ").filter(Boolean)]);
 const gateway = chooseGateway(new URLSearchParams(location.search).get("gateway"));
 
 function chooseGateway(asked) {
