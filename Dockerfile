@@ -1,5 +1,7 @@
 # Build a static binary, then ship it alone in a minimal image as a non-root user.
-FROM golang:1.26 AS build
+# Base images are fully qualified: Docker reads a short name such as golang:1.26 as Docker Hub's,
+# but podman refuses one unless a registry search list says where to look.
+FROM docker.io/library/golang:1.26 AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download

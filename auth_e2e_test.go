@@ -8,14 +8,19 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"voicegate/auth"
 )
 
 // ---- helpers -------------------------------------------------------------------------------
@@ -228,6 +233,43 @@ func TestAuthRevocationAcrossInstances(t *testing.T) {
 	})
 }
 
+// TestAuthLogoutEverywhereThenLogin: "log out everywhere" on A refuses, on both instances,
+// every token of the user issued before it — one a second earlier, and one issued in the same
+// second just before it, whose iat is that second — and the token of the login right after its
+// answer, issued in the second the answer came, passes on both. Tokens are minted by the
+// tests' own HS256 signer, with iat in whole seconds as identity providers make them.
+func TestAuthLogoutEverywhereThenLogin(t *testing.T) {
+	r := startRedis(t)
+	env := redisEnv(r, doneAlgo(t), okBackend(t), nil)
+	a := startRun(t, nil, env)
+	b := startRun(t, nil, env)
+	w := watchTokens(t, a, b)
+	const doc = "/api/v2/documents/x"
+
+	earlier := w.token(t, "u-relogin", []string{"user"}, map[string]any{"iat": time.Now().Add(-time.Second).Unix()})
+	current := w.token(t, "u-relogin", []string{"user"}, nil)
+	for _, tok := range []string{earlier, current} {
+		wantStatus(t, call(t, b, "GET", doc, tok, ""), http.StatusOK) // B's cache is warm
+	}
+	sent := time.Now()
+	res := call(t, a, "POST", "/api/v2/auth/revoke", current, `{"user_id":"u-relogin"}`)
+	wantStatus(t, res, http.StatusOK)
+	answered := time.Now()
+	next := w.token(t, "u-relogin", []string{"user"}, nil) // the next login, right after the answer
+	t.Logf("log out everywhere sent at +%dms into its second, answered %v later",
+		sent.Nanosecond()/1e6, answered.Sub(sent).Round(time.Millisecond))
+	var got struct{ Before int64 }
+	// The second after the revocation's (Redis's clock is this machine's), begun by the answer.
+	if err := json.NewDecoder(res.Body).Decode(&got); err != nil || got.Before < sent.Unix()+1 || got.Before > answered.Unix() {
+		t.Errorf("before = %d (%v), want in [%d, %d]", got.Before, err, sent.Unix()+1, answered.Unix())
+	}
+	for _, g := range []*testGateway{a, b} {
+		wantError(t, call(t, g, "GET", doc, earlier, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
+		wantError(t, call(t, g, "GET", doc, current, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
+		wantStatus(t, call(t, g, "GET", doc, next, ""), http.StatusOK)
+	}
+}
+
 // ---- Redis outages -------------------------------------------------------------------------
 
 // TestAuthRedisKilled: with Redis gone, a valid (and cached) token gets 503 AUTH_SERVICE_ERROR
@@ -314,8 +356,11 @@ func TestAuthFailOpen(t *testing.T) {
 	wantStatus(t, call(t, g, "GET", doc, tok, ""), http.StatusOK)
 
 	r.Kill()
+	// A token the gateway has not checked before: the first one's revocation answers may still
+	// be served from the client-side cache until the client notices the dead connection.
+	fresh := w.token(t, "u-1", []string{"user"}, nil)
 	start := time.Now()
-	wantStatus(t, call(t, g, "GET", doc, tok, ""), http.StatusOK)
+	wantStatus(t, call(t, g, "GET", doc, fresh, ""), http.StatusOK)
 	if took := time.Since(start); took > time.Second {
 		t.Errorf("the fail-open request took %v, want well under 1s", took)
 	}
@@ -464,9 +509,71 @@ func TestAuthUserStatus(t *testing.T) {
 	}
 }
 
+// TestAuthUserStatusBound: a user disabled in the user service is refused by every instance
+// within 60 s (RedisTTL) of the service's last "active" answer, however the two cache levels
+// line up. Worst case: instance B reads the shared copy just before it expires in Redis (here a
+// copy with 1 s left, as one written 59 s earlier has); B's memory then keeps it for that second,
+// not a whole memory TTL (30 s) beyond. The caches' clock is injected; Redis's expiry is
+// Redis's, so the copy's last second is set with PEXPIRE and its end with DEL.
+func TestAuthUserStatusBound(t *testing.T) {
+	r := startRedis(t)
+	client := testClient(t, r)
+	var status atomic.Value
+	status.Store("active")
+	users := newFakeBackend(t, func(w http.ResponseWriter, req *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"status":%q}`, status.Load())
+	})
+	u, err := url.Parse(users.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	now := time.Unix(1_900_000_000, 0)
+	clock := func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return now
+	}
+	advance := func(d time.Duration) {
+		mu.Lock()
+		defer mu.Unlock()
+		now = now.Add(d)
+	}
+	newStatus := func() *auth.UserStatus {
+		return auth.NewUserStatus(auth.UserStatusOptions{URL: u, Redis: client, Prefix: "voicegate:", Now: clock})
+	}
+	a, b := newStatus(), newStatus()
+	ctx := t.Context()
+	const key = "voicegate:user:status:u-1"
+
+	if err := a.Check(ctx, "u-1"); err != nil { // the service says active; cached for 60 s
+		t.Fatal(err)
+	}
+	if ttl, _ := r.Do(t, "PTTL", key).(int64); ttl <= 59_000 || ttl > 60_000 {
+		t.Fatalf("PTTL %s = %d ms, want about 60 s", key, ttl)
+	}
+	advance(59 * time.Second)
+	if n, _ := r.Do(t, "PEXPIRE", key, "1000").(int64); n != 1 {
+		t.Fatal("PEXPIRE found no key")
+	}
+	status.Store("disabled")
+	if err := b.Check(ctx, "u-1"); err != nil { // B reads the copy's last second
+		t.Fatalf("B, 59 s after the service's answer: %v, want the cached active", err)
+	}
+	advance(1500 * time.Millisecond) // 60.5 s after the service's answer
+	r.Do(t, "DEL", key)              // its expiry in Redis
+	for name, s := range map[string]*auth.UserStatus{"A": a, "B": b} {
+		if err := s.Check(ctx, "u-1"); !errors.Is(err, auth.ErrUserDisabled) {
+			t.Errorf("%s, 60.5 s after the service's last active: %v, want ErrUserDisabled", name, err)
+		}
+	}
+}
+
 // ---- Redis keys ----------------------------------------------------------------------------
 
-// TestAuthRedisKeys: the keys documented in auth/redis.go are the ones written.
+// TestAuthRedisKeys: the keys documented in auth/redis.go are the ones written: under the
+// tenant's hash tag, a user's cutoff in unix seconds on Redis's clock.
 func TestAuthRedisKeys(t *testing.T) {
 	r := startRedis(t)
 	backend := okBackend(t)
@@ -476,7 +583,7 @@ func TestAuthRedisKeys(t *testing.T) {
 	exp := time.Now().Add(10 * time.Minute).Unix()
 	tok := w.token(t, "u-keys", []string{"user"}, map[string]any{"jti": "jti-keys-1", "exp": exp})
 	wantStatus(t, call(t, g, "POST", "/api/v2/auth/revoke", tok, ""), http.StatusOK)
-	key := "voicegate:revoked:jti:jti-keys-1"
+	key := "voicegate:revoked:{tenant-a}:jti:jti-keys-1"
 	if got := r.Do(t, "EXISTS", key); got != int64(1) {
 		t.Fatalf("EXISTS %s = %#v after logout, want 1 (keys: %v)", key, got, r.Do(t, "KEYS", "*"))
 	}
@@ -493,12 +600,16 @@ func TestAuthRedisKeys(t *testing.T) {
 	before := time.Now()
 	wantStatus(t, call(t, g, "POST", "/api/v2/auth/revoke", admin, `{"user_id":"u-gone"}`), http.StatusOK)
 	after := time.Now()
-	key = "voicegate:revoked:user:u-gone"
+	key = "voicegate:revoked:{tenant-a}:user:u-gone"
 	v, _ := r.Do(t, "GET", key).(string)
-	ms, err := strconv.ParseInt(v, 10, 64)
-	if err != nil || ms < before.UnixMilli() || ms > after.UnixMilli() {
-		t.Errorf("GET %s = %q, want the revocation time in unix ms in [%d, %d] (keys: %v)",
-			key, v, before.UnixMilli(), after.UnixMilli(), r.Do(t, "KEYS", "*"))
+	// The second after the revocation's, on Redis's clock (this machine's).
+	cutoff, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || cutoff < before.Unix()+1 || cutoff > after.Unix()+1 {
+		t.Errorf("GET %s = %q, want the cutoff in unix seconds in [%d, %d] (keys: %v)",
+			key, v, before.Unix()+1, after.Unix()+1, r.Do(t, "KEYS", "*"))
+	}
+	if after.Before(time.Unix(cutoff, 0)) {
+		t.Errorf("the revocation was answered at %v, before its cutoff %v began", after, time.Unix(cutoff, 0))
 	}
 	if ttl, _ := r.Do(t, "PTTL", key).(int64); time.Duration(ttl)*time.Millisecond < 24*time.Hour+leeway-5*time.Second {
 		t.Errorf("PTTL %s = %d ms, want JWT_MAX_LIFETIME (24h) plus the leeway", key, ttl)

@@ -160,7 +160,7 @@ func BenchmarkRateLimitCluster(b *testing.B) {
 					b.Fatal(err)
 				}
 				b.Cleanup(client.Close)
-				lims = append(lims, policy.NewRedisAdmitter(guardRedis(client, slog.New(slog.DiscardHandler)),
+				lims = append(lims, policy.NewRedisAdmitter(guardRedis(client, slog.New(slog.DiscardHandler), redisTiming{}),
 					policy.RedisAdmitterOptions{Prefix: "voicegate:"}))
 			}
 			// Redis's own command count (scripts' inner commands included) over the run: the

@@ -325,14 +325,14 @@ func TestClusterScriptsOneSlot(t *testing.T) {
 			release(ctx)
 			return adm.Renew(ctx) // retries the release if it failed
 		})
-		oneSlot(t, fmt.Sprintf("revocation, user %q", user), func() error {
-			if err := revs.RevokeUser(ctx, user+tenant, time.Now()); err != nil {
+		oneSlot(t, fmt.Sprintf("revocation, tenant %q, user %q", tenant, user), func() error {
+			if _, err := revs.RevokeUser(ctx, tenant, user); err != nil {
 				return err
 			}
-			if err := revs.RevokeToken(ctx, "jti-"+tenant, time.Now().Add(time.Minute)); err != nil {
+			if err := revs.RevokeToken(ctx, tenant, "jti-"+user, time.Now().Add(time.Minute)); err != nil {
 				return err
 			}
-			_, err := revs.Revoked(ctx, &auth.Identity{UserID: user + tenant, TenantID: tenant, TokenID: "jti-" + tenant, IssuedAt: time.Now()})
+			_, err := revs.Revoked(ctx, &auth.Identity{UserID: user, TenantID: tenant, TokenID: "jti-" + user, IssuedAt: time.Now()})
 			return err
 		})
 	}

@@ -72,22 +72,13 @@ func inSlots(slot int, ranges [][2]int) bool {
 	return false
 }
 
-// jtiOn returns a jti whose revocation key lives in ranges (and another user's whose doesn't, when on is false).
-func jtiOn(ranges [][2]int, on bool, seed string) string {
+// tenantOn returns a tenant whose keys — its revocations, limits and leases, all under its
+// hash tag (policy.Tag) — live in ranges, or, when on is false, do not.
+func tenantOn(ranges [][2]int, on bool, seed string) string {
 	for i := 0; ; i++ {
-		jti := fmt.Sprintf("%s-%d", seed, i)
-		if inSlots(keySlot("voicegate:revoked:jti:"+jti), ranges) == on {
-			return jti
-		}
-	}
-}
-
-// userOn returns a user ID whose user-revocation key lives in ranges or not.
-func userOn(ranges [][2]int, on bool, seed string) string {
-	for i := 0; ; i++ {
-		u := fmt.Sprintf("%s-%d", seed, i)
-		if inSlots(keySlot("voicegate:revoked:user:"+u), ranges) == on {
-			return u
+		tenant := fmt.Sprintf("%s-%d", seed, i)
+		if inSlots(keySlot(policy.Tag(tenant)), ranges) == on {
+			return tenant
 		}
 	}
 }
@@ -131,13 +122,13 @@ func TestClusterFailover(t *testing.T) {
 
 			master, replica := c.masterOf(t, keySlot("{tenant-a}"))
 			dead := c.slotsOf(t, master)
-			// Tokens whose revocation keys are on the shard that fails, and others'.
+			// Tokens whose revocation keys are on the shard that fails (tenant-a's, under its
+			// tag), and others' (of a tenant whose tag is elsewhere).
+			healthy := map[string]any{"tenant_id": tenantOn(dead, false, "t-fo-e")}
 			var onDead, elsewhere []string
 			for i := range 8 {
-				onDead = append(onDead, w.token(t, userOn(dead, true, fmt.Sprintf("u-fo-d%d", i)), []string{"user"},
-					map[string]any{"jti": jtiOn(dead, true, fmt.Sprintf("fo-d%d", i))}))
-				elsewhere = append(elsewhere, w.token(t, userOn(dead, false, fmt.Sprintf("u-fo-e%d", i)), []string{"user"},
-					map[string]any{"jti": jtiOn(dead, false, fmt.Sprintf("fo-e%d", i))}))
+				onDead = append(onDead, w.token(t, fmt.Sprintf("u-fo-d%d", i), []string{"user"}, nil))
+				elsewhere = append(elsewhere, w.token(t, fmt.Sprintf("u-fo-e%d", i), []string{"user"}, healthy))
 			}
 			for _, tok := range append(onDead, elsewhere...) {
 				wantStatus(t, call(t, a, "GET", doc, tok, ""), http.StatusOK)
@@ -146,8 +137,7 @@ func TestClusterFailover(t *testing.T) {
 			// connection looks alive) would hide what the check does without Redis.
 			fresh := make([]string, 1200)
 			for i := range fresh {
-				fresh[i] = tokenFor(t, userOn(dead, true, fmt.Sprintf("u-fo-f%d", i)), []string{"user"},
-					map[string]any{"jti": jtiOn(dead, true, fmt.Sprintf("fo-f%d-%s", i, how))})
+				fresh[i] = tokenFor(t, fmt.Sprintf("u-fo-f%d", i), []string{"user"}, nil)
 			}
 			var nextFresh atomic.Int64
 			// Running before the failure: a chat stream and a voice session on A.
@@ -224,7 +214,7 @@ func TestClusterFailover(t *testing.T) {
 				_ = c.nodes[master].cmd.Process.Signal(syscall.SIGSTOP)
 				c.nodes[master].mu.Unlock()
 			}
-			idleTok := w.token(t, userOn(dead, true, "u-fo-idle"), []string{"user"}, map[string]any{"jti": jtiOn(dead, true, "fo-idle-"+how)})
+			idleTok := w.token(t, "u-fo-idle", []string{"user"}, nil)
 			promoted := c.promoted(t, replica, 15*time.Second)
 			// B was idle all along: its first request, sent as soon as every node sees the
 			// replica promoted, with a token it never saw whose keys are on the failed shard,
@@ -385,10 +375,10 @@ func TestClusterRevocationSurvivesKill(t *testing.T) {
 	const doc = "/api/v2/documents/x"
 	master, replica := c.masterOf(t, 0)
 	slots := c.slotsOf(t, master)
+	onMaster := map[string]any{"tenant_id": tenantOn(slots, true, "t-keep")}
 	var toks []string
 	for i := range 5 {
-		tok := w.token(t, userOn(slots, true, fmt.Sprintf("u-keep-%d", i)), []string{"user"},
-			map[string]any{"jti": jtiOn(slots, true, fmt.Sprintf("keep-%d", i))})
+		tok := w.token(t, fmt.Sprintf("u-keep-%d", i), []string{"user"}, onMaster)
 		wantStatus(t, call(t, b, "GET", doc, tok, ""), http.StatusOK) // cached on B as not revoked
 		toks = append(toks, tok)
 	}
@@ -430,7 +420,8 @@ func TestClusterRevocationNeedsReplica(t *testing.T) {
 	w := watchTokens(t, g)
 	master, replica := c.masterOf(t, 0)
 	slots := c.slotsOf(t, master)
-	tok := w.token(t, "u-wait", []string{"user"}, map[string]any{"jti": jtiOn(slots, true, "wait")})
+	tenant := tenantOn(slots, true, "t-wait")
+	tok := w.token(t, "u-wait", []string{"user"}, map[string]any{"tenant_id": tenant, "jti": "jti-wait"})
 	wantStatus(t, call(t, g, "GET", "/api/v2/documents/x", tok, ""), http.StatusOK)
 
 	c.nodes[replica].mu.Lock()
@@ -452,9 +443,9 @@ func TestClusterRevocationNeedsReplica(t *testing.T) {
 	// The master did take it: the token is refused; a revocation answered 503 is safe to send
 	// again, and is acknowledged once the replica is back.
 	wantError(t, call(t, g, "GET", "/api/v2/documents/x", tok, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
-	admin := w.token(t, "u-wait-admin", []string{"admin"}, nil)
+	admin := w.token(t, "u-wait-admin", []string{"admin"}, map[string]any{"tenant_id": tenant})
 	eventually(t, 5*time.Second, "the revocation is acknowledged once the replica is back", func() bool {
-		res := call(t, g, "POST", "/api/v2/auth/revoke", admin, `{"jti":"`+jtiOn(slots, true, "wait")+`"}`)
+		res := call(t, g, "POST", "/api/v2/auth/revoke", admin, `{"jti":"jti-wait"}`)
 		return res.StatusCode == http.StatusOK
 	})
 }
@@ -544,7 +535,7 @@ func TestClusterReshard(t *testing.T) {
 	for i := range 4 {
 		tenant := tenantIn(moved, fmt.Sprintf("t-reshard-%d", i%2))
 		toks = append(toks, w.token(t, fmt.Sprintf("u-reshard-%d", i), []string{"user"}, map[string]any{
-			"tenant_id": tenant, "jti": jtiOn([][2]int{{0, moved - 1}}, true, fmt.Sprintf("reshard-%d", i))}))
+			"tenant_id": tenant, "jti": fmt.Sprintf("reshard-%d", i)}))
 	}
 	// Keys beside the gateway's in the tenants' slots, moved one at a time, so the migration
 	// lasts while requests come: the gateway's keys of a slot are then partly moved.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/rand"
 	"errors"
 	"flag"
 	"fmt"
@@ -43,6 +44,7 @@ type config struct {
 	ForwardAuthorization bool
 	ForwardCookies       bool
 	UpstreamTimeout      time.Duration // how long an upstream may take to answer headers
+	ProxyWriteTimeout    time.Duration // bound on every write of a proxied response
 	ChatMaxBodyBytes     int64
 	ChatMaxMessage       int
 	ChatMaxTokens        int
@@ -74,7 +76,8 @@ type config struct {
 	RedisPrefix        string
 	RedisConnectWithin time.Duration
 
-	Instance string
+	Instance   string // INSTANCE_NAME, else the host name: shown in listings and usage records
+	InstanceID string // this process's own identity (instanceID): the name of its channels and entries
 
 	MetricsEnabled   bool
 	MetricsAddr      string        // "" serves /metrics on the main listener
@@ -195,6 +198,7 @@ func settings() []setting {
 		{"BODY_READ_TIMEOUT", "5s", "how long any request body may take, whatever its size (plus a second per BODY_MIN_RATE bytes received)", durationSetting(func(c *config) *time.Duration { return &c.BodyReadTimeout }, time.Millisecond)},
 		{"BODY_MIN_RATE", "16384", "bytes per second a request body must keep up on average beyond BODY_READ_TIMEOUT", bytesSetting(func(c *config) *int64 { return &c.BodyMinRate })},
 		{"UPSTREAM_TIMEOUT", "30s", "how long an upstream may take to answer headers", durationSetting(func(c *config) *time.Duration { return &c.UpstreamTimeout }, time.Millisecond)},
+		{"PROXY_WRITE_TIMEOUT", "10s", "bound on every write of a response proxied from ADMIN_URL or DOCS_URL; a client that does not take a write within it is dropped, with its back-end connection", durationSetting(func(c *config) *time.Duration { return &c.ProxyWriteTimeout }, 10*time.Millisecond)},
 		{"CHAT_MAX_BODY_BYTES", "65536", "largest chat request body", boundedBytes(func(c *config) *int64 { return &c.ChatMaxBodyBytes }, maxChatBody)},
 		{"CHAT_MAX_MESSAGE", "4000", "longest chat message, in characters", intSetting(func(c *config) *int { return &c.ChatMaxMessage })},
 		{"CHAT_MAX_TOKENS", "8192", "largest max_tokens a chat request may ask for", intSetting(func(c *config) *int { return &c.ChatMaxTokens })},
@@ -284,7 +288,7 @@ func settings() []setting {
 			c.RedisPrefix = v
 			return nil
 		}},
-		{"INSTANCE_NAME", "", "this instance's name in session listings (default: the host name)", func(c *config, v string) error {
+		{"INSTANCE_NAME", "", "this instance's name in session listings and usage records, only a label (default: the host name); its identity in Redis is the name and a random suffix made at start", func(c *config, v string) error {
 			c.Instance = v
 			return nil
 		}},
@@ -552,10 +556,10 @@ func flagName(env string) string {
 var errHelp = flag.ErrHelp
 
 // parseConfig reads flags from args (args[0] is the program name) and the environment through
-// getenv; a flag wins over its variable. An invalid value is one error naming the variable.
+// getenv; a flag wins over its variable. An invalid value is one error naming where it came
+// from: the flag as typed, or the variable.
 func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
 	fs := flag.NewFlagSet("voicegate", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	c := &config{}
 	fs.BoolVar(&c.Demo, "demo", false, "run with a built-in fake algorithm service, for a first look (never production)")
 	fs.BoolVar(&c.HealthCheck, "healthcheck", false, "ask the running gateway (LISTEN_ADDR_FILE, else LISTEN_ADDR) for /healthz and exit 0 if it answers 200")
@@ -569,7 +573,8 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	if len(args) > 0 {
 		args = args[1:]
 	}
-	if err := fs.Parse(args); err != nil {
+	typed, err := parseFlags(fs, args, stderr)
+	if err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -578,8 +583,14 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	if c.Version {
 		return c, nil // nothing else matters, not even invalid settings
 	}
-	fromFlag := setFlags(fs)
-	explicit := func(env string) bool { return fromFlag[flagName(env)] || getenv(env) != "" }
+	explicit := func(env string) bool { return typed[flagName(env)] != "" || getenv(env) != "" }
+	// source names a setting as the user gave it: the flag as typed, else the variable.
+	source := func(env string) string {
+		if f := typed[flagName(env)]; f != "" {
+			return f
+		}
+		return env
+	}
 	defaults := map[string]string{}
 	if c.Demo {
 		// The demo hands out a ready token: keep it off the network. And there is no load
@@ -588,14 +599,14 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 		defaults["DRAIN_DELAY"] = "0s"
 		defaults["CONSOLE_ENABLED"] = "true" // a first look should let you talk to it
 	}
-	if err := applySettings(c, all, values, fromFlag, getenv, defaults); err != nil {
+	if err := applySettings(c, all, values, typed, getenv, defaults); err != nil {
 		return nil, err
 	}
 	if c.HealthCheck {
 		// The running gateway's own record of its address beats LISTEN_ADDR, which a
 		// container's health check inherits even when the gateway was started with
 		// -listen-addr; only a -listen-addr given to -healthcheck itself wins.
-		if c.ListenAddrFile != "" && !fromFlag[flagName("LISTEN_ADDR")] {
+		if c.ListenAddrFile != "" && typed[flagName("LISTEN_ADDR")] == "" {
 			if b, err := os.ReadFile(c.ListenAddrFile); err == nil {
 				if a := strings.TrimSpace(string(b)); a != "" {
 					if _, _, err := net.SplitHostPort(a); err == nil {
@@ -613,14 +624,32 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 		return nil, errors.New("JWT_SECRET or JWT_JWKS_URL is required: every route but the health checks needs a token")
 	}
 	if c.DrainDelay > c.ShutdownGrace/2 {
-		name := "DRAIN_DELAY"
+		drain, grace := source("DRAIN_DELAY"), source("SHUTDOWN_GRACE")
+		name := drain
 		if !explicit("DRAIN_DELAY") {
 			name = "DRAIN_DELAY (default 5s)"
 		}
-		return nil, fmt.Errorf("invalid %s: %v is more than half of SHUTDOWN_GRACE (%v); streams need the rest of the grace period to finish: lower DRAIN_DELAY or raise SHUTDOWN_GRACE",
-			name, c.DrainDelay, c.ShutdownGrace)
+		return nil, fmt.Errorf("invalid %s: %v is more than half of %s (%v); streams need the rest of the grace period to finish: lower %s or raise %s",
+			name, c.DrainDelay, grace, c.ShutdownGrace, drain, grace)
 	}
+	if c.Instance == "" {
+		c.Instance, _ = os.Hostname()
+	}
+	c.InstanceID = instanceID(c.Instance)
 	return c, nil
+}
+
+// instanceID names this process among the instances sharing Redis: its name and a random
+// suffix made at start. The name alone is not enough: two instances on one host share a host
+// name, and a deployment may give several the same INSTANCE_NAME; with one identity they would
+// share a control channel, and a cancel for a dead instance's stream would be answered by its
+// live sibling. A restarted process is a new instance too: nothing addressed to the old one
+// (its streams died with it) reaches the new.
+func instanceID(name string) string {
+	if name == "" {
+		name = "voicegate"
+	}
+	return name + "-" + strings.ToLower(rand.Text()[:10])
 }
 
 // bindSettings registers a string flag for each setting and returns their values by variable.
@@ -636,20 +665,62 @@ func bindSettings(fs *flag.FlagSet, list []setting) map[string]*string {
 	return values
 }
 
-// setFlags returns the names of the flags given on the command line.
-func setFlags(fs *flag.FlagSet) map[string]bool {
-	fromFlag := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { fromFlag[f.Name] = true })
-	return fromFlag
+// parseFlags parses args with fs, and returns the flags given, each as it was typed ("-name"
+// or "--name", the last one given). Usage goes to stderr only when asked for (-h). Any other
+// mistake is a one-line error, naming the flag as typed and saying where the list is: printed
+// above ninety lines of usage, as the flag package does, it would scroll out of sight, and
+// main prints the error again.
+func parseFlags(fs *flag.FlagSet, args []string, stderr io.Writer) (typed map[string]string, err error) {
+	help := fs.Name() + " -h lists the flags"
+	typed = map[string]string{}
+	// The walk mirrors the flag package's: flags end at the first argument that is not one, or
+	// after "--"; a flag that is not boolean takes the next argument unless it has "=".
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if len(a) < 2 || a[0] != '-' || a == "--" {
+			break
+		}
+		dashes := "-"
+		if a[1] == '-' {
+			dashes = "--"
+		}
+		name, _, hasValue := strings.Cut(a[len(dashes):], "=")
+		if name == "" || name[0] == '-' || name[0] == '=' {
+			break // bad syntax: fs.Parse says so below
+		}
+		f := fs.Lookup(name)
+		if f == nil {
+			if name == "h" || name == "help" {
+				break
+			}
+			return nil, fmt.Errorf("unknown flag %s (%s)", dashes+name, help)
+		}
+		typed[name] = dashes + name
+		if b, ok := f.Value.(interface{ IsBoolFlag() bool }); !hasValue && !(ok && b.IsBoolFlag()) {
+			i++ // its value
+		}
+	}
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(stderr)
+			fs.Usage()
+			return nil, errHelp
+		}
+		return nil, fmt.Errorf("%v (%s)", err, help)
+	}
+	return typed, nil
 }
 
-// applySettings parses each setting from its flag when given, else its variable, else the
-// default (defaults overrides the table's). The first invalid value is an error naming it.
-func applySettings(c *config, list []setting, values map[string]*string, fromFlag map[string]bool,
+// applySettings parses each setting from its flag when given (typed: as parseFlags returns),
+// else its variable, else the default (defaults overrides the table's). The first invalid value
+// is an error naming where it came from: the flag as the user typed it, or the variable.
+func applySettings(c *config, list []setting, values map[string]*string, typed map[string]string,
 	getenv func(string) string, defaults map[string]string) error {
 	for _, s := range list {
 		v := getenv(s.env)
-		if fromFlag[flagName(s.env)] {
+		flagged := typed[flagName(s.env)]
+		if flagged != "" {
 			v = *values[s.env]
 		}
 		if v == "" {
@@ -659,7 +730,12 @@ func applySettings(c *config, list []setting, values map[string]*string, fromFla
 			}
 		}
 		if err := s.parse(c, v); err != nil {
-			if secret(s.env) {
+			switch {
+			case flagged != "" && secret(s.env):
+				return fmt.Errorf("%s: invalid value: %v", flagged, err)
+			case flagged != "":
+				return fmt.Errorf("%s: invalid value %s: %v", flagged, shown(v), err)
+			case secret(s.env):
 				return fmt.Errorf("invalid %s: %v", s.env, err)
 			}
 			return fmt.Errorf("invalid %s %s: %v", s.env, shown(v), err)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"strings"
@@ -63,7 +64,7 @@ func TestConfigRejectsInvalidValues(t *testing.T) {
 		{"JWT_SECRET of one letter", map[string]string{"JWT_SECRET": strings.Repeat("x", 48)}, nil, "JWT_SECRET"},
 		{"BODY_READ_TIMEOUT junk", map[string]string{"BODY_READ_TIMEOUT": "soon"}, nil, "BODY_READ_TIMEOUT"},
 		{"BODY_MIN_RATE zero", map[string]string{"BODY_MIN_RATE": "0"}, nil, "BODY_MIN_RATE"},
-		{"invalid flag value", nil, []string{"-log-format", "xml"}, "LOG_FORMAT"},
+		{"invalid flag value", nil, []string{"-log-format", "xml"}, "-log-format"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -227,6 +228,77 @@ func TestConfigCommandLine(t *testing.T) {
 			_, err := parseConfig(append([]string{"voicegate"}, args...), envFunc(map[string]string{"ALGO_URL": "http://a"}), io.Discard)
 			if err == nil || strings.ContainsAny(err.Error(), "\r\n") {
 				t.Errorf("error = %v, want one line", err)
+			}
+		})
+	}
+}
+
+// TestConfigUnknownFlag: a mistyped flag is one line that names it as typed and says where the
+// list is, for the gateway and its subcommands; the usage (90 lines) is printed only for -h,
+// and nothing is written to stderr besides the error main prints, so it shows once.
+func TestConfigUnknownFlag(t *testing.T) {
+	tests := []struct {
+		args       []string
+		typed, cmd string
+	}{
+		{[]string{"-no-such-flag"}, "-no-such-flag", "voicegate -h"},
+		{[]string{"--no-such-flag=1"}, "--no-such-flag", "voicegate -h"},
+		{[]string{"-listen-addr", ":0", "-lisen-addr", ":1"}, "-lisen-addr", "voicegate -h"},
+		{[]string{"token", "-rols", "admin"}, "-rols", "voicegate token -h"},
+		{[]string{"demo-algo", "-port", "9000"}, "-port", "voicegate demo-algo -h"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+			defer cancel()
+			err := run(ctx, append([]string{"voicegate"}, tt.args...), envFunc(map[string]string{"ALGO_URL": "http://127.0.0.1:9"}), &stdout, &stderr)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			msg := err.Error()
+			if strings.ContainsAny(msg, "\r\n") || !strings.Contains(msg, "unknown flag "+tt.typed+" ") || !strings.Contains(msg, tt.cmd) {
+				t.Errorf("error = %q, want one line naming %s and pointing to %s", msg, tt.typed, tt.cmd)
+			}
+			if stderr.Len() > 0 || stdout.Len() > 0 {
+				t.Errorf("run wrote besides returning the error:\nstdout: %s\nstderr: %s", stdout.String(), stderr.String())
+			}
+		})
+	}
+}
+
+// TestConfigInvalidValueNamesItsSource: a bad value names where it came from: the flag as it
+// was typed (one dash or two), or the environment variable.
+func TestConfigInvalidValueNamesItsSource(t *testing.T) {
+	tests := []struct {
+		name       string
+		args       []string
+		env        map[string]string
+		want, not  string
+		wantPrefix bool
+	}{
+		{"flag", []string{"-shutdown-grace", "abc"}, nil, `-shutdown-grace: invalid value "abc": want a duration`, "SHUTDOWN_GRACE", true},
+		{"flag with two dashes and =", []string{"--shutdown-grace=abc"}, nil, `--shutdown-grace: invalid value "abc"`, "SHUTDOWN_GRACE", true},
+		{"last of a flag given twice", []string{"-log-level", "info", "--log-level", "loud"}, nil, `--log-level: invalid value "loud"`, "LOG_LEVEL", true},
+		{"flag over a valid variable", []string{"-shutdown-grace", "abc"}, map[string]string{"SHUTDOWN_GRACE": "10s"}, "-shutdown-grace: ", "SHUTDOWN_GRACE", true},
+		{"variable", nil, map[string]string{"SHUTDOWN_GRACE": "abc"}, `invalid SHUTDOWN_GRACE "abc": want a duration`, "-shutdown-grace", false},
+		{"secret flag", []string{"-jwt-secret", "short"}, nil, "-jwt-secret: ", "short", true},
+		{"drain delay against grace, by flag", []string{"-drain-delay", "20s", "-shutdown-grace", "30s"}, nil,
+			"invalid -drain-delay: 20s is more than half of -shutdown-grace (30s)", "DRAIN_DELAY", true},
+		{"drain delay against grace, by variable", nil, map[string]string{"DRAIN_DELAY": "20s", "SHUTDOWN_GRACE": "30s"},
+			"invalid DRAIN_DELAY: 20s is more than half of SHUTDOWN_GRACE (30s)", "-drain-delay", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := map[string]string{"ALGO_URL": "http://127.0.0.1:9"}
+			maps.Copy(env, tt.env)
+			_, err := parseConfig(append([]string{"voicegate"}, tt.args...), envFunc(env), io.Discard)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			msg := err.Error()
+			if (tt.wantPrefix && !strings.HasPrefix(msg, tt.want)) || !strings.Contains(msg, tt.want) || strings.Contains(msg, tt.not) {
+				t.Errorf("error = %q, want %q in it and not %q", msg, tt.want, tt.not)
 			}
 		})
 	}

@@ -6,7 +6,9 @@ package main
 // not pretended to run.
 
 import (
+	"encoding/json"
 	"net/http"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -170,4 +172,165 @@ func TestControlAcrossInstances(t *testing.T) {
 			t.Errorf("the dead instance's directory entry is still there: %v", keys)
 		}
 	})
+}
+
+// TestControlRevocationStaysInTenant: two tenants each have a user "1001", and their tokens
+// share a jti. An admin of tenant-a revoking that jti, then user 1001, through instance A ends
+// tenant-a's 1001's chat streams and voice sessions on B and refuses its tokens; tenant-b's
+// 1001 keeps its tokens, its stream (which still takes a cancel: stream_cancelled, not
+// TOKEN_REVOKED) and its voice session (which an admin of tenant-b then closes: 1008, not
+// 4401). The admin of tenant-a cannot revoke in tenant-b; a super admin can.
+func TestControlRevocationStaysInTenant(t *testing.T) {
+	r := startRedis(t)
+	env := redisEnv(r, chatVoiceAlgo(t), okBackend(t), roomyBudgets)
+	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
+	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
+	w := watchTokens(t, a, b)
+	const doc = "/api/v2/documents/x"
+	tenantB := map[string]any{"tenant_id": "tenant-b"}
+	adminA := w.token(t, "u-admin-a", []string{"admin"}, nil)
+	adminB := w.token(t, "u-admin-b", []string{"admin"}, tenantB)
+	super := w.token(t, "u-root", []string{"super_admin"}, nil)
+
+	// live is what runs on B for one token: a chat stream and a voice session.
+	type live struct {
+		token  string
+		stream *sseReader
+		id     string // the stream's request_id
+		voice  *voiceClient
+		ended  <-chan voiceEnding
+	}
+	start := func(t *testing.T, token, id string) *live {
+		t.Helper()
+		res, s := holdStream(t, b.Client, b.URL, token, id)
+		t.Cleanup(func() { res.Body.Close() })
+		v := openVoice(t, b, "?conversation_id=c-"+id, bearer(token))
+		return &live{token: token, stream: s, id: id, voice: v, ended: v.readToClose(t.Context())}
+	}
+	// revokedEverywhere: the token is refused on both instances, its stream ended with
+	// TOKEN_REVOKED, its voice session closed 4401.
+	revokedEverywhere := func(t *testing.T, l *live) {
+		t.Helper()
+		if ev := nextEvent(t, l.stream); ev.Event != "error" || ev.fields(t)["code"] != "TOKEN_REVOKED" {
+			t.Errorf("stream %s: %s %s, want an error TOKEN_REVOKED", l.id, ev.Event, ev.Data)
+		}
+		if e := waitEnding(t, l.ended, 3*time.Second); e.code != 4401 {
+			t.Errorf("voice session of %s: close %d, want 4401", l.id, e.code)
+		}
+		for _, g := range []*testGateway{a, b} {
+			wantError(t, call(t, g, "GET", doc, l.token, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
+		}
+	}
+	// untouched: checked once the same revocation has ended the other tenant's on B (one
+	// message ends both, or neither): the token passes on both instances, the voice session
+	// runs, and the stream's next event is the one its cancel makes.
+	untouched := func(t *testing.T, l *live) {
+		t.Helper()
+		select {
+		case e := <-l.ended:
+			t.Fatalf("voice session of %s ended: %d %v", l.id, e.code, e.errorCodes())
+		default:
+		}
+		for _, g := range []*testGateway{a, b} {
+			wantStatus(t, call(t, g, "GET", doc, l.token, ""), http.StatusOK)
+		}
+		wantStatus(t, cancelStream(t, a, l.token, l.id, nil), http.StatusOK)
+		if ev := nextEvent(t, l.stream); ev.Event != "stream_cancelled" {
+			t.Errorf("stream %s after its cancel: %s %s, want stream_cancelled", l.id, ev.Event, ev.Data)
+		}
+		wantStatus(t, call(t, a, "DELETE", "/api/v2/voice/sessions/"+l.voice.id, adminB, ""), http.StatusOK)
+		if e := waitEnding(t, l.ended, 3*time.Second); e.code != websocket.StatusPolicyViolation {
+			t.Errorf("voice session of %s closed by its admin: %d %v, want 1008", l.id, e.code, e.errorCodes())
+		}
+	}
+
+	t.Run("one jti in two tenants", func(t *testing.T) {
+		inA := start(t, w.token(t, "1001", []string{"user"}, map[string]any{"jti": "jti-shared"}), "jti-a")
+		inB := start(t, w.token(t, "1001", []string{"user"}, map[string]any{"jti": "jti-shared", "tenant_id": "tenant-b"}), "jti-b")
+		wantStatus(t, call(t, a, "POST", "/api/v2/auth/revoke", adminA, `{"jti":"jti-shared"}`), http.StatusOK)
+		revokedEverywhere(t, inA)
+		untouched(t, inB)
+	})
+
+	t.Run("one user ID in two tenants", func(t *testing.T) {
+		inA := start(t, w.token(t, "1001", []string{"user"}, nil), "user-a")
+		inB := start(t, w.token(t, "1001", []string{"user"}, tenantB), "user-b")
+		res := call(t, a, "POST", "/api/v2/auth/revoke", adminA, `{"user_id":"1001"}`)
+		wantStatus(t, res, http.StatusOK)
+		var got map[string]any
+		if err := json.NewDecoder(res.Body).Decode(&got); err != nil || got["tenant_id"] != "tenant-a" {
+			t.Errorf("answer %v (%v), want tenant_id tenant-a", got, err)
+		}
+		revokedEverywhere(t, inA)
+		untouched(t, inB)
+	})
+
+	t.Run("another tenant: only a super admin", func(t *testing.T) {
+		inB := start(t, w.token(t, "1001", []string{"user"}, tenantB), "super-b")
+		for _, body := range []string{`{"user_id":"1001","tenant_id":"tenant-b"}`, `{"jti":"jti-shared","tenant_id":"tenant-b"}`} {
+			wantError(t, call(t, a, "POST", "/api/v2/auth/revoke", adminA, body), http.StatusForbidden, "PERMISSION_DENIED")
+		}
+		wantStatus(t, call(t, b, "GET", doc, inB.token, ""), http.StatusOK)
+		wantStatus(t, call(t, a, "POST", "/api/v2/auth/revoke", super, `{"user_id":"1001","tenant_id":"tenant-b"}`), http.StatusOK)
+		revokedEverywhere(t, inB)
+	})
+}
+
+// TestControlInstancesOnOneHost: two gateway processes on one host, configured with nothing
+// but their ports and the shared Redis (no INSTANCE_NAME, so one host name), are two
+// instances: a cancel sent to the live one for a stream of the one killed (SIGKILL) answers 404
+// within a second — nobody listens on the dead instance's channel — instead of being taken by
+// its sibling.
+func TestControlInstancesOnOneHost(t *testing.T) {
+	r := startRedis(t)
+	env := map[string]string{"ALGO_URL": chatVoiceAlgo(t).URL, "REDIS_URL": r.URL(), "JWT_SECRET": testSecret}
+	if os.Getenv("INSTANCE_NAME") != "" {
+		t.Skip("INSTANCE_NAME is set in the test's environment, which the child gateways inherit")
+	}
+	one := startChildGateway(t, env)
+	two := startChildGateway(t, env)
+	user := tokenFor(t, "u-host", []string{"user"}, nil)
+	res, _ := holdStream(t, one.client, one.url, user, "on-one")
+	defer res.Body.Close()
+	// Both are running the same host name, and each its own identity.
+	var ids []string
+	for _, g := range []*childGateway{one, two} {
+		for _, line := range strings.Split(g.stderr.String(), "\n") {
+			var rec map[string]any
+			if json.Unmarshal([]byte(line), &rec) == nil && rec["msg"] == "listening" {
+				id, _ := rec["instance"].(string)
+				ids = append(ids, id)
+			}
+		}
+	}
+	host, _ := os.Hostname()
+	if len(ids) != 2 || ids[0] == ids[1] || !strings.HasPrefix(ids[0], host+"-") || !strings.HasPrefix(ids[1], host+"-") {
+		t.Errorf("instance identities %q, want two different ones, each the host name %q and a suffix", ids, host)
+	}
+
+	one.kill()
+	killed := time.Now()
+	cancel := func() int {
+		h := map[string]string{"Authorization": "Bearer " + user, "Content-Type": "application/json"}
+		req, err := http.NewRequestWithContext(t.Context(), "POST", two.url+"/api/v2/chat/cancel", strings.NewReader(`{"request_id":"on-one"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k, v := range h {
+			req.Header.Set(k, v)
+		}
+		res, err := two.client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res.StatusCode
+	}
+	eventually(t, time.Second, "a cancel for the killed instance's stream answers 404", func() bool {
+		return cancel() == http.StatusNotFound
+	})
+	t.Logf("404 %v after the kill", time.Since(killed).Round(time.Millisecond))
+	if keys, _ := r.Do(t, "KEYS", "voicegate:stream:*on-one").([]any); len(keys) != 0 {
+		t.Errorf("the killed instance's directory entry is still there: %v", keys)
+	}
 }

@@ -327,17 +327,17 @@ Press Ctrl-C to stop (open streams get SHUTDOWN_GRACE to finish; Ctrl-C again st
 // container, so the gateways in front of it are configured as in production.
 func runDemoAlgo(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("voicegate demo-algo", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	list := settingsNamed("LISTEN_ADDR", "LOG_FORMAT", "LOG_LEVEL")
 	values := bindSettings(fs, list)
-	if err := fs.Parse(args); err != nil {
+	typed, err := parseFlags(fs, args, stderr)
+	if err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("demo-algo: unexpected argument %q", fs.Arg(0))
 	}
 	c := &config{}
-	if err := applySettings(c, list, values, setFlags(fs), getenv, map[string]string{"LISTEN_ADDR": ":9000"}); err != nil {
+	if err := applySettings(c, list, values, typed, getenv, map[string]string{"LISTEN_ADDR": ":9000"}); err != nil {
 		return fmt.Errorf("demo-algo: %w", err)
 	}
 	logger := newLogger(c, stderr)

@@ -22,6 +22,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -242,13 +243,13 @@ type exportedSeries struct {
 	families map[string]string          // series name → family name
 }
 
-// scrapeBusyGateway starts a gateway through run, sends it a chat stream, a voice session with
-// audio and a request without a token, so that every metric has a series, and returns its
-// /metrics parsed.
+// scrapeBusyGateway starts a gateway through run, with Redis and a fake algorithm service,
+// sends it a chat stream, a voice session with audio and a request without a token, so that
+// every metric has a series, and returns its /metrics parsed.
 func scrapeBusyGateway(t *testing.T) exportedSeries {
 	t.Helper()
 	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) })
-	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "REDIS_URL": startRedis(t).URL()})
 	readEvents(t, wantStream(t, postChat(t, g, `{"message":"hi"}`, nil)))
 	wantStatus(t, call(t, g, "GET", "/api/v2/voice/sessions", "", ""), http.StatusUnauthorized)
 	v := dialVoice(t, g, nil)
@@ -274,9 +275,13 @@ func scrapeBusyGateway(t *testing.T) exportedSeries {
 			}
 		}
 		names := []string{name}
-		if f.GetType() == dto.MetricType_HISTOGRAM {
+		switch f.GetType() {
+		case dto.MetricType_HISTOGRAM:
 			ls["le"] = true
 			names = []string{name + "_bucket", name + "_sum", name + "_count"}
+		case dto.MetricType_SUMMARY:
+			ls["quantile"] = true
+			names = []string{name, name + "_sum", name + "_count"}
 		}
 		for _, n := range names {
 			out.labels[n], out.families[n] = ls, name
@@ -338,26 +343,67 @@ func dashboardExprs(t *testing.T) (exprs map[string]string, templMetrics map[str
 	return exprs, templMetrics
 }
 
-// ruleExprs returns every alert rule's expression by alert name.
-func ruleExprs(t *testing.T) map[string]string {
+// ruleFiles returns the rule files under deploy/prometheus (relative to deploy/): the YAML
+// files with rule groups.
+func ruleFiles(t *testing.T) []string {
 	t.Helper()
-	out := map[string]string{}
-	for _, doc := range yamlDocs(t, "prometheus/alerts.yml") {
-		for _, g := range dig(doc, "groups").([]any) {
-			for _, r := range dig(g, "rules").([]any) {
-				out["alert "+str(dig(r, "alert"))] = str(dig(r, "expr"))
+	var out []string
+	for _, ext := range []string{"yml", "yaml"} {
+		paths, err := filepath.Glob(filepath.Join("deploy", "prometheus", "*."+ext))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range paths {
+			rel := strings.TrimPrefix(filepath.ToSlash(p), "deploy/")
+			docs := yamlDocs(t, rel)
+			if len(docs) > 0 && docs[0]["groups"] != nil {
+				out = append(out, rel)
 			}
 		}
 	}
 	if len(out) == 0 {
-		t.Fatal("deploy/prometheus/alerts.yml has no rules")
+		t.Fatal("deploy/prometheus has no rule files")
+	}
+	slices.Sort(out)
+	return out
+}
+
+// ruleExprs returns every alert rule's expression, of every rule file, by alert name.
+func ruleExprs(t *testing.T) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, f := range ruleFiles(t) {
+		n := len(out)
+		for _, doc := range yamlDocs(t, f) {
+			for _, g := range dig(doc, "groups").([]any) {
+				for _, r := range dig(g, "rules").([]any) {
+					name := "alert " + str(dig(r, "alert"))
+					if _, dup := out[name]; dup {
+						t.Errorf("deploy/%s: %s is defined twice", f, name)
+					}
+					out[name] = str(dig(r, "expr"))
+				}
+			}
+		}
+		if len(out) == n {
+			t.Errorf("deploy/%s has no rules", f)
+		}
 	}
 	return out
 }
 
-// TestDeployMetricsMatchGateway: every metric the Grafana dashboard and the alert rules query
-// is one a gateway started through run really exports (up aside, which Prometheus records for
-// every target), with labels it really has; and the dashboard shows every exported metric.
+// collected reports whether a metric family comes from the Prometheus client's process and Go
+// collectors rather than from the gateway's own instruments: dozens of go_memstats_* that the
+// dashboard need not all show (those it or a rule names must still exist).
+func collected(family string) bool {
+	return strings.HasPrefix(family, "go_") || strings.HasPrefix(family, "process_")
+}
+
+// TestDeployMetricsMatchGateway: every metric the Grafana dashboard and the alert rules (of
+// every rule file) query is one a gateway started through run, with Redis and an algorithm
+// service, really exports (up aside, which Prometheus records for every target), with labels
+// it really has; and the dashboard shows every metric of the gateway's own, and the process's
+// CPU, memory, descriptors, goroutines and GC.
 func TestDeployMetricsMatchGateway(t *testing.T) {
 	exported := scrapeBusyGateway(t)
 	dash, templ := dashboardExprs(t)
@@ -399,12 +445,19 @@ func TestDeployMetricsMatchGateway(t *testing.T) {
 		}
 	}
 	for family := range maps.Values(exported.families) {
-		if !shown[family] {
+		if !shown[family] && (!collected(family) || slices.Contains(processMetrics, family)) {
 			t.Errorf("the dashboard shows no panel for %s", family)
 		}
 	}
 	for where, e := range rules {
 		check(where, e, true)
+	}
+	// The leak and saturation rules read the process's own figures.
+	for _, m := range []string{"process_open_fds", "process_max_fds", "go_goroutines", "process_resident_memory_bytes",
+		"upstream_request_duration_seconds_bucket", "redis_command_duration_seconds_bucket"} {
+		if !slices.ContainsFunc(slices.Collect(maps.Values(rules)), func(e string) bool { return strings.Contains(e, m) }) {
+			t.Errorf("no alert rule reads %s", m)
+		}
 	}
 
 	// The dashboard reads the datasource the provisioning file creates.
@@ -420,15 +473,108 @@ func TestDeployMetricsMatchGateway(t *testing.T) {
 	}
 }
 
-// TestDeployPromtool: the rules pass promtool check rules and their unit tests
-// (alerts_test.yml), and the compose topology's Prometheus configuration passes promtool check
-// config.
+// TestDeployPromtool: every rule file passes promtool check rules, the rules pass their unit
+// tests (alerts_test.yml), and the compose topology's Prometheus configuration passes promtool
+// check config (which loads the rule files it names).
 func TestDeployPromtool(t *testing.T) {
 	promtool := requireTool(t, "promtool", "/usr/bin/promtool", "prometheus")
 	dir := filepath.Join("deploy", "prometheus")
-	runTool(t, promtool, "check", "rules", filepath.Join(dir, "alerts.yml"))
+	for _, f := range ruleFiles(t) {
+		runTool(t, promtool, "check", "rules", filepath.Join("deploy", f))
+	}
 	runTool(t, promtool, "test", "rules", filepath.Join(dir, "alerts_test.yml"))
 	runTool(t, promtool, "check", "config", filepath.Join(dir, "prometheus.yml"))
+}
+
+// TestDeployRuleFilesLoaded: Prometheus loads every rule file (a rule_files glob of
+// prometheus.yml covers each, and every glob matches one), the unit tests load every one too,
+// and every alert has a test in which it fires. A rule file left out of either would never
+// fire, or never be tested, and no check of the file alone would say so.
+func TestDeployRuleFilesLoaded(t *testing.T) {
+	files := ruleFiles(t)
+	covered := func(what string, globs []string) {
+		t.Helper()
+		for _, g := range globs {
+			if !slices.ContainsFunc(files, func(f string) bool { ok, _ := path.Match("prometheus/"+g, f); return ok }) {
+				t.Errorf("%s: rule_files entry %q matches no rule file (%v)", what, g, files)
+			}
+		}
+		for _, f := range files {
+			if !slices.ContainsFunc(globs, func(g string) bool { ok, _ := path.Match("prometheus/"+g, f); return ok }) {
+				t.Errorf("%s: no rule_files entry loads deploy/%s (entries %q)", what, f, globs)
+			}
+		}
+	}
+	covered("prometheus.yml", strList(dig(yamlDocs(t, "prometheus/prometheus.yml")[0], "rule_files")))
+	tests := yamlDocs(t, "prometheus/alerts_test.yml")[0]
+	covered("alerts_test.yml", strList(dig(tests, "rule_files")))
+
+	tested := map[string]bool{}
+	for _, tc := range dig(tests, "tests").([]any) {
+		for _, a := range dig(tc, "alert_rule_test").([]any) {
+			if l, _ := dig(a, "exp_alerts").([]any); len(l) > 0 {
+				tested["alert "+str(dig(a, "alertname"))] = true
+			}
+		}
+	}
+	for name := range ruleExprs(t) {
+		if !tested[name] {
+			t.Errorf("%s has no test in alerts_test.yml where it fires", name)
+		}
+	}
+}
+
+// TestDeployAlertmanager: the compose topology's Alertmanager configuration passes amtool
+// check-config (Debian's prometheus-alertmanager package), Prometheus sends its alerts to the
+// compose service that runs it, which mounts that file where its --config.file says, and the
+// alerts its routes and inhibitions name exist in the rule files.
+func TestDeployAlertmanager(t *testing.T) {
+	const config = "alertmanager/alertmanager.yml"
+	am := composeServices(t)["alertmanager"]
+	if am == nil {
+		t.Fatal("compose.yaml has no alertmanager service")
+	}
+	var file string
+	for _, a := range strList(am["command"]) {
+		if v, ok := strings.CutPrefix(a, "--config.file="); ok {
+			file = v
+		}
+	}
+	mounted := false
+	for _, m := range strList(am["volumes"]) {
+		src, dst, _ := strings.Cut(m, ":")
+		dst, _, _ = strings.Cut(dst, ":")
+		if rel, ok := strings.CutPrefix(file, dst+"/"); ok && path.Join(strings.TrimPrefix(src, "./"), rel) == config {
+			mounted = true
+		}
+	}
+	if !mounted {
+		t.Errorf("alertmanager runs --config.file=%q, which none of its volumes %q mounts from deploy/%s", file, strList(am["volumes"]), config)
+	}
+	var targets []string
+	for _, c := range dig(yamlDocs(t, "prometheus/prometheus.yml")[0], "alerting", "alertmanagers").([]any) {
+		for _, sc := range dig(c, "static_configs").([]any) {
+			targets = append(targets, strList(dig(sc, "targets"))...)
+		}
+	}
+	port := "9093" // Alertmanager's default --web.listen-address
+	if ports := strList(am["ports"]); len(ports) == 1 {
+		port = ports[0][strings.LastIndex(ports[0], ":")+1:]
+	}
+	if !slices.Equal(targets, []string{"alertmanager:" + port}) {
+		t.Errorf("prometheus.yml sends alerts to %q, want the alertmanager service on %s", targets, port)
+	}
+
+	rules := ruleExprs(t)
+	named := regexp.MustCompile(`alertname\s*=\s*"([^"]+)"`)
+	for _, m := range named.FindAllStringSubmatch(string(readDeploy(t, config)), -1) {
+		if _, ok := rules["alert "+m[1]]; !ok {
+			t.Errorf("deploy/%s names alert %s, which no rule file defines", config, m[1])
+		}
+	}
+
+	amtool := requireTool(t, "amtool", "/usr/bin/amtool", "prometheus-alertmanager")
+	runTool(t, amtool, "check-config", filepath.Join("deploy", config))
 }
 
 // ---- nginx ---------------------------------------------------------------------------------
@@ -860,7 +1006,7 @@ func composeEnv(t *testing.T, svc map[string]any) map[string]string {
 // that service listens on; the stop timeout is above SHUTDOWN_GRACE; the files it mounts exist.
 func TestDeployCompose(t *testing.T) {
 	svcs := composeServices(t)
-	want := []string{"demo-algo", "grafana", "nginx", "prometheus", "redis", "voicegate-1", "voicegate-2"}
+	want := []string{"alertmanager", "demo-algo", "grafana", "nginx", "prometheus", "redis", "voicegate-1", "voicegate-2"}
 	if got := slices.Sorted(maps.Keys(svcs)); !slices.Equal(got, want) {
 		t.Fatalf("compose services = %v, want %v", got, want)
 	}
@@ -886,8 +1032,8 @@ func TestDeployCompose(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%s's environment is not a valid configuration: %v", name, err)
 			}
-			if got := str(dig(svc, "image")); got != "voicegate:local" || dig(svc, "build", "context") != ".." {
-				t.Errorf("%s: image %q built from %v, want voicegate:local from the repository root", name, got, dig(svc, "build", "context"))
+			if got := str(dig(svc, "image")); got != "localhost/voicegate:local" || dig(svc, "build", "context") != ".." {
+				t.Errorf("%s: image %q built from %v, want localhost/voicegate:local from the repository root", name, got, dig(svc, "build", "context"))
 			}
 			if env["INSTANCE_NAME"] != name {
 				t.Errorf("%s: INSTANCE_NAME = %q, want the service name", name, env["INSTANCE_NAME"])
@@ -981,8 +1127,8 @@ func TestDeployCompose(t *testing.T) {
 			t.Errorf("Prometheus scrapes %q, want the gateways' METRICS_ADDR %q", targets, want)
 		}
 		for _, f := range strList(dig(prom, "rule_files")) {
-			if _, err := os.Stat(filepath.Join("deploy", "prometheus", f)); err != nil {
-				t.Errorf("rule file %s: %v", f, err)
+			if m, err := filepath.Glob(filepath.Join("deploy", "prometheus", f)); err != nil || len(m) == 0 {
+				t.Errorf("rule files %s: none (%v)", f, err)
 			}
 		}
 		ports := strList(svcs["prometheus"]["ports"])
@@ -1033,6 +1179,97 @@ func TestDeployCompose(t *testing.T) {
 			}
 		}
 	})
+}
+
+// ---- images --------------------------------------------------------------------------------
+
+// qualifiedImage reports whether an image reference names its registry: podman (and Docker
+// with short-name resolution off) refuses a short name such as golang:1.26 rather than guess
+// which registry is meant. The first part of the name must be a host (it has a dot or a port,
+// or is localhost), and a tag or digest must follow the name.
+func qualifiedImage(ref string) bool {
+	host, rest, ok := strings.Cut(ref, "/")
+	if !ok || !(strings.ContainsAny(host, ".:") || host == "localhost") || rest == "" {
+		return false
+	}
+	last := rest[strings.LastIndex(rest, "/")+1:]
+	return strings.Contains(last, ":") || strings.Contains(last, "@")
+}
+
+func TestQualifiedImage(t *testing.T) {
+	for ref, want := range map[string]bool{
+		"docker.io/library/golang:1.26":              true,
+		"gcr.io/distroless/static-debian12:nonroot":  true,
+		"localhost/voicegate:local":                  true,
+		"registry.example:5000/team/app@sha256:abcd": true,
+		"golang:1.26":              false,
+		"prom/prometheus:v2.53.1":  false,
+		"docker.io/library/golang": false,
+		"voicegate:local":          false,
+	} {
+		if got := qualifiedImage(ref); got != want {
+			t.Errorf("qualifiedImage(%q) = %v, want %v", ref, got, want)
+		}
+	}
+}
+
+// TestDeployImagesFullyQualified: every image the Dockerfile, the compose file and the
+// Kubernetes example name is fully qualified (registry, name, tag), so podman pulls what Docker
+// pulls and nothing depends on a registry search list.
+func TestDeployImagesFullyQualified(t *testing.T) {
+	images := map[string]string{} // image → where
+	raw, err := os.ReadFile("Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stages := map[string]bool{}
+	for _, line := range strings.Split(string(raw), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || !strings.EqualFold(f[0], "FROM") {
+			continue
+		}
+		args := slices.DeleteFunc(f[1:], func(a string) bool { return strings.HasPrefix(a, "--") }) // --platform=...
+		if !stages[args[0]] {
+			images[args[0]] = "Dockerfile"
+		}
+		if len(args) == 3 && strings.EqualFold(args[1], "AS") {
+			stages[args[2]] = true
+		}
+	}
+	for name, svc := range composeServices(t) {
+		images[str(svc["image"])] = "compose service " + name
+	}
+	var walk func(where string, v any)
+	walk = func(where string, v any) {
+		switch v := v.(type) {
+		case map[string]any:
+			for k, e := range v {
+				if k == "image" {
+					images[str(e)] = where
+				}
+				walk(where, e)
+			}
+		case []any:
+			for _, e := range v {
+				walk(where, e)
+			}
+		}
+	}
+	for _, d := range yamlDocs(t, "kubernetes/voicegate.yaml") {
+		walk("kubernetes "+str(d["kind"]), d)
+	}
+	if len(images) < 3 {
+		t.Fatalf("found only %v", images)
+	}
+	for img, where := range images {
+		if !qualifiedImage(img) {
+			hint := "docker.io/library/" + img // Docker Hub's official images
+			if strings.Contains(img, "/") {
+				hint = "docker.io/" + img
+			}
+			t.Errorf("%s: image %q is not fully qualified (want registry/name:tag, such as %s)", where, img, hint)
+		}
+	}
 }
 
 // ---- Kubernetes ----------------------------------------------------------------------------

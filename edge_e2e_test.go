@@ -2,19 +2,24 @@ package main
 
 // End-to-end tests of the edge at the protocol level, over raw TCP connections to a gateway
 // started through run: request smuggling with Content-Length and Transfer-Encoding, malformed
-// chunked bodies, and bodies trickled a byte at a time.
+// chunked bodies, bodies trickled a byte at a time, upgrades and CONNECT/TRACE on routes that
+// may not tunnel, and proxied responses to clients that stop reading.
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -246,5 +251,273 @@ func TestEdgeSlowBodies(t *testing.T) {
 	// The chat cap is one stream per user: a lease still held by a slow body would refuse this.
 	for _, u := range users {
 		wantStatus(t, call(t, g, "POST", "/api/v2/chat/stream", u, `{"message":"hi"}`), http.StatusOK)
+	}
+}
+
+// tunnelBackend is a documents back end that would become a tunnel: on raw TCP it answers an
+// upgrade (or, with always, any request) with 101 Switching Protocols, and then goes on reading
+// whatever arrives on that connection as more requests, which is what a back end behind a
+// relayed 101 gets. It records every request it reads.
+type tunnelBackend struct {
+	ln     net.Listener
+	always bool
+	mu     sync.Mutex
+	seen   []tunnelRequest
+	wg     sync.WaitGroup
+}
+
+// tunnelRequest is one request a tunnelBackend read.
+type tunnelRequest struct {
+	method, path string
+	header       http.Header
+	afterSwitch  bool // read on a connection it had already answered 101 on
+}
+
+func newTunnelBackend(t *testing.T, always bool) *tunnelBackend {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &tunnelBackend{ln: ln, always: always}
+	var conns []net.Conn
+	b.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b.mu.Lock()
+			conns = append(conns, c)
+			b.mu.Unlock()
+			b.wg.Go(func() { b.serve(c) })
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		b.mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		b.mu.Unlock()
+		b.wg.Wait()
+	})
+	return b
+}
+
+func (b *tunnelBackend) URL() string { return "http://" + b.ln.Addr().String() }
+
+func (b *tunnelBackend) serve(c net.Conn) {
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	switched := false
+	for {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, req.Body)
+		b.mu.Lock()
+		b.seen = append(b.seen, tunnelRequest{method: req.Method, path: req.URL.Path, header: req.Header, afterSwitch: switched})
+		b.mu.Unlock()
+		proto := req.Header.Get("Upgrade")
+		if proto == "" && b.always {
+			proto = "websocket"
+		}
+		if proto != "" && !switched {
+			switched = true
+			fmt.Fprintf(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", proto)
+			continue
+		}
+		const body = `{"ok":true}`
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	}
+}
+
+func (b *tunnelBackend) requests() []tunnelRequest {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.seen)
+}
+
+// TestEdgeUpgradeOnProxiedRoute: a plain user's request to a proxied route asking to upgrade
+// (websocket, h2c, anything) is served as a plain request: the back end never sees the Upgrade,
+// no 101 reaches the client even from a back end that answers 101 to everything (502 instead),
+// and what the client sends next on its connection is a new request to the gateway — a forged
+// identity without a token is refused (401), an internal path is not found (404) — never bytes
+// in a tunnel that reach the back end as a request with those headers.
+func TestEdgeUpgradeOnProxiedRoute(t *testing.T) {
+	for _, always := range []bool{false, true} {
+		backend := newTunnelBackend(t, always)
+		g := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL, "DOCS_URL": backend.URL()})
+		w := watchTokens(t, g)
+		user := w.token(t, "u-plain", []string{"user"}, nil)
+		for _, proto := range []string{"websocket", "h2c", "foo/1", ""} {
+			name := fmt.Sprintf("upgrade %q, back end answers 101 %s", proto, map[bool]string{false: "when asked", true: "always"}[always])
+			t.Run(name, func(t *testing.T) {
+				c := dialEdge(t, g)
+				head := "GET /api/v2/documents/readme HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + user + "\r\n"
+				if proto != "" {
+					head += "Connection: Upgrade\r\nUpgrade: " + proto + "\r\n"
+				}
+				c.send(head + "\r\n")
+				res, body := c.response()
+				want := http.StatusOK
+				if always {
+					want = http.StatusBadGateway
+				}
+				next := "DELETE /api/v2/documents/readme HTTP/1.1\r\nHost: gw\r\nX-User-ID: admin\r\nX-User-Roles: super_admin\r\n\r\n" +
+					"GET /internal/admin HTTP/1.1\r\nHost: gw\r\nX-User-ID: admin\r\nX-User-Roles: super_admin\r\n\r\n"
+				if res.StatusCode == http.StatusSwitchingProtocols {
+					// Show what the tunnel carries: the back end's record is checked below.
+					t.Errorf("answer = 101: the client has a tunnel to the back end")
+					before := len(backend.requests())
+					c.send(next)
+					eventually(t, 2*time.Second, "the tunnel delivers", func() bool { return len(backend.requests()) >= before+2 })
+					return
+				}
+				if res.StatusCode != want {
+					t.Fatalf("answer = %d %s, want %d", res.StatusCode, body, want)
+				}
+				if res.StatusCode == http.StatusBadGateway && !strings.Contains(body, "UPSTREAM_ERROR") {
+					t.Errorf("502 body %s, want UPSTREAM_ERROR", body)
+				}
+				c.send(next)
+				for _, want := range []int{http.StatusUnauthorized, http.StatusNotFound} {
+					res, body := c.response()
+					if res.StatusCode != want {
+						t.Errorf("a request sent after the upgrade attempt: %d %s, want %d from the gateway", res.StatusCode, body, want)
+					}
+				}
+			})
+		}
+		for _, r := range backend.requests() {
+			if r.afterSwitch {
+				t.Errorf("the back end read %s %s on a connection it had switched: a tunnel past the gateway", r.method, r.path)
+			}
+			if r.header.Get("Upgrade") != "" {
+				t.Errorf("the back end saw Upgrade: %q", r.header.Get("Upgrade"))
+			}
+			if v := r.header.Values("X-User-Id"); len(v) != 1 || v[0] != "u-plain" || r.header.Get("X-User-Roles") != "user" {
+				t.Errorf("the back end saw %s %s with X-User-Id %q, X-User-Roles %q: not the token's", r.method, r.path, v, r.header.Values("X-User-Roles"))
+			}
+			if r.method != http.MethodGet || r.path != "/api/v2/documents/readme" {
+				t.Errorf("the back end saw %s %s", r.method, r.path)
+			}
+		}
+		g.stop()
+	}
+}
+
+// TestEdgeRefusesConnectAndTrace: CONNECT and TRACE are answered 405 at the edge, on every path
+// (proxied, public, unknown, authority form), before authentication or routing; an admin's
+// token makes no difference and the back end sees none of them.
+func TestEdgeRefusesConnectAndTrace(t *testing.T) {
+	backend := okBackend(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL, "DOCS_URL": backend.URL, "ADMIN_URL": backend.URL})
+	w := watchTokens(t, g)
+	admin := w.token(t, "u-admin", []string{"admin"}, nil)
+	for _, target := range []struct{ method, uri string }{
+		{"CONNECT", "/api/v2/documents/readme"},
+		{"CONNECT", "/api/v2/admin/users"},
+		{"CONNECT", "127.0.0.1:6379"},
+		{"CONNECT", "/healthz"},
+		{"TRACE", "/api/v2/documents/readme"},
+		{"TRACE", "/api/v2/admin/users"},
+		{"TRACE", "/healthz"},
+		{"TRACE", "/no/such/route"},
+		{"TRACE", "*"},
+	} {
+		t.Run(target.method+" "+target.uri, func(t *testing.T) {
+			c := dialEdge(t, g)
+			c.send(target.method + " " + target.uri + " HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + admin + "\r\n\r\n")
+			res, body := c.response()
+			if res.StatusCode != http.StatusMethodNotAllowed || !strings.Contains(body, `"METHOD_NOT_ALLOWED"`) {
+				t.Fatalf("answer = %d %s, want 405 METHOD_NOT_ALLOWED", res.StatusCode, body)
+			}
+			allow := res.Header.Get("Allow")
+			if allow == "" || strings.Contains(allow, "CONNECT") || strings.Contains(allow, "TRACE") {
+				t.Errorf("Allow = %q, want the methods the gateway serves", allow)
+			}
+		})
+	}
+	if n := len(backend.requests()); n != 0 {
+		t.Errorf("the back end received %d requests, want none", n)
+	}
+}
+
+// TestEdgeProxyWriteDeadline: clients that ask a proxied route for a large document and never
+// read are dropped within PROXY_WRITE_TIMEOUT (plus a generous margin), and so are the back
+// end's connections serving them, counted by the back end itself.
+func TestEdgeProxyWriteDeadline(t *testing.T) {
+	const (
+		clients  = 12
+		size     = 64 << 20
+		timeout  = time.Second
+		margin   = 5 * time.Second
+		rcvSmall = 4 << 10
+	)
+	var open atomic.Int64
+	chunk := bytes.Repeat([]byte("x"), 32<<10)
+	docs := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		for sent := 0; sent < size; sent += len(chunk) {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	}))
+	docs.Config.ConnState = func(c net.Conn, s http.ConnState) {
+		switch s {
+		case http.StateNew:
+			open.Add(1)
+		case http.StateClosed, http.StateHijacked:
+			open.Add(-1)
+		}
+	}
+	docs.Start()
+	t.Cleanup(docs.Close)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL, "DOCS_URL": docs.URL,
+		"PROXY_WRITE_TIMEOUT": timeout.String()})
+	w := watchTokens(t, g)
+	user := w.token(t, "u-reader", []string{"user"}, nil)
+
+	// A small receive buffer, set before connecting so the window is small from the start.
+	dialer := net.Dialer{Timeout: 2 * time.Second, Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, rcvSmall)
+		})
+		return errors.Join(err, serr)
+	}}
+	var conns []net.Conn
+	for range clients {
+		c, err := dialer.Dial("tcp", g.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := io.WriteString(c, "GET /api/v2/documents/big HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer "+user+"\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	eventually(t, 10*time.Second, "every request reaches the back end", func() bool { return open.Load() == clients })
+	took := eventually(t, timeout+margin, "the back end's connections are closed", func() bool { return open.Load() == 0 })
+	t.Logf("back-end connections closed %v after the last one opened (PROXY_WRITE_TIMEOUT %v)", took, timeout)
+
+	// Each client connection was closed by the gateway, mid-body: reading it now ends (EOF or a
+	// reset) before the whole document, instead of waiting on an open keep-alive connection.
+	for i, c := range conns {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		n, err := io.Copy(io.Discard, c)
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Errorf("client %d: connection still open after %d bytes", i, n)
+		}
+		if n >= size {
+			t.Errorf("client %d: read %d bytes, the whole document: the write was never cut", i, n)
+		}
 	}
 }

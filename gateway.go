@@ -73,7 +73,11 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		if err != nil {
 			return nil, err
 		}
-		g.redis = guardRedis(client, logger)
+		timing := redisTiming{keys: policy.NewKeys(cfg.RedisPrefix)}
+		if tel.metrics {
+			timing.record = tel.redisCall
+		}
+		g.redis = guardRedis(client, logger, timing)
 		g.closers = append(g.closers, g.redis.Close)
 		// Stopped once whatever releases leases and sessions has closed, just before the client:
 		// its last round takes their releases to Redis.
@@ -86,7 +90,7 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 			if err != nil {
 				return nil, err
 			}
-			g.bulkRedis = guardRedis(bulk, logger)
+			g.bulkRedis = guardRedis(bulk, logger, timing)
 			g.closers = append(g.closers, g.bulkRedis.Close)
 		}
 	}
@@ -97,7 +101,7 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 	if err := g.buildHandlers(); err != nil {
 		return nil, err
 	}
-	g.policy, err = policy.NewStore(policy.StoreOptions{Path: cfg.PolicyFile, Routes: protectedPatterns(g.routes()),
+	g.policy, err = policy.NewStore(policy.StoreOptions{Path: cfg.PolicyFile, Routes: bindings(g.routes()),
 		ExtraPerms: handlerPerms, Log: logger})
 	if err != nil {
 		return nil, fmt.Errorf("POLICY_FILE: %w", err)
@@ -138,7 +142,8 @@ func (g *gateway) buildAuth(ctx context.Context) error {
 	}
 	var users *auth.UserStatus
 	if cfg.UserServiceURL != nil {
-		users = auth.NewUserStatus(auth.UserStatusOptions{URL: cfg.UserServiceURL, Redis: g.redis, Prefix: cfg.RedisPrefix})
+		users = auth.NewUserStatus(auth.UserStatusOptions{URL: cfg.UserServiceURL, Redis: g.redis, Prefix: cfg.RedisPrefix,
+			OnResult: func(outcome string, took time.Duration) { g.tel.upstreamResult("user", outcome, took) }})
 	}
 	tel := g.tel
 	g.authn = auth.New(auth.Options{
@@ -188,7 +193,7 @@ func (g *gateway) buildHandlers() error {
 	algo := g.newPool("algo", cfg.AlgoURLs, transport)
 
 	if g.redis != nil {
-		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, cfg.Instance, g.log)
+		g.streamDir = sse.NewDirectory(g.redis, cfg.RedisPrefix, cfg.InstanceID, g.log)
 	}
 	g.streams = sse.NewRegistry()
 	var replay sse.ReplayLog // nil: resuming off
@@ -291,6 +296,7 @@ func (g *gateway) buildHandlers() error {
 			tel.voiceBytes.Add(bg, s.AudioBytesIn, tel.add1("direction", "in")...)
 			tel.voiceBytes.Add(bg, s.AudioBytesOut, tel.add1("direction", "out")...)
 			tel.voiceSessions.Add(bg, 1, tel.add1("code", strconv.Itoa(int(s.CloseCode)))...)
+			tel.voiceSessionEnded(int(s.CloseCode), s.Duration)
 		},
 		Log: g.log,
 	}
@@ -325,12 +331,13 @@ func (g *gateway) backend(label, name string, targets []*url.URL, t *http.Transp
 		return http.HandlerFunc(proxy.NotFound)
 	}
 	return proxy.Chain(proxy.New(proxy.Options{
-		Target:     pool.Primary(),
-		Transport:  pool,
-		BufferPool: proxy.NewBufferPool(0),
-		Name:       name,
-		Outbound:   outbound,
-		Rewrite:    backendCredentials(g.cfg),
+		Target:       pool.Primary(),
+		Transport:    pool,
+		BufferPool:   proxy.NewBufferPool(0),
+		Name:         name,
+		Outbound:     outbound,
+		Rewrite:      backendCredentials(g.cfg),
+		WriteTimeout: g.cfg.ProxyWriteTimeout,
 	}), proxy.BodyLimit(g.cfg.MaxBodyBytes))
 }
 
@@ -365,9 +372,7 @@ func (g *gateway) newPool(name string, targets []*url.URL, t *http.Transport) *p
 		Targets:   targets,
 		Transport: t,
 		Trace:     g.tel.clientSpan(),
-		OnResult: func(upstream, outcome string) {
-			g.tel.upstream.Add(context.Background(), 1, g.tel.set("upstream", upstream, "outcome", outcome))
-		},
+		OnResult:  g.tel.upstreamResult,
 	})
 }
 
@@ -409,21 +414,17 @@ func addressedTenant(r *http.Request) string {
 	return tenant
 }
 
-// revoked ends, on every instance, the chat streams and voice sessions of a token just revoked
-// (tokenID), or of a user's tokens issued before before. Failures are logged: the voice
-// sessions' periodic recheck still closes them, and a stream ends with its answer.
-func (g *gateway) revoked(ctx context.Context, tokenID, userID string, before time.Time) {
+// revoked ends, on every instance, the chat streams and voice sessions of the tokens v
+// revokes, in v's tenant only. Failures are logged: the voice sessions' periodic recheck still
+// closes them, and a stream ends with its answer.
+func (g *gateway) revoked(ctx context.Context, v policy.Revocation) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 	defer cancel()
-	g.streams.Revoke(tokenID, userID, before) // this instance's at once
+	g.streams.Revoke(v) // this instance's at once
 	if g.streamDir != nil {
-		if err := g.streamDir.Revoke(ctx, tokenID, userID, before); err != nil {
+		if err := g.streamDir.Revoke(ctx, v); err != nil {
 			g.log.Warn("telling other instances about a revocation failed", "err", proxy.Describe(err))
 		}
-	}
-	v := voice.Revocation{TokenID: tokenID, UserID: userID}
-	if userID != "" {
-		v.Before = before.UnixMilli()
 	}
 	if err := g.voices.Revoke(ctx, v); err != nil {
 		g.log.Warn("telling other instances about a revocation failed", "err", proxy.Describe(err))

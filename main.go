@@ -62,9 +62,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return healthCheck(ctx, cfg.ListenAddr)
 	}
 	logger := newLogger(cfg, stderr)
-	if cfg.Instance == "" {
-		cfg.Instance, _ = os.Hostname()
-	}
 
 	var demoToken string
 	ownSecret := cfg.JWTSecret != nil
@@ -144,7 +141,8 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 		Handler:           gw.handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		// No server-wide write deadline: it would cut every stream and voice session at that
-		// age. Streams bound themselves with pings and cancellation instead.
+		// age. Streams, voice sessions and proxied responses put a deadline on each write
+		// instead (SSE_WRITE_TIMEOUT, VOICE_WRITE_TIMEOUT, PROXY_WRITE_TIMEOUT).
 		IdleTimeout:    120 * time.Second,
 		MaxHeaderBytes: 32 << 10,
 		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
@@ -176,7 +174,7 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 			defer os.Remove(cfg.ListenAddrFile)
 		}
 	}
-	logger.Info("listening", "addr", addr, "version", buildVersion())
+	logger.Info("listening", "addr", addr, "version", buildVersion(), "instance", cfg.InstanceID)
 	if cfg.Demo {
 		printDemo(stdout, addr, demoToken, ownSecret, cfg.ConsoleEnabled)
 	}

@@ -1,8 +1,14 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
+	"errors"
 	"os"
+	"os/exec"
+	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 )
@@ -11,7 +17,16 @@ import (
 // nothing behind when its context ends. Started as a child process by a benchmark, the test
 // binary serves as that child instead (see process_test.go).
 func TestMain(m *testing.M) {
-	if role := os.Getenv(childEnv); role != "" {
+	if role := os.Getenv(childEnv); role == "main" {
+		// The voicegate command itself, with the arguments the test gave (see runMain).
+		var args []string
+		if err := json.Unmarshal([]byte(os.Getenv(childArgsEnv)), &args); err != nil {
+			panic(err)
+		}
+		os.Args = append([]string{"voicegate"}, args...)
+		main()
+		os.Exit(0)
+	} else if role != "" {
 		runChild(role)
 	}
 	goleak.VerifyTestMain(stopsCluster{m},
@@ -31,4 +46,69 @@ type stopsCluster struct{ m *testing.M }
 func (s stopsCluster) Run() int {
 	defer stopSharedCluster()
 	return s.m.Run()
+}
+
+// childArgsEnv carries the arguments of the test binary run as the voicegate command.
+const childArgsEnv = "VOICEGATE_TEST_ARGS"
+
+// runMain runs the test binary as the voicegate command (main itself, exit code and all) with
+// args and the variables env on top of this process's environment, and returns what it wrote
+// to stderr and its exit code.
+func runMain(t *testing.T, env map[string]string, args ...string) (stderr string, code int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	a, _ := json.Marshal(args)
+	cmd := exec.CommandContext(ctx, os.Args[0])
+	cmd.Env = append(os.Environ(), childEnv+"=main", childArgsEnv+"="+string(a))
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	var errOut strings.Builder
+	cmd.Stderr = &errOut
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if err != nil && !errors.As(err, &exit) {
+		t.Fatal(err)
+	}
+	return errOut.String(), cmd.ProcessState.ExitCode()
+}
+
+// TestMainCommandLineErrors: what a user who mistyped sees. A mistyped flag is one line, once,
+// naming it and where the list is (not the error, ninety lines of usage, and the error again);
+// a bad value names the flag as typed or the variable it came from; -h prints the usage.
+func TestMainCommandLineErrors(t *testing.T) {
+	env := map[string]string{"ALGO_URL": "http://127.0.0.1:9", "JWT_SECRET": testSecret, "SHUTDOWN_GRACE": ""}
+	tests := []struct {
+		name string
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{"unknown flag", nil, []string{"-no-such-flag"}, "voicegate: unknown flag -no-such-flag (voicegate -h lists the flags)\n"},
+		{"bad flag value", nil, []string{"-shutdown-grace", "abc"}, `voicegate: -shutdown-grace: invalid value "abc": want a duration of at least 0s, such as 15s` + "\n"},
+		{"bad variable", map[string]string{"SHUTDOWN_GRACE": "abc"}, nil, `voicegate: invalid SHUTDOWN_GRACE "abc": want a duration of at least 0s, such as 15s` + "\n"},
+		{"unknown flag of a subcommand", nil, []string{"token", "--rols", "admin"}, "voicegate: unknown flag --rols (voicegate token -h lists the flags)\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := map[string]string{}
+			for k, v := range env {
+				e[k] = v
+			}
+			for k, v := range tt.env {
+				e[k] = v
+			}
+			stderr, code := runMain(t, e, tt.args...)
+			if stderr != tt.want || code != 1 {
+				t.Errorf("exit %d, stderr:\n%s\nwant exit 1 and:\n%s", code, stderr, tt.want)
+			}
+		})
+	}
+	t.Run("-h", func(t *testing.T) {
+		stderr, _ := runMain(t, env, "-h")
+		if !strings.HasPrefix(stderr, "Usage: voicegate [flags]") || !strings.Contains(stderr, "-shutdown-grace") {
+			t.Errorf("-h printed:\n%s", stderr)
+		}
+	})
 }

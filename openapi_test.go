@@ -188,13 +188,14 @@ func proxyErrorCodes(t *testing.T) []string {
 }
 
 // TestOpenAPIRouteTable: every route of the route table (with every optional route on) has its
-// path and methods in the document, no path or method of the document lacks a route, and the
-// routes served without a token are exactly those the document marks security: [].
+// path and methods in the document, no path or method of the document lacks a route, the routes
+// served without a token are exactly those the document marks security: [], and the routes that
+// declare an upgrade are exactly those it describes as WebSockets (x-websocket).
 func TestOpenAPIRouteTable(t *testing.T) {
 	doc := loadOpenAPI(t)
 	g := &gateway{cfg: &config{ConsoleEnabled: true, MetricsEnabled: true}, tel: &telemetry{}}
 	anyMethod := []string{"DELETE", "GET", "HEAD", "PATCH", "POST", "PUT"}
-	want := map[string]access{} // "METHOD /doc/path"
+	want := map[string]route{} // "METHOD /doc/path"
 	for _, r := range g.routes() {
 		method, path, ok := strings.Cut(r.pattern, " ")
 		if !ok {
@@ -209,7 +210,7 @@ func TestOpenAPIRouteTable(t *testing.T) {
 			methods = anyMethod
 		}
 		for _, m := range methods {
-			want[m+" "+path] = r.access
+			want[m+" "+path] = r
 		}
 	}
 	have := map[string]bool{}
@@ -217,14 +218,18 @@ func TestOpenAPIRouteTable(t *testing.T) {
 		for method, op := range item.Operations() {
 			key := method + " " + path
 			have[key] = true
-			a, ok := want[key]
+			r, ok := want[key]
 			if !ok {
 				t.Errorf("openapi.json describes %s, which no route serves", key)
 				continue
 			}
 			public := op.Security != nil && len(*op.Security) == 0
-			if public != (a == open) {
-				t.Errorf("%s: security [] is %v in openapi.json, but the route's access is %v", key, public, a)
+			if public != (r.access == open) {
+				t.Errorf("%s: security [] is %v in openapi.json, but the route's access is %v", key, public, r.access)
+			}
+			_, ws := op.Extensions["x-websocket"]
+			if ws != bool(r.upgrade) {
+				t.Errorf("%s: x-websocket is %v in openapi.json, but the route declares an upgrade: %v", key, ws, r.upgrade)
 			}
 		}
 	}
@@ -401,7 +406,7 @@ func TestOpenAPIVoiceMessages(t *testing.T) {
 
 // TestOpenAPIResponses: real responses of a running gateway, errors included, match the
 // operations they answer: status, headers and body (kin-openapi's response validation), and
-// the chat stream's events ChatEvent.
+// the chat stream's events ChatEvent. Every route of the route table is asked at least once.
 func TestOpenAPIResponses(t *testing.T) {
 	doc := loadOpenAPI(t)
 	c := schemaCheck{t, doc}
@@ -417,6 +422,15 @@ func TestOpenAPIResponses(t *testing.T) {
 	user := tokenFor(t, "u-oas", []string{"user"}, nil)
 	admin := tokenFor(t, "u-oas-admin", []string{"admin"}, nil)
 	revoked := tokenFor(t, "u-oas-out", []string{"user"}, nil)
+	super := tokenFor(t, "u-oas-root", []string{"super_admin"}, nil)
+
+	// The route table's patterns, to tell which route each request reaches.
+	table := http.NewServeMux()
+	untried := map[string]bool{}
+	for _, r := range (&gateway{cfg: &config{ConsoleEnabled: true, MetricsEnabled: true}, tel: &telemetry{}}).routes() {
+		table.Handle(r.pattern, http.NotFoundHandler())
+		untried[r.pattern] = true
+	}
 
 	for _, tt := range []struct {
 		method, path, token, body string
@@ -435,12 +449,19 @@ func TestOpenAPIResponses(t *testing.T) {
 		{"POST", "/api/v2/chat/stream", user, `{"message":""}`, nil, 400},
 		{"POST", "/api/v2/chat/stream", user, `{"message":`, nil, 400},
 		{"POST", "/api/v2/chat/stream", user, `{"message":"hi"}`, map[string]string{"Content-Type": "text/plain"}, 415},
+		{"GET", "/api/v2/chat/stream/nobody-runs-this", user, "", nil, 404},
 		{"POST", "/api/v2/chat/cancel", user, `{"request_id":"nobody-runs-this"}`, nil, 404},
 		{"POST", "/api/v2/chat/cancel", user, `{}`, nil, 400},
 		{"POST", "/api/v2/auth/revoke", revoked, ``, nil, 200},
 		{"POST", "/api/v2/auth/revoke", user, `{"user_id":"someone-else"}`, nil, 403},
+		{"POST", "/api/v2/auth/revoke", super, `{"user_id":"u-oas-gone","tenant_id":"tenant-b"}`, nil, 200},
+		{"POST", "/api/v2/auth/revoke", admin, `{"jti":"j-oas","tenant_id":"tenant-b"}`, nil, 403},
 		{"GET", "/api/v2/voice/sessions", admin, "", nil, 200},
 		{"GET", "/api/v2/voice/sessions", user, "", nil, 403},
+		{"GET", "/api/v2/voice/sessions/no-such-session", admin, "", nil, 404},
+		{"DELETE", "/api/v2/voice/sessions/no-such-session", admin, "", nil, 404},
+		{"POST", "/api/v2/voice/broadcast", admin, `{"message":"maintenance at noon"}`, nil, 200},
+		{"POST", "/api/v2/voice/broadcast", user, `{"message":"hi"}`, nil, 403},
 		{"GET", "/api/v2/voice/stream", user, "", nil, 426},
 		{"GET", "/api/v2/admin/users", admin, "", nil, 404},
 		{"DELETE", "/api/v2/documents/d1", admin, "", nil, 404},
@@ -454,6 +475,9 @@ func TestOpenAPIResponses(t *testing.T) {
 			req, err := http.NewRequestWithContext(t.Context(), tt.method, g.URL+tt.path, body)
 			if err != nil {
 				t.Fatal(err)
+			}
+			if _, pattern := table.Handler(req); pattern != "" {
+				delete(untried, pattern)
 			}
 			if tt.method == "POST" {
 				req.Header.Set("Content-Type", "application/json")
@@ -485,6 +509,10 @@ func TestOpenAPIResponses(t *testing.T) {
 				}
 			}
 		})
+	}
+
+	for pattern := range untried {
+		t.Errorf("route %s is never asked: its responses are not checked against openapi.json", pattern)
 	}
 
 	t.Run("rate limited", func(t *testing.T) {

@@ -686,25 +686,28 @@ func TestOpsReplicaDown(t *testing.T) {
 
 // wantMetrics are README.md's metrics and their label names.
 var wantMetrics = map[string][]string{
-	"http_requests_total":             {"method", "route", "status"},
-	"http_request_duration_seconds":   {"method", "route"},
-	"websocket_connections_active":    {"type"},
-	"sse_streams_active":              {},
-	"sse_events_total":                {"event"},
-	"sse_time_to_first_event_seconds": {},
-	"sse_replay_pipelines_total":      {},
-	"sse_replay_batches_total":        {},
-	"voice_audio_bytes_total":         {"direction"},
-	"voice_sessions_total":            {"code"},
-	"upstream_requests_total":         {"outcome", "upstream"},
-	"auth_failures_total":             {"code"},
-	"rate_limited_total":              {},
-	"redis_errors_total":              {},
-	"voicegate_ready":                 {},
-	"voicegate_build_info":            {"go_version", "version"},
-	"voice_response_latency_seconds":  {"tenant"},
-	"voice_asr_latency_seconds":       {"tenant"},
-	"voice_barge_ins_total":           {"tenant"},
+	"http_requests_total":               {"method", "route", "status"},
+	"http_request_duration_seconds":     {"method", "route"},
+	"websocket_connections_active":      {"type"},
+	"sse_streams_active":                {},
+	"sse_events_total":                  {"event"},
+	"sse_time_to_first_event_seconds":   {},
+	"sse_replay_pipelines_total":        {},
+	"sse_replay_batches_total":          {},
+	"voice_audio_bytes_total":           {"direction"},
+	"voice_sessions_total":              {"code"},
+	"voice_session_duration_seconds":    {"close_code"},
+	"upstream_requests_total":           {"outcome", "upstream"},
+	"upstream_request_duration_seconds": {"outcome", "upstream"},
+	"redis_command_duration_seconds":    {"command_class"},
+	"auth_failures_total":               {"code"},
+	"rate_limited_total":                {},
+	"redis_errors_total":                {},
+	"voicegate_ready":                   {},
+	"voicegate_build_info":              {"go_version", "version"},
+	"voice_response_latency_seconds":    {"tenant"},
+	"voice_asr_latency_seconds":         {"tenant"},
+	"voice_barge_ins_total":             {"tenant"},
 }
 
 // checkFamily fails the test unless fams has name with exactly labels on every series.
@@ -811,15 +814,15 @@ func TestOpsMetrics(t *testing.T) {
 		fams = scrape(t, g.URL+"/metrics")
 		n, ok := sample(fams, "websocket_connections_active", nil)
 		_, ended := sample(fams, "voice_sessions_total", nil)
-		// The upgrade request is counted once its handler returns, after the session.
+		// The upgrade request is counted once its handler returns, a moment after the 101.
 		_, counted := sample(fams, "http_requests_total", map[string]string{"route": "GET /api/v2/voice/stream"})
 		return ok && n == 0 && ended && counted
 	})
 
-	// Names and labels as documented. redis_errors_total needs a failing Redis: it has its own
-	// test.
+	// Names and labels as documented. The Redis metrics need a Redis (a failing one for
+	// redis_errors_total): they have their own tests.
 	for name, labels := range wantMetrics {
-		if name == "redis_errors_total" {
+		if name == "redis_errors_total" || name == "redis_command_duration_seconds" {
 			continue
 		}
 		checkFamily(t, fams, name, labels)
@@ -936,6 +939,60 @@ func TestOpsMetricsAtStart(t *testing.T) {
 	}
 }
 
+// processMetrics are the process and Go runtime metrics README.md names, with the standard
+// names of the Prometheus client's collectors.
+var processMetrics = []string{"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+	"process_max_fds", "process_start_time_seconds", "go_goroutines", "go_threads", "go_gc_duration_seconds",
+	"go_memstats_heap_inuse_bytes"}
+
+// TestOpsMetricsProcess: /metrics describes the box it runs on, under the names leak and
+// saturation alerts are written against: the process's CPU, memory and file descriptors, and
+// the Go runtime's goroutines, threads, heap and GC. The figures are this process's own: its
+// open descriptors grow by the connections a test holds open, and its goroutines too.
+func TestOpsMetricsProcess(t *testing.T) {
+	raw, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) })
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	fams := scrape(t, g.URL+"/metrics")
+	for _, name := range processMetrics {
+		if fams[name] == nil {
+			t.Errorf("%s is not exported", name)
+		}
+		if !strings.Contains(string(raw), "`"+name+"`") {
+			t.Errorf("README.md does not name %s", name)
+		}
+	}
+	value := func(fams map[string]*dto.MetricFamily, name string) float64 {
+		v, _ := sample(fams, name, nil)
+		return v
+	}
+	if rss := value(fams, "process_resident_memory_bytes"); rss < 1<<20 {
+		t.Errorf("process_resident_memory_bytes = %v, want this process's resident memory", rss)
+	}
+	if fds, most := value(fams, "process_open_fds"), value(fams, "process_max_fds"); fds < 3 || most < fds {
+		t.Errorf("process_open_fds = %v of process_max_fds %v", fds, most)
+	}
+
+	// Voice sessions hold two sockets each (client and upstream) and two goroutines: the
+	// process's figures follow. The gateway runs in this process, as do the test's clients and
+	// the fake algorithm service, which hold a socket and goroutines per session too.
+	const sessions = 5
+	fdsBefore, goBefore := value(fams, "process_open_fds"), value(fams, "go_goroutines")
+	for range sessions {
+		dialVoice(t, g, nil)
+	}
+	fams = scrape(t, g.URL+"/metrics")
+	if fds := value(fams, "process_open_fds"); fds < fdsBefore+2*sessions {
+		t.Errorf("process_open_fds = %v with %d voice sessions open, %v before: want at least %d more", fds, sessions, fdsBefore, 2*sessions)
+	}
+	if gs := value(fams, "go_goroutines"); gs < goBefore+2*sessions {
+		t.Errorf("go_goroutines = %v with %d voice sessions open, %v before: want at least %d more", gs, sessions, goBefore, 2*sessions)
+	}
+}
+
 // TestOpsMetricsRedisErrors: a failing Redis is counted in redis_errors_total, which has no
 // labels.
 func TestOpsMetricsRedisErrors(t *testing.T) {
@@ -953,6 +1010,131 @@ func TestOpsMetricsRedisErrors(t *testing.T) {
 	if got, _ := sample(fams, "redis_errors_total", nil); got < 1 {
 		t.Errorf("redis_errors_total = %v after a failed revocation check, want ≥ 1", got)
 	}
+}
+
+// histogramOf returns the sample count and sum of the series of histogram name whose labels
+// include want, summed over the matching series.
+func histogramOf(fams map[string]*dto.MetricFamily, name string, want map[string]string) (count uint64, sum float64) {
+	for _, m := range fams[name].GetMetric() {
+		ls := labelsOf(m)
+		match := true
+		for k, v := range want {
+			match = match && ls[k] == v
+		}
+		if match && m.Histogram != nil {
+			count += m.GetHistogram().GetSampleCount()
+			sum += m.GetHistogram().GetSampleSum()
+		}
+	}
+	return count, sum
+}
+
+// redisClasses is the fixed set of redis_command_duration_seconds's command_class.
+var redisClasses = []string{"auth", "control", "leases", "limits", "other", "registry", "replay"}
+
+// TestOpsMetricsDependencies: /metrics tells the dependencies apart, so that slow answers can
+// be laid at the right door. With Redis, a user service, the admin and documents back ends
+// and the algorithm service behind one gateway:
+//   - upstream_request_duration_seconds has each upstream, recorded as its answer's headers
+//     arrive: a chat stream still open upstream is counted already, at the set-up time;
+//   - redis_command_duration_seconds has the classes of what ran, within the fixed set;
+//   - a voice session's length is voice_session_duration_seconds{close_code}, once it ends,
+//     while http_request_duration_seconds counted its upgrade as soon as the session started.
+func TestOpsMetricsDependencies(t *testing.T) {
+	r := startRedis(t)
+	release := make(chan struct{})
+	const setUp = 50 * time.Millisecond
+	algo := newOpsAlgo(t, func(w http.ResponseWriter, req *http.Request) {
+		// A slow set-up, then a stream that stays open until the test has looked.
+		if !sleepCtx(req.Context(), setUp) {
+			return
+		}
+		ndjson(w, happyLines[0])
+		select {
+		case <-release:
+		case <-req.Context().Done():
+			return
+		}
+		ndjson(w, happyLines[1:]...)
+	})
+	users := newFakeBackend(t, func(w http.ResponseWriter, req *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"status":"active"}`)
+	})
+	backend := okBackend(t)
+	g := startRun(t, nil, redisEnv(r, algo.fakeBackend, backend, map[string]string{"USER_SERVICE_URL": users.URL}))
+	tok := tokenFor(t, "u-deps", []string{"admin"}, nil)
+	wantStatus(t, call(t, g, "GET", "/api/v2/admin/users", tok, ""), http.StatusOK)
+	wantStatus(t, call(t, g, "GET", "/api/v2/documents/d-1", tok, ""), http.StatusOK)
+
+	stream := wantStream(t, postChat(t, g, `{"message":"hi"}`, map[string]string{"Authorization": "Bearer " + tok}))
+	for _, want := range []string{"stream_start", "retrieval_start"} {
+		if ev := nextEvent(t, stream); ev.Event != want {
+			t.Fatalf("event %q, want %s", ev.Event, want)
+		}
+	}
+	fams := scrape(t, g.URL+"/metrics")
+	if n, sum := histogramOf(fams, "upstream_request_duration_seconds", map[string]string{"upstream": "algo", "outcome": "ok"}); n != 1 || sum < setUp.Seconds() {
+		t.Errorf(`upstream_request_duration_seconds{upstream="algo",outcome="ok"} = %d samples, sum %vs while the stream is open, want 1 of at least %v`, n, sum, setUp)
+	}
+	close(release)
+	if evs := readEvents(t, stream); len(evs) == 0 || evs[len(evs)-1].Event != "stream_end" {
+		t.Fatalf("chat events = %v", eventNames(evs))
+	}
+
+	beforeDial := time.Now()
+	v := dialVoice(t, g, nil)
+	opened := time.Now()
+	voiceRoute := map[string]string{"route": "GET /api/v2/voice/stream"}
+	eventually(t, 5*time.Second, "the voice upgrade counted while its session runs", func() bool {
+		fams = scrape(t, g.URL+"/metrics")
+		n, _ := histogramOf(fams, "http_request_duration_seconds", voiceRoute)
+		return n == 1
+	})
+	if n, _ := histogramOf(fams, "voice_session_duration_seconds", nil); n != 0 {
+		t.Errorf("voice_session_duration_seconds has %d samples while the only session runs, want 0", n)
+	}
+	v.turn(t)
+	closing := time.Now()
+	_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
+	eventually(t, 5*time.Second, "the voice session's length recorded", func() bool {
+		fams = scrape(t, g.URL+"/metrics")
+		n, _ := histogramOf(fams, "voice_session_duration_seconds", nil)
+		return n == 1
+	})
+	ended := time.Now()
+	n, length := histogramOf(fams, "voice_session_duration_seconds", map[string]string{"close_code": "1000"})
+	if n != 1 || length < closing.Sub(opened).Seconds() || length > ended.Sub(beforeDial).Seconds() {
+		t.Errorf(`voice_session_duration_seconds{close_code="1000"} = %d samples, sum %vs; want 1 between %v (open to close) and %v (dial to recorded)`,
+			n, length, closing.Sub(opened), ended.Sub(beforeDial))
+	}
+
+	for _, up := range []string{"algo", "admin", "docs", "user"} {
+		n, _ := histogramOf(fams, "upstream_request_duration_seconds", map[string]string{"upstream": up, "outcome": "ok"})
+		c, _ := sample(fams, "upstream_requests_total", map[string]string{"upstream": up, "outcome": "ok"})
+		if n == 0 || float64(n) != c {
+			t.Errorf("upstream %s: %d timed attempts, %v counted; want the same, at least one", up, n, c)
+		}
+	}
+	if n, _ := histogramOf(fams, "upstream_request_duration_seconds", map[string]string{"upstream": "algo"}); n != 2 {
+		t.Errorf("algo: %d timed attempts, want 2: the chat request and the voice dial", n)
+	}
+	checkFamily(t, fams, "redis_command_duration_seconds", []string{"command_class"})
+	classes := map[string]uint64{}
+	for _, m := range fams["redis_command_duration_seconds"].GetMetric() {
+		classes[labelsOf(m)["command_class"]] += m.GetHistogram().GetSampleCount()
+	}
+	for c := range classes {
+		if !slices.Contains(redisClasses, c) {
+			t.Errorf("redis_command_duration_seconds has command_class %q, outside %v", c, redisClasses)
+		}
+	}
+	for _, c := range []string{"auth", "registry", "other"} { // revocations and user status, the session registry, readiness pings
+		if classes[c] == 0 {
+			t.Errorf("redis_command_duration_seconds has no %s calls (classes %v)", c, classes)
+		}
+	}
+	t.Logf("Redis calls by class: %v", classes)
 }
 
 // ---- 4. tracing ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import (
 	"os/signal"
 	"path"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -1233,4 +1234,80 @@ func BenchmarkRateLimitRedis(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestPolicyAdmissionFailsClosed: the chat stream and voice routes charge rates and caps in
+// their handlers (policy.Admit) once they have validated the request. Left public by
+// AUTH_PUBLIC_PATHS, no guard authorizes them and there is nobody to charge: they answer 500
+// INTERNAL_ERROR, logged with its cause, and the algorithm service is never asked — instead of
+// serving an anonymous caller ungoverned.
+func TestPolicyAdmissionFailsClosed(t *testing.T) {
+	algo := newVoiceAlgo(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL,
+		"AUTH_PUBLIC_PATHS": "/api/v2/chat/stream,/api/v2/voice/stream"})
+	res := call(t, g, "POST", "/api/v2/chat/stream", "", `{"message":"hi"}`)
+	wantError(t, res, http.StatusInternalServerError, "INTERNAL_ERROR")
+	res = voiceRefused(t, g, "?conversation_id=c-public", nil)
+	wantError(t, res, http.StatusInternalServerError, "INTERNAL_ERROR")
+	if n := len(algo.requests()); n != 0 {
+		t.Errorf("the algorithm service got %d requests from callers nobody authorized", n)
+	}
+	logged := 0
+	for _, rec := range logRecords(t, g) {
+		if rec["msg"] == "request" && rec["code"] == "INTERNAL_ERROR" && strings.Contains(fmt.Sprint(rec["cause"]), "no guard") {
+			logged++
+		}
+	}
+	if logged != 2 {
+		t.Errorf("%d access log lines name the missing guard, want 2\n%s", logged, clipText(g.Stderr.String()))
+	}
+}
+
+// TestDefaultPolicyFromRouteTable: the built-in policy's bindings are the route table's — every
+// route that needs a token bound once, as the table binds it, and no open route — with every
+// optional route on; and testdata/policy/good/default.json, from which the policy package's tests
+// take the gateway's routes, is that policy exactly.
+func TestDefaultPolicyFromRouteTable(t *testing.T) {
+	g := &gateway{cfg: &config{ConsoleEnabled: true, MetricsEnabled: true}, tel: &telemetry{}}
+	rs := g.routes()
+	bs := bindings(rs)
+	bound := map[string]int{}
+	for _, b := range bs {
+		bound[b.Route]++
+	}
+	for _, r := range rs {
+		switch {
+		case r.access == open && bound[r.pattern] != 0:
+			t.Errorf("open route %s is bound", r.pattern)
+		case r.access == open && !reflect.DeepEqual(r.bind, bind{}):
+			t.Errorf("open route %s carries a binding: %+v", r.pattern, r.bind)
+		case r.access != open && bound[r.pattern] != 1:
+			t.Errorf("route %s is bound %d times, want once", r.pattern, bound[r.pattern])
+		}
+	}
+	if _, err := policy.Compile(policy.Default(bs), protectedRoutes(rs), handlerPerms); err != nil {
+		t.Fatalf("the built-in policy does not compile against the route table: %v", err)
+	}
+	data, err := os.ReadFile("testdata/policy/good/default.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := policy.Parse(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := json.MarshalIndent(f, "", "  ")
+	want, _ := json.MarshalIndent(policy.Default(bs), "", "  ")
+	if !bytes.Equal(got, want) {
+		t.Errorf("testdata/policy/good/default.json is not the built-in policy of the route table:\nfile:\n%s\nroute table:\n%s", got, want)
+	}
+}
+
+// protectedRoutes are the patterns of the routes that need a token.
+func protectedRoutes(rs []route) []string {
+	var ps []string
+	for _, b := range bindings(rs) {
+		ps = append(ps, b.Route)
+	}
+	return ps
 }

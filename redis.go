@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/redis/rueidis"
+
+	"voicegate/policy"
 )
 
 // The gateway's Redis client is rueidis wrapped in guardedRedis, which every package gets
@@ -43,7 +46,8 @@ var errRedisPaused = errors.New("redis: not answering; calls paused for a moment
 // rediscluster.go); the rest pass straight through.
 type guardedRedis struct {
 	rueidis.Client
-	log *slog.Logger
+	log    *slog.Logger
+	timing redisTiming
 
 	// One breaker for a single Redis. On a cluster, one per hash slot, made on first use: a
 	// failed master pauses the calls of its own slots, not those of the healthy shards.
@@ -55,9 +59,9 @@ type guardedRedis struct {
 	routes   *clusterRoutes // cluster: where to send what the client could not deliver
 }
 
-// guardRedis wraps c.
-func guardRedis(c rueidis.Client, log *slog.Logger) *guardedRedis {
-	g := &guardedRedis{Client: c, log: log,
+// guardRedis wraps c; timing times its calls.
+func guardRedis(c rueidis.Client, log *slog.Logger, timing redisTiming) *guardedRedis {
+	g := &guardedRedis{Client: c, log: log, timing: timing,
 		newBreak: func() *breaker { return newBreaker(breakerFailures, breakerOpen, time.Now) }}
 	if c.Mode() == rueidis.ClientModeCluster {
 		g.slots = map[uint16]*breaker{}
@@ -84,6 +88,16 @@ func (g *guardedRedis) breakerOf(slot uint16) *breaker {
 }
 
 func (g *guardedRedis) Do(ctx context.Context, cmd rueidis.Completed) rueidis.RedisResult {
+	if g.timing.record == nil || cmd.IsBlock() {
+		return g.do(ctx, cmd)
+	}
+	class, start := g.timing.class(cmd.Commands()), time.Now() // before the call: rueidis recycles an answered command
+	res := g.do(ctx, cmd)
+	g.timing.done(class, start, res.Error(), false)
+	return res
+}
+
+func (g *guardedRedis) do(ctx context.Context, cmd rueidis.Completed) rueidis.RedisResult {
 	if g.routes != nil && isPublish(cmd) {
 		if n := g.routes.liveMaster(ctx); n != nil {
 			return bounded(ctx, func() rueidis.RedisResult { return n.Do(ctx, cmd) })
@@ -111,6 +125,16 @@ func (g *guardedRedis) Receive(ctx context.Context, subscribe rueidis.Completed,
 }
 
 func (g *guardedRedis) DoCache(ctx context.Context, cmd rueidis.Cacheable, ttl time.Duration) rueidis.RedisResult {
+	if g.timing.record == nil {
+		return g.doCache(ctx, cmd, ttl)
+	}
+	class, start := g.timing.class(cmd.Commands()), time.Now()
+	res := g.doCache(ctx, cmd, ttl)
+	g.timing.done(class, start, res.Error(), res.IsCacheHit())
+	return res
+}
+
+func (g *guardedRedis) doCache(ctx context.Context, cmd rueidis.Cacheable, ttl time.Duration) rueidis.RedisResult {
 	first, stop := g.firstTry(ctx)
 	defer stop()
 	if g.routes != nil {
@@ -127,6 +151,20 @@ func (g *guardedRedis) DoCache(ctx context.Context, cmd rueidis.Cacheable, ttl t
 }
 
 func (g *guardedRedis) DoMulti(ctx context.Context, multi ...rueidis.Completed) []rueidis.RedisResult {
+	blocking := false
+	for _, c := range multi {
+		blocking = blocking || c.IsBlock()
+	}
+	if g.timing.record == nil || len(multi) == 0 || blocking {
+		return g.doMulti(ctx, multi...)
+	}
+	class, start := g.timing.class(multi[0].Commands()), time.Now()
+	res := g.doMulti(ctx, multi...)
+	g.timing.done(class, start, firstError(res), false)
+	return res
+}
+
+func (g *guardedRedis) doMulti(ctx context.Context, multi ...rueidis.Completed) []rueidis.RedisResult {
 	gated := true
 	for _, c := range multi {
 		gated = gated && !c.IsBlock()
@@ -150,6 +188,16 @@ func (g *guardedRedis) DoMulti(ctx context.Context, multi ...rueidis.Completed) 
 }
 
 func (g *guardedRedis) DoMultiCache(ctx context.Context, multi ...rueidis.CacheableTTL) []rueidis.RedisResult {
+	if g.timing.record == nil || len(multi) == 0 {
+		return g.doMultiCache(ctx, multi...)
+	}
+	class, start := g.timing.class(multi[0].Cmd.Commands()), time.Now()
+	res := g.doMultiCache(ctx, multi...)
+	g.timing.done(class, start, firstError(res), !slices.ContainsFunc(res, func(r rueidis.RedisResult) bool { return !r.IsCacheHit() }))
+	return res
+}
+
+func (g *guardedRedis) doMultiCache(ctx context.Context, multi ...rueidis.CacheableTTL) []rueidis.RedisResult {
 	var slot uint16
 	if len(multi) > 0 {
 		slot = multi[0].Cmd.Slot()
@@ -172,6 +220,69 @@ func (g *guardedRedis) DoMultiCache(ctx context.Context, multi ...rueidis.Cachea
 		}
 	}
 	return res
+}
+
+// redisTiming times the gateway's Redis calls for redis_command_duration_seconds, by class
+// (redisClass). The zero value times nothing.
+//
+// A call is timed from the caller's side: from the call to its answer, or to the caller's
+// deadline when Redis is slow to answer, since that is what the request waited. Calls that
+// never reach Redis are not timed: answers from the client-side cache, and calls the breaker
+// held back. Nor are blocking commands (a BLPOP, an XREAD that waits for new entries, a WAIT
+// for replicas), which wait by design.
+type redisTiming struct {
+	keys   policy.Keys                            // the deployment's names, to read a key's kind
+	record func(class string, took time.Duration) // nil: no timing
+}
+
+// class returns the class of a command (its words, as rueidis built them).
+func (rt redisTiming) class(cmd []string) string {
+	return redisClass(rt.keys.KindOf(commandKey(cmd)))
+}
+
+// done records a call that started at start, unless it never reached Redis.
+func (rt redisTiming) done(class string, start time.Time, err error, cached bool) {
+	if cached || errors.Is(err, errRedisPaused) {
+		return
+	}
+	rt.record(class, time.Since(start))
+}
+
+// commandKey returns the first key of a command, or "" when it has none (PING, INFO,
+// CLUSTER ...): the word after the command's name, or for a script (EVAL, EVALSHA, FCALL) the
+// first of its keys. A PUBLISH names its channel there, which Keys names too.
+func commandKey(cmd []string) string {
+	if len(cmd) < 2 {
+		return ""
+	}
+	switch cmd[0] {
+	case "EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO":
+		if len(cmd) < 4 || cmd[2] == "0" {
+			return ""
+		}
+		return cmd[3]
+	}
+	return cmd[1]
+}
+
+// redisClass is the command_class label of a call: what its key is for, one of a small fixed
+// set. Never the key itself, which names a tenant, a user or a request.
+func redisClass(kind string) string {
+	switch kind {
+	case policy.KindRevoked, policy.KindUserStatus:
+		return "auth"
+	case policy.KindRateLimit, policy.KindQuota, policy.KindAudioQuota:
+		return "limits"
+	case policy.KindLease:
+		return "leases"
+	case policy.KindReplay, policy.KindReplayBeat, policy.KindReplayWait:
+		return "replay"
+	case policy.KindStream, policy.KindSession, policy.KindSessions, policy.KindUsage:
+		return "registry" // live streams and voice sessions, and the usage of finished ones
+	case policy.KindBroadcast, policy.KindControl:
+		return "control" // cancels, revocations and broadcasts between instances
+	}
+	return "other" // no key (PING, INFO, CLUSTER ...), or one that is not the gateway's
 }
 
 // firstTry is the context of a cached read's first attempt. On a cluster it has half of

@@ -3,9 +3,16 @@ package main
 import (
 	"context"
 	"errors"
+	"go/ast"
+	"go/parser"
+	gotoken "go/token"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
+	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -14,6 +21,8 @@ import (
 	"time"
 
 	"github.com/redis/rueidis"
+
+	"voicegate/policy"
 )
 
 // fakeRedis stands in for rueidis in the guard's unit tests. Frozen, a call waits until thaw
@@ -82,7 +91,7 @@ func timed(g *guardedRedis, budget time.Duration) (time.Duration, error) {
 func TestGuardedRedisFrozen(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeRedis{}
-		g := guardRedis(f, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		g := guardRedis(f, slog.New(slog.NewTextHandler(io.Discard, nil)), redisTiming{})
 		const budget = 75 * time.Millisecond
 		if took, err := timed(g, budget); err != nil || took != 0 {
 			t.Fatalf("healthy: %v after %v", err, took)
@@ -134,7 +143,7 @@ func TestGuardedRedisFrozen(t *testing.T) {
 func TestGuardedRedisRefused(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeRedis{}
-		g := guardRedis(f, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		g := guardRedis(f, slog.New(slog.NewTextHandler(io.Discard, nil)), redisTiming{})
 		f.setRefuse(true)
 		for range breakerFailures {
 			if _, err := timed(g, time.Second); err == nil || errors.Is(err, errRedisPaused) {
@@ -180,5 +189,203 @@ func TestGuardedRedisNeutral(t *testing.T) {
 		if got := outcomeOf(tc.err); got != tc.want {
 			t.Errorf("outcomeOf(%v) = %d, want %d", tc.err, got, tc.want)
 		}
+	}
+}
+
+// timings records what a guarded client's timing hook is told.
+type timings struct {
+	mu   sync.Mutex
+	took map[string][]time.Duration // class → durations
+}
+
+func (tm *timings) record(class string, took time.Duration) {
+	tm.mu.Lock()
+	defer tm.mu.Unlock()
+	if tm.took == nil {
+		tm.took = map[string][]time.Duration{}
+	}
+	tm.took[class] = append(tm.took[class], took)
+}
+
+// count returns how many calls of class were timed, and the whole of them.
+func (tm *timings) count() (map[string]int, int) {
+	tm.mu.Lock()
+	defer tm.mu.Unlock()
+	out, all := map[string]int{}, 0
+	for c, l := range tm.took {
+		out[c] = len(l)
+		all += len(l)
+	}
+	return out, all
+}
+
+// TestRedisClass: every kind of key policy.Keys makes has a class of its own group, never
+// "other", so no call of the gateway's hides there; keys named by another deployment's
+// prefix, and commands without a key, are "other". The kinds are read from policy/keys.go, so
+// a new kind without a class fails here.
+func TestRedisClass(t *testing.T) {
+	f, err := parser.ParseFile(gotoken.NewFileSet(), filepath.Join("policy", "keys.go"), nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := policy.NewKeys("vg:")
+	rt := redisTiming{keys: keys}
+	kinds := 0
+	for _, d := range f.Decls {
+		g, ok := d.(*ast.GenDecl)
+		if !ok || g.Tok != gotoken.CONST {
+			continue
+		}
+		for _, spec := range g.Specs {
+			v := spec.(*ast.ValueSpec)
+			for i, n := range v.Names {
+				lit, ok := v.Values[i].(*ast.BasicLit)
+				if !ok || !strings.HasPrefix(n.Name, "Kind") {
+					continue
+				}
+				kinds++
+				kind := strings.Trim(lit.Value, `"`)
+				key := keys.Tenant(kind, "acme", "u-1")
+				class := rt.class([]string{"GET", key})
+				if class == "other" || !slices.Contains(redisClasses, class) {
+					t.Errorf("%s (%q): class %q, want one of %v but other", n.Name, kind, class, redisClasses)
+				}
+				if got := rt.class([]string{"EVALSHA", "abc", "2", key, "x", "arg"}); got != class {
+					t.Errorf("a script on %s: class %q, want %q", n.Name, got, class)
+				}
+			}
+		}
+	}
+	if kinds < 10 {
+		t.Fatalf("found %d kinds in policy/keys.go", kinds)
+	}
+	for _, cmd := range [][]string{{"PING"}, {"INFO", "replication"}, {"CLUSTER", "INFO"}, {"EVALSHA", "abc", "0", "x"},
+		{"GET", "other:" + policy.KindRevoked + ":{acme}:jti:1"}} {
+		if got := rt.class(cmd); got != "other" {
+			t.Errorf("class(%q) = %q, want other", cmd, got)
+		}
+	}
+}
+
+// TestGuardedRedisTiming: against a real Redis, each call the guarded client sends is timed
+// once under its key's class: commands, pipelines (by their first command), scripts; answers
+// from the client-side cache are not Redis calls, nor are blocking commands (they wait by
+// design); a call that outlives its budget is timed as long as its caller waited, and those the
+// breaker holds back are not timed.
+func TestGuardedRedisTiming(t *testing.T) {
+	r := startRedis(t)
+	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{r.Addr()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(client.Close)
+	keys := policy.NewKeys("vg:")
+	tm := &timings{}
+	g := guardRedis(client, slog.New(slog.DiscardHandler), redisTiming{keys: keys, record: tm.record})
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	b := g.B()
+
+	revoked := keys.Tenant(policy.KindRevoked, "acme", "jti", "t-1")
+	lease := keys.Tenant(policy.KindLease, "acme", "chat", "u", "alice")
+	session := keys.Key(policy.KindSession, "s-1")
+	if err := g.Do(ctx, b.Set().Key(revoked).Value("1").Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // the second is answered from the client-side cache
+		if err := g.DoCache(ctx, b.Get().Key(revoked).Cache(), time.Minute).Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, res := range g.DoMulti(ctx, b.Zadd().Key(lease).ScoreMember().ScoreMember(1, "a").Build(), b.Pexpire().Key(lease).Milliseconds(1000).Build()) {
+		if err := res.Error(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	script := rueidis.NewLuaScript(`return redis.call('EXISTS', KEYS[1])`)
+	if err := script.Exec(ctx, g, []string{session}, nil).Error(); err != nil { // EVALSHA, then EVAL: it is not loaded yet
+		t.Fatal(err)
+	}
+	if err := g.Do(ctx, b.Ping().Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Do(ctx, b.Blpop().Key(keys.Key(policy.KindBroadcast, "r-1")).Timeout(0.01).Build()).Error(); !rueidis.IsRedisNil(err) {
+		t.Fatalf("BLPOP on an empty list: %v, want nil", err)
+	}
+	got, _ := tm.count()
+	want := map[string]int{"auth": 2, "leases": 1, "registry": 2, "other": 1}
+	if !maps.Equal(got, want) {
+		t.Errorf("timed calls by class = %v, want %v", got, want)
+	}
+
+	// Frozen: the calls time out at their budget, and are timed so; then the breaker holds
+	// calls back, untimed.
+	r.Freeze()
+	defer r.Thaw()
+	const budget = 100 * time.Millisecond
+	fresh := keys.Tenant(policy.KindRevoked, "acme", "jti", "t-2")
+	for i := range breakerFailures + 2 {
+		ctx, cancel := context.WithTimeout(t.Context(), budget)
+		err := g.Do(ctx, b.Get().Key(fresh).Build()).Error()
+		cancel()
+		want := context.DeadlineExceeded
+		if i >= breakerFailures {
+			want = errRedisPaused
+		}
+		if !errors.Is(err, want) {
+			t.Fatalf("call %d on a frozen Redis: %v, want %v", i+1, err, want)
+		}
+	}
+	tm.mu.Lock()
+	auth := slices.Clone(tm.took["auth"])
+	tm.mu.Unlock()
+	if len(auth) != 2+breakerFailures {
+		t.Fatalf("auth calls timed = %d, want %d: the %d that timed out, not those held back", len(auth), 2+breakerFailures, breakerFailures)
+	}
+	for _, d := range auth[2:] {
+		if d < budget*9/10 {
+			t.Errorf("a call that ran out its %v budget was timed at %v, want what its caller waited", budget, d)
+		}
+	}
+}
+
+// BenchmarkRedisTiming: what timing a Redis call costs (reading its key's class, two clock
+// reads, a histogram record on the gateway's own meter), beside what it times: one GET to a
+// real Redis on loopback through the guarded client, with timing off and on.
+func BenchmarkRedisTiming(b *testing.B) {
+	tel, err := newTelemetry(b.Context(), &config{MetricsEnabled: true, ServiceName: "bench"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	keys := policy.NewKeys("voicegate:")
+	rt := redisTiming{keys: keys, record: tel.redisCall}
+	script := []string{"EVALSHA", "0123456789abcdef0123456789abcdef01234567", "2",
+		keys.Tenant(policy.KindRateLimit, "acme", "u", "alice"), keys.Tenant(policy.KindRateLimit, "acme", "t"), "1"}
+	b.Run("timing-only", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			rt.done(rt.class(script), time.Now(), nil, false)
+		}
+	})
+	r := startRedisB(b)
+	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{r.Addr()}, DisableCache: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(client.Close)
+	key := keys.Tenant(policy.KindRevoked, "acme", "jti", "t-1")
+	for _, v := range []struct {
+		name   string
+		timing redisTiming
+	}{{"get-untimed", redisTiming{}}, {"get-timed", rt}} {
+		g := guardRedis(client, slog.New(slog.DiscardHandler), v.timing)
+		b.Run(v.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := g.Do(b.Context(), g.B().Get().Key(key).Build()).Error(); err != nil && !rueidis.IsRedisNil(err) {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"net/http"
 
+	"voicegate/policy"
 	"voicegate/proxy"
 	"voicegate/voice"
 )
@@ -17,57 +18,89 @@ const (
 	tokenWS                  // tokenLater for the WebSocket route, where browsers send the token as a subprotocol
 )
 
+// upgrade says whether a route may switch protocols. Only a route that declares an upgrade
+// gets a request's Upgrade; every other route serves such a request as the plain request it also
+// is (proxy.StripUpgrade), and no proxied back end's 101 is ever relayed (proxy.New).
+type upgrade bool
+
+const (
+	plain    upgrade = false
+	upgrades upgrade = true // a WebSocket route
+)
+
+// bind is what the built-in policy asks of a route's caller: the permission, per-method
+// permissions, rate class and concurrency lease (its Route is the route's pattern). bind{} on a
+// route with a token means any authenticated caller; open routes have none.
+type bind = policy.Binding
+
 // route is one entry of the route table.
 type route struct {
 	pattern string
 	access  access
+	upgrade upgrade
 	handler http.Handler
+	bind    bind
 }
 
-// routes is the whole route table. It builds nothing: every handler is made by newGateway.
-// Every route but the open ones must be bound by the policy, which checks this when it loads.
+// routes is the whole route table, the one list of the gateway's routes: the router registers
+// it, the built-in policy binds it (bindings; a POLICY_FILE must bind the same routes), and the
+// OpenAPI tests compare it with openapi.json. Entries are positional, so a route cannot be added
+// without saying whether it upgrades and how the built-in policy binds it. It builds nothing:
+// every handler is made by newGateway.
 func (g *gateway) routes() []route {
 	rs := []route{
-		{"GET /healthz", open, http.HandlerFunc(g.healthz)},
-		{"GET /readyz", open, http.HandlerFunc(g.readyz)},
-		{"POST /api/v2/chat/stream", tokenLater, g.h.chat},
-		{"GET /api/v2/chat/stream/{request_id}", token, g.h.chatResume},
-		{"POST /api/v2/chat/cancel", token, g.h.cancel},
-		{"POST /api/v2/auth/revoke", token, g.h.revoke},
-		{"GET /api/v2/voice/stream", tokenWS, g.h.voice},
-		{"GET /api/v2/voice/sessions", token, g.h.voiceSessions},
-		{"GET /api/v2/voice/sessions/{session_id}", token, g.vadmin.session},
-		{"DELETE /api/v2/voice/sessions/{session_id}", token, g.vadmin.close},
-		{"POST /api/v2/voice/broadcast", token, g.vadmin.broadcast},
-		{"/api/v2/admin/", token, g.h.admin},
-		{"/api/v2/documents/", token, g.h.docs},
-		{"GET /openapi.json", open, g.h.openapi},
+		{"GET /healthz", open, plain, http.HandlerFunc(g.healthz), bind{}},
+		{"GET /readyz", open, plain, http.HandlerFunc(g.readyz), bind{}},
+		{"POST /api/v2/chat/stream", tokenLater, plain, g.h.chat, bind{Permission: "chat:write", Class: "chat", Lease: "chat"}},
+		{"GET /api/v2/chat/stream/{request_id}", token, plain, g.h.chatResume, bind{Permission: "chat:write"}},
+		{"POST /api/v2/chat/cancel", token, plain, g.h.cancel, bind{}},
+		{"POST /api/v2/auth/revoke", token, plain, g.h.revoke, bind{}},
+		{"GET /api/v2/voice/stream", tokenWS, upgrades, g.h.voice, bind{Permission: "voice:write", Class: "voice", Lease: "voice"}},
+		{"GET /api/v2/voice/sessions", token, plain, g.h.voiceSessions, bind{Permission: "voice:admin"}},
+		{"GET /api/v2/voice/sessions/{session_id}", token, plain, g.vadmin.session, bind{Permission: "voice:admin"}},
+		{"DELETE /api/v2/voice/sessions/{session_id}", token, plain, g.vadmin.close, bind{Permission: "voice:admin"}},
+		{"POST /api/v2/voice/broadcast", token, plain, g.vadmin.broadcast, bind{Permission: "voice:admin"}},
+		{"/api/v2/admin/", token, plain, g.h.admin, bind{Permission: "admin:write",
+			Methods: map[string]string{"GET": "admin:read", "HEAD": "admin:read"}, Class: "admin"}},
+		{"/api/v2/documents/", token, plain, g.h.docs, bind{Permission: "document:write",
+			Methods: map[string]string{"GET": "document:read", "HEAD": "document:read", "DELETE": "document:delete"}, Class: "documents"}},
+		{"GET /openapi.json", open, plain, g.h.openapi, bind{}},
 	}
 	if g.cfg.ConsoleEnabled {
-		rs = append(rs, route{"GET /console", open, g.h.console}, route{"GET /console/{file}", open, g.h.console})
+		rs = append(rs, route{"GET /console", open, plain, g.h.console, bind{}},
+			route{"GET /console/{file}", open, plain, g.h.console, bind{}})
 	}
 	if g.cfg.MetricsEnabled && g.cfg.MetricsAddr == "" {
-		rs = append(rs, route{"GET /metrics", open, g.tel.metricsHandler()})
+		rs = append(rs, route{"GET /metrics", open, plain, g.tel.metricsHandler(), bind{}})
 	}
 	return rs
 }
 
-// protectedPatterns are the patterns of the routes that need a token.
-func protectedPatterns(rs []route) []string {
-	var ps []string
+// bindings are the routes that need a token, each bound as the built-in policy binds it; a
+// policy file must bind each of them too.
+func bindings(rs []route) []policy.Binding {
+	var bs []policy.Binding
 	for _, r := range rs {
 		if r.access != open {
-			ps = append(ps, r.pattern)
+			b := r.bind
+			b.Route = r.pattern
+			bs = append(bs, b)
 		}
 	}
-	return ps
+	return bs
 }
 
-// router registers the route table, each route behind what its access asks for.
+// router registers the route table, each route behind what its access asks for; only the
+// routes that declare an upgrade get a request's Upgrade.
 func (g *gateway) router() *proxy.Router {
 	rt := proxy.NewRouter()
 	for _, r := range g.routes() {
-		rt.Handle(r.pattern, g.protect(r.handler, r.access))
+		h := g.protect(r.handler, r.access)
+		if r.upgrade {
+			rt.HandleUpgrade(r.pattern, h)
+		} else {
+			rt.Handle(r.pattern, h)
+		}
 	}
 	return rt
 }
@@ -116,6 +149,8 @@ func (g *gateway) edge(h http.Handler) http.Handler {
 		proxy.CloseChunked(),
 		proxy.BodyDeadline(proxy.BodyDeadlineOptions{Grace: cfg.BodyReadTimeout, MinRate: cfg.BodyMinRate}),
 		proxy.ClientIP(cfg.TrustedProxies),
+		// Before CORS and the path check, which would answer a CONNECT's authority form.
+		proxy.RefuseMethods(),
 		proxy.CORS(proxy.CORSOptions{Origins: cfg.CORSOrigins}),
 		proxy.CanonicalPath(),
 	)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/otlptranslator"
 	"go.opentelemetry.io/otel/attribute"
@@ -51,7 +52,10 @@ type telemetry struct {
 	replayPipelines, replayBatches metric.Int64Counter
 	firstEvent                     metric.Float64Histogram
 	voiceBytes                     metric.Int64Counter
+	voiceLength                    metric.Float64Histogram
 	upstream                       metric.Int64Counter
+	upstreamTime                   metric.Float64Histogram
+	redisTime                      metric.Float64Histogram
 	authFailures                   metric.Int64Counter
 	rateLimited                    metric.Int64Counter
 	redisErrors                    metric.Int64Counter
@@ -61,6 +65,17 @@ type telemetry struct {
 	sets    sync.Map // label values → attribute set, so recording allocates nothing once warm
 	reqSets sync.Map // requestLabels → [2]metric.MeasurementOption (with and without status)
 	oneSets sync.Map // oneLabel → []metric.AddOption, for the per-event counters
+	recSets sync.Map // oneLabel → []metric.RecordOption, for the per-call histograms
+	upSets  sync.Map // upstreamLabels → upstreamSets
+}
+
+// upstreamLabels are the labels of one upstream attempt.
+type upstreamLabels struct{ upstream, outcome string }
+
+// upstreamSets are the options of an attempt's count and its duration, made once per labels.
+type upstreamSets struct {
+	add []metric.AddOption
+	rec []metric.RecordOption
 }
 
 // requestLabels are one request's metric labels; a comparable key needs no string building.
@@ -78,7 +93,7 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 		tracer:     noop.NewTracerProvider(),
 		shutdownTP: func(context.Context) error { return nil },
 	}
-	res := resource.NewSchemaless(semconv.ServiceName(cfg.ServiceName), semconv.ServiceInstanceID(cfg.Instance))
+	res := resource.NewSchemaless(semconv.ServiceName(cfg.ServiceName), semconv.ServiceInstanceID(cfg.InstanceID))
 	if cfg.OTLPEndpoint != "" {
 		opts := []otlptracehttp.Option{otlptracehttp.WithEndpointURL(cfg.OTLPEndpoint)}
 		if len(cfg.OTLPHeaders) > 0 {
@@ -112,6 +127,21 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 		}
 		mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter), sdkmetric.WithResource(res))
 		t.meter, t.shutdownMP = mp, mp.Shutdown
+		// The process and the Go runtime, from the Prometheus client's own collectors on the
+		// same registry: they export the names operators' alerts and dashboards are written
+		// against (process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds
+		// and process_max_fds, go_goroutines, go_gc_duration_seconds, go_memstats_*).
+		// OpenTelemetry's runtime instrumentation names the runtime's figures differently
+		// (go_goroutine_count, go_memory_used_bytes) and has no file descriptors or process CPU
+		// at all, so a leak alert written for any other Go service would not fire here.
+		for _, c := range []prometheus.Collector{
+			collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+			collectors.NewGoCollector(),
+		} {
+			if err := t.registry.Register(c); err != nil {
+				return nil, fmt.Errorf("metrics: %w", err)
+			}
+		}
 	}
 	m := t.meter.Meter("voicegate")
 	latency := metric.WithExplicitBucketBoundaries(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
@@ -124,7 +154,7 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 	var err error
 	t.requests, err = m.Int64Counter("http_requests_total", metric.WithDescription("HTTP requests, by method, route pattern and status."))
 	must(err)
-	t.duration, err = m.Float64Histogram("http_request_duration_seconds", metric.WithDescription("HTTP request duration (for streams and WebSockets: their whole life)."), metric.WithUnit("s"), latency)
+	t.duration, err = m.Float64Histogram("http_request_duration_seconds", metric.WithDescription("HTTP request duration: chat streams their whole life; the voice WebSocket only its handshake and dial (the handler returns once the session runs; voice_session_duration_seconds times sessions)."), metric.WithUnit("s"), latency)
 	must(err)
 	t.wsActive, err = m.Int64UpDownCounter("websocket_connections_active", metric.WithDescription("Open WebSocket connections: client (voice apps) and upstream (algorithm service)."))
 	must(err)
@@ -145,7 +175,19 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 	must(err)
 	t.voiceSessions, err = m.Int64Counter("voice_sessions_total", metric.WithDescription("Voice sessions ended, by close code."))
 	must(err)
+	// Sessions last seconds to an hour (VOICE_IDLE_TIMEOUT and the policy's maximum length
+	// end them); past an hour only the count matters.
+	t.voiceLength, err = m.Float64Histogram("voice_session_duration_seconds", metric.WithDescription("Voice session length, from the upgrade to the end of the session, by close code."),
+		metric.WithUnit("s"), metric.WithExplicitBucketBoundaries(1, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600))
+	must(err)
 	t.upstream, err = m.Int64Counter("upstream_requests_total", metric.WithDescription("Requests to upstreams, by upstream and outcome."))
+	must(err)
+	t.upstreamTime, err = m.Float64Histogram("upstream_request_duration_seconds", metric.WithDescription("Upstream attempts, by upstream and outcome: from sending the request to the answer's headers (a voice dial: to its 101), or to the failure."),
+		metric.WithUnit("s"), latency)
+	must(err)
+	// Around the budgets of the calls (AUTH_BUDGET 75 ms, LIMIT_BUDGET 100 ms), finely below.
+	t.redisTime, err = m.Float64Histogram("redis_command_duration_seconds", metric.WithDescription("Redis calls (a command, or a pipeline), by what their keys are for, as long as their caller waited; blocking commands and calls the breaker held back are not counted."),
+		metric.WithUnit("s"), metric.WithExplicitBucketBoundaries(.0005, .001, .0025, .005, .01, .025, .05, .075, .1, .25, .5, 1, 2.5))
 	must(err)
 	t.authFailures, err = m.Int64Counter("auth_failures_total", metric.WithDescription("Refused authentications, by error code."))
 	must(err)
@@ -220,6 +262,39 @@ func (t *telemetry) add1(key, value string) []metric.AddOption {
 	}
 	s, _ := t.oneSets.LoadOrStore(oneLabel{key, value}, []metric.AddOption{t.set(key, value)})
 	return s.([]metric.AddOption)
+}
+
+// record1 is add1 for a histogram's Record.
+func (t *telemetry) record1(key, value string) []metric.RecordOption {
+	if s, ok := t.recSets.Load(oneLabel{key, value}); ok {
+		return s.([]metric.RecordOption)
+	}
+	s, _ := t.recSets.LoadOrStore(oneLabel{key, value}, []metric.RecordOption{t.set(key, value)})
+	return s.([]metric.RecordOption)
+}
+
+// upstreamResult counts an upstream attempt and records how long it took (a proxy.Pool's and
+// the user service's OnResult).
+func (t *telemetry) upstreamResult(upstream, outcome string, took time.Duration) {
+	l := upstreamLabels{upstream, outcome}
+	s, ok := t.upSets.Load(l)
+	if !ok {
+		set := t.set("upstream", upstream, "outcome", outcome)
+		s, _ = t.upSets.LoadOrStore(l, upstreamSets{add: []metric.AddOption{set}, rec: []metric.RecordOption{set}})
+	}
+	sets, ctx := s.(upstreamSets), context.Background()
+	t.upstream.Add(ctx, 1, sets.add...)
+	t.upstreamTime.Record(ctx, took.Seconds(), sets.rec...)
+}
+
+// redisCall records how long a Redis call of class took (the guarded client's timing hook).
+func (t *telemetry) redisCall(class string, took time.Duration) {
+	t.redisTime.Record(context.Background(), took.Seconds(), t.record1("command_class", class)...)
+}
+
+// voiceSessionEnded records a voice session's length by its close code.
+func (t *telemetry) voiceSessionEnded(code int, length time.Duration) {
+	t.voiceLength.Record(context.Background(), length.Seconds(), t.record1("close_code", strconv.Itoa(code))...)
 }
 
 // requestSets returns the cached attribute sets of a request's labels.

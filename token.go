@@ -24,7 +24,6 @@ const tokenWarning = "voicegate token: WARNING: for development and tests only, 
 // look for them.
 func runToken(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("voicegate token", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	sub := fs.String("sub", "dev-user", "subject: the user ID")
 	roles := fs.String("roles", "user", "comma-separated roles (user, editor, admin, super_admin in the built-in policy)")
 	tenant := fs.String("tenant", "", "tenant ID (empty: none)")
@@ -40,14 +39,15 @@ func runToken(args []string, getenv func(string) string, stdout, stderr io.Write
 	list := settingsNamed("JWT_SECRET", "JWT_ISSUER", "JWT_AUDIENCE", "JWT_MAX_LIFETIME",
 		"JWT_USER_CLAIM", "JWT_USERNAME_CLAIM", "JWT_TENANT_CLAIM", "JWT_ROLES_CLAIM", "JWT_SCOPES_CLAIM")
 	values := bindSettings(fs, list)
-	if err := fs.Parse(args); err != nil {
+	typed, err := parseFlags(fs, args, stderr)
+	if err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("token: unexpected argument %q", fs.Arg(0))
 	}
 	c := &config{}
-	if err := applySettings(c, list, values, setFlags(fs), getenv, nil); err != nil {
+	if err := applySettings(c, list, values, typed, getenv, nil); err != nil {
 		return fmt.Errorf("token: %w", err)
 	}
 	fmt.Fprintln(stderr, tokenWarning)

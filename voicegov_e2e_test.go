@@ -483,7 +483,7 @@ func TestVoiceMetricsTenantsBounded(t *testing.T) {
 	}
 	defer tel.shutdown(context.Background())
 	store, err := policy.NewStore(policy.StoreOptions{Path: govPolicy(t),
-		Routes: protectedPatterns((&gateway{cfg: &config{}}).routes()), ExtraPerms: handlerPerms})
+		Routes: bindings((&gateway{cfg: &config{}}).routes()), ExtraPerms: handlerPerms})
 	if err != nil {
 		t.Fatal(err)
 	}

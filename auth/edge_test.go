@@ -58,9 +58,9 @@ type recordingRevocations struct {
 	until []time.Time
 }
 
-func (r *recordingRevocations) RevokeToken(ctx context.Context, jti string, until time.Time) error {
+func (r *recordingRevocations) RevokeToken(ctx context.Context, tenant, jti string, until time.Time) error {
 	r.until = append(r.until, until)
-	return r.Revocations.RevokeToken(ctx, jti, until)
+	return r.Revocations.RevokeToken(ctx, tenant, jti, until)
 }
 
 // TestRevokeKeepsLeeway: a logout keeps the jti until exp plus the leeway; an admin's revocation

@@ -61,36 +61,20 @@ func Token(r *http.Request) (tokenID string, issuedAt time.Time) {
 	return "", time.Time{}
 }
 
-// Identity headers sent to upstreams, which trust only these.
-const (
-	HeaderUserID    = "X-User-Id"
-	HeaderUsername  = "X-Username"
-	HeaderTenantID  = "X-Tenant-Id"
-	HeaderUserRoles = "X-User-Roles"
-	HeaderSessionID = "X-Session-Id"
-)
-
 // SetHeaders replaces every identity header in h (whatever the client sent, in any spelling)
-// with the values of id; with a nil id it only removes them.
+// with the values of id; with a nil id it only removes them. The headers and how they are set
+// are proxy's (proxy.SetIdentity): this only says what id's values are.
 func SetHeaders(h http.Header, id *Identity) {
-	proxy.StripIdentity(h)
 	if id == nil {
+		proxy.SetIdentity(h, nil)
 		return
 	}
-	set := func(k, v string) {
-		if v != "" {
-			h[k] = []string{v}
-		}
-	}
-	set(HeaderUserID, id.UserID)
-	set(HeaderUsername, id.Username)
-	set(HeaderTenantID, id.TenantID)
 	roles := id.rolesHeader
 	if roles == "" {
 		roles = strings.Join(id.Roles, ",") // an Identity not made by Verify
 	}
-	set(HeaderUserRoles, roles)
-	set(HeaderSessionID, id.SessionID)
+	proxy.SetIdentity(h, &proxy.Caller{UserID: id.UserID, Username: id.Username, TenantID: id.TenantID,
+		Roles: roles, SessionID: id.SessionID})
 }
 
 // UpstreamHeaders is a hook for proxies: it sets the identity headers of the request's caller.

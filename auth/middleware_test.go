@@ -262,39 +262,42 @@ func TestPublicPaths(t *testing.T) {
 }
 
 // TestRequireRevocation: a revoked jti is refused; a user revocation refuses that user's tokens
-// issued before it and lets later ones (and other users) through. The clock is at NOW+200 so that
-// the "issued_later" fixture (iat NOW+100) is in the past.
+// issued before it and lets later ones (and other users) through; a revocation reaches its own
+// tenant only. The store's clock is at NOW, where the revocations are made; the middleware's at
+// NOW+200, so that the "issued_later" fixture (iat NOW+100) is in the past.
 func TestRequireRevocation(t *testing.T) {
 	ctx := context.Background()
+	revokeUser := func(tenant string) func(r *auth.MemoryRevocations) error {
+		return func(r *auth.MemoryRevocations) error {
+			_, err := r.RevokeUser(ctx, tenant, "u-123")
+			return err
+		}
+	}
 	tests := []struct {
 		name    string
 		revoke  func(r *auth.MemoryRevocations) error
-		fixture string
+		fixture string // hs256_valid is of tenant t-1; the others of no tenant
 		status  int
 	}{
 		{"jti revoked", func(r *auth.MemoryRevocations) error {
-			return r.RevokeToken(ctx, "jti-hs256", time.Unix(fixtureExp, 0))
+			return r.RevokeToken(ctx, "t-1", "jti-hs256", time.Unix(fixtureExp, 0))
 		}, "hs256_valid", 401},
 		{"another jti revoked", func(r *auth.MemoryRevocations) error {
-			return r.RevokeToken(ctx, "jti-user2", time.Unix(fixtureExp, 0))
+			return r.RevokeToken(ctx, "", "jti-user2", time.Unix(fixtureExp, 0))
 		}, "hs256_valid", 200},
-		{"user revoked after iat", func(r *auth.MemoryRevocations) error {
-			return r.RevokeUser(ctx, "u-123", time.Unix(fixtureNow, 0))
-		}, "hs256_valid", 401},
-		{"user revoked, token issued later", func(r *auth.MemoryRevocations) error {
-			return r.RevokeUser(ctx, "u-123", time.Unix(fixtureNow, 0))
-		}, "issued_later", 200},
-		{"user revoked, other user", func(r *auth.MemoryRevocations) error {
-			return r.RevokeUser(ctx, "u-123", time.Unix(fixtureNow, 0))
-		}, "user2", 200},
-		{"user revoked, token without iat", func(r *auth.MemoryRevocations) error {
-			return r.RevokeUser(ctx, "u-123", time.Unix(fixtureNow, 0))
-		}, "no-iat", 401},
+		{"jti revoked in another tenant", func(r *auth.MemoryRevocations) error {
+			return r.RevokeToken(ctx, "", "jti-hs256", time.Unix(fixtureExp, 0))
+		}, "hs256_valid", 200},
+		{"user revoked after iat", revokeUser("t-1"), "hs256_valid", 401},
+		{"user revoked in another tenant", revokeUser("t-1"), "hs384_valid", 200},
+		{"user revoked, token issued later", revokeUser(""), "issued_later", 200},
+		{"user revoked, other user", revokeUser(""), "user2", 200},
+		{"user revoked, token without iat", revokeUser(""), "no-iat", 401},
 	}
 	noIAT := signHS256(t, secret(t), nil, claims(map[string]any{"iat": nil, "jti": "jti-no-iat"}))
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			rev := auth.NewMemoryRevocations(24*time.Hour, nil)
+			rev := auth.NewMemoryRevocations(24*time.Hour, fixedClock(0))
 			v, _, _ := newVerifier(t, func(o *auth.VerifierOptions) { o.Now = fixedClock(200) })
 			a := auth.New(auth.Options{Verifier: v, Revocations: rev, Now: fixedClock(200)})
 			h := a.Require(false)(okHandler())
@@ -431,26 +434,44 @@ func TestRequireUserStatus(t *testing.T) {
 	const budget = 150 * time.Millisecond
 	sec := secret(t)
 	tests := []struct {
-		name   string
-		url    *url.URL
-		userID string
-		status int
-		code   string
+		name    string
+		url     *url.URL
+		userID  string
+		status  int
+		code    string
+		outcome string // what OnResult is told
 	}{
-		{"active", usersURL, "u-123", 200, ""},
-		{"disabled", usersURL, "u-456", 401, proxy.CodeUserDisabled},
-		{"unknown user", usersURL, "u-404", 401, proxy.CodeUserDisabled},
-		{"service error", usersURL, "u-500", 503, proxy.CodeAuthService},
-		{"malformed answer", usersURL, "u-garbled", 503, proxy.CodeAuthService},
-		{"service too slow", usersURL, "u-slow", 503, proxy.CodeAuthService},
-		{"service down", downURL, "u-123", 503, proxy.CodeAuthService},
+		{"active", usersURL, "u-123", 200, "", "ok"},
+		{"disabled", usersURL, "u-456", 401, proxy.CodeUserDisabled, "ok"},
+		{"unknown user", usersURL, "u-404", 401, proxy.CodeUserDisabled, "ok"},
+		{"service error", usersURL, "u-500", 503, proxy.CodeAuthService, "error_status"},
+		{"malformed answer", usersURL, "u-garbled", 503, proxy.CodeAuthService, "ok"},
+		{"service too slow", usersURL, "u-slow", 503, proxy.CodeAuthService, "timeout"},
+		{"service down", downURL, "u-123", 503, proxy.CodeAuthService, "refused"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			var outcomes []string
+			var took time.Duration
 			a, _ := newAuth(t, func(o *auth.Options) {
-				o.Users = auth.NewUserStatus(auth.UserStatusOptions{URL: tt.url, Client: users.Client()})
+				o.Users = auth.NewUserStatus(auth.UserStatusOptions{URL: tt.url, Client: users.Client(),
+					OnResult: func(outcome string, d time.Duration) {
+						mu.Lock()
+						defer mu.Unlock()
+						outcomes, took = append(outcomes, outcome), d
+					}})
 				o.Budget = budget
 			})
+			defer func() {
+				mu.Lock()
+				defer mu.Unlock()
+				if len(outcomes) != 1 || outcomes[0] != tt.outcome {
+					t.Errorf("OnResult told %v, want [%s]", outcomes, tt.outcome)
+				}
+				if tt.outcome == "timeout" && took < budget*9/10 {
+					t.Errorf("a call that ran out the %v budget took %v by OnResult", budget, took)
+				}
+			}()
 			token := signHS256(t, sec, nil, claims(map[string]any{"user_id": tt.userID}))
 			start := time.Now()
 			res := serve(a.Require(false)(okHandler()), bearer(token))
@@ -526,7 +547,7 @@ func TestRequireTokenCache(t *testing.T) {
 		{name: "expired, first", fixture: "exp_past", status: 401, verifications: 3, lookups: 5},
 		{name: "expired, again: not cached", fixture: "exp_past", status: 401, verifications: 4, lookups: 5},
 		{name: "cached HS256 after its jti is revoked", do: func() {
-			_ = store.RevokeToken(context.Background(), "jti-hs256", time.Unix(fixtureExp, 0))
+			_ = store.RevokeToken(context.Background(), "t-1", "jti-hs256", time.Unix(fixtureExp, 0))
 		}, fixture: "hs256_valid", status: 401, verifications: 4, lookups: 6},
 		{name: "cached ES256 after its expiry", do: func() { now.Store(fixtureExp + 31) },
 			fixture: "es256_valid", status: 401, verifications: 5, lookups: 6},
@@ -581,7 +602,7 @@ func TestNoTokenInLogs(t *testing.T) {
 		t.Fatal(err)
 	}
 	rev := auth.NewMemoryRevocations(time.Hour, nil)
-	if err := rev.RevokeToken(context.Background(), "jti-user2", time.Unix(fixtureExp, 0)); err != nil {
+	if err := rev.RevokeToken(context.Background(), "", "jti-user2", time.Unix(fixtureExp, 0)); err != nil {
 		t.Fatal(err)
 	}
 	strict := auth.New(auth.Options{Verifier: v, Revocations: rev, Log: log, Now: fixedClock(0)})

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"voicegate/policy"
+	"voicegate/proxy"
 
 	"github.com/redis/rueidis"
 )
@@ -26,18 +27,32 @@ type UserStatusOptions struct {
 	URL *url.URL
 	// Client calls it; nil means a client with a 2 s timeout.
 	Client *http.Client
+	// OnResult, if set, is told the outcome of every request to the user service and how long
+	// it took to answer or fail (metrics). Outcomes are proxy.Outcome's, except that any status
+	// but 200 and 404 is "error_status": the gateway itself reads this answer, and any other
+	// means the status could not be learned.
+	OnResult func(outcome string, took time.Duration)
 	// Redis, if set, is the second cache level shared by instances.
 	Redis rueidis.Client
 	// Prefix for Redis keys (REDIS_PREFIX), as given.
 	Prefix string
 	// MemoryTTL and RedisTTL bound how long a status is cached; zero means 30 s and 60 s.
+	// With Redis, RedisTTL bounds the whole: no instance serves an answer longer than RedisTTL
+	// after the service gave it (see UserStatus).
 	MemoryTTL, RedisTTL time.Duration
 	// MaxEntries bounds the memory cache; zero means 10000.
 	MaxEntries int
+	// Now is the clock of the memory cache; nil means time.Now. Redis keeps its own.
+	Now func() time.Time
 }
 
 // UserStatus asks the user service whether a user is active, with a short memory cache in front
 // of a shared Redis cache in front of the service, as the origin design's multi-level cache.
+//
+// The levels do not add up: an answer read from Redis is kept in memory only for what is left
+// of its life there (PTTL, read with it), so a status is never served longer than RedisTTL after
+// the service gave it, whichever instance asked and whichever read Redis when. (Kept for a
+// whole MemoryTTL, a copy read just before its Redis expiry would live MemoryTTL more.)
 type UserStatus struct {
 	o   UserStatusOptions
 	mu  sync.Mutex
@@ -63,6 +78,12 @@ func NewUserStatus(o UserStatusOptions) *UserStatus {
 	if o.MaxEntries <= 0 {
 		o.MaxEntries = 10000
 	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Redis != nil {
+		o.MemoryTTL = min(o.MemoryTTL, o.RedisTTL)
+	}
 	return &UserStatus{o: o, mem: map[string]statusEntry{}}
 }
 
@@ -80,7 +101,7 @@ func (u *UserStatus) Check(ctx context.Context, userID string) error {
 }
 
 func (u *UserStatus) status(ctx context.Context, userID string) (string, error) {
-	now := time.Now()
+	now := u.o.Now()
 	u.mu.Lock()
 	e, ok := u.mem[userID]
 	u.mu.Unlock()
@@ -89,9 +110,11 @@ func (u *UserStatus) status(ctx context.Context, userID string) (string, error) 
 	}
 	key := policy.NewKeys(u.o.Prefix).Key(policy.KindUserStatus, userID)
 	if u.o.Redis != nil {
-		s, err := u.o.Redis.Do(ctx, u.o.Redis.B().Get().Key(key).Build()).ToString()
-		if err == nil {
-			u.remember(userID, s, now)
+		res := u.o.Redis.DoMulti(ctx, u.o.Redis.B().Get().Key(key).Build(), u.o.Redis.B().Pttl().Key(key).Build())
+		s, err := res[0].ToString()
+		left, perr := res[1].AsInt64()
+		if err == nil && perr == nil && left > 0 {
+			u.remember(userID, s, now, time.Duration(left)*time.Millisecond)
 			return s, nil
 		}
 		// A Redis miss or failure falls through to the service itself.
@@ -100,14 +123,18 @@ func (u *UserStatus) status(ctx context.Context, userID string) (string, error) 
 	if err != nil {
 		return "", err
 	}
-	u.remember(userID, s, now)
+	u.remember(userID, s, now, u.o.MemoryTTL)
 	if u.o.Redis != nil {
-		_ = u.o.Redis.Do(ctx, u.o.Redis.B().Set().Key(key).Value(s).Px(u.o.RedisTTL).Build()).Error()
+		// Its life counts from before the service was asked, as the memory copy's does.
+		if ttl := u.o.RedisTTL - u.o.Now().Sub(now); ttl > 0 {
+			_ = u.o.Redis.Do(ctx, u.o.Redis.B().Set().Key(key).Value(s).Px(max(ttl, time.Millisecond)).Build()).Error()
+		}
 	}
 	return s, nil
 }
 
-func (u *UserStatus) remember(userID, status string, now time.Time) {
+// remember keeps status in memory for at most MemoryTTL, and at most left.
+func (u *UserStatus) remember(userID, status string, now time.Time, left time.Duration) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if len(u.mem) >= u.o.MaxEntries {
@@ -117,7 +144,7 @@ func (u *UserStatus) remember(userID, status string, now time.Time) {
 			}
 		}
 	}
-	u.mem[userID] = statusEntry{status: status, expires: now.Add(u.o.MemoryTTL)}
+	u.mem[userID] = statusEntry{status: status, expires: now.Add(min(u.o.MemoryTTL, left))}
 }
 
 func (u *UserStatus) fetch(ctx context.Context, userID string) (string, error) {
@@ -128,7 +155,15 @@ func (u *UserStatus) fetch(ctx context.Context, userID string) (string, error) {
 		return "", fmt.Errorf("auth: user status request: %w", err)
 	}
 	req.Header.Set("Accept", "application/json")
+	start := time.Now()
 	res, err := u.o.Client.Do(req)
+	if u.o.OnResult != nil {
+		outcome := proxy.Outcome(ctx, res, err)
+		if outcome == "ok" && res.StatusCode != http.StatusOK && res.StatusCode != http.StatusNotFound {
+			outcome = "error_status"
+		}
+		u.o.OnResult(outcome, time.Since(start))
+	}
 	if err != nil {
 		return "", fmt.Errorf("auth: user status: %w", err)
 	}

@@ -107,7 +107,7 @@ func BenchmarkMemoryLimiter(b *testing.B) {
 // BenchmarkWrap is the whole middleware for an allowed request with in-memory limits and a lease,
 // against the handler alone.
 func BenchmarkWrap(b *testing.B) {
-	f := policy.Default()
+	f := policy.Default(gatewayBindings)
 	roomy := &policy.Rate{Requests: 1_000_000, Per: policy.Duration(time.Second), Burst: 1 << 30} // the finest rate there is
 	f.Limits = policy.Limits{PerUser: roomy, PerTenant: roomy, Classes: map[string]policy.Rate{"chat": *roomy},
 		Concurrency: map[string]policy.Concurrency{"chat": {PerUser: 10, PerTenant: 10}, "voice": {}}}

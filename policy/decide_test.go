@@ -212,7 +212,7 @@ func TestDecide(t *testing.T) {
 
 // TestDecideDefault runs the built-in policy on the gateway's own routes.
 func TestDecideDefault(t *testing.T) {
-	p, err := policy.Compile(policy.Default(), gatewayRoutes, handlerPerms)
+	p, err := policy.Compile(policy.Default(gatewayBindings), gatewayRoutes, handlerPerms)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -234,7 +234,7 @@ func TestDecideDefault(t *testing.T) {
 }
 
 func TestDecideUnboundRoute(t *testing.T) {
-	p, err := policy.Compile(policy.Default(), gatewayRoutes, handlerPerms)
+	p, err := policy.Compile(policy.Default(gatewayBindings), gatewayRoutes, handlerPerms)
 	if err != nil {
 		t.Fatal(err)
 	}

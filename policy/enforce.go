@@ -64,7 +64,7 @@ func NewEnforcer(o EnforcerOptions) *Enforcer {
 
 // Permission headers and path wildcards the policy looks at.
 const (
-	HeaderTenant = "X-Tenant-Id"
+	HeaderTenant = proxy.HeaderTenantID // a client names a tenant in it; upstreams get the caller's
 	ParamTenant  = "tenant_id"
 	ParamUser    = "user_id"
 )
@@ -173,6 +173,9 @@ func (e *Enforcer) Guard(h http.Handler) http.Handler {
 
 type admissionKey struct{}
 
+// errNoAdmission is the logged cause of a refused Admit without Guard.
+var errNoAdmission = errors.New("policy: the route's handler asks for an admission, but no guard authorized the request (a public path over it, or a route not behind Guard)")
+
 // admission is what Guard decided, for Admit to charge.
 type admission struct {
 	e *Enforcer
@@ -185,12 +188,18 @@ type admission struct {
 // concurrency slot and claim (nil: none), all in one call to the store. On a refusal it answers
 // the request (429, or 409 for a held claim) and returns false; otherwise the caller must call
 // release once the work is over, which gives back the slot and the claim before it returns
-// (bounded by the enforcer's budget). A request that did not pass Guard is admitted as is, and
-// takes no claim.
+// (bounded by the enforcer's budget).
+//
+// A request that did not pass Guard is refused (500): its handler expects a verified caller
+// whose permission was checked, and charging nobody would let it run ungoverned. That is a
+// route left public (AUTH_PUBLIC_PATHS) or a wiring mistake, never the client's doing; the cause
+// goes to the access log.
 func Admit(w http.ResponseWriter, r *http.Request, claim *Claim) (release func(), ok bool) {
 	a, _ := r.Context().Value(admissionKey{}).(*admission)
 	if a == nil {
-		return func() {}, true
+		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusInternalServerError, Code: proxy.CodeInternal,
+			Message: "internal error", Cause: errNoAdmission})
+		return nil, false
 	}
 	release, perr := a.e.admit(w, r, a.p, a.b, &a.s, claim)
 	if perr != nil {

@@ -39,7 +39,7 @@ type harnessOptions struct {
 
 func newHarness(t *testing.T, o harnessOptions) *harness {
 	t.Helper()
-	f := policy.Default()
+	f := policy.Default(gatewayBindings)
 	f.Limits = o.limits
 	// The chat and voice routes hold leases, which need a (here uncapped) concurrency limit.
 	if f.Limits.Concurrency == nil {
@@ -550,5 +550,54 @@ func TestEnforcerFailsOpen(t *testing.T) {
 				t.Fatalf("log line names the store's address: %s", l)
 			}
 		})
+	}
+}
+
+// TestAdmitWithoutGuard: a handler that charges its own admission (Admit) behind Guard is
+// admitted and charged; the same handler reached without Guard (a public path over it, a wiring
+// mistake) is refused 500 INTERNAL_ERROR with a cause for the log, and its work never runs,
+// whoever the request claims to be.
+func TestAdmitWithoutGuard(t *testing.T) {
+	var worked atomic.Int32
+	admitted := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		release, ok := policy.Admit(w, r, nil)
+		if !ok {
+			return
+		}
+		defer release()
+		worked.Add(1)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	h := newHarness(t, harnessOptions{limits: policy.Limits{PerUser: perHour(1)}, limiter: policy.NewMemoryLimiter(nil)})
+	guarded := h.enforcer.Guard(admitted)
+	serve := func(handler http.Handler, s *policy.Subject) (*httptest.ResponseRecorder, *proxy.Info) {
+		rec := httptest.NewRecorder()
+		var info *proxy.Info
+		mux := http.NewServeMux()
+		mux.Handle("POST "+chat, handler)
+		proxy.RequestID()(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			info = proxy.InfoFrom(r.Context())
+			mux.ServeHTTP(w, r)
+		})).ServeHTTP(rec, withSubject(httptest.NewRequest("POST", chat, nil), s))
+		return rec, info
+	}
+	alice := user("alice", "acme")
+	if rec, _ := serve(guarded, alice); rec.Code != http.StatusNoContent || worked.Load() != 1 {
+		t.Fatalf("guarded: %d %s, worked %d; want 204 once", rec.Code, rec.Body, worked.Load())
+	}
+	if rec, _ := serve(guarded, alice); rec.Code != http.StatusTooManyRequests {
+		t.Fatalf("guarded again: %d, want 429: Admit charges the caller's rate", rec.Code)
+	}
+	for _, s := range []*policy.Subject{nil, alice, {UserID: "root", TenantID: "acme", Roles: []string{policy.SuperAdmin}}} {
+		rec, info := serve(admitted, s)
+		if rec.Code != http.StatusInternalServerError || decodeError(t, rec).Code != proxy.CodeInternal {
+			t.Errorf("without Guard (subject %v): %d %s, want 500 INTERNAL_ERROR", s, rec.Code, rec.Body)
+		}
+		if info.ErrCause == nil || !strings.Contains(info.ErrCause.Error(), "no guard") {
+			t.Errorf("without Guard: logged cause %v, want one naming the missing guard", info.ErrCause)
+		}
+	}
+	if worked.Load() != 1 {
+		t.Errorf("the handler's work ran %d times, want only the guarded once", worked.Load())
 	}
 }

@@ -254,24 +254,13 @@ func (l Limits) check() error {
 	return l.checkVoice()
 }
 
-// Default is the built-in policy (used without POLICY_FILE), for the gateway's routes.
-func Default() *File {
+// Default is the built-in policy (used without POLICY_FILE): DefaultRoles, the limits below,
+// and routes as the bindings. Its routes come from the gateway's route table, where each route
+// says what it asks of its caller; this package keeps no second list of them.
+func Default(routes []Binding) *File {
 	return &File{
-		Roles: DefaultRoles(),
-		Routes: []Binding{
-			{Route: "POST /api/v2/chat/stream", Permission: "chat:write", Class: "chat", Lease: "chat"},
-			{Route: "GET /api/v2/chat/stream/{request_id}", Permission: "chat:write"},
-			{Route: "POST /api/v2/chat/cancel", Permission: ""},
-			{Route: "GET /api/v2/voice/stream", Permission: "voice:write", Class: "voice", Lease: "voice"},
-			{Route: "GET /api/v2/voice/sessions", Permission: "voice:admin"},
-			{Route: "GET /api/v2/voice/sessions/{session_id}", Permission: "voice:admin"},
-			{Route: "DELETE /api/v2/voice/sessions/{session_id}", Permission: "voice:admin"},
-			{Route: "POST /api/v2/voice/broadcast", Permission: "voice:admin"},
-			{Route: "POST /api/v2/auth/revoke", Permission: ""},
-			{Route: "/api/v2/admin/", Permission: "admin:write", Methods: map[string]string{"GET": "admin:read", "HEAD": "admin:read"}, Class: "admin"},
-			{Route: "/api/v2/documents/", Permission: "document:write",
-				Methods: map[string]string{"GET": "document:read", "HEAD": "document:read", "DELETE": "document:delete"}, Class: "documents"},
-		},
+		Roles:  DefaultRoles(),
+		Routes: slices.Clone(routes),
 		Limits: Limits{
 			PerUser:              &Rate{Requests: 600, Per: Duration(time.Minute), Burst: 60},
 			PerTenant:            &Rate{Requests: 6000, Per: Duration(time.Minute), Burst: 600},

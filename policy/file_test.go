@@ -13,20 +13,14 @@ import (
 	"voicegate/policy"
 )
 
-// gatewayRoutes are the protected routes main registers today, in its order.
-var gatewayRoutes = []string{
-	"POST /api/v2/chat/stream",
-	"GET /api/v2/chat/stream/{request_id}",
-	"POST /api/v2/chat/cancel",
-	"POST /api/v2/auth/revoke",
-	"GET /api/v2/voice/stream",
-	"GET /api/v2/voice/sessions",
-	"GET /api/v2/voice/sessions/{session_id}",
-	"DELETE /api/v2/voice/sessions/{session_id}",
-	"POST /api/v2/voice/broadcast",
-	"/api/v2/admin/",
-	"/api/v2/documents/",
-}
+// gatewayBindings are the protected routes of the gateway's route table, in its order, each with
+// the binding the built-in policy gives it, as testdata/policy/good/default.json holds them: the
+// gateway's own tests check that file against its route table. gatewayRoutes are their
+// patterns.
+var (
+	gatewayBindings = defaultBindings()
+	gatewayRoutes   = patterns(gatewayBindings)
+)
 
 // testRoutes are the extra routes of testdata/policy/good/decide.json, with {tenant_id} and
 // {user_id} wildcards.
@@ -36,7 +30,31 @@ var testRoutes = []string{
 	"GET /api/v2/users/{user_id}/history",
 }
 
-var decideRoutes = append(slices.Clip(gatewayRoutes), testRoutes...)
+var (
+	decideRoutes   = append(slices.Clip(gatewayRoutes), testRoutes...)
+	decideBindings = append(slices.Clip(gatewayBindings), policy.Binding{Route: testRoutes[0]},
+		policy.Binding{Route: testRoutes[1]}, policy.Binding{Route: testRoutes[2]})
+)
+
+func defaultBindings() []policy.Binding {
+	data, err := os.ReadFile(filepath.Join(fixtures, "good", "default.json"))
+	if err != nil {
+		panic(err)
+	}
+	f, err := policy.Parse(data)
+	if err != nil {
+		panic(err)
+	}
+	return f.Routes
+}
+
+func patterns(bs []policy.Binding) []string {
+	var ps []string
+	for _, b := range bs {
+		ps = append(ps, b.Route)
+	}
+	return ps
+}
 
 // handlerPerms are the permissions main's handlers check themselves.
 var handlerPerms = []string{"token:revoke", "chat:admin", "voice:admin"}
@@ -198,19 +216,19 @@ func TestGoodPolicies(t *testing.T) {
 
 func TestDefaultPolicy(t *testing.T) {
 	t.Run("compiles against the gateway's routes", func(t *testing.T) {
-		if _, err := policy.Compile(policy.Default(), gatewayRoutes, handlerPerms); err != nil {
+		if _, err := policy.Compile(policy.Default(gatewayBindings), gatewayRoutes, handlerPerms); err != nil {
 			t.Fatal(err)
 		}
 	})
 	t.Run("and only those", func(t *testing.T) {
 		for i := range gatewayRoutes {
 			fewer := slices.Delete(slices.Clone(gatewayRoutes), i, i+1)
-			if _, err := policy.Compile(policy.Default(), fewer, handlerPerms); err == nil {
+			if _, err := policy.Compile(policy.Default(gatewayBindings), fewer, handlerPerms); err == nil {
 				t.Errorf("compiled without route %q", gatewayRoutes[i])
 			}
 		}
 		more := append(slices.Clip(gatewayRoutes), "GET /api/v2/extra")
-		_, err := policy.Compile(policy.Default(), more, handlerPerms)
+		_, err := policy.Compile(policy.Default(gatewayBindings), more, handlerPerms)
 		if err == nil || !strings.Contains(err.Error(), "no binding for route(s) GET /api/v2/extra") {
 			t.Errorf("compiled with an unbound route: %v", err)
 		}
@@ -220,7 +238,7 @@ func TestDefaultPolicy(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, _ := json.Marshal(policy.Default())
+		want, _ := json.Marshal(policy.Default(gatewayBindings))
 		got, _ := json.Marshal(f)
 		if string(got) != string(want) {
 			t.Fatalf("good/default.json and Default() differ:\nfile:    %s\ndefault: %s", got, want)
@@ -228,19 +246,19 @@ func TestDefaultPolicy(t *testing.T) {
 	})
 	t.Run("unbound routes listed in order", func(t *testing.T) {
 		more := append(slices.Clip(gatewayRoutes), "GET /z", "GET /a")
-		_, err := policy.Compile(policy.Default(), more, handlerPerms)
+		_, err := policy.Compile(policy.Default(gatewayBindings), more, handlerPerms)
 		if err == nil || !strings.Contains(err.Error(), "no binding for route(s) GET /a, GET /z") {
 			t.Errorf("error %v", err)
 		}
 	})
 	t.Run("bad extra permission", func(t *testing.T) {
-		_, err := policy.Compile(policy.Default(), gatewayRoutes, []string{"chat:admin", "Chat:Admin"})
+		_, err := policy.Compile(policy.Default(gatewayBindings), gatewayRoutes, []string{"chat:admin", "Chat:Admin"})
 		if err == nil || !strings.Contains(err.Error(), `permission "Chat:Admin" is not resource:action`) {
 			t.Fatalf("error %v", err)
 		}
 	})
 	t.Run("decisions as in DESIGN.md", func(t *testing.T) {
-		p, err := policy.Compile(policy.Default(), gatewayRoutes, handlerPerms)
+		p, err := policy.Compile(policy.Default(gatewayBindings), gatewayRoutes, handlerPerms)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -118,3 +118,40 @@ func needsEscape(s string) bool {
 func escaped(c byte) bool {
 	return c <= ' ' || c >= 0x7f || c == '%' || c == ':' || c == '{' || c == '}'
 }
+
+// KindOf returns the kind of a name k made (one of the Kind constants), or "" when name is not
+// one of k's. It reads the prefix and the kind only: what a metric may say about a key without
+// saying whose it is.
+func (k Keys) KindOf(name string) string {
+	rest, ok := strings.CutPrefix(name, k.prefix)
+	if !ok {
+		return ""
+	}
+	// A kind is one segment or two ("voice:session"); the longer reading wins, so a kind that
+	// were a shorter kind's prefix could not be mistaken for it.
+	one := strings.IndexByte(rest, ':')
+	if one < 0 {
+		return knownKind(rest)
+	}
+	two := strings.IndexByte(rest[one+1:], ':')
+	if two < 0 {
+		two = len(rest)
+	} else {
+		two += one + 1
+	}
+	if kind := knownKind(rest[:two]); kind != "" {
+		return kind
+	}
+	return knownKind(rest[:one])
+}
+
+// knownKind returns s if it is a kind, else "".
+func knownKind(s string) string {
+	switch s {
+	case KindRateLimit, KindQuota, KindLease, KindAudioQuota, KindStream, KindReplay, KindReplayBeat,
+		KindReplayWait, KindRevoked, KindUserStatus, KindSession, KindSessions, KindUsage, KindBroadcast,
+		KindControl:
+		return s
+	}
+	return ""
+}

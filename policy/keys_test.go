@@ -1,6 +1,9 @@
 package policy_test
 
 import (
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"strings"
 	"testing"
 
@@ -164,4 +167,58 @@ func FuzzKeys(f *testing.F) {
 			t.Fatalf("%q decodes to %q, made from %q", name, parts, p1)
 		}
 	})
+}
+
+// kindConstants returns the values of the Kind constants declared in keys.go, read from the
+// source, so that a kind added there and forgotten by KindOf fails TestKindOf.
+func kindConstants(t *testing.T) map[string]string {
+	t.Helper()
+	f, err := parser.ParseFile(token.NewFileSet(), "keys.go", nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, d := range f.Decls {
+		g, ok := d.(*ast.GenDecl)
+		if !ok || g.Tok != token.CONST {
+			continue
+		}
+		for _, spec := range g.Specs {
+			v := spec.(*ast.ValueSpec)
+			for i, n := range v.Names {
+				if lit, ok := v.Values[i].(*ast.BasicLit); ok && strings.HasPrefix(n.Name, "Kind") {
+					out[n.Name] = strings.Trim(lit.Value, `"`)
+				}
+			}
+		}
+	}
+	if len(out) < 10 {
+		t.Fatalf("found only %v in keys.go", out)
+	}
+	return out
+}
+
+// TestKindOf: every name Keys makes decodes to its kind, whatever its parts hold (parts that
+// look like kinds, separators, braces) and whether it is under a tenant; names of other
+// prefixes and unknown kinds decode to none.
+func TestKindOf(t *testing.T) {
+	k := policy.NewKeys("vg:")
+	parts := [][]string{nil, {"session"}, {"sessions", "x"}, {"a:b", "{c}"}, {"status:", "%", ""}}
+	for name, kind := range kindConstants(t) {
+		for _, p := range parts {
+			for _, key := range []string{k.Key(kind, p...), k.Tenant(kind, "voice:session", p...), k.Tenant(kind, "", p...)} {
+				if got := k.KindOf(key); got != kind {
+					t.Errorf("KindOf(%q) = %q, want %s (%q)", key, got, name, kind)
+				}
+			}
+		}
+	}
+	for _, name := range []string{"", "vg:", "vg:nope:x", "other:rl:{a}:b", "rl:{a}:b", "vg:voice", "vg:user:x", "vg:replayx:{a}"} {
+		if got := k.KindOf(name); got != "" {
+			t.Errorf("KindOf(%q) = %q, want none", name, got)
+		}
+	}
+	if got := policy.NewKeys("").KindOf("lease:{t}:u"); got != policy.KindLease {
+		t.Errorf("without a prefix: KindOf = %q", got)
+	}
 }

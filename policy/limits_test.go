@@ -218,7 +218,7 @@ func TestCompileRefusesRatesBeyondResolution(t *testing.T) {
 		{policy.Rate{Requests: 1_000_001, Per: policy.Duration(time.Second), Burst: 1}, false},
 		{policy.Rate{Requests: 2_000_000_000, Per: policy.Duration(time.Minute), Burst: 1}, false},
 	} {
-		f := policy.Default()
+		f := policy.Default(gatewayBindings)
 		r := tc.rate
 		f.Limits.PerUser = &r
 		_, err := policy.Compile(f, gatewayRoutes, handlerPerms)

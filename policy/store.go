@@ -16,10 +16,11 @@ import (
 
 // StoreOptions configures a Store.
 type StoreOptions struct {
-	// Path is the policy file; empty means the built-in Default, never reloaded.
+	// Path is the policy file; empty means the built-in Default(Routes), never reloaded.
 	Path string
-	// Routes are the gateway's route patterns, every one of which must be bound.
-	Routes []string
+	// Routes are the gateway's routes, each with the binding the built-in policy gives it. A
+	// policy file must bind every one of their routes, and no other.
+	Routes []Binding
 	// ExtraPerms are permissions handlers check themselves.
 	ExtraPerms []string
 	// Log receives one line per reload.
@@ -30,6 +31,7 @@ type StoreOptions struct {
 // and the running policy stays.
 type Store struct {
 	o       StoreOptions
+	routes  []string // the patterns of o.Routes
 	current atomic.Pointer[Policy]
 	mu      sync.Mutex // serialises reloads
 	sum     [sha256.Size]byte
@@ -40,9 +42,12 @@ func NewStore(o StoreOptions) (*Store, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Store{o: o}
+	s := &Store{o: o, routes: make([]string, 0, len(o.Routes))}
+	for _, b := range o.Routes {
+		s.routes = append(s.routes, b.Route)
+	}
 	if o.Path == "" {
-		p, err := Compile(Default(), o.Routes, o.ExtraPerms)
+		p, err := Compile(Default(o.Routes), s.routes, o.ExtraPerms)
 		if err != nil {
 			return nil, err
 		}
@@ -90,7 +95,7 @@ func (s *Store) load() (changed bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	p, err := Compile(f, s.o.Routes, s.o.ExtraPerms)
+	p, err := Compile(f, s.routes, s.o.ExtraPerms)
 	if err != nil {
 		return false, err
 	}

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -106,12 +107,15 @@ func TestNewStore(t *testing.T) {
 		o      policy.StoreOptions
 		errMsg string // "" means success
 	}{
-		{"built-in default", policy.StoreOptions{Routes: gatewayRoutes, ExtraPerms: handlerPerms}, ""},
-		{"built-in default, a route it does not bind", policy.StoreOptions{Routes: decideRoutes}, "no binding for route(s)"},
-		{"file", policy.StoreOptions{Path: good, Routes: decideRoutes, ExtraPerms: handlerPerms}, ""},
-		{"file for other routes", policy.StoreOptions{Path: good, Routes: gatewayRoutes}, "not a route of the gateway"},
-		{"bad file", policy.StoreOptions{Path: bad, Routes: gatewayRoutes}, `permission "Document:read" is not resource:action`},
-		{"missing file", policy.StoreOptions{Path: filepath.Join(dir, "nope.json"), Routes: gatewayRoutes}, "no such file"},
+		{"built-in default", policy.StoreOptions{Routes: gatewayBindings, ExtraPerms: handlerPerms}, ""},
+		{"built-in default, more routes", policy.StoreOptions{Routes: decideBindings, ExtraPerms: handlerPerms}, ""},
+		{"built-in default, a route bound to a bad permission", policy.StoreOptions{
+			Routes: append(slices.Clip(gatewayBindings), policy.Binding{Route: "GET /x", Permission: "X:read"})},
+			`route "GET /x": permission "X:read" is not resource:action`},
+		{"file", policy.StoreOptions{Path: good, Routes: decideBindings, ExtraPerms: handlerPerms}, ""},
+		{"file for other routes", policy.StoreOptions{Path: good, Routes: gatewayBindings}, "not a route of the gateway"},
+		{"bad file", policy.StoreOptions{Path: bad, Routes: gatewayBindings}, `permission "Document:read" is not resource:action`},
+		{"missing file", policy.StoreOptions{Path: filepath.Join(dir, "nope.json"), Routes: gatewayBindings}, "no such file"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -133,7 +137,7 @@ func TestNewStore(t *testing.T) {
 }
 
 func TestStoreWithoutFile(t *testing.T) {
-	s, err := policy.NewStore(policy.StoreOptions{Routes: gatewayRoutes})
+	s, err := policy.NewStore(policy.StoreOptions{Routes: gatewayBindings})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +162,7 @@ func TestStoreReload(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "policy.json")
 	writeAtomically(t, path, v1)
 	log := &syncBuffer{}
-	s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayRoutes, ExtraPerms: handlerPerms,
+	s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayBindings, ExtraPerms: handlerPerms,
 		Log: slog.New(slog.NewJSONHandler(log, nil))})
 	if err != nil {
 		t.Fatal(err)
@@ -243,7 +247,7 @@ func TestStoreWatch(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "policy.json")
 		writeAtomically(t, path, v1)
 		log := &syncBuffer{}
-		s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayRoutes, ExtraPerms: handlerPerms,
+		s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayBindings, ExtraPerms: handlerPerms,
 			Log: slog.New(slog.NewJSONHandler(log, nil))})
 		if err != nil {
 			t.Fatal(err)

@@ -42,7 +42,7 @@ func TestStoreRefusesUnboundedFiles(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			done := make(chan error, 1)
 			go func() {
-				_, err := policy.NewStore(policy.StoreOptions{Path: tt.path, Routes: gatewayRoutes, ExtraPerms: handlerPerms})
+				_, err := policy.NewStore(policy.StoreOptions{Path: tt.path, Routes: gatewayBindings, ExtraPerms: handlerPerms})
 				done <- err
 			}()
 			select {
@@ -61,7 +61,7 @@ func TestStoreRefusesUnboundedFiles(t *testing.T) {
 		if err := os.WriteFile(path, good, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayRoutes, ExtraPerms: handlerPerms})
+		s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayBindings, ExtraPerms: handlerPerms})
 		if err != nil {
 			t.Fatal(err)
 		}

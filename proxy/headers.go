@@ -11,9 +11,47 @@ import (
 // gateway may set them. Every proxied request loses them all in Rewrite (StripUntrusted); the
 // gateway then sets X-Forwarded-For/-Host/-Proto and the identity headers itself.
 
-// identityHeaders are the headers through which upstreams learn who the caller is. Upstreams
-// trust them, so only the gateway may set them, from a verified token.
-var identityHeaders = [...]string{"X-User-Id", "X-Username", "X-Tenant-Id", "X-User-Roles", "X-Session-Id"}
+// The identity headers: through them upstreams learn who the caller is. Upstreams trust them,
+// so only the gateway may set them, from a verified token.
+const (
+	HeaderUserID    = "X-User-Id"
+	HeaderUsername  = "X-Username"
+	HeaderTenantID  = "X-Tenant-Id"
+	HeaderUserRoles = "X-User-Roles"
+	HeaderSessionID = "X-Session-Id"
+)
+
+// identityHeaders is the one list of them: StripIdentity removes each from whatever a client
+// sent, and SetIdentity sets each, in this order, from a Caller (Caller.values).
+var identityHeaders = [...]string{HeaderUserID, HeaderUsername, HeaderTenantID, HeaderUserRoles, HeaderSessionID}
+
+// Caller is what upstreams are told about a verified caller, one field per identity header.
+type Caller struct {
+	UserID, Username, TenantID string
+	Roles                      string // comma-separated
+	SessionID                  string
+}
+
+// values returns c's fields in the order of identityHeaders.
+func (c *Caller) values() [len(identityHeaders)]string {
+	return [...]string{c.UserID, c.Username, c.TenantID, c.Roles, c.SessionID}
+}
+
+// SetIdentity replaces every identity header in h (whatever the client sent, in any spelling)
+// with c's values, leaving out empty ones; with a nil c it only removes them. Every request to an
+// upstream gets its identity headers here — proxied ones, chat queries and voice dials alike —
+// through Outbound.Shape and its Identity hook (auth.UpstreamHeaders).
+func SetIdentity(h http.Header, c *Caller) {
+	StripIdentity(h)
+	if c == nil {
+		return
+	}
+	for i, v := range c.values() {
+		if v != "" {
+			h[identityHeaders[i]] = []string{v}
+		}
+	}
+}
 
 // spoofableHeaders claim something about the client or the request that some back ends
 // believe: the client's address (besides X-Forwarded-For, which SetXForwarded owns), the port
@@ -36,7 +74,7 @@ var spoofableHeaders = [...]string{
 // dashes (some servers treat X_User_ID as X-User-ID).
 func StripIdentity(h http.Header) {
 	for k := range h {
-		if len(k) < len("X-User-Id") || (k[0] != 'X' && k[0] != 'x') {
+		if len(k) < len(HeaderUserID) || (k[0] != 'X' && k[0] != 'x') {
 			continue // shorter than any identity header, or not an X- header
 		}
 		norm := strings.ReplaceAll(k, "_", "-")
@@ -69,7 +107,8 @@ func StripUntrusted(h http.Header) {
 // identity headers of the verified caller (Identity). Trace context is the upstream pool's: it
 // is per attempt.
 type Outbound struct {
-	// Identity, if set, sets the headers of the request's verified caller (auth.UpstreamHeaders).
+	// Identity, if set, sets the headers of the request's verified caller (auth.UpstreamHeaders,
+	// which sets them with SetIdentity).
 	Identity func(in *http.Request, out http.Header)
 }
 

@@ -8,7 +8,7 @@ import (
 // What a client-supplied identifier or label may contain is decided here, once, for every
 // route: chat's request, conversation and stream IDs and model; voice's conversation ID and
 // language; the control routes' IDs (a resumed or cancelled request_id, a voice session_id in
-// a path, a broadcast's tenant_id and user_id, a revocation's jti and user_id); the
+// a path, a broadcast's tenant_id and user_id, a revocation's jti, user_id and tenant_id); the
 // X-Request-ID and X-Tenant-ID headers; and the identity a token carries. Each of these ends up
 // in log lines, upstream headers and JSON, in Redis key names (escaped by policy.Keys), and on
 // the console's screen. The reasons below are what a client is told when a check fails, so

@@ -27,10 +27,10 @@ type PoolOptions struct {
 	// EjectFor is how long the first ejection lasts; it doubles while the replica keeps failing
 	// when tried again, up to MaxEject. Zero means 5 s and 1 minute.
 	EjectFor, MaxEject time.Duration
-	// OnResult, if set, is called with every attempt's outcome: "ok", "error_status" (502, 503,
-	// 504 from the replica), "refused", "timeout", "error", "canceled" or "client_error" (the
-	// client's body could not be read: malformed, too large, too slow).
-	OnResult func(upstream, outcome string)
+	// OnResult, if set, is called with every attempt's outcome (see Outcome) and how long it
+	// took: from sending the request to the answer's headers (an upgrade's 101), or to the
+	// failure. It is called as soon as that is known, not when a streamed body ends.
+	OnResult func(upstream, outcome string, took time.Duration)
 	// Trace, if set, starts a client span per attempt: it returns the attempt's context, a
 	// function that writes the trace context into the outgoing headers, and one that ends the
 	// span. Hooking in here costs no request copy of its own.
@@ -153,9 +153,6 @@ func contains(l []*Replica, r *Replica) bool {
 
 // record updates a replica's health with an attempt's outcome.
 func (p *Pool) record(r *Replica, outcome string) {
-	if p.o.OnResult != nil {
-		p.o.OnResult(p.o.Name, outcome)
-	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	switch outcome {
@@ -174,8 +171,20 @@ func (p *Pool) record(r *Replica, outcome string) {
 	}
 }
 
-// outcome classifies an attempt's result.
-func outcome(ctx context.Context, res *http.Response, err error) string {
+// report tells OnResult about an attempt that started at start.
+func (p *Pool) report(outcome string, start time.Time) {
+	if p.o.OnResult != nil {
+		p.o.OnResult(p.o.Name, outcome, p.o.Now().Sub(start))
+	}
+}
+
+// Outcome classifies the result of a call to an upstream, for metrics and health, made with
+// ctx (the client's request context): "ok" (any answer but the three below), "error_status"
+// (502, 503 or 504: the upstream or a proxy before it is failing), "refused" (nothing was
+// sent: the connection was refused or could not be made), "timeout", "error", "canceled" (the
+// client left) or "client_error" (the client's body could not be read: malformed, too large,
+// too slow).
+func Outcome(ctx context.Context, res *http.Response, err error) string {
 	var ne net.Error
 	switch {
 	case err == nil && (res.StatusCode == http.StatusBadGateway || res.StatusCode == http.StatusServiceUnavailable ||
@@ -232,6 +241,7 @@ func (p *Pool) roundTrip(transport http.RoundTripper, req *http.Request) (*http.
 			return nil, errors.New("proxy: no replica left to try")
 		}
 		tried = append(tried, r)
+		start := p.o.Now()
 		ctx, inject, endSpan := req.Context(), func(http.Header) {}, func(int, error) {}
 		if p.o.Trace != nil {
 			ctx, inject, endSpan = p.o.Trace(ctx, req.Method)
@@ -242,6 +252,7 @@ func (p *Pool) roundTrip(transport http.RoundTripper, req *http.Request) (*http.
 		if len(tried) > 1 && req.GetBody != nil {
 			body, err := req.GetBody()
 			if err != nil {
+				p.report("error", start)
 				done("error")
 				endSpan(0, err)
 				return nil, err
@@ -249,7 +260,8 @@ func (p *Pool) roundTrip(transport http.RoundTripper, req *http.Request) (*http.
 			out.Body = body
 		}
 		res, err := transport.RoundTrip(out)
-		result := outcome(req.Context(), res, err)
+		result := Outcome(req.Context(), res, err)
+		p.report(result, start)
 		if err != nil {
 			endSpan(0, err)
 			done(result)

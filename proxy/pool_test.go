@@ -79,7 +79,7 @@ type outcomes struct {
 	list []string
 }
 
-func (o *outcomes) record(upstream, outcome string) {
+func (o *outcomes) record(upstream, outcome string, _ time.Duration) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.list = append(o.list, upstream+":"+outcome)
@@ -520,7 +520,8 @@ func TestPoolAllEjected(t *testing.T) {
 }
 
 // TestPoolStreamHoldsReplica: a replica stays loaded until the response body is closed, so a
-// long stream counts against it for its whole life, and its outcome is reported then.
+// long stream counts against it for its whole life; its outcome is reported once, as soon as
+// the answer's headers arrive (it is known then, and so is the set-up time that goes with it).
 func TestPoolStreamHoldsReplica(t *testing.T) {
 	arrived := make(chan string, 10)
 	a, b := newReplicaArriving(t, "a", arrived), newReplicaArriving(t, "b", arrived)
@@ -540,8 +541,8 @@ func TestPoolStreamHoldsReplica(t *testing.T) {
 		t.Fatal("the stream reached no replica")
 	}
 	other := map[string]string{"a": "b", "b": "a"}[streaming]
-	if n := len(rec.all()); n != 0 {
-		t.Errorf("outcomes %v reported while the stream's body is open, want none yet", rec.all())
+	if got := rec.all(); !slices.Equal(got, []string{"test:ok"}) {
+		t.Errorf("outcomes %v reported while the stream's body is open, want the stream's ok", got)
 	}
 	for i := range 5 {
 		if got := mustFetch(t, c, p, "GET", "/"); got != other {
@@ -558,6 +559,58 @@ func TestPoolStreamHoldsReplica(t *testing.T) {
 	}
 	if got := rec.all(); len(got) != 10 || rec.count("ok") != 10 {
 		t.Errorf("outcomes %v, want 10 ok: 9 requests and the stream, reported once", got)
+	}
+}
+
+// TestPoolReportsSetUpTime: OnResult's duration is the attempt's set-up, from sending the
+// request to the answer's headers, measured on the pool's clock: not the time before the
+// request was sent, nor the stream that follows the headers.
+func TestPoolReportsSetUpTime(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Date(2026, 1, 2, 12, 0, 0, 0, time.UTC)
+	clock := func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return now
+	}
+	advance := func(d time.Duration) {
+		mu.Lock()
+		defer mu.Unlock()
+		now = now.Add(d)
+	}
+	const setUp, stream = 3 * time.Second, 40 * time.Second
+	reported := make(chan struct{}, 1)
+	srv := startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		advance(setUp) // the upstream thinks, then answers
+		w.WriteHeader(http.StatusOK)
+		_ = http.NewResponseController(w).Flush()
+		select { // the client has the headers
+		case <-reported:
+		case <-r.Context().Done():
+			return
+		}
+		advance(stream) // then it streams for a long time
+		_, _ = io.WriteString(w, "done")
+	}))
+	var took []time.Duration
+	p := proxy.NewPool(proxy.PoolOptions{Name: "algo", Targets: []*url.URL{mustURL(t, srv.URL)}, Now: clock,
+		Transport: newTransport(t, proxy.TransportOptions{}),
+		OnResult: func(upstream, outcome string, d time.Duration) {
+			mu.Lock()
+			defer mu.Unlock()
+			if upstream == "algo" && outcome == "ok" {
+				took = append(took, d)
+			}
+			reported <- struct{}{}
+		}})
+	advance(time.Hour) // before the request: not its time
+	if body, status, err := fetch(t, &http.Client{Transport: p}, p, "GET", "/", ""); err != nil || status != 200 || body != "done" {
+		t.Fatalf("fetch = %q %d %v", body, status, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(took) != 1 || took[0] != setUp {
+		t.Errorf("OnResult durations = %v, want one of %v", took, setUp)
 	}
 }
 

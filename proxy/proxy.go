@@ -6,8 +6,14 @@
 //
 // Time bounds: a request body must arrive by BodyDeadline's rule (a grace, plus a second per
 // MinRate bytes), enforced by a read deadline on the connection; upstreams answer headers within
-// the Transport's ResponseHeaderTimeout; nothing here writes with a deadline, so streams live as
-// long as their handlers keep them.
+// the Transport's ResponseHeaderTimeout; every write of a proxied response has a deadline
+// (Options.WriteTimeout, moved before each write), so a client that stops reading is dropped
+// within it, its upstream connection with it. A proxied response may run as long as the
+// upstream keeps sending and the client keeps reading; other handlers (streams, sockets) bound
+// their own writes the same way.
+//
+// Tunnels: only routes that declare an upgrade may switch protocols, no proxy relays a 101, and
+// CONNECT and TRACE are refused at the edge (tunnel.go).
 package proxy
 
 import (
@@ -114,14 +120,20 @@ type Options struct {
 	// Rewrite, if set, runs after the standard rewrite to adjust the outgoing request.
 	Rewrite func(*httputil.ProxyRequest)
 	// ModifyResponse is passed to httputil.ReverseProxy. Returning an *UpstreamStatusError maps
-	// the upstream's status the same way as transport failures.
+	// the upstream's status the same way as transport failures. It never sees a 101: that is a
+	// 502 before it runs.
 	ModifyResponse func(*http.Response) error
+	// WriteTimeout bounds every write of the response to the client (zero: 10s): a client that
+	// does not take a write within it is dropped, and the upstream connection closed.
+	WriteTimeout time.Duration
 }
 
-// New returns a ReverseProxy to o.Target: Rewrite with SetURL and a deliberate
-// SetXForwarded (an incoming X-Forwarded-For is kept only from trusted proxies), the shared
-// buffer pool, and ErrorHandler mapping failures to the JSON errors of DESIGN.md.
-func New(o Options) *httputil.ReverseProxy {
+// New returns a reverse proxy to o.Target: an httputil.ReverseProxy with Rewrite (SetURL and a
+// deliberate SetXForwarded: an incoming X-Forwarded-For is kept only from trusted proxies), the
+// shared buffer pool, and an ErrorHandler mapping failures to the JSON errors of DESIGN.md;
+// every write to the client under a deadline, no upgrade passed to the upstream and no 101
+// relayed from it.
+func New(o Options) http.Handler {
 	transport := o.Transport
 	if transport == nil {
 		transport = NewTransport(TransportOptions{})
@@ -131,11 +143,27 @@ func New(o Options) *httputil.ReverseProxy {
 		pool = NewBufferPool(0)
 	}
 	mapper := ErrorMapper{Code: o.Code, Name: o.Name}
-	return &httputil.ReverseProxy{
+	modify := refuseSwitch
+	if o.ModifyResponse != nil {
+		modify = func(res *http.Response) error {
+			if err := refuseSwitch(res); err != nil {
+				return err
+			}
+			return o.ModifyResponse(res)
+		}
+	}
+	timeout := o.WriteTimeout
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			if o.Target != nil {
 				pr.SetURL(o.Target)
 			}
+			// ReverseProxy passes an upgrade on; no upstream is asked to switch (StripUpgrade
+			// has normally removed it already, this is the proxy's own guard).
+			stripUpgrade(pr.Out.Header)
 			o.Outbound.Shape(pr.In, pr.Out.Header)
 			// A failure to read the client's body must not pass for a failing upstream.
 			pr.Out.Body = markBody(pr.In.Context(), pr.Out.Body)
@@ -145,11 +173,14 @@ func New(o Options) *httputil.ReverseProxy {
 		},
 		Transport:      transport,
 		BufferPool:     pool,
-		ModifyResponse: o.ModifyResponse,
+		ModifyResponse: modify,
 		ErrorHandler:   mapper.ServeError,
 		// ReverseProxy's own log lines (copy errors after a client left) are noise at the edge.
 		ErrorLog: log.New(io.Discard, "", 0),
 	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rp.ServeHTTP(newDeadlineWriter(w, timeout), r)
+	})
 }
 
 // UpstreamStatusError reports an upstream answer that must not be passed through as is (a

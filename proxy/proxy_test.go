@@ -18,6 +18,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -1141,6 +1142,38 @@ func TestStripIdentity(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSetIdentity: each of a Caller's fields goes out in its own identity header, once, whatever
+// the client sent in any spelling; empty fields send nothing; a nil Caller only removes them; and
+// every header SetIdentity sets is one StripIdentity removes (one list for both).
+func TestSetIdentity(t *testing.T) {
+	forged := func() http.Header {
+		return http.Header{"X-User-Id": {"root"}, "X_user_roles": {"super_admin"}, "x-tenant-id": {"other"},
+			"X-Session-ID": {"s0"}, "X_Username": {"root"}, "Accept": {"*/*"}}
+	}
+	c := &proxy.Caller{UserID: "u-1", Username: "alice", TenantID: "t-1", Roles: "user,editor", SessionID: "s-1"}
+	h := forged()
+	proxy.SetIdentity(h, c)
+	want := http.Header{proxy.HeaderUserID: {"u-1"}, proxy.HeaderUsername: {"alice"}, proxy.HeaderTenantID: {"t-1"},
+		proxy.HeaderUserRoles: {"user,editor"}, proxy.HeaderSessionID: {"s-1"}, "Accept": {"*/*"}}
+	if !reflect.DeepEqual(h, want) {
+		t.Errorf("SetIdentity over forged headers: %v\nwant %v", h, want)
+	}
+	proxy.StripIdentity(h)
+	if !reflect.DeepEqual(h, http.Header{"Accept": {"*/*"}}) {
+		t.Errorf("StripIdentity left %v of what SetIdentity set", h)
+	}
+	h = forged()
+	proxy.SetIdentity(h, &proxy.Caller{UserID: "u-2"})
+	if !reflect.DeepEqual(h, http.Header{proxy.HeaderUserID: {"u-2"}, "Accept": {"*/*"}}) {
+		t.Errorf("a caller with only a user ID: %v", h)
+	}
+	h = forged()
+	proxy.SetIdentity(h, nil)
+	if !reflect.DeepEqual(h, http.Header{"Accept": {"*/*"}}) {
+		t.Errorf("no caller: %v", h)
 	}
 }
 

@@ -7,8 +7,9 @@ import (
 )
 
 // Router registers Go 1.22 patterns on a ServeMux, answers unknown paths with a JSON 404 and
-// known paths with the wrong method with a JSON 405 (the mux's own answers are plain text), and
-// records each route's pattern for logs and metrics (Route).
+// known paths with the wrong method with a JSON 405 (the mux's own answers are plain text),
+// records each route's pattern for logs and metrics (Route), and strips the upgrade of every
+// request to a route that does not declare one (StripUpgrade).
 type Router struct {
 	mux      *http.ServeMux
 	methods  map[string][]string
@@ -22,8 +23,15 @@ func NewRouter() *Router {
 	return rt
 }
 
-// Handle registers h for pattern: "METHOD /path", or "/path/" for any method.
-func (rt *Router) Handle(pattern string, h http.Handler) {
+// Handle registers h for pattern: "METHOD /path", or "/path/" for any method. Requests that
+// ask to upgrade are served without the upgrade (StripUpgrade).
+func (rt *Router) Handle(pattern string, h http.Handler) { rt.handle(pattern, StripUpgrade(h)) }
+
+// HandleUpgrade registers h for pattern as Handle does, for a route that declares an upgrade
+// (a WebSocket): h gets the request's Upgrade as sent.
+func (rt *Router) HandleUpgrade(pattern string, h http.Handler) { rt.handle(pattern, h) }
+
+func (rt *Router) handle(pattern string, h http.Handler) {
 	rt.patterns = append(rt.patterns, pattern)
 	rt.mux.Handle(pattern, Route(h))
 	method, path, ok := strings.Cut(pattern, " ")

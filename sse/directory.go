@@ -30,7 +30,8 @@ import (
 // stream's owner and instance while it runs, with the tenant as the Redis Cluster hash tag
 // (policy.Tag) like the admission's other keys. Messages travel by sharded pub/sub: cancels on
 // {prefix}{control}:{instance}, revocations on {prefix}{control} (one hash tag: one SSUBSCRIBE
-// takes both, on a cluster too).
+// takes both, on a cluster too). The instance is the process's own identity, never a name two
+// processes may share: a cancel for a dead instance's stream must find nobody listening.
 type Directory struct {
 	client   rueidis.Client
 	keys     policy.Keys
@@ -38,7 +39,8 @@ type Directory struct {
 	log      *slog.Logger
 }
 
-// NewDirectory returns a directory on client for the instance named instance.
+// NewDirectory returns a directory on client for the instance whose identity is instance,
+// unique to this process.
 func NewDirectory(client rueidis.Client, prefix, instance string, log *slog.Logger) *Directory {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -62,7 +64,8 @@ type control struct {
 	// For a cancel: who asks, checked again where the stream runs.
 	UserID string `json:"user_id,omitempty"`
 	Admin  bool   `json:"admin,omitempty"` // the caller holds chat:admin in the tenant
-	// For a revocation: the token, or the user whose tokens issued before Before (unix ms) go.
+	// For a revocation (with TenantID and UserID): the token, or the user whose tokens issued
+	// before Before (a unix second) go.
 	TokenID string `json:"token_id,omitempty"`
 	Before  int64  `json:"before,omitempty"`
 }
@@ -116,14 +119,9 @@ func (d *Directory) Cancel(ctx context.Context, tenantID, requestID, userID stri
 	return nil
 }
 
-// Revoke tells every instance to end the streams of the token tokenID, or of userID's tokens
-// issued before before.
-func (d *Directory) Revoke(ctx context.Context, tokenID, userID string, before time.Time) error {
-	c := control{Op: "revoke", TokenID: tokenID, UserID: userID}
-	if !before.IsZero() {
-		c.Before = before.UnixMilli()
-	}
-	msg, _ := json.Marshal(c)
+// Revoke tells every instance to end the streams of the tokens v revokes, in v's tenant.
+func (d *Directory) Revoke(ctx context.Context, v policy.Revocation) error {
+	msg, _ := json.Marshal(control{Op: "revoke", TenantID: v.TenantID, TokenID: v.TokenID, UserID: v.UserID, Before: v.Before})
 	if err := d.client.Do(ctx, d.client.B().Spublish().Channel(d.everyone()).Message(string(msg)).Build()).Error(); err != nil {
 		return fmt.Errorf("sse: publish revocation: %w", err)
 	}
@@ -144,11 +142,7 @@ func (d *Directory) Run(ctx context.Context, reg *Registry) {
 				// Checked again here: the stream's owner, or an admin of its tenant.
 				_ = reg.Cancel(c.TenantID, c.RequestID, func(s *Stream) bool { return s.UserID == c.UserID || c.Admin })
 			case "revoke":
-				var before time.Time
-				if c.Before > 0 {
-					before = time.UnixMilli(c.Before)
-				}
-				reg.Revoke(c.TokenID, c.UserID, before)
+				reg.Revoke(policy.Revocation{TenantID: c.TenantID, TokenID: c.TokenID, UserID: c.UserID, Before: c.Before})
 			}
 		})
 		if ctx.Err() != nil {

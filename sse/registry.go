@@ -4,6 +4,8 @@ import (
 	"errors"
 	"sync"
 	"time"
+
+	"voicegate/policy"
 )
 
 // Registry errors callers branch on.
@@ -105,14 +107,12 @@ func (r *Registry) Drain() {
 	}
 }
 
-// Revoke ends, with an error event TOKEN_REVOKED, every stream opened with the token tokenID,
-// or with a token of userID issued before before; it returns how many. Empty fields match
-// nothing.
-func (r *Registry) Revoke(tokenID, userID string, before time.Time) int {
+// Revoke ends, with an error event TOKEN_REVOKED, every stream opened with a token v
+// revokes: of v's tenant only (policy.Revocation.Covers). It returns how many.
+func (r *Registry) Revoke(v policy.Revocation) int {
 	n := 0
 	for _, s := range r.all() {
-		if tokenID != "" && s.TokenID == tokenID ||
-			userID != "" && s.UserID == userID && (s.IssuedAt.IsZero() || s.IssuedAt.Before(before)) {
+		if v.Covers(s.TenantID, s.UserID, s.TokenID, s.IssuedAt) {
 			s.stop.end(endRevoked)
 			n++
 		}

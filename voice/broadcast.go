@@ -27,35 +27,22 @@ type Broadcast struct {
 	TenantID   string          `json:"tenant_id,omitempty"`
 	AllTenants bool            `json:"all_tenants,omitempty"`
 	UserID     string          `json:"user_id,omitempty"`
-	// Instead of a notice: close the session Close (1008, for an admin), or the sessions of a
-	// revoked token (4401).
-	Close  string      `json:"close,omitempty"`
-	Revoke *Revocation `json:"revoke,omitempty"`
+	// Instead of a notice: close the session Close (1008, for an admin), or the sessions of the
+	// tokens Revoke revokes, in its tenant (4401).
+	Close  string             `json:"close,omitempty"`
+	Revoke *policy.Revocation `json:"revoke,omitempty"`
 	// Reply is the list each instance pushes its count to (set by Registry.Broadcast); none
 	// when empty.
 	Reply string `json:"reply,omitempty"`
 }
 
-// Revocation names revoked tokens: one by its ID, or a user's issued before Before (unix ms).
-type Revocation struct {
-	TokenID string `json:"token_id,omitempty"`
-	UserID  string `json:"user_id,omitempty"`
-	Before  int64  `json:"before,omitempty"`
-}
-
-// matches reports whether the session's token is revoked by v.
-func (v *Revocation) matches(i *Info) bool {
-	return v.TokenID != "" && i.TokenID == v.TokenID ||
-		v.UserID != "" && i.UserID == v.UserID && (i.IssuedAt.IsZero() || i.IssuedAt.UnixMilli() < v.Before)
-}
-
 // CodeClosedByAdmin is the error a session closed by an admin gets, before close 1008.
 const CodeClosedByAdmin = "SESSION_CLOSED"
 
-// Revoke closes, 4401 after an error TOKEN_REVOKED, every live session of a revoked token on
-// every instance (Redis sharded pub/sub; this instance's without Redis). It does not wait for
-// the other instances.
-func (r *Registry) Revoke(ctx context.Context, v Revocation) error {
+// Revoke closes, 4401 after an error TOKEN_REVOKED, every live session of a token v revokes
+// (of v's tenant only: policy.Revocation.Covers) on every instance (Redis sharded pub/sub; this
+// instance's without Redis). It does not wait for the other instances.
+func (r *Registry) Revoke(ctx context.Context, v policy.Revocation) error {
 	if r.redis == nil {
 		r.deliver(Broadcast{Revoke: &v})
 		return nil
@@ -190,7 +177,7 @@ func (r *Registry) deliver(b Broadcast) int {
 		}
 		switch {
 		case b.Revoke != nil:
-			if b.Revoke.matches(&s.info) {
+			if i := &s.info; b.Revoke.Covers(i.TenantID, i.UserID, i.TokenID, i.IssuedAt) {
 				s.end(ending{code: CloseTokenInvalid, errCode: CodeTokenRevoked, reason: "the token was revoked"})
 				n.Add(1)
 			}

@@ -15,9 +15,10 @@
 //
 // The rules a reader must know:
 //
-//   - Who reads, who writes. A session has two goroutines, no more: the handler's own, which
-//     reads the client and writes each message it read to the algorithm service, and one that
-//     reads the algorithm service and writes each message to the client. A message is written
+//   - Who reads, who writes. A session has two goroutines, no more, both started by the
+//     handler once the upgrade is done: one reads the client and writes each message it read
+//     to the algorithm service, the other reads the algorithm service and writes each message
+//     to the client. A message is written
 //     by the goroutine that read it; there is no queue and no writer goroutine. Other writes to
 //     a connection (an error message, a ping, a close, a broadcast notice) may come from other
 //     goroutines: coder/websocket serialises them.
@@ -37,10 +38,14 @@
 //   - How a session ends. end records the first reason and returns at once, whoever calls it;
 //     a goroutine of the ending then tells each side that can still hear (an error message, a
 //     close frame), drops the sockets of those that cannot, and after a second drops whatever
-//     has not finished its close handshake. ServeHTTP returns once both readers and the ending
-//     are done — within the write timeout and a second of a side stalling, whatever the
-//     session was doing — and its return releases the registry entry and what the middleware
-//     in front holds (the concurrency lease).
+//     has not finished its close handshake. Once both readers and the ending are done —
+//     within the write timeout and a second of a side stalling, whatever the session was
+//     doing — the session releases its registry entry and what the middleware in front took
+//     for it (the concurrency lease), and reports its end (Options.OnEnd, with its Stats).
+//   - ServeHTTP does not wait for the session. It returns as soon as the session runs (after
+//     the dial, the upgrade and session_initialized), so that net/http drops what it kept for
+//     the request; what times the request (an access log, http_request_duration_seconds)
+//     times the handshake and the dial only, and a session's length is Stats.Duration.
 //   - Memory. A message is read into a pooled buffer taken once its first frame has arrived and
 //     put back once it is written, so an idle session holds no message buffer; only the
 //     library's small read and write buffers on each socket.

@@ -13,8 +13,8 @@ import (
 // Stats are a session's counters, logged when it ends and exported as metrics.
 type Stats struct {
 	SessionID     string
-	Duration      time.Duration
-	PacketsIn     int64 // client → gateway messages
+	Duration      time.Duration // from the upgrade to the end of the session
+	PacketsIn     int64         // client → gateway messages
 	BytesIn       int64
 	PacketsOut    int64 // gateway → client messages relayed from the algorithm service
 	BytesOut      int64
