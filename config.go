@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"voicegate/auth"
+	"voicegate/console"
 	"voicegate/proxy"
 )
 
@@ -101,7 +102,8 @@ type config struct {
 	LeaseTTL    time.Duration
 	LimitBudget time.Duration
 
-	ConsoleEnabled bool // serve the browser console at /console
+	ConsoleEnabled  bool     // serve the browser console at /console
+	ConsoleGateways []string // origins besides its own the console may talk to (console.Origin's form)
 }
 
 // setting is one configuration variable: an environment variable that a flag of the same name
@@ -317,6 +319,19 @@ func settings() []setting {
 		{"CONSOLE_ENABLED", "false", "serve the browser console (chat and microphone) at /console", func(c *config, v string) (err error) {
 			if c.ConsoleEnabled, err = strconv.ParseBool(v); err != nil {
 				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"CONSOLE_GATEWAYS", "", "comma-separated origins, besides its own, that the console may be pointed at with ?gateway= (and send its token to)", func(c *config, v string) error {
+			for _, o := range strings.Split(v, ",") {
+				if o = strings.TrimSpace(o); o == "" {
+					continue
+				}
+				origin, err := console.Origin(o)
+				if err != nil {
+					return fmt.Errorf("%q: %w", o, err)
+				}
+				c.ConsoleGateways = append(c.ConsoleGateways, origin)
 			}
 			return nil
 		}},

@@ -349,7 +349,7 @@ func NewResumeHandler(o HandlerOptions) http.Handler {
 		id := r.PathValue("request_id")
 		if !proxy.ValidRequestID(id) {
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
-				Message: "invalid request_id", Details: []FieldError{{"request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -"}}})
+				Message: "invalid request_id", Details: []FieldError{{"request_id", proxy.RequestIDReason}}})
 			return
 		}
 		var user, tenant string
@@ -587,13 +587,13 @@ func (o *HandlerOptions) parse(w http.ResponseWriter, r *http.Request) (*queryRe
 	if q.Model == "" {
 		q.Model = o.DefaultModel
 	} else if !proxy.ValidLabel(q.Model, maxIDLen) {
-		bad = append(bad, FieldError{"model", "must be at most 256 bytes of text without control, line-separator or bidi characters"})
+		bad = append(bad, FieldError{"model", proxy.LabelReason(maxIDLen)})
 	}
 	if q.ConversationID != "" && !proxy.ValidLabel(q.ConversationID, maxIDLen) {
-		bad = append(bad, FieldError{"conversation_id", "must be at most 256 bytes of text without control, line-separator or bidi characters"})
+		bad = append(bad, FieldError{"conversation_id", proxy.LabelReason(maxIDLen)})
 	}
 	if q.StreamID != "" && !proxy.ValidLabel(q.StreamID, maxIDLen) {
-		bad = append(bad, FieldError{"stream_id", "must be at most 256 bytes of text without control, line-separator or bidi characters"})
+		bad = append(bad, FieldError{"stream_id", proxy.LabelReason(maxIDLen)})
 	}
 	if q.RequestID == "" {
 		q.RequestID = proxy.RequestIDFrom(r.Context())
@@ -601,7 +601,7 @@ func (o *HandlerOptions) parse(w http.ResponseWriter, r *http.Request) (*queryRe
 			q.RequestID = proxy.NewRequestID()
 		}
 	} else if !proxy.ValidRequestID(q.RequestID) {
-		bad = append(bad, FieldError{"request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -"})
+		bad = append(bad, FieldError{"request_id", proxy.RequestIDReason})
 	}
 	if len(bad) > 0 {
 		return nil, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
@@ -652,8 +652,12 @@ func NewCancelHandler(o CancelOptions) http.Handler {
 			return
 		}
 		if !proxy.ValidRequestID(req.RequestID) {
+			reason := proxy.RequestIDReason
+			if req.RequestID == "" {
+				reason = "required"
+			}
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
-				Message: "request_id is required", Details: []FieldError{{"request_id", "required"}}})
+				Message: "invalid request: request_id " + reason, Details: []FieldError{{"request_id", reason}}})
 			return
 		}
 		var allowed func(*Stream) bool

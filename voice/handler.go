@@ -187,6 +187,9 @@ func (h *Handler) putBuf(b *[]byte) {
 	h.bufs.Put(b)
 }
 
+// maxConversationID bounds the conversation_id of an upgrade, as chat's.
+const maxConversationID = 256
+
 // msgOriginRefused is the error of an upgrade from an origin that is not allowed.
 const msgOriginRefused = "origin not allowed"
 
@@ -209,9 +212,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	q := r.URL.Query()
 	conversation, language := q.Get("conversation_id"), q.Get("language")
-	if !proxy.ValidLabel(conversation, 256) || !validLanguage(language) {
-		proxy.Errorf(w, r, http.StatusBadRequest, proxy.CodeValidation,
-			"conversation_id must be at most 256 bytes of text without control, line-separator or bidi characters, and language a tag such as en-US")
+	var bad []proxy.FieldError
+	if !proxy.ValidLabel(conversation, maxConversationID) {
+		bad = append(bad, proxy.FieldError{Field: "conversation_id", Reason: proxy.LabelReason(maxConversationID)})
+	}
+	if !proxy.ValidLanguage(language) {
+		bad = append(bad, proxy.FieldError{Field: "language", Reason: proxy.LanguageReason})
+	}
+	if len(bad) > 0 {
+		proxy.WriteError(w, r, proxy.InvalidFields(bad...))
 		return
 	}
 	cfg := h.o.Audio
@@ -390,16 +399,4 @@ func escapePattern(s string) string {
 		b.WriteRune(c)
 	}
 	return b.String()
-}
-
-func validLanguage(s string) bool {
-	if len(s) > 16 {
-		return false
-	}
-	for _, c := range s {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-			return false
-		}
-	}
-	return true
 }
