@@ -307,7 +307,10 @@ func TestVoiceUsageRecords(t *testing.T) {
 	kv := openVoice(t, kgw, "", bearer(tok))
 	sendAudio(t, kv, time.Second)
 	sessionKey := "voicegate:vq:{tenant-a}:s:" + kv.id
-	eventually(t, 5*time.Second, "K charges the second of audio", func() bool { return r.Do(t, "GET", sessionKey) == "1000" })
+	eventually(t, 5*time.Second, "K charges the second of audio, and publishes it", func() bool {
+		l, ok, _ := a.voiceLive(t, admin, kv.id)
+		return r.Do(t, "GET", sessionKey) == "1000" && ok && l.ChargedSeconds == 1
+	})
 	sendAudio(t, kv, 100*time.Millisecond)
 	if err := k.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -387,7 +390,7 @@ func TestVoiceDetailAndBroadcastAcrossInstances(t *testing.T) {
 	r := startRedis(t)
 	algo := newVoiceAlgo(t)
 	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
-		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "100ms"}))
+		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "100ms", "LEASE_TTL": "900ms"}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)

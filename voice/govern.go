@@ -145,7 +145,7 @@ func (t *timers) charge(ctx context.Context, now time.Time, batch []*session) {
 			s.overQuota()
 		}
 	}
-	t.h.o.Registry.publishLive(ctx, batch)
+
 }
 
 // finalCharge charges what s used in all, as it ends; bounded by ChargeBudget.
