@@ -22,12 +22,15 @@
 //     a connection (an error message, a ping, a close, a broadcast notice) may come from other
 //     goroutines: coder/websocket serialises them.
 //   - What bounds each in time. Every read and write the library makes on a socket, its
-//     control frames included, gets a deadline from the conn under it: a write must be taken
-//     within the write timeout (VOICE_WRITE_TIMEOUT), and a side that sends nothing at all,
-//     not even a pong, is dead after two ping intervals plus a write timeout. A side that does
-//     not take a write in time is a slow consumer: it is dropped, and the session ends 1013
-//     (with an error message SLOW_CONSUMER to the client when it is the algorithm service that
-//     stalled; a client that stopped reading cannot be told).
+//     control frames included (the pongs it writes from the reader too), gets a deadline from
+//     the conn under it: a write must be taken within the write timeout (VOICE_WRITE_TIMEOUT),
+//     and a side that sends nothing at all, not even a pong, is dead after two ping intervals
+//     plus a write timeout. The kernel queues at most 16 KiB for a side beyond its receive
+//     window (conn.go), so a side that stops reading blocks the next write as soon as its
+//     window is full, however small the writes. A side that does not take a write in time is a
+//     slow consumer: it is dropped, and the session ends 1013 (with an error message
+//     SLOW_CONSUMER to the client when it is the algorithm service that stalled; a client that
+//     stopped reading cannot be told).
 //   - One clock. A single goroutine per Handler, running only while there are sessions, ticks
 //     every recheck interval for all of them: idle timeouts, keepalive pings (each sent from a
 //     short-lived goroutine, since the library's Ping waits for the pong) and token rechecks.

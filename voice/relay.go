@@ -104,6 +104,9 @@ func (s *session) clientReadFailed(err error) {
 		s.end(ending{code: ce.Code, reason: "client closed: " + ce.Reason})
 	case errors.Is(err, websocket.ErrMessageTooBig):
 		s.end(ending{code: websocket.StatusMessageTooBig, reason: "message too big"})
+	case s.client.conn.slow():
+		// The library writes pongs from the reader: one the client did not take ends here.
+		s.clientWriteFailed()
 	default:
 		// Vanished without a close frame, or silent past its read deadline.
 		s.clientGone("client gone")
@@ -137,6 +140,8 @@ func (s *session) upReadFailed(err error) {
 	case s.ended.Load():
 	case errors.As(err, &ce):
 		s.end(upstreamClosed(ce))
+	case s.up.conn.slow():
+		s.upWriteFailed() // a pong it did not take
 	default:
 		s.upstreamGone("the algorithm service went away")
 	}
