@@ -128,7 +128,7 @@ func registryGateway(t *testing.T, reg *voice.Registry, algo *voiceAlgo, meter p
 		}}
 	if meter != nil {
 		o.Meter = meter
-		o.ChargeInterval, o.RecheckInterval = 100*time.Millisecond, 100*time.Millisecond
+		o.Reservation = 100 * time.Millisecond
 		o.Limits = func(string) policy.VoiceLimits { return policy.VoiceLimits{UserSecondsPerDay: 3600} }
 	}
 	h := voice.NewHandler(o)
@@ -203,8 +203,8 @@ func TestVoiceRegistryRedisClock(t *testing.T) {
 	}
 }
 
-// gateMeter is an audio meter on Redis whose answers to a session's charges can be held back: as
-// a Redis that answers late, but within the call's budget.
+// gateMeter is an audio meter on Redis whose answer to a session's first charge of audio it used
+// (a reservation) can be held back: as a Redis that answers late.
 type gateMeter struct {
 	inner   policy.AudioMeter
 	holding atomic.Bool
