@@ -291,3 +291,47 @@ func TestVoiceLateChargeAnswer(t *testing.T) {
 		t.Errorf("%d usage records for one session: %v", len(recs), recs)
 	}
 }
+
+// TestVoiceUsageRecordsRetried: usage records that Redis refuses are written later, each once.
+// Session A ends while the usage stream cannot be written (its key holds a string: every XADD
+// fails, unrun); a renewal tries to write its record, and B ends while that renewal waits for
+// Redis (paused). Once the stream can be written, the next renewal writes one record for each,
+// and both entries are deleted.
+func TestVoiceUsageRecordsRetried(t *testing.T) {
+	r := startRedis(t)
+	client := testClient(t, r)
+	algo := newVoiceAlgo(t)
+	reg := voice.NewRegistry(voice.RegistryOptions{Instance: "x", Redis: client, Prefix: "voicegate:", TTL: time.Second})
+	ends := make(chan voice.Stats, 2)
+	srv := registryGateway(t, reg, algo, nil, ends)
+	a, b := dialRegistry(t, srv), dialRegistry(t, srv)
+	end := func(v *voiceClient) {
+		t.Helper()
+		_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
+		select {
+		case <-ends:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the session did not end")
+		}
+	}
+	r.Do(t, "SET", "voicegate:usage", "not a stream")
+	end(a)
+	r.Do(t, "CLIENT", "PAUSE", "500", "ALL")
+	renewed := make(chan error, 1)
+	go func() { renewed <- reg.Renew(t.Context()) }()
+	end(b) // while the renewal waits
+	if err := <-renewed; err == nil {
+		t.Fatal("a renewal wrote to a stream that is a string")
+	}
+	r.Do(t, "DEL", "voicegate:usage")
+	if err := reg.Renew(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	recs := usageRecords(t, r)
+	if len(recs) != 2 || recordOf(recs, a.id) == nil || recordOf(recs, b.id) == nil {
+		t.Errorf("usage records %v, want one for each session", recs)
+	}
+	if n := r.Do(t, "ZCARD", "voicegate:voice:sessions"); n != int64(0) {
+		t.Errorf("the index holds %v sessions after both ended", n)
+	}
+}

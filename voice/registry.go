@@ -156,8 +156,9 @@ func (r *Registry) key(id string) string { return r.keys.Key(policy.KindSession,
 func (r *Registry) index() string        { return r.keys.Key(policy.KindSessions) }
 func (r *Registry) stream() string       { return r.keys.Key(policy.KindUsage) }
 
-// maxPendingUsage bounds the usage records waiting for Redis; beyond it the oldest are dropped
-// (they are in the log all the same).
+// maxPendingUsage bounds the usage records waiting for Redis, and the ended sessions whose
+// entries are still to delete; beyond it the oldest are dropped (the records are in the log all
+// the same).
 const maxPendingUsage = 10000
 
 func (r *Registry) add(ctx context.Context, s *session) {
@@ -247,9 +248,17 @@ func (r *Registry) unpublish(ctx context.Context) error {
 	}
 	if len(failed) > 0 || !deleted {
 		r.mu.Lock()
-		r.queueUsage(append(failed, r.usage...)...)
+		// Before those queued meanwhile, in the order they ended.
+		since := r.usage
+		r.usage = nil
+		r.queueUsage(append(failed, since...)...)
 		if !deleted { // all again: deleting twice is harmless
 			r.gone = append(gone, r.gone...)
+			if over := len(r.gone) - maxPendingUsage; over > 0 {
+				r.log.Warn("ended voice sessions' entries could not be deleted in time; the oldest may be written off as lost",
+					"dropped", over)
+				r.gone = append(r.gone[:0], r.gone[over:]...)
+			}
 		}
 		r.mu.Unlock()
 	}
