@@ -231,8 +231,9 @@ func benchVoicePolicy(tb testing.TB) string {
 // BenchmarkVoiceRelay runs the built gateway (its defaults: audio_chunk JSON, access log on),
 // the same on a real redis-server (without a voice quota: the built-in policy), the same on
 // Redis with voice governance on (a policy with daily audio quotas, a maximum session length
-// and named tenants: every session metered, charged across instances every
-// VOICE_CHARGE_INTERVAL and its latencies recorded per tenant) and, in raw-audio mode, a fourth
+// and named tenants: every session metered, its audio charged as it arrives against reservations
+// taken across instances every VOICE_RESERVATION of audio, and its latencies recorded per
+// tenant) and, in raw-audio mode, a fourth
 // one, beside a bare httputil.ReverseProxy relaying the WebSocket as bytes, each a child
 // process in front of the same echoing algorithm service, at the same fixed load:
 // VOICE_BENCH_SESSIONS (default 100) sessions × 50 frames/s × 640 B. The five take turns, VOICE_BENCH_ROUNDS (default 3) windows of VOICE_BENCH_SECONDS (default 5)

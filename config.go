@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"voicegate/auth"
+	"voicegate/console"
 	"voicegate/proxy"
 )
 
@@ -92,17 +93,21 @@ type config struct {
 	VoiceWriteTimeout time.Duration
 	VoiceRawAudio     bool
 	VoiceLanguage     string
-	// VoiceChargeInterval is the increment voice audio is charged in; VoiceUsageMaxLen caps
-	// the usage stream.
-	VoiceChargeInterval time.Duration
-	VoiceUsageMaxLen    int
+	// VoiceReservation is the audio a voice session reserves from its quotas at a time;
+	// VoicePace and VoicePaceBurst bound how much faster than real time a client may send;
+	// VoiceUsageMaxLen caps the usage stream.
+	VoiceReservation time.Duration
+	VoicePace        float64
+	VoicePaceBurst   time.Duration
+	VoiceUsageMaxLen int
 
 	PolicyFile  string
 	PolicyWatch time.Duration
 	LeaseTTL    time.Duration
 	LimitBudget time.Duration
 
-	ConsoleEnabled bool // serve the browser console at /console
+	ConsoleEnabled  bool     // serve the browser console at /console
+	ConsoleGateways []string // origins besides its own the console may talk to (console.Origin's form)
 }
 
 // setting is one configuration variable: an environment variable that a flag of the same name
@@ -308,7 +313,16 @@ func settings() []setting {
 			c.VoiceLanguage = v
 			return nil
 		}},
-		{"VOICE_CHARGE_INTERVAL", "5s", "voice audio is charged to the daily quotas in increments of this length while a session runs (an instance that dies loses at most one)", durationSetting(func(c *config) *time.Duration { return &c.VoiceChargeInterval }, 10*time.Millisecond)},
+		{"VOICE_RESERVATION", "2s", "voice audio is reserved from the daily quotas this much at a time, ahead of its use, and charged as it arrives (a session exceeds its quota by at most one)", durationSetting(func(c *config) *time.Duration { return &c.VoiceReservation }, 20*time.Millisecond)},
+		{"VOICE_PACE", "1.2", "how many times faster than real time a voice client may send audio, beyond VOICE_PACE_BURST; the session stops reading a faster one (0: no bound)", func(c *config, v string) error {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil || f != 0 && (f < 1 || f > 100) {
+				return errors.New("want 0 (no bound) or a number from 1 to 100, such as 1.2")
+			}
+			c.VoicePace = f
+			return nil
+		}},
+		{"VOICE_PACE_BURST", "3s", "voice audio a client may send ahead of VOICE_PACE at once (catching up after a stall)", durationSetting(func(c *config) *time.Duration { return &c.VoicePaceBurst }, 20*time.Millisecond)},
 		{"VOICE_USAGE_MAX_LEN", "100000", "usage records kept in the Redis stream {REDIS_PREFIX}usage (approximately; older ones are trimmed)", intSetting(func(c *config) *int { return &c.VoiceUsageMaxLen })},
 		{"METRICS_ENABLED", "true", "record metrics and serve /metrics", func(c *config, v string) (err error) {
 			if c.MetricsEnabled, err = strconv.ParseBool(v); err != nil {
@@ -319,6 +333,19 @@ func settings() []setting {
 		{"CONSOLE_ENABLED", "false", "serve the browser console (chat and microphone) at /console", func(c *config, v string) (err error) {
 			if c.ConsoleEnabled, err = strconv.ParseBool(v); err != nil {
 				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"CONSOLE_GATEWAYS", "", "comma-separated origins, besides its own, that the console may be pointed at with ?gateway= (and send its token to)", func(c *config, v string) error {
+			for _, o := range strings.Split(v, ",") {
+				if o = strings.TrimSpace(o); o == "" {
+					continue
+				}
+				origin, err := console.Origin(o)
+				if err != nil {
+					return fmt.Errorf("%q: %w", o, err)
+				}
+				c.ConsoleGateways = append(c.ConsoleGateways, origin)
 			}
 			return nil
 		}},

@@ -26,6 +26,7 @@ func FuzzConfig(f *testing.F) {
 		"ALGO_URL":            "http://a:1,http://b:2",
 		"TRUSTED_PROXIES":     "10.0.0.0/8, ::ffff:10.0.0.0/104",
 		"CORS_ORIGINS":        "https://app.example.com",
+		"CONSOLE_GATEWAYS":    "https://gw.example.com, http://127.0.0.1:8081",
 		"BODY_READ_TIMEOUT":   "1ms",
 		"SSE_MAX_LINE_BYTES":  "999999999999",
 		"CHAT_MAX_BODY_BYTES": "16777216",

@@ -49,6 +49,8 @@ func TestConfigRejectsInvalidValues(t *testing.T) {
 		{"TRUSTED_PROXIES junk", map[string]string{"TRUSTED_PROXIES": "junk"}, nil, "TRUSTED_PROXIES"},
 		{"CORS_ORIGINS not an origin", map[string]string{"CORS_ORIGINS": "notanorigin"}, nil, "CORS_ORIGINS"},
 		{"CORS_ORIGINS with a path", map[string]string{"CORS_ORIGINS": "https://app.example.com/x"}, nil, "CORS_ORIGINS"},
+		{"CONSOLE_GATEWAYS with a path", map[string]string{"CONSOLE_GATEWAYS": "https://gw.example.com/api"}, nil, "CONSOLE_GATEWAYS"},
+		{"CONSOLE_GATEWAYS any", map[string]string{"CONSOLE_GATEWAYS": "*"}, nil, "CONSOLE_GATEWAYS"},
 		{"CHAT_MAX_MESSAGE negative", map[string]string{"CHAT_MAX_MESSAGE": "-1"}, nil, "CHAT_MAX_MESSAGE"},
 		{"CHAT_MAX_BODY_BYTES zero", map[string]string{"CHAT_MAX_BODY_BYTES": "0"}, nil, "CHAT_MAX_BODY_BYTES"},
 		{"UPSTREAM_TIMEOUT zero", map[string]string{"UPSTREAM_TIMEOUT": "0s"}, nil, "UPSTREAM_TIMEOUT"},

@@ -26,6 +26,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/cdp"
+	cdppage "github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
 	"github.com/coder/websocket"
 
@@ -448,9 +450,11 @@ func TestConsoleInBrowser(t *testing.T) {
 	})
 
 	t.Run("a page from a disallowed origin is refused and shows why", func(t *testing.T) {
+		// A console elsewhere that may use this gateway, which does not allow that origin.
 		mux := http.NewServeMux()
-		mux.Handle("GET /console", console.Handler())
-		mux.Handle("GET /console/{file}", console.Handler())
+		h := console.Handler(console.Options{Gateways: []string{g.URL}})
+		mux.Handle("GET /console", h)
+		mux.Handle("GET /console/{file}", h)
 		other := httptest.NewServer(mux)
 		defer other.Close()
 		p := b.open(t, fmt.Sprintf("%s/console?gateway=%s#token=%s", other.URL, g.URL, demoToken))
@@ -474,6 +478,126 @@ func TestConsoleInBrowser(t *testing.T) {
 		p.waitFor("the chat request to fail", `!window.voicegate.chat.running && window.voicegate.chat.error !== ""`)
 		if got := p.text("#chat-status"); !strings.Contains(got, "CORS_ORIGINS") || !strings.Contains(got, other.URL) {
 			t.Errorf("chat status %q, want it to name CORS_ORIGINS and this page's origin", got)
+		}
+	})
+
+	t.Run("a gateway not listed gets nothing, not even from a script", func(t *testing.T) {
+		// A real server where ?gateway= points: it must never hear from the page.
+		var heard atomic.Int64
+		elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			heard.Add(1)
+			w.Header().Set("Access-Control-Allow-Origin", "*")
+			w.Header().Set("Access-Control-Allow-Headers", "*")
+		}))
+		defer elsewhere.Close()
+		p := b.open(t, g.URL+"/console?gateway="+elsewhere.URL+"#token="+demoToken)
+		if got := p.text("#origin-note"); !strings.Contains(got, "Refused") || !strings.Contains(got, elsewhere.URL) ||
+			!strings.Contains(got, "Nothing was sent") {
+			t.Errorf("the page does not say that it refused %s: %q", elsewhere.URL, got)
+		}
+		var sendDisabled, micDisabled bool
+		p.eval(`document.getElementById("send").disabled`, &sendDisabled)
+		p.eval(`document.getElementById("mic").disabled`, &micDisabled)
+		if !sendDisabled || !micDisabled {
+			t.Errorf("send disabled %v, microphone disabled %v: want both off", sendDisabled, micDisabled)
+		}
+		// Asking anyway: the chat form submitted and the microphone pressed by script.
+		p.do("asking anyway", chromedp.Evaluate[chromedp.Void](`document.getElementById("chat-form").requestSubmit();
+			const mic = document.getElementById("mic"); mic.disabled = false; mic.click();`))
+		p.waitFor("both to give up", `!window.voicegate.chat.running && (window.voicegate.voice.closes.length > 0 ||
+			document.getElementById("voice-status").textContent.includes("Refused"))`)
+		if got := p.text("#voice-status"); !strings.Contains(got, "Refused") {
+			t.Errorf("voice status %q, want the refusal", got)
+		}
+		// A fault in the script, or one injected, that sends there anyway: the policy blocks it.
+		probe := `new Promise((resolve) => {
+			const out = [];
+			const settle = () => { if (out.length === 2) resolve(out); };
+			fetch(` + strconv.Quote(elsewhere.URL+"/probe") + `, { method: "POST", headers: { Authorization: "Bearer x" }, body: "x" })
+				.then(() => out.push("fetch sent"), (e) => out.push("fetch " + e.name)).then(settle);
+			try {
+				const ws = new WebSocket(` + strconv.Quote("ws"+strings.TrimPrefix(elsewhere.URL, "http")+"/ws") + `);
+				ws.onerror = () => { out.push("websocket failed"); settle(); };
+				ws.onopen = () => { out.push("websocket open"); settle(); };
+			} catch (e) {
+				out.push("websocket " + e.name);
+				settle();
+			}
+		})`
+		outcome, err := chromedp.Run(p.ctx, chromedp.Evaluate[[]string](probe, chromedp.EvalAwaitPromise))
+		if err != nil {
+			t.Fatalf("probing: %v", err)
+		}
+		if slices.Contains(outcome, "fetch sent") || slices.Contains(outcome, "websocket open") {
+			t.Errorf("the page reached the other server: %q", outcome)
+		}
+		// Every attempt has settled (a request that went out would have reached the server
+		// before its answer settled the promise), so the count is final.
+		if n := heard.Load(); n != 0 {
+			t.Errorf("the server at ?gateway= received %d requests, want none", n)
+		}
+		var href string
+		var entries int
+		p.eval(`location.href`, &href)
+		p.eval(`history.length`, &entries)
+		if strings.Contains(href, demoToken) || strings.Contains(href, "token=") {
+			t.Errorf("location.href still holds the token: %.80q…", href)
+		}
+		hist, err := chromedp.Run(p.ctx, func(ctx context.Context, tg *chromedp.Target) (*cdppage.GetNavigationHistoryResult, error) {
+			res, err := cdp.Call(ctx, tg, cdppage.GetNavigationHistory, cdp.Empty{})
+			return &res, err
+		})
+		if err != nil {
+			t.Fatalf("reading the tab's history: %v", err)
+		}
+		// The tab's entries are those of history.length: the blank page it opened with, and the
+		// console's, whose URL was replaced.
+		if len(hist.Entries) != entries {
+			t.Errorf("the tab has %d history entries, the page sees %d", len(hist.Entries), entries)
+		}
+		for _, e := range hist.Entries {
+			t.Logf("history entry %d: %.80q", e.ID, e.URL)
+			if strings.Contains(e.URL, demoToken) || strings.Contains(e.URL, "token=") {
+				t.Errorf("the tab's history entry %d holds the token: %.80q…", e.ID, e.URL)
+			}
+		}
+		if !slices.ContainsFunc(hist.Entries, func(e *cdppage.NavigationEntry) bool { return strings.HasPrefix(e.URL, g.URL+"/console?gateway=") }) {
+			t.Errorf("no history entry is the console's")
+		}
+	})
+
+	t.Run("a listed gateway gets the chat", func(t *testing.T) {
+		// The page comes from a server of its own, whose address is known before it starts;
+		// the gateway allows that origin, and the page's server lists the gateway.
+		host := httptest.NewUnstartedServer(nil)
+		defer host.Close()
+		algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
+			ndjson(w, `{"type":"generation_chunk","content":"from the listed gateway"}`, `{"type":"generation_done"}`)
+		})
+		gw := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CORS_ORIGINS": "http://" + host.Listener.Addr().String()})
+		mux := http.NewServeMux()
+		h := console.Handler(console.Options{Gateways: []string{gw.URL}})
+		mux.Handle("GET /console", h)
+		mux.Handle("GET /console/{file}", h)
+		host.Config.Handler = mux
+		host.Start()
+		tok := w.token(t, "u-console-listed", []string{"user"}, nil)
+		p := b.open(t, host.URL+"/console?gateway="+gw.URL+"#token="+tok)
+		if got := p.text("#gateway"); got != gw.URL {
+			t.Errorf("the console talks to %q, want the listed gateway %s", got, gw.URL)
+		}
+		p.click("#send")
+		p.waitFor("the stream to end", `window.voicegate.chat.outcome !== "" && !window.voicegate.chat.running`)
+		var answer string
+		p.eval(`window.voicegate.chat.answer`, &answer)
+		if answer != "from the listed gateway" {
+			t.Errorf("answer %q, want the listed gateway's", answer)
+		}
+		algo.only(t)
+		var href string
+		p.eval(`location.href`, &href)
+		if strings.Contains(href, tok) {
+			t.Errorf("location.href still holds the token")
 		}
 	})
 

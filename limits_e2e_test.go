@@ -218,3 +218,50 @@ func TestAdmissionAnsweredLate(t *testing.T) {
 		t.Errorf("directory entries left behind: %v", keys)
 	}
 }
+
+// TestAudioMeterReservations: the voice audio meters, in memory and on Redis, decide alike.
+// A reservation is granted only as far as the user's and the tenant's quotas leave room, and a
+// retried one costs nothing twice; audio a session used beyond what it held (while the meter
+// could not answer) is charged all the same; settling a session charges exactly its use, gives
+// back what it held beyond it, and nothing charged after that changes it.
+func TestAudioMeterReservations(t *testing.T) {
+	r := startRedis(t)
+	lim := policy.VoiceLimits{UserSecondsPerDay: 10, TenantSecondsPerDay: 15}
+	s := time.Second
+	for _, m := range []struct {
+		name  string
+		meter policy.AudioMeter
+	}{{"memory", policy.NewMemoryAudioMeter()}, {"redis", policy.NewRedisAudioMeter(testClient(t, r), "voicegate:")}} {
+		t.Run(m.name, func(t *testing.T) {
+			for i, step := range []struct {
+				user, session    string
+				used, hold       time.Duration
+				final            bool
+				held, uUsed, tot time.Duration // what the answer says
+			}{
+				{"alice", "s1", 0, 4 * s, false, 4 * s, 4 * s, 4 * s},
+				{"alice", "s1", 0, 4 * s, false, 4 * s, 4 * s, 4 * s}, // retried
+				{"alice", "s2", 0, 4 * s, false, 4 * s, 8 * s, 8 * s},
+				{"alice", "s1", 3 * s, 7 * s, false, 6 * s, 10 * s, 10 * s},  // 2 s of the 3 asked: the user's quota
+				{"alice", "s2", 1 * s, 5 * s, false, 4 * s, 10 * s, 10 * s},  // nothing left
+				{"alice", "s1", 5 * s, 0, true, 5 * s, 9 * s, 9 * s},         // settled: 1 s back
+				{"alice", "s1", 9 * s, 20 * s, false, 5 * s, 9 * s, 9 * s},   // after its settlement: nothing
+				{"alice", "s2", 6 * s, 10 * s, false, 6 * s, 11 * s, 11 * s}, // used beyond its holding: charged
+				{"bob", "s3", 0, 10 * s, false, 4 * s, 4 * s, 15 * s},        // the tenant's quota
+				{"alice", "s2", 6 * s, 0, true, 6 * s, 11 * s, 15 * s},
+				{"alice", "", 0, 0, false, 0, 11 * s, 15 * s}, // a read
+			} {
+				u := &policy.AudioUse{Tenant: "acme", User: step.user, Session: step.session, Used: step.used,
+					Hold: step.hold, Final: step.final, Limits: lim}
+				if err := m.meter.Charge(t.Context(), []*policy.AudioUse{u}); err != nil {
+					t.Fatalf("step %d: %v", i+1, err)
+				}
+				if u.Held != step.held || u.UserUsed != step.uUsed || u.TenantUsed != step.tot {
+					t.Errorf("step %d (%s %s used %v hold %v final %v): held %v, user %v, tenant %v; want %v, %v, %v",
+						i+1, step.user, step.session, step.used, step.hold, step.final, u.Held, u.UserUsed, u.TenantUsed,
+						step.held, step.uUsed, step.tot)
+				}
+			}
+		})
+	}
+}

@@ -6,8 +6,12 @@ package main
 // coder/websocket peers on loopback.
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"net"
 	"net/http"
 	"net/url"
 	"regexp"
@@ -16,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -749,4 +754,92 @@ func TestVoiceClientThatNeverReads(t *testing.T) {
 	t.Logf("the session left Redis %v after the client stopped reading (VOICE_WRITE_TIMEOUT 300ms)", took)
 	again := openVoice(t, g, "?conversation_id=c-after", bearer(tok)) // the user's one slot is free
 	_ = again.conn.Close(websocket.StatusNormalClosure, "bye")
+}
+
+// TestVoicePingFloodNeverRead: a client floods the gateway with pings and never reads a pong
+// (its socket's receive buffer is small, as a client that reads nothing leaves it). A pong is a
+// write like any other: once the client's window is full, the gateway queues little more (16
+// KiB), a pong the client does not take within VOICE_WRITE_TIMEOUT drops it, and the session
+// ends as a slow consumer (1013). The pings come at a fixed rate, 2,000 a second with the largest
+// payload a ping may carry, so that how soon the queue is full does not depend on how busy the
+// machine is: a tenth of a second here; the kernel left to itself queued megabytes of pongs
+// first, which took ten times the write timeout.
+func TestVoicePingFloodNeverRead(t *testing.T) {
+	const writeTimeout = time.Second
+	algo := newVoiceAlgo(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "VOICE_WRITE_TIMEOUT": writeTimeout.String()})
+	w := watchTokens(t, g)
+	tok := w.token(t, "u-pings", []string{"user"}, nil)
+
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) {
+			err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4<<10)
+		}); cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	conn, err := d.DialContext(t.Context(), "tcp", g.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	req := "GET /api/v2/voice/stream HTTP/1.1\r\nHost: " + g.Addr + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" +
+		"Sec-WebSocket-Protocol: " + voiceSubprotocol + "\r\nAuthorization: Bearer " + tok + "\r\n\r\n"
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Write([]byte(req)); err != nil {
+		t.Fatal(err)
+	}
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil) // the last read of this client
+	if err != nil || res.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", res, err)
+	}
+	eventually(t, 5*time.Second, "the session reaches the algorithm service", func() bool { return algo.open.Load() == 1 })
+
+	// 20 pings every 10 ms, each with 125 bytes of payload, masked with a zero key: each asks
+	// the gateway for a pong of 127 bytes.
+	ping := append([]byte{0x89, 0x80 | 125, 0, 0, 0, 0}, make([]byte, 125)...)
+	batch := bytes.Repeat(ping, 20)
+	start := time.Now()
+	var sent atomic.Int64
+	flooding := make(chan error, 1)
+	go func() {
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for time.Since(start) < writeTimeout+10*time.Second {
+			<-tick.C
+			_ = conn.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
+			n, err := conn.Write(batch)
+			sent.Add(int64(n / len(ping)))
+			var ne net.Error
+			if err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+				flooding <- err // dropped
+				return
+			}
+		}
+		flooding <- nil
+	}()
+	took := eventually(t, writeTimeout+10*time.Second, "the session ends", func() bool { return algo.open.Load() == 0 })
+	_ = conn.Close()
+	t.Logf("the session ended %v into the flood (VOICE_WRITE_TIMEOUT %v), after %d pings; the client's writes: %v",
+		took, writeTimeout, sent.Load(), <-flooding)
+	if took > writeTimeout+2*time.Second {
+		t.Errorf("the client was dropped %v into the flood, want within VOICE_WRITE_TIMEOUT (%v) of its window filling",
+			took, writeTimeout)
+	}
+	var ended map[string]any
+	eventually(t, 5*time.Second, "the session's end is logged", func() bool {
+		for _, rec := range logRecords(t, g) {
+			if rec["msg"] == "voice session ended" && rec["user_id"] == "u-pings" {
+				ended = rec
+				return true
+			}
+		}
+		return false
+	})
+	if code, _ := ended["close_code"].(float64); int(code) != int(websocket.StatusTryAgainLater) {
+		t.Errorf("the session ended %v (%v), want 1013: a client that does not take its writes", ended["close_code"], ended["close_reason"])
+	}
 }

@@ -57,7 +57,7 @@ func (g *gateway) tenantLabel(tenant string) string {
 	return otherTenant
 }
 
-// voiceGovernance fills in o's metering, quotas and latency metrics.
+// voiceGovernance fills in o's metering, quotas, pace bound and latency metrics.
 func (g *gateway) voiceGovernance(o *voice.Options) error {
 	vm, err := newVoiceMetrics(g.tel)
 	if err != nil {
@@ -69,8 +69,9 @@ func (g *gateway) voiceGovernance(o *voice.Options) error {
 		o.Meter = policy.NewMemoryAudioMeter()
 	}
 	o.Limits = func(tenant string) policy.VoiceLimits { return g.policy.Policy().VoiceLimits(tenant) }
-	o.ChargeInterval = g.cfg.VoiceChargeInterval
+	o.Reservation = g.cfg.VoiceReservation
 	o.ChargeBudget = g.cfg.LimitBudget
+	o.Pace, o.PaceBurst = g.cfg.VoicePace, g.cfg.VoicePaceBurst
 	bg := context.Background()
 	o.OnLatency = func(k voice.LatencyKind, tenant string, d time.Duration) {
 		h := vm.response

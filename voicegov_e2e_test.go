@@ -199,15 +199,14 @@ func chargedMS(t *testing.T, r *testRedis, user string) int64 {
 	}
 }
 
-// TestVoiceQuotaAcrossInstances: a user's daily audio (2 s, govPolicy) is
-// shared by two instances. A session on A uses 1 s; the user's session on B is closed 4429
-// after an error QUOTA_EXCEEDED once it crosses the rest; a new session on A is refused with
-// 429 before the upgrade; and the user was charged exactly the audio both sessions carried.
+// TestVoiceQuotaAcrossInstances: a user's daily audio (2 s, govPolicy) is shared by two
+// instances. A session on A uses 1 s; the user's session on B is closed 4429 after an error
+// QUOTA_EXCEEDED once it has used the rest; a new session on A is refused with 429 before the
+// upgrade; and the user was charged exactly the audio both sessions carried.
 func TestVoiceQuotaAcrossInstances(t *testing.T) {
 	r := startRedis(t)
 	algo := newVoiceAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
-		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "100ms"}))
+	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{"POLICY_FILE": govPolicy(t)}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -222,7 +221,7 @@ func TestVoiceQuotaAcrossInstances(t *testing.T) {
 
 	second := openVoice(t, b, "", bearer(tok))
 	ended = second.readToClose(t.Context())
-	sent := sendAudioUntilClosed(t, second, 1500*time.Millisecond) // crosses the 1 s left
+	sendAudioUntilClosed(t, second, 1500*time.Millisecond) // more than the 1 s left
 	e := waitEnding(t, ended, 5*time.Second)
 	if e.code != voice.CloseQuotaExceeded {
 		t.Errorf("the crossing session closed %v (%v), want 4429", e.code, e.err)
@@ -230,16 +229,12 @@ func TestVoiceQuotaAcrossInstances(t *testing.T) {
 	if codes := e.errorCodes(); len(codes) != 1 || codes[0] != voice.CodeQuotaExceeded {
 		t.Errorf("error messages %v, want [QUOTA_EXCEEDED]", codes)
 	}
-	// Charged for what the sessions carried, and nothing more: the second session at least
-	// the second it was allowed, at most what was sent before it was closed.
-	var charged int64
-	eventually(t, 5*time.Second, "B charges the second session", func() bool {
-		charged = chargedMS(t, r, "u-quota")
-		return charged >= 2000
+	// Charged for what the sessions carried, and nothing more: the second session the second
+	// it was allowed, as its frames arrived.
+	eventually(t, 5*time.Second, "the algorithm service got both sessions' audio", func() bool {
+		return algo.open.Load() == 0 && algo.audioReceived(t) == 2*time.Second
 	})
-	if charged > 1000+sent.Milliseconds() {
-		t.Errorf("the user was charged %d ms for 1000 ms on A and %v sent to B", charged, sent)
-	}
+	eventually(t, 5*time.Second, "B settles the second session", func() bool { return chargedMS(t, r, "u-quota") == 2000 })
 
 	res := voiceRefused(t, a, "", bearer(tok))
 	wantError(t, res, http.StatusTooManyRequests, voice.CodeQuotaExceeded)
@@ -275,13 +270,14 @@ func TestVoiceMaxSessionLength(t *testing.T) {
 }
 
 // TestVoiceUsageRecords: every session leaves one usage record in the stream, with its fields;
-// a session whose instance was SIGKILLed leaves one too, written by the other instance, and its
-// charge is short by at most one increment.
+// a session whose instance was SIGKILLed leaves one too, written by the other instance from what
+// its instance last published, and stays charged what it held: at most one reservation more
+// than it relayed.
 func TestVoiceUsageRecords(t *testing.T) {
 	r := startRedis(t)
 	algo := talkingAlgo(t)
 	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
-		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "200ms", "LEASE_TTL": "900ms"}))
+		"POLICY_FILE": govPolicy(t), "VOICE_RESERVATION": "500ms", "LEASE_TTL": "900ms"}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	bin := buildGateway(t)
 	k := startGatewayProcess(t, bin, "instance k", with(env, map[string]string{"INSTANCE_NAME": "k"}))
@@ -302,12 +298,14 @@ func TestVoiceUsageRecords(t *testing.T) {
 	_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
 	waitEnding(t, ended, 5*time.Second)
 
-	// A session on K, which dies mid-session: a second of audio charged, then 100 ms more
-	// (less than an increment) sent just before the SIGKILL, which may or may not be charged.
+	// A session on K, which dies mid-session: a second of audio, published by its renewals,
+	// then 100 ms more just before the SIGKILL, which may or may not be relayed.
 	kv := openVoice(t, kgw, "", bearer(tok))
 	sendAudio(t, kv, time.Second)
-	sessionKey := "voicegate:vq:{tenant-a}:s:" + kv.id
-	eventually(t, 5*time.Second, "K charges the second of audio", func() bool { return r.Do(t, "GET", sessionKey) == "1000" })
+	eventually(t, 5*time.Second, "K publishes the second of audio", func() bool {
+		l, ok, _ := a.voiceLive(t, admin, kv.id)
+		return ok && l.AudioSecondsIn == 1
+	})
 	sendAudio(t, kv, 100*time.Millisecond)
 	if err := k.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -341,17 +339,16 @@ func TestVoiceUsageRecords(t *testing.T) {
 	if lost["close_code"] != "1006" || lost["close_reason"] != "instance lost" || lost["instance"] != "k" || lost["user_id"] != "u-usage" {
 		t.Errorf("the lost session's record: %v", lost)
 	}
-	// Its charge is lost by at most the increment under way: of its 1.1 s, at least the
-	// second charged before, at most all of it; the record says what the quota was charged.
-	c := num(t, lost, "charged_seconds")
-	if c < 1 || c > 1.1 {
-		t.Errorf("lost session charged %v s of its 1.1 s, want 1 to 1.1", c)
+	// Its counters are as K last published them: the second, or more of the 1.1 s; what it
+	// held then was its use and at most a reservation (500 ms) ahead.
+	in, c := num(t, lost, "audio_seconds_in"), num(t, lost, "charged_seconds")
+	if in < 1 || in > 1.1 || c < in || c > in+0.5 {
+		t.Errorf("lost session: %v s of audio in, %v s charged; want 1 to 1.1 s, charged that and at most 0.5 s more", in, c)
 	}
-	if got := chargedMS(t, r, "u-usage"); got != 600+int64(c*1000+0.5) {
-		t.Errorf("the user was charged %d ms, want 600 on A and %v s on K", got, c)
-	}
-	if in := num(t, lost, "audio_seconds_in"); in < c {
-		t.Errorf("lost session's audio in %v s, less than it was charged (%v s)", in, c)
+	// The quota keeps what K held when it died: what it relayed, at most 1.1 s, and at most a
+	// reservation ahead of that.
+	if got := chargedMS(t, r, "u-usage") - 600; got < int64(c*1000+0.5) || got > 1600 {
+		t.Errorf("the lost session is charged %d ms, want what it last published (%v s) to 1.6 s", got, c)
 	}
 	// A consumer group reads the records as a billing job would.
 	if res := r.Do(t, "XGROUP", "CREATE", "voicegate:usage", "billing", "0"); res != "OK" {
@@ -387,7 +384,7 @@ func TestVoiceDetailAndBroadcastAcrossInstances(t *testing.T) {
 	r := startRedis(t)
 	algo := newVoiceAlgo(t)
 	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
-		"POLICY_FILE": govPolicy(t), "VOICE_CHARGE_INTERVAL": "100ms"}))
+		"POLICY_FILE": govPolicy(t), "LEASE_TTL": "900ms"}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -476,7 +473,7 @@ func TestVoiceDetailAndBroadcastAcrossInstances(t *testing.T) {
 // TestVoiceMetricsTenantsBounded: latencies and barge-ins of 1,000 tenants make series for the
 // tenants the policy names (tenant-a) and one "other", however many tenants there are.
 func TestVoiceMetricsTenantsBounded(t *testing.T) {
-	cfg := &config{MetricsEnabled: true, ServiceName: "voicegate", VoiceChargeInterval: time.Second}
+	cfg := &config{MetricsEnabled: true, ServiceName: "voicegate", VoiceReservation: time.Second}
 	tel, err := newTelemetry(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -523,4 +520,150 @@ func TestVoiceMetricsTenantsBounded(t *testing.T) {
 			t.Errorf("%s series = %v, want %v", m, series[m], want)
 		}
 	}
+}
+
+// audioReceived is the audio, in 16 kHz mono PCM, of the audio_chunk messages the algorithm
+// service received.
+func (a *voiceAlgo) audioReceived(t *testing.T) time.Duration {
+	t.Helper()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var bytes int64
+	for _, m := range a.got {
+		var c struct {
+			Type  string `json:"type"`
+			Audio []byte `json:"audio_chunk"` // base64 in JSON
+		}
+		if err := json.Unmarshal([]byte(m), &c); err != nil {
+			t.Fatalf("the algorithm service got %s: %v", m, err)
+		}
+		if c.Type == "audio_chunk" {
+			bytes += int64(len(c.Audio))
+		}
+	}
+	return time.Duration(bytes) * time.Second / 32000
+}
+
+// TestVoiceQuotaHeldAsAudioArrives: with a daily quota of 20 s a user sends audio as fast as the
+// gateway takes it (the pace bound set wide open). The algorithm service receives at most the 20
+// s plus one reservation (VOICE_RESERVATION, 2 s), the session ends 4429 after an error
+// QUOTA_EXCEEDED, and the user is charged exactly what was relayed.
+func TestVoiceQuotaHeldAsAudioArrives(t *testing.T) {
+	const quota, reservation = 20 * time.Second, 2 * time.Second
+	r := startRedis(t)
+	algo := newVoiceAlgo(t)
+	g := startRun(t, nil, redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+		"POLICY_FILE": voicePolicy(t, "e2e.json", func(l *policy.Limits) {
+			l.VoiceAudioSecondsPerDay = &policy.AudioQuota{PerUser: int64(quota / time.Second)}
+		}),
+		"VOICE_RESERVATION": reservation.String(), "VOICE_PACE_BURST": "1h"})))
+	w := watchTokens(t, g)
+	v := openVoice(t, g, "", bearer(w.token(t, "u-fast", []string{"user"}, nil)))
+	ended := v.readToClose(t.Context())
+	start := time.Now()
+	sent := sendAudioUntilClosed(t, v, 10*quota)
+	e := waitEnding(t, ended, 10*time.Second)
+	eventually(t, 5*time.Second, "the algorithm service's side closes", func() bool { return algo.open.Load() == 0 })
+	got := algo.audioReceived(t)
+	t.Logf("sent %v of audio in %v; the algorithm service received %v", sent, time.Since(start), got)
+	if e.code != voice.CloseQuotaExceeded {
+		t.Errorf("closed %v (%v), want 4429", e.code, e.err)
+	}
+	if codes := e.errorCodes(); len(codes) != 1 || codes[0] != voice.CodeQuotaExceeded {
+		t.Errorf("error messages %v, want [QUOTA_EXCEEDED]", codes)
+	}
+	if got > quota+reservation || got < quota-reservation {
+		t.Errorf("the algorithm service received %v of audio, want the quota %v, give or take one reservation (%v)", got, quota, reservation)
+	}
+	eventually(t, 5*time.Second, "the user is charged what was relayed", func() bool {
+		return chargedMS(t, r, "u-fast") == got.Milliseconds()
+	})
+}
+
+// TestVoicePaceBound: a client that sends 6 s of audio at once, with VOICE_PACE 2 and
+// VOICE_PACE_BURST 1s, has all of it relayed — nothing is dropped — but no sooner than the pace
+// allows: the second beyond the burst at once, the other 5 s at twice real time, 2.5 s.
+func TestVoicePaceBound(t *testing.T) {
+	algo := newVoiceAlgo(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "VOICE_PACE": "2", "VOICE_PACE_BURST": "1s"})
+	w := watchTokens(t, g)
+	v := openVoice(t, g, "", bearer(w.token(t, "u-pace", []string{"user"}, nil)))
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	for range 300 { // 6 s of 20 ms frames
+		if err := v.conn.Write(ctx, websocket.MessageBinary, make([]byte, 640)); err != nil {
+			t.Fatalf("send audio: %v", err)
+		}
+	}
+	took := eventually(t, 20*time.Second, "the algorithm service gets all 6 s", func() bool {
+		return algo.audioReceived(t) == 6*time.Second
+	})
+	t.Logf("6 s of audio relayed in %v", took)
+	// The last frame is read once the 5.98 s before it are due at the pace, less the burst.
+	if floor := (5980*time.Millisecond - time.Second) / 2; time.Since(start) < floor {
+		t.Errorf("6 s of audio relayed in %v, faster than the pace allows (%v)", time.Since(start), floor)
+	}
+	_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
+}
+
+// TestVoiceQuotaFailsOpenThenCharged: Redis freezes while a user with a 2 s quota talks. The
+// session goes on past its quota (fair use fails open), no faster than the pace bound lets it
+// (VOICE_PACE 2, VOICE_PACE_BURST 1s); once Redis answers again its next reservation charges
+// all it relayed and finds nothing left, and it ends 4429, charged exactly what it relayed.
+func TestVoiceQuotaFailsOpenThenCharged(t *testing.T) {
+	r := startRedis(t)
+	algo := newVoiceAlgo(t)
+	g := startRun(t, nil, redisEnv(r, algo.fakeBackend, okBackend(t), map[string]string{
+		"POLICY_FILE": govPolicy(t), "VOICE_PACE": "2", "VOICE_PACE_BURST": "1s"}))
+	w := watchTokens(t, g)
+	v := openVoice(t, g, "", bearer(w.token(t, "u-open", []string{"user"}, nil)))
+	ended := v.readToClose(t.Context())
+	eventually(t, 5*time.Second, "the session holds its first reservation", func() bool {
+		return r.Do(t, "HGET", "voicegate:vq:{tenant-a}:s:"+v.id, "ms") == "2000"
+	})
+
+	r.Freeze()
+	thawed := false
+	defer func() {
+		if !thawed {
+			r.Thaw()
+		}
+	}()
+	start := time.Now()
+	sendAudio(t, v, 4*time.Second) // twice the quota
+	eventually(t, 10*time.Second, "the algorithm service gets all 4 s while Redis is frozen", func() bool {
+		return algo.audioReceived(t) == 4*time.Second
+	})
+	if took, floor := time.Since(start), (3980*time.Millisecond-time.Second)/2; took < floor {
+		t.Errorf("4 s of audio relayed in %v, faster than the pace allows (%v)", took, floor)
+	}
+	r.Thaw()
+	thawed = true
+
+	// The client talks on, a frame every 20 ms, until the session ends.
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	var e voiceEnding
+	for done := false; !done; {
+		select {
+		case e = <-ended:
+			done = true
+		case <-tick.C:
+			_ = v.conn.Write(ctx, websocket.MessageBinary, make([]byte, 640))
+		case <-ctx.Done():
+			t.Fatal("the session did not end once Redis answered again")
+		}
+	}
+	if e.code != voice.CloseQuotaExceeded {
+		t.Errorf("closed %v (%v), want 4429", e.code, e.err)
+	}
+	eventually(t, 5*time.Second, "the algorithm service's side closes", func() bool { return algo.open.Load() == 0 })
+	got := algo.audioReceived(t)
+	eventually(t, 5*time.Second, "the user is charged all that was relayed", func() bool {
+		return chargedMS(t, r, "u-open") == got.Milliseconds()
+	})
+	t.Logf("relayed %v on a quota of 2 s, %v of it once Redis answered again", got, got-4*time.Second)
 }

@@ -87,6 +87,15 @@ func NewRevokeHandler(o RevokeOptions) http.Handler {
 			proxy.Errorf(w, r, http.StatusBadRequest, proxy.CodeValidation, "give jti or user_id, not both")
 			return
 		}
+		// What a token's identity may hold (the verifier's rule), so nothing else can be named.
+		if !proxy.ValidLabel(req.JTI, maxClaimLen) {
+			proxy.WriteError(w, r, proxy.InvalidFields(proxy.FieldError{Field: "jti", Reason: proxy.LabelReason(maxClaimLen)}))
+			return
+		}
+		if !proxy.ValidLabel(req.UserID, maxClaimLen) {
+			proxy.WriteError(w, r, proxy.InvalidFields(proxy.FieldError{Field: "user_id", Reason: proxy.LabelReason(maxClaimLen)}))
+			return
+		}
 		tenant, perr := revocationTenant(id, &req)
 		if perr != nil {
 			proxy.WriteError(w, r, perr)
@@ -159,8 +168,7 @@ func revocationTenant(id *Identity, req *revokeRequest) (string, *proxy.Error) {
 			Message: "tenant_id names the tenant of a jti or user_id; give one of them"}
 	}
 	if !proxy.ValidLabel(req.TenantID, maxClaimLen) {
-		return "", &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
-			Message: "tenant_id is too long or not printable"}
+		return "", proxy.InvalidFields(proxy.FieldError{Field: "tenant_id", Reason: proxy.LabelReason(maxClaimLen)})
 	}
 	if req.TenantID != id.TenantID && !policy.IsSuper(id.Roles) {
 		return "", &proxy.Error{Status: http.StatusForbidden, Code: proxy.CodePermission,

@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -12,9 +13,15 @@ import (
 
 func get(t *testing.T, path string) *httptest.ResponseRecorder {
 	t.Helper()
+	return getWith(t, console.Options{}, path)
+}
+
+func getWith(t *testing.T, o console.Options, path string) *httptest.ResponseRecorder {
+	t.Helper()
 	mux := http.NewServeMux()
-	mux.Handle("GET /console", console.Handler())
-	mux.Handle("GET /console/{file}", console.Handler())
+	h := console.Handler(o)
+	mux.Handle("GET /console", h)
+	mux.Handle("GET /console/{file}", h)
 	w := httptest.NewRecorder()
 	mux.ServeHTTP(w, httptest.NewRequest(http.MethodGet, path, nil))
 	return w
@@ -60,6 +67,77 @@ func TestNoTraversal(t *testing.T) {
 	for _, path := range []string{"/console/..%2fconsole.go", "/console/static", "/console/.", "/console/index.html%00"} {
 		if w := get(t, path); w.Code == http.StatusOK {
 			t.Errorf("GET %s = 200, want it refused", path)
+		}
+	}
+}
+
+// connectSources returns the sources of the connect-src directive of a policy.
+func connectSources(t *testing.T, csp string) []string {
+	t.Helper()
+	for _, d := range strings.Split(csp, ";") {
+		if f := strings.Fields(d); len(f) > 0 && f[0] == "connect-src" {
+			return f[1:]
+		}
+	}
+	t.Fatalf("Content-Security-Policy %q has no connect-src", csp)
+	return nil
+}
+
+// TestConnectsOnlyToItsGateways: the page's connections may go to its own origin and to the
+// gateways it is given, and nowhere else, whatever file is served; the page is told the same
+// list.
+func TestConnectsOnlyToItsGateways(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		gateways []string
+		want     []string
+		attr     string
+	}{
+		{"its own origin only", nil, []string{"'self'"}, ""},
+		{"and the gateways listed", []string{"https://gw.example.com", "http://127.0.0.1:8081"},
+			[]string{"'self'", "https://gw.example.com", "wss://gw.example.com", "http://127.0.0.1:8081", "ws://127.0.0.1:8081"},
+			"https://gw.example.com http://127.0.0.1:8081"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, path := range []string{"/console", "/console/console.js"} {
+				w := getWith(t, console.Options{Gateways: tt.gateways}, path)
+				if got := connectSources(t, w.Header().Get("Content-Security-Policy")); !slices.Equal(got, tt.want) {
+					t.Errorf("GET %s: connect-src %q, want %q", path, got, tt.want)
+				}
+			}
+			page := getWith(t, console.Options{Gateways: tt.gateways}, "/console").Body.String()
+			m := regexp.MustCompile(`<html [^>]*data-gateways="([^"]*)"`).FindStringSubmatch(page)
+			if m == nil || m[1] != tt.attr {
+				t.Errorf("the page names the gateways %q, want %q", m, tt.attr)
+			}
+		})
+	}
+}
+
+func TestOrigin(t *testing.T) {
+	for _, tt := range []struct{ in, want string }{
+		{"https://gw.example.com", "https://gw.example.com"},
+		{"https://GW.Example.com/", "https://gw.example.com"},
+		{"HTTP://gw.example.com:80", "http://gw.example.com"},
+		{"https://gw.example.com:443", "https://gw.example.com"},
+		{"https://gw.example.com:8443", "https://gw.example.com:8443"},
+		{"http://127.0.0.1:8080", "http://127.0.0.1:8080"},
+		{"http://[::1]:8080", "http://[::1]:8080"},
+		{"http://[::1]", "http://[::1]"},
+		{"gw.example.com", ""},
+		{"ws://gw.example.com", ""},
+		{"javascript:alert(1)", ""},
+		{"https://gw.example.com/api", ""},
+		{"https://gw.example.com?x=1", ""},
+		{"https://gw.example.com#", ""},
+		{"https://user@gw.example.com", ""},
+		{"https://*.example.com", ""},
+		{"https://", ""},
+		{"*", ""},
+	} {
+		got, err := console.Origin(tt.in)
+		if got != tt.want || (err == nil) != (tt.want != "") {
+			t.Errorf("Origin(%q) = %q, %v; want %q", tt.in, got, err, tt.want)
 		}
 	}
 }

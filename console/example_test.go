@@ -11,8 +11,9 @@ import (
 // The console is two routes of a mux: the page and its files.
 func Example() {
 	mux := http.NewServeMux()
-	mux.Handle("GET /console", console.Handler())
-	mux.Handle("GET /console/{file}", console.Handler())
+	h := console.Handler(console.Options{})
+	mux.Handle("GET /console", h)
+	mux.Handle("GET /console/{file}", h)
 
 	for _, path := range []string{"/console", "/console/console.js", "/console/mic-worklet.js", "/console/nothing.js"} {
 		w := httptest.NewRecorder()

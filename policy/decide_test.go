@@ -283,3 +283,36 @@ func TestDecideAllocations(t *testing.T) {
 		})
 	}
 }
+
+// TestDecideRefusesBadNames: a tenant or user named by the request that no token could hold is
+// refused with 400 naming where it came from, whoever asks, a super admin included.
+func TestDecideRefusesBadNames(t *testing.T) {
+	p := compileFixture(t, "good/decide.json", decideRoutes)
+	for _, tc := range []struct {
+		name, pattern, param, header, field string
+	}{
+		{"X-Tenant-ID", "/api/v2/admin/", "", "acme\u2028", "X-Tenant-ID"},
+		{"tenant in the path", "GET /api/v2/tenants/{tenant_id}/reports", "tenant_id", "", "tenant_id"},
+		{"user in the path", "GET /api/v2/users/{user_id}/history", "user_id", "", "user_id"},
+	} {
+		for _, sub := range []*policy.Subject{alice, root} {
+			t.Run(tc.name+"/"+sub.UserID, func(t *testing.T) {
+				r := httptest.NewRequest("GET", "/x", nil)
+				r.Pattern = tc.pattern
+				if tc.param != "" {
+					r.SetPathValue(tc.param, "acme\u202e")
+				}
+				if tc.header != "" {
+					r.Header.Set("X-Tenant-ID", tc.header)
+				}
+				e := p.Decide(r, sub, true)
+				if e == nil || e.Status != http.StatusBadRequest || e.Code != proxy.CodeValidation {
+					t.Fatalf("Decide = %v, want 400 %s", e, proxy.CodeValidation)
+				}
+				if d, ok := e.Details.([]proxy.FieldError); !ok || len(d) != 1 || d[0].Field != tc.field {
+					t.Errorf("details %v, want the field %s", e.Details, tc.field)
+				}
+			})
+		}
+	}
+}

@@ -82,6 +82,9 @@ func (p *Policy) Decide(r *http.Request, s *Subject, ok bool) *proxy.Error {
 			Message: "authentication required",
 			Header:  http.Header{"Www-Authenticate": {`Bearer error="invalid_token"`}}}
 	}
+	if perr := checkNames(r, b); perr != nil {
+		return perr
+	}
 	super := IsSuper(s.Roles)
 	if !super {
 		tenant := r.Header.Get(HeaderTenant)
@@ -105,6 +108,22 @@ func (p *Policy) Decide(r *http.Request, s *Subject, ok bool) *proxy.Error {
 			Message: "permission " + need + " required",
 			// An array of objects, as every error's details are (VALIDATION_ERROR's list fields).
 			Details: []map[string]string{{"permission": need, "reason": "required"}}}
+	}
+	return nil
+}
+
+// checkNames refuses (400) a request whose X-Tenant-ID, {tenant_id} or {user_id} is not a
+// label proxy.ValidLabel accepts: a super admin reaches other tenants' streams and back ends
+// by these names, and no token's tenant or user looks like that.
+func checkNames(r *http.Request, b *binding) *proxy.Error {
+	if t := r.Header.Get(HeaderTenant); !proxy.ValidLabel(t, 0) {
+		return proxy.InvalidFields(proxy.FieldError{Field: "X-Tenant-ID", Reason: proxy.LabelReason(0)})
+	}
+	if b.tenantParam && !proxy.ValidLabel(r.PathValue(ParamTenant), 0) {
+		return proxy.InvalidFields(proxy.FieldError{Field: ParamTenant, Reason: proxy.LabelReason(0)})
+	}
+	if b.userParam && !proxy.ValidLabel(r.PathValue(ParamUser), 0) {
+		return proxy.InvalidFields(proxy.FieldError{Field: ParamUser, Reason: proxy.LabelReason(0)})
 	}
 	return nil
 }

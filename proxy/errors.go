@@ -121,6 +121,19 @@ func WriteError(w http.ResponseWriter, r *http.Request, e *Error) {
 	_ = json.NewEncoder(w).Encode(body)
 }
 
+// FieldError names one invalid request field (or header) in a VALIDATION_ERROR's details.
+type FieldError struct {
+	Field  string `json:"field"`
+	Reason string `json:"reason"`
+}
+
+// InvalidFields is the 400 VALIDATION_ERROR for the fields of bad (at least one): its message
+// names the first, its details all of them.
+func InvalidFields(bad ...FieldError) *Error {
+	return &Error{Status: http.StatusBadRequest, Code: CodeValidation,
+		Message: "invalid request: " + bad[0].Field + " " + bad[0].Reason, Details: bad}
+}
+
 // Errorf is shorthand for writing a client error without a separate cause.
 func Errorf(w http.ResponseWriter, r *http.Request, status int, code, msg string) {
 	WriteError(w, r, &Error{Status: status, Code: code, Message: msg})

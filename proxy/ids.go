@@ -1,12 +1,18 @@
 package proxy
 
-import "unicode/utf8"
+import (
+	"strconv"
+	"unicode/utf8"
+)
 
 // What a client-supplied identifier or label may contain is decided here, once, for every
-// route: chat's request, conversation and stream IDs and model, voice's conversation ID and
-// language, the control routes' IDs, and the identity a token carries. Each of these ends up in
-// log lines, upstream headers and JSON, in Redis key names (escaped by policy.Keys), and on the
-// console's screen.
+// route: chat's request, conversation and stream IDs and model; voice's conversation ID and
+// language; the control routes' IDs (a resumed or cancelled request_id, a voice session_id in
+// a path, a broadcast's tenant_id and user_id, a revocation's jti, user_id and tenant_id); the
+// X-Request-ID and X-Tenant-ID headers; and the identity a token carries. Each of these ends up
+// in log lines, upstream headers and JSON, in Redis key names (escaped by policy.Keys), and on
+// the console's screen. The reasons below are what a client is told when a check fails, so
+// that every route says the same thing of the same rule.
 
 // maxRequestIDLen bounds a request ID, incoming X-Request-ID or chat request_id alike.
 const maxRequestIDLen = 128
@@ -14,8 +20,12 @@ const maxRequestIDLen = 128
 // MaxLabelLen is the longest label in bytes that ValidLabel accepts unless told otherwise.
 const MaxLabelLen = 256
 
+// RequestIDReason is what a client is told of an ID that ValidRequestID refuses.
+const RequestIDReason = "must be 1-128 characters of A-Z a-z 0-9 . _ : -"
+
 // ValidRequestID reports whether id is a sane request ID: 1 to 128 characters from
-// [A-Za-z0-9._:-]. Anything else could smuggle text into logs or upstream headers.
+// [A-Za-z0-9._:-]. Anything else could smuggle text into logs or upstream headers. The IDs the
+// gateway makes itself and clients send back (request IDs, voice session IDs) have this shape.
 func ValidRequestID(id string) bool {
 	if id == "" || len(id) > maxRequestIDLen {
 		return false
@@ -60,6 +70,36 @@ func ValidLabel(s string, max int) bool {
 			return false
 		}
 		i += n
+	}
+	return true
+}
+
+// LabelReason is what a client is told of a label that ValidLabel(s, max) refuses.
+func LabelReason(max int) string {
+	if max <= 0 {
+		max = MaxLabelLen
+	}
+	return "must be at most " + strconv.Itoa(max) + " bytes of text without control, line-separator or bidi characters"
+}
+
+// maxLanguageLen bounds a language tag.
+const maxLanguageLen = 16
+
+// LanguageReason is what a client is told of a language that ValidLanguage refuses.
+const LanguageReason = "must be a language tag such as en-US: at most 16 characters of A-Z a-z 0-9 - _"
+
+// ValidLanguage reports whether s may be a language a client asks for (voice's language): at
+// most 16 characters of [A-Za-z0-9_-], the alphabet of BCP 47 tags and of the underscore forms
+// (zh_CN) that speech services accept too. Empty is valid: the caller's default applies.
+func ValidLanguage(s string) bool {
+	if len(s) > maxLanguageLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
 	}
 	return true
 }

@@ -1,12 +1,71 @@
 package proxy_test
 
 import (
+	"encoding/json"
+	"os"
 	"strings"
 	"testing"
 	"unicode/utf8"
 
 	"voicegate/proxy"
 )
+
+// attack is one entry of testdata/ids/attacks.json: a value no ID or label may hold, shared by
+// these tests and the gateway's tests of every route that takes one.
+type attack struct {
+	Name  string `json:"name"`
+	Value string `json:"value"`
+}
+
+func attacks(t testing.TB) []attack {
+	t.Helper()
+	b, err := os.ReadFile("../testdata/ids/attacks.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var as []attack
+	if err := json.Unmarshal(b, &as); err != nil || len(as) == 0 {
+		t.Fatalf("testdata/ids/attacks.json: %v (%d entries)", err, len(as))
+	}
+	return as
+}
+
+// TestAttacksRefused: every value of the shared table is refused as a label, a request ID and
+// a language.
+func TestAttacksRefused(t *testing.T) {
+	for _, a := range attacks(t) {
+		if proxy.ValidLabel(a.Value, 0) {
+			t.Errorf("ValidLabel accepts the %s: %q", a.Name, a.Value)
+		}
+		if proxy.ValidRequestID(a.Value) {
+			t.Errorf("ValidRequestID accepts the %s: %q", a.Name, a.Value)
+		}
+		if proxy.ValidLanguage(a.Value) {
+			t.Errorf("ValidLanguage accepts the %s: %q", a.Name, a.Value)
+		}
+	}
+}
+
+func TestValidLanguage(t *testing.T) {
+	for _, tc := range []struct {
+		s  string
+		ok bool
+	}{
+		{"", true},
+		{"en-US", true},
+		{"zh_CN", true},
+		{"sr-Latn-RS", true},
+		{"en US", false},
+		{"en-US;", false},
+		{"日本語", false},
+		{strings.Repeat("a", 16), true},
+		{strings.Repeat("a", 17), false},
+	} {
+		if got := proxy.ValidLanguage(tc.s); got != tc.ok {
+			t.Errorf("ValidLanguage(%q) = %v, want %v", tc.s, got, tc.ok)
+		}
+	}
+}
 
 func TestValidLabel(t *testing.T) {
 	for _, tc := range []struct {
@@ -50,6 +109,9 @@ func TestValidLabel(t *testing.T) {
 func FuzzValidLabel(f *testing.F) {
 	for _, s := range []string{"", "conv-1", "a\u2028b", "\u202eabc", "\x85", "会话"} {
 		f.Add(s)
+	}
+	for _, a := range attacks(f) {
+		f.Add(a.Value)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
 		if !proxy.ValidLabel(s, 0) {

@@ -183,7 +183,7 @@ func AccessLog(log *slog.Logger) Middleware {
 					slog.String("route", route),
 					// The path too: a request refused before routing (a CORS preflight) has
 					// no route. Never the query, which may carry secrets.
-					slog.String("path", clipLog(r.URL.Path)),
+					slog.String("path", clipLog(r.URL.EscapedPath())),
 					slog.Int("status", status),
 					slog.Int64("bytes", info.Bytes),
 					slog.Duration("duration", time.Since(start)),

@@ -1153,3 +1153,20 @@ func TestTooLarge(t *testing.T) {
 		t.Errorf("message %q does not state the limit", e.Message)
 	}
 }
+
+// TestAccessLogPathEscaped: a path holding characters that change how a log line reads (C1
+// controls, line separators, bidi overrides) is logged escaped, as it travels on the wire.
+func TestAccessLogPathEscaped(t *testing.T) {
+	logger, logs := newLog(slog.LevelDebug)
+	h := proxy.Chain(accessLogMux(), proxy.RequestID(), proxy.AccessLog(logger))
+	req := httptest.NewRequest("GET", "/nowhere", nil)
+	req.URL.Path = "/x\u202e\u0085\u2028y"
+	h.ServeHTTP(httptest.NewRecorder(), req)
+	lines := logs.requests(t)
+	if len(lines) != 1 {
+		t.Fatalf("got %d request lines, want 1:\n%s", len(lines), logs)
+	}
+	if got := lines[0]["path"]; got != "/x%E2%80%AE%C2%85%E2%80%A8y" {
+		t.Errorf("path = %q, want it escaped", got)
+	}
+}

@@ -49,13 +49,18 @@ func NewCancelHandler(o CancelOptions) http.Handler {
 			return
 		}
 		if !proxy.ValidRequestID(req.RequestID) {
+			reason := proxy.RequestIDReason
+			if req.RequestID == "" {
+				reason = "required"
+			}
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
-				Message: "request_id is required", Details: []FieldError{{"request_id", "required"}}})
+				Message: "invalid request: request_id " + reason, Details: []FieldError{{"request_id", reason}}})
 			return
 		}
 		if req.UserID != "" && !proxy.ValidLabel(req.UserID, proxy.MaxLabelLen) {
+			reason := proxy.LabelReason(proxy.MaxLabelLen)
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
-				Message: "invalid user_id", Details: []FieldError{{"user_id", "must be at most 256 bytes of text without control, line-separator or bidi characters"}}})
+				Message: "invalid request: user_id " + reason, Details: []FieldError{{"user_id", reason}}})
 			return
 		}
 		var k StreamKey

@@ -118,12 +118,17 @@ func (e *encoder) appendLine(dst, line []byte, lineNo, now int64) (out, typ []by
 	}
 	dst = append(dst, "\ndata: "...)
 	// The line is a valid object without CR or LF, so its bytes up to the closing brace are
-	// safe inside one data field; the gateway's members go before that brace.
+	// safe inside one data field, once any other line end is escaped; the gateway's members
+	// go before that brace.
 	start := 0
 	for line[start] != '{' {
 		start++
 	}
-	dst = append(dst, line[start:obj.end]...)
+	if obj.lineEnds {
+		dst = appendEscapingLineEnds(dst, line[start:obj.end])
+	} else {
+		dst = append(dst, line[start:obj.end]...)
+	}
 	if !obj.empty {
 		dst = append(dst, ',')
 	}
@@ -161,13 +166,14 @@ func (e *encoder) appendSlow(dst, line []byte, lineNo, now int64) ([]byte, []byt
 	if err != nil {
 		return dst, nil, false
 	}
-	// Marshal writes no line breaks and replaces invalid UTF-8.
+	// Marshal writes no CR or LF, escapes U+2028 and U+2029, and replaces invalid UTF-8; it
+	// leaves U+0085 raw.
 	dst = append(dst, "id: "...)
 	dst = strconv.AppendInt(dst, lineNo, 10)
 	dst = append(dst, "\nevent: "...)
 	dst = append(dst, eventName(typ)...)
 	dst = append(dst, "\ndata: "...)
-	dst = append(dst, bytes.TrimSuffix(body, []byte("}"))...)
+	dst = appendEscapingLineEnds(dst, bytes.TrimSuffix(body, []byte("}")))
 	if len(m) > 0 {
 		dst = append(dst, ',')
 	}
@@ -202,5 +208,54 @@ func (e *encoder) appendGatewayEvent(dst []byte, id int64, name string, now int6
 // field encodes one JSON member for appendGatewayEvent.
 func field(key string, value any) string {
 	v, _ := json.Marshal(value)
+	if indexLineEnd(v) >= 0 {
+		v = appendEscapingLineEnds(nil, v)
+	}
 	return strconv.Quote(key) + ":" + string(v)
+}
+
+// appendEscapingLineEnds appends the JSON text text to dst with every U+0085, U+2028 and
+// U+2029 written as a \u escape. JSON lets a string hold them raw, but a data line must
+// stay one line to every reader: JavaScript ends lines at U+2028 and U+2029 (a regular
+// expression's "." and "$" stop there, as in the README's fetch() reader), and readers that
+// split lines as Unicode does end them at U+0085 too. In valid JSON they can only be inside
+// strings, where the escape means the same character; text must be valid UTF-8, in which
+// their encodings cannot be part of another character's.
+func appendEscapingLineEnds(dst, text []byte) []byte {
+	for {
+		i := indexLineEnd(text)
+		if i < 0 {
+			return append(dst, text...)
+		}
+		dst = append(dst, text[:i]...)
+		if text[i] == 0xc2 { // C2 85
+			dst = append(dst, `\u0085`...)
+			text = text[i+2:]
+			continue
+		}
+		if text[i+2] == 0xa8 { // E2 80 A8
+			dst = append(dst, `\u2028`...)
+		} else { // E2 80 A9
+			dst = append(dst, `\u2029`...)
+		}
+		text = text[i+3:]
+	}
+}
+
+// indexLineEnd returns the index of the first U+0085, U+2028 or U+2029 in the UTF-8 text b,
+// or -1.
+func indexLineEnd(b []byte) int {
+	for i := 0; i < len(b); i++ {
+		switch b[i] {
+		case 0xc2:
+			if i+1 < len(b) && b[i+1] == 0x85 {
+				return i
+			}
+		case 0xe2:
+			if i+2 < len(b) && b[i+1] == 0x80 && (b[i+2] == 0xa8 || b[i+2] == 0xa9) {
+				return i
+			}
+		}
+	}
+	return -1
 }

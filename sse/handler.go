@@ -534,13 +534,13 @@ func (o *HandlerOptions) parse(w http.ResponseWriter, r *http.Request) (*queryRe
 	if q.Model == "" {
 		q.Model = o.DefaultModel
 	} else if !proxy.ValidLabel(q.Model, maxIDLen) {
-		bad = append(bad, FieldError{"model", "must be at most 256 bytes of text without control, line-separator or bidi characters"})
+		bad = append(bad, FieldError{"model", proxy.LabelReason(maxIDLen)})
 	}
 	if q.ConversationID != "" && !proxy.ValidLabel(q.ConversationID, maxIDLen) {
-		bad = append(bad, FieldError{"conversation_id", "must be at most 256 bytes of text without control, line-separator or bidi characters"})
+		bad = append(bad, FieldError{"conversation_id", proxy.LabelReason(maxIDLen)})
 	}
 	if q.StreamID != "" && !proxy.ValidLabel(q.StreamID, maxIDLen) {
-		bad = append(bad, FieldError{"stream_id", "must be at most 256 bytes of text without control, line-separator or bidi characters"})
+		bad = append(bad, FieldError{"stream_id", proxy.LabelReason(maxIDLen)})
 	}
 	if q.RequestID == "" {
 		q.RequestID = proxy.RequestIDFrom(r.Context())
@@ -548,7 +548,7 @@ func (o *HandlerOptions) parse(w http.ResponseWriter, r *http.Request) (*queryRe
 			q.RequestID = proxy.NewRequestID()
 		}
 	} else if !proxy.ValidRequestID(q.RequestID) {
-		bad = append(bad, FieldError{"request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -"})
+		bad = append(bad, FieldError{"request_id", proxy.RequestIDReason})
 	}
 	if len(bad) > 0 {
 		return nil, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,

@@ -79,7 +79,7 @@ func NewResumeHandler(o HandlerOptions) http.Handler {
 		id := r.PathValue("request_id")
 		if !proxy.ValidRequestID(id) {
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
-				Message: "invalid request_id", Details: []FieldError{{"request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -"}}})
+				Message: "invalid request_id", Details: []FieldError{{"request_id", proxy.RequestIDReason}}})
 			return
 		}
 		var user, tenant string

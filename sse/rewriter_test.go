@@ -101,6 +101,10 @@ func TestEverySplit(t *testing.T) {
 	}
 }
 
+// lineEnds are the characters some line-based readers take for line ends, which JSON lets a
+// string hold raw.
+var lineEnds = []rune{'\u0085', '\u2028', '\u2029'}
+
 // event is one parsed SSE event.
 type event struct {
 	id, name, retry string
@@ -152,6 +156,13 @@ func checkWellFormed(t testing.TB, body []byte) []event {
 	t.Helper()
 	if bytes.ContainsRune(body, '\r') {
 		t.Fatalf("output contains a carriage return")
+	}
+	// Line ends to other readers than SSE's: JavaScript's (U+2028, U+2029), and NEL (U+0085)
+	// to readers that split lines as Unicode does. Inside a data line they must be escaped.
+	for _, r := range lineEnds {
+		if bytes.ContainsRune(body, r) {
+			t.Fatalf("output contains a raw %U: %q", r, body)
+		}
 	}
 	evs := parseEvents(t, body)
 	if len(evs) < 2 || evs[0].name != sse.EventStart {

@@ -12,6 +12,9 @@ type object struct {
 	// non-string "type", or one of the members the gateway adds. The caller then decodes and
 	// re-encodes it with encoding/json.
 	slow bool
+	// lineEnds means a string holds U+0085, U+2028 or U+2029 raw, as JSON allows: valid, but
+	// a line end to some line-based readers, so the encoder writes each as a \u escape.
+	lineEnds bool
 }
 
 // maxDepth bounds nesting so a hostile line cannot make the scanner's stack grow without limit.
@@ -277,8 +280,11 @@ func scanString(line []byte, i int, obj *object) (next int, esc, ok bool) {
 			return i, esc, false
 		default:
 			r, size := utf8.DecodeRune(line[i:])
-			if r == utf8.RuneError && size == 1 {
+			switch {
+			case r == utf8.RuneError && size == 1:
 				obj.slow = true // re-encoding replaces it with U+FFFD, as encoding/json does
+			case r == '\u2028', r == '\u2029', r == '\u0085':
+				obj.lineEnds = true
 			}
 			i += size
 		}

@@ -99,6 +99,11 @@ func FuzzScanObject(f *testing.F) {
 			t.Fatalf("appendLine refused a valid object %q", line)
 		}
 		data := dataOf(t, out)
+		for _, r := range []rune{'\u0085', '\u2028', '\u2029'} {
+			if bytes.ContainsRune(data, r) {
+				t.Fatalf("event data %q holds a raw %U", data, r)
+			}
+		}
 		// Numbers stay text: JSON allows some (1e700) that no float64 holds, and the upstream's
 		// are passed on as written.
 		decode := func(b []byte, v *map[string]any) error {
@@ -156,5 +161,58 @@ func TestAppendLineAllocations(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Fatalf("appendLine allocated %v times per line on the fast path, want 0", allocs)
+	}
+}
+
+// TestLineEndsEscaped: a raw U+2028, U+2029 or U+0085 in an upstream string, whether the line
+// passes through byte for byte or is re-encoded, reaches the data line as a \u escape, and the
+// data decodes to what the upstream sent.
+func TestLineEndsEscaped(t *testing.T) {
+	enc := newEncoder("req-1")
+	for _, line := range []string{
+		"{\"type\":\"generation_chunk\",\"content\":\"a\u2028b\u2029c\u0085d\"}",
+		"{\"content\":\"\u2028\",\"nested\":{\"k\u2029\":[\"\u0085\u2028\"]}}",
+		"{\"type\":\"x\",\"request_id\":\"slow\u2028path\",\"content\":\"\u2029\"}",
+		"{\"content\":\"invalid \xff and \u2028\"}",
+		"{\"type\":\"é\u2028\"}",
+	} {
+		out, _, ok := enc.appendLine(nil, []byte(line), 1, 2)
+		if !ok {
+			t.Fatalf("appendLine refused %q", line)
+		}
+		data := dataOf(t, out)
+		for _, r := range []rune{'\u0085', '\u2028', '\u2029'} {
+			if bytes.ContainsRune(data, r) {
+				t.Errorf("data %q holds a raw %U", data, r)
+			}
+		}
+		var in, got map[string]any
+		if err := json.Unmarshal([]byte(line), &in); err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal(data, &got); err != nil {
+			t.Fatalf("data %q is not JSON: %v", data, err)
+		}
+		in["request_id"], in["line_number"], in["timestamp"] = "req-1", 1.0, 2.0
+		if !reflect.DeepEqual(in, got) {
+			t.Errorf("data %s, want the upstream's object %v", data, in)
+		}
+	}
+}
+
+// TestLineEndsEscapedWithoutAllocating: escaping line ends keeps the fast path free of
+// allocations.
+func TestLineEndsEscapedWithoutAllocating(t *testing.T) {
+	enc := newEncoder("req-1")
+	line := []byte("{\"type\":\"generation_chunk\",\"content\":\"a line\u2028another\u2029and NEL\u0085end\",\"index\":12}")
+	if obj, _ := scanObject(line, nil); obj.slow {
+		t.Fatal("a line with line ends takes the slow path")
+	}
+	buf := make([]byte, 0, 1024)
+	allocs := testing.AllocsPerRun(1000, func() {
+		buf, _, _ = enc.appendLine(buf[:0], line, 12, 1700000000000)
+	})
+	if allocs != 0 {
+		t.Fatalf("appendLine allocated %v times per line with line ends, want 0", allocs)
 	}
 }

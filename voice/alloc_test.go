@@ -5,8 +5,11 @@ import (
 	"io"
 	"runtime"
 	"testing"
+	"time"
 
 	"github.com/coder/websocket"
+
+	"voicegate/policy"
 )
 
 // quietEcho sends every message back as it came, reusing one buffer: it allocates nothing per
@@ -32,20 +35,28 @@ func quietEcho(fc *fakeConn) {
 }
 
 // TestRelayDoesNotAllocate relays audio frames through a session, up and echoed back down, in
-// both audio modes, and counts the process's allocations per frame: the client and the fake
-// reuse their buffers, so they are the gateway's.
+// both audio modes and with governance on (each frame charged to a quota both ways, and paced),
+// and counts the process's allocations per frame: the client and the fake reuse their buffers,
+// so they are the gateway's.
 func TestRelayDoesNotAllocate(t *testing.T) {
 	if raceEnabled {
 		t.Skip("allocation counts are meaningless under the race detector")
 	}
-	for _, raw := range []bool{false, true} {
-		name := "audio_chunk"
-		if raw {
-			name = "raw"
-		}
-		t.Run(name, func(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		raw, governed bool
+	}{{"audio_chunk", false, false}, {"raw", true, false}, {"governed", false, true}} {
+		t.Run(tc.name, func(t *testing.T) {
 			o := fast()
-			o.RawAudio = raw
+			o.RawAudio = tc.raw
+			if tc.governed {
+				// A quota, charged frame by frame against a reservation that lasts the whole
+				// run (one every VOICE_RESERVATION of audio costs what a call to the meter
+				// does, not the frames), and a pace bound the client keeps within.
+				o = governed(policy.NewMemoryAudioMeter(), policy.VoiceLimits{UserSecondsPerDay: 86400})
+				o.Reservation = time.Hour
+				o.Pace, o.PaceBurst = 1000, time.Hour
+			}
 			e := newEnv(t, setup{opts: o, serve: quietEcho, quiet: true})
 			ctx, cancel := context.WithTimeout(context.Background(), wait)
 			defer cancel()

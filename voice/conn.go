@@ -29,8 +29,19 @@ type conn struct {
 }
 
 func newConn(c net.Conn, read, write time.Duration) *conn {
+	limitUnsent(c)
 	return &conn{Conn: c, readTimeout: read, writeTimeout: write}
 }
+
+// unsentLimit is how much a socket queues in the kernel beyond what its peer's receive window
+// has taken: a write waits, and its deadline runs, once this much is queued and not yet sent.
+// Left to itself, Linux grows a fast connection's send buffer to megabytes, all of which a peer
+// that stopped reading lets the gateway fill before a write waits at all; with writes of a few
+// bytes (pongs to a ping flood, a control message) that took many times the write timeout, so
+// the timeout bounded nothing. It does not slow a peer that reads: the bytes in flight are not
+// limited, only those waiting behind them, and 16 KiB is half a second of 16 kHz audio. It also
+// keeps TTS that a barge-in drops out of the kernel, where it could no longer be dropped.
+const unsentLimit = 16 << 10
 
 func (c *conn) Read(p []byte) (int, error) {
 	if c.readTimeout > 0 {

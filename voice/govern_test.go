@@ -21,11 +21,12 @@ import (
 	"voicegate/voice"
 )
 
-// governed are options with a memory meter and limits for every tenant.
+// governed are options with a memory meter, reservations of 500 ms, and limits for every
+// tenant.
 func governed(meter policy.AudioMeter, lim policy.VoiceLimits) voice.Options {
 	o := fast()
 	o.RecheckInterval = 100 * time.Millisecond
-	o.ChargeInterval = 500 * time.Millisecond
+	o.Reservation = 500 * time.Millisecond
 	o.Meter = meter
 	o.Limits = func(string) policy.VoiceLimits { return lim }
 	o.Owner = func(*http.Request) (string, string) { return "alice", "acme" }
@@ -137,6 +138,7 @@ func TestQuotaCrossedThenRefused(t *testing.T) {
 		e := newEnv(t, setup{opts: governed(meter, lim), net: n, lease: leases})
 		cl := e.connect(t, "", nil)
 		cl.initMsg(t)
+		fc := e.fake.next(t)
 		// Real-time audio: a 20 ms frame every 20 ms, until the session is closed.
 		sent := 0
 		for ; sent < 200; sent++ {
@@ -162,9 +164,12 @@ func TestQuotaCrossedThenRefused(t *testing.T) {
 			t.Errorf("error messages %v, want [QUOTA_EXCEEDED]", codes)
 		}
 		st := e.nextStats(t)
-		// Crossed between two clock ticks: at most a tick's worth (100 ms, 5 frames) past 1 s.
-		if st.AudioIn < time.Second || st.AudioIn > time.Second+100*time.Millisecond {
-			t.Errorf("audio in %v when closed, want 1s to 1.1s", st.AudioIn)
+		// Charged as the audio arrived: the 50 frames of the quota relayed, and not one more.
+		if st.AudioIn != time.Second {
+			t.Errorf("audio in %v when closed, want the 1s of the quota", st.AudioIn)
+		}
+		if got := audioChunks(t, fc); got != 50 {
+			t.Errorf("the algorithm service got %d audio chunks, want the quota's 50", got)
 		}
 		// Charged for what it used, and nothing more.
 		u := &policy.AudioUse{Tenant: "acme", User: "alice"}
@@ -191,12 +196,123 @@ func TestQuotaCrossedThenRefused(t *testing.T) {
 	})
 }
 
-// TestChargedInIncrements checks that the quota is charged while the session runs, not only at
-// its end: each increment of audio is charged within a charge interval and a tick.
-func TestChargedInIncrements(t *testing.T) {
+// audioChunks counts the audio_chunk messages the fake received (record, the default
+// behaviour, keeps up to 256), once its connection has ended.
+func audioChunks(tb testing.TB, fc *fakeConn) int {
+	fc.ended(tb, wait)
+	n := 0
+	for {
+		select {
+		case m := <-fc.msgs:
+			if m.typ == websocket.MessageText && strings.Contains(string(m.data), `"type":"audio_chunk"`) {
+				n++
+			}
+		default:
+			return n
+		}
+	}
+}
+
+// TestQuotaHeldAsFastAsAudioComes: a client with no pace bound sends as fast as the session
+// takes it. Every frame is charged as it arrives, so the algorithm service gets exactly the
+// quota, however fast the audio came; each reservation waited for (the client outruns them)
+// costs the relay one call to the meter, none beyond.
+func TestQuotaHeldAsFastAsAudioComes(t *testing.T) {
+	bubble(t, func(t *testing.T, n *memNet) {
+		meter := &countingMeter{AudioMeter: policy.NewMemoryAudioMeter()}
+		e := newEnv(t, setup{opts: governed(meter, policy.VoiceLimits{UserSecondsPerDay: 3}), net: n})
+		cl := e.connect(t, "", nil)
+		cl.initMsg(t)
+		fc := e.fake.next(t)
+		for i := range 1000 { // 20 s of audio, at once
+			ctx, cancel := context.WithTimeout(context.Background(), wait)
+			err := cl.c.Write(ctx, websocket.MessageBinary, frame(byte(i)))
+			cancel()
+			if err != nil {
+				break
+			}
+		}
+		if _, err := cl.end(t, wait); websocket.CloseStatus(err) != voice.CloseQuotaExceeded {
+			t.Fatalf("closed %v, want %d", err, voice.CloseQuotaExceeded)
+		}
+		st := e.nextStats(t)
+		if st.AudioIn != 3*time.Second || st.Charged != 3*time.Second {
+			t.Errorf("relayed %v, charged %v, want the quota's 3s", st.AudioIn, st.Charged)
+		}
+		if got := audioChunks(t, fc); got != 150 {
+			t.Errorf("the algorithm service got %d audio chunks, want the quota's 150", got)
+		}
+		// The admission, the settlement, and reservations of 500 ms: each asked for once less
+		// than half of one is left, so each adds at least 250 ms; the last finds nothing left.
+		// Calls per reservation, not per frame (150 of them).
+		if c := meter.calls.Load(); c > 1+1+12+1 {
+			t.Errorf("%d calls to the meter for 3 s of audio in reservations of 500 ms", c)
+		}
+	})
+}
+
+// TestQuotaCountsBothDirections: TTS audio to the client is charged as it goes, as the client's
+// is: with 1 s of quota, 20 ms from the client answered by 100 ms of TTS each time, the session
+// relays eight turns and the ninth frame, and not its answer.
+func TestQuotaCountsBothDirections(t *testing.T) {
+	bubble(t, func(t *testing.T, n *memNet) {
+		e := newEnv(t, setup{opts: governed(policy.NewMemoryAudioMeter(), policy.VoiceLimits{UserSecondsPerDay: 1}),
+			serve: sendTTS(3200), net: n})
+		cl := e.connect(t, "", nil)
+		cl.initMsg(t)
+		for i := range 20 {
+			if !sendFrame(cl, i) {
+				break
+			}
+			synctest.Wait()
+		}
+		msgs, err := cl.end(t, wait)
+		if websocket.CloseStatus(err) != voice.CloseQuotaExceeded {
+			t.Fatalf("closed %v, want %d", err, voice.CloseQuotaExceeded)
+		}
+		tts := 0
+		for _, m := range msgs {
+			if m.typ == websocket.MessageBinary {
+				tts++
+			}
+		}
+		st := e.nextStats(t)
+		if st.AudioIn != 9*20*time.Millisecond || st.AudioOut != 8*100*time.Millisecond || tts != 8 {
+			t.Errorf("relayed %v in and %v out (%d TTS frames), want 180ms and 800ms (8)", st.AudioIn, st.AudioOut, tts)
+		}
+	})
+}
+
+// sendFrame writes the i-th 20 ms frame; false once the session no longer takes it.
+func sendFrame(cl *client, i int) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	select {
+	case <-cl.done:
+		return false
+	default:
+	}
+	return cl.c.Write(ctx, websocket.MessageBinary, frame(byte(i))) == nil
+}
+
+// countingMeter counts the calls to a meter.
+type countingMeter struct {
+	policy.AudioMeter
+	calls atomic.Int64
+}
+
+func (m *countingMeter) Charge(ctx context.Context, uses []*policy.AudioUse) error {
+	m.calls.Add(1)
+	return m.AudioMeter.Charge(ctx, uses)
+}
+
+// TestChargedAhead checks that the quota is charged while the session runs, ahead of its use
+// by at most a reservation, and exactly its use once it ends.
+func TestChargedAhead(t *testing.T) {
 	bubble(t, func(t *testing.T, n *memNet) {
 		meter := policy.NewMemoryAudioMeter()
-		e := newEnv(t, setup{opts: governed(meter, policy.VoiceLimits{UserSecondsPerDay: 3600}), net: n})
+		o := governed(meter, policy.VoiceLimits{UserSecondsPerDay: 3600})
+		e := newEnv(t, setup{opts: o, net: n})
 		cl := e.connect(t, "", nil)
 		cl.initMsg(t)
 		charged := func() time.Duration {
@@ -208,12 +324,13 @@ func TestChargedInIncrements(t *testing.T) {
 			write(t, cl.c, websocket.MessageBinary, frame(byte(i)))
 			time.Sleep(20 * time.Millisecond)
 		}
-		time.Sleep(600 * time.Millisecond) // a charge interval and a tick
-		if got := charged(); got != time.Second {
-			t.Errorf("charged %v while the session runs, want 1s", got)
+		if got := charged(); got < time.Second || got > time.Second+o.Reservation {
+			t.Errorf("charged %v while the session runs with 1s relayed, want 1s to 1s and a reservation (%v)", got, o.Reservation)
 		}
 		cl.c.Close(websocket.StatusNormalClosure, "")
-		e.nextStats(t)
+		if st := e.nextStats(t); st.Charged != time.Second {
+			t.Errorf("session charged %v, want 1s", st.Charged)
+		}
 		if got := charged(); got != time.Second {
 			t.Errorf("charged %v after the end, want 1s", got)
 		}
@@ -448,7 +565,8 @@ func (m *downMeter) Charge(_ context.Context, uses []*policy.AudioUse) error {
 }
 
 // TestQuotaFailsOpen: when the quota store cannot answer, a session starts and runs on (fair
-// use fails open), charges keep being tried, and the session ends normally.
+// use fails open), reservations keep being asked for, a second apart, and the session ends
+// normally.
 func TestQuotaFailsOpen(t *testing.T) {
 	bubble(t, func(t *testing.T, n *memNet) {
 		meter := &downMeter{}
@@ -461,36 +579,36 @@ func TestQuotaFailsOpen(t *testing.T) {
 		}
 		cl.c.Close(websocket.StatusNormalClosure, "")
 		st := e.nextStats(t)
-		if st.CloseCode != websocket.StatusNormalClosure || st.Charged != 0 {
-			t.Errorf("session ended %v having been charged %v, want a normal end with nothing charged", st.CloseCode, st.Charged)
+		if st.CloseCode != websocket.StatusNormalClosure || st.Charged != 0 || st.AudioIn != 2*time.Second {
+			t.Errorf("session ended %v having relayed %v and been charged %v, want a normal end, 2s relayed, nothing charged",
+				st.CloseCode, st.AudioIn, st.Charged)
 		}
-		// The admission, an increment every 500 ms of the 2 s, and the end.
-		if c := meter.calls.Load(); c < 5 {
-			t.Errorf("%d calls to the store, want the admission, the increments and the end", c)
+		// The admission, a reservation at the start and every second of the 2 s, and the
+		// settlement.
+		if c := meter.calls.Load(); c < 4 || c > 5 {
+			t.Errorf("%d calls to the store, want the admission, 2 or 3 reservations and the settlement", c)
 		}
 		e.gone(t)
 	})
 }
 
-// TestQuotaHeldBeforeFirstCharge: a session is held to what its admission said was left even
-// before its first charge, however long the charge interval.
-func TestQuotaHeldBeforeFirstCharge(t *testing.T) {
+// TestReservationWithinQuota: a session is granted no more than its user has left, even from
+// its first reservation: another session used 600 ms of the 1 s, this one relays the 400 ms
+// left and no more.
+func TestReservationWithinQuota(t *testing.T) {
 	bubble(t, func(t *testing.T, n *memNet) {
 		meter := policy.NewMemoryAudioMeter()
-		earlier := &policy.AudioUse{Tenant: "acme", User: "alice", Session: "earlier", Used: 600 * time.Millisecond}
+		earlier := &policy.AudioUse{Tenant: "acme", User: "alice", Session: "earlier", Used: 600 * time.Millisecond, Final: true}
 		if err := meter.Charge(context.Background(), []*policy.AudioUse{earlier}); err != nil {
 			t.Fatal(err)
 		}
 		o := governed(meter, policy.VoiceLimits{UserSecondsPerDay: 1})
-		o.ChargeInterval = time.Hour
+		o.Reservation = time.Hour
 		e := newEnv(t, setup{opts: o, net: n})
 		cl := e.connect(t, "", nil)
 		cl.initMsg(t)
 		for i := range 50 {
-			ctx, cancel := context.WithTimeout(context.Background(), wait)
-			err := cl.c.Write(ctx, websocket.MessageBinary, frame(byte(i)))
-			cancel()
-			if err != nil {
+			if !sendFrame(cl, i) {
 				break
 			}
 			time.Sleep(20 * time.Millisecond)
@@ -499,9 +617,8 @@ func TestQuotaHeldBeforeFirstCharge(t *testing.T) {
 		if code := websocket.CloseStatus(err); code != voice.CloseQuotaExceeded {
 			t.Fatalf("closed %v (%v), want %d", code, err, voice.CloseQuotaExceeded)
 		}
-		st := e.nextStats(t)
-		if st.AudioIn < 400*time.Millisecond || st.AudioIn > 500*time.Millisecond {
-			t.Errorf("closed after %v of audio, want the 400 ms left (within a tick)", st.AudioIn)
+		if st := e.nextStats(t); st.AudioIn != 400*time.Millisecond {
+			t.Errorf("closed after %v of audio, want the 400 ms left", st.AudioIn)
 		}
 	})
 }

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -76,9 +77,15 @@ type Options struct {
 	// (see govern.go); Limits also gives the maximum session length. Nil Limits means none.
 	Meter  policy.AudioMeter
 	Limits func(tenant string) policy.VoiceLimits
-	// ChargeInterval is the increment sessions are charged in; zero means 5 s. ChargeBudget
-	// bounds each charge; zero means 250 ms.
-	ChargeInterval, ChargeBudget time.Duration
+	// Reservation is the audio a session reserves from the meter at a time, ahead of its use;
+	// what it relays exceeds its quota by at most one. Zero means 2 s. ChargeBudget bounds each
+	// call to the meter; zero means 250 ms.
+	Reservation, ChargeBudget time.Duration
+	// Pace is how many times faster than real time a client may send audio, beyond PaceBurst
+	// of audio sent ahead of that pace (see pace.go); zero means no bound. Zero PaceBurst means
+	// 3 s.
+	Pace      float64
+	PaceBurst time.Duration
 	// OnLatency and OnBargeIn, if set, are told each latency and barge-in (see meter.go), with
 	// the session's tenant; they run on a relay goroutine and must not block.
 	OnLatency func(kind LatencyKind, tenant string, d time.Duration)
@@ -94,6 +101,8 @@ type Handler struct {
 	client    *http.Client
 	timers    *timers
 	bufs      sync.Pool // *[]byte message buffers, taken only while a message is in hand
+
+	chargeWarned atomic.Int64 // unix ns of the last log line of a failed charge
 }
 
 // closeWait is how long the end of a session waits for close handshakes before it drops the
@@ -112,8 +121,9 @@ func NewHandler(o Options) *Handler {
 	def(&o.IdleTimeout, 5*time.Minute)
 	def(&o.WriteTimeout, 10*time.Second)
 	def(&o.RecheckInterval, 500*time.Millisecond)
-	def(&o.ChargeInterval, 5*time.Second)
+	def(&o.Reservation, 2*time.Second)
 	def(&o.ChargeBudget, 250*time.Millisecond)
+	def(&o.PaceBurst, 3*time.Second)
 	if o.ReadLimit <= 0 {
 		o.ReadLimit = 1 << 20
 	}
@@ -187,6 +197,9 @@ func (h *Handler) putBuf(b *[]byte) {
 	h.bufs.Put(b)
 }
 
+// maxConversationID bounds the conversation_id of an upgrade, as chat's.
+const maxConversationID = 256
+
 // msgOriginRefused is the error of an upgrade from an origin that is not allowed.
 const msgOriginRefused = "origin not allowed"
 
@@ -209,9 +222,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	q := r.URL.Query()
 	conversation, language := q.Get("conversation_id"), q.Get("language")
-	if !proxy.ValidLabel(conversation, 256) || !validLanguage(language) {
-		proxy.Errorf(w, r, http.StatusBadRequest, proxy.CodeValidation,
-			"conversation_id must be at most 256 bytes of text without control, line-separator or bidi characters, and language a tag such as en-US")
+	var bad []proxy.FieldError
+	if !proxy.ValidLabel(conversation, maxConversationID) {
+		bad = append(bad, proxy.FieldError{Field: "conversation_id", Reason: proxy.LabelReason(maxConversationID)})
+	}
+	if !proxy.ValidLanguage(language) {
+		bad = append(bad, proxy.FieldError{Field: "language", Reason: proxy.LanguageReason})
+	}
+	if len(bad) > 0 {
+		proxy.WriteError(w, r, proxy.InvalidFields(bad...))
 		return
 	}
 	cfg := h.o.Audio
@@ -222,7 +241,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if h.o.Owner != nil {
 		user, tenant = h.o.Owner(r)
 	}
-	var gov governor
+	var gov governor // what the admission found; the session's own is set from it
 	if !h.admitQuota(w, r, user, tenant, &gov) {
 		return
 	}
@@ -272,10 +291,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	s := newSession(h, info, cfg, side{ws: client, conn: hj.conn}, side{ws: up, conn: upConn})
 	s.release = release
-	s.gov.limits, s.gov.metered, s.gov.left, s.gov.bounded = gov.limits, gov.metered, gov.left, gov.bounded
-	s.gov.lastCharge = s.start
+	s.gov.limits, s.gov.metered, s.gov.size = gov.limits, gov.metered, gov.size
+	s.gov.open.Store(gov.open.Load())
 	if h.o.Recheck != nil {
 		s.recheck = h.o.Recheck(r)
+	}
+	if s.gov.metered {
+		s.reserve(0) // the first reservation, while the client reads session_initialized
 	}
 	h.o.Registry.add(r.Context(), s)
 	if h.o.OnStart != nil {
@@ -390,16 +412,4 @@ func escapePattern(s string) string {
 		b.WriteRune(c)
 	}
 	return b.String()
-}
-
-func validLanguage(s string) bool {
-	if len(s) > 16 {
-		return false
-	}
-	for _, c := range s {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-			return false
-		}
-	}
-	return true
 }

@@ -10,12 +10,14 @@ import (
 // What a session meters besides its counters: audio seconds each way, the latencies its user
 // feels, and barge-ins.
 //
-// Audio seconds. For PCM ("pcm": 16-bit samples) they are exact, from bytes, the sample rate and
-// the channels: 16 kHz mono is 32000 bytes a second, each way (TTS binary frames are taken to be
-// in the session's format; tts_audio JSON messages mark TTS for the latencies but their payload,
-// the service's own, is not counted). For any other format they are an estimate: the time between
-// consecutive audio frames while frames flow, each gap counted up to maxFrameGap, so a pause in
-// the stream (a client that stopped sending) costs nothing.
+// Audio seconds. Each frame's are one call, one per direction — clientFrame for the client's
+// audio, ttsFrame for TTS audio to it — whose answer is what the frame is charged, paced and
+// counted by: how long the frame plays. For PCM ("pcm": 16-bit samples) it is exact, from its
+// bytes, the sample rate and the channels: 16 kHz mono is 32000 bytes a second, each way (TTS
+// binary frames are taken to be in the session's format; tts_audio JSON messages mark TTS for
+// the latencies but their payload, the service's own, is not counted). For any other format it
+// is an estimate: the time since the previous audio frame while frames flow, each gap counted
+// up to maxFrameGap, so a pause in the stream (a client that stopped sending) costs nothing.
 //
 // Latencies, per session (kept for its usage record) and reported to Options.OnLatency:
 //   - response: from the end of an utterance (the client's stop, or the algorithm service's
@@ -48,7 +50,7 @@ type meter struct {
 	pcm         bool
 	bytesPerSec int64
 
-	estIn, estOut       atomic.Int64 // non-PCM estimates, ns
+	in, out             atomic.Int64 // audio relayed each way, ns
 	lastIn, lastOut     int64        // unix ns of the last frame; each owned by one relay goroutine
 	eou                 atomic.Int64 // unix ns of an end of utterance awaiting its answer; 0 none
 	speaking            atomic.Bool  // an utterance is under way: audio came since the last end
@@ -102,35 +104,47 @@ func newMeter(cfg AudioConfig) *meter {
 	return m
 }
 
-// seconds converts audio bytes (PCM) or an estimate (other formats) to a duration.
-func (m *meter) audio(bytes int64, est *atomic.Int64) time.Duration {
+// clientFrame is how long the client's audio frame of n bytes, arriving at now (unix ns), plays
+// (fromClient only).
+func (m *meter) clientFrame(n int, now int64) time.Duration {
 	if !m.pcm {
-		return time.Duration(est.Load())
+		return estimate(&m.lastIn, now)
 	}
+	return m.pcmLength(n)
+}
+
+// ttsFrame is how long a TTS audio frame of n bytes to the client plays (fromUpstream only). It
+// reads the clock only for an estimate.
+func (m *meter) ttsFrame(n int) time.Duration {
+	if !m.pcm {
+		return estimate(&m.lastOut, time.Now().UnixNano())
+	}
+	return m.pcmLength(n)
+}
+
+// pcmLength is how long n bytes of the session's PCM play.
+func (m *meter) pcmLength(n int) time.Duration {
 	if m.bytesPerSec <= 0 {
 		return 0
 	}
-	sec := bytes / m.bytesPerSec
-	rest := bytes % m.bytesPerSec
-	return time.Duration(sec)*time.Second + time.Duration(rest*int64(time.Second)/m.bytesPerSec)
+	return time.Duration(int64(n) * int64(time.Second) / m.bytesPerSec)
 }
 
-// estimate adds the gap since the previous frame to a non-PCM estimate.
-func estimate(last *int64, est *atomic.Int64, now int64) {
+// estimate is the gap since the previous frame, up to maxFrameGap: a non-PCM frame's length.
+func estimate(last *int64, now int64) time.Duration {
+	var d time.Duration
 	if *last != 0 {
 		if gap := now - *last; gap > 0 {
-			est.Add(min(gap, int64(maxFrameGap)))
+			d = time.Duration(min(gap, int64(maxFrameGap)))
 		}
 	}
 	*last = now
+	return d
 }
 
 // clientAudio notes an audio frame from the client (fromClient only).
 func (s *session) clientAudio(now int64) {
 	m := s.m
-	if !m.pcm {
-		estimate(&m.lastIn, &m.estIn, now)
-	}
 	if !m.speaking.Load() && m.speaking.CompareAndSwap(false, true) {
 		m.asrFrom.Store(now)
 		if m.ttsFlowing.Load() {
@@ -170,9 +184,6 @@ func (s *session) bargeIn() {
 // only when it needs to: a PCM frame that answers no utterance costs two atomic loads.
 func (s *session) ttsAudio() {
 	m := s.m
-	if !m.pcm {
-		estimate(&m.lastOut, &m.estOut, time.Now().UnixNano())
-	}
 	if !m.ttsFlowing.Load() {
 		m.ttsFlowing.Store(true)
 	}

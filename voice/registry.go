@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"strconv"
 	"sync"
@@ -41,9 +42,20 @@ type Info struct {
 // published; kept for three TTLs), {prefix}voice:sessions (sorted set: session ID → expiry in
 // ms) and {prefix}usage (the stream of usage records, capped at UsageMaxLen entries).
 //
+// Expiries are Redis's clock, never an instance's: the scores are set, and compared, by
+// scripts that read Redis's TIME (each touches the index alone, so they run on Redis Cluster
+// too), so an instance whose clock is off neither lists live sessions as gone nor sweeps them.
+//
 // An entry whose expiry has been past for a whole TTL more belongs to a session whose instance
 // died: the first instance to remove it from the set writes its usage record from its last
-// counters (see Usage).
+// counters (see Usage). An instance never takes its own sessions for lost: a renewal publishes
+// its live sessions before it sweeps, and sweeps only once the entries of its ended sessions are
+// deleted, so that after an outage its live sessions are published again, not written off.
+//
+// An ended session is never published again. Entries are created only by the session's start
+// (add) and by renewals (Renew), and renewals and deletions are made by one caller in turn: a
+// session that ends while a renewal publishes it is deleted by the next renewal, which its end
+// asks for at once (OnChange); a deletion that fails is retried until Redis takes it.
 type Registry struct {
 	instance string
 	redis    rueidis.Client // nil: this instance only
@@ -60,6 +72,8 @@ type Registry struct {
 	onChange func()   // something to tell Redis now
 	now      func() time.Time
 	renewed  time.Time // when the live sessions were last published
+
+	publishScript, sweepScript, liveScript *rueidis.Lua
 }
 
 // RegistryOptions configures a Registry.
@@ -71,7 +85,8 @@ type RegistryOptions struct {
 	// OnChange, if set, is called when a session ended: Renew has its entry to delete. The
 	// gateway's renewer (which calls Renew) wakes on it.
 	OnChange func()
-	// Now is the clock of expiries and of when renewals are due; nil means time.Now.
+	// Now is the clock that says when a renewal is due (expiries are Redis's); nil means
+	// time.Now.
 	Now func() time.Time
 	// UsageMaxLen caps the usage stream (approximately, as XADD MAXLEN ~ does); zero means
 	// 100000 records.
@@ -80,7 +95,7 @@ type RegistryOptions struct {
 }
 
 // NewRegistry returns a registry. With Redis, someone must call Renew every TTL/3 and whenever
-// OnChange says so: it publishes the live sessions and deletes ended ones.
+// OnChange says so, and no one else: it publishes the live sessions and deletes ended ones.
 func NewRegistry(o RegistryOptions) *Registry {
 	if o.TTL <= 0 {
 		o.TTL = 30 * time.Second
@@ -98,15 +113,52 @@ func NewRegistry(o RegistryOptions) *Registry {
 		o.UsageMaxLen = 100000
 	}
 	return &Registry{instance: o.Instance, redis: o.Redis, keys: policy.NewKeys(o.Prefix), ttl: o.TTL, log: o.Log,
-		onChange: o.OnChange, now: o.Now, sessions: map[string]*session{}, renewed: o.Now(), maxLen: o.UsageMaxLen}
+		onChange: o.OnChange, now: o.Now, sessions: map[string]*session{}, renewed: o.Now(), maxLen: o.UsageMaxLen,
+		publishScript: rueidis.NewLuaScript(publishScript), sweepScript: rueidis.NewLuaScript(sweepScript),
+		liveScript: rueidis.NewLuaScript(liveScript)}
 }
+
+// The scripts of the index, each on the index key alone. Expiries are Redis's TIME in ms.
+const (
+	// publishScript sets the expiry of sessions ARGV[2...] to now + ARGV[1] ms.
+	publishScript = `
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+end
+return #ARGV - 1`
+	// sweepScript claims, by removing them, at most ARGV[2] sessions whose expiry has been past
+	// for ARGV[1] ms, and returns them: the instance whose call removed a session is the one
+	// that writes its record.
+	sweepScript = `
+local t = redis.call('TIME')
+local before = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+end
+return ids`
+	// liveScript returns the sessions whose expiry is not past: all of them without ARGV, or of
+	// ARGV[1] alone.
+	liveScript = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if #ARGV == 0 then
+  return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+end
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) >= now then return {ARGV[1]} end
+return {}`
+)
 
 func (r *Registry) key(id string) string { return r.keys.Key(policy.KindSession, id) }
 func (r *Registry) index() string        { return r.keys.Key(policy.KindSessions) }
 func (r *Registry) stream() string       { return r.keys.Key(policy.KindUsage) }
 
-// maxPendingUsage bounds the usage records waiting for Redis; beyond it the oldest are dropped
-// (they are in the log all the same).
+// maxPendingUsage bounds the usage records waiting for Redis, and the ended sessions whose
+// entries are still to delete; beyond it the oldest are dropped (the records are in the log all
+// the same).
 const maxPendingUsage = 10000
 
 func (r *Registry) add(ctx context.Context, s *session) {
@@ -159,8 +211,8 @@ func (r *Registry) logUsage(u Usage) {
 }
 
 // unpublish writes the usage records of ended sessions and deletes their entries, in one round
-// trip. Entries it fails to delete expire anyway, and listings skip them once their score is
-// past; records it fails to write are kept for the next call.
+// trip. Records and deletions that fail are kept for the next call: an entry left behind would
+// be taken, once expired, for a session whose instance died.
 func (r *Registry) unpublish(ctx context.Context) error {
 	r.mu.Lock()
 	gone, usage := r.gone, r.usage
@@ -181,19 +233,33 @@ func (r *Registry) unpublish(ctx context.Context) error {
 	}
 	var failed []Usage
 	var err error
+	deleted := true
 	for i, res := range r.redis.DoMulti(ctx, cmds...) {
 		if e := res.Error(); e != nil {
 			if i < len(usage) {
 				failed = append(failed, usage[i])
+			} else {
+				deleted = false
 			}
 			if err == nil {
 				err = fmt.Errorf("voice: write usage records and delete ended sessions: %w", e)
 			}
 		}
 	}
-	if len(failed) > 0 {
+	if len(failed) > 0 || !deleted {
 		r.mu.Lock()
-		r.queueUsage(append(failed, r.usage...)...)
+		// Before those queued meanwhile, in the order they ended.
+		since := r.usage
+		r.usage = nil
+		r.queueUsage(append(failed, since...)...)
+		if !deleted { // all again: deleting twice is harmless
+			r.gone = append(gone, r.gone...)
+			if over := len(r.gone) - maxPendingUsage; over > 0 {
+				r.log.Warn("ended voice sessions' entries could not be deleted in time; the oldest may be written off as lost",
+					"dropped", over)
+				r.gone = append(r.gone[:0], r.gone[over:]...)
+			}
+		}
 		r.mu.Unlock()
 	}
 	return err
@@ -208,32 +274,28 @@ func (r *Registry) xadd(u *Usage) rueidis.Completed {
 	return fv.Build()
 }
 
-// publishLive publishes the counters of ss now (after a charge), if there is Redis; a failure
-// is left to the next renewal.
-func (r *Registry) publishLive(ctx context.Context, ss []*session) {
-	if r.redis == nil || len(ss) == 0 {
-		return
-	}
-	if err := r.publish(ctx, ss); err != nil {
-		r.log.Warn("publishing voice sessions' counters failed; the next renewal retries", "err", proxy.Describe(err))
-	}
-}
-
+// publish writes the entries of ss, creating those that are missing: their counters, and their
+// expiry, TTL from now on Redis's clock. Only a session's start and the renewals call it (see
+// Registry).
 func (r *Registry) publish(ctx context.Context, ss []*session) error {
-	expiry := float64(r.now().Add(r.ttl).UnixMilli())
-	cmds := make(rueidis.Commands, 0, 2*len(ss))
+	if len(ss) == 0 {
+		return nil
+	}
+	cmds := make(rueidis.Commands, 0, len(ss))
+	ids := make([]string, 0, len(ss)+1)
+	ids = append(ids, strconv.FormatInt(r.ttl.Milliseconds(), 10))
 	for _, s := range ss {
 		b, _ := json.Marshal(s.live())
-		cmds = append(cmds,
-			r.redis.B().Set().Key(r.key(s.info.SessionID)).Value(string(b)).Px(orphanKeep*r.ttl).Build(),
-			r.redis.B().Zadd().Key(r.index()).ScoreMember().ScoreMember(expiry, s.info.SessionID).Build())
+		cmds = append(cmds, r.redis.B().Set().Key(r.key(s.info.SessionID)).Value(string(b)).Px(orphanKeep*r.ttl).Build())
+		ids = append(ids, s.info.SessionID)
 	}
 	for _, res := range r.redis.DoMulti(ctx, cmds...) {
 		if err := res.Error(); err != nil {
 			return err
 		}
 	}
-	return nil
+	// The expiries after the counters: a listing never names a session it cannot read.
+	return r.publishScript.Exec(ctx, r.redis, []string{r.index()}, ids).Error()
 }
 
 // orphanKeep is how many TTLs a published entry is kept: an instance that finds it expired for
@@ -244,34 +306,34 @@ const orphanKeep = 3
 const maxSweep = 64
 
 // sweep writes the usage records of sessions whose instance died — their entries expired a TTL
-// ago and more — and deletes them. Removing a session from the set is the claim: of all the
-// instances sweeping, only the one whose ZREM removed it writes its record.
+// ago and more, by Redis's clock — and deletes them. Removing a session from the set is the
+// claim: of all the instances sweeping, only the one whose script removed it writes its record.
+// A session this instance knows (running, or ended with its entry still to delete) is never
+// written off, whatever its entry says.
 func (r *Registry) sweep(ctx context.Context) error {
-	before := strconv.FormatInt(r.now().Add(-r.ttl).UnixMilli(), 10)
-	ids, err := r.redis.Do(ctx, r.redis.B().Zrangebyscore().Key(r.index()).Min("-inf").Max(before).
-		Limit(0, maxSweep).Build()).AsStrSlice()
+	ids, err := r.sweepScript.Exec(ctx, r.redis, []string{r.index()},
+		[]string{strconv.FormatInt(r.ttl.Milliseconds(), 10), strconv.Itoa(maxSweep)}).AsStrSlice()
 	if err != nil || len(ids) == 0 {
 		return err
 	}
-	claims := make(rueidis.Commands, 0, 2*len(ids))
-	for _, id := range ids {
-		claims = append(claims, r.redis.B().Zrem().Key(r.index()).Member(id).Build(),
-			r.redis.B().Get().Key(r.key(id)).Build())
+	ids = r.unknown(ids)
+	if len(ids) == 0 {
+		return nil
 	}
-	res := r.redis.DoMulti(ctx, claims...)
+	gets := make(rueidis.Commands, 0, len(ids))
+	for _, id := range ids {
+		gets = append(gets, r.redis.B().Get().Key(r.key(id)).Build())
+	}
 	var writes rueidis.Commands
-	for i, id := range ids {
-		if n, err := res[2*i].AsInt64(); err != nil || n != 1 {
-			continue // another instance claimed it
-		}
-		b, err := res[2*i+1].AsBytes()
+	for i, res := range r.redis.DoMulti(ctx, gets...) {
+		b, err := res.AsBytes()
 		var l Live
 		if err != nil || json.Unmarshal(b, &l) != nil {
 			continue // nothing left to write a record from
 		}
 		u := usageOf(l, l.UpdatedAt, int(websocket.StatusAbnormalClosure), "instance lost")
 		r.logUsage(u)
-		writes = append(writes, r.xadd(&u), r.redis.B().Del().Key(r.key(id)).Build())
+		writes = append(writes, r.xadd(&u), r.redis.B().Del().Key(r.key(ids[i])).Build())
 	}
 	for _, res := range r.redis.DoMulti(ctx, writes...) {
 		if err := res.Error(); err != nil {
@@ -281,11 +343,28 @@ func (r *Registry) sweep(ctx context.Context) error {
 	return nil
 }
 
+// unknown returns the sessions of ids that this instance neither runs nor ended.
+func (r *Registry) unknown(ids []string) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := ids[:0]
+	for _, id := range ids {
+		if _, ok := r.sessions[id]; ok || slices.Contains(r.gone, id) {
+			continue
+		}
+		out = append(out, id)
+	}
+	return out
+}
+
 // Renew deletes the published entries of ended sessions and, once a quarter of the TTL has gone
-// by since it last did, publishes the live ones again: each in one round trip. Called every
-// TTL/3, it then publishes on every call however late the previous one ran, and a call in
-// between (to delete) postpones the next publication by at most one period: an entry is
-// always renewed well within its TTL.
+// by since it last did, publishes the live ones again and then looks for sessions whose
+// instance died: each in one round trip. Called every TTL/3, it then publishes on every call
+// however late the previous one ran, and a call in between (to delete) postpones the next
+// publication by at most one period: an entry is always renewed well within its TTL.
+//
+// It sweeps only once this instance's own entries are right — the live ones published, the
+// ended ones deleted — so that after an outage it never takes its own sessions for lost.
 func (r *Registry) Renew(ctx context.Context) error {
 	if r.redis == nil {
 		return nil
@@ -295,24 +374,23 @@ func (r *Registry) Renew(ctx context.Context) error {
 	r.mu.Lock()
 	now := r.now()
 	due := now.Sub(r.renewed) >= renewDue(r.ttl)
-	if due {
-		r.renewed = now
-	}
 	r.mu.Unlock()
-	// Lost sessions are looked for on the renewal's rounds only, not on every ended session's.
-	if due {
-		if err := r.sweep(ctx); err != nil {
-			uerr = errors.Join(uerr, fmt.Errorf("voice: sweep lost sessions: %w", err))
-		}
-	}
-	ss := r.local()
-	if !due || len(ss) == 0 {
+	if !due {
 		return uerr
 	}
-	if err := r.publish(ctx, ss); err != nil {
+	if err := r.publish(ctx, r.local()); err != nil {
 		return errors.Join(uerr, fmt.Errorf("voice: renew sessions: %w", err))
 	}
-	return uerr
+	r.mu.Lock()
+	r.renewed = now
+	r.mu.Unlock()
+	if uerr != nil {
+		return uerr
+	}
+	if err := r.sweep(ctx); err != nil {
+		return fmt.Errorf("voice: sweep lost sessions: %w", err)
+	}
+	return nil
 }
 
 // Get returns the live counters of session id, exactly if it runs here, else as its instance
@@ -327,19 +405,14 @@ func (r *Registry) Get(ctx context.Context, id string) (l Live, ok bool, err err
 	if r.redis == nil {
 		return Live{}, false, nil
 	}
-	res := r.redis.DoMulti(ctx, r.redis.B().Zscore().Key(r.index()).Member(id).Build(),
-		r.redis.B().Get().Key(r.key(id)).Build())
-	score, err := res[0].AsFloat64()
-	if rueidis.IsRedisNil(err) {
-		return Live{}, false, nil
-	}
+	live, err := r.liveScript.Exec(ctx, r.redis, []string{r.index()}, []string{id}).AsStrSlice()
 	if err != nil {
 		return Live{}, false, fmt.Errorf("voice: get session: %w", err)
 	}
-	if int64(score) < r.now().UnixMilli() {
-		return Live{}, false, nil // its instance is gone
+	if len(live) == 0 {
+		return Live{}, false, nil // none, or its instance is gone
 	}
-	b, err := res[1].AsBytes()
+	b, err := r.redis.Do(ctx, r.redis.B().Get().Key(r.key(id)).Build()).AsBytes()
 	if rueidis.IsRedisNil(err) {
 		return Live{}, false, nil
 	}
@@ -377,8 +450,7 @@ func (r *Registry) List(ctx context.Context) ([]Info, error) {
 			out = append(out, s.info)
 		}
 	} else {
-		now := fmt.Sprint(r.now().UnixMilli())
-		ids, err := r.redis.Do(ctx, r.redis.B().Zrangebyscore().Key(r.index()).Min(now).Max("+inf").Build()).AsStrSlice()
+		ids, err := r.liveScript.Exec(ctx, r.redis, []string{r.index()}, nil).AsStrSlice()
 		if err != nil {
 			return nil, fmt.Errorf("voice: list sessions: %w", err)
 		}

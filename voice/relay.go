@@ -52,8 +52,17 @@ func (s *session) fromClient() {
 		s.lastIn.Store(now.UnixNano())
 		s.n.packetsIn.Add(1)
 		s.n.bytesIn.Add(int64(len(*b)))
+		var d time.Duration // of audio, relayed
 		switch typ {
 		case websocket.MessageBinary:
+			d = s.m.clientFrame(len(*b), now.UnixNano())
+			if !s.spend(d) {
+				// The quota is used up: the session is ending, and this frame goes no further.
+				// Reading on takes the client's answer to the close.
+				s.h.putBuf(b)
+				continue
+			}
+			s.m.in.Add(int64(d))
 			s.n.audioIn.Add(int64(len(*b)))
 			s.n.firstAudio.CompareAndSwap(0, now.UnixNano())
 			s.clientAudio(now.UnixNano())
@@ -90,6 +99,9 @@ func (s *session) fromClient() {
 			s.upWriteFailed()
 			return
 		}
+		if wait := s.pace.wait(d, now.UnixNano()); wait > 0 {
+			s.paced(wait)
+		}
 	}
 }
 
@@ -104,6 +116,9 @@ func (s *session) clientReadFailed(err error) {
 		s.end(ending{code: ce.Code, reason: "client closed: " + ce.Reason})
 	case errors.Is(err, websocket.ErrMessageTooBig):
 		s.end(ending{code: websocket.StatusMessageTooBig, reason: "message too big"})
+	case s.client.conn.slow():
+		// The library writes pongs from the reader: one the client did not take ends here.
+		s.clientWriteFailed()
 	default:
 		// Vanished without a close frame, or silent past its read deadline.
 		s.clientGone("client gone")
@@ -120,7 +135,11 @@ func (s *session) fromUpstream() {
 			s.upReadFailed(err)
 			return
 		}
-		s.count(typ, *b)
+		if !s.count(typ, *b) {
+			// TTS audio the quota has no room for: the session is ending.
+			s.h.putBuf(b)
+			continue
+		}
 		err = s.client.ws.Write(unbounded(), typ, *b)
 		s.h.putBuf(b)
 		if err != nil {
@@ -137,21 +156,32 @@ func (s *session) upReadFailed(err error) {
 	case s.ended.Load():
 	case errors.As(err, &ce):
 		s.end(upstreamClosed(ce))
+	case s.up.conn.slow():
+		s.upWriteFailed() // a pong it did not take
 	default:
 		s.upstreamGone("the algorithm service went away")
 	}
 }
 
-// count updates the per-session counters for a message from the algorithm service.
-func (s *session) count(typ websocket.MessageType, msg []byte) {
-	s.n.packetsOut.Add(1)
-	s.n.bytesOut.Add(int64(len(msg)))
+// count updates the per-session counters for a message from the algorithm service, and
+// charges TTS audio to the session's quota: false when there is no room for it, and the message
+// must not be relayed.
+func (s *session) count(typ websocket.MessageType, msg []byte) bool {
 	if typ == websocket.MessageBinary {
+		d := s.m.ttsFrame(len(msg))
+		if !s.spend(d) {
+			return false
+		}
+		s.m.out.Add(int64(d))
+		s.n.packetsOut.Add(1)
+		s.n.bytesOut.Add(int64(len(msg)))
 		s.n.audioOut.Add(int64(len(msg)))
 		s.n.ttsChunks.Add(1)
 		s.ttsAudio()
-		return
+		return true
 	}
+	s.n.packetsOut.Add(1)
+	s.n.bytesOut.Add(int64(len(msg)))
 	switch string(upstreamType(msg)) {
 	case "asr_partial":
 		s.n.asrPartial.Add(1)
@@ -171,6 +201,7 @@ func (s *session) count(typ websocket.MessageType, msg []byte) {
 	case "error":
 		s.n.errors.Add(1)
 	}
+	return true
 }
 
 func (s *session) firstASR() {

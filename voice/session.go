@@ -32,7 +32,7 @@ type Stats struct {
 	TenantID        string
 	AudioIn         time.Duration // audio seconds from the client
 	AudioOut        time.Duration // TTS audio seconds to it
-	Charged         time.Duration // what the quotas were charged
+	Charged         time.Duration // what the quotas were charged: exactly AudioIn+AudioOut once settled
 	BargeIns        int64
 	ResponseLatency Latency
 	ASRLatency      Latency
@@ -80,6 +80,7 @@ type session struct {
 	n       counters
 	m       *meter
 	gov     governor
+	pace    pacer // fromClient's
 
 	lastIn   atomic.Int64 // unix ns of the last client message
 	lastPing time.Time    // owned by the timers goroutine
@@ -88,6 +89,7 @@ type session struct {
 	endOnce sync.Once
 	ended   atomic.Bool
 	outcome ending        // set once, in end
+	ending  chan struct{} // closed as the session ends, for what waits (the pace, a reservation)
 	closed  chan struct{} // closed when the ending has been carried out
 	upDone  chan struct{} // closed when the algorithm-service reader has returned
 }
@@ -96,7 +98,8 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 	now := time.Now()
 	s := &session{h: h, info: info, cfg: cfg, client: client, up: up, start: now, release: func() {},
 		enc: newChunkEncoder(info.SessionID, info.ConversationID, cfg), lastPing: now, m: newMeter(cfg),
-		closed: make(chan struct{}), upDone: make(chan struct{})}
+		pace:   newPacer(h.o.Pace, h.o.PaceBurst),
+		ending: make(chan struct{}), closed: make(chan struct{}), upDone: make(chan struct{})}
 	s.lastIn.Store(now.UnixNano())
 	return s
 }
@@ -126,9 +129,9 @@ func (s *session) finish() {
 	s.client.ws.CloseNow()
 	s.up.ws.CloseNow()
 	s.release()
-	// Charged before the registry lets go, so that shutdown, which waits for the registry to
+	// Settled before the registry lets go, so that shutdown, which waits for the registry to
 	// empty, waits for this bounded charge too.
-	s.finalCharge()
+	s.settle()
 	st := s.stats()
 	s.h.o.Registry.remove(s, usageOf(s.live(), time.Now(), int(st.CloseCode), st.CloseReason))
 
@@ -151,8 +154,8 @@ func (s *session) stats() Stats {
 		ASRPartial: s.n.asrPartial.Load(), ASRFinal: s.n.asrFinal.Load(), LLMChunks: s.n.llmChunks.Load(),
 		TTSChunks: s.n.ttsChunks.Load(), Errors: s.n.errors.Load(),
 		FirstASR: time.Duration(s.n.firstASR.Load()),
-		TenantID: s.info.TenantID, AudioIn: s.m.audio(s.n.audioIn.Load(), &s.m.estIn),
-		AudioOut: s.m.audio(s.n.audioOut.Load(), &s.m.estOut), Charged: time.Duration(s.gov.charged.Load()),
+		TenantID: s.info.TenantID, AudioIn: time.Duration(s.m.in.Load()),
+		AudioOut: time.Duration(s.m.out.Load()), Charged: time.Duration(s.gov.held.Load()),
 		BargeIns: s.m.bargeIns.Load(),
 	}
 	st.ResponseLatency, st.ASRLatency = s.m.latencies()
@@ -192,6 +195,7 @@ func (s *session) end(e ending) {
 		}
 		s.outcome = e
 		s.ended.Store(true)
+		close(s.ending)
 		go s.close(e)
 	})
 }

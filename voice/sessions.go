@@ -45,7 +45,11 @@ func NewSessionHandler(reg *Registry, caller Caller) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
-		l, ok, err := reg.Get(ctx, r.PathValue("session_id"))
+		id, ok := sessionID(w, r)
+		if !ok {
+			return
+		}
+		l, ok, err := reg.Get(ctx, id)
 		if err != nil {
 			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusServiceUnavailable, Code: proxy.CodeUnavailable,
 				Message: "the session registry is unavailable", Cause: err})
@@ -60,6 +64,17 @@ func NewSessionHandler(reg *Registry, caller Caller) http.Handler {
 	})
 }
 
+// sessionID returns the {session_id} of r's path, or refuses r (400) and reports false when it
+// cannot be a session ID: one the gateway made (proxy.ValidRequestID's shape).
+func sessionID(w http.ResponseWriter, r *http.Request) (string, bool) {
+	id := r.PathValue("session_id")
+	if !proxy.ValidRequestID(id) {
+		proxy.WriteError(w, r, proxy.InvalidFields(proxy.FieldError{Field: "session_id", Reason: proxy.RequestIDReason}))
+		return "", false
+	}
+	return id, true
+}
+
 // NewCloseHandler returns DELETE /api/v2/voice/sessions/{session_id}: that session is closed
 // wherever it runs, its client told why (an error SESSION_CLOSED, then close 1008). A session of
 // another tenant is not found, unless the caller is a super admin.
@@ -67,7 +82,10 @@ func NewCloseHandler(reg *Registry, caller Caller) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
-		id := r.PathValue("session_id")
+		id, ok := sessionID(w, r)
+		if !ok {
+			return
+		}
 		l, ok, err := reg.Get(ctx, id)
 		tenant, super := caller(r)
 		if err == nil && ok && (super || l.TenantID == tenant) {
@@ -109,7 +127,18 @@ func NewBroadcastHandler(reg *Registry, caller Caller) http.Handler {
 			return
 		}
 		if len(req.Message) == 0 || string(req.Message) == "null" {
-			proxy.Errorf(w, r, http.StatusBadRequest, proxy.CodeValidation, `"message" is required`)
+			proxy.WriteError(w, r, proxy.InvalidFields(proxy.FieldError{Field: "message", Reason: "required"}))
+			return
+		}
+		var bad []proxy.FieldError
+		if req.TenantID != nil && !proxy.ValidLabel(*req.TenantID, 0) {
+			bad = append(bad, proxy.FieldError{Field: "tenant_id", Reason: proxy.LabelReason(0)})
+		}
+		if !proxy.ValidLabel(req.UserID, 0) {
+			bad = append(bad, proxy.FieldError{Field: "user_id", Reason: proxy.LabelReason(0)})
+		}
+		if len(bad) > 0 {
+			proxy.WriteError(w, r, proxy.InvalidFields(bad...))
 			return
 		}
 		b := Broadcast{Message: req.Message, UserID: req.UserID}

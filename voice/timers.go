@@ -9,7 +9,8 @@ import (
 )
 
 // timers is the one clock of a Handler's sessions: every RecheckInterval one goroutine looks at
-// each session for an idle timeout, a keepalive ping that is due, and its token recheck. It
+// each session for its maximum length, an idle timeout, a keepalive ping that is due, and its
+// token recheck (quotas are charged as audio arrives, not here: govern.go). It
 // runs only while there are sessions, so an idle gateway keeps no goroutine for it.
 //
 // Nothing on the tick blocks but the rechecks, and those share one deadline per tick: a
@@ -25,9 +26,7 @@ type timers struct {
 
 	// Used by the clock goroutine only. There is one at a time: a clock started while the
 	// last one finishes its tick waits for it to return, so that no two tick at once.
-	batch        []*session // the tick's sessions
-	due          []*session // those due a charge
-	chargeWarned time.Time  // when a failed charge was last logged
+	batch []*session // the tick's sessions
 }
 
 func newTimers(h *Handler) *timers {
@@ -81,14 +80,11 @@ func (t *timers) tick(now time.Time) {
 	}
 	t.mu.Unlock()
 	o := &t.h.o
-	due := t.due[:0]
 	for _, s := range batch {
 		if s.ended.Load() {
 			continue
 		}
-		if s.govern(now) {
-			due = append(due, s)
-		}
+		s.govern(now)
 		if s.ended.Load() {
 			continue
 		}
@@ -105,9 +101,6 @@ func (t *timers) tick(now time.Time) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), o.RecheckInterval)
 	defer cancel()
-	t.charge(ctx, now, due)
-	clear(due)
-	t.due = due
 	for _, s := range batch {
 		if s.recheck == nil || s.ended.Load() {
 			continue

@@ -403,3 +403,102 @@ func goroutineStacks() []string {
 	buf := make([]byte, 8<<20)
 	return strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n")
 }
+
+// arrivals is an algorithm service that notes when each audio_chunk arrives.
+func arrivals(at *[]time.Time, mu *sync.Mutex) behaviour {
+	return func(fc *fakeConn) {
+		for {
+			_, b, err := fc.conn.Read(context.Background())
+			if err != nil {
+				fc.err = err
+				return
+			}
+			if strings.Contains(string(b), `"type":"audio_chunk"`) {
+				mu.Lock()
+				*at = append(*at, time.Now())
+				mu.Unlock()
+			}
+		}
+	}
+}
+
+// TestPaceBound: a client may send audio at most Pace times real time beyond a burst. With a
+// pace of 1 and a burst of 1 s, a client that sends 5 s of audio at once has its first second
+// relayed at once, and the rest at real time: the session stops reading it, nothing is dropped.
+// After a pause as long as the burst, it may burst again.
+func TestPaceBound(t *testing.T) {
+	bubble(t, func(t *testing.T, n *memNet) {
+		var mu sync.Mutex
+		var at []time.Time
+		o := fast()
+		o.Pace, o.PaceBurst = 1, time.Second
+		e := newEnv(t, setup{opts: o, serve: arrivals(&at, &mu), net: n})
+		cl := e.connect(t, "", nil)
+		cl.initMsg(t)
+		start := time.Now()
+		send := func(frames int) {
+			for i := range frames {
+				write(t, cl.c, websocket.MessageBinary, frame(byte(i)))
+			}
+		}
+		send(250) // 5 s of audio, as fast as the session reads it
+		synctest.Wait()
+		mu.Lock()
+		if len(at) != 250 {
+			t.Fatalf("%d frames relayed, want all 250", len(at))
+		}
+		for k, a := range at {
+			// Frame k+1 is read once the k frames before it are due at real time, less the
+			// burst: at max(0, 20 ms × k − 1 s).
+			if want := max(time.Duration(k)*20*time.Millisecond-time.Second, 0); a.Sub(start) != want {
+				t.Fatalf("frame %d relayed at %v, want %v", k+1, a.Sub(start), want)
+			}
+		}
+		last := at[len(at)-1]
+		mu.Unlock()
+
+		// Due at 5 s; a pause until 6 s gives the whole burst back.
+		time.Sleep(start.Add(6 * time.Second).Sub(last))
+		again := time.Now()
+		send(100)
+		synctest.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		if len(at) != 350 {
+			t.Fatalf("%d frames relayed, want 350", len(at))
+		}
+		if got := at[299].Sub(again); got != 0 {
+			t.Errorf("the 50th frame after the pause was relayed %v after it was sent, want at once (the burst)", got)
+		}
+		if got, want := at[349].Sub(again), 99*20*time.Millisecond-time.Second; got != want {
+			t.Errorf("the 100th frame after the pause was relayed at %v, want %v", got, want)
+		}
+	})
+}
+
+// TestPaceWaitEndsWithSession: a session that has stopped reading its client for the pace
+// (a 10 s frame, with a pace of 1 and a burst of 100 ms) still ends at once when it is closed:
+// the wait ends with it.
+func TestPaceWaitEndsWithSession(t *testing.T) {
+	bubble(t, func(t *testing.T, n *memNet) {
+		o := fast()
+		o.Pace, o.PaceBurst = 1, 100*time.Millisecond
+		e := newEnv(t, setup{opts: o, net: n})
+		cl := e.connect(t, "", nil)
+		cl.initMsg(t)
+		write(t, cl.c, websocket.MessageBinary, make([]byte, 320000)) // 10 s of audio
+		e.fake.next(t).recv(t)
+		synctest.Wait() // the session waits now, for 9.9 s
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		e.reg.CloseAll(ctx, websocket.StatusGoingAway, "", "shutting down")
+		if took := time.Since(start); took > 10*time.Millisecond {
+			t.Errorf("the session took %v to close, want at once", took)
+		}
+		if _, err := cl.end(t, wait); websocket.CloseStatus(err) != websocket.StatusGoingAway {
+			t.Errorf("client saw %v, want 1001", err)
+		}
+		e.gone(t)
+	})
+}

@@ -34,9 +34,9 @@ func (s *session) live() Live {
 	now := time.Now()
 	resp, asr := s.m.latencies()
 	return Live{Info: s.info, UpdatedAt: now.UTC(), DurationS: now.Sub(s.start).Seconds(),
-		AudioSecondsIn:  s.m.audio(s.n.audioIn.Load(), &s.m.estIn).Seconds(),
-		AudioSecondsOut: s.m.audio(s.n.audioOut.Load(), &s.m.estOut).Seconds(),
-		ChargedSeconds:  time.Duration(s.gov.charged.Load()).Seconds(),
+		AudioSecondsIn:  time.Duration(s.m.in.Load()).Seconds(),
+		AudioSecondsOut: time.Duration(s.m.out.Load()).Seconds(),
+		ChargedSeconds:  time.Duration(s.gov.held.Load()).Seconds(),
 		PacketsIn:       s.n.packetsIn.Load(), BytesIn: s.n.bytesIn.Load(),
 		PacketsOut: s.n.packetsOut.Load(), BytesOut: s.n.bytesOut.Load(),
 		ASRPartial: s.n.asrPartial.Load(), ASRFinal: s.n.asrFinal.Load(), LLMChunks: s.n.llmChunks.Load(),

@@ -4,12 +4,34 @@
 // browser tests) can read what was sent, received and played.
 
 const $ = (id) => document.getElementById(id);
-const params = new URLSearchParams(location.search);
-const gateway = new URL(params.get("gateway") || location.origin);
+
+// The token may come in the fragment (#token=..., what -demo prints). Once read, it leaves the
+// URL: the entry is replaced, so neither the address bar nor the history keeps it.
 const fragment = new URLSearchParams(location.hash.slice(1));
+const fragmentToken = fragment.get("token");
+if (location.hash) history.replaceState(history.state, "", location.pathname + location.search);
+
+// The gateway: this page's own origin, or one that ?gateway= names and the operator listed
+// (CONSOLE_GATEWAYS, rendered into the page by the gateway that serves it). A page that was
+// pointed anywhere else talks to nobody: gateway stays null and nothing is ever sent. The
+// Content-Security-Policy allows connections to the same origins only.
+const allowedGateways = new Set([location.origin, ...(document.documentElement.dataset.gateways || "").split(" ").filter(Boolean)]);
+const gateway = chooseGateway(new URLSearchParams(location.search).get("gateway"));
+
+function chooseGateway(asked) {
+  if (asked === null) return new URL(location.origin);
+  let origin = "";
+  try {
+    origin = new URL(asked).origin;
+  } catch {
+    // not a URL: refused below
+  }
+  return allowedGateways.has(origin) ? new URL(origin) : null;
+}
 
 // What the page has done, for people and tests alike.
 const state = {
+  refused: "", // why the page talks to no gateway, when it was pointed at one it may not use
   chat: { events: [], answer: "", requestId: "", running: false, outcome: "", error: "" },
   voice: {
     sessionId: "", framesSent: 0, bytesSent: 0, ttsFrames: 0, ttsSamples: 0,
@@ -67,6 +89,15 @@ function setStatus(el, text, bad) {
 
 function clip(s, n = 240) {
   return s.length > n ? s.slice(0, n) + "…" : s;
+}
+
+// refusedGateway says why a page pointed at another gateway does nothing.
+function refusedGateway() {
+  const asked = new URLSearchParams(location.search).get("gateway");
+  const listed = [...allowedGateways].filter((o) => o !== location.origin);
+  return `Refused: ?gateway=${clip(asked, 120)} is not this page's origin (${location.origin})` +
+    (listed.length ? ` nor one of the gateways it may use (${listed.join(", ")})` : "") +
+    `. Nothing was sent. The gateway serving this page lists the others in CONSOLE_GATEWAYS.`;
 }
 
 // crossOriginHint explains a request that failed without an answer the page could read.
@@ -128,6 +159,7 @@ async function errorText(res) {
 
 async function sendChat(question) {
   const c = state.chat;
+  if (!gateway) return;
   c.events = [];
   c.answer = "";
   c.requestId = "";
@@ -239,6 +271,7 @@ async function sendChat(question) {
 // instance runs it); if that cannot be asked, it stops reading.
 async function cancelChat() {
   const id = state.chat.requestId;
+  if (!gateway) return;
   if (!id) {
     if (chatAbort) chatAbort.abort();
     return;
@@ -299,6 +332,10 @@ async function audioContext() {
 function connect() {
   state.voice.lastError = null;
   return new Promise((resolve, reject) => {
+    if (!gateway) {
+      reject(new Error(refusedGateway()));
+      return;
+    }
     const u = new URL("/api/v2/voice/stream", gateway);
     u.protocol = gateway.protocol === "https:" ? "wss:" : "ws:";
     u.searchParams.set("language", navigator.language || "en-US");
@@ -503,12 +540,22 @@ function hangUp() {
 
 // ---- wiring --------------------------------------------------------------------------------
 
-$("gateway").textContent = gateway.origin;
-$("openapi").href = new URL("/openapi.json", gateway).href;
-if (fragment.get("token")) $("token").value = fragment.get("token");
-if (gateway.origin !== location.origin) {
-  $("origin-note").textContent = `This page (${location.origin}) talks to another origin: the gateway must list ` +
-    `${location.origin} in CORS_ORIGINS.`;
+if (fragmentToken) $("token").value = fragmentToken;
+if (!gateway) {
+  state.refused = refusedGateway();
+  $("gateway").textContent = "none";
+  $("origin-note").textContent = state.refused;
+  $("origin-note").className = "note bad";
+  for (const id of ["send", "cancel", "mic", "hangup"]) $(id).disabled = true;
+  setStatus($("chat-status"), "refused: no gateway", true);
+  setStatus($("voice-status"), "refused: no gateway", true);
+} else {
+  $("gateway").textContent = gateway.origin;
+  $("openapi").href = new URL("/openapi.json", gateway).href;
+  if (gateway.origin !== location.origin) {
+    $("origin-note").textContent = `This page (${location.origin}) talks to another origin: the gateway must list ` +
+      `${location.origin} in CORS_ORIGINS.`;
+  }
 }
 $("chat-form").addEventListener("submit", (e) => {
   e.preventDefault();
