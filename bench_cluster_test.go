@@ -155,7 +155,7 @@ func BenchmarkRateLimitCluster(b *testing.B) {
 			var lims []*policy.RedisAdmitter
 			for range 2 {
 				cfg := &config{RedisAddrs: strings.Split(url, ","), RedisConnectWithin: 5 * time.Second}
-				client, err := connectRedis(context.Background(), cfg)
+				client, err := connectRedis(context.Background(), cfg, 0)
 				if err != nil {
 					b.Fatal(err)
 				}

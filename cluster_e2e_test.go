@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -335,5 +336,42 @@ func TestClusterScriptsOneSlot(t *testing.T) {
 			_, err := revs.Revoked(ctx, &auth.Identity{UserID: user, TenantID: tenant, TokenID: "jti-" + user, IssuedAt: time.Now()})
 			return err
 		})
+	}
+}
+
+// TestClusterResume: on the cluster, resumers of streams of tenants in different hash slots
+// wait at their tails on one instance at once (one XREAD cannot name keys of two slots: the
+// reader reads each slot's logs in one pipeline), and each gets exactly the rest of its own
+// stream; a repeat of a finished request is answered from its log there too.
+func TestClusterResume(t *testing.T) {
+	c := startCluster(t)
+	algo := newResumeAlgo(t)
+	a, b := clusterPair(t, c, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{"SSE_RESUME_WINDOW": "5s"}))
+	tenants := []string{"acme", "globex", "initech"}
+	if keySlot("{acme}") == keySlot("{globex}") || keySlot("{globex}") == keySlot("{initech}") {
+		t.Fatal("the tenants' tags share a slot; pick others")
+	}
+	var resumed []*sseReader
+	for i, tenant := range tenants {
+		tok := tokenFor(t, "u-"+tenant, []string{"user"}, map[string]any{"tenant_id": tenant})
+		res := chatRequest(t, a.Client, a.URL, tok, "cr-"+strconv.Itoa(i), "gated", "")
+		defer res.Body.Close()
+		readN(t, wantStream(t, res), 10)
+		res = chatRequest(t, b.Client, b.URL, tok, "cr-"+strconv.Itoa(i), "gated", strconv.Itoa(5+i))
+		defer res.Body.Close()
+		resumed = append(resumed, wantStream(t, res))
+	}
+	close(algo.release)
+	for i, s := range resumed {
+		wantRest(t, s, 5+i)
+	}
+	tok := tokenFor(t, "u-acme", []string{"user"}, map[string]any{"tenant_id": "acme"})
+	res := chatRequest(t, b.Client, b.URL, tok, "cr-0", "gated", "")
+	defer res.Body.Close()
+	if evs := readEvents(t, wantStream(t, res)); len(evs) != resumeLines+2 || evs[0].Event != "stream_start" {
+		t.Errorf("a repeat of a finished request on the cluster: %v, want the whole answer from its log", eventNames(evs))
+	}
+	if n := algo.calls.Load(); n != int64(len(tenants)) {
+		t.Errorf("the algorithm service got %d requests, want %d", n, len(tenants))
 	}
 }

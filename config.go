@@ -53,6 +53,7 @@ type config struct {
 	SSEWriteTimeout      time.Duration
 	SSEResumeWindow      time.Duration
 	SSEResumeRetention   time.Duration
+	SSEMaxResumes        int
 	SSEMaxLineBytes      int
 
 	JWTSecret          []byte
@@ -216,6 +217,7 @@ func settings() []setting {
 		{"SSE_WRITE_TIMEOUT", "10s", "bound on every write to a chat stream's client; a client that does not take a write within it loses the stream", durationSetting(func(c *config) *time.Duration { return &c.SSEWriteTimeout }, 10*time.Millisecond)},
 		{"SSE_RESUME_WINDOW", "0s", "how long a chat stream whose client lost its connection keeps running for the client to resume it (Last-Event-ID); 0 turns resuming off", durationSetting(func(c *config) *time.Duration { return &c.SSEResumeWindow }, 0)},
 		{"SSE_RESUME_RETENTION", "5m", "how long a resumable stream's replay log is kept after its last event", durationSetting(func(c *config) *time.Duration { return &c.SSEResumeRetention }, time.Second)},
+		{"SSE_MAX_RESUMES", "1024", "how many chat streams one instance answers from replay logs at once (resumes, and repeats of a finished request); more are refused with 503", intSetting(func(c *config) *int { return &c.SSEMaxResumes })},
 		{"SSE_MAX_LINE_BYTES", "1048576", "longest upstream NDJSON line", func(c *config, v string) error {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 64 || n > maxLineBytes {

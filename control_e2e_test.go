@@ -33,11 +33,21 @@ func holdStream(t *testing.T, c *http.Client, base, token, id string) (*http.Res
 // cancelStream asks g to cancel request_id id for token, with extra headers.
 func cancelStream(t *testing.T, g *testGateway, token, id string, header map[string]string) *http.Response {
 	t.Helper()
+	return cancelUserStream(t, g, token, "", id, header)
+}
+
+// cancelUserStream asks g to cancel user's (none: the caller's) stream of request_id id.
+func cancelUserStream(t *testing.T, g *testGateway, token, user, id string, header map[string]string) *http.Response {
+	t.Helper()
 	h := map[string]string{"Authorization": "Bearer " + token, "Content-Type": "application/json"}
 	for k, v := range header {
 		h[k] = v
 	}
-	return doRequest(t, g.Client, "POST", g.URL+"/api/v2/chat/cancel", strings.NewReader(`{"request_id":"`+id+`"}`), h)
+	body := `{"request_id":"` + id + `"}`
+	if user != "" {
+		body = `{"request_id":"` + id + `","user_id":"` + user + `"}`
+	}
+	return doRequest(t, g.Client, "POST", g.URL+"/api/v2/chat/cancel", strings.NewReader(body), h)
 }
 
 func TestControlAcrossInstances(t *testing.T) {
@@ -124,9 +134,9 @@ func TestControlAcrossInstances(t *testing.T) {
 		res, s := holdStream(t, b.Client, b.URL, user, "tenant-bound")
 		defer res.Body.Close()
 		// tenant-b's admin looks in tenant-b: there is no such stream there.
-		wantError(t, cancelStream(t, a, adminB, "tenant-bound", nil), http.StatusNotFound, "NOT_FOUND")
-		// A super admin may address tenant-a.
-		wantStatus(t, cancelStream(t, a, super, "tenant-bound", map[string]string{"X-Tenant-Id": "tenant-a"}), http.StatusOK)
+		wantError(t, cancelUserStream(t, a, adminB, "u-list", "tenant-bound", nil), http.StatusNotFound, "NOT_FOUND")
+		// A super admin may address tenant-a, and name the stream's owner there.
+		wantStatus(t, cancelUserStream(t, a, super, "u-list", "tenant-bound", map[string]string{"X-Tenant-Id": "tenant-a"}), http.StatusOK)
 		if ev := nextEvent(t, s); ev.Event != "stream_cancelled" {
 			t.Errorf("after the super admin's cancel: %s, want stream_cancelled", ev.Event)
 		}
@@ -138,20 +148,48 @@ func TestControlAcrossInstances(t *testing.T) {
 		carol := w.token(t, "u-carol", []string{"user"}, tenantB)
 		resA, sA := holdStream(t, a.Client, a.URL, alice, "shared-id")
 		defer resA.Body.Close()
-		// Bob's stream of the same ID in the same tenant is refused: the ID is Alice's there.
-		wantError(t, chatRequest(t, b.Client, b.URL, bob, "shared-id", "hold", ""), http.StatusConflict, "CONFLICT")
-		wantError(t, cancelStream(t, b, bob, "shared-id", nil), http.StatusForbidden, "PERMISSION_DENIED")
-		// Carol's, in another tenant, is her own; her cancel ends hers only.
+		aliceGot := make(chan sseEvent, 1)
+		go func() {
+			ev, _ := sA.next()
+			aliceGot <- ev
+		}()
+		// A request ID is its user's: to Bob, a colleague in the same tenant, Alice's stream
+		// does not exist, on either instance.
+		for _, g := range []*testGateway{a, b} {
+			wantError(t, cancelStream(t, g, bob, "shared-id", nil), http.StatusNotFound, "NOT_FOUND")
+			// Naming her takes chat:admin, whether or not she has such a stream.
+			wantError(t, cancelUserStream(t, g, bob, "u-alice", "shared-id", nil), http.StatusForbidden, "PERMISSION_DENIED")
+			wantError(t, cancelUserStream(t, g, bob, "u-alice", "nobody-uses-this", nil), http.StatusForbidden, "PERMISSION_DENIED")
+		}
+		// Bob's stream of the same ID is his own, and his cancel ends his only.
+		resB, sB := holdStream(t, b.Client, b.URL, bob, "shared-id")
+		defer resB.Body.Close()
+		wantStatus(t, cancelStream(t, a, bob, "shared-id", nil), http.StatusOK)
+		if ev := nextEvent(t, sB); ev.Event != "stream_cancelled" {
+			t.Errorf("Bob's stream after his cancel: %s, want stream_cancelled", ev.Event)
+		}
+		// Carol's, in another tenant, is her own too.
 		resC, sC := holdStream(t, b.Client, b.URL, carol, "shared-id")
 		defer resC.Body.Close()
 		wantStatus(t, cancelStream(t, a, carol, "shared-id", nil), http.StatusOK)
 		if ev := nextEvent(t, sC); ev.Event != "stream_cancelled" {
 			t.Errorf("Carol's stream after her cancel: %s, want stream_cancelled", ev.Event)
 		}
-		// Alice's still runs: her own cancel, through the other instance, ends it.
-		wantStatus(t, cancelStream(t, b, alice, "shared-id", nil), http.StatusOK)
-		if ev := nextEvent(t, sA); ev.Event != "stream_cancelled" {
-			t.Errorf("Alice's stream after her cancel: %s, want stream_cancelled", ev.Event)
+		select {
+		case ev := <-aliceGot:
+			t.Fatalf("Alice's stream got %s %s from the others' cancels", ev.Event, ev.Data)
+		default:
+		}
+		// An admin of her tenant names her, through the other instance.
+		admin := w.token(t, "u-admin-a", []string{"admin"}, nil)
+		wantStatus(t, cancelUserStream(t, b, admin, "u-alice", "shared-id", nil), http.StatusOK)
+		select {
+		case ev := <-aliceGot:
+			if ev.Event != "stream_cancelled" {
+				t.Errorf("Alice's stream after the admin's cancel: %s, want stream_cancelled", ev.Event)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Alice's stream was not cancelled within 5s of the admin's cancel")
 		}
 	})
 

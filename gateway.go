@@ -69,7 +69,7 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		}
 	}()
 	if len(cfg.RedisAddrs) > 0 {
-		client, err := connectRedis(ctx, cfg)
+		client, err := connectRedis(ctx, cfg, 0)
 		if err != nil {
 			return nil, err
 		}
@@ -86,7 +86,8 @@ func newGateway(ctx context.Context, cfg *config, logger *slog.Logger, tel *tele
 		if cfg.SSEResumeWindow > 0 {
 			// The replay log's appends are bulk traffic: on a connection of their own, a
 			// pipeline of them never delays a token check or an admission queued behind it.
-			bulk, err := connectRedis(ctx, cfg)
+			// Its one blocking command is the resumers' reader's XREAD: one connection for it.
+			bulk, err := connectRedis(ctx, cfg, 1)
 			if err != nil {
 				return nil, err
 			}
@@ -225,7 +226,9 @@ func (g *gateway) buildHandlers() error {
 		MaxLineBytes:    cfg.SSEMaxLineBytes,
 		PingInterval:    cfg.SSEPingInterval,
 		WriteTimeout:    cfg.SSEWriteTimeout,
-		Admit:           policy.Admit,
+		Admit:           policy.AdmitClaim,
+		AdmitReplay:     policy.AdmitReplay,
+		Resumes:         sse.NewResumeLimit(cfg.SSEMaxResumes),
 		Owner:           auth.Owner,
 		Token:           auth.Token,
 		OnEvents:        func(name string, n int64) { tel.sseEvents.Add(bg, n, tel.add1("event", name)...) },
@@ -238,19 +241,16 @@ func (g *gateway) buildHandlers() error {
 	g.h.chatResume = sse.NewResumeHandler(chat)
 	cancel := sse.CancelOptions{
 		Registry: g.streams,
+		Owner:    auth.Owner,
 		Tenant:   addressedTenant,
-		Allowed: func(r *http.Request, s *sse.Stream) bool {
-			user, _ := auth.Owner(r)
-			return s.UserID == user || g.can(r, "chat:admin")
-		},
+		Admin:    func(r *http.Request) bool { return g.can(r, "chat:admin") },
 	}
 	if g.streamDir != nil {
-		cancel.Remote = func(ctx context.Context, r *http.Request, tenant, id string) error {
+		cancel.Remote = func(ctx context.Context, k sse.StreamKey) error {
 			// Bounded like a revocation: a frozen Redis must not hold the request.
 			ctx, stop := context.WithTimeout(ctx, remoteCancelBudget)
 			defer stop()
-			user, _ := auth.Owner(r)
-			return g.streamDir.Cancel(ctx, tenant, id, user, g.can(r, "chat:admin"))
+			return g.streamDir.Cancel(ctx, k)
 		}
 	}
 	g.h.cancel = sse.NewCancelHandler(cancel)
@@ -456,8 +456,9 @@ func (g *gateway) readiness(ctx context.Context) string {
 
 // connectRedis connects to Redis or Redis Cluster, retrying until REDIS_CONNECT_TIMEOUT:
 // instances often start before their Redis is ready. Later outages are ridden out by the client,
-// which reconnects on its own.
-func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
+// which reconnects on its own. blocking bounds the connections for blocking commands, per node
+// (0: the client library's default).
+func connectRedis(ctx context.Context, cfg *config, blocking int) (rueidis.Client, error) {
 	opt := rueidis.ClientOption{
 		InitAddress: cfg.RedisAddrs,
 		SelectDB:    cfg.RedisDB,
@@ -470,6 +471,7 @@ func connectRedis(ctx context.Context, cfg *config) (rueidis.Client, error) {
 		Dialer:              net.Dialer{Timeout: time.Second, KeepAlive: time.Second},
 		ClusterOption:       clusterOption(),
 		RetryDelay:          retryDelay,
+		BlockingPoolSize:    blocking,
 	}
 	opt.ConnWriteTimeout = 2 * time.Second // notice a dead Redis connection within seconds
 	deadline := time.Now().Add(cfg.RedisConnectWithin)

@@ -6,6 +6,8 @@ package main
 
 import (
 	"context"
+	"net/http"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -154,6 +156,66 @@ func TestRateFinerThanAMillisecond(t *testing.T) {
 		if d := v.Reset - interval; d < -5*time.Microsecond || d > 5*time.Microsecond {
 			t.Errorf("interval %v: Reset = %v, want the interval", interval, v.Reset)
 		}
+	}
+}
+
+// TestAdmissionAnsweredLate: Redis stalls (CLIENT PAUSE 300 ms) while a chat stream is
+// admitted, so the admission's answer comes after LIMIT_BUDGET and the stream goes through
+// unmetered; the admission script still runs once Redis resumes, and takes the user's one slot
+// and the stream's claim. Whatever it took is given back when the stream ends, as if it had
+// been admitted: the user's next stream is admitted and the request ID is free, at once rather
+// than after LEASE_TTL.
+func TestAdmissionAnsweredLate(t *testing.T) {
+	r := startRedis(t)
+	algo := doneAlgo(t)
+	f := e2ePolicy(t)
+	f.Limits.Concurrency["chat"] = policy.Concurrency{PerUser: 1, PerTenant: 100}
+	pol := filepath.Join(t.TempDir(), "policy.json")
+	writePolicy(t, pol, f)
+	g := startRun(t, nil, redisEnv(r, algo, okBackend(t), map[string]string{
+		"POLICY_FILE": pol, "LIMIT_BUDGET": "100ms", "AUTH_BUDGET": "2s", "LEASE_TTL": "30s"}))
+	w := watchTokens(t, g)
+	alice := w.token(t, "u-alice", []string{"user"}, nil)
+	chat := func(id string) *http.Response {
+		return chatRequest(t, g.Client, g.URL, alice, id, "hi", "")
+	}
+	// Warm: the token's revocation answer is cached, so only the admission meets the stall.
+	res := chat("late-warm")
+	readEvents(t, wantStream(t, res))
+	res.Body.Close()
+
+	r.Do(t, "CLIENT", "PAUSE", "300", "ALL")
+	paused := time.Now()
+	res = chat("late-1")
+	readEvents(t, wantStream(t, res))
+	res.Body.Close()
+	if d := time.Since(paused); d >= 300*time.Millisecond {
+		t.Logf("the stream took %v, the whole stall: it may not have met it", d)
+	}
+	if n, _ := logCount(t, g, "fair-use store unavailable; not limiting or capping"); n == 0 {
+		t.Fatalf("the admission did not time out (no fail-open log line):\n%s", clipTail(g.Stderr.String()))
+	}
+	// The script ran once the pause was over (it took the slot then, or found it released).
+	leases := "voicegate:lease:{tenant-a}:chat:u:u-alice"
+	// Admitted by Redis, that is: an admission that fails open (a breaker still open after the
+	// stall) says nothing, and carries no RateLimit headers.
+	for _, id := range []string{"late-2", "late-1"} {
+		eventually(t, 5*time.Second, "the next stream ("+id+") is admitted", func() bool {
+			res := chat(id)
+			defer res.Body.Close()
+			if res.StatusCode != http.StatusOK {
+				return false
+			}
+			readEvents(t, wantStream(t, res))
+			return res.Header.Get("RateLimit-Limit") != ""
+		})
+	}
+	eventually(t, 5*time.Second, "no slot left held", func() bool {
+		n, _ := r.Do(t, "ZCARD", leases).(int64)
+		return n == 0
+	})
+	if keys, _ := r.Do(t, "KEYS", "voicegate:stream:*").([]any); len(keys) != 0 {
+		t.Errorf("directory entries left behind: %v", keys)
 	}
 }
 

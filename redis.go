@@ -261,6 +261,13 @@ func commandKey(cmd []string) string {
 			return ""
 		}
 		return cmd[3]
+	case "XREAD": // options first: the keys follow STREAMS
+		for i, w := range cmd[:len(cmd)-1] {
+			if w == "STREAMS" {
+				return cmd[i+1]
+			}
+		}
+		return ""
 	}
 	return cmd[1]
 }
@@ -273,7 +280,7 @@ func redisClass(kind string) string {
 		return "auth"
 	case policy.KindRateLimit, policy.KindQuota, policy.KindAudioQuota:
 		return "limits"
-	case policy.KindLease:
+	case policy.KindLease, policy.KindReleased:
 		return "leases"
 	case policy.KindReplay, policy.KindReplayBeat, policy.KindReplayWait:
 		return "replay"

@@ -52,7 +52,7 @@ func (g *gateway) routes() []route {
 		{"GET /healthz", open, plain, http.HandlerFunc(g.healthz), bind{}},
 		{"GET /readyz", open, plain, http.HandlerFunc(g.readyz), bind{}},
 		{"POST /api/v2/chat/stream", tokenLater, plain, g.h.chat, bind{Permission: "chat:write", Class: "chat", Lease: "chat"}},
-		{"GET /api/v2/chat/stream/{request_id}", token, plain, g.h.chatResume, bind{Permission: "chat:write"}},
+		{"GET /api/v2/chat/stream/{request_id}", tokenLater, plain, g.h.chatResume, bind{Permission: "chat:write", Lease: "chat"}},
 		{"POST /api/v2/chat/cancel", token, plain, g.h.cancel, bind{}},
 		{"POST /api/v2/auth/revoke", token, plain, g.h.revoke, bind{}},
 		{"GET /api/v2/voice/stream", tokenWS, upgrades, g.h.voice, bind{Permission: "voice:write", Class: "voice", Lease: "voice"}},

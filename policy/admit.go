@@ -5,7 +5,8 @@ import (
 	"errors"
 )
 
-// ErrClaimed means the key an admission asked to claim is held by someone else.
+// ErrClaimed means the key an admission asked to claim is held by someone else, or the key
+// the claim needs absent (Claim.Absent) exists.
 var ErrClaimed = errors.New("policy: the claimed key is already held")
 
 // Claim is a key that an admission takes only if nobody holds it, holds for as long as the
@@ -15,6 +16,10 @@ var ErrClaimed = errors.New("policy: the claimed key is already held")
 // own. The key must carry the tenant's hash tag (Tag), like the admission's other keys.
 type Claim struct {
 	Key, Value string
+	// Absent, if set, is a key (with the same hash tag) that must not exist for the claim to be
+	// taken: checked in the same step, so nothing can create it in between. A chat stream names
+	// its replay log: a request ID whose log is kept is served from it, never generated again.
+	Absent string
 	// Conflict is the message of the 409 that a request gets when the key is held.
 	Conflict string
 }
@@ -45,6 +50,11 @@ type Release func(ctx context.Context)
 // Admitter admits requests. A refusal by rate or quota is a verdict that is not Allowed; a full
 // concurrency cap is a *CapError (errors.Is ErrCapReached); a held claim is ErrClaimed. On any
 // refusal nothing was taken, and the Release is nil.
+//
+// Any other error means the store did not answer in time, and the caller lets the request go
+// through (fair use fails open). A call that timed out may still have run, and taken the slot
+// and the claim: the Release returned with such an error gives back whatever it may have
+// taken, and the caller must call it when the request ends, as if it had been admitted.
 type Admitter interface {
 	Admit(ctx context.Context, a *Ask) (Verdict, Release, error)
 }

@@ -144,7 +144,7 @@ func (e *Enforcer) Wrap(h http.Handler) http.Handler {
 			proxy.WriteError(w, r, perr)
 			return
 		}
-		release, perr := e.admit(w, r, p, p.bindings[r.Pattern], &s, nil)
+		release, _, perr := e.admit(w, r, p, p.bindings[r.Pattern], &s, nil, true)
 		if perr != nil {
 			proxy.WriteError(w, r, perr)
 			return
@@ -195,13 +195,50 @@ type admission struct {
 // route left public (AUTH_PUBLIC_PATHS) or a wiring mistake, never the client's doing; the cause
 // goes to the access log.
 func Admit(w http.ResponseWriter, r *http.Request, claim *Claim) (release func(), ok bool) {
-	a, _ := r.Context().Value(admissionKey{}).(*admission)
-	if a == nil {
-		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusInternalServerError, Code: proxy.CodeInternal,
-			Message: "internal error", Cause: errNoAdmission})
+	release, _, err := AdmitClaim(w, r, claim)
+	if errors.Is(err, ErrClaimed) {
+		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict, Message: claim.Conflict})
 		return nil, false
 	}
-	release, perr := a.e.admit(w, r, a.p, a.b, &a.s, claim)
+	return release, err == nil
+}
+
+// ErrAnswered means an admission was refused and the request has been answered.
+var ErrAnswered = errors.New("policy: the request was refused and answered")
+
+// AdmitClaim is Admit for a caller that decides itself what a held claim means: it answers
+// every other refusal (ErrAnswered), a request that did not pass Guard included, but returns
+// ErrClaimed without answering. claimed reports whether the claim was checked and taken by the
+// store (with its Absent key): not in memory, not when the store did not answer.
+func AdmitClaim(w http.ResponseWriter, r *http.Request, claim *Claim) (release func(), claimed bool, err error) {
+	a := admissionOf(w, r)
+	if a == nil {
+		return nil, false, ErrAnswered
+	}
+	release, claimed, perr := a.e.admit(w, r, a.p, a.b, &a.s, claim, true)
+	if perr == errHeld {
+		return nil, false, ErrClaimed
+	}
+	if perr != nil {
+		proxy.WriteError(w, r, perr)
+		return nil, false, ErrAnswered
+	}
+	return release, claimed, nil
+}
+
+// AdmitReplay admits a request that Guard let through and that is answered from what an
+// earlier request generated and paid for: a resumed stream, a repeated request served from its
+// replay log. It takes the route's concurrency slot (a reader holds what a stream holds) and
+// charges the per-user and per-tenant rates every request pays, but neither the route's class
+// nor the daily quota: those are the generation's, paid once. On a refusal it answers the
+// request and returns false (500 for one that did not pass Guard, as Admit); otherwise the
+// caller calls release when the answer is over.
+func AdmitReplay(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
+	a := admissionOf(w, r)
+	if a == nil {
+		return nil, false
+	}
+	release, _, perr := a.e.admit(w, r, a.p, a.b, &a.s, nil, false)
 	if perr != nil {
 		proxy.WriteError(w, r, perr)
 		return nil, false
@@ -209,23 +246,39 @@ func Admit(w http.ResponseWriter, r *http.Request, claim *Claim) (release func()
 	return release, true
 }
 
-// admit charges the request and takes its slot and claim; the release it returns is safe to
-// call more than once.
-func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *binding, s *Subject, claim *Claim) (func(), *proxy.Error) {
+// admissionOf is what Guard decided for r; without it, r is answered 500 (see Admit).
+func admissionOf(w http.ResponseWriter, r *http.Request) *admission {
+	a, _ := r.Context().Value(admissionKey{}).(*admission)
+	if a == nil {
+		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusInternalServerError, Code: proxy.CodeInternal,
+			Message: "internal error", Cause: errNoAdmission})
+	}
+	return a
+}
+
+// errHeld is admit's answer for a held claim, which its caller answers.
+var errHeld = &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict}
+
+// admit charges the request (with generation, to its class and the quota too) and takes its
+// slot and claim; the release it returns is safe to call more than once. claimed reports
+// whether the store took the claim.
+func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *binding, s *Subject, claim *Claim, generation bool) (release func(), claimed bool, perr *proxy.Error) {
 	if e.o.Admitter == nil {
-		return func() {}, nil
+		return func() {}, false, nil
 	}
 	l := &p.Limits
 	var buckets [3]Bucket
-	ask := Ask{Charge: Charge{Tenant: s.TenantID, User: s.UserID, Buckets: buckets[:0], Quota: l.DailyRequestsPerUser},
-		Claim: claim}
+	ask := Ask{Charge: Charge{Tenant: s.TenantID, User: s.UserID, Buckets: buckets[:0]}, Claim: claim}
+	if generation {
+		ask.Quota = l.DailyRequestsPerUser
+	}
 	if l.PerUser != nil {
 		ask.Buckets = append(ask.Buckets, bucket(*l.PerUser, "u", s.UserID))
 	}
 	if l.PerTenant != nil {
 		ask.Buckets = append(ask.Buckets, bucket(*l.PerTenant, "t"))
 	}
-	if rate, ok := l.Classes[b.class]; ok && b.class != "" {
+	if rate, ok := l.Classes[b.class]; ok && b.class != "" && generation {
 		ask.Buckets = append(ask.Buckets, bucket(rate, "c", b.class, "u", s.UserID))
 	}
 	if b.lease != "" {
@@ -233,21 +286,25 @@ func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *b
 		ask.Slot = &Slot{Kind: b.lease, PerUser: c.PerUser, PerTenant: c.PerTenant}
 	}
 	if ask.empty() {
-		return func() {}, nil
+		return func() {}, false, nil
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), e.o.Budget)
-	v, release, err := e.o.Admitter.Admit(ctx, &ask)
+	v, given, err := e.o.Admitter.Admit(ctx, &ask)
 	cancel()
 	switch {
 	case errors.Is(err, ErrCapReached):
 		e.limited()
-		return nil, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited,
+		return nil, false, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited,
 			Message: "concurrency cap reached: " + err.Error(), RetryAfter: 1}
 	case errors.Is(err, ErrClaimed):
-		return nil, &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict, Message: claim.Conflict}
+		return nil, false, errHeld
 	case err != nil:
 		e.storeFailed("fair-use store unavailable; not limiting or capping", err)
-		return func() {}, nil
+		if given == nil {
+			return func() {}, false, nil
+		}
+		// What the unanswered call may have taken is the request's until it ends.
+		return e.releaser(r, given), false, nil
 	}
 	h := w.Header()
 	if len(ask.Buckets) > 0 {
@@ -262,16 +319,21 @@ func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *b
 		if v.QuotaExceeded {
 			msg = "daily request quota exceeded"
 		}
-		return nil, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited, Message: msg, RetryAfter: retry}
+		return nil, false, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited, Message: msg, RetryAfter: retry}
 	}
-	// The release outlives the request's cancellation (a client gone is the commonest end of a
-	// stream) but keeps its values, and is bounded like the admission.
+	return e.releaser(r, given), v.Claimed, nil
+}
+
+// releaser is the release of what r was given. It outlives the request's cancellation (a client
+// gone is the commonest end of a stream) but keeps its values, and is bounded like the
+// admission.
+func (e *Enforcer) releaser(r *http.Request, given Release) func() {
 	rctx := context.WithoutCancel(r.Context())
 	return func() {
 		ctx, cancel := context.WithTimeout(rctx, e.o.Budget)
 		defer cancel()
-		release(ctx)
-	}, nil
+		given(ctx)
+	}
 }
 
 func bucket(r Rate, parts ...string) Bucket {

@@ -22,6 +22,7 @@ const (
 	KindRateLimit  = "rl"              // {tenant} bucket parts (Bucket.Parts)
 	KindQuota      = "quota"           // {tenant} user, day (YYYYMMDD): daily request count
 	KindLease      = "lease"           // {tenant} kind, "u", user | kind, "t": concurrency slots
+	KindReleased   = "released"        // {tenant} member: an admission released before Redis answered it
 	KindAudioQuota = "vq"              // {tenant} "u", user, day | "t", day: audio seconds
 	KindStream     = "stream"          // {tenant} user, request ID: a running stream's directory entry
 	KindReplay     = "replay"          // {tenant} user, request ID: a stream's replay log
@@ -148,7 +149,7 @@ func (k Keys) KindOf(name string) string {
 // knownKind returns s if it is a kind, else "".
 func knownKind(s string) string {
 	switch s {
-	case KindRateLimit, KindQuota, KindLease, KindAudioQuota, KindStream, KindReplay, KindReplayBeat,
+	case KindRateLimit, KindQuota, KindLease, KindReleased, KindAudioQuota, KindStream, KindReplay, KindReplayBeat,
 		KindReplayWait, KindRevoked, KindUserStatus, KindSession, KindSessions, KindUsage, KindBroadcast,
 		KindControl:
 		return s

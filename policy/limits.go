@@ -30,6 +30,9 @@ type Verdict struct {
 	Remaining     int           // requests left in the tightest bucket
 	Reset         time.Duration // until the tightest bucket is full again
 	RetryAfter    time.Duration // when refused
+	// Claimed reports that an admission's Claim was checked and taken (with its Absent key):
+	// false when the Admitter ignores claims (in memory).
+	Claimed bool
 }
 
 // Limiter charges requests against rates and quotas. A request is charged to every bucket or

@@ -22,21 +22,36 @@ import (
 // user's and the tenant's sorted sets, scored with its expiry in ms on Redis's clock, after
 // expired members are dropped.
 //
+// A slot or a claim is taken under a member (a nonce). If the caller gave up waiting and has
+// released the member already (its release left a tombstone), the script takes nothing: an
+// admission that Redis runs late never holds what nobody will give back.
+//
 // KEYS: the buckets; if quota > 0, three quota keys; with a slot, the user and tenant sets; with
-// a claim, its key.
-// ARGV: n, quota, quota ttl ms, slot (0/1), member, lease ttl ms, user cap, tenant cap,
-// claim (0/1), claim value; then per bucket: interval µs, burst; then, with a quota, the day
-// numbers (days since the epoch) of the three quota keys.
+// a claim, its key, then the key it needs absent if any; with a member, its tombstone, last.
+// ARGV: n, quota, quota ttl ms, slot (0/1), member ("" without slot and claim), lease ttl ms,
+// user cap, tenant cap, claim (0 none, 1 a claim, 2 a claim with a key it needs absent), claim
+// value; then per bucket: interval µs, burst; then, with a quota, the day numbers (days since
+// the epoch) of the three quota keys.
 // Returns {status, quota exceeded, retry µs, then per bucket: remaining, reset µs}, where status
-// is 1 admitted, 0 refused by a rate or the quota, 2 the user cap full, 3 the tenant cap full,
-// 4 the claim held; or {-1} when Redis's day is none of the three (an instance clock off by
-// more than a day).
+// is 1 admitted, 0 refused by a rate or the quota, 2 the user cap full, 3 the tenant cap full;
+// {4} when the claim is held (or its absent key present), which is checked first and charges
+// nothing (the request is answered from what holds it); {-1} when Redis's day is none of the
+// three (an instance clock off by more than a day); {-2} when the member was released before
+// the script ran.
 const admitScript = `
+if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[#KEYS]) == 1 then return {-2} end
+local n = tonumber(ARGV[1])
+local quota = tonumber(ARGV[2])
+local slot = ARGV[4] == '1'
+local ckey
+if ARGV[9] ~= '0' then
+  ckey = KEYS[n + (quota > 0 and 3 or 0) + (slot and 2 or 0) + 1]
+  if redis.call('EXISTS', ckey) == 1 then return {4} end
+  if ARGV[9] == '2' and redis.call('EXISTS', KEYS[n + (quota > 0 and 3 or 0) + (slot and 2 or 0) + 2]) == 1 then return {4} end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local nowms = math.floor(now / 1000)
-local n = tonumber(ARGV[1])
-local quota = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[6])
 local status, overQuota, retry = 1, 0, 0
 local tats, out = {}, {}
@@ -71,18 +86,12 @@ if quota > 0 then
     retry = math.max(retry, (day + 1) * 86400000000 - now)
   end
 end
-local slot = ARGV[4] == '1'
 if slot then
   for i = 1, 2 do
     redis.call('ZREMRANGEBYSCORE', KEYS[k + i], '-inf', nowms)
     local cap = tonumber(ARGV[6 + i])
     if status == 1 and cap > 0 and redis.call('ZCARD', KEYS[k + i]) >= cap then status = 1 + i end
   end
-end
-local ckey
-if ARGV[9] == '1' then
-  ckey = KEYS[k + (slot and 2 or 0) + 1]
-  if status == 1 and redis.call('EXISTS', ckey) == 1 then status = 4 end
 end
 if status == 1 then
   for i = 1, n do
@@ -135,9 +144,12 @@ if KEYS[k + 1] then
 end
 return 0`
 
-// releaseScript gives a slot back and deletes a claim that is still this admission's.
+// releaseScript gives a slot back and deletes a claim that is still this admission's. For an
+// admission whose answer never came (it may not have run yet), it also leaves a tombstone for
+// the lease TTL, so that the admission, should Redis run it after this, takes nothing.
 //
-// KEYS: as renewScript's. ARGV: member, slot (0/1), claim value.
+// KEYS: as renewScript's, then the tombstone if any. ARGV: member, slot (0/1), claim value,
+// tombstone ttl ms (0: none).
 const releaseScript = `
 local k = 0
 if ARGV[2] == '1' then
@@ -145,9 +157,10 @@ if ARGV[2] == '1' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   k = 2
 end
-if KEYS[k + 1] and redis.call('GET', KEYS[k + 1]) == ARGV[3] then
+if ARGV[3] ~= '' and redis.call('GET', KEYS[k + 1]) == ARGV[3] then
   redis.call('DEL', KEYS[k + 1])
 end
+if ARGV[4] ~= '0' then redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[4]) end
 return 0`
 
 // RedisAdmitter admits requests against rates, quotas and concurrency caps shared by every
@@ -157,6 +170,10 @@ return 0`
 // pipeline, so an instance that dies frees its slots within TTL and no request needs a
 // goroutine of its own for it.
 //
+// An admission whose answer does not come in time may still have run, or may run later: it is
+// held as if it had been admitted (renewed while the request runs) and released when the
+// request ends, with a tombstone that keeps a late run from taking anything.
+//
 // Keys (Prefix is REDIS_PREFIX, as given), with the tenant as the Redis Cluster hash tag so one
 // admission's keys share a slot:
 //
@@ -164,6 +181,7 @@ return 0`
 //	{prefix}quota:{tenant}:{user}:{yyyymmdd}   requests that UTC day (Redis's day)
 //	{prefix}lease:{tenant}:{kind}:u:{user}     the user's slots (sorted set, expiry in ms)
 //	{prefix}lease:{tenant}:{kind}:t            the tenant's
+//	{prefix}released:{tenant}:{member}         an admission released before its answer came (TTL)
 type RedisAdmitter struct {
 	client   rueidis.Client
 	keys     Keys
@@ -185,10 +203,15 @@ type holding struct {
 	member               string
 	userKey, tenantKey   string // empty: no slot
 	claimKey, claimValue string // empty: no claim
+	tomb                 string // the member's tombstone key
+	// uncertain: the admission's answer never came, so it may run after its release; the
+	// release leaves the tombstone, and is retried until until (then the TTL has done it).
+	uncertain bool
+	until     time.Time
 }
 
 func (h *holding) keys() []string {
-	keys := make([]string, 0, 3)
+	keys := make([]string, 0, 4)
 	if h.userKey != "" {
 		keys = append(keys, h.userKey, h.tenantKey)
 	}
@@ -203,6 +226,15 @@ func (h *holding) slot() string {
 		return "1"
 	}
 	return "0"
+}
+
+// releaseExec is the release script's call for h.
+func (l *RedisAdmitter) releaseExec(h *holding) rueidis.LuaExec {
+	keys, tomb := h.keys(), "0"
+	if h.uncertain {
+		keys, tomb = append(keys, h.tomb), strconv.FormatInt(l.ttl.Milliseconds(), 10)
+	}
+	return rueidis.LuaExec{Keys: keys, Args: []string{h.member, h.slot(), h.claimValue, tomb}}
 }
 
 // RedisAdmitterOptions configures a RedisAdmitter.
@@ -238,7 +270,7 @@ var errClockSkew = errors.New("policy: admission: this instance's clock is more 
 // Admit implements Admitter.
 func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, error) {
 	n := len(a.Buckets)
-	keys := make([]string, 0, n+6)
+	keys := make([]string, 0, n+8)
 	args := make([]string, 10, 13+2*n)
 	args[0], args[1], args[2] = strconv.Itoa(n), strconv.FormatInt(a.Quota, 10), "90000000" // 25h
 	args[3], args[5], args[8] = "0", strconv.FormatInt(l.ttl.Milliseconds(), 10), "0"
@@ -255,7 +287,8 @@ func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, er
 	}
 	var h *holding
 	if a.Slot != nil || a.Claim != nil {
-		h = &holding{member: rand.Text()}
+		member := rand.Text()
+		h = &holding{member: member, tomb: l.keys.Tenant(KindReleased, a.Tenant, member)}
 		args[4] = h.member
 	}
 	if s := a.Slot; s != nil {
@@ -270,11 +303,28 @@ func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, er
 		h.claimKey, h.claimValue = c.Key, c.Value
 		keys = append(keys, c.Key)
 		args[8], args[9] = "1", c.Value
+		if c.Absent != "" {
+			keys = append(keys, c.Absent)
+			args[8] = "2"
+		}
+	}
+	if h != nil {
+		keys = append(keys, h.tomb)
 	}
 
 	res, err := l.admit.Exec(ctx, l.client, keys, args).AsIntSlice()
 	if err != nil {
+		var re *rueidis.RedisError
+		if h != nil && !errors.As(err, &re) {
+			// No answer: the script may have run, or may still run. What it may have taken is
+			// held as if it had, and released when the request (let through) ends.
+			h.uncertain = true
+			return Verdict{}, l.hold(h), fmt.Errorf("policy: admission: %w", err)
+		}
 		return Verdict{}, nil, fmt.Errorf("policy: admission: %w", err)
+	}
+	if len(res) == 1 && res[0] == 4 {
+		return Verdict{}, nil, ErrClaimed
 	}
 	if len(res) == 1 && res[0] == -1 {
 		return Verdict{}, nil, errClockSkew
@@ -287,8 +337,6 @@ func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, er
 		return Verdict{}, nil, &CapError{a.Slot.Kind, "user", a.Slot.PerUser}
 	case 3:
 		return Verdict{}, nil, &CapError{a.Slot.Kind, "tenant", a.Slot.PerTenant}
-	case 4:
-		return Verdict{}, nil, ErrClaimed
 	}
 	v := Verdict{Allowed: res[0] == 1, QuotaExceeded: res[1] == 1, Remaining: -1,
 		RetryAfter: time.Duration(res[2]) * time.Microsecond}
@@ -301,11 +349,17 @@ func (l *RedisAdmitter) Admit(ctx context.Context, a *Ask) (Verdict, Release, er
 	if h == nil {
 		return v, func(context.Context) {}, nil
 	}
+	v.Claimed = a.Claim != nil
+	return v, l.hold(h), nil
+}
+
+// hold records h as held, renewed until its release, which it returns.
+func (l *RedisAdmitter) hold(h *holding) Release {
 	l.mu.Lock()
 	l.held[h.member] = *h
 	l.mu.Unlock()
 	var once sync.Once
-	return v, func(ctx context.Context) { once.Do(func() { l.give(ctx, h) }) }, nil
+	return func(ctx context.Context) { once.Do(func() { l.give(ctx, h) }) }
 }
 
 // Allow implements Limiter: an admission with a charge only.
@@ -319,7 +373,11 @@ func (l *RedisAdmitter) give(ctx context.Context, h *holding) {
 	l.mu.Lock()
 	delete(l.held, h.member)
 	l.mu.Unlock()
-	if err := l.release.Exec(ctx, l.client, h.keys(), []string{h.member, h.slot(), h.claimValue}).Error(); err != nil {
+	if h.uncertain {
+		h.until = l.now().Add(l.ttl)
+	}
+	x := l.releaseExec(h)
+	if err := l.release.Exec(ctx, l.client, x.Keys, x.Args).Error(); err != nil {
 		l.mu.Lock()
 		l.released = append(l.released, *h)
 		l.mu.Unlock()
@@ -330,15 +388,17 @@ func (l *RedisAdmitter) give(ctx context.Context, h *holding) {
 // Renew retries the releases that failed and, once a quarter of the TTL has gone by since it
 // last did, renews the held slots and claims. Called every TTL/3, it renews on every call
 // however late the previous one ran, and a call in between (to release) postpones the next
-// renewal by at most one period. A release that fails again is repaired by expiry. Calls must
-// not overlap (the gateway's renewer makes them one at a time).
+// renewal by at most one period. A release that fails again is repaired by expiry, except one
+// of an admission whose answer never came, retried until the TTL would have done it. Calls
+// must not overlap (the gateway's renewer makes them one at a time).
 func (l *RedisAdmitter) Renew(ctx context.Context) error {
+	now := l.now()
 	l.mu.Lock()
 	released := l.released
 	l.released = nil
 	var renew []rueidis.LuaExec
 	var renewing map[string]holding // what the renewal may put back, by member
-	if now := l.now(); now.Sub(l.renewed) >= l.ttl/4 {
+	if now.Sub(l.renewed) >= l.ttl/4 {
 		l.renewed = now
 		ttl := strconv.FormatInt(l.ttl.Milliseconds(), 10)
 		renew = make([]rueidis.LuaExec, 0, len(l.held))
@@ -353,15 +413,23 @@ func (l *RedisAdmitter) Renew(ctx context.Context) error {
 	var rerr error
 	if len(released) > 0 {
 		execs := make([]rueidis.LuaExec, len(released))
-		for i, h := range released {
-			execs[i] = rueidis.LuaExec{Keys: h.keys(), Args: []string{h.member, h.slot(), h.claimValue}}
+		for i := range released {
+			execs[i] = l.releaseExec(&released[i])
 		}
-		for _, res := range l.release.ExecMulti(ctx, l.client, execs...) {
+		var again []holding
+		for i, res := range l.release.ExecMulti(ctx, l.client, execs...) {
 			if err := res.Error(); err != nil {
 				// Not returned yet: the held slots must be renewed all the same.
 				rerr = fmt.Errorf("policy: release leases: %w", err)
-				break
+				if h := released[i]; h.uncertain && now.Before(h.until) {
+					again = append(again, h)
+				}
 			}
+		}
+		if len(again) > 0 {
+			l.mu.Lock()
+			l.released = append(l.released, again...)
+			l.mu.Unlock()
 		}
 	}
 	var err error
@@ -377,6 +445,9 @@ func (l *RedisAdmitter) Renew(ctx context.Context) error {
 		raced := 0
 		for member, h := range renewing {
 			if _, ok := l.held[member]; !ok {
+				if h.uncertain {
+					h.until = now.Add(l.ttl)
+				}
 				l.released = append(l.released, h)
 				raced++
 			}

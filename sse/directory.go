@@ -18,15 +18,20 @@ import (
 // to any instance reaches the one serving the stream, and a revocation reaches every stream of
 // the token, wherever it runs.
 //
-// A stream's entry is claimed with its admission (policy.Claim), in the same round trip as its
-// rate limit and concurrency slot, only if no stream of its tenant holds that request ID; it is
-// renewed with the slot and deleted with it. It names the instance running the stream, and a
-// cancel goes to that instance's own channel: when nobody listens there (the instance died), the
-// entry is stale, is deleted, and the cancel answers that no such stream runs. A chat route left
-// without a policy (AUTH_PUBLIC_PATHS) has no admission, and its streams can be cancelled only on
-// their own instance.
+// A stream's entry is keyed by its identity (StreamKey: tenant, user, request ID): a request ID
+// belongs to its user, and another user's stream of the same ID is another entry. The entry is
+// claimed with the stream's admission (policy.Claim), in the same round trip as its rate limit
+// and concurrency slot, only if no stream of that key runs and, with resuming on, no replay log
+// of that key is kept (a repeat is served from it); it is renewed with the slot and deleted with
+// it. It names the instance running the stream, and a cancel goes to that instance's own
+// channel: when nobody listens there (the instance died), the entry is stale, is deleted, and
+// the cancel answers that no such stream runs.
 //
-// Keys (prefix is REDIS_PREFIX, as given): {prefix}stream:{tenant}:{request_id} holds the
+// Who writes: the admission script (claim), the renewer (renewal), the stream's release
+// (delete), and Cancel (deletes a stale entry). Who reads: Cancel, one GET per cancel bounded by
+// the caller's context. Run is one goroutine per instance holding one subscription.
+//
+// Keys (prefix is REDIS_PREFIX, as given): {prefix}stream:{tenant}:{user}:{request_id} holds the
 // stream's owner and instance while it runs, with the tenant as the Redis Cluster hash tag
 // (policy.Tag) like the admission's other keys. Messages travel by sharded pub/sub: cancels on
 // {prefix}{control}:{instance}, revocations on {prefix}{control} (one hash tag: one SSUBSCRIBE
@@ -58,39 +63,41 @@ type entry struct {
 
 // control is a message between instances.
 type control struct {
-	Op        string `json:"op"` // "cancel" or "revoke"
+	Op string `json:"op"` // "cancel" or "revoke"
+	// For a cancel: the stream's identity (its owner's tenant and user, its request ID). Who
+	// may cancel it was decided where the cancel was asked.
 	TenantID  string `json:"tenant_id,omitempty"`
 	RequestID string `json:"request_id,omitempty"`
-	// For a cancel: who asks, checked again where the stream runs.
+	// For a cancel, the stream's owner; for a revocation, the user whose tokens issued before
+	// Before go, or none.
 	UserID string `json:"user_id,omitempty"`
-	Admin  bool   `json:"admin,omitempty"` // the caller holds chat:admin in the tenant
 	// For a revocation (with TenantID and UserID): the token, or the user whose tokens issued
 	// before Before (a unix second) go.
 	TokenID string `json:"token_id,omitempty"`
 	Before  int64  `json:"before,omitempty"`
 }
 
-func (d *Directory) key(tenantID, requestID string) string {
-	return d.keys.Tenant(policy.KindStream, tenantID, requestID)
+func (d *Directory) key(k StreamKey) string {
+	return d.keys.Tenant(policy.KindStream, k.Tenant, k.User, k.RequestID)
 }
 func (d *Directory) channel(instance string) string { return d.keys.Key(policy.KindControl, instance) }
 func (d *Directory) everyone() string               { return d.keys.Key(policy.KindControl) }
 
-// claim is the directory entry of a stream, for its admission to take; nil without a directory.
-func (d *Directory) claim(requestID, userID, tenantID string) *policy.Claim {
+// claim is the directory entry of stream k, for its admission to take, only while the key
+// absent (the stream's replay log; "" none) does not exist; nil without a directory.
+func (d *Directory) claim(k StreamKey, absent string) *policy.Claim {
 	if d == nil {
 		return nil
 	}
-	b, _ := json.Marshal(entry{UserID: userID, TenantID: tenantID, Instance: d.instance, Nonce: rand.Text()})
-	return &policy.Claim{Key: d.key(tenantID, requestID), Value: string(b),
+	b, _ := json.Marshal(entry{UserID: k.User, TenantID: k.Tenant, Instance: d.instance, Nonce: rand.Text()})
+	return &policy.Claim{Key: d.key(k), Value: string(b), Absent: absent,
 		Conflict: "a stream with this request_id is already running"}
 }
 
-// Cancel cancels a stream of tenantID running on another instance for the caller userID (admin:
-// holding chat:admin in that tenant): ErrStreamNotFound when none runs it, ErrNotOwner when the
-// stream is someone else's and the caller no admin.
-func (d *Directory) Cancel(ctx context.Context, tenantID, requestID, userID string, admin bool) error {
-	key := d.key(tenantID, requestID)
+// Cancel cancels stream k running on another instance: ErrStreamNotFound when none runs it.
+// Whether the caller may was decided before (k names the owner).
+func (d *Directory) Cancel(ctx context.Context, k StreamKey) error {
+	key := d.key(k)
 	raw, err := d.client.Do(ctx, d.client.B().Get().Key(key).Build()).ToString()
 	if rueidis.IsRedisNil(err) {
 		return ErrStreamNotFound
@@ -102,10 +109,7 @@ func (d *Directory) Cancel(ctx context.Context, tenantID, requestID, userID stri
 	if err := json.Unmarshal([]byte(raw), &e); err != nil {
 		return fmt.Errorf("sse: stream entry: %w", err)
 	}
-	if e.UserID != userID && !admin {
-		return ErrNotOwner
-	}
-	msg, _ := json.Marshal(control{Op: "cancel", TenantID: tenantID, RequestID: requestID, UserID: userID, Admin: admin})
+	msg, _ := json.Marshal(control{Op: "cancel", TenantID: k.Tenant, UserID: k.User, RequestID: k.RequestID})
 	n, err := d.client.Do(ctx, d.client.B().Spublish().Channel(d.channel(e.Instance)).Message(string(msg)).Build()).AsInt64()
 	if err != nil {
 		return fmt.Errorf("sse: publish cancel: %w", err)
@@ -139,8 +143,7 @@ func (d *Directory) Run(ctx context.Context, reg *Registry) {
 			}
 			switch c.Op {
 			case "cancel":
-				// Checked again here: the stream's owner, or an admin of its tenant.
-				_ = reg.Cancel(c.TenantID, c.RequestID, func(s *Stream) bool { return s.UserID == c.UserID || c.Admin })
+				_ = reg.Cancel(StreamKey{Tenant: c.TenantID, User: c.UserID, RequestID: c.RequestID})
 			case "revoke":
 				reg.Revoke(policy.Revocation{TenantID: c.TenantID, TokenID: c.TokenID, UserID: c.UserID, Before: c.Before})
 			}

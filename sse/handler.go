@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -62,8 +61,18 @@ type HandlerOptions struct {
 	WriteTimeout time.Duration
 	// Admit, if set, charges a valid request to the caller's rates and takes its concurrency
 	// slot and its directory entry (claim; nil without a Directory), held until the stream ends
-	// (policy.Admit). It answers a refused request itself.
-	Admit func(w http.ResponseWriter, r *http.Request, claim *policy.Claim) (release func(), ok bool)
+	// (policy.AdmitClaim). It answers a refused request itself (any error), except when the
+	// claim is held (policy.ErrClaimed, unanswered): the stream runs, or its log is kept, and
+	// the request is answered from the log. claimed reports that the claim was checked and
+	// taken, the log's absence with it.
+	Admit func(w http.ResponseWriter, r *http.Request, claim *policy.Claim) (release func(), claimed bool, err error)
+	// AdmitReplay, if set, admits a request answered from a replay log (a resume, a repeat):
+	// the caller's concurrency slot, held while it reads, and the rates every request pays,
+	// never a generation's (policy.AdmitReplay). It answers a refused request itself.
+	AdmitReplay func(w http.ResponseWriter, r *http.Request) (release func(), ok bool)
+	// Resumes, if set, bounds how many requests this instance answers from replay logs at once
+	// (SSE_MAX_RESUMES); one over it is refused with 503. Nil: no bound.
+	Resumes *ResumeLimit
 	// Outbound shapes the upstream request (forwarded-for, request ID, identity).
 	Outbound proxy.Outbound
 	// Owner, if set, names the user and tenant of a request for the registry.
@@ -134,6 +143,9 @@ func setStreamHeaders(h http.Header) {
 	h.Set("X-Accel-Buffering", "no")
 }
 
+// logCheckBound bounds asking whether a replay log is kept, when no admission asked already.
+const logCheckBound = 250 * time.Millisecond
+
 // errEnded is the cause of an upstream request cancelled because its stream was ended.
 var errEnded = errors.New("sse: the stream was ended")
 
@@ -200,11 +212,22 @@ func NewHandler(o HandlerOptions) http.Handler {
 		if o.Owner != nil {
 			user, tenant = o.Owner(r)
 		}
+		k := StreamKey{Tenant: tenant, User: user, RequestID: q.RequestID}
 		if o.Replay != nil && r.Header.Get("Last-Event-ID") != "" {
 			// The same request again after a lost connection: the rest of the stream, never
 			// a second generation.
-			o.resume(w, r, ReplayKey{Tenant: tenant, User: user, RequestID: q.RequestID})
+			o.resume(w, r, k, notFound)
 			return
+		}
+		// A repeat of a request whose log is kept is answered from that log, from its start:
+		// never generated, nor charged, a second time. Without a directory the log is this
+		// process's and asking costs nothing, so it is asked before anything is charged; with
+		// one, the admission's claim asks, in the same step as it claims.
+		if o.Replay != nil && o.Directory == nil {
+			if kept, _ := o.Replay.Exists(r.Context(), k); kept {
+				o.serveLog(w, r, k, -1, running)
+				return
+			}
 		}
 		// What the stream holds is released by whoever ends it last: this handler, or, once
 		// the upstream answered, the goroutine that produces the stream (which may outlive the
@@ -216,14 +239,30 @@ func NewHandler(o HandlerOptions) http.Handler {
 				runReverse(held)
 			}
 		}()
+		// answerFromLog lets go of what was taken for a generation and answers from the log.
+		answerFromLog := func() {
+			runReverse(held)
+			held = nil
+			if o.Replay == nil {
+				proxy.WriteError(w, r, running)
+				return
+			}
+			o.serveLog(w, r, k, -1, running)
+		}
+		claimed := false
 		if o.Admit != nil {
 			// Released after everything else the stream holds, and before the client sees the
 			// end of the response: a client that starts its next stream at once finds its slot
 			// free on every instance.
-			release, ok := o.Admit(w, r, o.Directory.claim(q.RequestID, user, tenant))
-			if !ok {
+			release, ok, err := o.Admit(w, r, o.Directory.claim(k, logKey(o.Replay, k)))
+			if errors.Is(err, policy.ErrClaimed) {
+				answerFromLog()
 				return
 			}
+			if err != nil {
+				return
+			}
+			claimed = ok
 			held = append(held, release)
 		}
 		// The upstream request outlives the handler's context when the stream goes on without
@@ -238,11 +277,23 @@ func NewHandler(o HandlerOptions) http.Handler {
 		}
 		remove, err := o.Registry.Add(st)
 		if err != nil {
-			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict,
-				Message: "a stream with this request_id is already running"})
+			answerFromLog()
 			return
 		}
 		held = append(held, remove)
+		if o.Replay != nil && !claimed {
+			// No claim asked for the log (in memory, or the store did not answer the
+			// admission): ask now, after Registry.Add, which a producer holds until its log is
+			// complete. A log that cannot be asked in time is taken to be absent, as fair use
+			// fails open.
+			lctx, cancel := context.WithTimeout(r.Context(), logCheckBound)
+			kept, _ := o.Replay.Exists(lctx, k)
+			cancel()
+			if kept {
+				answerFromLog()
+				return
+			}
+		}
 		// Until the upstream answers, a client that goes away ends the stream; after that, watch
 		// decides (a resumable stream goes on without it).
 		early := context.AfterFunc(r.Context(), func() { stop.end(endClient) })
@@ -290,10 +341,9 @@ func NewHandler(o HandlerOptions) http.Handler {
 		cw := &clientWriter{w: w, rc: http.NewResponseController(w), timeout: o.WriteTimeout}
 		p := newPipe(rw, cw)
 		if o.Replay != nil {
-			key := ReplayKey{Tenant: tenant, User: user, RequestID: q.RequestID}
 			// Asked on the stream's own context, which ends with the stream.
-			p.resumable(o.Replay, key, o.ResumeWindow, func() bool { return o.Replay.Watched(ctx, key) })
-			held = append(held, o.Replay.Produce(key))
+			p.resumable(o.Replay, k, o.ResumeWindow, func() bool { return o.Replay.Watched(ctx, k) })
+			held = append(held, o.Replay.Produce(k))
 		}
 		if o.Replay != nil {
 			o.Registry.setDrain(st, func() { p.drain(stop) })
@@ -329,109 +379,6 @@ func NewHandler(o HandlerOptions) http.Handler {
 		}
 		cw.done()
 	})
-}
-
-// NewResumeHandler returns GET /api/v2/chat/stream/{request_id}: the caller's stream of that
-// request ID, after the event Last-Event-ID names (from its start without one), then its live
-// tail, on any instance. It uses the Replay, Owner, WriteTimeout and Now of o; without a Replay
-// every stream is unknown to it (404).
-func NewResumeHandler(o HandlerOptions) http.Handler {
-	if o.WriteTimeout <= 0 {
-		o.WriteTimeout = 10 * time.Second
-	}
-	if o.Now == nil {
-		o.Now = time.Now
-	}
-	if o.Log == nil {
-		o.Log = slog.New(slog.DiscardHandler)
-	}
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		id := r.PathValue("request_id")
-		if !proxy.ValidRequestID(id) {
-			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
-				Message: "invalid request_id", Details: []FieldError{{"request_id", proxy.RequestIDReason}}})
-			return
-		}
-		var user, tenant string
-		if o.Owner != nil {
-			user, tenant = o.Owner(r)
-		}
-		o.resume(w, r, ReplayKey{Tenant: tenant, User: user, RequestID: id})
-	})
-}
-
-// resume answers with the rest of a stream from its replay log: the events after Last-Event-ID,
-// then the live tail until stream_end. What the log cannot give ends the answer honestly: an
-// error event RESUME_GAP when events are missing, UPSTREAM_INCOMPLETE when the instance that
-// produced the stream died, each followed by stream_end.
-func (o *HandlerOptions) resume(w http.ResponseWriter, r *http.Request, k ReplayKey) {
-	after := int64(-1)
-	if v := r.Header.Get("Last-Event-ID"); v != "" {
-		n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-		if err != nil || n < 0 {
-			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
-				Message: "Last-Event-ID must be the id of an event of the stream",
-				Details: []FieldError{{"Last-Event-ID", "must be a whole number"}}})
-			return
-		}
-		after = n
-	}
-	if o.Replay == nil {
-		proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeNotFound, "streams cannot be resumed here (SSE_RESUME_WINDOW is 0)")
-		return
-	}
-	cw := &clientWriter{w: w, rc: http.NewResponseController(w), timeout: o.WriteTimeout}
-	defer cw.done()
-	// The headers go out once the log is known to exist (Replay's first call has no events),
-	// so that a client resuming a silent stream is answered at once; the retry field goes with
-	// the first event (stream_start carries it when replaying from the start).
-	started, retry := false, after >= 0
-	start := func(b []byte) []byte {
-		if !started {
-			started = true
-			setStreamHeaders(w.Header())
-			w.WriteHeader(http.StatusOK)
-		}
-		if retry && len(b) > 0 {
-			retry = false
-			return append(strconv.AppendInt([]byte("retry: "), DefaultReconnect.Milliseconds(), 10), append([]byte("\n"), b...)...)
-		}
-		return b
-	}
-	emit := func(b []byte) error {
-		if b = start(b); len(b) == 0 {
-			return cw.rc.Flush()
-		}
-		return cw.write(b)
-	}
-	err := o.Replay.Replay(r.Context(), k, after, emit)
-	o.Log.DebugContext(r.Context(), "resume ended", "request_id", k.RequestID, "after", after, "err", err)
-	if err == nil || r.Context().Err() != nil {
-		return
-	}
-	var gap *GapError
-	var gone *GoneError
-	end := func(last int64, code, msg, outcome string) {
-		enc := newEncoder(k.RequestID)
-		t := o.Now().UnixMilli()
-		b := enc.appendGatewayEvent(nil, last+1, EventError, t, field("code", code), field("message", msg), field("fatal", true))
-		b = enc.appendGatewayEvent(b, last+2, EventEnd, t, field("outcome", outcome))
-		_ = cw.write(start(b))
-	}
-	switch {
-	case errors.Is(err, ErrNoReplay) && !started:
-		proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeNotFound,
-			"no stream with this request_id to resume: it is not yours, never ran, or its log has expired")
-	case errors.As(err, &gap):
-		end(gap.After, CodeResumeGap, "the replay log no longer holds the events after Last-Event-ID; the stream cannot be resumed from there", "incomplete")
-	case errors.As(err, &gone):
-		end(gone.After, CodeUpstreamIncomplete, "the gateway instance producing the stream stopped before it ended", "incomplete")
-	case !started:
-		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusServiceUnavailable, Code: proxy.CodeUnavailable,
-			Message: "the replay log cannot be read", Cause: err})
-	default:
-		o.Log.Warn("resuming a stream failed", "request_id", k.RequestID, "err", proxy.Describe(err))
-	}
 }
 
 // runReverse calls fs last first, as deferred calls would be.
@@ -620,69 +567,4 @@ func jsonType(kind string) string {
 		return "whole number within range"
 	}
 	return kind
-}
-
-// CancelOptions configures the cancel handler.
-type CancelOptions struct {
-	Registry *Registry
-	// Tenant names the tenant whose streams the caller of r addresses: a caller reaches only
-	// its own tenant's streams (a super admin, the one it names). Nil: the tenantless streams.
-	Tenant func(r *http.Request) string
-	// Allowed, if set, decides whether the caller of r may cancel s (ownership).
-	Allowed func(r *http.Request, s *Stream) bool
-	// Remote, if set, is asked to cancel a stream this instance does not run; it reports
-	// ErrStreamNotFound when no instance runs it.
-	Remote func(ctx context.Context, r *http.Request, tenantID, requestID string) error
-}
-
-// NewCancelHandler returns POST /api/v2/chat/cancel: {"request_id": "..."} ends that stream
-// with stream_cancelled.
-func NewCancelHandler(o CancelOptions) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			RequestID string `json:"request_id"`
-		}
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
-		if err := dec.Decode(&req); err != nil {
-			if proxy.IsTooLarge(err) {
-				proxy.WriteError(w, r, proxy.TooLarge(4<<10))
-				return
-			}
-			proxy.Errorf(w, r, http.StatusBadRequest, proxy.CodeInvalidJSON, "the request body must be a JSON object with request_id")
-			return
-		}
-		if !proxy.ValidRequestID(req.RequestID) {
-			reason := proxy.RequestIDReason
-			if req.RequestID == "" {
-				reason = "required"
-			}
-			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadRequest, Code: proxy.CodeValidation,
-				Message: "invalid request: request_id " + reason, Details: []FieldError{{"request_id", reason}}})
-			return
-		}
-		var allowed func(*Stream) bool
-		if o.Allowed != nil {
-			allowed = func(s *Stream) bool { return o.Allowed(r, s) }
-		}
-		var tenant string
-		if o.Tenant != nil {
-			tenant = o.Tenant(r)
-		}
-		err := o.Registry.Cancel(tenant, req.RequestID, allowed)
-		if errors.Is(err, ErrStreamNotFound) && o.Remote != nil {
-			err = o.Remote(r.Context(), r, tenant, req.RequestID)
-		}
-		switch {
-		case errors.Is(err, ErrStreamNotFound):
-			proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeNotFound, "no running stream has this request_id")
-		case errors.Is(err, ErrNotOwner):
-			proxy.Errorf(w, r, http.StatusForbidden, proxy.CodePermission, "this stream belongs to another user")
-		case err != nil:
-			proxy.WriteError(w, r, &proxy.Error{Status: http.StatusServiceUnavailable, Code: proxy.CodeUnavailable,
-				Message: "could not reach the other gateway instances", Cause: err})
-		default:
-			w.Header().Set("Content-Type", "application/json; charset=utf-8")
-			_ = json.NewEncoder(w).Encode(map[string]string{"request_id": req.RequestID, "status": "cancelled"})
-		}
-	})
 }

@@ -12,7 +12,6 @@ import (
 var (
 	ErrStreamNotFound = errors.New("sse: no running stream with that request ID")
 	ErrStreamExists   = errors.New("sse: a stream with that request ID is already running")
-	ErrNotOwner       = errors.New("sse: the stream belongs to another user")
 )
 
 // Stream is one running chat stream.
@@ -35,20 +34,20 @@ func newStream(requestID, user, tenant string, started time.Time, stop *ending) 
 }
 
 // Registry holds the streams running on this instance, so that a cancel request can find them.
-// Request IDs are the clients' to choose, so streams are known by tenant and request ID: two
-// tenants never see, or stop, each other's.
+// A request ID belongs to its user: streams are known by tenant, user and request ID, so two
+// users never see, or stop, each other's, and each may use any ID.
 type Registry struct {
 	mu      sync.Mutex
-	streams map[streamKey]*Stream
+	streams map[StreamKey]*Stream
 }
 
-type streamKey struct{ tenant, requestID string }
-
-func keyOf(s *Stream) streamKey { return streamKey{s.TenantID, s.RequestID} }
+func keyOf(s *Stream) StreamKey {
+	return StreamKey{Tenant: s.TenantID, User: s.UserID, RequestID: s.RequestID}
+}
 
 // NewRegistry returns an empty registry.
 func NewRegistry() *Registry {
-	return &Registry{streams: make(map[streamKey]*Stream)}
+	return &Registry{streams: make(map[StreamKey]*Stream)}
 }
 
 // Add registers a stream; the returned function removes it and must be called when it ends.
@@ -70,17 +69,14 @@ func (r *Registry) Add(s *Stream) (remove func(), err error) {
 	}, nil
 }
 
-// Cancel cancels the stream of tenantID with requestID. allowed, when non-nil, decides whether
-// the caller may cancel that stream (ownership); a refusal is ErrNotOwner.
-func (r *Registry) Cancel(tenantID, requestID string, allowed func(*Stream) bool) error {
+// Cancel cancels the stream k names (its owner's tenant, user and request ID). Whether the
+// caller may is decided before: by the key, which names the owner.
+func (r *Registry) Cancel(k StreamKey) error {
 	r.mu.Lock()
-	s := r.streams[streamKey{tenantID, requestID}]
+	s := r.streams[k]
 	r.mu.Unlock()
 	if s == nil {
 		return ErrStreamNotFound
-	}
-	if allowed != nil && !allowed(s) {
-		return ErrNotOwner
 	}
 	s.stop.end(endCancelled)
 	return nil

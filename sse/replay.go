@@ -10,9 +10,11 @@ import (
 	"time"
 )
 
-// ReplayKey names one stream's replay log. The owner is part of it, so that only the stream's
-// owner (same user, same tenant) can find it: anyone else is told there is no such stream.
-type ReplayKey struct{ Tenant, User, RequestID string }
+// StreamKey is a stream's identity: a request ID belongs to its user, so the owner is part of
+// it. It keys the registry of running streams, the directory, the replay log, cancels and
+// resumes: only the stream's owner (same user, same tenant) can find it, anyone else is told
+// there is no such stream, and every user may use any request ID.
+type StreamKey struct{ Tenant, User, RequestID string }
 
 // Replay errors callers branch on.
 var (
@@ -38,24 +40,31 @@ func (e *GoneError) Error() string {
 }
 
 // ReplayLog keeps the events of resumable streams, so that a client that lost its connection
-// can get, on any instance, exactly the events after the last it saw, then the live tail.
+// can get, on any instance, exactly the events after the last it saw, then the live tail; and
+// so that a request repeated with the same request ID is answered from it, never generated
+// twice.
 //
 // A producer appends each batch of events as it goes to its client, ids first..last (first is
 // 0 for the batch that holds stream_start, which has no id); end marks the batch that holds
 // stream_end. Append never blocks: a batch the log cannot take is lost, and a resume across it
 // is a gap, never a silent hole. Produce brackets a stream's life, so that resumers can tell a
-// producer that died from one that is slow.
+// producer that died from one that is slow. A log has one producer, ever: a stream is produced
+// only for a key with no log (Exists, or the admission's claim that needs the log absent), and
+// nothing appends to a log once its producer is done.
 type ReplayLog interface {
-	Append(k ReplayKey, first, last int64, data []byte, end bool)
-	// Produce marks k as being produced by this instance until the returned function is called.
-	Produce(k ReplayKey) (done func())
+	Append(k StreamKey, first, last int64, data []byte, end bool)
+	// Produce marks k as being produced by this instance until the returned function is called,
+	// which returns once what was appended is in the log (or it could not be put there).
+	Produce(k StreamKey) (done func())
+	// Exists reports whether a log is kept for k (being produced, or finished and not expired).
+	Exists(ctx context.Context, k StreamKey) (bool, error)
 	// Replay calls emit with the events of k after id after (-1: from stream_start on), in
 	// order, then with the live tail, until the batch holding stream_end (nil), ctx ends, or emit
 	// fails. Its first call of emit, once the log is known to exist, has no events. It returns
 	// ErrNoReplay, a *GapError or a *GoneError as they say. While it runs, k counts as watched.
-	Replay(ctx context.Context, k ReplayKey, after int64, emit func([]byte) error) error
+	Replay(ctx context.Context, k StreamKey, after int64, emit func([]byte) error) error
 	// Watched reports whether anyone is replaying k now, on any instance.
-	Watched(ctx context.Context, k ReplayKey) bool
+	Watched(ctx context.Context, k StreamKey) bool
 }
 
 // replayEntry is one batch of a stream's events.
@@ -142,7 +151,7 @@ type MemoryReplay struct {
 	now       func() time.Time
 
 	mu      sync.Mutex
-	streams map[ReplayKey]*memoryStream
+	streams map[StreamKey]*memoryStream
 	appends int
 }
 
@@ -160,10 +169,10 @@ func NewMemoryReplay(retention time.Duration, now func() time.Time) *MemoryRepla
 	if now == nil {
 		now = time.Now
 	}
-	return &MemoryReplay{retention: retention, now: now, streams: map[ReplayKey]*memoryStream{}}
+	return &MemoryReplay{retention: retention, now: now, streams: map[StreamKey]*memoryStream{}}
 }
 
-func (m *MemoryReplay) stream(k ReplayKey) *memoryStream {
+func (m *MemoryReplay) stream(k StreamKey) *memoryStream {
 	s := m.streams[k]
 	if s == nil {
 		s = &memoryStream{changed: make(chan struct{})}
@@ -178,7 +187,7 @@ func (s *memoryStream) signal() {
 }
 
 // Append implements ReplayLog.
-func (m *MemoryReplay) Append(k ReplayKey, first, last int64, data []byte, end bool) {
+func (m *MemoryReplay) Append(k StreamKey, first, last int64, data []byte, end bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s := m.stream(k)
@@ -203,9 +212,13 @@ func (m *MemoryReplay) sweep() {
 	}
 }
 
-// Produce implements ReplayLog.
-func (m *MemoryReplay) Produce(k ReplayKey) func() {
+// Produce implements ReplayLog. A log that is not being produced (one past its retention that
+// the sweep has not forgotten yet) is replaced, never appended to: its readers keep the old one.
+func (m *MemoryReplay) Produce(k StreamKey) func() {
 	m.mu.Lock()
+	if s := m.streams[k]; s != nil && !s.producing {
+		delete(m.streams, k)
+	}
 	m.stream(k).producing = true
 	m.mu.Unlock()
 	var once sync.Once
@@ -213,7 +226,10 @@ func (m *MemoryReplay) Produce(k ReplayKey) func() {
 		once.Do(func() {
 			m.mu.Lock()
 			defer m.mu.Unlock()
-			s := m.stream(k)
+			s := m.streams[k]
+			if s == nil {
+				return
+			}
 			s.producing = false
 			s.touched = m.now()
 			s.signal()
@@ -221,8 +237,21 @@ func (m *MemoryReplay) Produce(k ReplayKey) func() {
 	}
 }
 
+// Exists implements ReplayLog.
+func (m *MemoryReplay) Exists(_ context.Context, k StreamKey) (bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.kept(m.streams[k]), nil
+}
+
+// kept reports whether s is a log a reader may read: being produced, or finished within its
+// retention. The caller holds mu.
+func (m *MemoryReplay) kept(s *memoryStream) bool {
+	return s != nil && (s.producing || len(s.entries) > 0 && m.now().Sub(s.touched) <= m.retention)
+}
+
 // Watched implements ReplayLog.
-func (m *MemoryReplay) Watched(_ context.Context, k ReplayKey) bool {
+func (m *MemoryReplay) Watched(_ context.Context, k StreamKey) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	s := m.streams[k]
@@ -230,10 +259,10 @@ func (m *MemoryReplay) Watched(_ context.Context, k ReplayKey) bool {
 }
 
 // Replay implements ReplayLog.
-func (m *MemoryReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit func([]byte) error) error {
+func (m *MemoryReplay) Replay(ctx context.Context, k StreamKey, after int64, emit func([]byte) error) error {
 	m.mu.Lock()
 	s := m.streams[k]
-	if s == nil || (len(s.entries) == 0 && !s.producing) || (!s.producing && m.now().Sub(s.touched) > m.retention) {
+	if !m.kept(s) {
 		m.mu.Unlock()
 		return ErrNoReplay
 	}

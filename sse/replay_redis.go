@@ -21,11 +21,12 @@ import (
 const (
 	replayBeat      = time.Second            // how often a producing instance says it is alive
 	replayBeatTTL   = 3 * replayBeat         // how long a resumer waits for the next before it gives up
-	replayBlock     = replayBeat             // how long a resumer's XREAD waits for new events
+	replayBlock     = replayBeat             // how long the reader's XREAD waits for new events
 	replayCallBound = 2 * time.Second        // every other call
 	replayBatch     = 512                    // appends sent in one pipeline at most
+	replayRange     = 256                    // entries read in one call at most
 	replayAppear    = 500 * time.Millisecond // how long a resume waits for a log to appear
-	replayPoll      = 50 * time.Millisecond
+	replayPoll      = 50 * time.Millisecond  // how often that looks, and the reader polls on a cluster
 )
 
 // RedisReplay is a ReplayLog in Redis Streams, shared by every instance: a stream produced on
@@ -34,6 +35,9 @@ const (
 //
 // Appends go through one goroutine (Run) that sends whatever has queued up in one pipeline:
 // under load, many streams' events share a round trip, and a stream never waits for Redis.
+// Resumers read what a log holds with XRANGE on the client's shared connections, and wait for
+// its tail through the instance's one reader (tails, also run by Run): no resumer holds a
+// connection of its own, however many wait.
 //
 // Keys (prefix is REDIS_PREFIX, as given; the tenant is the Redis Cluster hash tag):
 //
@@ -52,17 +56,19 @@ type RedisReplay struct {
 	log       *slog.Logger
 	onSend    func(batches int)
 	ops       chan replayOp
+	tails     *tails
 
 	mu       sync.Mutex
-	live     map[ReplayKey]int // streams produced here, for the heartbeats
+	live     map[StreamKey]int // streams produced here, for the heartbeats
 	lastWarn atomic.Int64
 }
 
 type replayOp struct {
-	k     ReplayKey
+	k     StreamKey
 	e     replayEntry
-	beat  bool // set the heartbeat now (production started)
-	ended bool // production ended: drop the heartbeat
+	beat  bool          // set the heartbeat now (production started)
+	ended bool          // production ended: drop the heartbeat
+	sent  chan struct{} // if set, closed once the op (and so every op before it) was sent
 }
 
 // RedisReplayOptions configures a RedisReplay.
@@ -84,39 +90,43 @@ func NewRedisReplay(client rueidis.Client, o RedisReplayOptions) *RedisReplay {
 		o.OnSend = func(int) {}
 	}
 	return &RedisReplay{client: client, keys: policy.NewKeys(o.Prefix), retention: o.Retention, log: o.Log, onSend: o.OnSend,
-		ops: make(chan replayOp, 16*replayBatch), live: map[ReplayKey]int{}}
+		ops: make(chan replayOp, 16*replayBatch), live: map[StreamKey]int{}, tails: newTails(client, o.Log)}
 }
 
-func (r *RedisReplay) key(k ReplayKey) string {
+func (r *RedisReplay) key(k StreamKey) string {
 	return r.keys.Tenant(policy.KindReplay, k.Tenant, k.User, k.RequestID)
 }
 
 // beat names the key set while an instance produces the log named key.
-func (r *RedisReplay) beat(k ReplayKey) string {
+func (r *RedisReplay) beat(k StreamKey) string {
 	return r.keys.Tenant(policy.KindReplayBeat, k.Tenant, k.User, k.RequestID)
 }
 
 // watcher names the key set while someone resumes the log.
-func (r *RedisReplay) watcher(k ReplayKey) string {
+func (r *RedisReplay) watcher(k StreamKey) string {
 	return r.keys.Tenant(policy.KindReplayWait, k.Tenant, k.User, k.RequestID)
 }
 
 // Append implements ReplayLog.
-func (r *RedisReplay) Append(k ReplayKey, first, last int64, data []byte, end bool) {
+func (r *RedisReplay) Append(k StreamKey, first, last int64, data []byte, end bool) {
 	r.enqueue(replayOp{k: k, e: replayEntry{first: first, last: last, end: end, data: bytes.Clone(data)}})
 }
 
-func (r *RedisReplay) enqueue(op replayOp) {
+func (r *RedisReplay) enqueue(op replayOp) bool {
 	select {
 	case r.ops <- op:
+		return true
 	default:
 		// Redis cannot keep up: the batch is lost, and a resume across it is told so.
 		r.warn("replay log queue full; events dropped from the log", nil)
+		return false
 	}
 }
 
-// Produce implements ReplayLog.
-func (r *RedisReplay) Produce(k ReplayKey) func() {
+// Produce implements ReplayLog. Its done returns once the stream's last events have been sent
+// to Redis (or a send failed), within replayCallBound: what the stream holds (its claim) is
+// released after that, so a repeat of its request finds the log complete.
+func (r *RedisReplay) Produce(k StreamKey) func() {
 	r.mu.Lock()
 	r.live[k]++
 	r.mu.Unlock()
@@ -129,15 +139,42 @@ func (r *RedisReplay) Produce(k ReplayKey) func() {
 				delete(r.live, k)
 			}
 			r.mu.Unlock()
-			r.enqueue(replayOp{k: k, ended: true})
+			sent := make(chan struct{})
+			if !r.enqueue(replayOp{k: k, ended: true, sent: sent}) {
+				return
+			}
+			t := time.NewTimer(replayCallBound)
+			defer t.Stop()
+			select {
+			case <-sent:
+			case <-t.C:
+			}
 		})
 	}
+}
+
+// Exists implements ReplayLog.
+func (r *RedisReplay) Exists(ctx context.Context, k StreamKey) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, replayCallBound)
+	defer cancel()
+	n, err := r.client.Do(ctx, r.client.B().Exists().Key(r.key(k), r.beat(k)).Build()).AsInt64()
+	if err != nil {
+		return false, fmt.Errorf("sse: replay: %w", err)
+	}
+	return n > 0, nil
 }
 
 // Run sends queued appends and the heartbeats of the streams produced here until ctx ends,
 // then sends what is still queued. A send under way when ctx ends is finished, not cut short:
 // ctx ends once the last stream has ended, and the batch in flight may be its last events.
+// It also runs the instance's reader for resumers (tails) until ctx ends.
 func (r *RedisReplay) Run(ctx context.Context) {
+	reading := make(chan struct{})
+	go func() {
+		defer close(reading)
+		r.tails.run(ctx)
+	}()
+	defer func() { <-reading }()
 	tick := time.NewTicker(replayBeat)
 	defer tick.Stop()
 	batch := make([]replayOp, 0, replayBatch)
@@ -150,6 +187,7 @@ func (r *RedisReplay) Run(ctx context.Context) {
 			for len(r.ops) > 0 {
 				batch = r.drain(batch[:0])
 				r.send(fctx, batch, false)
+				acknowledge(batch)
 			}
 			cancel()
 			return
@@ -162,6 +200,16 @@ func (r *RedisReplay) Run(ctx context.Context) {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), replayCallBound)
 		r.send(sctx, batch, beat)
 		cancel()
+		acknowledge(batch)
+	}
+}
+
+// acknowledge tells whoever waits for an op of batch that it was sent.
+func acknowledge(batch []replayOp) {
+	for _, op := range batch {
+		if op.sent != nil {
+			close(op.sent)
+		}
 	}
 }
 
@@ -246,23 +294,25 @@ func (r *RedisReplay) warn(msg string, err error) {
 	}
 }
 
-// Watched implements ReplayLog.
-func (r *RedisReplay) Watched(ctx context.Context, k ReplayKey) bool {
+// Watched implements ReplayLog: someone reads the log here (asked without Redis), or its
+// watcher key says someone does elsewhere.
+func (r *RedisReplay) Watched(ctx context.Context, k StreamKey) bool {
+	if r.tails.watching(r.key(k)) {
+		return true
+	}
 	ctx, cancel := context.WithTimeout(ctx, replayCallBound)
 	defer cancel()
 	n, err := r.client.Do(ctx, r.client.B().Exists().Key(r.watcher(k)).Build()).AsInt64()
 	return err == nil && n > 0
 }
 
-// Replay implements ReplayLog.
-func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit func([]byte) error) error {
-	key, beat := r.key(k), r.beat(k)
+// Replay implements ReplayLog. From its first look at the log the stream counts as watched
+// (its watcher key is set then, and renewed by the reader while this runs), however long
+// catching up takes. It reads what the log holds itself; at the tail, it waits for the
+// instance's reader to hand it what comes.
+func (r *RedisReplay) Replay(ctx context.Context, k StreamKey, after int64, emit func([]byte) error) error {
+	key, beat, watcher := r.key(k), r.beat(k), r.watcher(k)
 	b := r.client.B()
-	id := after
-	from := "0-0" // the last stream entry ID read
-	if id >= 0 {
-		from = strconv.FormatInt(id, 10) + "-1"
-	}
 	// Is there a log? A client can see an event a moment before the producer's pipeline has
 	// taken it to Redis, so a log that is not there yet gets that moment to appear.
 	for waited := time.Duration(0); ; waited += replayPoll {
@@ -284,88 +334,105 @@ func (r *RedisReplay) Replay(ctx context.Context, k ReplayKey, after int64, emit
 		case <-time.After(replayPoll):
 		}
 	}
-	// What the log holds already.
-	for first := true; ; first = false {
-		start := "(" + from
-		if id < 0 {
-			start = "-"
-		}
-		cctx, cancel := context.WithTimeout(ctx, replayCallBound)
-		entries, err := r.client.Do(cctx, b.Xrange().Key(key).Start(start).End("+").Count(256).Build()).AsXRange()
-		cancel()
-		if err != nil {
-			return fmt.Errorf("sse: replay: %w", err)
-		}
-		if first {
-			if err := emit(nil); err != nil {
-				return err
-			}
-			if len(entries) == 0 && id >= 0 {
-				// Nothing after id: if the last entry ends the stream, the client has seen it all.
-				cctx, cancel := context.WithTimeout(ctx, replayCallBound)
-				last, err := r.client.Do(cctx, b.Xrevrange().Key(key).End("+").Start("-").Count(1).Build()).AsXRange()
-				cancel()
-				if err != nil {
-					return fmt.Errorf("sse: replay: %w", err)
-				}
-				// (Only an end at or before id: one appended since the XRANGE is read below.)
-				if len(last) == 1 && last[0].FieldValues["e"] == "1" {
-					n, _, _ := strings.Cut(last[0].ID, "-")
-					if l, err := strconv.ParseInt(n, 10, 64); err == nil && l <= id {
-						return nil
-					}
-				}
-			}
-		}
-		var ended bool
-		if id, from, ended, err = r.emitEntries(entries, id, from, emit); err != nil || ended {
-			return err
-		}
-		if len(entries) < 256 {
-			break
-		}
-	}
-	// The live tail. While it runs the stream is watched: its producer keeps it going for us.
+	f := r.tails.join(key, beat, watcher)
+	defer r.tails.leave(f)
+	id := after
+	first, gone := true, false
 	for {
-		cctx, cancel := context.WithTimeout(ctx, replayCallBound)
-		err := r.client.Do(cctx, b.Set().Key(r.watcher(k)).Value("1").Px(replayBeatTTL).Build()).Error()
-		cancel()
-		if err != nil {
-			return fmt.Errorf("sse: replay: %w", err)
-		}
-		cctx, cancel = context.WithTimeout(ctx, replayBlock+replayCallBound)
-		res, err := r.client.Do(cctx, b.Xread().Count(256).Block(replayBlock.Milliseconds()).Streams().Key(key).Id(from).Build()).AsXRead()
-		cancel()
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		if rueidis.IsRedisNil(err) {
-			// Nothing new for a while: is anyone still producing it?
+		// What the log holds: read here, batch after batch.
+		for {
+			start := "(" + entryID(id)
+			if id < 0 {
+				start = "-"
+			}
+			cmds := rueidis.Commands{b.Xrange().Key(key).Start(start).End("+").Count(replayRange).Build()}
+			if first {
+				// Watched from now on: the reader renews it while this runs.
+				cmds = append(cmds, b.Set().Key(watcher).Value("1").Px(replayBeatTTL).Build())
+			}
 			cctx, cancel := context.WithTimeout(ctx, replayCallBound)
-			n, err := r.client.Do(cctx, b.Exists().Key(beat).Build()).AsInt64()
+			res := r.client.DoMulti(cctx, cmds...)
 			cancel()
+			entries, err := res[0].AsXRange()
 			if err != nil {
 				return fmt.Errorf("sse: replay: %w", err)
 			}
-			if n == 0 {
-				return &GoneError{After: max(id, 0)}
+			if first {
+				first = false
+				if err := emit(nil); err != nil {
+					return err
+				}
+				if len(entries) == 0 && id >= 0 {
+					if done, err := r.endedBy(ctx, key, id); err != nil || done {
+						return err
+					}
+				}
 			}
-			continue
+			var ended bool
+			if id, ended, err = r.emitEntries(entries, id, emit); err != nil || ended {
+				return err
+			}
+			if len(entries) < replayRange {
+				break
+			}
 		}
-		if err != nil {
-			return fmt.Errorf("sse: replay: %w", err)
+		if gone {
+			// Its producer stopped beating, and the log, read again, does not end.
+			return &GoneError{After: max(id, 0)}
 		}
-		var ended bool
-		if id, from, ended, err = r.emitEntries(res[key], id, from, emit); err != nil || ended {
+		// The tail: the reader hands over what comes.
+		if err := r.tails.arm(f, id); err != nil {
 			return err
+		}
+	tail:
+		for {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-f.wake:
+			}
+			entries, lost, g, stopped := r.tails.take(f)
+			var ended bool
+			var err error
+			if id, ended, err = r.emitEntries(entries, id, emit); err != nil || ended {
+				return err
+			}
+			switch {
+			case stopped:
+				return errReaderStopped
+			case g:
+				// Read the log once more before saying so: the last events and the heartbeat's
+				// end travel in one pipeline, and may have landed after the reader's last read.
+				gone = true
+				break tail
+			case lost:
+				break tail // this client is slow: it reads the log itself until it catches up
+			}
 		}
 	}
 }
 
+// endedBy reports whether the log's last entry ends the stream at or before event id: a resume
+// after the end has nothing to wait for. (An end appended since is read with the rest.)
+func (r *RedisReplay) endedBy(ctx context.Context, key string, id int64) (bool, error) {
+	cctx, cancel := context.WithTimeout(ctx, replayCallBound)
+	defer cancel()
+	last, err := r.client.Do(cctx, r.client.B().Xrevrange().Key(key).End("+").Start("-").Count(1).Build()).AsXRange()
+	if err != nil {
+		return false, fmt.Errorf("sse: replay: %w", err)
+	}
+	if len(last) == 1 && last[0].FieldValues["e"] == "1" {
+		if l, ok := lastOf(last[0]); ok && l <= id {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 // emitEntries decodes stream entries and emits their events after id.
-func (r *RedisReplay) emitEntries(entries []rueidis.XRangeEntry, id int64, from string, emit func([]byte) error) (int64, string, bool, error) {
+func (r *RedisReplay) emitEntries(entries []rueidis.XRangeEntry, id int64, emit func([]byte) error) (int64, bool, error) {
 	if len(entries) == 0 {
-		return id, from, false, nil
+		return id, false, nil
 	}
 	batch := make([]replayEntry, 0, len(entries))
 	for _, x := range entries {
@@ -375,10 +442,9 @@ func (r *RedisReplay) emitEntries(entries []rueidis.XRangeEntry, id int64, from 
 		e.last, err1 = strconv.ParseInt(last, 10, 64)
 		e.first, err2 = strconv.ParseInt(x.FieldValues["f"], 10, 64)
 		if err1 != nil || err2 != nil {
-			return id, from, false, fmt.Errorf("sse: replay: malformed entry %q", x.ID)
+			return id, false, fmt.Errorf("sse: replay: malformed entry %q", x.ID)
 		}
 		batch = append(batch, e)
 	}
-	id, ended, err := replayFrom(batch, id, emit)
-	return id, entries[len(entries)-1].ID, ended, err
+	return replayFrom(batch, id, emit)
 }

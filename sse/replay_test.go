@@ -16,7 +16,7 @@ import (
 func encoded(n int) string { return fmt.Sprintf("id: %d\nevent: e\ndata: {}\n\n", n) }
 
 // collect replays k after id and returns the ids it got, and the error.
-func collect(ctx context.Context, log sse.ReplayLog, k sse.ReplayKey, after int64) (string, error) {
+func collect(ctx context.Context, log sse.ReplayLog, k sse.StreamKey, after int64) (string, error) {
 	var got strings.Builder
 	err := log.Replay(ctx, k, after, func(b []byte) error {
 		got.Write(b)
@@ -37,7 +37,7 @@ func collect(ctx context.Context, log sse.ReplayLog, k sse.ReplayKey, after int6
 func TestMemoryReplay(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		log := sse.NewMemoryReplay(time.Minute, nil)
-		k := sse.ReplayKey{Tenant: "t", User: "u", RequestID: "r"}
+		k := sse.StreamKey{Tenant: "t", User: "u", RequestID: "r"}
 		done := log.Produce(k)
 		log.Append(k, 0, 0, []byte("event: stream_start\ndata: {}\n\n"), false)
 		log.Append(k, 1, 3, []byte(encoded(1)+encoded(2)+encoded(3)), false)
@@ -49,12 +49,12 @@ func TestMemoryReplay(t *testing.T) {
 		if got, err := collect(t.Context(), log, k, 5); err != nil || got != "" {
 			t.Errorf("after the last: %q, %v; want nothing", got, err)
 		}
-		if _, err := collect(t.Context(), log, sse.ReplayKey{Tenant: "t", User: "someone else", RequestID: "r"}, 0); !errors.Is(err, sse.ErrNoReplay) {
+		if _, err := collect(t.Context(), log, sse.StreamKey{Tenant: "t", User: "someone else", RequestID: "r"}, 0); !errors.Is(err, sse.ErrNoReplay) {
 			t.Errorf("another user's stream: %v, want ErrNoReplay", err)
 		}
 
 		// A long stream drops its oldest batches: a resume from before them is a gap.
-		long := sse.ReplayKey{Tenant: "t", User: "u", RequestID: "long"}
+		long := sse.StreamKey{Tenant: "t", User: "u", RequestID: "long"}
 		done = log.Produce(long)
 		for i := 1; i <= 5000; i++ {
 			log.Append(long, int64(i), int64(i), []byte(encoded(i)), false)
@@ -71,7 +71,7 @@ func TestMemoryReplay(t *testing.T) {
 		}
 
 		// A tail: the resumer waits for what comes, and is watched meanwhile.
-		live := sse.ReplayKey{Tenant: "t", User: "u", RequestID: "live"}
+		live := sse.StreamKey{Tenant: "t", User: "u", RequestID: "live"}
 		done = log.Produce(live)
 		log.Append(live, 0, 1, []byte("event: stream_start\ndata: {}\n\n"+encoded(1)), false)
 		result := make(chan string, 1)

@@ -73,7 +73,7 @@ type pipe struct {
 
 	// Resuming; all nil or zero for a stream that is not resumable.
 	log        ReplayLog
-	key        ReplayKey
+	key        StreamKey
 	watched    func() bool // someone resumes the stream now (asked within the stream's life)
 	window     time.Duration
 	logged     int64 // the last id appended to the log; -1 before stream_start
@@ -90,7 +90,7 @@ func newPipe(rw *Rewriter, cw *clientWriter) *pipe {
 
 // resumable makes the stream resumable through log, under key, for window after its client
 // goes, and longer while watched says someone resumes it.
-func (p *pipe) resumable(log ReplayLog, key ReplayKey, window time.Duration, watched func() bool) {
+func (p *pipe) resumable(log ReplayLog, key StreamKey, window time.Duration, watched func() bool) {
 	p.log, p.key, p.window, p.watched = log, key, window, watched
 }
 

@@ -170,14 +170,14 @@ func newStreamEnv(t *testing.T, a *algo, ping time.Duration) *streamEnv {
 		Registry:     e.reg,
 		PingInterval: ping,
 		WriteTimeout: writeTimeout,
-		Admit: func(w http.ResponseWriter, r *http.Request, _ *policy.Claim) (func(), bool) {
+		Admit: func(w http.ResponseWriter, r *http.Request, _ *policy.Claim) (func(), bool, error) {
 			e.admits.Add(1)
 			release, err := e.leases.Acquire(r.Context(), policy.LeaseRequest{Kind: "chat", User: "u", PerUser: 1})
 			if err != nil {
 				http.Error(w, err.Error(), http.StatusTooManyRequests)
-				return nil, false
+				return nil, false, policy.ErrAnswered
 			}
-			return release, true
+			return release, false, nil
 		},
 		OnStreamEnd: func() { e.ended <- struct{}{} },
 	})
@@ -284,7 +284,7 @@ func TestEndWhileTheClientStopsReading(t *testing.T) {
 		name string
 		end  func(e *streamEnv) error
 	}{
-		{"cancel", func(e *streamEnv) error { return e.reg.Cancel("", "r-1", nil) }},
+		{"cancel", func(e *streamEnv) error { return e.reg.Cancel(sse.StreamKey{RequestID: "r-1"}) }},
 		{"drain", func(e *streamEnv) error { e.reg.EndAll(); return nil }},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -437,7 +437,7 @@ func TestCancelBeforeTheUpstreamAnswers(t *testing.T) {
 		errs := make(chan error, 1)
 		go func() {
 			time.Sleep(time.Second)
-			errs <- e.reg.Cancel("", "r-early", nil)
+			errs <- e.reg.Cancel(sse.StreamKey{RequestID: "r-early"})
 		}()
 		req, _ := http.NewRequest(http.MethodPost, gw.String(), strings.NewReader(`{"message":"hi","request_id":"r-early"}`))
 		res, err := e.client.Do(req)
