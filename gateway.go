@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"runtime"
+	"runtime/debug"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -228,7 +230,7 @@ func (g *gateway) buildHandlers() error {
 		WriteTimeout:    cfg.SSEWriteTimeout,
 		Admit:           policy.AdmitClaim,
 		AdmitReplay:     policy.AdmitReplay,
-		Resumes:         sse.NewResumeLimit(cfg.SSEMaxResumes),
+		Resumes:         sse.NewResumeLimit(cfg.SSEMaxResumes, returnMemory()),
 		Owner:           auth.Owner,
 		Token:           auth.Token,
 		OnEvents:        func(name string, n int64) { tel.sseEvents.Add(bg, n, tel.add1("event", name)...) },
@@ -513,4 +515,24 @@ func reachable(ctx context.Context, addrs []string) error {
 		}
 	}
 	return first
+}
+
+// returnMemory gives what a storm of resumers held back to the operating system as soon as the
+// last of them has left, rather than at the runtime's next collection (up to two minutes away
+// on an idle instance) and at its scavenger's pace: RSS is what an operator watches for leaks,
+// and a thousand waiting clients' stacks and buffers are tens of megabytes. Crowds smaller than
+// stormSize are left to the runtime, and it runs at most once every stormGap.
+func returnMemory() func(peak int64) {
+	const stormSize, stormGap = 64, time.Second
+	var last atomic.Int64
+	return func(peak int64) {
+		now, prev := time.Now().UnixNano(), last.Load()
+		if peak < stormSize || now-prev < int64(stormGap) || !last.CompareAndSwap(prev, now) {
+			return
+		}
+		// Two collections: a buffer put back in a sync.Pool survives the first in the pool's
+		// victim cache, and is freed by the second.
+		runtime.GC()
+		debug.FreeOSMemory()
+	}
 }

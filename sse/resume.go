@@ -16,28 +16,43 @@ import (
 // and repeats. Each holds a goroutine, a client connection and its buffers while it reads, and
 // per-user caps do not bound an instance's share of them; this does.
 type ResumeLimit struct {
-	max int64
-	n   atomic.Int64
+	max    int64
+	n      atomic.Int64
+	peak   atomic.Int64 // the most answered at once since the last time none were
+	onIdle func(peak int64)
 }
 
-// NewResumeLimit returns a bound of max resumes at once; max ≤ 0 means none.
-func NewResumeLimit(max int) *ResumeLimit { return &ResumeLimit{max: int64(max)} }
+// NewResumeLimit returns a bound of max resumes at once; max ≤ 0 means none. onIdle, if set,
+// is called (on a goroutine of its own) each time the last of them ends, with the most there
+// were at once since the previous time: after a storm of resumers, what they held can be given
+// back at once.
+func NewResumeLimit(max int, onIdle func(peak int64)) *ResumeLimit {
+	return &ResumeLimit{max: int64(max), onIdle: onIdle}
+}
 
 // take takes a place, or reports that none is left.
 func (l *ResumeLimit) take() bool {
 	if l == nil || l.max <= 0 {
 		return true
 	}
-	if l.n.Add(1) > l.max {
+	n := l.n.Add(1)
+	if n > l.max {
 		l.n.Add(-1)
 		return false
+	}
+	for p := l.peak.Load(); n > p && !l.peak.CompareAndSwap(p, n); p = l.peak.Load() {
 	}
 	return true
 }
 
 func (l *ResumeLimit) give() {
-	if l != nil && l.max > 0 {
-		l.n.Add(-1)
+	if l == nil || l.max <= 0 {
+		return
+	}
+	if l.n.Add(-1) == 0 && l.onIdle != nil {
+		if peak := l.peak.Swap(0); peak > 0 {
+			go l.onIdle(peak)
+		}
 	}
 }
 
