@@ -625,11 +625,11 @@ func smallReceiveBuffer(_, _ string, c syscall.RawConn) error {
 // (go_goroutines on /metrics) and Redis connections are back where they were at rest.
 //
 // Memory: a waiting client costs what a waiting HTTP request costs (its goroutines, its
-// buffers), which the Go runtime keeps after they leave until its next GC (an idle process runs
-// one within two minutes) and reuses for the next storm; so RSS is asked to stay within that
-// cost per client during and after each storm, which a connection or buffer kept per client
-// (the old design's 450 KB) would break at once. The gateway is the built binary, run as a
-// child process as in production, whose /proc this reads.
+// buffers), so RSS is asked to stay within that cost per client while they wait, which a
+// connection or buffer kept per client (the old design's 450 KB) would break at once; once they
+// have left, the gateway gives that memory back (returnMemory), and RSS is back within a fixed
+// bound of its rest within 5 s, the same after each storm. The gateway is the built binary, run
+// as a child process as in production, whose /proc this reads.
 func TestResumeWaitersShareOneReader(t *testing.T) {
 	needProcfs(t)
 	const users, perUser, storms = 10, 100, 2
