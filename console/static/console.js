@@ -88,7 +88,8 @@ function needToken(statusEl) {
   return false;
 }
 
-// follow keeps a log scrolled to its end, unless the reader scrolled up to look at something.
+// appendFollowing adds li to a log and keeps the log scrolled to its end, unless the reader
+// scrolled up to look at something.
 function appendFollowing(list, li) {
   const atEnd = list.scrollHeight - list.scrollTop - list.clientHeight < 24;
   list.append(li);
