@@ -319,17 +319,17 @@ func TestConfigErrorKeepsCredentialsOut(t *testing.T) {
 	}
 }
 
-// TestConfigTableInREADME: README.md's configuration table is the complete list of settings:
+// TestConfigTableInREADME: docs/configuration.md's table is the complete list of settings:
 // every variable the code reads is there, with the code's default.
 func TestConfigTableInREADME(t *testing.T) {
-	raw, err := os.ReadFile("README.md")
+	raw, err := os.ReadFile("docs/configuration.md")
 	if err != nil {
 		t.Fatal(err)
 	}
 	doc := string(raw)
-	start := strings.Index(doc, "## Configuration")
+	start := strings.Index(doc, "## Settings")
 	if start < 0 {
-		t.Fatal("README.md has no ## Configuration section")
+		t.Fatal("docs/configuration.md has no ## Settings section")
 	}
 	end := strings.Index(doc[start+1:], "\n## ")
 	table := doc[start : start+1+end]
@@ -346,11 +346,11 @@ func TestConfigTableInREADME(t *testing.T) {
 	for _, s := range settings() {
 		row, ok := rows[s.env]
 		if !ok {
-			t.Errorf("%s is not in README.md's configuration table", s.env)
+			t.Errorf("%s is not in docs/configuration.md's table", s.env)
 			continue
 		}
 		if s.def != "" && !strings.Contains(row, "`"+s.def+"`") {
-			t.Errorf("README.md's row for %s does not give its default `%s`: %s", s.env, s.def, row)
+			t.Errorf("docs/configuration.md's row for %s does not give its default `%s`: %s", s.env, s.def, row)
 		}
 	}
 }

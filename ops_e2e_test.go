@@ -276,16 +276,16 @@ func sample(fams map[string]*dto.MetricFamily, name string, want map[string]stri
 	return sum, found
 }
 
-// readmeMetrics are the metrics of README.md's "Metrics" table with their label names.
+// readmeMetrics are the metrics of docs/operations.md's "Metrics" table with their label names.
 func readmeMetrics(t *testing.T) map[string][]string {
 	t.Helper()
-	raw, err := os.ReadFile("README.md")
+	raw, err := os.ReadFile("docs/operations.md")
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, sec, ok := strings.Cut(string(raw), "\n## Metrics\n")
 	if !ok {
-		t.Fatal(`README.md has no "## Metrics" section`)
+		t.Fatal(`docs/operations.md has no "## Metrics" section`)
 	}
 	sec, _, _ = strings.Cut(sec, "\n## ")
 	paren := regexp.MustCompile(`\([^)]*\)`)
@@ -684,7 +684,7 @@ func TestOpsReplicaDown(t *testing.T) {
 
 // ---- 3. metrics ----------------------------------------------------------------------------
 
-// wantMetrics are README.md's metrics and their label names.
+// wantMetrics are docs/operations.md's metrics and their label names.
 var wantMetrics = map[string][]string{
 	"http_requests_total":               {"method", "route", "status"},
 	"http_request_duration_seconds":     {"method", "route"},
@@ -732,7 +732,7 @@ func checkFamily(t *testing.T, fams map[string]*dto.MetricFamily, name string, l
 // README with exactly its labels, labels routes by pattern, and stays small.
 func TestOpsMetrics(t *testing.T) {
 	if got := readmeMetrics(t); !maps.EqualFunc(got, wantMetrics, slices.Equal) {
-		t.Errorf("README.md's metrics table = %v, want %v", got, wantMetrics)
+		t.Errorf("docs/operations.md's metrics table = %v, want %v", got, wantMetrics)
 	}
 
 	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) {
@@ -939,7 +939,7 @@ func TestOpsMetricsAtStart(t *testing.T) {
 	}
 }
 
-// processMetrics are the process and Go runtime metrics README.md names, with the standard
+// processMetrics are the process and Go runtime metrics docs/operations.md names, with the standard
 // names of the Prometheus client's collectors.
 var processMetrics = []string{"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
 	"process_max_fds", "process_start_time_seconds", "go_goroutines", "go_threads", "go_gc_duration_seconds",
@@ -950,7 +950,7 @@ var processMetrics = []string{"process_cpu_seconds_total", "process_resident_mem
 // the Go runtime's goroutines, threads, heap and GC. The figures are this process's own: its
 // open descriptors grow by the connections a test holds open, and its goroutines too.
 func TestOpsMetricsProcess(t *testing.T) {
-	raw, err := os.ReadFile("README.md")
+	raw, err := os.ReadFile("docs/operations.md")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -962,7 +962,7 @@ func TestOpsMetricsProcess(t *testing.T) {
 			t.Errorf("%s is not exported", name)
 		}
 		if !strings.Contains(string(raw), "`"+name+"`") {
-			t.Errorf("README.md does not name %s", name)
+			t.Errorf("docs/operations.md does not name %s", name)
 		}
 	}
 	value := func(fams map[string]*dto.MetricFamily, name string) float64 {

@@ -226,16 +226,16 @@ func TestEdge06RefusedOriginsLogged(t *testing.T) {
 	}
 }
 
-// readmeSettings returns the variables of README.md's configuration table.
+// readmeSettings returns the variables of docs/configuration.md's table.
 func readmeSettings(t *testing.T) []string {
 	t.Helper()
-	raw, err := os.ReadFile("README.md")
+	raw, err := os.ReadFile("docs/configuration.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, sec, ok := strings.Cut(string(raw), "\n## Configuration\n")
+	_, sec, ok := strings.Cut(string(raw), "\n## Settings\n")
 	if !ok {
-		t.Fatal(`README.md has no "## Configuration" section`)
+		t.Fatal(`docs/configuration.md has no "## Settings" section`)
 	}
 	sec, _, _ = strings.Cut(sec, "\n## ")
 	tick := regexp.MustCompile("`([A-Z][A-Z0-9_]+)`")
@@ -253,7 +253,7 @@ func readmeSettings(t *testing.T) []string {
 	return out
 }
 
-// 7. The README's configuration table lists every setting the gateway reads (METRICS_ENABLED
+// 7. The configuration table (docs/configuration.md) lists every setting the gateway reads (METRICS_ENABLED
 // among them), and nothing else; METRICS_ENABLED=false turns /metrics off.
 func TestEdge07ConfigurationTableComplete(t *testing.T) {
 	var code []string
@@ -262,7 +262,7 @@ func TestEdge07ConfigurationTableComplete(t *testing.T) {
 	}
 	slices.Sort(code)
 	if got := readmeSettings(t); !slices.Equal(got, code) {
-		t.Errorf("README configuration table = %v\nsettings in the code     = %v", got, code)
+		t.Errorf("docs/configuration.md table = %v\nsettings in the code     = %v", got, code)
 	}
 	g := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL, "METRICS_ENABLED": "false"})
 	wantError(t, call(t, g, "GET", "/metrics", "", ""), http.StatusNotFound, "NOT_FOUND")
