@@ -30,9 +30,10 @@ type gateway struct {
 }
 
 // newGateway builds the gateway from its configuration. Each part is made from the parts it
-// needs, passed in, so the order below is the only one that compiles: shared state first, then
-// who may do what, the upstreams, chat and voice, the handlers, and the route table behind the
-// edge. Nothing is assigned after a closure that reads it was made.
+// needs, passed in, so nothing is used before it is made and nothing is assigned after a
+// closure that reads it: shared state first, then who may do what, the upstreams, chat and
+// voice, the handlers, and the route table behind the edge. What it acquires is released, last
+// first, by close, or at once if a later part fails.
 func newGateway(ctx context.Context, cfg *config, log *slog.Logger, tel *telemetry) (_ *gateway, err error) {
 	var release closers
 	defer func() {
