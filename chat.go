@@ -112,22 +112,26 @@ func newCancelHandler(streams *chatStreams, can func(*http.Request, string) bool
 // lookup of its owner and the publication).
 const remoteCancelBudget = 500 * time.Millisecond
 
-// returnMemory gives what a storm of resumers held back to the operating system as soon as the
-// last of them has left, rather than at the runtime's next collection (up to two minutes away
-// on an idle instance) and at its scavenger's pace: RSS is what an operator watches for leaks,
-// and a thousand waiting clients' stacks and buffers are tens of megabytes. Crowds smaller than
-// stormSize are left to the runtime, and it runs at most once every stormGap.
+// returnMemory gives what a storm of resumers held back to the operating system soon after the
+// last of them has left, rather than at the runtime's next collection (up to two minutes away on
+// an idle instance) and at its scavenger's pace: RSS is what an operator watches for leaks, and a
+// thousand waiting clients' stacks and buffers are tens of megabytes. It collects settle after
+// the last resumer's handler returned, once net/http has finished with its connection and let go
+// of its buffers too. Crowds smaller than stormSize are left to the runtime, and it runs at most
+// once every stormGap.
 func returnMemory() func(peak int64) {
-	const stormSize, stormGap = 64, time.Second
+	const stormSize, stormGap, settle = 64, time.Second, 500 * time.Millisecond
 	var last atomic.Int64
 	return func(peak int64) {
 		now, prev := time.Now().UnixNano(), last.Load()
 		if peak < stormSize || now-prev < int64(stormGap) || !last.CompareAndSwap(prev, now) {
 			return
 		}
-		// Two collections: a buffer put back in a sync.Pool survives the first in the pool's
-		// victim cache, and is freed by the second.
-		runtime.GC()
-		debug.FreeOSMemory()
+		time.AfterFunc(settle, func() {
+			// Two collections: a buffer put back in a sync.Pool survives the first in the
+			// pool's victim cache, and is freed by the second.
+			runtime.GC()
+			debug.FreeOSMemory()
+		})
 	}
 }
