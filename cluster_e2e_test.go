@@ -133,10 +133,12 @@ func TestClusterSharedFeatures(t *testing.T) {
 		"POLICY_FILE": "testdata/policy/e2e-cluster.json", "USER_SERVICE_URL": users.URL}))
 	w := watchTokens(t, a, b)
 	const doc = "/api/v2/documents/x"
+	// Users of this run only: the cluster keeps an earlier run's revocations and quotas.
+	run := newRunID()
 
 	for ti, tenant := range clusterTenants {
 		tok := func(user string, roles ...string) string {
-			return w.token(t, fmt.Sprintf("%s-%d", user, ti), roles, map[string]any{"tenant_id": tenant})
+			return w.token(t, fmt.Sprintf("%s-%d-%s", user, ti, run), roles, map[string]any{"tenant_id": tenant})
 		}
 		t.Run(fmt.Sprintf("tenant %q", tenant), func(t *testing.T) {
 			t.Run("revocation reaches the other instance", func(t *testing.T) {
@@ -152,7 +154,7 @@ func TestClusterSharedFeatures(t *testing.T) {
 				}
 				admin, x := tok("u-admin", "admin"), tok("u-x", "user")
 				wantStatus(t, call(t, b, "GET", doc, x, ""), http.StatusOK)
-				wantStatus(t, call(t, a, "POST", "/api/v2/auth/revoke", admin, fmt.Sprintf(`{"user_id":"u-x-%d"}`, ti)), http.StatusOK)
+				wantStatus(t, call(t, a, "POST", "/api/v2/auth/revoke", admin, fmt.Sprintf(`{"user_id":"u-x-%d-%s"}`, ti, run)), http.StatusOK)
 				res, _ = pollRefused(t, b, "GET", doc, x, time.Now())
 				wantError(t, res, http.StatusUnauthorized, "TOKEN_REVOKED")
 			})
@@ -212,14 +214,14 @@ func TestClusterSharedFeatures(t *testing.T) {
 	}
 
 	t.Run("user status cached for both instances", func(t *testing.T) {
-		user := w.token(t, "u-status", []string{"user"}, nil)
+		user := w.token(t, "u-status-"+run, []string{"user"}, nil)
 		mu.Lock()
-		before := asked["/users/u-status"]
+		before := asked["/users/u-status-"+run]
 		mu.Unlock()
 		wantStatus(t, call(t, a, "GET", doc, user, ""), http.StatusOK)
 		wantStatus(t, call(t, b, "GET", doc, user, ""), http.StatusOK)
 		mu.Lock()
-		n := asked["/users/u-status"] - before
+		n := asked["/users/u-status-"+run] - before
 		mu.Unlock()
 		if n != 1 {
 			t.Errorf("the user service was asked %d times for one user by two instances, want once (B reads Redis)", n)
@@ -351,9 +353,12 @@ func TestClusterResume(t *testing.T) {
 	if keySlot("{acme}") == keySlot("{globex}") || keySlot("{globex}") == keySlot("{initech}") {
 		t.Fatal("the tenants' tags share a slot; pick others")
 	}
+	// Users of this run only: the cluster keeps an earlier run's streams, whose repeats would
+	// be answered from their logs.
+	run := newRunID()
 	var resumed []*sseReader
 	for i, tenant := range tenants {
-		tok := tokenFor(t, "u-"+tenant, []string{"user"}, map[string]any{"tenant_id": tenant})
+		tok := tokenFor(t, "u-"+tenant+"-"+run, []string{"user"}, map[string]any{"tenant_id": tenant})
 		res := chatRequest(t, a.Client, a.URL, tok, "cr-"+strconv.Itoa(i), "gated", "")
 		defer res.Body.Close()
 		readN(t, wantStream(t, res), 10)
@@ -365,7 +370,7 @@ func TestClusterResume(t *testing.T) {
 	for i, s := range resumed {
 		wantRest(t, s, 5+i)
 	}
-	tok := tokenFor(t, "u-acme", []string{"user"}, map[string]any{"tenant_id": "acme"})
+	tok := tokenFor(t, "u-acme-"+run, []string{"user"}, map[string]any{"tenant_id": "acme"})
 	res := chatRequest(t, b.Client, b.URL, tok, "cr-0", "gated", "")
 	defer res.Body.Close()
 	if evs := readEvents(t, wantStream(t, res)); len(evs) != resumeLines+2 || evs[0].Event != "stream_start" {
