@@ -424,7 +424,7 @@ func TestAuthRedisUnreachableAtStart(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
-	stdout, stderr := &syncBuffer{}, newLogSink()
+	stdout, stderr := &logBuffer{}, newLogBuffer()
 	start := time.Now()
 	err := run(ctx, []string{"voicegate"}, func(k string) string { return vars[k] }, stdout, stderr)
 	took := time.Since(start)

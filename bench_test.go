@@ -53,24 +53,14 @@ func benchGateway(tb testing.TB, env map[string]string) (*httptest.Server, *gate
 	return srv, gw
 }
 
-// bareProxy is the standard-library baseline: an httputil.ReverseProxy that flushes every write.
+// bareProxy serves bareReverseProxy in this process.
 func bareProxy(tb testing.TB, target *url.URL, path string) *httptest.Server {
 	tb.Helper()
-	tr := &http.Transport{MaxIdleConnsPerHost: 1024}
-	rp := &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(target)
-			if path != "" {
-				pr.Out.URL.Path = path
-			}
-		},
-		Transport:     tr,
-		FlushInterval: -1,
-	}
+	rp := bareReverseProxy(target, path)
 	srv := httptest.NewServer(rp)
 	tb.Cleanup(func() {
 		srv.Close()
-		tr.CloseIdleConnections()
+		rp.Transport.(*http.Transport).CloseIdleConnections()
 	})
 	return srv
 }

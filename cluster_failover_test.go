@@ -503,11 +503,11 @@ func TestClusterUnreachableAtStart(t *testing.T) {
 		}
 		addrs = append(addrs, fmt.Sprintf("%s:%d", redisHost, p))
 	}
-	var stderr syncBuffer
+	var stderr logBuffer
 	env := map[string]string{"REDIS_URL": strings.Join(addrs, ","), "REDIS_CONNECT_TIMEOUT": "1s",
 		"ALGO_URL": "http://127.0.0.1:1", "JWT_SECRET": testSecret, "LISTEN_ADDR": "127.0.0.1:0", "LOG_FORMAT": "json"}
 	start := time.Now()
-	err := run(t.Context(), []string{"voicegate"}, func(k string) string { return env[k] }, &syncBuffer{}, &stderr)
+	err := run(t.Context(), []string{"voicegate"}, func(k string) string { return env[k] }, &logBuffer{}, &stderr)
 	took := time.Since(start)
 	if err == nil || !strings.HasPrefix(err.Error(), "REDIS_URL: cannot reach Redis") || strings.Contains(err.Error(), "\n") {
 		t.Fatalf("run = %v, want one line starting REDIS_URL: cannot reach Redis", err)

@@ -322,9 +322,6 @@ func TestControlRevocationStaysInTenant(t *testing.T) {
 func TestControlInstancesOnOneHost(t *testing.T) {
 	r := startRedis(t)
 	env := map[string]string{"ALGO_URL": chatVoiceAlgo(t).URL, "REDIS_URL": r.URL(), "JWT_SECRET": testSecret}
-	if os.Getenv("INSTANCE_NAME") != "" {
-		t.Skip("INSTANCE_NAME is set in the test's environment, which the child gateways inherit")
-	}
 	one := startChildGateway(t, env)
 	two := startChildGateway(t, env)
 	user := tokenFor(t, "u-host", []string{"user"}, nil)
@@ -332,7 +329,7 @@ func TestControlInstancesOnOneHost(t *testing.T) {
 	defer res.Body.Close()
 	// Both are running the same host name, and each its own identity.
 	var ids []string
-	for _, g := range []*childGateway{one, two} {
+	for _, g := range []*child{one, two} {
 		for _, line := range strings.Split(g.stderr.String(), "\n") {
 			var rec map[string]any
 			if json.Unmarshal([]byte(line), &rec) == nil && rec["msg"] == "listening" {

@@ -691,7 +691,7 @@ func startNginx(t *testing.T, upstreams ...string) *testNginx {
 		conf := writeNginxConf(t, prefix, map[string]string{
 			"NGINX_LISTEN_PORT": nginxHost + ":" + port, "VOICEGATE_1": upstreams[0], "VOICEGATE_2": upstreams[1]})
 		n := &testNginx{Addr: nginxHost + ":" + port, prefix: prefix, done: make(chan struct{})}
-		out := &syncBuffer{}
+		out := &logBuffer{}
 		n.cmd = exec.Command(bin, "-p", prefix, "-c", conf, "-e", "stderr")
 		n.cmd.Stdout, n.cmd.Stderr = out, out
 		if err := n.cmd.Start(); err != nil {

@@ -32,8 +32,8 @@ type testGateway struct {
 	URL    string       // http://127.0.0.1:port
 	Addr   string       // the "addr" of the "listening" log line
 	Client *http.Client // a client of its own, so its idle connections can be closed
-	Stdout *syncBuffer
-	Stderr *logSink
+	Stdout *logBuffer
+	Stderr *logBuffer
 
 	cancel   context.CancelFunc
 	finished chan struct{} // closed when run has returned
@@ -75,8 +75,8 @@ func startRun(t *testing.T, args []string, env map[string]string) *testGateway {
 		t: t,
 		// The client authenticates as an admin unless a test sets its own Authorization.
 		Client:   &http.Client{Transport: withToken{&http.Transport{Proxy: nil}, tokenFor(t, "u-admin", []string{"admin"}, nil)}},
-		Stdout:   &syncBuffer{},
-		Stderr:   newLogSink(),
+		Stdout:   &logBuffer{},
+		Stderr:   newLogBuffer(),
 		cancel:   cancel,
 		finished: make(chan struct{}),
 	}
@@ -141,25 +141,35 @@ func describeResult(res *http.Response, err error) string {
 	return res.Status
 }
 
-// logSink is the gateway's stderr: safe for concurrent use, it keeps everything written and
-// hands over the address of the first JSON "listening" line.
-type logSink struct {
+// logBuffer keeps what a process or a gateway wrote (a log, stdout), safe for concurrent use.
+// It hands over, on addr, the address of the first JSON "listening" line. The zero value keeps
+// everything and hands over nothing.
+type logBuffer struct {
 	mu      sync.Mutex
 	all     bytes.Buffer
+	max     int // the bytes kept; 0 keeps everything
 	pending []byte
 	found   bool
 	addr    chan string
 }
 
-func newLogSink() *logSink { return &logSink{addr: make(chan string, 1)} }
+// newLogBuffer is a logBuffer that hands over the "listening" address.
+func newLogBuffer() *logBuffer { return &logBuffer{addr: make(chan string, 1)} }
 
-func (s *logSink) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.all.Write(p)
-	s.pending = append(s.pending, p...)
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.max == 0 {
+		b.all.Write(p)
+	} else if room := b.max - b.all.Len(); room > 0 {
+		b.all.Write(p[:min(len(p), room)])
+	}
+	if b.addr == nil || b.found {
+		return len(p), nil
+	}
+	b.pending = append(b.pending, p...)
 	for {
-		i := bytes.IndexByte(s.pending, '\n')
+		i := bytes.IndexByte(b.pending, '\n')
 		if i < 0 {
 			break
 		}
@@ -167,37 +177,20 @@ func (s *logSink) Write(p []byte) (int, error) {
 			Msg  string `json:"msg"`
 			Addr string `json:"addr"`
 		}
-		if !s.found && json.Unmarshal(s.pending[:i], &rec) == nil && rec.Msg == "listening" && rec.Addr != "" {
-			s.found = true
-			s.addr <- rec.Addr
+		if json.Unmarshal(b.pending[:i], &rec) == nil && rec.Msg == "listening" && rec.Addr != "" {
+			b.found, b.pending = true, nil
+			b.addr <- rec.Addr
+			break
 		}
-		s.pending = s.pending[i+1:]
+		b.pending = b.pending[i+1:]
 	}
 	return len(p), nil
 }
 
-func (s *logSink) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.all.String()
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent use.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *logBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+	return b.all.String()
 }
 
 // ---- fake back ends ------------------------------------------------------------------------

@@ -306,7 +306,7 @@ func TestDemoBannerTokens(t *testing.T) {
 func TestDemoAlgoSubcommand(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	logs := newLogSink()
+	logs := newLogBuffer()
 	done := make(chan error, 1)
 	env := map[string]string{"LISTEN_ADDR": "127.0.0.1:0", "LOG_FORMAT": "json"}
 	go func() {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -14,20 +13,11 @@ import (
 )
 
 // TestMain fails the tests if any goroutine outlives them: a gateway started by run must leave
-// nothing behind when its context ends. Started as a child process by a benchmark, the test
-// binary serves as that child instead (see process_test.go).
+// nothing behind when its context ends. Started as a child process (startChild, runMain), the
+// test binary serves as that child instead.
 func TestMain(m *testing.M) {
-	if role := os.Getenv(childEnv); role == "main" {
-		// The voicegate command itself, with the arguments the test gave (see runMain).
-		var args []string
-		if err := json.Unmarshal([]byte(os.Getenv(childArgsEnv)), &args); err != nil {
-			panic(err)
-		}
-		os.Args = append([]string{"voicegate"}, args...)
-		main()
-		os.Exit(0)
-	} else if role != "" {
-		runChild(role)
+	if role := os.Getenv(childEnv); role != "" {
+		runChild(role) // never returns
 	}
 	goleak.VerifyTestMain(stopsCluster{m},
 		// After the cluster's topology changed (a failover, a reshard), rueidis closes the
@@ -48,9 +38,6 @@ func (s stopsCluster) Run() int {
 	return s.m.Run()
 }
 
-// childArgsEnv carries the arguments of the test binary run as the voicegate command.
-const childArgsEnv = "VOICEGATE_TEST_ARGS"
-
 // runMain runs the test binary as the voicegate command (main itself, exit code and all) with
 // args and the variables env on top of this process's environment, and returns what it wrote
 // to stderr and its exit code.
@@ -58,15 +45,18 @@ func runMain(t *testing.T, env map[string]string, args ...string) (stderr string
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	a, _ := json.Marshal(args)
-	cmd := exec.CommandContext(ctx, os.Args[0])
-	cmd.Env = append(os.Environ(), childEnv+"=main", childArgsEnv+"="+string(a))
+	cmd := childCommand(t, "main", nil, args...)
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
 	var errOut strings.Builder
 	cmd.Stderr = &errOut
-	err := cmd.Run()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = cmd.Process.Kill() })
+	defer stop()
+	err := cmd.Wait()
 	var exit *exec.ExitError
 	if err != nil && !errors.As(err, &exit) {
 		t.Fatal(err)

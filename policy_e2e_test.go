@@ -728,7 +728,7 @@ func TestPolicyLeaseAcrossInstances(t *testing.T) {
 
 	// A gateway that dies cannot release its leases: cancelling run's context would shut down
 	// gracefully and release them, so C runs in a child process (this test binary, re-executed
-	// into TestPolicyChildGateway) and is killed with SIGKILL while its stream is open.
+	// as a gateway) and is killed with SIGKILL while its stream is open.
 	t.Run("C killed while holding a lease", func(t *testing.T) {
 		c := startChildGateway(t, env)
 		dead := w.token(t, "u-dead", []string{"user"}, nil)
@@ -758,111 +758,6 @@ func TestPolicyLeaseAcrossInstances(t *testing.T) {
 		})
 		t.Logf("B admitted %v after C was killed (LEASE_TTL %v)", time.Since(killed), leaseTTL)
 	})
-}
-
-// childGateway is a gateway run by a child process, so that it can be killed outright.
-type childGateway struct {
-	cmd    *exec.Cmd
-	url    string
-	client *http.Client // of its own, so that its connections can be closed
-	stderr *logSink
-	once   sync.Once
-}
-
-func (c *childGateway) kill() {
-	c.once.Do(func() {
-		_ = c.cmd.Process.Kill()
-		_ = c.cmd.Wait()
-		c.client.CloseIdleConnections()
-	})
-}
-
-// startChildGateway re-executes this test binary into TestPolicyChildGateway with env as the
-// gateway's environment, and waits for its /readyz. It is killed at cleanup at the latest; its
-// stdin is a pipe whose closing (the parent gone) ends it too.
-func startChildGateway(t *testing.T, env map[string]string) *childGateway {
-	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(exe, "-test.run=^TestPolicyChildGateway$", "-test.count=1")
-	vars := map[string]string{
-		"VOICEGATE_CHILD_GATEWAY": "1",
-		"LISTEN_ADDR":             "127.0.0.1:0",
-		"LOG_FORMAT":              "json",
-		"SHUTDOWN_GRACE":          "1s",
-		"DRAIN_DELAY":             "0s",
-		"JWT_SECRET":              testSecret,
-	}
-	for k, v := range env {
-		vars[k] = v
-	}
-	if p := vars["POLICY_FILE"]; p != "" {
-		abs, err := filepath.Abs(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		vars["POLICY_FILE"] = abs
-	}
-	cmd.Env = os.Environ()
-	for k, v := range vars {
-		cmd.Env = append(cmd.Env, k+"="+v)
-	}
-	stderr := newLogSink()
-	cmd.Stderr = stderr
-	cmd.Stdout = io.Discard
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	c := &childGateway{cmd: cmd, client: &http.Client{Transport: &http.Transport{}}, stderr: stderr}
-	t.Cleanup(func() {
-		stdin.Close()
-		c.kill()
-		if t.Failed() {
-			t.Logf("the child gateway's log:\n%s", clipTail(stderr.String()))
-		}
-	})
-	select {
-	case addr := <-stderr.addr:
-		c.url = "http://" + addr
-	case <-time.After(10 * time.Second):
-		c.kill()
-		t.Fatalf("the child gateway did not listen within 10s:\n%s", stderr)
-	}
-	eventually(t, 5*time.Second, "the child gateway's /readyz answers 200", func() bool {
-		res, err := c.client.Get(c.url + "/readyz")
-		if err != nil {
-			return false
-		}
-		res.Body.Close()
-		return res.StatusCode == http.StatusOK
-	})
-	return c
-}
-
-// TestPolicyChildGateway is not a test: it is the gateway of startChildGateway, run by a child
-// process (VOICEGATE_CHILD_GATEWAY=1) until it is killed, its stdin closes, or SIGTERM drains
-// it as in production.
-func TestPolicyChildGateway(t *testing.T) {
-	if os.Getenv("VOICEGATE_CHILD_GATEWAY") != "1" {
-		t.Skip("the gateway of a child process started by TestPolicyLeaseAcrossInstances")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM)
-	defer stop()
-	go func() {
-		_, _ = io.Copy(io.Discard, os.Stdin)
-		cancel()
-	}()
-	if err := run(ctx, []string{"voicegate"}, os.Getenv, os.Stdout, os.Stderr); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // ---- 5. Redis down -------------------------------------------------------------------------
@@ -1101,7 +996,7 @@ func TestPolicyBadFileAtStart(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
 			defer cancel()
-			stderr := newLogSink()
+			stderr := newLogBuffer()
 			err := run(ctx, []string{"voicegate"}, func(k string) string { return vars[k] }, io.Discard, stderr)
 			if err == nil {
 				t.Fatal("run returned nil with a bad POLICY_FILE")

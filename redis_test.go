@@ -32,7 +32,7 @@ type testRedis struct {
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 	done chan struct{} // closed when cmd has exited and been waited for
-	out  *syncBuffer   // redis-server's own log, for failure messages
+	out  *logBuffer    // redis-server's own log, for failure messages
 }
 
 // startRedis starts redis-server on 127.0.0.3 (where nothing else in the tests binds, so a port
@@ -83,7 +83,7 @@ func (r *testRedis) launch() error {
 	args := append([]string{"--save", "", "--appendonly", "no", "--protected-mode", "no",
 		"--port", strconv.Itoa(r.port), "--bind", redisHost, "--dir", r.dir}, r.args...)
 	cmd := exec.Command(r.bin, args...)
-	out := &syncBuffer{}
+	out := &logBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", r.bin, err)
