@@ -148,14 +148,14 @@ func okBackend(t *testing.T) *fakeBackend {
 }
 
 // doneAlgo is an algorithm service that ends every answer at once.
-func doneAlgo(t *testing.T) *fakeBackend {
+func doneAlgo(t *testing.T) *fakeAlgo {
 	return newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
 		ndjson(w, `{"type":"generation_chunk","content":"hi"}`, `{"type":"generation_done"}`)
 	})
 }
 
 // redisEnv is the environment of a gateway on r with fake back ends.
-func redisEnv(r *testRedis, algo, backend *fakeBackend, more map[string]string) map[string]string {
+func redisEnv(r *testRedis, algo *fakeAlgo, backend *fakeBackend, more map[string]string) map[string]string {
 	env := map[string]string{
 		"ALGO_URL":   algo.URL,
 		"ADMIN_URL":  backend.URL,

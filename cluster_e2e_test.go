@@ -4,7 +4,6 @@ package main
 // instances, and through failovers.
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -50,47 +49,8 @@ func TestClusterHelper(t *testing.T) {
 	}
 }
 
-// chatVoiceAlgo is an algorithm service for chat and voice: a chat message "hold" streams until
-// the request ends, any other is answered at once; voice sessions are accepted and read until
-// they close.
-func chatVoiceAlgo(t *testing.T) *fakeBackend {
-	t.Helper()
-	testDone := t.Context()
-	return newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/query":
-			var body struct {
-				Messages []struct {
-					Content string `json:"content"`
-				} `json:"messages"`
-			}
-			raw, _ := io.ReadAll(r.Body)
-			_ = json.Unmarshal(raw, &body)
-			if len(body.Messages) > 0 && body.Messages[0].Content == "hold" {
-				startNDJSON(w)
-				<-r.Context().Done()
-				return
-			}
-			ndjson(w, `{"type":"generation_chunk","content":"hi"}`, `{"type":"generation_done"}`)
-		case "/voice/stream":
-			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
-			if err != nil {
-				return
-			}
-			defer c.CloseNow()
-			for {
-				if _, _, err := c.Read(testDone); err != nil {
-					return
-				}
-			}
-		default:
-			http.NotFound(w, r)
-		}
-	})
-}
-
 // clusterPair is two gateways, "a" and "b", on the cluster.
-func clusterPair(t *testing.T, c *testCluster, algo, backend *fakeBackend, more map[string]string) (a, b *testGateway) {
+func clusterPair(t *testing.T, c *testCluster, algo *fakeAlgo, backend *fakeBackend, more map[string]string) (a, b *testGateway) {
 	t.Helper()
 	env := with(map[string]string{"ALGO_URL": algo.URL, "ADMIN_URL": backend.URL, "DOCS_URL": backend.URL,
 		"REDIS_URL": c.URL(), "JWT_SECRET": testSecret}, more)
@@ -129,7 +89,7 @@ func TestClusterSharedFeatures(t *testing.T) {
 		io.WriteString(w, `{"status":"active"}`)
 	})
 	backend := okBackend(t)
-	a, b := clusterPair(t, c, chatVoiceAlgo(t), backend, with(roomyBudgets, map[string]string{
+	a, b := clusterPair(t, c, holdAlgo(t, nil), backend, with(roomyBudgets, map[string]string{
 		"POLICY_FILE": "testdata/policy/e2e-cluster.json", "USER_SERVICE_URL": users.URL}))
 	w := watchTokens(t, a, b)
 	const doc = "/api/v2/documents/x"
@@ -348,7 +308,7 @@ func TestClusterScriptsOneSlot(t *testing.T) {
 func TestClusterResume(t *testing.T) {
 	c := startCluster(t)
 	algo := newResumeAlgo(t)
-	a, b := clusterPair(t, c, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{"SSE_RESUME_WINDOW": "5s"}))
+	a, b := clusterPair(t, c, algo.fakeAlgo, okBackend(t), with(roomyBudgets, map[string]string{"SSE_RESUME_WINDOW": "5s"}))
 	tenants := []string{"acme", "globex", "initech"}
 	if keySlot("{acme}") == keySlot("{globex}") || keySlot("{globex}") == keySlot("{initech}") {
 		t.Fatal("the tenants' tags share a slot; pick others")

@@ -114,7 +114,7 @@ func TestClusterFailover(t *testing.T) {
 			c := startCluster(t)
 			t.Cleanup(func() { c.heal(t) })
 			backend := okBackend(t)
-			algo := chatVoiceAlgo(t)
+			algo := holdAlgo(t, nil)
 			a, b := clusterPair(t, c, algo, backend, map[string]string{
 				"AUTH_BUDGET": authBudget.String(), "LIMIT_BUDGET": limitBudget.String()})
 			w := watchTokens(t, a, b)
@@ -372,7 +372,7 @@ func TestClusterRevocationSurvivesKill(t *testing.T) {
 	c := startCluster(t)
 	t.Cleanup(func() { c.heal(t) })
 	backend := okBackend(t)
-	a, b := clusterPair(t, c, chatVoiceAlgo(t), backend, nil)
+	a, b := clusterPair(t, c, holdAlgo(t, nil), backend, nil)
 	w := watchTokens(t, a, b)
 	const doc = "/api/v2/documents/x"
 	master, replica := c.masterOf(t, 0)
@@ -534,7 +534,7 @@ func tenantIn(n int, seed string) string {
 func TestClusterReshard(t *testing.T) {
 	c := startCluster(t)
 	t.Cleanup(func() { c.heal(t) })
-	a, b := clusterPair(t, c, chatVoiceAlgo(t), okBackend(t), nil)
+	a, b := clusterPair(t, c, holdAlgo(t, nil), okBackend(t), nil)
 	w := watchTokens(t, a, b)
 	const moved = 16
 	// Users and token IDs of this run only, so no earlier run's quota or revocation applies.

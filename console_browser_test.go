@@ -606,7 +606,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		// start; the console reconnects, and the second session stays open.
 		var sessions atomic.Int64
 		testDone := t.Context()
-		algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		algo := newAlgo(t, algoOptions{Voice: func(w http.ResponseWriter, r *http.Request) {
 			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
 			if err != nil {
 				return
@@ -623,7 +623,7 @@ func TestConsoleInBrowser(t *testing.T) {
 					return
 				}
 			}
-		})
+		}})
 		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
 		tok := w.token(t, "u-console-reconnect", []string{"user"}, nil)
 		p := b.open(t, gr.URL+"/console#token="+tok)
@@ -655,33 +655,24 @@ func TestConsoleInBrowser(t *testing.T) {
 		var mu sync.Mutex
 		var pcm []byte
 		rates := map[float64]bool{}
-		testDone := t.Context()
-		algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
-			if err != nil {
-				return
-			}
-			defer c.CloseNow()
-			for {
-				_, msg, err := c.Read(testDone)
-				if err != nil {
-					return
-				}
+		algo := newAlgo(t, algoOptions{Replier: func() voiceReplier {
+			return func(_ websocket.MessageType, msg []byte) []voiceFrame {
 				var m struct {
 					Type       string  `json:"type"`
 					Audio      string  `json:"audio_chunk"`
 					SampleRate float64 `json:"sample_rate"`
 				}
 				if json.Unmarshal(msg, &m) != nil || m.Type != "audio_chunk" {
-					continue
+					return nil
 				}
 				b, _ := base64.StdEncoding.DecodeString(m.Audio)
 				mu.Lock()
 				pcm = append(pcm, b...)
 				rates[m.SampleRate] = true
 				mu.Unlock()
+				return nil
 			}
-		})
+		}})
 		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
 		p := b.open(t, gr.URL+"/console#token="+w.token(t, "u-console-tone", []string{"user"}, nil))
 		p.click("#mic")

@@ -52,7 +52,7 @@ func cancelUserStream(t *testing.T, g *testGateway, token, user, id string, head
 
 func TestControlAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := chatVoiceAlgo(t)
+	algo := holdAlgo(t, nil)
 	env := redisEnv(r, algo, okBackend(t), roomyBudgets)
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
@@ -220,7 +220,7 @@ func TestControlAcrossInstances(t *testing.T) {
 // 4401). The admin of tenant-a cannot revoke in tenant-b; a super admin can.
 func TestControlRevocationStaysInTenant(t *testing.T) {
 	r := startRedis(t)
-	env := redisEnv(r, chatVoiceAlgo(t), okBackend(t), roomyBudgets)
+	env := redisEnv(r, holdAlgo(t, nil), okBackend(t), roomyBudgets)
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -321,7 +321,7 @@ func TestControlRevocationStaysInTenant(t *testing.T) {
 // its sibling.
 func TestControlInstancesOnOneHost(t *testing.T) {
 	r := startRedis(t)
-	env := map[string]string{"ALGO_URL": chatVoiceAlgo(t).URL, "REDIS_URL": r.URL(), "JWT_SECRET": testSecret}
+	env := map[string]string{"ALGO_URL": holdAlgo(t, nil).URL, "REDIS_URL": r.URL(), "JWT_SECRET": testSecret}
 	one := startChildGateway(t, env)
 	two := startChildGateway(t, env)
 	user := tokenFor(t, "u-host", []string{"user"}, nil)

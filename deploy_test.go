@@ -248,7 +248,7 @@ type exportedSeries struct {
 // every metric has a series, and returns its /metrics parsed.
 func scrapeBusyGateway(t *testing.T) exportedSeries {
 	t.Helper()
-	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) })
+	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) }})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "REDIS_URL": startRedis(t).URL()})
 	readEvents(t, wantStream(t, postChat(t, g, `{"message":"hi"}`, nil)))
 	wantStatus(t, call(t, g, "GET", "/api/v2/voice/sessions", "", ""), http.StatusUnauthorized)
@@ -815,27 +815,20 @@ func composeGatewayEnv(t *testing.T) map[string]string {
 func TestDeployNginxChatAndVoice(t *testing.T) {
 	requireTool(t, "nginx", "/usr/sbin/nginx", "nginx")
 	gate := make(chan struct{})
-	algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/query":
-			startNDJSON(w)
-			rc := http.NewResponseController(w)
-			for _, l := range []string{`{"type":"generation_start"}`, `{"type":"generation_chunk","content":"Hel"}`, `{"type":"generation_chunk","content":"lo"}`} {
-				_, _ = fmt.Fprintln(w, l)
-				_ = rc.Flush()
-				select { // the next line only once the client has this one
-				case <-gate:
-				case <-r.Context().Done():
-					return
-				}
+	algo := newAlgo(t, algoOptions{Voice: demoVoice, Query: func(w http.ResponseWriter, r *http.Request) {
+		startNDJSON(w)
+		rc := http.NewResponseController(w)
+		for _, l := range []string{`{"type":"generation_start"}`, `{"type":"generation_chunk","content":"Hel"}`, `{"type":"generation_chunk","content":"lo"}`} {
+			_, _ = fmt.Fprintln(w, l)
+			_ = rc.Flush()
+			select { // the next line only once the client has this one
+			case <-gate:
+			case <-r.Context().Done():
+				return
 			}
-			_, _ = fmt.Fprintln(w, `{"type":"generation_done"}`)
-		case "/voice/stream":
-			demoVoice(w, r)
-		default:
-			http.NotFound(w, r)
 		}
-	})
+		_, _ = fmt.Fprintln(w, `{"type":"generation_done"}`)
+	}})
 
 	env := composeGatewayEnv(t)
 	env["ALGO_URL"] = algo.URL

@@ -16,12 +16,15 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/coder/websocket"
 )
 
 // ---- the gateway under test ----------------------------------------------------------------
@@ -212,22 +215,138 @@ type fakeBackend struct {
 	reqs []recordedRequest
 }
 
-// newFakeAlgo starts a fake algorithm service: POST /query is answered by query, whose
-// request body has already been read (and recorded); anything else is a 404.
-func newFakeAlgo(t *testing.T, query http.HandlerFunc) *fakeBackend {
+// voiceSubprotocol is the subprotocol of voice sessions, to the gateway and to the algorithm
+// service.
+const voiceSubprotocol = "voice-protocol-v2"
+
+// fakeAlgo is the fake algorithm service. POST /query is answered by its Query handler, whose
+// request body has already been read (and recorded). GET /voice/stream accepts voice sessions
+// that read until the gateway closes them or the test ends, keeping the text messages and
+// answering each message as its Replier says. Every request is recorded (fakeBackend).
+type fakeAlgo struct {
+	*fakeBackend
+	voiceOpen  atomic.Int64  // voice sessions open now
+	voiceEnded chan struct{} // one send per voice session that ended, the first 64 kept unread
+
+	mu        sync.Mutex
+	voiceText []string // the text messages voice sessions received
+}
+
+// algoOptions configures a fakeAlgo. The zero value answers /query 404 and reads voice sessions
+// without answering.
+type algoOptions struct {
+	// Query answers POST /query; nil answers 404.
+	Query http.HandlerFunc
+	// Replier makes, for each voice session, what answers the messages it receives; nil
+	// answers nothing.
+	Replier func() voiceReplier
+	// Voice, when set, serves GET /voice/stream instead of the sessions above: it accepts,
+	// reads and counts on its own.
+	Voice http.HandlerFunc
+}
+
+// voiceReplier answers one message of a voice session with the frames to send back.
+type voiceReplier func(typ websocket.MessageType, msg []byte) []voiceFrame
+
+// voiceFrame is one message the fake algorithm service sends on a voice session: Text, or else a
+// binary frame of Audio bytes of silence.
+type voiceFrame struct {
+	Text  string
+	Audio int
+}
+
+// newAlgo starts the fake algorithm service; it is closed at cleanup.
+func newAlgo(t testing.TB, o algoOptions) *fakeAlgo {
 	t.Helper()
-	return newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodPost || r.URL.Path != "/query" {
+	a := &fakeAlgo{voiceEnded: make(chan struct{}, 64)}
+	testDone := t.Context()
+	a.fakeBackend = newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.Method == http.MethodPost && r.URL.Path == "/query" && o.Query != nil:
+			o.Query(w, r)
+		case r.URL.Path == "/voice/stream" && o.Voice != nil:
+			o.Voice(w, r)
+		case r.URL.Path == "/voice/stream":
+			var reply voiceReplier
+			if o.Replier != nil {
+				reply = o.Replier()
+			}
+			a.session(testDone, w, r, reply)
+		default:
 			http.NotFound(w, r)
+		}
+	})
+	return a
+}
+
+// newFakeAlgo is the fake algorithm service with query answering POST /query.
+func newFakeAlgo(t testing.TB, query http.HandlerFunc) *fakeAlgo {
+	t.Helper()
+	return newAlgo(t, algoOptions{Query: query})
+}
+
+// session is one voice session of the fake algorithm service.
+func (a *fakeAlgo) session(testDone context.Context, w http.ResponseWriter, r *http.Request, reply voiceReplier) {
+	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
+	if err != nil {
+		return
+	}
+	a.voiceOpen.Add(1)
+	defer func() {
+		c.CloseNow()
+		a.voiceOpen.Add(-1)
+		select {
+		case a.voiceEnded <- struct{}{}:
+		default:
+		}
+	}()
+	c.SetReadLimit(1 << 20)
+	for {
+		typ, msg, err := c.Read(testDone)
+		if err != nil {
 			return
 		}
-		query(w, r)
-	})
+		if typ == websocket.MessageText {
+			a.mu.Lock()
+			a.voiceText = append(a.voiceText, string(msg))
+			a.mu.Unlock()
+		}
+		if reply == nil {
+			continue
+		}
+		for _, f := range reply(typ, msg) {
+			typ, out := websocket.MessageText, []byte(f.Text)
+			if f.Text == "" {
+				typ, out = websocket.MessageBinary, make([]byte, f.Audio)
+			}
+			if err := c.Write(testDone, typ, out); err != nil {
+				return
+			}
+		}
+	}
+}
+
+// textReceived returns the text messages voice sessions received so far.
+func (a *fakeAlgo) textReceived() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.voiceText)
+}
+
+// dials returns the upgrade requests the gateway sent to /voice/stream.
+func (a *fakeAlgo) dials() []recordedRequest {
+	var out []recordedRequest
+	for _, r := range a.requests() {
+		if r.Path == "/voice/stream" {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 // newFakeBackend starts a recording back end; it is closed at cleanup (after a gateway started
 // later in the test has stopped).
-func newFakeBackend(t *testing.T, h http.HandlerFunc) *fakeBackend {
+func newFakeBackend(t testing.TB, h http.HandlerFunc) *fakeBackend {
 	t.Helper()
 	f := &fakeBackend{}
 	f.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -82,7 +82,7 @@ func TestChatRefusesIDAttacks(t *testing.T) {
 }
 
 func TestVoiceRefusesIDAttacks(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
 	tok := tokenFor(t, "u-voice-ids", []string{"user"}, nil)
 	for _, a := range idAttacks(t) {

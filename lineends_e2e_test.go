@@ -14,7 +14,7 @@ import (
 // reaches; a raw U+2028 or U+2029 in it arrives escaped, as in every JSON the gateway writes,
 // so a client that reads messages as lines (or logs them) sees one line.
 func TestVoiceNoticeEscapesLineEnds(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
 	v := openVoice(t, g, "", bearer(tokenFor(t, "u-notice", []string{"user"}, nil)))
 	admin := tokenFor(t, "u-notice-admin", []string{"admin"}, nil)

@@ -41,131 +41,6 @@ import (
 
 // ---- helpers -------------------------------------------------------------------------------
 
-// opsAlgo is a fake algorithm service that answers POST /query with query and accepts voice
-// sessions on /voice/stream, which read until the gateway closes them (or the test ends),
-// answering a stop with an asr_partial and a TTS audio frame.
-type opsAlgo struct {
-	*fakeBackend
-	voiceOpen   atomic.Int64  // upstream voice connections open now
-	voiceClosed chan struct{} // one send per upstream voice connection that ended
-}
-
-func newOpsAlgo(t *testing.T, query http.HandlerFunc) *opsAlgo {
-	t.Helper()
-	a := &opsAlgo{voiceClosed: make(chan struct{}, 16)}
-	testDone := t.Context()
-	a.fakeBackend = newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		switch {
-		case r.Method == http.MethodPost && r.URL.Path == "/query":
-			query(w, r)
-		case r.URL.Path == "/voice/stream":
-			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"voice-protocol-v2"}})
-			if err != nil {
-				return
-			}
-			a.voiceOpen.Add(1)
-			defer func() {
-				c.CloseNow()
-				a.voiceOpen.Add(-1)
-				a.voiceClosed <- struct{}{}
-			}()
-			for {
-				_, msg, err := c.Read(testDone)
-				if err != nil {
-					return
-				}
-				if bytes.Contains(msg, []byte(`"type":"stop"`)) {
-					_ = c.Write(testDone, websocket.MessageText, []byte(`{"type":"asr_partial","text":"hi"}`))
-					_ = c.Write(testDone, websocket.MessageBinary, make([]byte, 640))
-				}
-			}
-		default:
-			http.NotFound(w, r)
-		}
-	})
-	return a
-}
-
-// turn ends an utterance on v (after audio) and waits for the TTS audio that answers it, so
-// that the latency histograms have a sample.
-func (v *opsVoice) turn(t *testing.T) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	if err := v.conn.Write(ctx, websocket.MessageText, []byte(`{"type":"stop"}`)); err != nil {
-		t.Fatal(err)
-	}
-	for {
-		typ, _, err := v.conn.Read(ctx)
-		if err != nil {
-			t.Fatalf("waiting for the TTS audio: %v", err)
-		}
-		if typ == websocket.MessageBinary {
-			return
-		}
-	}
-}
-
-// opsVoice is a client voice session through the gateway.
-type opsVoice struct {
-	conn *websocket.Conn
-	init map[string]any // the session_initialized message
-}
-
-// dialVoice opens a voice session on g as a "user" with the token in the Authorization header
-// and reads its session_initialized message; the connection is closed at cleanup at the latest.
-func dialVoice(t *testing.T, g *testGateway, header http.Header) *opsVoice {
-	t.Helper()
-	tr := &http.Transport{}
-	t.Cleanup(tr.CloseIdleConnections)
-	h := http.Header{"Authorization": {"Bearer " + tokenFor(t, "u-voice", []string{"user"}, nil)}}
-	maps.Copy(h, header)
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	conn, res, err := websocket.Dial(ctx, "ws://"+g.Addr+"/api/v2/voice/stream?conversation_id=c-1", &websocket.DialOptions{
-		HTTPClient:   &http.Client{Transport: tr},
-		HTTPHeader:   h,
-		Subprotocols: []string{"voice-protocol-v2"},
-	})
-	if err != nil {
-		status := 0
-		if res != nil {
-			status = res.StatusCode
-		}
-		t.Fatalf("voice dial: %v (status %d)", err, status)
-	}
-	t.Cleanup(func() { conn.CloseNow() })
-	if p := conn.Subprotocol(); p != "voice-protocol-v2" {
-		t.Fatalf("subprotocol = %q, want voice-protocol-v2", p)
-	}
-	v := &opsVoice{conn: conn}
-	_, msg, err := conn.Read(ctx)
-	if err != nil {
-		t.Fatalf("reading session_initialized: %v", err)
-	}
-	if err := json.Unmarshal(msg, &v.init); err != nil || v.init["type"] != "session_initialized" {
-		t.Fatalf("first message = %s, want session_initialized", msg)
-	}
-	return v
-}
-
-// readAll reads messages until the connection ends and returns the text messages (decoded) and
-// the close status.
-func (v *opsVoice) readAll(ctx context.Context) ([]map[string]any, websocket.StatusCode, error) {
-	var msgs []map[string]any
-	for {
-		typ, msg, err := v.conn.Read(ctx)
-		if err != nil {
-			return msgs, websocket.CloseStatus(err), err
-		}
-		if typ == websocket.MessageText {
-			var m map[string]any
-			_ = json.Unmarshal(msg, &m)
-			msgs = append(msgs, m)
-		}
-	}
-}
-
 // waitNoVoice waits until g lists no live voice session, so that stopping g does not wait for
 // one still tearing down.
 func waitNoVoice(t *testing.T, g *testGateway) {
@@ -384,10 +259,10 @@ func (c *fakeCollector) received() ([]*tracepb.Span, []string) {
 // session an error SERVER_SHUTDOWN and close 1012 (its upstream connection closed too); run
 // returns nil within the grace plus 1 s.
 func TestOpsShutdownDrains(t *testing.T) {
-	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) {
+	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, r *http.Request) {
 		startNDJSON(w)
 		<-r.Context().Done() // silent until the gateway lets go
-	})
+	}})
 	const grace, drain = 2 * time.Second, 500 * time.Millisecond
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "SHUTDOWN_GRACE": "2s", "DRAIN_DELAY": "500ms"})
 
@@ -530,7 +405,7 @@ func TestOpsShutdownDrains(t *testing.T) {
 		t.Errorf("run returned %v, want nil (exit 0)", g.runErr)
 	}
 	select {
-	case <-algo.voiceClosed:
+	case <-algo.voiceEnded:
 	case <-time.After(time.Second):
 		t.Error("the upstream voice connection is still open after run returned")
 	}
@@ -540,7 +415,7 @@ func TestOpsShutdownDrains(t *testing.T) {
 // client soon after does not hold the process until the grace period is nearly over: run
 // returns once nothing is left open, as it does for chat streams.
 func TestOpsShutdownVoiceEndsEarly(t *testing.T) {
-	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) { ndjson(w, `{"type":"done"}`) })
+	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, r *http.Request) { ndjson(w, `{"type":"done"}`) }})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "SHUTDOWN_GRACE": "4s", "DRAIN_DELAY": "0s"})
 	v := dialVoice(t, g, nil)
 	g.cancel()
@@ -735,9 +610,9 @@ func TestOpsMetrics(t *testing.T) {
 		t.Errorf("README.md's metrics table = %v, want %v", got, wantMetrics)
 	}
 
-	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) {
+	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, r *http.Request) {
 		ndjson(w, append([]string{`{"type":"made_up_type"}`}, happyLines...)...)
-	})
+	}})
 	backend := okBackend(t)
 	pol := e2ePolicy(t)
 	pol.Limits.Classes = map[string]policy.Rate{"documents": {Requests: 1, Per: policy.Duration(time.Hour), Burst: 1}}
@@ -954,7 +829,7 @@ func TestOpsMetricsProcess(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) })
+	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) }})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
 	fams := scrape(t, g.URL+"/metrics")
 	for _, name := range processMetrics {
@@ -1044,7 +919,7 @@ func TestOpsMetricsDependencies(t *testing.T) {
 	r := startRedis(t)
 	release := make(chan struct{})
 	const setUp = 50 * time.Millisecond
-	algo := newOpsAlgo(t, func(w http.ResponseWriter, req *http.Request) {
+	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, req *http.Request) {
 		// A slow set-up, then a stream that stays open until the test has looked.
 		if !sleepCtx(req.Context(), setUp) {
 			return
@@ -1056,13 +931,13 @@ func TestOpsMetricsDependencies(t *testing.T) {
 			return
 		}
 		ndjson(w, happyLines[1:]...)
-	})
+	}})
 	users := newFakeBackend(t, func(w http.ResponseWriter, req *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		io.WriteString(w, `{"status":"active"}`)
 	})
 	backend := okBackend(t)
-	g := startRun(t, nil, redisEnv(r, algo.fakeBackend, backend, map[string]string{"USER_SERVICE_URL": users.URL}))
+	g := startRun(t, nil, redisEnv(r, algo, backend, map[string]string{"USER_SERVICE_URL": users.URL}))
 	tok := tokenFor(t, "u-deps", []string{"admin"}, nil)
 	wantStatus(t, call(t, g, "GET", "/api/v2/admin/users", tok, ""), http.StatusOK)
 	wantStatus(t, call(t, g, "GET", "/api/v2/documents/d-1", tok, ""), http.StatusOK)
@@ -1145,7 +1020,7 @@ func TestOpsMetricsDependencies(t *testing.T) {
 // and the request's log line carries the trace_id. The voice dial carries the trace too.
 func TestOpsTracing(t *testing.T) {
 	collector := newFakeCollector(t, true)
-	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) })
+	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) }})
 	g := startRun(t, nil, map[string]string{
 		"ALGO_URL":                    algo.URL,
 		"OTEL_EXPORTER_OTLP_ENDPOINT": collector.URL,

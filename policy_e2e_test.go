@@ -266,10 +266,11 @@ func withoutDocumentRead(f *policy.File) *policy.File {
 	return f
 }
 
-// holdAlgo is an algorithm service whose answer depends on the chat message: "hold" answers
-// 200 and stays silent until release is closed (then ends normally), "hold-forever" stays
-// silent until the gateway goes away, anything else ends at once.
-func holdAlgo(t *testing.T, release <-chan struct{}) *fakeBackend {
+// holdAlgo is the fake algorithm service whose chat answer depends on the message: "hold"
+// answers 200 and stays silent until release is closed (then ends normally; a nil release is
+// never closed), "hold-forever" stays silent until the gateway goes away, anything else ends
+// at once. Voice sessions are accepted and read until they close.
+func holdAlgo(t *testing.T, release <-chan struct{}) *fakeAlgo {
 	return newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
 		var body struct {
 			Messages []struct {
@@ -1137,7 +1138,7 @@ func BenchmarkRateLimitRedis(b *testing.B) {
 // INTERNAL_ERROR, logged with its cause, and the algorithm service is never asked — instead of
 // serving an anonymous caller ungoverned.
 func TestPolicyAdmissionFailsClosed(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL,
 		"AUTH_PUBLIC_PATHS": "/api/v2/chat/stream,/api/v2/voice/stream"})
 	res := call(t, g, "POST", "/api/v2/chat/stream", "", `{"message":"hi"}`)

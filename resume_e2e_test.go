@@ -25,7 +25,7 @@ import (
 // rest once release is closed (or at once, for a message other than "gated"). It counts the
 // requests it got and reports each one whose client went away before the answer was over.
 type resumeAlgo struct {
-	*fakeBackend
+	*fakeAlgo
 	calls     atomic.Int64
 	release   chan struct{}
 	cancelled chan struct{}
@@ -35,7 +35,7 @@ const resumeLines = 30
 
 func newResumeAlgo(t *testing.T) *resumeAlgo {
 	a := &resumeAlgo{release: make(chan struct{}), cancelled: make(chan struct{}, 16)}
-	a.fakeBackend = newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
+	a.fakeAlgo = newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
 		a.calls.Add(1)
 		body, _ := io.ReadAll(r.Body)
 		gated := strings.Contains(string(body), `"gated"`)
@@ -107,7 +107,7 @@ func readN(t *testing.T, s *sseReader, n int) {
 func TestResumeAcrossInstances(t *testing.T) {
 	r := startRedis(t)
 	algo := newResumeAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+	env := redisEnv(r, algo.fakeAlgo, okBackend(t), with(roomyBudgets, map[string]string{
 		"SSE_RESUME_WINDOW": "2s", "LOG_LEVEL": "debug"}))
 	a := startRun(t, nil, env)
 	b := startRun(t, nil, env)
@@ -218,7 +218,7 @@ func TestResumeAcrossInstances(t *testing.T) {
 func TestResumeAfterDrainAndDeath(t *testing.T) {
 	r := startRedis(t)
 	algo := newResumeAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+	env := redisEnv(r, algo.fakeAlgo, okBackend(t), with(roomyBudgets, map[string]string{
 		"SSE_RESUME_WINDOW": "5s", "SHUTDOWN_GRACE": "10s", "LOG_LEVEL": "debug"}))
 	b := startRun(t, nil, env)
 	w := watchTokens(t, b)
@@ -340,7 +340,7 @@ func sameEvents(t *testing.T, what string, got, want []sseEvent) {
 func TestResumeFindsOnlyTheOwnersStream(t *testing.T) {
 	r := startRedis(t)
 	algo := newResumeAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{"SSE_RESUME_WINDOW": "2s"}))
+	env := redisEnv(r, algo.fakeAlgo, okBackend(t), with(roomyBudgets, map[string]string{"SSE_RESUME_WINDOW": "2s"}))
 	a := startRun(t, nil, env)
 	b := startRun(t, nil, env)
 	w := watchTokens(t, a, b)
@@ -415,7 +415,7 @@ func TestChatRepeatServedFromLog(t *testing.T) {
 			var r *testRedis
 			if shared {
 				r = startRedis(t)
-				env = redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, env))
+				env = redisEnv(r, algo.fakeAlgo, okBackend(t), with(roomyBudgets, env))
 			}
 			a := startRun(t, nil, env)
 			b := a
@@ -483,7 +483,7 @@ func TestResumeTakesAChatSlot(t *testing.T) {
 	algo := newResumeAlgo(t)
 	defer close(algo.release)
 	pol := resumePolicy(t, policy.Rate{Requests: 1000, Per: policy.Duration(time.Minute), Burst: 100}, 2, 100)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+	env := redisEnv(r, algo.fakeAlgo, okBackend(t), with(roomyBudgets, map[string]string{
 		"SSE_RESUME_WINDOW": "5s", "POLICY_FILE": pol}))
 	a := startRun(t, nil, with(env, map[string]string{"SSE_MAX_RESUMES": "1"}))
 	b := startRun(t, nil, env)

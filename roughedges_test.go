@@ -185,7 +185,7 @@ func TestEdge05ShutdownSaysWhatItWaitsFor(t *testing.T) {
 // 6. A refused preflight and a refused WebSocket origin are logged with the path and the
 // origin (and, for the preflight, why).
 func TestEdge06RefusedOriginsLogged(t *testing.T) {
-	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) { ndjson(w, `{"type":"done"}`) })
+	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, r *http.Request) { ndjson(w, `{"type":"done"}`) }})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CORS_ORIGINS": "https://app.example"})
 	res := callWith(t, g, "OPTIONS", "/api/v2/chat/stream", "", "", map[string]string{
 		"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})

@@ -11,6 +11,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -18,7 +19,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -28,61 +28,6 @@ import (
 )
 
 // ---- helpers -------------------------------------------------------------------------------
-
-const voiceSubprotocol = "voice-protocol-v2"
-
-// voiceAlgo is a fake algorithm service whose /voice/stream accepts voice sessions. Every dial
-// is recorded (fakeBackend); each session reads, keeping the text messages, until the gateway
-// closes it or the test ends.
-type voiceAlgo struct {
-	*fakeBackend
-	open atomic.Int64 // upstream sessions open now
-
-	mu  sync.Mutex
-	got []string // text messages received
-}
-
-func newVoiceAlgo(t *testing.T) *voiceAlgo {
-	t.Helper()
-	a := &voiceAlgo{}
-	testDone := t.Context()
-	a.fakeBackend = newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/voice/stream" {
-			http.NotFound(w, r)
-			return
-		}
-		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
-		if err != nil {
-			return
-		}
-		a.open.Add(1)
-		defer a.open.Add(-1)
-		defer c.CloseNow()
-		for {
-			typ, msg, err := c.Read(testDone)
-			if err != nil {
-				return
-			}
-			if typ == websocket.MessageText {
-				a.mu.Lock()
-				a.got = append(a.got, string(msg))
-				a.mu.Unlock()
-			}
-		}
-	})
-	return a
-}
-
-// dials returns the upgrade requests the gateway sent to /voice/stream.
-func (a *voiceAlgo) dials() []recordedRequest {
-	var out []recordedRequest
-	for _, r := range a.requests() {
-		if r.Path == "/voice/stream" {
-			out = append(out, r)
-		}
-	}
-	return out
-}
 
 // bearer is a header carrying token the usual way.
 func bearer(token string) http.Header { return http.Header{"Authorization": {"Bearer " + token}} }
@@ -170,6 +115,68 @@ func openVoice(t *testing.T, g *testGateway, query string, header http.Header, p
 		t.Fatalf("session_initialized without a session_id: %s", msg)
 	}
 	return v
+}
+
+// dialVoice opens a voice session on g as user u-voice, with the token in the Authorization
+// header (unless header sets its own) and conversation c-1, and fails the test unless the
+// session speaks voice-protocol-v2.
+func dialVoice(t *testing.T, g *testGateway, header http.Header) *voiceClient {
+	t.Helper()
+	h := bearer(tokenFor(t, "u-voice", []string{"user"}, nil))
+	maps.Copy(h, header)
+	v := openVoice(t, g, "?conversation_id=c-1", h)
+	if p := v.conn.Subprotocol(); p != voiceSubprotocol {
+		t.Fatalf("subprotocol = %q, want %s", p, voiceSubprotocol)
+	}
+	return v
+}
+
+// answerStop is a voiceReplier maker for the fake algorithm service: the end of an utterance
+// (stop) is answered with an asr_partial and 20 ms of TTS audio.
+func answerStop() voiceReplier {
+	return func(_ websocket.MessageType, msg []byte) []voiceFrame {
+		if bytes.Contains(msg, []byte(`"type":"stop"`)) {
+			return []voiceFrame{{Text: `{"type":"asr_partial","text":"hi"}`}, {Audio: 640}}
+		}
+		return nil
+	}
+}
+
+// turn ends an utterance on v (after audio) and waits for the TTS audio that answers it, so
+// that the latency histograms have a sample.
+func (v *voiceClient) turn(t *testing.T) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := v.conn.Write(ctx, websocket.MessageText, []byte(`{"type":"stop"}`)); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		typ, _, err := v.conn.Read(ctx)
+		if err != nil {
+			t.Fatalf("waiting for the TTS audio: %v", err)
+		}
+		if typ == websocket.MessageBinary {
+			return
+		}
+	}
+}
+
+// readAll reads messages until the connection ends and returns the text messages (decoded) and
+// the close status.
+func (v *voiceClient) readAll(ctx context.Context) ([]map[string]any, websocket.StatusCode, error) {
+	var msgs []map[string]any
+	for {
+		typ, msg, err := v.conn.Read(ctx)
+		if err != nil {
+			return msgs, websocket.CloseStatus(err), err
+		}
+		if typ == websocket.MessageText {
+			var m map[string]any
+			_ = json.Unmarshal(msg, &m)
+			msgs = append(msgs, m)
+		}
+	}
 }
 
 // voiceEnding is how a session ended for its client.
@@ -272,7 +279,7 @@ func (l voiceListing) hasSession(id string) bool {
 // instead of a 101, and the algorithm service is never dialed. A last, valid request shows that
 // it would have been.
 func TestVoiceRefusedBeforeUpgrade(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CORS_ORIGINS": "https://app.example.com"})
 	w := watchTokens(t, g)
 	user := w.token(t, "u-voice", []string{"user"}, nil)
@@ -335,7 +342,7 @@ func TestVoiceRefusedBeforeUpgrade(t *testing.T) {
 // voice-protocol-v2 (the token is never echoed), and the algorithm service gets the caller's
 // identity headers and the request ID, never the token.
 func TestVoiceBrowserAuth(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CORS_ORIGINS": "https://app.example.com"})
 	w := watchTokens(t, g)
 	tok := w.token(t, "u-browser", []string{"user"}, map[string]any{"tenant_id": "tenant-b", "session_id": "login-7"})
@@ -406,12 +413,12 @@ func TestVoiceBrowserAuth(t *testing.T) {
 		t.Errorf("the dial's query %q, want session_id %s, conversation_id c-browser, language en-US", d.RawQuery, v.id)
 	}
 
-	eventually(t, 2*time.Second, "the upstream session is open", func() bool { return algo.open.Load() == 1 })
+	eventually(t, 2*time.Second, "the upstream session is open", func() bool { return algo.voiceOpen.Load() == 1 })
 	if err := v.conn.Close(websocket.StatusNormalClosure, "bye"); err != nil {
 		t.Errorf("closing the session: %v", err)
 	}
 	eventually(t, 2*time.Second, "the upstream session closed after the client closed", func() bool {
-		return algo.open.Load() == 0
+		return algo.voiceOpen.Load() == 0
 	})
 }
 
@@ -422,8 +429,8 @@ func TestVoiceBrowserAuth(t *testing.T) {
 // with its token, and its upstream connection is closed too.
 func TestVoiceRevokedAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), roomyBudgets)
+	algo := newAlgo(t, algoOptions{})
+	env := redisEnv(r, algo, okBackend(t), roomyBudgets)
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -455,13 +462,13 @@ func TestVoiceRevokedAcrossInstances(t *testing.T) {
 	if took > time.Second {
 		t.Errorf("the session closed %v after A's 200, want within 1s", took)
 	}
-	eventually(t, 2*time.Second, "the upstream session closed", func() bool { return algo.open.Load() == 0 })
+	eventually(t, 2*time.Second, "the upstream session closed", func() bool { return algo.voiceOpen.Load() == 0 })
 }
 
 // TestVoiceTokenExpiresDuringSession: with JWT_LEEWAY=0s, a session whose token expires ~2 s
 // after it opened is closed with TOKEN_INVALID and 4401 within a second of exp, not before.
 func TestVoiceTokenExpiresDuringSession(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "JWT_LEEWAY": "0s"})
 	w := watchTokens(t, g)
 	exp := time.Now().Add(2 * time.Second).Unix() // whole seconds: between 1 and 2 s ahead
@@ -498,8 +505,8 @@ func TestVoiceTokenExpiresDuringSession(t *testing.T) {
 // closed session leaves both listings.
 func TestVoiceSessionsAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), roomyBudgets)
+	algo := newAlgo(t, algoOptions{})
+	env := redisEnv(r, algo, okBackend(t), roomyBudgets)
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -553,8 +560,8 @@ func TestVoiceSessionsAcrossInstances(t *testing.T) {
 // (429, no dial), lets another user through, and B admits the user once A's session is closed.
 func TestVoiceConcurrencyAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+	algo := newAlgo(t, algoOptions{})
+	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
 		"POLICY_FILE": "testdata/policy/e2e-voice-cap.json"}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
@@ -721,7 +728,7 @@ func TestVoiceDemoSession(t *testing.T) {
 func TestVoiceClientThatNeverReads(t *testing.T) {
 	r := startRedis(t)
 	testDone := t.Context()
-	algo := newFakeBackend(t, func(w http.ResponseWriter, req *http.Request) {
+	algo := newAlgo(t, algoOptions{Voice: func(w http.ResponseWriter, req *http.Request) {
 		c, err := websocket.Accept(w, req, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
 		if err != nil {
 			return
@@ -737,7 +744,7 @@ func TestVoiceClientThatNeverReads(t *testing.T) {
 		frame := make([]byte, 64<<10)
 		for c.Write(testDone, websocket.MessageBinary, frame) == nil {
 		}
-	})
+	}})
 	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
 		"POLICY_FILE": "testdata/policy/e2e-voice-cap.json", "VOICE_WRITE_TIMEOUT": "300ms"}))
 	g := startRun(t, nil, env)
@@ -766,7 +773,7 @@ func TestVoiceClientThatNeverReads(t *testing.T) {
 // first, which took ten times the write timeout.
 func TestVoicePingFloodNeverRead(t *testing.T) {
 	const writeTimeout = time.Second
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "VOICE_WRITE_TIMEOUT": writeTimeout.String()})
 	w := watchTokens(t, g)
 	tok := w.token(t, "u-pings", []string{"user"}, nil)
@@ -796,7 +803,7 @@ func TestVoicePingFloodNeverRead(t *testing.T) {
 	if err != nil || res.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("upgrade: %v %v", res, err)
 	}
-	eventually(t, 5*time.Second, "the session reaches the algorithm service", func() bool { return algo.open.Load() == 1 })
+	eventually(t, 5*time.Second, "the session reaches the algorithm service", func() bool { return algo.voiceOpen.Load() == 1 })
 
 	// 20 pings every 10 ms, each with 125 bytes of payload, masked with a zero key: each asks
 	// the gateway for a pong of 127 bytes.
@@ -821,7 +828,7 @@ func TestVoicePingFloodNeverRead(t *testing.T) {
 		}
 		flooding <- nil
 	}()
-	took := eventually(t, writeTimeout+10*time.Second, "the session ends", func() bool { return algo.open.Load() == 0 })
+	took := eventually(t, writeTimeout+10*time.Second, "the session ends", func() bool { return algo.voiceOpen.Load() == 0 })
 	_ = conn.Close()
 	t.Logf("the session ended %v into the flood (VOICE_WRITE_TIMEOUT %v), after %d pings; the client's writes: %v",
 		took, writeTimeout, sent.Load(), <-flooding)

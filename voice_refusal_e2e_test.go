@@ -74,7 +74,7 @@ func browserRefused(t *testing.T, g *testGateway, origin, token string) refusalM
 }
 
 func TestVoiceBrowserRefusals(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CORS_ORIGINS": "https://app.example.com",
 		"POLICY_FILE": "testdata/policy/e2e-voice-cap.json"})
 	w := watchTokens(t, g)
@@ -167,7 +167,7 @@ func TestVoiceBrowserRefusals(t *testing.T) {
 // TestVoiceBrowserRefusalClientStalls: a browser-style client that is refused and then never
 // reads nor answers the close loses its socket within the refusal's bounds.
 func TestVoiceBrowserRefusalClientStalls(t *testing.T) {
-	g := startRun(t, nil, map[string]string{"ALGO_URL": newVoiceAlgo(t).URL})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": newAlgo(t, algoOptions{}).URL})
 	c, err := net.DialTimeout("tcp", g.Addr, 2*time.Second)
 	if err != nil {
 		t.Fatal(err)
