@@ -7,7 +7,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/rand"
+	crand "crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -135,7 +135,7 @@ func (g *testGateway) stop() {
 // newRunID is a short random text that makes the names a test writes into a shared store its
 // own: the package's one Redis Cluster outlives each test, and keeps what a run wrote
 // (revocations, quotas, leases, kept streams) for the next run of the same test under -count.
-func newRunID() string { return strings.ToLower(rand.Text()[:8]) }
+func newRunID() string { return strings.ToLower(crand.Text()[:8]) }
 
 func describeResult(res *http.Response, err error) string {
 	if err != nil {

@@ -2,7 +2,7 @@ package main
 
 import (
 	"crypto/hmac"
-	"crypto/rand"
+	crand "crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
@@ -34,7 +34,7 @@ func signHS256(t testing.TB, secret string, claims map[string]any) string {
 func tokenFor(t testing.TB, user string, roles []string, extra map[string]any) string {
 	now := time.Now()
 	claims := map[string]any{
-		"sub": user, "jti": rand.Text(), "iat": now.Unix(), "exp": now.Add(time.Hour).Unix(),
+		"sub": user, "jti": crand.Text(), "iat": now.Unix(), "exp": now.Add(time.Hour).Unix(),
 		"username": user + "-name", "tenant_id": "tenant-a", "roles": roles,
 	}
 	for k, v := range extra {
