@@ -2,7 +2,8 @@ package main
 
 // Failovers of the test cluster under traffic: a master killed (SIGKILL) or frozen (SIGSTOP),
 // its replica promoted, the old master back as a replica; revocations acknowledged before a
-// kill survive it, and a revocation that no replica confirms is not acknowledged.
+// kill survive it, and a revocation that no replica confirms is not acknowledged; readiness,
+// unreachable nodes at start, and a reshard under traffic.
 
 import (
 	"context"
@@ -23,45 +24,6 @@ import (
 
 	"voicegate/policy"
 )
-
-// replicated waits until node replica has every write node master had when asked.
-func (c *testCluster) replicated(t *testing.T, master, replica int) {
-	t.Helper()
-	offset := func(i int, field string) int64 {
-		v, err := rawDo(c.nodes[i].Addr(), "INFO", "replication")
-		if err != nil {
-			t.Fatal(err)
-		}
-		text, _ := v.(string)
-		for line := range strings.SplitSeq(text, "\r\n") {
-			if rest, ok := strings.CutPrefix(line, field+":"); ok {
-				n, _ := strconv.ParseInt(rest, 10, 64)
-				return n
-			}
-		}
-		t.Fatalf("node %d: no %s in INFO replication", i, field)
-		return 0
-	}
-	want := offset(master, "master_repl_offset")
-	eventually(t, 5*time.Second, "the replica has the master's writes", func() bool {
-		return offset(replica, "slave_repl_offset") >= want
-	})
-}
-
-// slotsOf are the slot ranges of node i, as the cluster sees it now.
-func (c *testCluster) slotsOf(t *testing.T, i int) [][2]int {
-	t.Helper()
-	nodes, err := c.view()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, cn := range nodes {
-		if cn.port == c.nodes[i].port {
-			return cn.slots
-		}
-	}
-	return nil
-}
 
 func inSlots(slot int, ranges [][2]int) bool {
 	for _, r := range ranges {

@@ -111,20 +111,6 @@ func toneWAV(rate, freq int, d time.Duration) []byte {
 	return b
 }
 
-// toneLevel is the amplitude of the freq component of pcm (16-bit little-endian at rate), by
-// the Goertzel algorithm, relative to full scale.
-func toneLevel(pcm []byte, rate, freq int) float64 {
-	coeff := 2 * math.Cos(2*math.Pi*float64(freq)/float64(rate))
-	var s1, s2 float64
-	n := len(pcm) / 2
-	for i := range n {
-		x := float64(int16(uint16(pcm[2*i])|uint16(pcm[2*i+1])<<8)) / 32768
-		s1, s2 = x+coeff*s1-s2, s1
-	}
-	power := s1*s1 + s2*s2 - coeff*s1*s2
-	return 2 * math.Sqrt(max(power, 0)) / float64(n)
-}
-
 // page is one tab, with what its console reported.
 type page struct {
 	t   *testing.T

@@ -1,10 +1,7 @@
 package main
 
-// End-to-end tests of the live voice session registry on a real redis-server: its expiries and
-// sweeps on Redis's clock, whatever the instances' clocks say; a Redis outage longer than two
-// LEASE_TTLs, after which live sessions are published again and not written off as lost; and
-// sessions that end while their registry entry cannot be deleted, or while an answer from Redis
-// is late, which are never published again.
+// The voice session registry and audio meter against a real redis-server: outages, Redis's
+// clock, a charge answered late, usage records retried.
 
 import (
 	"context"

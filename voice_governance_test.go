@@ -1,20 +1,16 @@
 package main
 
-// End-to-end tests of voice governance: quotas shared by two instances through a real
-// redis-server, usage records in the stream (one from an instance that was SIGKILLed),
-// broadcast and live detail across instances and tenants, the maximum session length, and the
-// bounded tenant label of the latency metrics.
+// Voice sessions governed: daily audio quotas held as audio arrives, the pace bound, the
+// longest session, usage records (also of a killed instance), session detail and broadcast
+// across instances, and bounded metrics.
 
 import (
 	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -25,30 +21,6 @@ import (
 	"voicegate/policy"
 	"voicegate/voice"
 )
-
-// voicePolicy writes base (a policy file of testdata/policy) with its limits changed by edit
-// to a file of the test's own and returns its path: the routes stay those base binds.
-func voicePolicy(tb testing.TB, base string, edit func(*policy.Limits)) string {
-	tb.Helper()
-	data, err := os.ReadFile(filepath.Join("testdata", "policy", base))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	f, err := policy.Parse(data)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	edit(&f.Limits)
-	out, err := json.Marshal(f)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	file := filepath.Join(tb.TempDir(), "policy.json")
-	if err := os.WriteFile(file, out, 0o600); err != nil {
-		tb.Fatal(err)
-	}
-	return file
-}
 
 // govPolicy is the e2e policy with a daily voice audio quota of 2 s per user (100 s per
 // tenant), and tenant-a named.
@@ -110,44 +82,6 @@ func sendAudioUntilClosed(t *testing.T, v *voiceClient, d time.Duration) time.Du
 		}
 	}
 	return sent
-}
-
-// send sends a control message.
-func (v *voiceClient) send(t *testing.T, msg string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	if err := v.conn.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
-		t.Fatalf("send %s: %v", msg, err)
-	}
-}
-
-// usageRecords reads the whole usage stream, each entry's fields as a map.
-func usageRecords(t *testing.T, r *testRedis) []map[string]string {
-	t.Helper()
-	res, ok := r.Do(t, "XRANGE", "voicegate:usage", "-", "+").([]any)
-	if !ok {
-		t.Fatalf("XRANGE voicegate:usage answered %v", res)
-	}
-	var out []map[string]string
-	for _, e := range res {
-		kv := e.([]any)[1].([]any)
-		m := map[string]string{}
-		for i := 0; i+1 < len(kv); i += 2 {
-			m[kv[i].(string)] = kv[i+1].(string)
-		}
-		out = append(out, m)
-	}
-	return out
-}
-
-func recordOf(recs []map[string]string, session string) map[string]string {
-	for _, r := range recs {
-		if r["session_id"] == session {
-			return r
-		}
-	}
-	return nil
 }
 
 func num(t *testing.T, rec map[string]string, field string) float64 {
@@ -336,22 +270,6 @@ func TestVoiceUsageRecords(t *testing.T) {
 	}
 }
 
-// voiceLive asks g for one session's live detail.
-func (g *testGateway) voiceLive(t *testing.T, token, id string) (voice.Live, bool, int) {
-	t.Helper()
-	res := call(t, g, "GET", "/api/v2/voice/sessions/"+id, token, "")
-	defer res.Body.Close()
-	if res.StatusCode != http.StatusOK {
-		_, _ = io.Copy(io.Discard, res.Body)
-		return voice.Live{}, false, res.StatusCode
-	}
-	var l voice.Live
-	if err := json.NewDecoder(res.Body).Decode(&l); err != nil {
-		t.Fatalf("decode the session detail: %v", err)
-	}
-	return l, true, res.StatusCode
-}
-
 // TestVoiceDetailAndBroadcastAcrossInstances: a session's live counters are read on either
 // instance by an admin of its tenant (not another tenant's, unless super_admin); a broadcast
 // reaches the matching sessions on both instances, within the caller's tenant unless
@@ -496,26 +414,6 @@ func TestVoiceMetricsTenantsBounded(t *testing.T) {
 			t.Errorf("%s series = %v, want %v", m, series[m], want)
 		}
 	}
-}
-
-// audioReceived is the audio, in 16 kHz mono PCM, of the audio_chunk messages the algorithm
-// service received.
-func (a *fakeAlgo) audioReceived(t *testing.T) time.Duration {
-	t.Helper()
-	var bytes int64
-	for _, m := range a.textReceived() {
-		var c struct {
-			Type  string `json:"type"`
-			Audio []byte `json:"audio_chunk"` // base64 in JSON
-		}
-		if err := json.Unmarshal([]byte(m), &c); err != nil {
-			t.Fatalf("the algorithm service got %s: %v", m, err)
-		}
-		if c.Type == "audio_chunk" {
-			bytes += int64(len(c.Audio))
-		}
-	}
-	return time.Duration(bytes) * time.Second / 32000
 }
 
 // TestVoiceQuotaHeldAsAudioArrives: with a daily quota of 20 s a user sends audio as fast as the

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/redis/rueidis"
 
 	"voicegate/policy"
 )
@@ -203,4 +204,94 @@ func BenchmarkRateLimitCluster(b *testing.B) {
 			b.ReportMetric(float64(processed()-before)/float64(b.N), "redis-cmds/check")
 		})
 	}
+}
+
+// scriptCalls reads, from INFO commandstats, how many scripts clients have sent Redis: EVAL,
+// EVALSHA (and their _RO forms) and SCRIPT subcommands. Commands that scripts call themselves
+// are counted under their own names, never under these.
+func scriptCalls(b *testing.B, client rueidis.Client) int64 {
+	b.Helper()
+	info, err := client.Do(context.Background(), client.B().Info().Section("commandstats").Build()).ToString()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var total int64
+	for _, line := range strings.Split(info, "\n") {
+		name, stats, ok := strings.Cut(strings.TrimSpace(line), ":")
+		name = strings.TrimPrefix(name, "cmdstat_")
+		if !ok || !(strings.HasPrefix(name, "eval") || strings.HasPrefix(name, "script")) {
+			continue
+		}
+		for _, kv := range strings.Split(stats, ",") {
+			if v, ok := strings.CutPrefix(kv, "calls="); ok {
+				n, err := strconv.ParseInt(v, 10, 64)
+				if err != nil {
+					b.Fatalf("commandstats line %q: %v", line, err)
+				}
+				total += n
+			}
+		}
+	}
+	return total
+}
+
+// BenchmarkRateLimitRedis: one rate-limit check of a charge of three buckets and a daily
+// quota, by the real RedisLimiter against a real redis-server, is exactly one round trip
+// (redis-calls/op, from Redis's own command statistics); ns/op is its latency. "ping" is the
+// floor: one bare round trip with the same client. "memory" is the in-process limiter.
+func BenchmarkRateLimitRedis(b *testing.B) {
+	r := startRedisB(b)
+	client := testClient(b, r)
+	ctx := context.Background()
+	charge := func() *policy.Charge {
+		// Limits never reached, so every check does the full work of an admitted request.
+		huge := func(key string) policy.Bucket {
+			return policy.Bucket{Parts: []string{key}, Interval: time.Millisecond, Burst: 1 << 30, Limit: 1000}
+		}
+		return &policy.Charge{Tenant: "tenant-a", User: "u-bench",
+			Buckets: []policy.Bucket{huge("u:u-bench"), huge("t"), huge("u:u-bench:c:chat")}, Quota: 1 << 40}
+	}
+
+	b.Run("check", func(b *testing.B) {
+		lim := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:"})
+		c := charge()
+		// The first check loads the script (EVALSHA, NOSCRIPT, EVAL); the loop measures the
+		// steady state.
+		if v, err := lim.Allow(ctx, c); err != nil || !v.Allowed {
+			b.Fatalf("warm-up check = %+v, %v; want allowed", v, err)
+		}
+		before := scriptCalls(b, client)
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := lim.Allow(ctx, c); err != nil {
+				b.Fatal(err)
+			}
+		}
+		calls := scriptCalls(b, client) - before
+		b.ReportMetric(float64(calls)/float64(b.N), "redis-calls/op")
+		if calls != int64(b.N) {
+			b.Fatalf("%d checks sent %d scripts to Redis, want exactly one each", b.N, calls)
+		}
+		if v, err := lim.Allow(ctx, c); err != nil || !v.Allowed || v.Limit != 1000 {
+			b.Fatalf("check after the loop = %+v, %v; want allowed with limit 1000", v, err)
+		}
+	})
+	b.Run("ping", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if err := client.Do(ctx, client.B().Ping().Build()).Error(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("memory", func(b *testing.B) {
+		lim := policy.NewMemoryLimiter(nil)
+		c := charge()
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := lim.Allow(ctx, c); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
