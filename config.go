@@ -579,7 +579,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 	fs.BoolVar(&c.HealthCheck, "healthcheck", false, "ask the running gateway (LISTEN_ADDR_FILE, else LISTEN_ADDR) for /healthz and exit 0 if it answers 200")
 	fs.BoolVar(&c.Version, "version", false, "print the version and exit")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: voicegate [flags]\n       voicegate token [flags]      mint a development token for JWT_SECRET\n       voicegate demo-algo [flags]  serve only the demo algorithm service\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: voicegate [flags]\n       voicegate token [flags]      mint a development token for JWT_SECRET\n       voicegate demo-algo [flags]  serve only the demo algorithm service\n       voicegate policy check FILE  check a POLICY_FILE and print every route's binding\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	all := settings()

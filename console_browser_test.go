@@ -237,6 +237,91 @@ func (p *page) text(sel string) string {
 	return s
 }
 
+// shots is where a test keeps a screenshot of each state it looks at: a directory of its own
+// under the temporary directory, named in the test's log, which outlives the test.
+type shots struct {
+	t   *testing.T
+	dir string
+}
+
+func newShots(t *testing.T) *shots {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "voicegate-console-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("screenshots of the console's states: %s", dir)
+	return &shots{t: t, dir: dir}
+}
+
+// take writes the whole page as it looks now, beyond the viewport too, to name.png.
+func (s *shots) take(p *page, name string) {
+	p.t.Helper()
+	png, err := chromedp.Run(p.ctx, chromedp.FullScreenshot(100))
+	if err != nil {
+		p.t.Fatalf("screenshot %s: %v", name, err)
+	}
+	if err := os.WriteFile(filepath.Join(s.dir, name+".png"), png, 0o644); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// phone makes the tab a phone's: 390 CSS pixels wide, portrait, at a phone's pixel density.
+func (p *page) phone() {
+	p.t.Helper()
+	p.do("emulating a phone", chromedp.EmulateViewport(390, 844, chromedp.EmulateMobile, chromedp.EmulateTouch,
+		chromedp.EmulatePortrait, chromedp.EmulateScale(2)))
+}
+
+// fits fails the test if the page scrolls sideways: wider content than the viewport.
+func (p *page) fits(state string) {
+	p.t.Helper()
+	var w struct{ Scroll, Client, Viewport float64 }
+	p.eval(`({Scroll: document.documentElement.scrollWidth, Client: document.documentElement.clientWidth, Viewport: innerWidth})`, &w)
+	if w.Client != 390 {
+		p.t.Fatalf("%s: the page is %v px wide, want the phone's 390", state, w.Client)
+	}
+	if w.Scroll > w.Client {
+		var wide []string
+		p.eval(`[...document.querySelectorAll("body *")].filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
+			.map(e => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "") + " " + Math.round(e.getBoundingClientRect().right))`, &wide)
+		p.t.Errorf("%s: the page scrolls sideways at 390 px: scrollWidth %v > clientWidth %v; too wide: %q", state, w.Scroll, w.Client, wide)
+	}
+}
+
+// visible reports whether the element sel takes up room on the page.
+func (p *page) visible(sel string) bool {
+	p.t.Helper()
+	var v bool
+	p.eval(`(() => { const e = document.querySelector(`+strconv.Quote(sel)+`); return !!e && e.checkVisibility({visibilityProperty: true, contentVisibilityAuto: true}); })()`, &v)
+	return v
+}
+
+// accessRequests counts the requests to path in g's access log.
+func accessRequests(t *testing.T, g *testGateway, path string) int {
+	t.Helper()
+	n := 0
+	for _, rec := range logRecords(t, g) {
+		if rec["msg"] == "request" && rec["path"] == path {
+			n++
+		}
+	}
+	return n
+}
+
+// statusLook is a status line as a person sees it: its words, its state and its colours.
+type statusLook struct {
+	Text, State, Color, Background string
+}
+
+func (p *page) status(sel string) statusLook {
+	p.t.Helper()
+	var s statusLook
+	p.eval(`(() => { const e = document.querySelector(`+strconv.Quote(sel)+`); const cs = getComputedStyle(e);
+		return {Text: e.textContent, State: e.dataset.state || "", Color: cs.color, Background: cs.backgroundColor}; })()`, &s)
+	return s
+}
+
 // chatEvent is one entry of the console's chat log.
 type chatEvent struct {
 	Name string  `json:"name"`
@@ -262,6 +347,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	}
 	w := watchTokens(t, g)
 	w.add(demoToken)
+	shot := newShots(t)
 
 	t.Run("loads with the token and no errors", func(t *testing.T) {
 		p := b.open(t, url)
@@ -276,6 +362,95 @@ func TestConsoleInBrowser(t *testing.T) {
 		if errs := p.consoleErrors(); len(errs) > 0 {
 			t.Errorf("console errors while loading: %q", errs)
 		}
+	})
+
+	t.Run("says it is a demo", func(t *testing.T) {
+		p := b.open(t, url)
+		if !p.visible("#demo-banner") {
+			t.Fatal("no demo banner on the console of a gateway started with -demo")
+		}
+		banner := p.text("#demo-banner")
+		for _, want := range []string{"demo", "ignores what you say", "never for production"} {
+			if !strings.Contains(banner, want) {
+				t.Errorf("the banner %q does not say %q", banner, want)
+			}
+		}
+		shot.take(p, "demo-banner")
+		// A gateway in front of a real algorithm service shows none.
+		real := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL, "CONSOLE_ENABLED": "true"})
+		q := b.open(t, real.URL+"/console")
+		if q.visible("#demo-banner") {
+			t.Errorf("a gateway without -demo shows the demo banner: %q", q.text("#demo-banner"))
+		}
+	})
+
+	t.Run("an empty token is caught on the page, and nothing is sent", func(t *testing.T) {
+		p := b.open(t, g.URL+"/console")
+		var tok string
+		p.eval(`document.getElementById("token").value`, &tok)
+		if tok != "" {
+			t.Fatalf("the token field holds %q without a token in the URL", tok)
+		}
+		chats, voices := accessRequests(t, g, "/api/v2/chat/stream"), accessRequests(t, g, "/api/v2/voice/stream")
+		p.click("#send")
+		p.waitFor("the chat to give up", `!window.voicegate.chat.running && window.voicegate.chat.error !== ""`)
+		st := p.status("#chat-status")
+		if !strings.Contains(st.Text, "Paste a token") || strings.Contains(st.Text, "401") || st.State != "bad" {
+			t.Errorf("chat status %+v, want the page's own request for a token, shown as a problem", st)
+		}
+		p.click("#mic")
+		p.waitFor("the microphone to give up", `document.getElementById("voice-status").textContent.includes("Paste a token")`)
+		var focused string
+		p.eval(`document.activeElement && document.activeElement.id`, &focused)
+		if focused != "token" {
+			t.Errorf("the focus is on %q, want the token field", focused)
+		}
+		shot.take(p, "empty-token")
+		// Whatever the gateway would log has had time to arrive: the page has already given
+		// up, and a request would have been logged before its answer.
+		if n := accessRequests(t, g, "/api/v2/chat/stream") - chats; n != 0 {
+			t.Errorf("the page sent %d chat requests without a token", n)
+		}
+		if n := accessRequests(t, g, "/api/v2/voice/stream") - voices; n != 0 {
+			t.Errorf("the page sent %d voice upgrades without a token", n)
+		}
+		var sessions int
+		p.eval(`window.voicegate.voice.closes.length`, &sessions)
+		if sessions != 0 {
+			t.Errorf("%d voice sockets were opened and closed", sessions)
+		}
+	})
+
+	t.Run("fits a phone screen", func(t *testing.T) {
+		p := b.open(t, url)
+		p.phone()
+		p.fits("loaded")
+		shot.take(p, "phone-loaded")
+
+		p.click("#send")
+		p.waitFor("the stream to end", `window.voicegate.chat.outcome !== "" && !window.voicegate.chat.running`)
+		p.fits("after a chat answer")
+		shot.take(p, "phone-chat-done")
+		// The longest line of the log: an event's JSON, opened.
+		p.do("opening an event", chromedp.Evaluate[chromedp.Void](`document.querySelector("#chat-log li:nth-child(4) summary").click()`))
+		p.fits("with an event's JSON open")
+		shot.take(p, "phone-event-json")
+
+		p.click("#mic")
+		p.waitFor("the microphone to be heard", `window.voicegate.voice.framesSent >= 25 && window.voicegate.voice.level > 0`)
+		p.fits("while talking")
+		shot.take(p, "phone-talking")
+		p.click("#hangup")
+		p.waitFor("the close", `window.voicegate.voice.closes.length === 1`)
+		p.fits("after the session")
+		shot.take(p, "phone-voice-closed")
+
+		q := b.open(t, g.URL+"/console")
+		q.phone()
+		q.click("#send")
+		q.waitFor("the empty token to be caught", `window.voicegate.chat.error !== ""`)
+		q.fits("asking for a token")
+		shot.take(q, "phone-empty-token")
 	})
 
 	t.Run("a chat answer streams in", func(t *testing.T) {
@@ -305,8 +480,35 @@ func TestConsoleInBrowser(t *testing.T) {
 		if shown := p.text("#answer"); shown != answer {
 			t.Errorf("the page shows %q, want the streamed answer %q", shown, answer)
 		}
-		if n := len(p.text("#chat-log")); n == 0 {
-			t.Error("the raw event log is empty")
+		// The log has one short line per event — its name, id and time — and the event's JSON
+		// only once that line is clicked.
+		var lines []string
+		p.eval(`[...document.querySelectorAll("#chat-log > li.event")].map(li => li.querySelector("summary").textContent)`, &lines)
+		if len(lines) != len(evs) {
+			t.Fatalf("the log has %d lines for %d events: %q", len(lines), len(evs), lines)
+		}
+		for i, l := range lines {
+			if !strings.Contains(l, evs[i].Name) || !strings.Contains(l, strconv.Itoa(int(evs[i].T))+" ms") || strings.Contains(l, "{") {
+				t.Errorf("log line %d is %q, want %s and its time (%v ms), without the JSON", i, l, evs[i].Name, evs[i].T)
+			}
+		}
+		if !strings.Contains(lines[1], "#1") {
+			t.Errorf("log line 1 is %q, want the event's id #1", lines[1])
+		}
+		if p.visible("#chat-log > li:nth-child(2) pre") {
+			t.Error("an event's JSON is shown before it is asked for")
+		}
+		p.click("#chat-log > li:nth-child(2) summary")
+		if !p.visible("#chat-log > li:nth-child(2) pre") {
+			t.Fatal("clicking an event does not show its JSON")
+		}
+		var data map[string]any
+		if err := json.Unmarshal([]byte(p.text("#chat-log > li:nth-child(2) pre")), &data); err != nil || data["line_number"] != 1.0 {
+			t.Errorf("the event's JSON %v (%v), want its data with line_number 1", data, err)
+		}
+		shot.take(p, "chat-done")
+		if st := p.status("#chat-status"); st.State != "ok" || !strings.Contains(st.Text, "done") {
+			t.Errorf("chat status %+v, want done, shown as ok", st)
 		}
 		if errs := p.consoleErrors(); len(errs) > 0 {
 			t.Errorf("console errors: %q", errs)
@@ -362,8 +564,22 @@ func TestConsoleInBrowser(t *testing.T) {
 		p := b.open(t, g.URL+"/console#token=not-a-token")
 		p.click("#send")
 		p.waitFor("the refusal", `!window.voicegate.chat.running && window.voicegate.chat.error !== ""`)
-		if got := p.text("#chat-status"); !strings.Contains(got, "401 TOKEN_INVALID") {
-			t.Errorf("chat status %q, want the status and code of the refusal", got)
+		bad := p.status("#chat-status")
+		if !strings.Contains(bad.Text, "401 TOKEN_INVALID") {
+			t.Errorf("chat status %q, want the status and code of the refusal", bad.Text)
+		}
+		shot.take(p, "chat-refused")
+		// The words come with a colour of their own: a refusal does not look like success.
+		q := b.open(t, url)
+		idle := q.status("#chat-status")
+		q.click("#send")
+		q.waitFor("the stream to end", `window.voicegate.chat.outcome !== "" && !window.voicegate.chat.running`)
+		ok := q.status("#chat-status")
+		if bad.State != "bad" || ok.State != "ok" || idle.State != "idle" {
+			t.Errorf("states %q, %q, %q; want bad, ok and idle", bad.State, ok.State, idle.State)
+		}
+		if bad.Color == ok.Color || bad.Background == ok.Background || ok.Background == idle.Background {
+			t.Errorf("a refusal (%+v), success (%+v) and idle (%+v) are not told apart by colour", bad, ok, idle)
 		}
 	})
 
@@ -372,7 +588,16 @@ func TestConsoleInBrowser(t *testing.T) {
 		p.click("#mic")
 		p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.framesSent >= 50`)
 		p.waitFor("recognition of it", `window.voicegate.voice.messages.some(m => m.startsWith("asr_partial"))`)
+		// The level of what the microphone hears is shown while talking: the fake microphone's
+		// tone is at -11.7 dBFS, near the top of the meter's 60 dB.
+		var level float64
+		p.eval(`document.getElementById("mic-level").value`, &level)
+		if !p.visible("#mic-level") || level < 0.6 || level > 0.95 {
+			t.Errorf("the microphone level meter: shown %v, at %.2f; want it shown, at about 0.8", p.visible("#mic-level"), level)
+		}
+		shot.take(p, "voice-talking")
 		p.click("#mic")
+		p.waitFor("the meter to go when talking stops", `getComputedStyle(document.getElementById("mic-level")).display === "none" || document.getElementById("mic-level").getClientRects().length === 0`)
 		p.waitFor("the spoken answer to play", `window.voicegate.voice.messages.some(m => m.startsWith("tts_complete")) && `+
 			`window.voicegate.voice.ttsFrames > 0 && window.voicegate.voice.buffersPlayed === window.voicegate.voice.ttsFrames`)
 		var v struct {
@@ -403,12 +628,18 @@ func TestConsoleInBrowser(t *testing.T) {
 		if got := p.text("#voice-status"); !strings.Contains(got, "1000") || !strings.Contains(got, "normal end") {
 			t.Errorf("voice status %q, want 1000 and its meaning", got)
 		}
-		// The gateway saw the page's frames.
+		// The gateway saw the page's frames (other subtests' sessions end on the same gateway).
+		var id string
+		p.eval(`window.voicegate.voice.sessionId`, &id)
 		var rec map[string]any
 		eventually(t, 2*time.Second, "the session's log line", func() bool {
-			var n int
-			n, rec = logCount(t, g, "voice session ended")
-			return n >= 1
+			for _, r := range logRecords(t, g) {
+				if r["msg"] == "voice session ended" && r["session_id"] == id {
+					rec = r
+					return true
+				}
+			}
+			return false
 		})
 		if in, _ := rec["packets_in"].(float64); int(in) < v.FramesSent {
 			t.Errorf("the gateway counted %v packets in, want at least the page's %d frames", rec["packets_in"], v.FramesSent)

@@ -317,7 +317,7 @@ func (g *gateway) buildHandlers() error {
 	g.h.docs = g.backend("docs", "documents service", cfg.DocsURLs, transport, outbound)
 	g.h.openapi = openapi.Handler()
 	if cfg.ConsoleEnabled {
-		g.h.console = console.Handler(console.Options{Gateways: cfg.ConsoleGateways})
+		g.h.console = console.Handler(console.Options{Gateways: cfg.ConsoleGateways, Demo: cfg.Demo})
 	}
 	return nil
 }

@@ -48,6 +48,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return runToken(args[2:], getenv, stdout, stderr)
 		case "demo-algo":
 			return runDemoAlgo(ctx, args[2:], getenv, stderr)
+		case "policy":
+			return runPolicy(args[2:], stdout, stderr)
 		}
 	}
 	cfg, err := parseConfig(args, getenv, stderr)

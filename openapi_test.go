@@ -15,9 +15,10 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -30,6 +31,8 @@ import (
 	"github.com/getkin/kin-openapi/routers/gorillamux"
 
 	"voicegate/openapi"
+	"voicegate/policy"
+	"voicegate/voice"
 )
 
 // loadOpenAPI loads and validates the document.
@@ -94,6 +97,10 @@ func TestOpenAPIDocument(t *testing.T) {
 	if !doc.IsOpenAPI31OrLater() || !strings.HasPrefix(doc.OpenAPI, "3.1") {
 		t.Errorf("openapi = %q, want 3.1.x", doc.OpenAPI)
 	}
+	// Relative: the document describes whichever gateway serves it.
+	if len(doc.Servers) != 1 || doc.Servers[0].URL != "/" {
+		t.Errorf("servers = %v, want one, the relative /", doc.Servers)
+	}
 	bearer := doc.Components.SecuritySchemes["bearer"]
 	if bearer == nil || bearer.Value.Type != "http" || bearer.Value.Scheme != "bearer" || bearer.Value.BearerFormat != "JWT" {
 		t.Errorf("securitySchemes.bearer = %+v, want http bearer JWT", bearer)
@@ -111,17 +118,6 @@ func TestOpenAPIDocument(t *testing.T) {
 		if rl.Headers[h] == nil {
 			t.Errorf("the 429 response does not describe %s", h)
 		}
-	}
-
-	// The error codes are exactly the gateway's: proxy's Code constants.
-	var enum []string
-	for _, v := range doc.Components.Schemas["ErrorCode"].Value.Enum {
-		enum = append(enum, v.(string))
-	}
-	codes := proxyErrorCodes(t)
-	sort.Strings(enum)
-	if !slices.Equal(enum, codes) {
-		t.Errorf("ErrorCode enum = %v\nwant proxy's codes %v", enum, codes)
 	}
 
 	// Every error response of every operation is the Error object; /readyz's 503 is a
@@ -157,34 +153,6 @@ func TestOpenAPIDocument(t *testing.T) {
 	if up.Responses.Status(101) == nil {
 		t.Error("the voice upgrade has no 101 response")
 	}
-}
-
-// proxyErrorCodes reads the values of proxy's Code constants from its source.
-func proxyErrorCodes(t *testing.T) []string {
-	t.Helper()
-	pkgs, err := parser.ParseDir(gotoken.NewFileSet(), "proxy", func(fi os.FileInfo) bool {
-		return !strings.HasSuffix(fi.Name(), "_test.go")
-	}, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var codes []string
-	ast.Inspect(pkgs["proxy"], func(n ast.Node) bool {
-		vs, ok := n.(*ast.ValueSpec)
-		if !ok || len(vs.Names) != 1 || len(vs.Values) != 1 || !strings.HasPrefix(vs.Names[0].Name, "Code") {
-			return true
-		}
-		if lit, ok := vs.Values[0].(*ast.BasicLit); ok && lit.Kind == gotoken.STRING {
-			s, _ := strconv.Unquote(lit.Value)
-			codes = append(codes, s)
-		}
-		return true
-	})
-	if len(codes) < 10 {
-		t.Fatalf("found only %d Code constants in proxy/errors.go", len(codes))
-	}
-	sort.Strings(codes)
-	return codes
 }
 
 // TestOpenAPIRouteTable: every route of the route table (with every optional route on) has its
@@ -286,12 +254,20 @@ func TestOpenAPISSEGoldenFiles(t *testing.T) {
 			t.Errorf("no golden file has a %s event to check", name)
 		}
 	}
+	// An error event is the gateway's (StreamErrorEvent) or an upstream line's
+	// (UpstreamErrorEvent), never both: ChatEvent's oneOf must tell them apart.
+	c.valid("StreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1}}`, "a skipped line")
+	c.invalid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1}}`, "a skipped line")
+	c.valid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1}}`, "an upstream error line")
+	c.invalid("StreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1}}`, "an upstream error line")
 	for _, bad := range []struct{ what, event string }{
 		{"stream_end without its counts", `{"event":"stream_end","data":{"request_id":"r","timestamp":1}}`},
 		{"stream_start without request_id", `{"event":"stream_start","data":{"timestamp":1}}`},
 		{"an upstream event without its id", `{"event":"generation_chunk","data":{"type":"generation_chunk","content":"x","request_id":"r","line_number":1,"timestamp":1}}`},
 		{"an upstream event without line_number", `{"event":"custom","id":"3","data":{"type":"custom","request_id":"r","timestamp":1}}`},
 		{"an error event without a code", `{"event":"error","data":{"request_id":"r","message":"m","timestamp":1}}`},
+		{"a gateway error event with a code the gateway never sends", `{"event":"error","data":{"request_id":"r","code":"STREAM_ERROR","message":"m","fatal":true,"timestamp":1}}`},
+		{"an upstream error line without its id", `{"event":"error","data":{"type":"error","code":"X","request_id":"r","line_number":2,"timestamp":1}}`},
 	} {
 		c.invalid("ChatEvent", bad.event, bad.what)
 	}
@@ -538,6 +514,43 @@ func TestOpenAPIResponses(t *testing.T) {
 			t.Fatal("never rate limited within 40 requests")
 		}
 	})
+
+	t.Run("voice audio quota used up", func(t *testing.T) {
+		// A daily voice audio quota of 1 s: a session that sends more ends 4429, and the next
+		// upgrade is refused with 429 QUOTA_EXCEEDED.
+		valgo := newAlgo(t, algoOptions{})
+		gq := startRun(t, nil, map[string]string{"ALGO_URL": valgo.URL, "POLICY_FILE": voicePolicy(t, "e2e.json", func(l *policy.Limits) {
+			l.VoiceAudioSecondsPerDay = &policy.AudioQuota{PerUser: 1}
+		})})
+		tok := tokenFor(t, "u-oas-quota", []string{"user"}, nil)
+		v := openVoice(t, gq, "", bearer(tok))
+		ended := v.readToClose(t.Context())
+		sendAudioUntilClosed(t, v, 3*time.Second)
+		if e := waitEnding(t, ended, 5*time.Second); e.code != voice.CloseQuotaExceeded {
+			t.Fatalf("the session closed %v (%v), want 4429", e.code, e.err)
+		}
+		var res *http.Response
+		eventually(t, 5*time.Second, "the next upgrade is refused with 429", func() bool {
+			conn, r, err := voiceDial(t, gq, "", bearer(tok))
+			if err == nil {
+				conn.CloseNow() // the session was settled after this one was admitted
+				return false
+			}
+			res = r
+			return r != nil && r.StatusCode == http.StatusTooManyRequests
+		})
+		raw, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		req, err := http.NewRequestWithContext(t.Context(), "GET", gq.URL+"/api/v2/voice/stream", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkResponse(t, router, req, res, raw)
+		var e struct{ Code string }
+		if json.Unmarshal(raw, &e) != nil || e.Code != voice.CodeQuotaExceeded {
+			t.Errorf("429 body %s, want code %s", raw, voice.CodeQuotaExceeded)
+		}
+	})
 }
 
 // checkResponse validates a real response against the operation kin-openapi finds for its
@@ -571,4 +584,345 @@ func checkResponse(t *testing.T, router routers.Router, req *http.Request, res *
 		t.Errorf("%s %s %d: Content-Type %q is not among the documented ones", req.Method, req.URL.Path, res.StatusCode, ctype)
 	}
 	return sse
+}
+
+// sentCodes are the error codes the gateway can send, read from its source (tests aside), by
+// where they go.
+type sentCodes struct {
+	http   []string // in an Error body: proxy's Code constants, and any other code an Error is built with
+	stream []string // in a chat stream's error events: sse's Code constants
+	voice  []string // in a voice session's error messages: voice's Code constants
+	unused []string // Code constants nothing refers to: declared, never sent
+}
+
+// gatewayCodes finds every Code constant of the module's packages (CodeX = "X"), keeps those
+// something refers to, and sorts them by the package that sends them; it also takes the Code
+// of every proxy.Error built with a constant or a literal, except the 499 that is only logged.
+func gatewayCodes(t *testing.T) sentCodes {
+	t.Helper()
+	fset := gotoken.NewFileSet()
+	type pkg struct {
+		name  string
+		files []*ast.File
+	}
+	var pkgs []pkg
+	err := filepath.WalkDir(".", func(path string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() {
+			return nil
+		}
+		if path != "." && (d.Name() == "testdata" || strings.HasPrefix(d.Name(), ".")) {
+			return filepath.SkipDir
+		}
+		parsed, err := parser.ParseDir(fset, path, func(fi os.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, 0)
+		if err != nil {
+			return err
+		}
+		for name, p := range parsed {
+			var files []*ast.File
+			for _, f := range p.Files {
+				files = append(files, f)
+			}
+			pkgs = append(pkgs, pkg{name, files})
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	isCode := func(name string) bool { return len(name) > 4 && strings.HasPrefix(name, "Code") }
+	consts := map[string]string{} // "pkg.CodeX" → its value
+	declared := map[*ast.Ident]bool{}
+	for _, p := range pkgs {
+		for _, f := range p.files {
+			ast.Inspect(f, func(n ast.Node) bool {
+				vs, ok := n.(*ast.ValueSpec)
+				if !ok {
+					return true
+				}
+				for i, id := range vs.Names {
+					if i >= len(vs.Values) || !isCode(id.Name) {
+						continue
+					}
+					if lit, ok := vs.Values[i].(*ast.BasicLit); ok && lit.Kind == gotoken.STRING {
+						v, _ := strconv.Unquote(lit.Value)
+						consts[p.name+"."+id.Name] = v
+						declared[id] = true
+					}
+				}
+				return true
+			})
+		}
+	}
+
+	used := map[string]bool{}
+	var built []string // codes proxy.Errors are built with
+	for _, p := range pkgs {
+		for _, f := range p.files {
+			imports := map[string]string{} // local name → package name, for the module's packages
+			for _, im := range f.Imports {
+				path, _ := strconv.Unquote(im.Path.Value)
+				if rest, ok := strings.CutPrefix(path, "voicegate/"); ok {
+					local := filepath.Base(rest)
+					if im.Name != nil {
+						local = im.Name.Name
+					}
+					imports[local] = filepath.Base(rest)
+				}
+			}
+			// resolve names the constant an expression refers to: "pkg.CodeX", or "".
+			resolve := func(e ast.Expr) string {
+				switch e := e.(type) {
+				case *ast.Ident:
+					return p.name + "." + e.Name
+				case *ast.SelectorExpr:
+					if x, ok := e.X.(*ast.Ident); ok && imports[x.Name] != "" {
+						return imports[x.Name] + "." + e.Sel.Name
+					}
+				}
+				return ""
+			}
+			ast.Inspect(f, func(n ast.Node) bool {
+				switch n := n.(type) {
+				case *ast.SelectorExpr:
+					if key := resolve(n); key != "" {
+						if _, ok := consts[key]; ok {
+							used[key] = true
+						}
+						return false
+					}
+				case *ast.Ident:
+					if _, ok := consts[p.name+"."+n.Name]; ok && !declared[n] {
+						used[p.name+"."+n.Name] = true
+					}
+				case *ast.CompositeLit:
+					if typ := resolve(n.Type); typ != "proxy.Error" {
+						return true
+					}
+					var code, status string
+					for _, el := range n.Elts {
+						kv, ok := el.(*ast.KeyValueExpr)
+						if !ok {
+							continue
+						}
+						switch k, _ := kv.Key.(*ast.Ident); {
+						case k == nil:
+						case k.Name == "Code":
+							if lit, ok := kv.Value.(*ast.BasicLit); ok && lit.Kind == gotoken.STRING {
+								code, _ = strconv.Unquote(lit.Value)
+							} else if v, ok := consts[resolve(kv.Value)]; ok {
+								code = v
+							}
+						case k.Name == "Status":
+							status = resolve(kv.Value)
+						}
+					}
+					// 499 is what the access log says of a client that went away: never sent.
+					if code != "" && status != "proxy.StatusClientClosed" {
+						built = append(built, code)
+					}
+				}
+				return true
+			})
+		}
+	}
+
+	var c sentCodes
+	for key, v := range consts {
+		if !used[key] {
+			c.unused = append(c.unused, key+" ("+v+")")
+			continue
+		}
+		switch strings.Split(key, ".")[0] {
+		case "proxy":
+			c.http = append(c.http, v)
+		case "sse":
+			c.stream = append(c.stream, v)
+		case "voice":
+			c.voice = append(c.voice, v)
+		default:
+			t.Errorf("%s = %q: a code outside proxy, sse and voice, which this test does not know where it goes", key, v)
+		}
+	}
+	c.http = append(c.http, built...)
+	for _, l := range []*[]string{&c.http, &c.stream, &c.voice, &c.unused} {
+		slices.Sort(*l)
+		*l = slices.Compact(*l)
+	}
+	if len(c.http) < 20 || len(c.stream) < 4 || len(c.voice) < 8 {
+		t.Fatalf("found only %d HTTP, %d stream and %d voice codes in the source: the scan is broken", len(c.http), len(c.stream), len(c.voice))
+	}
+	return c
+}
+
+// notErrorCodes are names in upper case with underscores that the documentation writes in
+// backticks and that are neither settings nor error codes.
+func notErrorCodes(name string) bool {
+	return strings.HasPrefix(name, "OTEL_") || // read by the OpenTelemetry SDK (the README names them in prose)
+		strings.Contains(name, "_BENCH_") || // sizes of the benchmarks
+		name == "TCP_NOTSENT_LOWAT" // a Linux socket option
+}
+
+// documentedCodes are the error codes README.md (and docs/, where the README's topics live)
+// names: every code of a paragraph that begins "Codes:", and every other name in backticks
+// written like a code (upper case with underscores) that is not a setting.
+func documentedCodes(t *testing.T) []string {
+	t.Helper()
+	files, _ := filepath.Glob(filepath.Join("docs", "*.md"))
+	files = append([]string{"README.md"}, files...)
+	settingNames := map[string]bool{}
+	for _, s := range settings() {
+		settingNames[s.env] = true
+	}
+	anyName := regexp.MustCompile("`([A-Z][A-Z0-9_]{2,})`")
+	codeLike := regexp.MustCompile(`^[A-Z][A-Z0-9]*(_[A-Z0-9]+)+$`)
+	var codes []string
+	listed := 0
+	for _, file := range files {
+		raw, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, para := range strings.Split(string(raw), "\n\n") {
+			if strings.HasPrefix(para, "Codes:") {
+				listed++
+				for _, m := range anyName.FindAllStringSubmatch(para, -1) {
+					codes = append(codes, m[1])
+				}
+				continue
+			}
+			for _, m := range anyName.FindAllStringSubmatch(para, -1) {
+				if name := m[1]; codeLike.MatchString(name) && !settingNames[name] && !notErrorCodes(name) {
+					codes = append(codes, name)
+				}
+			}
+		}
+	}
+	if listed == 0 {
+		t.Fatalf("no paragraph of %v begins \"Codes:\", the list of error codes", files)
+	}
+	slices.Sort(codes)
+	return slices.Compact(codes)
+}
+
+// enumOf returns the values of a string enum schema of the document.
+func enumOf(t *testing.T, doc *openapi3.T, name string) []string {
+	t.Helper()
+	ref := doc.Components.Schemas[name]
+	if ref == nil || ref.Value == nil || len(ref.Value.Enum) == 0 {
+		t.Fatalf("openapi.json has no enum schema %s", name)
+	}
+	var out []string
+	for _, v := range ref.Value.Enum {
+		out = append(out, v.(string))
+	}
+	slices.Sort(out)
+	return out
+}
+
+// TestOpenAPIErrorCodes: the document describes exactly the error codes the gateway can send,
+// each where it is sent — ErrorCode for Error bodies (and a browser's refused upgrade),
+// StreamErrorCode for the chat stream's own error events, VoiceErrorCode for a voice
+// session's error messages — and every code README.md names is among them.
+func TestOpenAPIErrorCodes(t *testing.T) {
+	doc := loadOpenAPI(t)
+	sent := gatewayCodes(t)
+	for _, tt := range []struct {
+		schema string
+		sent   []string
+		where  string
+	}{
+		{"ErrorCode", sent.http, "proxy's Code constants and the codes Errors are built with"},
+		{"StreamErrorCode", sent.stream, "sse's Code constants in use"},
+		{"VoiceErrorCode", sent.voice, "voice's Code constants in use"},
+	} {
+		described := enumOf(t, doc, tt.schema)
+		for _, c := range tt.sent {
+			if !slices.Contains(described, c) {
+				t.Errorf("%s: the gateway sends %s (%s), which openapi.json does not describe", tt.schema, c, tt.where)
+			}
+		}
+		for _, c := range described {
+			if !slices.Contains(tt.sent, c) {
+				t.Errorf("%s: openapi.json describes %s, which the gateway never sends (%s)", tt.schema, c, tt.where)
+			}
+		}
+	}
+	if len(sent.unused) > 0 {
+		t.Logf("code constants nothing sends (and the document rightly does not describe): %v", sent.unused)
+	}
+
+	all := slices.Concat(enumOf(t, doc, "ErrorCode"), enumOf(t, doc, "StreamErrorCode"), enumOf(t, doc, "VoiceErrorCode"))
+	for _, c := range documentedCodes(t) {
+		if !slices.Contains(all, c) {
+			t.Errorf("README.md names the error code %s, which openapi.json does not describe "+
+				"(if it is no error code, say so in notErrorCodes)", c)
+		}
+	}
+}
+
+// nodeTools is where npm installs the programs the tests run with node (package.json and
+// package-lock.json pin them; .ci/run runs npm ci there).
+const nodeTools = "testdata/node"
+
+// nodeTool returns the path of a script of an npm package installed in nodeTools, and node's; it
+// skips the test with an install hint when either is missing, or fails it when
+// VOICEGATE_REQUIRE_TOOLS=1.
+func nodeTool(t *testing.T, script string) (node, path string) {
+	t.Helper()
+	node = requireTool(t, "node", "/usr/bin/node", "nodejs npm")
+	path = filepath.Join(nodeTools, "node_modules", script)
+	if _, err := os.Stat(path); err != nil {
+		if os.Getenv("VOICEGATE_REQUIRE_TOOLS") == "1" {
+			t.Fatalf("%s not found, and these tests are required (VOICEGATE_REQUIRE_TOOLS=1): run npm ci in %s", path, nodeTools)
+		}
+		t.Skipf("%s not installed; install it with: (cd %s && npm ci)", path, nodeTools)
+	}
+	return node, path
+}
+
+// TestOpenAPILint: an independent linter, Redocly CLI, finds no error in openapi.json under its
+// recommended rules (which count a document without servers as one). Its warnings are logged.
+func TestOpenAPILint(t *testing.T) {
+	node, cli := nodeTool(t, "@redocly/cli/bin/cli.js")
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, node, cli, "lint", "--extends=recommended", "--format=json", "--max-problems=1000",
+		filepath.Join("openapi", "openapi.json"))
+	cmd.Env = append(os.Environ(), "REDOCLY_SUPPRESS_UPDATE_NOTICE=true", "REDOCLY_SUPPRESS_NOTIFICATIONS=true", "NO_COLOR=1")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	var report struct {
+		Totals struct {
+			Errors, Warnings int
+		}
+		Version  string
+		Problems []struct {
+			RuleID, Severity, Message string
+			Location                  []struct {
+				Pointer string
+			}
+		}
+	}
+	if jerr := json.Unmarshal(out, &report); jerr != nil {
+		t.Fatalf("redocly lint: %v (%v)\nstdout: %s\nstderr: %s", err, jerr, clipText(string(out)), clipText(stderr.String()))
+	}
+	for _, p := range report.Problems {
+		where := ""
+		if len(p.Location) > 0 {
+			where = p.Location[0].Pointer
+		}
+		if p.Severity == "error" {
+			t.Errorf("redocly %s: %s: %s at %s", report.Version, p.RuleID, p.Message, where)
+		} else {
+			t.Logf("redocly %s (%s): %s: %s at %s", report.Version, p.Severity, p.RuleID, clipText(p.Message), where)
+		}
+	}
+	if report.Totals.Errors > 0 || err != nil {
+		t.Errorf("redocly lint: %d errors, %d warnings (exit: %v)", report.Totals.Errors, report.Totals.Warnings, err)
+	}
 }

@@ -146,7 +146,7 @@ func TestPolicyBadFileAtStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, tt := range []struct{ name, file, want string }{
-		{"route without a binding", "testdata/policy/e2e-bad-unbound-route.json", "/api/v2/documents/"},
+		{"binding for a route the gateway does not have", "testdata/policy/bad/route-not-in-gateway.json", "GET /api/v2/users/{user_id}/history"},
 		{"unknown role", "testdata/policy/e2e-bad-unknown-role.json", "reader"},
 		{"bad permission", "testdata/policy/e2e-bad-permission.json", "document.read"},
 		{"missing file", "testdata/policy/e2e-no-such-file.json", "e2e-no-such-file.json"},

@@ -43,7 +43,7 @@ type route struct {
 }
 
 // routes is the whole route table, the one list of the gateway's routes: the router registers
-// it, the built-in policy binds it (bindings; a POLICY_FILE must bind the same routes), and the
+// it, the built-in policy binds it (bindings; a POLICY_FILE binds no other route), and the
 // OpenAPI tests compare it with openapi.json. Entries are positional, so a route cannot be added
 // without saying whether it upgrades and how the built-in policy binds it. It builds nothing:
 // every handler is made by newGateway.
@@ -77,7 +77,8 @@ func (g *gateway) routes() []route {
 }
 
 // bindings are the routes that need a token, each bound as the built-in policy binds it; a
-// policy file must bind each of them too.
+// policy file may bind no other, and one it leaves out keeps this binding
+// (policy.File.WithDefaults).
 func bindings(rs []route) []policy.Binding {
 	var bs []policy.Binding
 	for _, r := range rs {

@@ -6,6 +6,9 @@
 // comes in the URL's fragment (#token=...), which browsers never send to a server and which
 // the page removes from the address bar and the history as soon as it has read it.
 //
+// A gateway started with -demo says so (Options.Demo): the page shows a banner that its
+// algorithm service is the built-in fake, whose speech recognition ignores what is said.
+//
 // The page sends its token only to its own origin, or to a gateway the operator listed
 // (Options.Gateways, CONSOLE_GATEWAYS) and that ?gateway= names. Any other ?gateway= is
 // refused on the page, with nothing sent; and the Content-Security-Policy's connect-src names
@@ -23,6 +26,7 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"strconv"
 	"strings"
 
 	"voicegate/proxy"
@@ -39,11 +43,17 @@ type Options struct {
 	// Gateways are the origins, besides the page's own, that the page may talk to when
 	// ?gateway= names them, each as Origin returns it. None: only its own.
 	Gateways []string
+	// Demo says that the gateway serving the page runs with -demo, in front of the built-in
+	// fake algorithm service: the page says so in a banner. False: no banner.
+	Demo bool
 }
 
-// gatewaysMark is the attribute of index.html the handler fills with Options.Gateways,
-// space-separated, for the script to read.
-const gatewaysMark = `data-gateways=""`
+// gatewaysMark and demoMark are the attributes of index.html the handler fills, for the
+// script and the style sheet to read: Options.Gateways, space-separated, and Options.Demo.
+const (
+	gatewaysMark = `data-gateways=""`
+	demoMark     = `data-demo=""`
+)
 
 // Handler serves the console: GET /console is the page, GET /console/{file} its other files.
 func Handler(o Options) http.Handler {
@@ -51,6 +61,7 @@ func Handler(o Options) http.Handler {
 	page, _ := fs.ReadFile(files, "index.html")
 	page = bytes.Replace(page, []byte(gatewaysMark),
 		[]byte(`data-gateways="`+html.EscapeString(strings.Join(o.Gateways, " "))+`"`), 1)
+	page = bytes.Replace(page, []byte(demoMark), []byte(`data-demo="`+strconv.FormatBool(o.Demo)+`"`), 1)
 	policy := securityPolicy(o.Gateways)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		name := r.PathValue("file")

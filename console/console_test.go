@@ -5,6 +5,7 @@ import (
 	"net/http/httptest"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -139,5 +140,24 @@ func TestOrigin(t *testing.T) {
 		if got != tt.want || (err == nil) != (tt.want != "") {
 			t.Errorf("Origin(%q) = %q, %v; want %q", tt.in, got, err, tt.want)
 		}
+	}
+}
+
+// TestDemoMark: the page says whether its gateway runs with -demo, in an attribute its style
+// sheet shows the demo banner by; the gateway says so, nothing on the page decides it.
+func TestDemoMark(t *testing.T) {
+	for _, demo := range []bool{false, true} {
+		page := getWith(t, console.Options{Demo: demo}, "/console").Body.String()
+		m := regexp.MustCompile(`<html [^>]*data-demo="([^"]*)"`).FindStringSubmatch(page)
+		if want := strconv.FormatBool(demo); m == nil || m[1] != want {
+			t.Errorf("Demo %v: the page's data-demo is %q, want %q", demo, m, want)
+		}
+		if !strings.Contains(page, `id="demo-banner"`) {
+			t.Error("the page has no demo banner to show")
+		}
+	}
+	css := get(t, "/console/console.css").Body.String()
+	if !strings.Contains(css, `html[data-demo="true"] .banner { display: block; }`) || !strings.Contains(css, ".banner { display: none;") {
+		t.Error("console.css does not show the banner only on a demo gateway's page")
 	}
 }

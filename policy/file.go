@@ -18,7 +18,8 @@ import (
 type File struct {
 	// Roles maps role names to their grants and parents.
 	Roles map[string]Role `json:"roles"`
-	// Routes binds every route of the gateway to what it needs.
+	// Routes binds routes of the gateway to what they need. A route it leaves out takes the
+	// built-in policy's binding (see WithDefaults).
 	Routes []Binding `json:"routes"`
 	// Limits are the fair-use limits; absent means none.
 	Limits Limits `json:"limits"`
@@ -116,9 +117,12 @@ type Policy struct {
 	Rules    *Rules
 	Limits   Limits
 	bindings map[string]*binding // by route pattern
+	routes   []string            // the patterns compiled for, in the route table's order
+	unbound  []string            // the routes the file left out, bound as the built-in policy binds them
 }
 
 type binding struct {
+	src           Binding // as written (or, for a route the file left out, as the built-in policy has it)
 	perm          string
 	methods       map[string]string
 	ownerOverride string
@@ -145,10 +149,11 @@ func (b *binding) permFor(method string) string {
 }
 
 // Compile checks a policy file against the gateway's routes and compiles it. Every route must
-// be bound, every binding must name a route, every role and permission must be well-formed, and
-// limits must be sane. extraPerms are permissions handlers check themselves.
+// be bound (a Store first binds the routes a file leaves out: WithDefaults), every binding must
+// name a route, every role and permission must be well-formed, and limits must be sane.
+// extraPerms are permissions handlers check themselves.
 func Compile(f *File, routes []string, extraPerms []string) (*Policy, error) {
-	p := &Policy{Limits: f.Limits, bindings: map[string]*binding{}}
+	p := &Policy{Limits: f.Limits, bindings: map[string]*binding{}, routes: slices.Clone(routes)}
 	var perms []string
 	add := func(s string) error {
 		if s == "" {
@@ -169,7 +174,7 @@ func Compile(f *File, routes []string, extraPerms []string) (*Policy, error) {
 		if _, dup := p.bindings[b.Route]; dup {
 			return nil, fmt.Errorf("policy: route %q is bound twice", b.Route)
 		}
-		cb := &binding{perm: b.Permission, methods: b.Methods, ownerOverride: b.OwnerOverride, class: b.Class,
+		cb := &binding{src: b, perm: b.Permission, methods: b.Methods, ownerOverride: b.OwnerOverride, class: b.Class,
 			lease: b.Lease, tenantParam: strings.Contains(b.Route, "{tenant_id"), userParam: strings.Contains(b.Route, "{user_id")}
 		for _, s := range append([]string{b.Permission, b.OwnerOverride}, slices.Collect(maps.Values(b.Methods))...) {
 			if err := add(s); err != nil {
@@ -253,6 +258,58 @@ func (l Limits) check() error {
 	}
 	return l.checkVoice()
 }
+
+// WithDefaults returns a copy of f in which every route of routes that f does not bind is bound
+// as routes binds it, and the patterns of those routes, in routes' order. routes are the
+// gateway's routes, each with the binding the built-in policy gives it.
+//
+// A policy file names the routes of the release it was written for; each release may add
+// routes. Binding a new route as the built-in policy does keeps a working file working across an
+// upgrade, with the permission the gateway's authors chose for that route, rather than stopping
+// the gateway at start; the caller names those routes (Store logs them, "voicegate policy check"
+// lists them). A binding for a route that is not among routes stays an error (Compile): it is a
+// typo or a route that is gone, which a default cannot stand in for.
+//
+// A built-in binding keeps its lease only if f caps that lease (limits.concurrency): a lease
+// without a cap limits nothing, and Compile refuses one in a file as a mistake.
+func (f *File) WithDefaults(routes []Binding) (*File, []string) {
+	bound := make(map[string]bool, len(f.Routes))
+	for _, b := range f.Routes {
+		bound[b.Route] = true
+	}
+	out := *f
+	out.Routes = slices.Clone(f.Routes)
+	var added []string
+	for _, b := range routes {
+		if bound[b.Route] {
+			continue
+		}
+		if _, capped := f.Limits.Concurrency[b.Lease]; !capped {
+			b.Lease = ""
+		}
+		b.Methods = maps.Clone(b.Methods)
+		out.Routes = append(out.Routes, b)
+		added = append(added, b.Route)
+		bound[b.Route] = true
+	}
+	return &out, added
+}
+
+// Bindings returns the binding in force for every route the policy was compiled for, in the
+// order of those routes.
+func (p *Policy) Bindings() []Binding {
+	out := make([]Binding, 0, len(p.routes))
+	for _, r := range p.routes {
+		b := p.bindings[r].src
+		b.Methods = maps.Clone(b.Methods)
+		out = append(out, b)
+	}
+	return out
+}
+
+// Unbound returns the routes the policy file left out, which take the built-in policy's binding
+// (see WithDefaults); none for the built-in policy itself.
+func (p *Policy) Unbound() []string { return slices.Clone(p.unbound) }
 
 // Default is the built-in policy (used without POLICY_FILE): DefaultRoles, the limits below,
 // and routes as the bindings. Its routes come from the gateway's route table, where each route

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -19,11 +20,13 @@ type StoreOptions struct {
 	// Path is the policy file; empty means the built-in Default(Routes), never reloaded.
 	Path string
 	// Routes are the gateway's routes, each with the binding the built-in policy gives it. A
-	// policy file must bind every one of their routes, and no other.
+	// policy file may bind no other route; a route it does not bind takes this binding
+	// (File.WithDefaults).
 	Routes []Binding
 	// ExtraPerms are permissions handlers check themselves.
 	ExtraPerms []string
-	// Log receives one line per reload.
+	// Log receives one line per reload, and a warning naming the routes the file does not bind
+	// each time it is loaded; nil means none.
 	Log *slog.Logger
 }
 
@@ -47,16 +50,18 @@ func NewStore(o StoreOptions) (*Store, error) {
 		s.routes = append(s.routes, b.Route)
 	}
 	if o.Path == "" {
-		p, err := Compile(Default(o.Routes), s.routes, o.ExtraPerms)
+		p, err := s.compile(Default(o.Routes))
 		if err != nil {
 			return nil, err
 		}
 		s.current.Store(p)
 		return s, nil
 	}
-	if _, err := s.load(); err != nil {
+	p, err := s.load()
+	if err != nil {
 		return nil, err
 	}
+	s.warnUnbound(p)
 	return s, nil
 }
 
@@ -69,39 +74,64 @@ func (s *Store) Reload() error {
 	if s.o.Path == "" {
 		return nil
 	}
-	changed, err := s.load()
+	p, err := s.load()
 	if err != nil {
 		s.o.Log.Error("policy reload refused; keeping the running policy", "file", s.o.Path, "err", err.Error())
 		return err
 	}
-	if changed {
+	if p != nil {
 		s.o.Log.Info("policy reloaded", "file", s.o.Path)
+		s.warnUnbound(p)
 	}
 	return nil
 }
 
-func (s *Store) load() (changed bool, err error) {
+// warnUnbound says, in one line, which routes the policy in force takes from the built-in
+// policy because its file does not bind them: a file written for an earlier release, whose
+// owner should review what the new routes are bound to.
+func (s *Store) warnUnbound(p *Policy) {
+	if unbound := p.Unbound(); len(unbound) > 0 {
+		s.o.Log.Warn("the policy file does not bind every route; these routes take the built-in policy's binding (voicegate policy check FILE lists them)",
+			"file", s.o.Path, "routes", strings.Join(unbound, ", "))
+	}
+}
+
+// compile compiles f for the gateway's routes; a route f does not bind takes its built-in
+// binding, and the policy names it (Policy.Unbound).
+func (s *Store) compile(f *File) (*Policy, error) {
+	f, unbound := f.WithDefaults(s.o.Routes)
+	p, err := Compile(f, s.routes, s.o.ExtraPerms)
+	if err != nil {
+		return nil, err
+	}
+	p.unbound = unbound
+	return p, nil
+}
+
+// load reads and compiles the file and puts it in force. It returns the new policy, or nil
+// when the file has not changed since it was last put in force.
+func (s *Store) load() (*Policy, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	data, err := readFile(s.o.Path)
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	sum := sha256.Sum256(data)
 	if s.current.Load() != nil && bytes.Equal(sum[:], s.sum[:]) {
-		return false, nil
+		return nil, nil
 	}
 	f, err := Parse(data)
 	if err != nil {
-		return false, err
+		return nil, err
 	}
-	p, err := Compile(f, s.routes, s.o.ExtraPerms)
+	p, err := s.compile(f)
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	s.current.Store(p)
 	s.sum = sum
-	return true, nil
+	return p, nil
 }
 
 // Watch reloads the file whenever its content changes, checking every interval, until ctx ends.

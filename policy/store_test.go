@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"maps"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -297,4 +298,172 @@ func TestStoreWatch(t *testing.T) {
 			t.Fatal("Watch did not stop when its context ended")
 		}
 	})
+}
+
+// newestRoutes are the routes the release before last did not have; previous-release.json
+// binds all the others, as written for that release.
+var newestRoutes = []string{
+	"GET /api/v2/chat/stream/{request_id}",
+	"GET /api/v2/voice/sessions/{session_id}",
+	"DELETE /api/v2/voice/sessions/{session_id}",
+	"POST /api/v2/voice/broadcast",
+}
+
+// TestStoreFileFromAnEarlierRelease: a policy file that does not bind routes added since it was
+// written still loads; those routes take the built-in binding, and one warning names them, at
+// start and at each reload that puts a new version in force. A binding for a route the gateway
+// does not have is still refused.
+func TestStoreFileFromAnEarlierRelease(t *testing.T) {
+	old := readFixture(t, "previous-release.json")
+	f, err := policy.Parse(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := len(f.Routes), len(gatewayRoutes)-len(newestRoutes); got != want {
+		t.Fatalf("previous-release.json binds %d routes, want all %d but the newest four", got, want)
+	}
+	path := filepath.Join(t.TempDir(), "policy.json")
+	writeAtomically(t, path, old)
+	log := &syncBuffer{}
+	s, err := policy.NewStore(policy.StoreOptions{Path: path, Routes: gatewayBindings, ExtraPerms: handlerPerms,
+		Log: slog.New(slog.NewJSONHandler(log, nil))})
+	if err != nil {
+		t.Fatalf("a file written for the previous release was refused: %v", err)
+	}
+	// The routes it leaves out, in the route table's order.
+	var want []string
+	for _, r := range gatewayRoutes {
+		if slices.Contains(newestRoutes, r) {
+			want = append(want, r)
+		}
+	}
+	if got := s.Policy().Unbound(); !slices.Equal(got, want) {
+		t.Errorf("Unbound() = %q, want %q", got, want)
+	}
+	warned := func() []map[string]any {
+		var ws []map[string]any
+		for _, l := range log.lines(t) {
+			if l["level"] == "WARN" {
+				ws = append(ws, l)
+			}
+		}
+		return ws
+	}
+	ws := warned()
+	if len(ws) != 1 {
+		t.Fatalf("%d warnings at start, want 1: %v", len(ws), log.lines(t))
+	}
+	if got, _ := ws[0]["routes"].(string); got != strings.Join(want, ", ") || ws[0]["file"] != path {
+		t.Errorf("the warning names %q in %v, want %q in %s", got, ws[0]["file"], strings.Join(want, ", "), path)
+	}
+
+	// Each route is bound as the built-in policy binds it, the others as the file says.
+	builtIn := map[string]policy.Binding{}
+	for _, b := range gatewayBindings {
+		builtIn[b.Route] = b
+	}
+	written := map[string]policy.Binding{}
+	for _, b := range f.Routes {
+		written[b.Route] = b
+	}
+	got := s.Policy().Bindings()
+	if len(got) != len(gatewayRoutes) {
+		t.Fatalf("%d bindings in force, want one for each of the %d routes", len(got), len(gatewayRoutes))
+	}
+	for i, b := range got {
+		if b.Route != gatewayRoutes[i] {
+			t.Errorf("binding %d is for %q, want %q (the route table's order)", i, b.Route, gatewayRoutes[i])
+		}
+		w, ok := written[b.Route]
+		if !ok {
+			w = builtIn[b.Route]
+		}
+		if !sameBinding(b, w) {
+			t.Errorf("%s is bound %+v, want %+v", b.Route, b, w)
+		}
+	}
+	// And decided so: closing another's voice session needs voice:admin, which a support
+	// role of this file does not have and an admin does.
+	closeSession := httptest.NewRequest("DELETE", "/api/v2/voice/sessions/s1", nil)
+	closeSession.Pattern = "DELETE /api/v2/voice/sessions/{session_id}"
+	sue := &policy.Subject{UserID: "sue", TenantID: "acme", Roles: []string{"support"}}
+	boss := &policy.Subject{UserID: "bo", TenantID: "acme", Roles: []string{"admin"}}
+	if e := s.Policy().Decide(closeSession, sue, true); e == nil || e.Status != 403 {
+		t.Errorf("support closing a session: %v, want 403", e)
+	}
+	if e := s.Policy().Decide(closeSession, boss, true); e != nil {
+		t.Errorf("admin closing a session: %v, want allowed", e)
+	}
+
+	t.Run("warned again when a new version is put in force", func(t *testing.T) {
+		writeAtomically(t, path, bytes.Replace(old, []byte(`"daily_requests_per_user": 20000`), []byte(`"daily_requests_per_user": 30000`), 1))
+		if err := s.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(warned()); n != 2 {
+			t.Errorf("%d warnings after a reload, want 2", n)
+		}
+		if err := s.Reload(); err != nil { // unchanged: nothing to say
+			t.Fatal(err)
+		}
+		if n := len(warned()); n != 2 {
+			t.Errorf("%d warnings after reloading an unchanged file, want still 2", n)
+		}
+	})
+
+	t.Run("a file that binds every route says nothing", func(t *testing.T) {
+		full := filepath.Join(t.TempDir(), "full.json")
+		writeAtomically(t, full, readFixture(t, "good/readme.json"))
+		quiet := &syncBuffer{}
+		s, err := policy.NewStore(policy.StoreOptions{Path: full, Routes: gatewayBindings, ExtraPerms: handlerPerms,
+			Log: slog.New(slog.NewJSONHandler(quiet, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if u := s.Policy().Unbound(); len(u) != 0 {
+			t.Errorf("Unbound() = %q, want none", u)
+		}
+		if n := len(quiet.lines(t)); n != 0 {
+			t.Errorf("%d log lines, want none", n)
+		}
+	})
+
+	t.Run("a binding for a route the gateway does not have is refused", func(t *testing.T) {
+		bad := filepath.Join(t.TempDir(), "bad.json")
+		writeAtomically(t, bad, bytes.Replace(old, []byte(`"route": "POST /api/v2/chat/cancel"`), []byte(`"route": "POST /api/v2/chat/cancle"`), 1))
+		_, err := policy.NewStore(policy.StoreOptions{Path: bad, Routes: gatewayBindings, ExtraPerms: handlerPerms})
+		if err == nil || !strings.Contains(err.Error(), `binding for "POST /api/v2/chat/cancle", which is not a route of the gateway`) {
+			t.Errorf("error %v, want the binding for a route that does not exist refused", err)
+		}
+	})
+
+	t.Run("a lease the file does not cap is left out", func(t *testing.T) {
+		// A file from before concurrency caps existed, and the routes that hold a lease in the
+		// built-in policy: they take their binding without the lease, which would cap nothing.
+		noCaps := bytes.Replace(old, []byte(`,
+    "concurrency": {"chat": {"per_user": 4, "per_tenant": 200}, "voice": {"per_user": 2, "per_tenant": 100}}`), nil, 1)
+		var nf policy.File
+		if err := json.Unmarshal(noCaps, &nf); err != nil || nf.Limits.Concurrency != nil {
+			t.Fatalf("could not drop the caps: %v", err)
+		}
+		nf.Routes = slices.DeleteFunc(nf.Routes, func(b policy.Binding) bool { return b.Lease != "" })
+		data, _ := json.Marshal(nf)
+		p := filepath.Join(t.TempDir(), "nocaps.json")
+		writeAtomically(t, p, data)
+		s, err := policy.NewStore(policy.StoreOptions{Path: p, Routes: gatewayBindings, ExtraPerms: handlerPerms})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range s.Policy().Bindings() {
+			if b.Route == "POST /api/v2/chat/stream" && (b.Lease != "" || b.Permission != "chat:write" || b.Class != "chat") {
+				t.Errorf("the chat stream is bound %+v, want chat:write, class chat and no lease", b)
+			}
+		}
+	})
+}
+
+// sameBinding compares two bindings, a nil and an empty Methods alike.
+func sameBinding(a, b policy.Binding) bool {
+	return a.Route == b.Route && a.Permission == b.Permission && maps.Equal(a.Methods, b.Methods) &&
+		a.OwnerOverride == b.OwnerOverride && a.Class == b.Class && a.Lease == b.Lease
 }

@@ -22,7 +22,6 @@ const (
 	CodeInvalidLine        = "INVALID_LINE"
 	CodeLineTooLong        = "LINE_TOO_LONG"
 	CodeUpstreamIncomplete = "UPSTREAM_INCOMPLETE"
-	CodeStreamError        = "STREAM_ERROR"
 	CodeResumeGap          = "RESUME_GAP"
 	CodeTokenRevoked       = "TOKEN_REVOKED"
 )

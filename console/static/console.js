@@ -1,7 +1,8 @@
 // voicegate console: chat through fetch() with a streamed body (EventSource can neither POST
 // nor send Authorization), voice through a WebSocket with the token as a "bearer.<token>"
 // subprotocol. The page's own counters live in window.voicegate, where anyone (and the
-// browser tests) can read what was sent, received and played.
+// browser tests) can read what was sent, received and played. Each log has one short line per
+// event or message (its time, name and id); its JSON shows when the line is clicked.
 
 const $ = (id) => document.getElementById(id);
 
@@ -31,12 +32,14 @@ function chooseGateway(asked) {
 
 // What the page has done, for people and tests alike.
 const state = {
+  demo: document.documentElement.dataset.demo === "true", // the gateway runs with -demo (it says so)
   refused: "", // why the page talks to no gateway, when it was pointed at one it may not use
   chat: { events: [], answer: "", requestId: "", running: false, outcome: "", error: "" },
   voice: {
     sessionId: "", framesSent: 0, bytesSent: 0, ttsFrames: 0, ttsSamples: 0,
     buffersScheduled: 0, buffersPlayed: 0, playedMs: 0, messages: [], closes: [],
     lastError: null, open: false,
+    level: 0, // the microphone's level while talking, 0 (-60 dBFS or less) to 1 (full scale)
   },
 };
 window.voicegate = state;
@@ -70,21 +73,87 @@ function meaning(code) {
   return "no meaning known to this console";
 }
 
+// token is what the token field holds, without the "Bearer " a paste from a header brings.
 function token() {
-  return $("token").value.trim();
+  return $("token").value.trim().replace(/^Bearer\s+/i, "");
 }
 
-function logLine(list, text, bad) {
-  const li = document.createElement("li");
-  li.textContent = text;
-  if (bad) li.className = "bad";
+// needToken says, without asking the gateway, that there is no token to send; it reports
+// whether there is one.
+function needToken(statusEl) {
+  if (token()) return true;
+  setStatus(statusEl, "Paste a token into the Token field first: nothing was sent.", "bad");
+  $("token").setAttribute("aria-invalid", "true");
+  $("token").focus();
+  return false;
+}
+
+// appendFollowing adds li to a log and keeps the log scrolled to its end, unless the reader
+// scrolled up to look at something.
+function appendFollowing(list, li) {
+  const atEnd = list.scrollHeight - list.scrollTop - list.clientHeight < 24;
   list.append(li);
-  list.scrollTop = list.scrollHeight;
+  if (atEnd) list.scrollTop = list.scrollHeight;
 }
 
-function setStatus(el, text, bad) {
+// logEntry adds one line to a log: the time, the name (and id), a few words; with json, a click
+// on the line shows it.
+function logEntry(list, { t, name, id, info, json, bad }) {
+  const li = document.createElement("li");
+  li.className = "event" + (bad ? " bad" : "");
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  const time = document.createElement("time");
+  time.textContent = `${t} ms`;
+  const b = document.createElement("b");
+  b.textContent = name;
+  summary.append(time, b);
+  if (id) {
+    const span = document.createElement("span");
+    span.className = "id";
+    span.textContent = ` #${id}`;
+    summary.append(span);
+  }
+  if (info) {
+    const span = document.createElement("span");
+    span.className = "info";
+    span.textContent = ` ${clip(info, 120)}`;
+    summary.append(span);
+  }
+  details.append(summary);
+  if (json !== undefined) {
+    const pre = document.createElement("pre");
+    // Written when first opened: a long stream costs no pretty-printing nobody reads.
+    details.addEventListener("toggle", () => {
+      if (!details.open) return;
+      if (!pre.textContent) pre.textContent = typeof json === "string" ? json : JSON.stringify(json, null, 2);
+      // Bring the JSON into the log's view, its beginning first when it is taller than the log.
+      const list = li.parentElement;
+      const lr = list.getBoundingClientRect();
+      const dr = details.getBoundingClientRect();
+      if (dr.bottom > lr.bottom) list.scrollTop += Math.min(dr.bottom - lr.bottom, dr.top - lr.top);
+    });
+    details.append(pre);
+  }
+  li.append(details);
+  appendFollowing(list, li);
+}
+
+// logNote adds a line of the page's own (a reconnect, a resume, a close) to a log; t may be
+// null.
+function logNote(list, t, text, bad) {
+  const li = document.createElement("li");
+  li.className = "note" + (bad ? " bad" : "");
+  const time = document.createElement("time");
+  time.textContent = t === null ? "" : `${t} ms`;
+  li.append(time, document.createTextNode(text));
+  appendFollowing(list, li);
+}
+
+// setStatus shows a status in words and, by its state, in colour: idle, busy, ok, warn or bad.
+function setStatus(el, text, state = "idle") {
   el.textContent = text;
-  el.className = bad ? "status bad" : "status";
+  el.dataset.state = state;
 }
 
 function clip(s, n = 240) {
@@ -165,12 +234,17 @@ async function sendChat(question) {
   c.requestId = "";
   c.outcome = "";
   c.error = "";
+  if (!needToken($("chat-status"))) {
+    c.error = $("chat-status").textContent;
+    return;
+  }
   c.running = true;
   $("answer").textContent = "";
   $("chat-log").replaceChildren();
+  $("chat-count").textContent = "";
   $("send").disabled = true;
   $("cancel").disabled = false;
-  setStatus($("chat-status"), "sending…");
+  setStatus($("chat-status"), "sending…", "busy");
   const started = performance.now();
   let lastId = null;
   let retry = 0;
@@ -185,11 +259,13 @@ async function sendChat(question) {
     }
     c.events.push({ name: e.event, t, id: e.id });
     if (e.id !== null) lastId = e.id;
-    logLine($("chat-log"), `${t} ${e.event}${e.id ? " #" + e.id : ""} ${clip(e.data)}`, e.event === "error");
+    const info = e.event === "error" ? `${data.code || ""}${data.fatal === false ? " (skipped, the stream goes on)" : ""}` : "";
+    logEntry($("chat-log"), { t, name: e.event, id: e.id, info, json: data, bad: e.event === "error" });
+    $("chat-count").textContent = `(${c.events.length})`;
     switch (e.event) {
       case "stream_start":
         c.requestId = data.request_id;
-        setStatus($("chat-status"), `streaming (request ${c.requestId})`);
+        setStatus($("chat-status"), `streaming (request ${c.requestId})`, "busy");
         break;
       case "generation_chunk": {
         const text = typeof data.content === "string" ? data.content : JSON.stringify(data.content);
@@ -204,14 +280,21 @@ async function sendChat(question) {
         // A skipped line (fatal: false) is only logged; the stream goes on.
         if (data.fatal === false) break;
         c.error = `${data.code}: ${data.message || ""}`;
-        setStatus($("chat-status"), `error in the stream: ${c.error}`, true);
+        setStatus($("chat-status"), `error in the stream: ${c.error}`, "bad");
         break;
       case "stream_end":
         c.outcome = c.outcome || data.outcome || "completed";
         break;
     }
   };
-  const onComment = (text) => logLine($("chat-log"), `${Math.round(performance.now() - started)} : ${text}`);
+  const onComment = (text) => {
+    const li = document.createElement("li");
+    li.className = "comment";
+    const time = document.createElement("time");
+    time.textContent = `${Math.round(performance.now() - started)} ms`;
+    li.append(time, document.createTextNode(`: ${text}`));
+    appendFollowing($("chat-log"), li);
+  };
 
   try {
     for (let attempt = 0; ; attempt++) {
@@ -247,18 +330,19 @@ async function sendChat(question) {
       // The connection broke before the last event. A gateway that keeps streams resumable
       // says so with a retry: field; without one the stream is gone with the connection.
       if (retry > 0 && c.requestId && attempt < 3) {
-        logLine($("chat-log"), `connection lost; resuming after event ${lastId} in ${retry} ms`, true);
+        logNote($("chat-log"), Math.round(performance.now() - started), `connection lost; resuming after event ${lastId} in ${retry} ms`, true);
+        setStatus($("chat-status"), `connection lost; resuming in ${retry} ms`, "warn");
         await new Promise((r) => setTimeout(r, retry));
         continue;
       }
       throw new Error("the connection broke before the stream ended");
     }
-    if (c.outcome === "cancelled") setStatus($("chat-status"), "cancelled");
-    else if (!c.error) setStatus($("chat-status"), `done: ${c.outcome} (${c.events.length} events)`);
+    if (c.outcome === "cancelled") setStatus($("chat-status"), "cancelled", "warn");
+    else if (!c.error) setStatus($("chat-status"), `done: ${c.outcome} (${c.events.length} events)`, c.outcome === "completed" ? "ok" : "warn");
   } catch (err) {
     c.error = c.error || err.message;
-    if (err.name === "AbortError") setStatus($("chat-status"), "stopped reading");
-    else setStatus($("chat-status"), err.message, true);
+    if (err.name === "AbortError") setStatus($("chat-status"), "stopped reading", "warn");
+    else setStatus($("chat-status"), err.message, "bad");
   } finally {
     c.running = false;
     chatAbort = null;
@@ -283,7 +367,7 @@ async function cancelChat() {
       body: JSON.stringify({ request_id: id }),
     });
     if (!res.ok) {
-      logLine($("chat-log"), "cancel: " + (await errorText(res)), true);
+      logNote($("chat-log"), null, "cancel refused: " + (await errorText(res)), true);
       if (chatAbort) chatAbort.abort();
     }
   } catch {
@@ -304,6 +388,7 @@ const voice = {
   playAt: 0, // when the next TTS buffer starts, on the context's clock
   attempts: 0,
   hungUp: false,
+  t0: performance.now(), // when the session (or its last attempt) started: the log's times count from it
 };
 
 function renderCounters() {
@@ -314,9 +399,20 @@ function renderCounters() {
   $("tts-played").textContent = `${Math.round(v.playedMs)} ms`;
 }
 
-function voiceLog(text, bad) {
-  state.voice.messages.push(text);
-  logLine($("voice-log"), text, bad);
+// voiceLog records one line of the session: a message m (its JSON shows when the line is
+// clicked), or without m a note of the page's own. text is the line as state.voice.messages
+// keeps it; the log shows m's type and a few words: info, or what text says after the type.
+function voiceLog(text, bad, m, info) {
+  const v = state.voice;
+  v.messages.push(text);
+  const t = Math.round(performance.now() - voice.t0);
+  if (m) {
+    if (info === undefined) info = text.startsWith(m.type) ? text.slice(m.type.length).replace(/^:?\s*/, "") : text;
+    logEntry($("voice-log"), { t, name: String(m.type), info, json: m, bad });
+  } else {
+    logNote($("voice-log"), t, text, bad);
+  }
+  $("voice-count").textContent = `(${v.messages.length})`;
 }
 
 async function audioContext() {
@@ -339,7 +435,8 @@ function connect() {
     const u = new URL("/api/v2/voice/stream", gateway);
     u.protocol = gateway.protocol === "https:" ? "wss:" : "ws:";
     u.searchParams.set("language", navigator.language || "en-US");
-    setStatus($("voice-status"), "connecting…");
+    voice.t0 = performance.now();
+    setStatus($("voice-status"), "connecting…", "busy");
     let ws;
     try {
       ws = new WebSocket(u, ["voice-protocol-v2", "bearer." + token()]);
@@ -359,7 +456,7 @@ function connect() {
       try {
         m = JSON.parse(e.data);
       } catch {
-        voiceLog("not JSON: " + clip(e.data), true);
+        voiceLog("a message that is not JSON: " + clip(e.data), true);
         return;
       }
       onVoiceMessage(m);
@@ -384,38 +481,39 @@ function onVoiceMessage(m) {
       v.open = true;
       voice.rate = (m.config && m.config.sample_rate) || 16000;
       voice.ttsRate = voice.rate;
-      voiceLog(`session_initialized ${m.session_id}: ${voice.rate} Hz, ${m.config && m.config.language}`);
-      setStatus($("voice-status"), `connected: session ${m.session_id}`);
+      voiceLog(`session_initialized ${m.session_id}: ${voice.rate} Hz, ${m.config && m.config.language}`, false, m);
+      setStatus($("voice-status"), `connected: session ${m.session_id}`, "ok");
       break;
     case "asr_partial":
       $("transcript").textContent = m.text + " …";
-      voiceLog(`asr_partial (recognition so far): ${m.text}`);
+      voiceLog(`asr_partial (recognition so far): ${m.text}`, false, m);
       break;
     case "asr_final":
       $("transcript").textContent = m.text;
       $("voice-answer").textContent = "";
-      voiceLog(`asr_final (what you said): ${m.text}`);
+      voiceLog(`asr_final (what you said): ${m.text}`, false, m);
       break;
     case "llm_response_chunk":
       $("voice-answer").textContent += m.content;
-      voiceLog(`llm_response_chunk (answer): ${m.content}`);
+      voiceLog(`llm_response_chunk (answer): ${m.content}`, false, m);
       break;
     case "tts_start":
       if (m.sample_rate) voice.ttsRate = m.sample_rate;
-      voiceLog(`tts_start (speech follows): ${voice.ttsRate} Hz`);
+      voiceLog(`tts_start (speech follows): ${voice.ttsRate} Hz`, false, m);
       break;
     case "tts_complete":
-      voiceLog(`tts_complete (speech sent): ${m.audio_ms ?? "?"} ms`);
+      voiceLog(`tts_complete (speech sent): ${m.audio_ms ?? "?"} ms`, false, m);
+      if (v.open && !voice.talking) setStatus($("voice-status"), `connected: session ${v.sessionId}`, "ok");
       break;
     case "error": {
       v.lastError = m;
       const refused = m.status ? ` (refused with HTTP ${m.status}${m.retry_after ? `, retry after ${m.retry_after} s` : ""})` : "";
-      voiceLog(`error ${m.code}: ${m.message}${refused}`, true);
-      setStatus($("voice-status"), `${m.code}: ${m.message}${refused}`, true);
+      voiceLog(`error ${m.code}: ${m.message}${refused}`, true, m);
+      setStatus($("voice-status"), `${m.code}: ${m.message}${refused}`, "bad");
       break;
     }
     default:
-      voiceLog(`${m.type}: ${clip(JSON.stringify(m), 160)}`);
+      voiceLog(`${m.type}: ${clip(JSON.stringify(m), 160)}`, false, m, "");
   }
 }
 
@@ -426,7 +524,7 @@ function onVoiceClose(e) {
   const text = `closed ${e.code}${e.reason ? " " + e.reason : ""}: ${meaning(e.code)}`;
   voiceLog(text, e.code !== 1000);
   const why = v.lastError && v.lastError.status ? `${v.lastError.code}: ${v.lastError.message} — ` : "";
-  setStatus($("voice-status"), why + text, e.code !== 1000);
+  setStatus($("voice-status"), why + text, e.code === 1000 ? "idle" : "bad");
   voice.ws = null;
   stopCapture();
   $("hangup").disabled = true;
@@ -437,6 +535,7 @@ function onVoiceClose(e) {
     voice.attempts++;
     const wait = again * voice.attempts;
     voiceLog(`reconnecting in ${wait} ms (attempt ${voice.attempts})`);
+    setStatus($("voice-status"), `${why}${text}; reconnecting in ${wait} ms`, "warn");
     setTimeout(() => startTalking().catch(() => {}), wait);
   }
 }
@@ -478,7 +577,9 @@ async function startCapture() {
   });
   voice.node.port.onmessage = (e) => {
     const ws = voice.ws;
-    if (!voice.talking || !ws || ws.readyState !== WebSocket.OPEN) return;
+    if (!voice.talking) return;
+    showLevel(micLevel(new Int16Array(e.data)));
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;
     ws.send(e.data);
     state.voice.framesSent++;
     state.voice.bytesSent += e.data.byteLength;
@@ -490,8 +591,29 @@ async function startCapture() {
   source.connect(voice.node).connect(mute).connect(ctx.destination);
 }
 
+// micLevel is how loud a frame of PCM16 is, on a meter of the 60 dB below full scale: 0 at
+// -60 dBFS (RMS) or quieter, 1 at full scale.
+function micLevel(pcm) {
+  let sum = 0;
+  for (let i = 0; i < pcm.length; i++) sum += pcm[i] * pcm[i];
+  const rms = Math.sqrt(sum / Math.max(pcm.length, 1)) / 0x8000;
+  return Math.min(1, Math.max(0, 1 + (20 * Math.log10(Math.max(rms, 1e-9))) / 60));
+}
+
+// showLevel moves the meter: up at once, down over a few frames, as level meters do, so that
+// the gaps between syllables do not make it flicker.
+function showLevel(level) {
+  const v = state.voice;
+  v.level = level >= v.level ? level : v.level + (level - v.level) * 0.3;
+  $("mic-level").value = v.level;
+  $("mic-meter").hidden = false;
+}
+
 function stopCapture() {
   voice.talking = false;
+  state.voice.level = 0;
+  $("mic-level").value = 0;
+  $("mic-meter").hidden = true;
   if (voice.node) {
     voice.node.port.postMessage("stop");
     voice.node.disconnect();
@@ -506,6 +628,7 @@ function stopCapture() {
 }
 
 async function startTalking() {
+  if (!needToken($("voice-status"))) return;
   voice.hungUp = false;
   $("mic").disabled = true;
   try {
@@ -513,12 +636,18 @@ async function startTalking() {
     if (!voice.ws) await connect();
     voice.ws.send(JSON.stringify({ type: "start" }));
     await startCapture();
+    if (!voice.ws) {
+      // The session closed while the microphone was starting: its close said why.
+      stopCapture();
+      return;
+    }
     voice.talking = true;
     $("mic").textContent = "Stop talking";
     $("hangup").disabled = false;
+    setStatus($("voice-status"), `talking: session ${state.voice.sessionId}`, "ok");
   } catch (err) {
     stopCapture();
-    if (!state.voice.lastError) setStatus($("voice-status"), err.message, true);
+    if (!state.voice.lastError) setStatus($("voice-status"), err.message, "bad");
   } finally {
     $("mic").disabled = false;
   }
@@ -529,6 +658,7 @@ function stopTalking() {
   if (voice.ws && voice.ws.readyState === WebSocket.OPEN) {
     voice.ws.send(JSON.stringify({ type: "stop" }));
     voiceLog("stop sent: waiting for the answer");
+    setStatus($("voice-status"), `waiting for the answer: session ${state.voice.sessionId}`, "busy");
   }
 }
 
@@ -547,8 +677,8 @@ if (!gateway) {
   $("origin-note").textContent = state.refused;
   $("origin-note").className = "note bad";
   for (const id of ["send", "cancel", "mic", "hangup"]) $(id).disabled = true;
-  setStatus($("chat-status"), "refused: no gateway", true);
-  setStatus($("voice-status"), "refused: no gateway", true);
+  setStatus($("chat-status"), "refused: no gateway", "bad");
+  setStatus($("voice-status"), "refused: no gateway", "bad");
 } else {
   $("gateway").textContent = gateway.origin;
   $("openapi").href = new URL("/openapi.json", gateway).href;
@@ -562,6 +692,7 @@ $("chat-form").addEventListener("submit", (e) => {
   const q = $("question").value.trim();
   if (q && !state.chat.running) sendChat(q);
 });
+$("token").addEventListener("input", () => $("token").removeAttribute("aria-invalid"));
 $("cancel").addEventListener("click", cancelChat);
 $("mic").addEventListener("click", () => (voice.talking ? stopTalking() : startTalking()));
 $("hangup").addEventListener("click", hangUp);
