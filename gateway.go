@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -521,18 +522,33 @@ func reachable(ctx context.Context, addrs []string) error {
 // last of them has left, rather than at the runtime's next collection (up to two minutes away
 // on an idle instance) and at its scavenger's pace: RSS is what an operator watches for leaks,
 // and a thousand waiting clients' stacks and buffers are tens of megabytes. Crowds smaller than
-// stormSize are left to the runtime, and it runs at most once every stormGap.
+// stormSize are left to the runtime, and it runs at most once every stormGap: a storm that ends
+// sooner after the last return is returned once the gap is over, not skipped.
 func returnMemory() func(peak int64) {
 	const stormSize, stormGap = 64, time.Second
-	var last atomic.Int64
+	var (
+		mu      sync.Mutex
+		last    time.Time // when the last return began
+		pending bool      // a return is scheduled, and covers every storm that ends before it
+	)
 	return func(peak int64) {
-		now, prev := time.Now().UnixNano(), last.Load()
-		if peak < stormSize || now-prev < int64(stormGap) || !last.CompareAndSwap(prev, now) {
+		if peak < stormSize {
 			return
 		}
-		// Two collections: a buffer put back in a sync.Pool survives the first in the pool's
-		// victim cache, and is freed by the second.
-		runtime.GC()
-		debug.FreeOSMemory()
+		mu.Lock()
+		defer mu.Unlock()
+		if pending {
+			return
+		}
+		pending = true
+		time.AfterFunc(max(0, stormGap-time.Since(last)), func() {
+			mu.Lock()
+			pending, last = false, time.Now()
+			mu.Unlock()
+			// Two collections: a buffer put back in a sync.Pool survives the first in the pool's
+			// victim cache, and is freed by the second.
+			runtime.GC()
+			debug.FreeOSMemory()
+		})
 	}
 }
