@@ -8,7 +8,6 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -42,28 +41,6 @@ func redisStats(tb testing.TB, addr string) (cmds, in, out int64) {
 	return get("total_commands_processed"), get("total_net_input_bytes"), get("total_net_output_bytes")
 }
 
-// costAlgo answers chat at once and keeps voice sessions open, reading, until they close.
-func costAlgo(tb testing.TB) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/query" {
-			ndjson(w, `{"type":"generation_chunk","content":"hi"}`, `{"type":"generation_done"}`)
-			return
-		}
-		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
-		if err != nil {
-			return
-		}
-		defer c.CloseNow()
-		for {
-			if _, _, err := c.Read(context.Background()); err != nil {
-				return
-			}
-		}
-	}))
-	tb.Cleanup(srv.Close)
-	return srv
-}
-
 // BenchmarkRedisCost reports what Redis does per chat request (fresh token: nothing cached;
 // and one token again and again), per voice session (start and end) and per second of an
 // open voice session (renewals; the 500 ms rechecks are answered from the client-side cache),
@@ -75,7 +52,7 @@ func costAlgo(tb testing.TB) *httptest.Server {
 // Redis's network input and output, invalidation messages included.
 func BenchmarkRedisCost(b *testing.B) {
 	r := startRedisB(b)
-	algo := costAlgo(b)
+	algo := doneAlgo(b)
 	srv, _ := benchGateway(b, map[string]string{"REDIS_URL": r.URL(), "ALGO_URL": algo.URL})
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
 	chat := func(tok string) {

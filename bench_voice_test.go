@@ -10,7 +10,6 @@ import (
 	"encoding/binary"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"slices"
 	"strconv"
 	"sync"
@@ -26,8 +25,8 @@ import (
 // echoAlgo is the algorithm service of the voice benchmarks: it sends every audio frame back as
 // a binary frame (TTS audio), decoding audio_chunk messages and echoing raw frames. It reuses
 // its buffers, so that its own cost stays small and flat.
-func echoAlgo(tb testing.TB) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func echoAlgo(tb testing.TB) *fakeAlgo {
+	return newAlgo(tb, algoOptions{Voice: func(w http.ResponseWriter, r *http.Request) {
 		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"voice-protocol-v2"},
 			CompressionMode: websocket.CompressionDisabled})
 		if err != nil {
@@ -64,9 +63,7 @@ func echoAlgo(tb testing.TB) *httptest.Server {
 				return
 			}
 		}
-	}))
-	tb.Cleanup(srv.Close)
-	return srv
+	}})
 }
 
 // voiceLoad is a fixed offered load of sessions, each sending a 640-byte frame (20 ms of

@@ -904,8 +904,9 @@ var happyLines = []string{
 	`{"type":"generation_done","finish_reason":"stop"}`,
 }
 
-// doneAlgo is an algorithm service that ends every answer at once.
-func doneAlgo(t *testing.T) *fakeAlgo {
+// doneAlgo is the fake algorithm service that ends every chat answer at once; its voice
+// sessions read until they close.
+func doneAlgo(t testing.TB) *fakeAlgo {
 	return newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
 		ndjson(w, `{"type":"generation_chunk","content":"hi"}`, `{"type":"generation_done"}`)
 	})
