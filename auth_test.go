@@ -370,12 +370,12 @@ func TestAuthDemoToken(t *testing.T) {
 	deadline := time.Now().Add(2 * time.Second)
 	for token == "" {
 		for _, line := range strings.Split(g.Stdout.String(), "\n") {
-			if v, ok := strings.CutPrefix(strings.TrimSpace(line), "TOKEN="); ok && strings.Count(v, ".") == 2 {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(line), "export TOKEN="); ok && strings.Count(v, ".") == 2 {
 				token = v
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no TOKEN=... line on stdout:\n%s", g.Stdout)
+			t.Fatalf("no export TOKEN=... line on stdout:\n%s", g.Stdout)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

@@ -875,17 +875,16 @@ func TestChatRedisRoundTrips(t *testing.T) {
 	}
 }
 
-// readmeChatReader returns the fetch() stream reader of README.md's Browsers section, as the
-// README prints it.
+// readmeChatReader returns the fetch() stream reader of docs/chat.md, as the doc prints it.
 func readmeChatReader(t *testing.T) string {
 	t.Helper()
-	readme, err := os.ReadFile("README.md")
+	readme, err := os.ReadFile("docs/chat.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := regexp.MustCompile("(?s)## Browsers\n.*?```js\n(.*?)```").FindSubmatch(readme)
+	m := regexp.MustCompile("(?s)## Reading a stream from a browser\n.*?```js\n(.*?)```").FindSubmatch(readme)
 	if m == nil {
-		t.Fatal("README.md has no js block under ## Browsers")
+		t.Fatal("docs/chat.md has no js block under ## Reading a stream from a browser")
 	}
 	return string(m[1])
 }

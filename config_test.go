@@ -315,17 +315,17 @@ func TestConfigErrorKeepsCredentialsOut(t *testing.T) {
 	}
 }
 
-// TestConfigTableInREADME: README.md's configuration table is the complete list of settings:
+// TestConfigTableInREADME: docs/configuration.md's table is the complete list of settings:
 // every variable the code reads is there, with the code's default.
 func TestConfigTableInREADME(t *testing.T) {
-	raw, err := os.ReadFile("README.md")
+	raw, err := os.ReadFile("docs/configuration.md")
 	if err != nil {
 		t.Fatal(err)
 	}
 	doc := string(raw)
-	start := strings.Index(doc, "## Configuration")
+	start := strings.Index(doc, "## Settings")
 	if start < 0 {
-		t.Fatal("README.md has no ## Configuration section")
+		t.Fatal("docs/configuration.md has no ## Settings section")
 	}
 	end := strings.Index(doc[start+1:], "\n## ")
 	table := doc[start : start+1+end]
@@ -342,11 +342,11 @@ func TestConfigTableInREADME(t *testing.T) {
 	for _, s := range settings() {
 		row, ok := rows[s.env]
 		if !ok {
-			t.Errorf("%s is not in README.md's configuration table", s.env)
+			t.Errorf("%s is not in docs/configuration.md's table", s.env)
 			continue
 		}
 		if s.def != "" && !strings.Contains(row, "`"+s.def+"`") {
-			t.Errorf("README.md's row for %s does not give its default `%s`: %s", s.env, s.def, row)
+			t.Errorf("docs/configuration.md's row for %s does not give its default `%s`: %s", s.env, s.def, row)
 		}
 	}
 }
@@ -392,16 +392,16 @@ func TestConfigDrainDelayOverHalfRefused(t *testing.T) {
 	}
 }
 
-// readmeSettings returns the variables of README.md's configuration table.
+// readmeSettings returns the variables of docs/configuration.md's table.
 func readmeSettings(t *testing.T) []string {
 	t.Helper()
-	raw, err := os.ReadFile("README.md")
+	raw, err := os.ReadFile("docs/configuration.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, sec, ok := strings.Cut(string(raw), "\n## Configuration\n")
+	_, sec, ok := strings.Cut(string(raw), "\n## Settings\n")
 	if !ok {
-		t.Fatal(`README.md has no "## Configuration" section`)
+		t.Fatal(`docs/configuration.md has no "## Settings" section`)
 	}
 	sec, _, _ = strings.Cut(sec, "\n## ")
 	tick := regexp.MustCompile("`([A-Z][A-Z0-9_]+)`")
@@ -419,8 +419,9 @@ func readmeSettings(t *testing.T) []string {
 	return out
 }
 
-// TestConfigTableComplete: the README's configuration table lists every setting the gateway
-// reads (METRICS_ENABLED among them), and nothing else; METRICS_ENABLED=false turns /metrics off.
+// TestConfigTableComplete: the configuration table (docs/configuration.md) lists every setting
+// the gateway reads (METRICS_ENABLED among them), and nothing else; METRICS_ENABLED=false turns
+// /metrics off.
 func TestConfigTableComplete(t *testing.T) {
 	var code []string
 	for _, s := range settings() {
@@ -428,7 +429,7 @@ func TestConfigTableComplete(t *testing.T) {
 	}
 	slices.Sort(code)
 	if got := readmeSettings(t); !slices.Equal(got, code) {
-		t.Errorf("README configuration table = %v\nsettings in the code     = %v", got, code)
+		t.Errorf("docs/configuration.md table = %v\nsettings in the code     = %v", got, code)
 	}
 	g := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL, "METRICS_ENABLED": "false"})
 	wantError(t, call(t, g, "GET", "/metrics", "", ""), http.StatusNotFound, "NOT_FOUND")

@@ -536,13 +536,13 @@ func TestConsoleInBrowser(t *testing.T) {
 	})
 
 	t.Run("the README's fetch() stream reader works", func(t *testing.T) {
-		readme, err := os.ReadFile("README.md")
+		readme, err := os.ReadFile("docs/chat.md")
 		if err != nil {
 			t.Fatal(err)
 		}
-		m := regexp.MustCompile("(?s)## Browsers\n.*?```js\n(.*?)```").FindSubmatch(readme)
+		m := regexp.MustCompile("(?s)## Reading a stream from a browser\n.*?```js\n(.*?)```").FindSubmatch(readme)
 		if m == nil {
-			t.Fatal("README.md has no js block under ## Browsers")
+			t.Fatal("docs/chat.md has no js block under ## Reading a stream from a browser")
 		}
 		snippet := strings.ReplaceAll(string(m[1]), "http://127.0.0.1:8080", g.URL)
 		p := b.open(t, g.URL+"/console")

@@ -274,7 +274,10 @@ func demoTokenFor(cfg *config) (string, error) {
 }
 
 // printDemo tells the user what to try. ownSecret says the secret is the user's JWT_SECRET
-// rather than one made up for this run; console that /console is served.
+// rather than one made up for this run; console that /console is served. Its commands are those
+// of the README's first tour, which a test runs in a fresh clone: go run . from the source tree
+// (the built binary takes the same arguments), and the token as a line to paste that exports it,
+// since the voice client reads it from the environment.
 func printDemo(w io.Writer, addr, token string, ownSecret, console bool) {
 	addr = dialAddr(addr)
 	consoleLine := "The browser console is off (CONSOLE_ENABLED=false)."
@@ -284,17 +287,22 @@ func printDemo(w io.Writer, addr, token string, ownSecret, console bool) {
 		consoleLine = fmt.Sprintf("Talk to it in a browser (chat, and voice through your microphone):\n\n  http://%s/console#token=%s", addr, token)
 	}
 	secretLine := "the HMAC secret is made up for this run"
-	tokens := `More tokens (other users, roles, tenants): start the demo with a secret of your own, at least
-32 bytes, and mint them with "voicegate token" ("go run . token" from the source tree):
+	tokens := `More tokens (other users, roles, tenants): stop the demo and start it again, in the source
+tree, with a secret of your own kept in a file that another terminal reads too:
 
-  export JWT_SECRET=$(openssl rand -hex 32)
-  voicegate -demo
-  voicegate token -sub bob -roles admin -tenant demo-tenant     (in another terminal)`
+  (umask 077 && openssl rand -hex 32 > demo.secret)
+  JWT_SECRET=$(cat demo.secret) go run . -demo
+
+then mint them in the other terminal, in the same directory:
+
+  export JWT_SECRET=$(cat demo.secret)
+  export TOKEN=$(go run . token -sub bob -roles admin -tenant demo-tenant -lifetime 2h)`
 	if ownSecret {
 		secretLine = "tokens are checked against your JWT_SECRET"
-		tokens = `More tokens (other users, roles, tenants), for the same JWT_SECRET:
+		tokens = `More tokens (other users, roles, tenants): mint them in another terminal, in the source tree,
+with the same JWT_SECRET set (export JWT_SECRET=$(cat demo.secret) if you keep it in that file):
 
-  voicegate token -sub bob -roles admin -tenant demo-tenant     ("go run . token" from the source tree)`
+  export TOKEN=$(go run . token -sub bob -roles admin -tenant demo-tenant -lifetime 2h)`
 	}
 	fmt.Fprintf(w, `
 voicegate is running in DEMO MODE on http://%[1]s
@@ -303,21 +311,23 @@ first look, never for production.
 
 %[5]s
 
-A token for the demo user (role "user", valid 24 hours):
+A token for the demo user (role "user", valid 24 hours). Paste this line into the terminal you
+try things in: the commands below read $TOKEN.
 
-  TOKEN=%[2]s
+  export TOKEN=%[2]s
 
 Stream a chat answer (events arrive one by one):
 
   curl -N http://%[1]s/api/v2/chat/stream -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d '{"message":"How does voicegate stream answers?"}'
 
-Open a voice session from a terminal with the Python client in README.md ("Voice from a
-terminal", apt-get install python3-websockets), then type {"type":"start"} and {"type":"stop"}:
+Open a voice session from a terminal with voice.py, the Python client of the README's first
+tour (apt-get install python3-websockets), then type {"type":"start"} and {"type":"stop"}:
 
   python3 voice.py ws://%[1]s/api/v2/voice/stream
 
 %[4]s
 
+These commands run in the source tree; with the built binary, "voicegate ARGS" is "go run . ARGS".
 Press Ctrl-C to stop (open streams get SHUTDOWN_GRACE to finish; Ctrl-C again stops at once).
 `, addr, token, secretLine, tokens, consoleLine)
 }

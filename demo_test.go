@@ -87,7 +87,7 @@ func TestDemoSpeech(t *testing.T) {
 	}
 }
 
-// TestDemoBannerTokens: the -demo banner tells how to mint more tokens with voicegate token;
+// TestDemoBannerTokens: the -demo banner tells how to mint more tokens with go run . token;
 // started with the user's own JWT_SECRET it says so, and tokens minted for that secret work
 // against it.
 func TestDemoBannerTokens(t *testing.T) {
@@ -97,7 +97,7 @@ func TestDemoBannerTokens(t *testing.T) {
 	}
 	made := startRun(t, []string{"-demo"}, map[string]string{"JWT_SECRET": ""})
 	banner := waitBanner(made)
-	for _, want := range []string{"voicegate token", "JWT_SECRET", "made up for this run"} {
+	for _, want := range []string{"go run . token", "JWT_SECRET", "made up for this run"} {
 		if !strings.Contains(banner, want) {
 			t.Errorf("banner without JWT_SECRET does not mention %q:\n%s", want, banner)
 		}
@@ -105,7 +105,7 @@ func TestDemoBannerTokens(t *testing.T) {
 
 	own := startRun(t, []string{"-demo"}, nil) // startRun sets JWT_SECRET=testSecret
 	banner = waitBanner(own)
-	if !strings.Contains(banner, "your JWT_SECRET") || !strings.Contains(banner, "voicegate token -sub") {
+	if !strings.Contains(banner, "your JWT_SECRET") || !strings.Contains(banner, "go run . token -sub") {
 		t.Errorf("banner with JWT_SECRET does not say it is used, with a token command:\n%s", banner)
 	}
 	stdout, _, err := runCommand(t, map[string]string{"JWT_SECRET": testSecret}, "token", "-sub", "bob", "-roles", "admin")

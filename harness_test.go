@@ -2098,7 +2098,7 @@ func sample(fams map[string]*dto.MetricFamily, name string, want map[string]stri
 	return sum, found
 }
 
-// processMetrics are the process and Go runtime metrics README.md names, with the standard
+// processMetrics are the process and Go runtime metrics docs/operations.md names, with the standard
 // names of the Prometheus client's collectors.
 var processMetrics = []string{"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
 	"process_max_fds", "process_start_time_seconds", "go_goroutines", "go_threads", "go_gc_duration_seconds",

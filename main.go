@@ -14,6 +14,8 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime"
+	"runtime/debug"
 	"sync"
 	"syscall"
 	"time"
@@ -117,14 +119,14 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 	defer stopWatching()
 	background.Go(func() { gw.policy.Watch(watchCtx, cfg.PolicyWatch) })
 	background.Go(func() { gw.voices.RunBroadcasts(watchCtx) })
-	if gw.streamDir != nil {
-		background.Go(func() { gw.streamDir.Run(watchCtx, gw.streams) })
+	if dir := gw.chat.directory; dir != nil {
+		background.Go(func() { dir.Run(watchCtx, gw.chat.running) })
 	}
-	if gw.replay != nil {
+	if replay := gw.chat.redisReplay; replay != nil {
 		// Runs until the drain is over: streams fill their logs to the end of the grace.
 		replayCtx, stopReplay := context.WithCancel(context.WithoutCancel(ctx))
 		defer stopReplay()
-		background.Go(func() { gw.replay.Run(replayCtx) })
+		background.Go(func() { replay.Run(replayCtx) })
 	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -211,6 +213,45 @@ func healthCheck(ctx context.Context, addr string) error {
 	return nil
 }
 
+// buildVersion is the version the go command stamped into the binary: the module version
+// (v1.2.3, or a pseudo-version such as v0.0.0-20250101120000-abcdef123456 for a build from a
+// git checkout), else the VCS revision, else "devel" (a build without VCS information, such as
+// the image's, whose build context leaves .git out).
+func buildVersion() string {
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "devel"
+	}
+	if v := info.Main.Version; v != "" && v != "(devel)" {
+		return v
+	}
+	var rev string
+	dirty := false
+	for _, s := range info.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			dirty = s.Value == "true"
+		}
+	}
+	if rev == "" {
+		return "devel"
+	}
+	if len(rev) > 12 {
+		rev = rev[:12]
+	}
+	if dirty {
+		rev += "-dirty"
+	}
+	return "devel-" + rev
+}
+
+// printVersion answers -version.
+func printVersion(w io.Writer) {
+	fmt.Fprintf(w, "voicegate %s (%s, %s/%s)\n", buildVersion(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
 // dialAddr turns a listen address into one a client on this host can reach: a wildcard host
 // (":8080", "0.0.0.0:8080", "[::]:8080") becomes 127.0.0.1.
 func dialAddr(addr string) string {
@@ -238,11 +279,11 @@ func writeAddrFile(file, addr string) error {
 // grace period is nearly over to finish and are then ended with server_shutdown, and whatever is
 // left when it is over is closed.
 func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
-	g.draining.Store(true)
+	g.health.draining.Store(true)
 	grace, drain := g.cfg.ShutdownGrace, g.cfg.DrainDelay
 	// Say what the wait is for: a silent pause after Ctrl-C looks like a hang.
 	g.log.Info("shutting down: /readyz answers 503, requests are served for DRAIN_DELAY, then open streams get the rest of SHUTDOWN_GRACE; a second signal stops at once",
-		"drain_delay", drain, "grace", grace, "streams", g.streams.Len(), "voice_sessions", g.voices.Len())
+		"drain_delay", drain, "grace", grace, "streams", g.chat.running.Len(), "voice_sessions", g.voices.Len())
 	ctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	// Readiness already fails; keep serving new requests for a while so the load balancer
@@ -253,17 +294,17 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 	}
 	// Resumable streams tell their clients to resume on another instance now, and go on
 	// filling their logs for them.
-	g.streams.Drain()
+	g.chat.running.Drain()
 	// Streams and voice sessions get the grace period to finish, and are ended a little before
 	// its end so their last words get out: server_shutdown for streams, 1012 for sessions.
 	margin := min(grace/5, 2*time.Second)
 	deadline, _ := ctx.Deadline()
 	endAll := time.AfterFunc(time.Until(deadline)-margin, func() {
-		g.streams.EndAll()
+		g.chat.running.EndAll()
 		g.voices.CloseAll(ctx, websocket.StatusServiceRestart, voice.CodeShutdown, "the server is restarting; reconnect")
 	})
 	defer endAll.Stop()
-	defer g.streams.EndAll()
+	defer g.chat.running.EndAll()
 
 	err := srv.Shutdown(ctx)
 	if errors.Is(err, context.DeadlineExceeded) {
@@ -275,7 +316,7 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 	// closed 1012 and cut short near the deadline).
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
-	for (g.voices.Len() > 0 || g.streams.Len() > 0) && ctx.Err() == nil {
+	for (g.voices.Len() > 0 || g.chat.running.Len() > 0) && ctx.Err() == nil {
 		select {
 		case <-ctx.Done():
 		case <-tick.C:

@@ -30,16 +30,16 @@ import (
 	"voicegate/policy"
 )
 
-// readmeMetrics are the metrics of README.md's "Metrics" table with their label names.
+// readmeMetrics are the metrics of docs/operations.md's "Metrics" table with their label names.
 func readmeMetrics(t *testing.T) map[string][]string {
 	t.Helper()
-	raw, err := os.ReadFile("README.md")
+	raw, err := os.ReadFile("docs/operations.md")
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, sec, ok := strings.Cut(string(raw), "\n## Metrics\n")
 	if !ok {
-		t.Fatal(`README.md has no "## Metrics" section`)
+		t.Fatal(`docs/operations.md has no "## Metrics" section`)
 	}
 	sec, _, _ = strings.Cut(sec, "\n## ")
 	paren := regexp.MustCompile(`\([^)]*\)`)
@@ -68,7 +68,7 @@ func newTraceID() (traceID, spanID string) {
 	return hex.EncodeToString(b[:16]), hex.EncodeToString(b[16:])
 }
 
-// wantMetrics are README.md's metrics and their label names.
+// wantMetrics are docs/operations.md's metrics and their label names.
 var wantMetrics = map[string][]string{
 	"http_requests_total":               {"method", "route", "status"},
 	"http_request_duration_seconds":     {"method", "route"},
@@ -99,7 +99,7 @@ var wantMetrics = map[string][]string{
 // README with exactly its labels, labels routes by pattern, and stays small.
 func TestOpsMetrics(t *testing.T) {
 	if got := readmeMetrics(t); !maps.EqualFunc(got, wantMetrics, slices.Equal) {
-		t.Errorf("README.md's metrics table = %v, want %v", got, wantMetrics)
+		t.Errorf("docs/operations.md's metrics table = %v, want %v", got, wantMetrics)
 	}
 
 	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, r *http.Request) {
@@ -311,7 +311,7 @@ func TestOpsMetricsAtStart(t *testing.T) {
 // the Go runtime's goroutines, threads, heap and GC. The figures are this process's own: its
 // open descriptors grow by the connections a test holds open, and its goroutines too.
 func TestOpsMetricsProcess(t *testing.T) {
-	raw, err := os.ReadFile("README.md")
+	raw, err := os.ReadFile("docs/operations.md")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -323,7 +323,7 @@ func TestOpsMetricsProcess(t *testing.T) {
 			t.Errorf("%s is not exported", name)
 		}
 		if !strings.Contains(string(raw), "`"+name+"`") {
-			t.Errorf("README.md does not name %s", name)
+			t.Errorf("docs/operations.md does not name %s", name)
 		}
 	}
 	value := func(fams map[string]*dto.MetricFamily, name string) float64 {

@@ -36,7 +36,7 @@ func routesSincePreviousRelease(t *testing.T) []string {
 		t.Fatal(err)
 	}
 	var missing []string
-	for _, b := range bindings((&gateway{cfg: &config{}}).routes()) {
+	for _, b := range routeBindings(&config{}) {
 		if !slices.ContainsFunc(f.Routes, func(fb policy.Binding) bool { return fb.Route == b.Route }) {
 			missing = append(missing, b.Route)
 		}
@@ -95,7 +95,7 @@ func TestPolicyFileFromAnEarlierRelease(t *testing.T) {
 // TestPolicyCheckSubcommand: "voicegate policy check FILE" prints the binding in force for
 // every route, the file's or the built-in one, and exits 1 on a file the gateway refuses.
 func TestPolicyCheckSubcommand(t *testing.T) {
-	routes := bindings((&gateway{cfg: &config{}}).routes())
+	routes := routeBindings(&config{})
 	missing := routesSincePreviousRelease(t)
 
 	t.Run("a file from the previous release", func(t *testing.T) {

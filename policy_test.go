@@ -681,8 +681,7 @@ func TestPolicyAdmissionFailsClosed(t *testing.T) {
 // optional route on; and testdata/policy/good/default.json, from which the policy package's tests
 // take the gateway's routes, is that policy exactly.
 func TestDefaultPolicyFromRouteTable(t *testing.T) {
-	g := &gateway{cfg: &config{ConsoleEnabled: true, MetricsEnabled: true}, tel: &telemetry{}}
-	rs := g.routes()
+	rs := routes(&config{ConsoleEnabled: true, MetricsEnabled: true}, handlers{})
 	bs := bindings(rs)
 	bound := map[string]int{}
 	for _, b := range bs {

@@ -39,7 +39,7 @@ func runPolicy(args []string, stdout, stderr io.Writer) error {
 	}
 	file := fs.Arg(0)
 	// The routes are the same whatever the configuration: the optional ones need no token.
-	routes := bindings((&gateway{cfg: &config{}}).routes())
+	routes := routeBindings(&config{})
 	warnings := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{
 		// The line for a person at a terminal: level, message and what it names.
 		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {

@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"net"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -12,7 +14,122 @@ import (
 	"github.com/redis/rueidis"
 
 	"voicegate/policy"
+	"voicegate/proxy"
 )
+
+// sharedRedis is Redis as the gateway uses it, both clients guarded (guardRedis). Without
+// REDIS_URL both are nil, and in-memory stores serve one instance.
+type sharedRedis struct {
+	// client takes every short call: token checks, admissions, the session registry, the
+	// stream directory, subscriptions.
+	client rueidis.Client
+	// bulk is the replay log's own connection (nil with resuming off): its appends are bulk
+	// traffic, and there a pipeline of them never delays a token check or an admission queued
+	// behind it. Its one blocking command is the resumers' reader's XREAD: one connection for it.
+	bulk rueidis.Client
+}
+
+// connectShared connects to Redis when REDIS_URL names it, the replay log's connection too when
+// resuming is on; calls are timed when metrics are on.
+func connectShared(ctx context.Context, cfg *config, log *slog.Logger, tel *telemetry) (_ sharedRedis, err error) {
+	var s sharedRedis
+	if len(cfg.RedisAddrs) == 0 {
+		return s, nil
+	}
+	defer func() {
+		if err != nil {
+			s.close()
+		}
+	}()
+	timing := redisTiming{keys: policy.NewKeys(cfg.RedisPrefix)}
+	if tel.metrics {
+		timing.record = tel.redisCall
+	}
+	client, err := connectRedis(ctx, cfg, 0)
+	if err != nil {
+		return s, err
+	}
+	s.client = guardRedis(client, log, timing)
+	if cfg.SSEResumeWindow > 0 {
+		bulk, err := connectRedis(ctx, cfg, 1)
+		if err != nil {
+			return s, err
+		}
+		s.bulk = guardRedis(bulk, log, timing)
+	}
+	return s, nil
+}
+
+// close closes the clients it has.
+func (s sharedRedis) close() {
+	if s.bulk != nil {
+		s.bulk.Close()
+	}
+	if s.client != nil {
+		s.client.Close()
+	}
+}
+
+// connectRedis connects to Redis or Redis Cluster, retrying until REDIS_CONNECT_TIMEOUT:
+// instances often start before their Redis is ready. Later outages are ridden out by the client,
+// which reconnects on its own. blocking bounds the connections for blocking commands, per node
+// (0: the client library's default).
+func connectRedis(ctx context.Context, cfg *config, blocking int) (rueidis.Client, error) {
+	opt := rueidis.ClientOption{
+		InitAddress: cfg.RedisAddrs,
+		SelectDB:    cfg.RedisDB,
+		Username:    cfg.RedisUser,
+		Password:    cfg.RedisPassword,
+		// Keep per-connection memory modest; the gateway's values are tiny.
+		CacheSizeEachConn:   16 << 20,
+		ReadBufferEachConn:  64 << 10,
+		WriteBufferEachConn: 64 << 10,
+		Dialer:              net.Dialer{Timeout: time.Second, KeepAlive: time.Second},
+		ClusterOption:       clusterOption(),
+		RetryDelay:          retryDelay,
+		BlockingPoolSize:    blocking,
+	}
+	opt.ConnWriteTimeout = 2 * time.Second // notice a dead Redis connection within seconds
+	deadline := time.Now().Add(cfg.RedisConnectWithin)
+	for {
+		// A client is made only once an address accepts a connection: a client made against
+		// nothing leaves a goroutine of its own behind for a while (a cluster-topology refresh
+		// scheduled before it failed).
+		err := reachable(ctx, cfg.RedisAddrs)
+		if err == nil {
+			var client rueidis.Client
+			if client, err = rueidis.NewClient(opt); err == nil {
+				return client, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("REDIS_URL: cannot reach Redis: %v", proxy.Describe(err))
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// reachable reports whether one of addrs accepts a TCP connection within a second.
+func reachable(ctx context.Context, addrs []string) error {
+	var first error
+	for _, a := range addrs {
+		ctx, cancel := context.WithTimeout(ctx, time.Second)
+		c, err := (&net.Dialer{}).DialContext(ctx, "tcp", a)
+		cancel()
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	return first
+}
 
 // The gateway's Redis client is rueidis wrapped in guardedRedis, which every package gets
 // (auth, policy, sse, voice): each call returns by its context's deadline, whatever rueidis

@@ -37,8 +37,12 @@ func (r *renewer) add(name string, run func(context.Context) error) {
 	r.tasks = append(r.tasks, renewTask{name, run})
 }
 
-// start runs the tasks in a goroutine of their own until stop.
+// start runs the tasks in a goroutine of their own until stop. Without tasks (no Redis) there
+// is nothing to keep alive, and it starts nothing.
 func (r *renewer) start() {
+	if len(r.tasks) == 0 {
+		return
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel, r.done = cancel, make(chan struct{})
 	go func() {

@@ -1,8 +1,15 @@
 package main
 
 import (
+	"context"
+	"log/slog"
 	"net/http"
+	"sync/atomic"
+	"time"
 
+	"github.com/redis/rueidis"
+
+	"voicegate/auth"
 	"voicegate/policy"
 	"voicegate/proxy"
 	"voicegate/voice"
@@ -42,39 +49,54 @@ type route struct {
 	bind    bind
 }
 
+// handlers are the route table's handlers, before protection; newGateway makes them.
+type handlers struct {
+	healthz, readyz                  http.Handler
+	chat, chatResume, cancel, revoke http.Handler
+	voice                            http.Handler
+	voiceSessions, voiceSession      http.Handler
+	voiceClose, voiceBroadcast       http.Handler
+	admin, docs, openapi             http.Handler
+	console, metrics                 http.Handler // nil unless CONSOLE_ENABLED, METRICS_ENABLED
+}
+
 // routes is the whole route table, the one list of the gateway's routes: the router registers
 // it, the built-in policy binds it (bindings; a POLICY_FILE binds no other route), and the
 // OpenAPI tests compare it with openapi.json. Entries are positional, so a route cannot be added
-// without saying whether it upgrades and how the built-in policy binds it. It builds nothing:
-// every handler is made by newGateway.
-func (g *gateway) routes() []route {
+// without saying whether it upgrades and how the built-in policy binds it. It builds nothing
+// and looks into no handler, so its patterns and bindings are known before any handler is
+// made (routeBindings): the policy is made from them, and handlers from the policy.
+func routes(cfg *config, h handlers) []route {
 	rs := []route{
-		{"GET /healthz", open, plain, http.HandlerFunc(g.healthz), bind{}},
-		{"GET /readyz", open, plain, http.HandlerFunc(g.readyz), bind{}},
-		{"POST /api/v2/chat/stream", tokenLater, plain, g.h.chat, bind{Permission: "chat:write", Class: "chat", Lease: "chat"}},
-		{"GET /api/v2/chat/stream/{request_id}", tokenLater, plain, g.h.chatResume, bind{Permission: "chat:write", Lease: "chat"}},
-		{"POST /api/v2/chat/cancel", token, plain, g.h.cancel, bind{}},
-		{"POST /api/v2/auth/revoke", token, plain, g.h.revoke, bind{}},
-		{"GET /api/v2/voice/stream", tokenWS, upgrades, g.h.voice, bind{Permission: "voice:write", Class: "voice", Lease: "voice"}},
-		{"GET /api/v2/voice/sessions", token, plain, g.h.voiceSessions, bind{Permission: "voice:admin"}},
-		{"GET /api/v2/voice/sessions/{session_id}", token, plain, g.vadmin.session, bind{Permission: "voice:admin"}},
-		{"DELETE /api/v2/voice/sessions/{session_id}", token, plain, g.vadmin.close, bind{Permission: "voice:admin"}},
-		{"POST /api/v2/voice/broadcast", token, plain, g.vadmin.broadcast, bind{Permission: "voice:admin"}},
-		{"/api/v2/admin/", token, plain, g.h.admin, bind{Permission: "admin:write",
+		{"GET /healthz", open, plain, h.healthz, bind{}},
+		{"GET /readyz", open, plain, h.readyz, bind{}},
+		{"POST /api/v2/chat/stream", tokenLater, plain, h.chat, bind{Permission: "chat:write", Class: "chat", Lease: "chat"}},
+		{"GET /api/v2/chat/stream/{request_id}", tokenLater, plain, h.chatResume, bind{Permission: "chat:write", Lease: "chat"}},
+		{"POST /api/v2/chat/cancel", token, plain, h.cancel, bind{}},
+		{"POST /api/v2/auth/revoke", token, plain, h.revoke, bind{}},
+		{"GET /api/v2/voice/stream", tokenWS, upgrades, h.voice, bind{Permission: "voice:write", Class: "voice", Lease: "voice"}},
+		{"GET /api/v2/voice/sessions", token, plain, h.voiceSessions, bind{Permission: "voice:admin"}},
+		{"GET /api/v2/voice/sessions/{session_id}", token, plain, h.voiceSession, bind{Permission: "voice:admin"}},
+		{"DELETE /api/v2/voice/sessions/{session_id}", token, plain, h.voiceClose, bind{Permission: "voice:admin"}},
+		{"POST /api/v2/voice/broadcast", token, plain, h.voiceBroadcast, bind{Permission: "voice:admin"}},
+		{"/api/v2/admin/", token, plain, h.admin, bind{Permission: "admin:write",
 			Methods: map[string]string{"GET": "admin:read", "HEAD": "admin:read"}, Class: "admin"}},
-		{"/api/v2/documents/", token, plain, g.h.docs, bind{Permission: "document:write",
+		{"/api/v2/documents/", token, plain, h.docs, bind{Permission: "document:write",
 			Methods: map[string]string{"GET": "document:read", "HEAD": "document:read", "DELETE": "document:delete"}, Class: "documents"}},
-		{"GET /openapi.json", open, plain, g.h.openapi, bind{}},
+		{"GET /openapi.json", open, plain, h.openapi, bind{}},
 	}
-	if g.cfg.ConsoleEnabled {
-		rs = append(rs, route{"GET /console", open, plain, g.h.console, bind{}},
-			route{"GET /console/{file}", open, plain, g.h.console, bind{}})
+	if cfg.ConsoleEnabled {
+		rs = append(rs, route{"GET /console", open, plain, h.console, bind{}},
+			route{"GET /console/{file}", open, plain, h.console, bind{}})
 	}
-	if g.cfg.MetricsEnabled && g.cfg.MetricsAddr == "" {
-		rs = append(rs, route{"GET /metrics", open, plain, g.tel.metricsHandler(), bind{}})
+	if cfg.MetricsEnabled && cfg.MetricsAddr == "" {
+		rs = append(rs, route{"GET /metrics", open, plain, h.metrics, bind{}})
 	}
 	return rs
 }
+
+// routeBindings are the route table's bindings, read from the table without its handlers.
+func routeBindings(cfg *config) []policy.Binding { return bindings(routes(cfg, handlers{})) }
 
 // bindings are the routes that need a token, each bound as the built-in policy binds it; a
 // policy file may bind no other, and one it leaves out keeps this binding
@@ -93,9 +115,9 @@ func bindings(rs []route) []policy.Binding {
 
 // router registers the route table, each route behind what its access asks for; only the
 // routes that declare an upgrade get a request's Upgrade.
-func (g *gateway) router() *proxy.Router {
+func router(rs []route, g guard) *proxy.Router {
 	rt := proxy.NewRouter()
-	for _, r := range g.routes() {
+	for _, r := range rs {
 		h := g.protect(r.handler, r.access)
 		if r.upgrade {
 			rt.HandleUpgrade(r.pattern, h)
@@ -106,10 +128,18 @@ func (g *gateway) router() *proxy.Router {
 	return rt
 }
 
+// guard is what protects a route: authentication, then the policy.
+type guard struct {
+	authn    *auth.Authenticator
+	enforcer *policy.Enforcer
+	// allowOrigin is CORS_ORIGINS' check, for the WebSocket route's in-band refusals.
+	allowOrigin func(origin string) bool
+}
+
 // protect puts h behind authentication (401 without a valid token), then the policy:
 // permission, tenant and ownership (403), rates, quota and concurrency caps (429). Paths in
 // AUTH_PUBLIC_PATHS skip both: this is the one place that decides it.
-func (g *gateway) protect(h http.Handler, a access) http.Handler {
+func (g guard) protect(h http.Handler, a access) http.Handler {
 	var guarded http.Handler
 	switch a {
 	case open:
@@ -120,9 +150,8 @@ func (g *gateway) protect(h http.Handler, a access) http.Handler {
 		guarded = g.authn.Require(false)(g.enforcer.Guard(h))
 	case tokenWS:
 		// Browsers cannot read a refused upgrade's status: they are told in-band instead.
-		allow := proxy.CORSOptions{Origins: g.cfg.CORSOrigins}.AllowOrigin
-		guarded = voice.RefuseInBand(allow, g.authn.Require(true)(g.enforcer.Guard(h)))
-		h = voice.RefuseInBand(allow, h)
+		guarded = voice.RefuseInBand(g.allowOrigin, g.authn.Require(true)(g.enforcer.Guard(h)))
+		h = voice.RefuseInBand(g.allowOrigin, h)
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if g.authn.Public(r.URL.Path) {
@@ -134,13 +163,12 @@ func (g *gateway) protect(h http.Handler, a access) http.Handler {
 }
 
 // edge is the middleware every request passes through, outermost first.
-func (g *gateway) edge(h http.Handler) http.Handler {
-	cfg, tel := g.cfg, g.tel
-	mws := []proxy.Middleware{proxy.Recover(g.log), proxy.RequestID()}
+func edge(h http.Handler, cfg *config, tel *telemetry, log *slog.Logger) http.Handler {
+	mws := []proxy.Middleware{proxy.Recover(log), proxy.RequestID()}
 	if tel.tracing {
 		mws = append(mws, tel.traceRequests())
 	}
-	mws = append(mws, proxy.AccessLog(g.log))
+	mws = append(mws, proxy.AccessLog(log))
 	if tel.metrics {
 		mws = append(mws, tel.observe())
 	}
@@ -158,12 +186,33 @@ func (g *gateway) edge(h http.Handler) http.Handler {
 	return proxy.Chain(h, mws...)
 }
 
-func (g *gateway) healthz(w http.ResponseWriter, r *http.Request) {
+// health is what /healthz, /readyz and voicegate_ready report.
+type health struct {
+	redis    rueidis.Client // nil without Redis
+	draining atomic.Bool    // set when shutdown begins
+}
+
+// status is "ready", "draining", or what redisReadiness says is wrong with Redis.
+func (s *health) status(ctx context.Context) string {
+	if s.draining.Load() {
+		return "draining"
+	}
+	if s.redis != nil {
+		ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
+		defer cancel()
+		return redisReadiness(ctx, s.redis)
+	}
+	return "ready"
+}
+
+func (s *health) ready(ctx context.Context) bool { return s.status(ctx) == "ready" }
+
+func (s *health) healthz(w http.ResponseWriter, r *http.Request) {
 	proxy.WriteJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-func (g *gateway) readyz(w http.ResponseWriter, r *http.Request) {
-	if status := g.readiness(r.Context()); status != "ready" {
+func (s *health) readyz(w http.ResponseWriter, r *http.Request) {
+	if status := s.status(r.Context()); status != "ready" {
 		proxy.WriteJSON(w, http.StatusServiceUnavailable, map[string]string{"status": status})
 		return
 	}

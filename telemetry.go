@@ -292,6 +292,9 @@ func (t *telemetry) redisCall(class string, took time.Duration) {
 	t.redisTime.Record(context.Background(), took.Seconds(), t.record1("command_class", class)...)
 }
 
+// redisError counts a Redis call that failed (redis_errors_total).
+func (t *telemetry) redisError() { t.redisErrors.Add(context.Background(), 1) }
+
 // voiceSessionEnded records a voice session's length by its close code.
 func (t *telemetry) voiceSessionEnded(code int, length time.Duration) {
 	t.voiceLength.Record(context.Background(), length.Seconds(), t.record1("close_code", strconv.Itoa(code))...)

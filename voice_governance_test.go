@@ -374,15 +374,15 @@ func TestVoiceMetricsTenantsBounded(t *testing.T) {
 	}
 	defer tel.shutdown(context.Background())
 	store, err := policy.NewStore(policy.StoreOptions{Path: govPolicy(t),
-		Routes: bindings((&gateway{cfg: &config{}}).routes()), ExtraPerms: handlerPerms})
+		Routes: routeBindings(&config{}), ExtraPerms: handlerPerms})
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := &gateway{cfg: cfg, tel: tel, policy: store}
-	var o voice.Options
-	if err := g.voiceGovernance(&o); err != nil {
+	vm, err := newVoiceMetrics(tel, store)
+	if err != nil {
 		t.Fatal(err)
 	}
+	o := voice.Options{OnLatency: vm.latency, OnBargeIn: vm.bargeIn}
 	for i := range 1000 {
 		tenant := fmt.Sprintf("tenant-%d", i)
 		if i == 0 {

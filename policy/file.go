@@ -14,7 +14,7 @@ import (
 	"time"
 )
 
-// File is the policy file (POLICY_FILE), JSON. See README.md for a worked example.
+// File is the policy file (POLICY_FILE), JSON. See docs/auth-and-policy.md for a worked example.
 type File struct {
 	// Roles maps role names to their grants and parents.
 	Roles map[string]Role `json:"roles"`

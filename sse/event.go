@@ -216,7 +216,7 @@ func field(key string, value any) string {
 // appendEscapingLineEnds appends the JSON text text to dst with every U+0085, U+2028 and
 // U+2029 written as a \u escape. JSON lets a string hold them raw, but a data line must
 // stay one line to every reader: JavaScript ends lines at U+2028 and U+2029 (a regular
-// expression's "." and "$" stop there, as in the README's fetch() reader), and readers that
+// expression's "." and "$" stop there, as in the fetch() reader of docs/chat.md), and readers that
 // split lines as Unicode does end them at U+0085 too. In valid JSON they can only be inside
 // strings, where the escape means the same character; text must be valid UTF-8, in which
 // their encodings cannot be part of another character's.
