@@ -2228,6 +2228,13 @@ func (r *testRedis) launch() error {
 		default:
 		}
 		if err := ping(r.Addr()); err == nil {
+			// Another process may hold the port: one of another test run, which picks ports
+			// the same way. Then this one cannot bind and exits, but that one answers.
+			if pid, err := serverPID(r.Addr()); err != nil || pid != cmd.Process.Pid {
+				r.Kill()
+				return fmt.Errorf("redis-server on port %d: the server answering there is process %d, not this one (%d): %v",
+					r.port, pid, cmd.Process.Pid, err)
+			}
 			return nil
 		} else if time.Now().After(deadline) {
 			r.Kill()
@@ -2235,6 +2242,21 @@ func (r *testRedis) launch() error {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// serverPID is the process ID of the redis-server at addr, from INFO server.
+func serverPID(addr string) (int, error) {
+	v, err := rawDo(addr, "INFO", "server")
+	if err != nil {
+		return 0, err
+	}
+	info, _ := v.(string)
+	for line := range strings.Lines(info) {
+		if s, ok := strings.CutPrefix(strings.TrimSpace(line), "process_id:"); ok {
+			return strconv.Atoi(s)
+		}
+	}
+	return 0, fmt.Errorf("INFO server without process_id: %.200q", info)
 }
 
 // ping does a bare PING exchange.
@@ -2442,6 +2464,17 @@ func TestRedisHelper(t *testing.T) {
 	r.Restart()
 	if got := r.Do(t, "GET", "k"); got != nil {
 		t.Errorf("GET after restart = %#v, want nil (no persistence)", got)
+	}
+
+	// A port that another redis-server holds (of another test process picking ports the same
+	// way) is refused, although that one answers PING there: the tests would freeze and kill a
+	// server their gateways do not talk to.
+	taken := &testRedis{t: t, bin: r.bin, dir: t.TempDir(), port: r.port}
+	t.Cleanup(taken.Kill)
+	if err := taken.launch(); err == nil {
+		t.Errorf("launch on port %d, which another redis-server holds, succeeded", r.port)
+	} else if ping(r.Addr()) != nil {
+		t.Errorf("the refused launch stopped the redis-server that holds the port")
 	}
 }
 
