@@ -130,6 +130,11 @@ func TestPolicyReloadOnSIGHUP(t *testing.T) {
 	eventually(t, time.Second, "SIGHUP reloads the restored file", func() bool {
 		return call(t, g, "GET", doc, user, "").StatusCode == http.StatusForbidden
 	})
+	// The policy is in force a moment before its reload is logged.
+	eventually(t, time.Second, "the reload is logged", func() bool {
+		n, _ := logCount(t, g, "policy reloaded")
+		return n > 0
+	})
 	if n, _ := logCount(t, g, "policy reloaded"); n != 1 {
 		t.Errorf("%d \"policy reloaded\" lines, want 1", n)
 	}
