@@ -1,14 +1,15 @@
 package main
 
+// Benchmarks of voice sessions: CPU per relayed frame and memory per idle session, against the
+// bare ReverseProxy, with an echoing algorithm service.
+
 import (
 	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
-	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"slices"
 	"strconv"
 	"sync"
@@ -24,8 +25,8 @@ import (
 // echoAlgo is the algorithm service of the voice benchmarks: it sends every audio frame back as
 // a binary frame (TTS audio), decoding audio_chunk messages and echoing raw frames. It reuses
 // its buffers, so that its own cost stays small and flat.
-func echoAlgo(tb testing.TB) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func echoAlgo(tb testing.TB) *fakeAlgo {
+	return newAlgo(tb, algoOptions{Voice: func(w http.ResponseWriter, r *http.Request) {
 		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"voice-protocol-v2"},
 			CompressionMode: websocket.CompressionDisabled})
 		if err != nil {
@@ -62,9 +63,7 @@ func echoAlgo(tb testing.TB) *httptest.Server {
 				return
 			}
 		}
-	}))
-	tb.Cleanup(srv.Close)
-	return srv
+	}})
 }
 
 // voiceLoad is a fixed offered load of sessions, each sending a 640-byte frame (20 ms of
@@ -76,38 +75,6 @@ type voiceLoad struct {
 	rtts    []time.Duration
 	measure atomic.Bool
 	wg      sync.WaitGroup
-}
-
-// openSessions dials n sessions to url, as distinct users of distinct tenants, so that the
-// default policy's per-user and per-tenant caps apply as in production; the gateway's first
-// message (session_initialized) is read when init is set.
-func openSessions(tb testing.TB, url string, n int, init bool) []*websocket.Conn {
-	tb.Helper()
-	conns := make([]*websocket.Conn, n)
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
-	err := inParallel(n, 16, func(i int) error {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		tok := tokenFor(tb, "u-"+strconv.Itoa(i), []string{"user"}, map[string]any{"tenant_id": "t-" + strconv.Itoa(i)})
-		c, res, err := websocket.Dial(ctx, url, &websocket.DialOptions{HTTPClient: client,
-			Subprotocols: []string{"voice-protocol-v2"}, CompressionMode: websocket.CompressionDisabled,
-			HTTPHeader: http.Header{"Authorization": {"Bearer " + tok}}})
-		if err != nil {
-			return fmt.Errorf("session %d: %v (%v)", i, err, res)
-		}
-		c.SetReadLimit(1 << 20)
-		if init {
-			if _, _, err := c.Read(ctx); err != nil {
-				return fmt.Errorf("session %d: session_initialized: %v", i, err)
-			}
-		}
-		conns[i] = c
-		return nil
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return conns
 }
 
 // run sends frames on every connection until ctx ends, each session at its own phase.

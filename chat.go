@@ -6,7 +6,7 @@ import (
 	"net/http"
 	"runtime"
 	"runtime/debug"
-	"sync/atomic"
+	"sync"
 	"time"
 
 	"voicegate/auth"
@@ -118,20 +118,40 @@ const remoteCancelBudget = 500 * time.Millisecond
 // thousand waiting clients' stacks and buffers are tens of megabytes. It collects settle after
 // the last resumer's handler returned, once net/http has finished with its connection and let go
 // of its buffers too. Crowds smaller than stormSize are left to the runtime, and it runs at most
-// once every stormGap.
+// once every stormGap: a storm that ends sooner after the last collection is collected once the
+// gap is over, not skipped.
 func returnMemory() func(peak int64) {
 	const stormSize, stormGap, settle = 64, time.Second, 500 * time.Millisecond
-	var last atomic.Int64
-	return func(peak int64) {
-		now, prev := time.Now().UnixNano(), last.Load()
-		if peak < stormSize || now-prev < int64(stormGap) || !last.CompareAndSwap(prev, now) {
+	var (
+		mu   sync.Mutex
+		last time.Time // when the last collection ran
+		due  time.Time // when the scheduled collection runs; zero when none is scheduled
+	)
+	var collect func()
+	collect = func() {
+		mu.Lock()
+		if wait := time.Until(due); wait > 0 { // a storm ended since it was scheduled
+			time.AfterFunc(wait, collect)
+			mu.Unlock()
 			return
 		}
-		time.AfterFunc(settle, func() {
-			// Two collections: a buffer put back in a sync.Pool survives the first in the
-			// pool's victim cache, and is freed by the second.
-			runtime.GC()
-			debug.FreeOSMemory()
-		})
+		due, last = time.Time{}, time.Now()
+		mu.Unlock()
+		// Two collections: a buffer put back in a sync.Pool survives the first in the pool's
+		// victim cache, and is freed by the second.
+		runtime.GC()
+		debug.FreeOSMemory()
+	}
+	return func(peak int64) {
+		if peak < stormSize {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		scheduled := !due.IsZero()
+		due = time.Now().Add(max(settle, stormGap-time.Since(last)))
+		if !scheduled {
+			time.AfterFunc(time.Until(due), collect)
+		}
 	}
 }

@@ -2,7 +2,8 @@ package main
 
 // Failovers of the test cluster under traffic: a master killed (SIGKILL) or frozen (SIGSTOP),
 // its replica promoted, the old master back as a replica; revocations acknowledged before a
-// kill survive it, and a revocation that no replica confirms is not acknowledged.
+// kill survive it, and a revocation that no replica confirms is not acknowledged; readiness,
+// unreachable nodes at start, and a reshard under traffic.
 
 import (
 	"context"
@@ -23,45 +24,6 @@ import (
 
 	"voicegate/policy"
 )
-
-// replicated waits until node replica has every write node master had when asked.
-func (c *testCluster) replicated(t *testing.T, master, replica int) {
-	t.Helper()
-	offset := func(i int, field string) int64 {
-		v, err := rawDo(c.nodes[i].Addr(), "INFO", "replication")
-		if err != nil {
-			t.Fatal(err)
-		}
-		text, _ := v.(string)
-		for line := range strings.SplitSeq(text, "\r\n") {
-			if rest, ok := strings.CutPrefix(line, field+":"); ok {
-				n, _ := strconv.ParseInt(rest, 10, 64)
-				return n
-			}
-		}
-		t.Fatalf("node %d: no %s in INFO replication", i, field)
-		return 0
-	}
-	want := offset(master, "master_repl_offset")
-	eventually(t, 5*time.Second, "the replica has the master's writes", func() bool {
-		return offset(replica, "slave_repl_offset") >= want
-	})
-}
-
-// slotsOf are the slot ranges of node i, as the cluster sees it now.
-func (c *testCluster) slotsOf(t *testing.T, i int) [][2]int {
-	t.Helper()
-	nodes, err := c.view()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, cn := range nodes {
-		if cn.port == c.nodes[i].port {
-			return cn.slots
-		}
-	}
-	return nil
-}
 
 func inSlots(slot int, ranges [][2]int) bool {
 	for _, r := range ranges {
@@ -114,11 +76,13 @@ func TestClusterFailover(t *testing.T) {
 			c := startCluster(t)
 			t.Cleanup(func() { c.heal(t) })
 			backend := okBackend(t)
-			algo := chatVoiceAlgo(t)
+			algo := holdAlgo(t, nil)
 			a, b := clusterPair(t, c, algo, backend, map[string]string{
 				"AUTH_BUDGET": authBudget.String(), "LIMIT_BUDGET": limitBudget.String()})
 			w := watchTokens(t, a, b)
 			const doc = "/api/v2/documents/x"
+			// Users of this run only: the cluster keeps an earlier run's streams and leases.
+			run := newRunID()
 
 			master, replica := c.masterOf(t, keySlot("{tenant-a}"))
 			dead := c.slotsOf(t, master)
@@ -127,8 +91,8 @@ func TestClusterFailover(t *testing.T) {
 			healthy := map[string]any{"tenant_id": tenantOn(dead, false, "t-fo-e")}
 			var onDead, elsewhere []string
 			for i := range 8 {
-				onDead = append(onDead, w.token(t, fmt.Sprintf("u-fo-d%d", i), []string{"user"}, nil))
-				elsewhere = append(elsewhere, w.token(t, fmt.Sprintf("u-fo-e%d", i), []string{"user"}, healthy))
+				onDead = append(onDead, w.token(t, fmt.Sprintf("u-fo-d%d-%s", i, run), []string{"user"}, nil))
+				elsewhere = append(elsewhere, w.token(t, fmt.Sprintf("u-fo-e%d-%s", i, run), []string{"user"}, healthy))
 			}
 			for _, tok := range append(onDead, elsewhere...) {
 				wantStatus(t, call(t, a, "GET", doc, tok, ""), http.StatusOK)
@@ -137,13 +101,13 @@ func TestClusterFailover(t *testing.T) {
 			// connection looks alive) would hide what the check does without Redis.
 			fresh := make([]string, 1200)
 			for i := range fresh {
-				fresh[i] = tokenFor(t, fmt.Sprintf("u-fo-f%d", i), []string{"user"}, nil)
+				fresh[i] = tokenFor(t, fmt.Sprintf("u-fo-f%d-%s", i, run), []string{"user"}, nil)
 			}
 			var nextFresh atomic.Int64
 			// Running before the failure: a chat stream and a voice session on A.
-			streamUser := w.token(t, "u-fo-stream", []string{"user"}, nil)
+			streamUser := w.token(t, "u-fo-stream-"+run, []string{"user"}, nil)
 			s := chatWithID(t, a, streamUser, "fo-stream-"+how, "hold")
-			v := openVoice(t, a, "?conversation_id=c-fo", bearer(w.token(t, "u-fo-voice", []string{"user"}, nil)))
+			v := openVoice(t, a, "?conversation_id=c-fo", bearer(w.token(t, "u-fo-voice-"+run, []string{"user"}, nil)))
 			voiceEnded := v.readToClose(t.Context())
 			errorsBefore := metricSum(t, a, "redis_errors_total")
 
@@ -214,7 +178,7 @@ func TestClusterFailover(t *testing.T) {
 				_ = c.nodes[master].cmd.Process.Signal(syscall.SIGSTOP)
 				c.nodes[master].mu.Unlock()
 			}
-			idleTok := w.token(t, "u-fo-idle", []string{"user"}, nil)
+			idleTok := w.token(t, "u-fo-idle-"+run, []string{"user"}, nil)
 			promoted := c.promoted(t, replica, 15*time.Second)
 			// B was idle all along: its first request, sent as soon as every node sees the
 			// replica promoted, with a token it never saw whose keys are on the failed shard,
@@ -370,15 +334,17 @@ func TestClusterRevocationSurvivesKill(t *testing.T) {
 	c := startCluster(t)
 	t.Cleanup(func() { c.heal(t) })
 	backend := okBackend(t)
-	a, b := clusterPair(t, c, chatVoiceAlgo(t), backend, nil)
+	a, b := clusterPair(t, c, holdAlgo(t, nil), backend, nil)
 	w := watchTokens(t, a, b)
 	const doc = "/api/v2/documents/x"
 	master, replica := c.masterOf(t, 0)
 	slots := c.slotsOf(t, master)
 	onMaster := map[string]any{"tenant_id": tenantOn(slots, true, "t-keep")}
+	// Users of this run only: an earlier run revoked its own.
+	run := newRunID()
 	var toks []string
 	for i := range 5 {
-		tok := w.token(t, fmt.Sprintf("u-keep-%d", i), []string{"user"}, onMaster)
+		tok := w.token(t, fmt.Sprintf("u-keep-%d-%s", i, run), []string{"user"}, onMaster)
 		wantStatus(t, call(t, b, "GET", doc, tok, ""), http.StatusOK) // cached on B as not revoked
 		toks = append(toks, tok)
 	}
@@ -421,7 +387,9 @@ func TestClusterRevocationNeedsReplica(t *testing.T) {
 	master, replica := c.masterOf(t, 0)
 	slots := c.slotsOf(t, master)
 	tenant := tenantOn(slots, true, "t-wait")
-	tok := w.token(t, "u-wait", []string{"user"}, map[string]any{"tenant_id": tenant, "jti": "jti-wait"})
+	// A user and token ID of this run only: an earlier run revoked its own.
+	run := newRunID()
+	tok := w.token(t, "u-wait-"+run, []string{"user"}, map[string]any{"tenant_id": tenant, "jti": "jti-wait-" + run})
 	wantStatus(t, call(t, g, "GET", "/api/v2/documents/x", tok, ""), http.StatusOK)
 
 	c.nodes[replica].mu.Lock()
@@ -443,9 +411,9 @@ func TestClusterRevocationNeedsReplica(t *testing.T) {
 	// The master did take it: the token is refused; a revocation answered 503 is safe to send
 	// again, and is acknowledged once the replica is back.
 	wantError(t, call(t, g, "GET", "/api/v2/documents/x", tok, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
-	admin := w.token(t, "u-wait-admin", []string{"admin"}, map[string]any{"tenant_id": tenant})
+	admin := w.token(t, "u-wait-admin-"+run, []string{"admin"}, map[string]any{"tenant_id": tenant})
 	eventually(t, 5*time.Second, "the revocation is acknowledged once the replica is back", func() bool {
-		res := call(t, g, "POST", "/api/v2/auth/revoke", admin, `{"jti":"jti-wait"}`)
+		res := call(t, g, "POST", "/api/v2/auth/revoke", admin, `{"jti":"jti-wait-`+run+`"}`)
 		return res.StatusCode == http.StatusOK
 	})
 }
@@ -497,11 +465,11 @@ func TestClusterUnreachableAtStart(t *testing.T) {
 		}
 		addrs = append(addrs, fmt.Sprintf("%s:%d", redisHost, p))
 	}
-	var stderr syncBuffer
+	var stderr logBuffer
 	env := map[string]string{"REDIS_URL": strings.Join(addrs, ","), "REDIS_CONNECT_TIMEOUT": "1s",
 		"ALGO_URL": "http://127.0.0.1:1", "JWT_SECRET": testSecret, "LISTEN_ADDR": "127.0.0.1:0", "LOG_FORMAT": "json"}
 	start := time.Now()
-	err := run(t.Context(), []string{"voicegate"}, func(k string) string { return env[k] }, &syncBuffer{}, &stderr)
+	err := run(t.Context(), []string{"voicegate"}, func(k string) string { return env[k] }, &logBuffer{}, &stderr)
 	took := time.Since(start)
 	if err == nil || !strings.HasPrefix(err.Error(), "REDIS_URL: cannot reach Redis") || strings.Contains(err.Error(), "\n") {
 		t.Fatalf("run = %v, want one line starting REDIS_URL: cannot reach Redis", err)
@@ -528,14 +496,16 @@ func tenantIn(n int, seed string) string {
 func TestClusterReshard(t *testing.T) {
 	c := startCluster(t)
 	t.Cleanup(func() { c.heal(t) })
-	a, b := clusterPair(t, c, chatVoiceAlgo(t), okBackend(t), nil)
+	a, b := clusterPair(t, c, holdAlgo(t, nil), okBackend(t), nil)
 	w := watchTokens(t, a, b)
 	const moved = 16
+	// Users and token IDs of this run only, so no earlier run's quota or revocation applies.
+	run := newRunID()
 	var toks []string
 	for i := range 4 {
 		tenant := tenantIn(moved, fmt.Sprintf("t-reshard-%d", i%2))
-		toks = append(toks, w.token(t, fmt.Sprintf("u-reshard-%d", i), []string{"user"}, map[string]any{
-			"tenant_id": tenant, "jti": fmt.Sprintf("reshard-%d", i)}))
+		toks = append(toks, w.token(t, fmt.Sprintf("u-reshard-%d-%s", i, run), []string{"user"}, map[string]any{
+			"tenant_id": tenant, "jti": fmt.Sprintf("reshard-%d-%s", i, run)}))
 	}
 	// Keys beside the gateway's in the tenants' slots, moved one at a time, so the migration
 	// lasts while requests come: the gateway's keys of a slot are then partly moved.

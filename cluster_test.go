@@ -1,469 +1,377 @@
 package main
 
-// A real Redis Cluster for the end-to-end tests: six redis-server processes with
-// --cluster-enabled yes on loopback, joined by redis-cli --cluster create into three masters with
-// a replica each, with a short cluster-node-timeout so that a failover takes about a second.
-// One cluster serves the whole package run (TestMain stops it): making one costs seconds, and
-// the tests that break a node leave the cluster whole again (healthy) before the next test.
+// Every shared feature on a real Redis Cluster (the harness's startCluster), across two gateway
+// instances: revocations, limits, leases, cancels, voice listings and resumes for tenants whose
+// hash tags are awkward; every multi-key command in one slot; parsing the cluster's answers.
 
 import (
-	"bufio"
-	"context"
-	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
-	"net"
-	"os"
-	"os/exec"
+	"net/http"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/coder/websocket"
+	"github.com/redis/rueidis"
+
+	"voicegate/auth"
+	"voicegate/policy"
 )
 
-// clusterNodeTimeout is the cluster-node-timeout of the test cluster: how long a master may
-// be silent before its replica takes over.
-const clusterNodeTimeout = time.Second
+// clusterTenants are tenants whose keys must each stay in one slot: none, braces that would
+// cut a hash tag short or leave it empty, and text that is not ASCII.
+var clusterTenants = []string{"", "{", "}", "{}", "a{b}c", "tenant-ü-日本"}
 
-// testCluster is three masters and three replicas. Nodes keep their ports across kills and
-// restarts; a restarted node rejoins with its nodes.conf (as a replica, if it was replaced).
-type testCluster struct {
-	nodes []*testRedis
-	cli   string
-	dir   string
-}
-
-// sharedCluster is the package's one cluster, made by the first test that asks.
-var sharedCluster struct {
-	mu  sync.Mutex
-	c   *testCluster
-	err error
-}
-
-// startCluster returns the package's cluster, healthy: every node running, three masters with a
-// replica each, all slots served. Without redis-server or redis-cli the test is skipped, or
-// fails when VOICEGATE_REQUIRE_REDIS=1 (as in CI). Cluster tests must not run in parallel: they
-// break nodes.
-func startCluster(t testing.TB) *testCluster {
-	t.Helper()
-	startRedisBinaries(t)
-	sharedCluster.mu.Lock()
-	defer sharedCluster.mu.Unlock()
-	if sharedCluster.c == nil && sharedCluster.err == nil {
-		sharedCluster.c, sharedCluster.err = makeCluster()
-	}
-	if sharedCluster.err != nil {
-		t.Fatalf("redis cluster: %v", sharedCluster.err)
-	}
-	c := sharedCluster.c
-	c.heal(t)
-	return c
-}
-
-// startRedisBinaries skips or fails the test without redis-server and redis-cli.
-func startRedisBinaries(t testing.TB) {
-	t.Helper()
-	for _, bin := range []string{"redis-server", "redis-cli"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			if os.Getenv("VOICEGATE_REQUIRE_REDIS") == "1" {
-				t.Fatalf("%s not found on PATH, and these tests are required (VOICEGATE_REQUIRE_REDIS=1)", bin)
-			}
-			t.Skipf("%s not installed; install it with: apt-get install redis-server redis-tools", bin)
-		}
-	}
-}
-
-// stopSharedCluster kills the package's cluster, if one was made.
-func stopSharedCluster() {
-	sharedCluster.mu.Lock()
-	defer sharedCluster.mu.Unlock()
-	if c := sharedCluster.c; c != nil {
-		for _, n := range c.nodes {
-			n.Kill()
-		}
-		_ = os.RemoveAll(c.dir)
-		sharedCluster.c = nil
-	}
-}
-
-// makeCluster starts six nodes and creates the cluster, within about 30 s.
-func makeCluster() (_ *testCluster, err error) {
-	bin, _ := exec.LookPath("redis-server")
-	cli, _ := exec.LookPath("redis-cli")
-	dir, err := os.MkdirTemp("", "voicegate-cluster-")
-	if err != nil {
-		return nil, err
-	}
-	c := &testCluster{cli: cli, dir: dir}
-	defer func() {
+// TestClusterHelper: the cluster is whole, keySlot agrees with Redis, and a gateway given
+// the nodes' addresses is ready.
+func TestClusterHelper(t *testing.T) {
+	c := startCluster(t)
+	for _, key := range []string{"a", "voicegate:rl:{acme}:x", "{}x", "x{}{y}", "{{a}}", "ü{日本}", "voicegate:lease:{%}:chat:t"} {
+		got, err := rawDo(c.nodes[0].Addr(), "CLUSTER", "KEYSLOT", key)
 		if err != nil {
-			for _, n := range c.nodes {
-				n.Kill()
-			}
-			_ = os.RemoveAll(dir)
+			t.Fatal(err)
 		}
-	}()
-	used := map[int]bool{}
-	for i := range 6 {
-		var errs []error
-		for range 5 {
-			port, err := freeClusterPort(used)
-			if err != nil {
-				return nil, err
-			}
-			nodeDir := fmt.Sprintf("%s/node-%d", dir, i)
-			if err := os.MkdirAll(nodeDir, 0o755); err != nil {
-				return nil, err
-			}
-			n := &testRedis{bin: bin, dir: nodeDir, port: port, args: []string{
-				"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-				"--cluster-node-timeout", strconv.Itoa(int(clusterNodeTimeout.Milliseconds())),
-				// A replica may take over however long it was cut off, and stays where it is.
-				"--cluster-replica-validity-factor", "0", "--cluster-allow-replica-migration", "no",
-				"--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
-				"--cluster-announce-ip", redisHost, // else peers learn 127.0.0.1, the source of loopback connections
-				"--loglevel", "warning",
-			}}
-			if err := n.launch(); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			used[port] = true
-			c.nodes = append(c.nodes, n)
-			break
-		}
-		if len(c.nodes) != i+1 {
-			return nil, fmt.Errorf("node %d did not start: %w", i, errors.Join(errs...))
+		if got != int64(keySlot(key)) {
+			t.Errorf("keySlot(%q) = %d, Redis says %v", key, keySlot(key), got)
 		}
 	}
-	args := []string{"--cluster", "create"}
-	for _, n := range c.nodes {
-		args = append(args, n.Addr())
-	}
-	args = append(args, "--cluster-replicas", "1", "--cluster-yes")
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if out, err := exec.CommandContext(ctx, cli, args...).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("redis-cli --cluster create: %v\n%s", err, out)
-	}
-	if err := c.waitHealthy(20 * time.Second); err != nil {
-		return nil, err
-	}
-	return c, nil
-}
-
-// freeClusterPort is a loopback port that was free a moment ago, with its cluster bus port
-// (port+10000) free too, so below the ephemeral range.
-func freeClusterPort(used map[int]bool) (int, error) {
-	for range 100 {
-		port := 20000 + rand.IntN(10000)
-		if used[port] {
-			continue
-		}
-		a, err := net.Listen("tcp", net.JoinHostPort(redisHost, strconv.Itoa(port)))
-		if err != nil {
-			continue
-		}
-		b, err := net.Listen("tcp", net.JoinHostPort(redisHost, strconv.Itoa(port+10000)))
-		a.Close()
-		if err != nil {
-			continue
-		}
-		b.Close()
-		return port, nil
-	}
-	return 0, errors.New("no free pair of ports for a cluster node")
-}
-
-// URL is the REDIS_URL of the cluster: every node's address.
-func (c *testCluster) URL() string {
-	addrs := make([]string, len(c.nodes))
-	for i, n := range c.nodes {
-		addrs[i] = n.Addr()
-	}
-	return strings.Join(addrs, ",")
-}
-
-// node is one line of CLUSTER NODES.
-type clusterNode struct {
-	id, addr string
-	port     int
-	master   bool
-	failing  bool   // fail or fail? (pfail)
-	masterID string // a replica's master
-	slots    [][2]int
-}
-
-// clusterNodes is CLUSTER NODES as one running node sees it.
-func (c *testCluster) clusterNodes(n *testRedis) ([]clusterNode, error) {
-	v, err := rawDo(n.Addr(), "CLUSTER", "NODES")
-	if err != nil {
-		return nil, err
-	}
-	text, ok := v.(string)
-	if !ok {
-		return nil, fmt.Errorf("CLUSTER NODES = %#v", v)
-	}
-	var out []clusterNode
-	for line := range strings.SplitSeq(strings.TrimSpace(text), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 8 {
-			continue
-		}
-		cn := clusterNode{id: f[0], masterID: f[3]}
-		cn.addr, _, _ = strings.Cut(f[1], "@")
-		_, p, _ := net.SplitHostPort(cn.addr)
-		cn.port, _ = strconv.Atoi(p)
-		flags := strings.Split(f[2], ",")
-		cn.master = slices.Contains(flags, "master")
-		cn.failing = slices.Contains(flags, "fail") || slices.Contains(flags, "fail?")
-		for _, s := range f[8:] {
-			if strings.HasPrefix(s, "[") {
-				continue // a slot being migrated
-			}
-			lo, hi, found := strings.Cut(s, "-")
-			a, _ := strconv.Atoi(lo)
-			b := a
-			if found {
-				b, _ = strconv.Atoi(hi)
-			}
-			cn.slots = append(cn.slots, [2]int{a, b})
-		}
-		out = append(out, cn)
-	}
-	return out, nil
-}
-
-// running reports whether node i's process runs (it may be frozen).
-func (c *testCluster) running(i int) bool {
-	n := c.nodes[i]
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	return n.cmd != nil
-}
-
-// view is the cluster as the first running node that answers sees it.
-func (c *testCluster) view() ([]clusterNode, error) {
-	var errs []error
-	for i, n := range c.nodes {
-		if !c.running(i) || ping(n.Addr()) != nil {
-			continue
-		}
-		nodes, err := c.clusterNodes(n)
-		if err == nil {
-			return nodes, nil
-		}
-		errs = append(errs, err)
-	}
-	return nil, fmt.Errorf("no node answers: %v", errors.Join(errs...))
-}
-
-// healthyNow says what keeps the cluster from being whole: every node running and answering,
-// cluster_state ok everywhere, three masters each with a replica whose link is up, nobody
-// failing in anybody's view, and every node's slot map the same. "" when whole.
-func (c *testCluster) healthyNow() string {
-	views := map[string]bool{} // each node's slot map, as text: all must agree
-	for i, n := range c.nodes {
-		if !c.running(i) {
-			return fmt.Sprintf("node %d is not running", i)
-		}
-		info, err := rawDo(n.Addr(), "CLUSTER", "INFO")
-		if err != nil {
-			return fmt.Sprintf("node %d: %v", i, err)
-		}
-		if s, _ := info.(string); !strings.Contains(s, "cluster_state:ok") || !strings.Contains(s, "cluster_known_nodes:6") {
-			return fmt.Sprintf("node %d: cluster not ok", i)
-		}
-		nodes, err := c.clusterNodes(n)
-		if err != nil {
-			return err.Error()
-		}
-		masters, replicas := 0, map[string]int{}
-		var view []string
-		for _, cn := range nodes {
-			if cn.master {
-				view = append(view, fmt.Sprint(cn.id, cn.slots))
-			}
-		}
-		slices.Sort(view)
-		views[strings.Join(view, " ")] = true
-		if len(views) > 1 {
-			return fmt.Sprintf("node %d sees other slot owners than the others", i)
-		}
-		for _, cn := range nodes {
-			if cn.failing {
-				return fmt.Sprintf("node %d sees %s failing", i, cn.addr)
-			}
-			if cn.master {
-				masters++
-			} else {
-				replicas[cn.masterID]++
-			}
-		}
-		if masters != 3 || len(replicas) != 3 {
-			return fmt.Sprintf("node %d sees %d masters and replicas of %d", i, masters, len(replicas))
-		}
-		repl, err := rawDo(n.Addr(), "INFO", "replication")
-		if err != nil {
-			return err.Error()
-		}
-		s, _ := repl.(string)
-		if strings.Contains(s, "role:slave") && !strings.Contains(s, "master_link_status:up") {
-			return fmt.Sprintf("node %d: replica not in sync", i)
-		}
-	}
-	return ""
-}
-
-// waitHealthy waits until the cluster is whole.
-func (c *testCluster) waitHealthy(within time.Duration) error {
-	deadline := time.Now().Add(within)
-	for {
-		why := c.healthyNow()
-		if why == "" {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("cluster not whole after %v: %s", within, why)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// heal makes the cluster whole again: frozen nodes resumed, stopped ones restarted (a replaced
-// master comes back as a replica of its successor), and waits for it.
-func (c *testCluster) heal(t testing.TB) {
-	t.Helper()
-	for i, n := range c.nodes {
-		if !c.running(i) {
-			if err := n.launch(); err != nil {
-				t.Fatalf("restart cluster node %d: %v", i, err)
-			}
-			continue
-		}
-		n.mu.Lock()
-		_ = n.cmd.Process.Signal(syscall.SIGCONT)
-		n.mu.Unlock()
-	}
-	if err := c.waitHealthy(20 * time.Second); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// index is the node with that port.
-func (c *testCluster) index(t *testing.T, port int) int {
-	t.Helper()
-	for i, n := range c.nodes {
-		if n.port == port {
-			return i
-		}
-	}
-	t.Fatalf("no node on port %d", port)
-	return -1
-}
-
-// masterOf is the node that serves slot, and its replica.
-func (c *testCluster) masterOf(t *testing.T, slot int) (master, replica int) {
-	t.Helper()
-	nodes, err := c.view()
+	g := startRun(t, nil, map[string]string{"REDIS_URL": c.URL(), "ALGO_URL": doneAlgo(t).URL})
+	res, err := g.Client.Get(g.URL + "/readyz")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var id string
-	master, replica = -1, -1
-	for _, cn := range nodes {
-		for _, r := range cn.slots {
-			if cn.master && slot >= r[0] && slot <= r[1] {
-				master, id = c.index(t, cn.port), cn.id
-			}
-		}
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("/readyz = %d", res.StatusCode)
 	}
-	for _, cn := range nodes {
-		if !cn.master && cn.masterID == id && id != "" {
-			replica = c.index(t, cn.port)
-		}
-	}
-	if master < 0 || replica < 0 {
-		t.Fatalf("slot %d: master %d, replica %d in %+v", slot, master, replica, nodes)
-	}
-	return master, replica
 }
 
-// promoted waits until node i is a master in the view of every other running node, and
-// returns when that was seen.
-func (c *testCluster) promoted(t *testing.T, i int, within time.Duration) time.Time {
+// clusterPair is two gateways, "a" and "b", on the cluster.
+func clusterPair(t *testing.T, c *testCluster, algo *fakeAlgo, backend *fakeBackend, more map[string]string) (a, b *testGateway) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		all := true
-		for j, n := range c.nodes {
-			if j == i || !c.running(j) {
-				continue
-			}
-			nodes, err := c.clusterNodes(n)
-			if err != nil {
-				continue // frozen: it sees nothing
-			}
-			for _, cn := range nodes {
-				if cn.port == c.nodes[i].port && (!cn.master || len(cn.slots) == 0) {
-					all = false
+	env := with(map[string]string{"ALGO_URL": algo.URL, "ADMIN_URL": backend.URL, "DOCS_URL": backend.URL,
+		"REDIS_URL": c.URL(), "JWT_SECRET": testSecret}, more)
+	a = startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
+	b = startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
+	return a, b
+}
+
+// chatWithID starts a chat stream with that request_id on g and returns once stream_start
+// arrived.
+func chatWithID(t *testing.T, g *testGateway, token, id, message string) *sseReader {
+	t.Helper()
+	res := doRequest(t, g.Client, "POST", g.URL+"/api/v2/chat/stream",
+		strings.NewReader(`{"message":"`+message+`","request_id":"`+id+`"}`), map[string]string{"Authorization": "Bearer " + token})
+	t.Cleanup(func() { res.Body.Close() })
+	s := wantStream(t, res)
+	if ev := nextEvent(t, s); ev.Event != "stream_start" {
+		t.Fatalf("first event = %q, want stream_start", ev.Event)
+	}
+	return s
+}
+
+// TestClusterSharedFeatures: on the cluster, two gateways share, for tenants whose tags are
+// awkward (none, lone braces, an empty pair, Unicode), exactly what they share on one Redis:
+// revocations (with B's cached answer invalidated), a rate limit and a daily quota as one
+// budget, a concurrency lease, a cancel sent to the instance that does not run the stream, the
+// voice session listing, and the user-status cache.
+func TestClusterSharedFeatures(t *testing.T) {
+	c := startCluster(t)
+	var mu sync.Mutex
+	asked := map[string]int{}
+	users := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		asked[r.URL.Path]++
+		mu.Unlock()
+		io.WriteString(w, `{"status":"active"}`)
+	})
+	backend := okBackend(t)
+	a, b := clusterPair(t, c, holdAlgo(t, nil), backend, with(roomyBudgets, map[string]string{
+		"POLICY_FILE": "testdata/policy/e2e-cluster.json", "USER_SERVICE_URL": users.URL}))
+	w := watchTokens(t, a, b)
+	const doc = "/api/v2/documents/x"
+	// Users of this run only: the cluster keeps an earlier run's revocations and quotas.
+	run := newRunID()
+
+	for ti, tenant := range clusterTenants {
+		tok := func(user string, roles ...string) string {
+			return w.token(t, fmt.Sprintf("%s-%d-%s", user, ti, run), roles, map[string]any{"tenant_id": tenant})
+		}
+		t.Run(fmt.Sprintf("tenant %q", tenant), func(t *testing.T) {
+			t.Run("revocation reaches the other instance", func(t *testing.T) {
+				user := tok("u-rev", "user")
+				for _, g := range []*testGateway{a, b, b} { // B twice: its cached answer is warm
+					wantStatus(t, call(t, g, "GET", doc, user, ""), http.StatusOK)
 				}
-			}
-		}
-		if all {
-			return time.Now()
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("node %d not promoted within %v", i, within)
-		}
-		time.Sleep(10 * time.Millisecond)
+				wantStatus(t, call(t, a, "POST", "/api/v2/auth/revoke", user, ""), http.StatusOK)
+				res, took := pollRefused(t, b, "GET", doc, user, time.Now())
+				wantError(t, res, http.StatusUnauthorized, "TOKEN_REVOKED")
+				if took > 100*time.Millisecond {
+					t.Errorf("B refused the revoked token %v after A's 200, want within 100ms", took)
+				}
+				admin, x := tok("u-admin", "admin"), tok("u-x", "user")
+				wantStatus(t, call(t, b, "GET", doc, x, ""), http.StatusOK)
+				wantStatus(t, call(t, a, "POST", "/api/v2/auth/revoke", admin, fmt.Sprintf(`{"user_id":"u-x-%d-%s"}`, ti, run)), http.StatusOK)
+				res, _ = pollRefused(t, b, "GET", doc, x, time.Now())
+				wantError(t, res, http.StatusUnauthorized, "TOKEN_REVOKED")
+			})
+			t.Run("one rate limit", func(t *testing.T) {
+				user := tok("u-rate", "user")
+				for i := range 6 {
+					wantStatus(t, call(t, []*testGateway{a, b}[i%2], "GET", doc, user, ""), http.StatusOK)
+				}
+				for _, g := range []*testGateway{a, b} {
+					wantError(t, call(t, g, "GET", doc, user, ""), http.StatusTooManyRequests, "RATE_LIMITED")
+				}
+			})
+			t.Run("one daily quota", func(t *testing.T) {
+				user := tok("u-quota", "admin")
+				for i := range 10 {
+					wantStatus(t, call(t, []*testGateway{a, b}[i%2], "GET", "/api/v2/admin/x", user, ""), http.StatusOK)
+				}
+				for _, g := range []*testGateway{a, b} {
+					d := wantError(t, call(t, g, "GET", "/api/v2/admin/x", user, ""), http.StatusTooManyRequests, "RATE_LIMITED")
+					if !strings.Contains(d.Error, "quota") {
+						t.Errorf("429 = %s, want the daily quota", d.raw)
+					}
+				}
+			})
+			t.Run("one lease; a cancel through the other instance", func(t *testing.T) {
+				user := tok("u-lease", "user")
+				id := fmt.Sprintf("cluster-hold-%d", ti)
+				s := chatWithID(t, a, user, id, "hold")
+				wantError(t, call(t, b, "POST", "/api/v2/chat/stream", user, `{"message":"second"}`), http.StatusTooManyRequests, "RATE_LIMITED")
+				wantStatus(t, call(t, b, "POST", "/api/v2/chat/cancel", user, `{"request_id":"`+id+`"}`), http.StatusOK)
+				evs := readEvents(t, s)
+				if len(evs) == 0 || evs[len(evs)-1].Event != "stream_cancelled" {
+					t.Fatalf("A's events after B's cancel: %v, want stream_cancelled", eventNames(evs))
+				}
+				eventually(t, 2*time.Second, "the lease is free for B", func() bool {
+					return call(t, b, "POST", "/api/v2/chat/stream", user, `{"message":"again"}`).StatusCode == http.StatusOK
+				})
+			})
+			t.Run("voice sessions listed by the other instance", func(t *testing.T) {
+				admin := tok("u-voice-admin", "admin")
+				v := openVoice(t, a, "?conversation_id=c-cluster", bearer(tok("u-voice", "user")))
+				l := listVoice(t, b, admin)
+				if !l.hasSession(v.id) {
+					t.Fatalf("B lists %+v, want A's session %s", l.Sessions, v.id)
+				}
+				for _, s := range l.Sessions {
+					if s.SessionID == v.id && (s.Instance != "a" || s.TenantID != tenant) {
+						t.Errorf("B lists %+v, want instance a, tenant %q", s, tenant)
+					}
+				}
+				_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
+				eventually(t, 2*time.Second, "the closed session leaves B's listing", func() bool {
+					return !listVoice(t, b, admin).hasSession(v.id)
+				})
+			})
+		})
 	}
+
+	t.Run("user status cached for both instances", func(t *testing.T) {
+		user := w.token(t, "u-status-"+run, []string{"user"}, nil)
+		mu.Lock()
+		before := asked["/users/u-status-"+run]
+		mu.Unlock()
+		wantStatus(t, call(t, a, "GET", doc, user, ""), http.StatusOK)
+		wantStatus(t, call(t, b, "GET", doc, user, ""), http.StatusOK)
+		mu.Lock()
+		n := asked["/users/u-status-"+run] - before
+		mu.Unlock()
+		if n != 1 {
+			t.Errorf("the user service was asked %d times for one user by two instances, want once (B reads Redis)", n)
+		}
+	})
 }
 
-// rawDo sends one command to addr, with an error rather than a test failure.
-func rawDo(addr string, args ...string) (any, error) {
-	c, err := net.DialTimeout("tcp", addr, 300*time.Millisecond)
+// clusterClient is a rueidis client on the cluster, closed at cleanup.
+func clusterClient(t *testing.T, c *testCluster) rueidis.Client {
+	t.Helper()
+	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: strings.Split(c.URL(), ","), DisableCache: true})
 	if err != nil {
-		return nil, err
+		t.Fatal(err)
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(time.Second))
-	var b strings.Builder
-	fmt.Fprintf(&b, "*%d\r\n", len(args))
-	for _, a := range args {
-		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
-	}
-	if _, err := c.Write([]byte(b.String())); err != nil {
-		return nil, err
-	}
-	v, err := readRESP(bufio.NewReader(c))
-	if e, ok := v.(redisError); ok {
-		return nil, errors.New(string(e))
-	}
-	return v, err
+	t.Cleanup(client.Close)
+	return client
 }
 
-// keySlot is Redis Cluster's hash slot of key: CRC16 (XMODEM) of its hash tag, or of the whole
-// key without one, modulo 16384.
-func keySlot(key string) int {
-	if i := strings.IndexByte(key, '{'); i >= 0 {
-		if j := strings.IndexByte(key[i+1:], '}'); j > 0 {
-			key = key[i+1 : i+1+j]
-		}
-	}
-	var crc uint16
-	for k := 0; k < len(key); k++ {
-		crc ^= uint16(key[k]) << 8
-		for range 8 {
-			if crc&0x8000 != 0 {
-				crc = crc<<1 ^ 0x1021
-			} else {
-				crc <<= 1
+// oneSlot runs f, a call of a store that runs scripts, and fails the test if its keys span
+// slots: the cluster client refuses to build such a command (it panics), and Redis answers
+// CROSSSLOT to any it did not check.
+func oneSlot(t *testing.T, what string, f func() error) {
+	t.Helper()
+	err := func() (err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("panic: %v", r)
 			}
+		}()
+		return f()
+	}()
+	if err != nil {
+		t.Errorf("%s: %v", what, err)
+	}
+}
+
+// awkwardStrings are the fixed tenants plus random ones built from braces, the tag's escape
+// character, separators and Unicode.
+func awkwardStrings(n int) []string {
+	out := append([]string{"%", "%7B", "{%}", "}{", "{{}}", "a}b{c"}, clusterTenants...)
+	alphabet := []rune{'{', '}', '%', ':', 'a', 'ü', '日', ' ', '7', 'B'}
+	r := rand.New(rand.NewPCG(13, 13))
+	for range n {
+		s := make([]rune, r.IntN(7))
+		for i := range s {
+			s[i] = alphabet[r.IntN(len(alphabet))]
+		}
+		out = append(out, string(s))
+	}
+	return out
+}
+
+// TestClusterScriptsOneSlot: every multi-key command the gateway sends — the rate-limit and
+// quota script, the lease scripts and their renewal, the revocation writes and lookups —
+// keeps its keys in one slot for any tenant and user, run against the cluster itself. A
+// script whose keys span slots is caught here, as the control case shows.
+func TestClusterScriptsOneSlot(t *testing.T) {
+	c := startCluster(t)
+	client := clusterClient(t, c)
+	ctx := t.Context()
+
+	t.Run("control: keys in two slots are caught", func(t *testing.T) {
+		script := rueidis.NewLuaScript("return 1")
+		err := func() (err error) {
+			defer func() {
+				if r := recover(); r != nil {
+					err = fmt.Errorf("panic: %v", r)
+				}
+			}()
+			return script.Exec(ctx, client, []string{"x:{a}", "x:{b}"}, nil).Error()
+		}()
+		if err == nil {
+			t.Fatal("a script with keys in two slots ran; the check below would catch nothing")
+		}
+	})
+
+	// TTL/4 later on this clock, every Renew renews.
+	now := time.Now()
+	adm := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:", TTL: 30 * time.Second,
+		Now: func() time.Time { now = now.Add(10 * time.Second); return now }})
+	revs := auth.NewRedisRevocations(client, auth.RedisRevocationsOptions{Prefix: "voicegate:", Replicas: 1})
+	users := awkwardStrings(8)
+	for i, tenant := range awkwardStrings(60) {
+		user := users[i%len(users)]
+		oneSlot(t, fmt.Sprintf("rate limit and quota, tenant %q, user %q", tenant, user), func() error {
+			_, err := adm.Allow(ctx, &policy.Charge{Tenant: tenant, User: user, Quota: 100, Buckets: []policy.Bucket{
+				{Parts: []string{"u", user}, Interval: time.Second, Burst: 10, Limit: 10},
+				{Parts: []string{"t"}, Interval: time.Millisecond, Burst: 100, Limit: 1000},
+				{Parts: []string{"c", "chat", "u", user}, Interval: time.Second, Burst: 10, Limit: 10}}})
+			return err
+		})
+		oneSlot(t, fmt.Sprintf("chat admission (rate, quota, lease, directory claim), tenant %q, user %q", tenant, user), func() error {
+			_, release, err := adm.Admit(ctx, &policy.Ask{
+				Charge: policy.Charge{Tenant: tenant, User: user, Quota: 100, Buckets: []policy.Bucket{
+					{Parts: []string{"u", user}, Interval: time.Second, Burst: 10, Limit: 10}}},
+				Slot:  &policy.Slot{Kind: "chat", PerUser: 100, PerTenant: 100},
+				Claim: &policy.Claim{Key: "voicegate:stream:" + policy.Tag(tenant) + ":r-" + user, Value: "mine"}})
+			if err != nil {
+				return err
+			}
+			if err := adm.Renew(ctx); err != nil { // renews the slot and the claim
+				return err
+			}
+			release(ctx)
+			return adm.Renew(ctx) // retries the release if it failed
+		})
+		oneSlot(t, fmt.Sprintf("revocation, tenant %q, user %q", tenant, user), func() error {
+			if _, err := revs.RevokeUser(ctx, tenant, user); err != nil {
+				return err
+			}
+			if err := revs.RevokeToken(ctx, tenant, "jti-"+user, time.Now().Add(time.Minute)); err != nil {
+				return err
+			}
+			_, err := revs.Revoked(ctx, &auth.Identity{UserID: user, TenantID: tenant, TokenID: "jti-" + user, IssuedAt: time.Now()})
+			return err
+		})
+	}
+}
+
+// TestClusterResume: on the cluster, resumers of streams of tenants in different hash slots
+// wait at their tails on one instance at once (one XREAD cannot name keys of two slots: the
+// reader reads each slot's logs in one pipeline), and each gets exactly the rest of its own
+// stream; a repeat of a finished request is answered from its log there too.
+func TestClusterResume(t *testing.T) {
+	c := startCluster(t)
+	algo := newResumeAlgo(t)
+	a, b := clusterPair(t, c, algo.fakeAlgo, okBackend(t), with(roomyBudgets, map[string]string{"SSE_RESUME_WINDOW": "5s"}))
+	tenants := []string{"acme", "globex", "initech"}
+	if keySlot("{acme}") == keySlot("{globex}") || keySlot("{globex}") == keySlot("{initech}") {
+		t.Fatal("the tenants' tags share a slot; pick others")
+	}
+	// Users of this run only: the cluster keeps an earlier run's streams, whose repeats would
+	// be answered from their logs.
+	run := newRunID()
+	var resumed []*sseReader
+	for i, tenant := range tenants {
+		tok := tokenFor(t, "u-"+tenant+"-"+run, []string{"user"}, map[string]any{"tenant_id": tenant})
+		res := chatRequest(t, a.Client, a.URL, tok, "cr-"+strconv.Itoa(i), "gated", "")
+		defer res.Body.Close()
+		readN(t, wantStream(t, res), 10)
+		res = chatRequest(t, b.Client, b.URL, tok, "cr-"+strconv.Itoa(i), "gated", strconv.Itoa(5+i))
+		defer res.Body.Close()
+		resumed = append(resumed, wantStream(t, res))
+	}
+	close(algo.release)
+	for i, s := range resumed {
+		wantRest(t, s, 5+i)
+	}
+	tok := tokenFor(t, "u-acme-"+run, []string{"user"}, map[string]any{"tenant_id": "acme"})
+	res := chatRequest(t, b.Client, b.URL, tok, "cr-0", "gated", "")
+	defer res.Body.Close()
+	if evs := readEvents(t, wantStream(t, res)); len(evs) != resumeLines+2 || evs[0].Event != "stream_start" {
+		t.Errorf("a repeat of a finished request on the cluster: %v, want the whole answer from its log", eventNames(evs))
+	}
+	if n := algo.calls.Load(); n != int64(len(tenants)) {
+		t.Errorf("the algorithm service got %d requests, want %d", n, len(tenants))
+	}
+}
+
+// TestParseClusterInfo: readiness reads cluster_state and cluster_slots_ok, whether the text
+// comes plain (RESP2) or as a verbatim string with its format in front (RESP3).
+func TestParseClusterInfo(t *testing.T) {
+	for _, text := range []string{
+		"cluster_state:fail\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:10923\r\ncluster_slots_pfail:0\r\n",
+		"txt:cluster_state:fail\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:10923\r\n",
+	} {
+		got := parseClusterInfo(text)
+		if !got.answered || got.state != "fail" || got.slotsOK != 10923 {
+			t.Errorf("parseClusterInfo(%q) = %+v, want state fail, 10923 slots ok", text, got)
 		}
 	}
-	return int(crc) % 16384
+}
+
+// TestParseSlotOwners: the slot owners are the masters that are not failing, by range, a slot
+// being migrated left to MOVED and ASK; without any, nil.
+func TestParseSlotOwners(t *testing.T) {
+	text := "txt:" +
+		"a1 10.0.0.1:6379@16379 myself,master - 0 0 1 connected 0-5460 [5461->-b2]\n" +
+		"b2 10.0.0.2:6379@16379,host-b master - 0 0 2 connected 5461-10922\n" +
+		"c3 10.0.0.3:6379@16379 master,fail - 0 0 3 disconnected 10923-16383\n" +
+		"d4 10.0.0.4:6379@16379 slave a1 0 0 1 connected\n" +
+		"e5 10.0.0.5:6379@16379 master - 0 0 5 connected 16000\n"
+	got := parseSlotOwners(text)
+	want := []slotOwner{{0, 5460, "10.0.0.1:6379"}, {5461, 10922, "10.0.0.2:6379"}, {16000, 16000, "10.0.0.5:6379"}}
+	if !slices.Equal(got, want) {
+		t.Errorf("parseSlotOwners = %+v, want %+v", got, want)
+	}
+	if got := parseSlotOwners("c3 10.0.0.3:6379@16379 master,fail? - 0 0 3 connected 0-16383\n"); got != nil {
+		t.Errorf("only a failing master: %+v, want nil", got)
+	}
 }

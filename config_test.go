@@ -1,5 +1,9 @@
 package main
 
+// Configuration: every setting from the environment or a flag (the flag wins), refused with one
+// line naming it when invalid, without credentials in the message; the command line's errors;
+// README.md's configuration table complete; and a fuzz target.
+
 import (
 	"bytes"
 	"context"
@@ -8,24 +12,16 @@ import (
 	"log/slog"
 	"maps"
 	"net/http"
+	"net/url"
 	"os"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
-)
 
-// envFunc serves env, with a JWT secret unless env says otherwise.
-func envFunc(env map[string]string) func(string) string {
-	return func(k string) string {
-		if v, ok := env[k]; ok {
-			return v
-		}
-		if k == "JWT_SECRET" {
-			return testSecret
-		}
-		return ""
-	}
-}
+	"voicegate/auth"
+)
 
 // TestConfigRejectsInvalidValues checks, for parseConfig and for run, that every invalid value
 // stops the gateway with one line naming the variable.
@@ -353,4 +349,215 @@ func TestConfigTableInREADME(t *testing.T) {
 			t.Errorf("docs/configuration.md's row for %s does not give its default `%s`: %s", s.env, s.def, row)
 		}
 	}
+}
+
+// TestConfigDrainDelayOverHalfRefused: DRAIN_DELAY above half of SHUTDOWN_GRACE stops the
+// gateway with one line naming it, instead of being cut silently.
+func TestConfigDrainDelayOverHalfRefused(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		env  map[string]string
+		want string // "" means valid
+	}{
+		{"set too long", map[string]string{"SHUTDOWN_GRACE": "25s", "DRAIN_DELAY": "20s"}, "DRAIN_DELAY"},
+		{"the default over a short grace", map[string]string{"SHUTDOWN_GRACE": "8s"}, "DRAIN_DELAY (default 5s)"},
+		{"exactly half", map[string]string{"SHUTDOWN_GRACE": "10s", "DRAIN_DELAY": "5s"}, ""},
+		{"the demo drains nothing", map[string]string{"SHUTDOWN_GRACE": "1s", "-demo": "1"}, ""},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			env := with(map[string]string{"ALGO_URL": "http://127.0.0.1:9"}, tt.env)
+			args := []string{"voicegate"}
+			if env["-demo"] != "" {
+				args = append(args, "-demo")
+			}
+			cfg, err := parseConfig(args, envFunc(env), io.Discard)
+			if tt.want == "" {
+				if err != nil {
+					t.Fatalf("error %v, want none", err)
+				}
+				if cfg.DrainDelay > cfg.ShutdownGrace/2 {
+					t.Errorf("DrainDelay %v over half of %v", cfg.DrainDelay, cfg.ShutdownGrace)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), "SHUTDOWN_GRACE") || strings.Contains(err.Error(), "\n") {
+				t.Errorf("error = %v, want one line naming %s and SHUTDOWN_GRACE", err, tt.want)
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+			defer cancel()
+			if err := run(ctx, args, envFunc(env), io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("run = %v, want the same refusal", err)
+			}
+		})
+	}
+}
+
+// readmeSettings returns the variables of docs/configuration.md's table.
+func readmeSettings(t *testing.T) []string {
+	t.Helper()
+	raw, err := os.ReadFile("docs/configuration.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sec, ok := strings.Cut(string(raw), "\n## Settings\n")
+	if !ok {
+		t.Fatal(`docs/configuration.md has no "## Settings" section`)
+	}
+	sec, _, _ = strings.Cut(sec, "\n## ")
+	tick := regexp.MustCompile("`([A-Z][A-Z0-9_]+)`")
+	var out []string
+	for _, line := range strings.Split(sec, "\n") {
+		cells := strings.Split(line, "|")
+		if len(cells) < 4 {
+			continue
+		}
+		for _, m := range tick.FindAllStringSubmatch(cells[1], -1) {
+			out = append(out, m[1])
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// TestConfigTableComplete: the configuration table (docs/configuration.md) lists every setting
+// the gateway reads (METRICS_ENABLED among them), and nothing else; METRICS_ENABLED=false turns
+// /metrics off.
+func TestConfigTableComplete(t *testing.T) {
+	var code []string
+	for _, s := range settings() {
+		code = append(code, s.env)
+	}
+	slices.Sort(code)
+	if got := readmeSettings(t); !slices.Equal(got, code) {
+		t.Errorf("docs/configuration.md table = %v\nsettings in the code     = %v", got, code)
+	}
+	g := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL, "METRICS_ENABLED": "false"})
+	wantError(t, call(t, g, "GET", "/metrics", "", ""), http.StatusNotFound, "NOT_FOUND")
+}
+
+// TestMainCommandLineErrors: what a user who mistyped sees. A mistyped flag is one line, once,
+// naming it and where the list is (not the error, ninety lines of usage, and the error again);
+// a bad value names the flag as typed or the variable it came from; -h prints the usage.
+func TestMainCommandLineErrors(t *testing.T) {
+	env := map[string]string{"ALGO_URL": "http://127.0.0.1:9", "JWT_SECRET": testSecret, "SHUTDOWN_GRACE": ""}
+	tests := []struct {
+		name string
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{"unknown flag", nil, []string{"-no-such-flag"}, "voicegate: unknown flag -no-such-flag (voicegate -h lists the flags)\n"},
+		{"bad flag value", nil, []string{"-shutdown-grace", "abc"}, `voicegate: -shutdown-grace: invalid value "abc": want a duration of at least 0s, such as 15s` + "\n"},
+		{"bad variable", map[string]string{"SHUTDOWN_GRACE": "abc"}, nil, `voicegate: invalid SHUTDOWN_GRACE "abc": want a duration of at least 0s, such as 15s` + "\n"},
+		{"unknown flag of a subcommand", nil, []string{"token", "--rols", "admin"}, "voicegate: unknown flag --rols (voicegate token -h lists the flags)\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := map[string]string{}
+			for k, v := range env {
+				e[k] = v
+			}
+			for k, v := range tt.env {
+				e[k] = v
+			}
+			stderr, code := runMain(t, e, tt.args...)
+			if stderr != tt.want || code != 1 {
+				t.Errorf("exit %d, stderr:\n%s\nwant exit 1 and:\n%s", code, stderr, tt.want)
+			}
+		})
+	}
+	t.Run("-h", func(t *testing.T) {
+		stderr, _ := runMain(t, env, "-h")
+		if !strings.HasPrefix(stderr, "Usage: voicegate [flags]") || !strings.Contains(stderr, "-shutdown-grace") {
+			t.Errorf("-h printed:\n%s", stderr)
+		}
+	})
+}
+
+// FuzzConfig gives one setting an arbitrary value, the others valid ones, and parses the
+// configuration: it never panics; a refusal is one line that names the variable and never
+// repeats a secret's value; what is accepted stays within the bounds the code relies on.
+func FuzzConfig(f *testing.F) {
+	all := settings()
+	index := map[string]uint8{}
+	for i, s := range all {
+		index[s.env] = uint8(i)
+		f.Add(uint8(i), s.def)
+		f.Add(uint8(i), "junk\nwith a line break")
+	}
+	for env, v := range map[string]string{
+		"JWT_SECRET":          strings.Repeat(" ", 40),
+		"REDIS_URL":           "redis://user:hunter2hunter2@127.0.0.1:6379/0",
+		"ALGO_URL":            "http://a:1,http://b:2",
+		"TRUSTED_PROXIES":     "10.0.0.0/8, ::ffff:10.0.0.0/104",
+		"CORS_ORIGINS":        "https://app.example.com",
+		"CONSOLE_GATEWAYS":    "https://gw.example.com, http://127.0.0.1:8081",
+		"BODY_READ_TIMEOUT":   "1ms",
+		"SSE_MAX_LINE_BYTES":  "999999999999",
+		"CHAT_MAX_BODY_BYTES": "16777216",
+	} {
+		f.Add(index[env], v)
+	}
+	f.Fuzz(func(t *testing.T, which uint8, value string) {
+		s := all[int(which)%len(all)]
+		env := map[string]string{"ALGO_URL": "http://127.0.0.1:9", "JWT_SECRET": testSecret, s.env: value}
+		cfg, err := parseConfig([]string{"voicegate"}, func(k string) string { return env[k] }, io.Discard)
+		if err != nil {
+			msg := err.Error()
+			if strings.ContainsAny(msg, "\r\n") {
+				t.Fatalf("%s=%q: the error is more than one line: %q", s.env, value, msg)
+			}
+			if !strings.Contains(msg, s.env) && !(s.env == "ALGO_URL" || s.env == "JWT_SECRET") {
+				t.Fatalf("%s=%q: the error %q does not name the variable", s.env, value, msg)
+			}
+			for _, sec := range secretsIn(s.env, value) {
+				if len(sec) >= 8 && strings.Contains(msg, sec) {
+					t.Fatalf("%s: the error repeats a secret: %q", s.env, msg)
+				}
+			}
+			return
+		}
+		switch {
+		case cfg.SSEMaxLineBytes < 64 || cfg.SSEMaxLineBytes > maxLineBytes:
+			t.Fatalf("SSE_MAX_LINE_BYTES %d accepted", cfg.SSEMaxLineBytes)
+		case cfg.ChatMaxBodyBytes < 1 || cfg.ChatMaxBodyBytes > maxChatBody:
+			t.Fatalf("CHAT_MAX_BODY_BYTES %d accepted", cfg.ChatMaxBodyBytes)
+		case cfg.BodyMinRate < 1 || cfg.BodyReadTimeout < 1:
+			t.Fatalf("BODY_MIN_RATE %d, BODY_READ_TIMEOUT %v accepted", cfg.BodyMinRate, cfg.BodyReadTimeout)
+		case cfg.JWTSecret != nil && auth.CheckHMACSecret(cfg.JWTSecret) != nil:
+			t.Fatalf("a weak JWT_SECRET accepted: %v", auth.CheckHMACSecret(cfg.JWTSecret))
+		case len(cfg.AlgoURLs) == 0:
+			t.Fatal("no ALGO_URL accepted")
+		}
+		for _, u := range append(append(cfg.AlgoURLs, cfg.AdminURLs...), cfg.DocsURLs...) {
+			if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				t.Fatalf("upstream %v accepted", u)
+			}
+		}
+	})
+}
+
+// secretsIn returns the parts of a setting's value that must never be repeated: the whole
+// JWT secret, the passwords of Redis URLs, the values of collector headers.
+func secretsIn(env, value string) []string {
+	var out []string
+	switch env {
+	case "JWT_SECRET":
+		out = append(out, value)
+	case "REDIS_URL":
+		for _, part := range strings.Split(value, ",") {
+			if u, err := url.Parse(strings.TrimSpace(part)); err == nil && u.User != nil {
+				if p, ok := u.User.Password(); ok {
+					out = append(out, p)
+				}
+			}
+		}
+	case "OTEL_EXPORTER_OTLP_HEADERS":
+		for _, kv := range strings.Split(value, ",") {
+			if _, v, ok := strings.Cut(kv, "="); ok {
+				out = append(out, strings.TrimSpace(v))
+			}
+		}
+	}
+	return out
 }

@@ -111,20 +111,6 @@ func toneWAV(rate, freq int, d time.Duration) []byte {
 	return b
 }
 
-// toneLevel is the amplitude of the freq component of pcm (16-bit little-endian at rate), by
-// the Goertzel algorithm, relative to full scale.
-func toneLevel(pcm []byte, rate, freq int) float64 {
-	coeff := 2 * math.Cos(2*math.Pi*float64(freq)/float64(rate))
-	var s1, s2 float64
-	n := len(pcm) / 2
-	for i := range n {
-		x := float64(int16(uint16(pcm[2*i])|uint16(pcm[2*i+1])<<8)) / 32768
-		s1, s2 = x+coeff*s1-s2, s1
-	}
-	power := s1*s1 + s2*s2 - coeff*s1*s2
-	return 2 * math.Sqrt(max(power, 0)) / float64(n)
-}
-
 // page is one tab, with what its console reported.
 type page struct {
 	t   *testing.T
@@ -837,7 +823,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		// start; the console reconnects, and the second session stays open.
 		var sessions atomic.Int64
 		testDone := t.Context()
-		algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		algo := newAlgo(t, algoOptions{Voice: func(w http.ResponseWriter, r *http.Request) {
 			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
 			if err != nil {
 				return
@@ -854,7 +840,7 @@ func TestConsoleInBrowser(t *testing.T) {
 					return
 				}
 			}
-		})
+		}})
 		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
 		tok := w.token(t, "u-console-reconnect", []string{"user"}, nil)
 		p := b.open(t, gr.URL+"/console#token="+tok)
@@ -886,33 +872,24 @@ func TestConsoleInBrowser(t *testing.T) {
 		var mu sync.Mutex
 		var pcm []byte
 		rates := map[float64]bool{}
-		testDone := t.Context()
-		algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-			c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
-			if err != nil {
-				return
-			}
-			defer c.CloseNow()
-			for {
-				_, msg, err := c.Read(testDone)
-				if err != nil {
-					return
-				}
+		algo := newAlgo(t, algoOptions{Replier: func() voiceReplier {
+			return func(_ websocket.MessageType, msg []byte) []voiceFrame {
 				var m struct {
 					Type       string  `json:"type"`
 					Audio      string  `json:"audio_chunk"`
 					SampleRate float64 `json:"sample_rate"`
 				}
 				if json.Unmarshal(msg, &m) != nil || m.Type != "audio_chunk" {
-					continue
+					return nil
 				}
 				b, _ := base64.StdEncoding.DecodeString(m.Audio)
 				mu.Lock()
 				pcm = append(pcm, b...)
 				rates[m.SampleRate] = true
 				mu.Unlock()
+				return nil
 			}
-		})
+		}})
 		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
 		p := b.open(t, gr.URL+"/console#token="+w.token(t, "u-console-tone", []string{"user"}, nil))
 		p.click("#mic")

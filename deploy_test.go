@@ -1,9 +1,10 @@
 package main
 
-// Tests that keep deploy/ true: the dashboard and the alert rules name only metrics a real
-// gateway exports (and the dashboard all of them), the rules pass promtool, the nginx template
-// passes nginx -t and carries chat and voice through to two gateways, and the compose and
-// Kubernetes files name only settings the gateway knows, with ports that match their peers.
+// Tests that keep deploy/ and the build true: the dashboard and the alert rules name only metrics
+// a real gateway exports (and the dashboard all of them), the rules pass promtool, the nginx
+// template passes nginx -t and carries chat and voice through to two gateways, the compose and
+// Kubernetes files name only settings the gateway knows, with ports that match their peers; the
+// image and the README's build facts.
 //
 // promtool (Debian's prometheus package) and nginx are real: the tests skip without them, with
 // an install hint, unless VOICEGATE_REQUIRE_TOOLS=1 (as in CI), where they fail instead.
@@ -36,32 +37,6 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
-// ---- tools ---------------------------------------------------------------------------------
-
-// requireTool returns the path of a tool, looked up on PATH and then at its usual place. Without
-// it the test is skipped with how to install it, or fails when VOICEGATE_REQUIRE_TOOLS=1.
-func requireTool(t *testing.T, name, usual, pkg string) string {
-	t.Helper()
-	if p, err := exec.LookPath(name); err == nil {
-		return p
-	}
-	if _, err := os.Stat(usual); err == nil {
-		return usual
-	}
-	missingTool(t, fmt.Sprintf("%s (on PATH or at %s)", name, usual), pkg)
-	return ""
-}
-
-// missingTool skips the test because what is not installed, saying how to install it, or
-// fails it when VOICEGATE_REQUIRE_TOOLS=1.
-func missingTool(t *testing.T, what, pkg string) {
-	t.Helper()
-	if os.Getenv("VOICEGATE_REQUIRE_TOOLS") == "1" {
-		t.Fatalf("%s not found, and these tests are required (VOICEGATE_REQUIRE_TOOLS=1)", what)
-	}
-	t.Skipf("%s not installed; install it with: apt-get install %s", what, pkg)
-}
-
 func runTool(t *testing.T, bin string, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
@@ -72,8 +47,6 @@ func runTool(t *testing.T, bin string, args ...string) string {
 	}
 	return string(out)
 }
-
-// ---- files ---------------------------------------------------------------------------------
 
 func readDeploy(t *testing.T, name string) []byte {
 	t.Helper()
@@ -104,47 +77,6 @@ func yamlDocs(t *testing.T, name string) []map[string]any {
 	}
 }
 
-// dig walks a decoded YAML or JSON value by keys (strings) and indexes (ints).
-func dig(v any, path ...any) any {
-	for _, p := range path {
-		switch k := p.(type) {
-		case string:
-			m, ok := v.(map[string]any)
-			if !ok {
-				return nil
-			}
-			v = m[k]
-		case int:
-			l, ok := v.([]any)
-			if !ok || k >= len(l) {
-				return nil
-			}
-			v = l[k]
-		}
-	}
-	return v
-}
-
-func str(v any) string {
-	switch v := v.(type) {
-	case string:
-		return v
-	case nil:
-		return ""
-	}
-	return fmt.Sprint(v)
-}
-
-// strList reads a YAML list of scalars.
-func strList(v any) []string {
-	var out []string
-	l, _ := v.([]any)
-	for _, e := range l {
-		out = append(out, str(e))
-	}
-	return out
-}
-
 // settingNames are the variables the gateway reads.
 func settingNames() map[string]bool {
 	out := map[string]bool{}
@@ -166,8 +98,6 @@ func portOf(t *testing.T, addr string) string {
 	}
 	return port
 }
-
-// ---- PromQL --------------------------------------------------------------------------------
 
 var (
 	promString   = regexp.MustCompile(`"(?:[^"\\]|\\.)*"`)
@@ -248,7 +178,7 @@ type exportedSeries struct {
 // every metric has a series, and returns its /metrics parsed.
 func scrapeBusyGateway(t *testing.T) exportedSeries {
 	t.Helper()
-	algo := newOpsAlgo(t, func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) })
+	algo := newAlgo(t, algoOptions{Replier: answerStop, Query: func(w http.ResponseWriter, r *http.Request) { ndjson(w, happyLines...) }})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "REDIS_URL": startRedis(t).URL()})
 	readEvents(t, wantStream(t, postChat(t, g, `{"message":"hi"}`, nil)))
 	wantStatus(t, call(t, g, "GET", "/api/v2/voice/sessions", "", ""), http.StatusUnauthorized)
@@ -577,8 +507,6 @@ func TestDeployAlertmanager(t *testing.T) {
 	runTool(t, amtool, "check-config", filepath.Join("deploy", config))
 }
 
-// ---- nginx ---------------------------------------------------------------------------------
-
 const nginxTemplate = "nginx/voicegate.conf.template"
 
 var templateVar = regexp.MustCompile(`\$\{([A-Z0-9_]+)\}`)
@@ -691,7 +619,7 @@ func startNginx(t *testing.T, upstreams ...string) *testNginx {
 		conf := writeNginxConf(t, prefix, map[string]string{
 			"NGINX_LISTEN_PORT": nginxHost + ":" + port, "VOICEGATE_1": upstreams[0], "VOICEGATE_2": upstreams[1]})
 		n := &testNginx{Addr: nginxHost + ":" + port, prefix: prefix, done: make(chan struct{})}
-		out := &syncBuffer{}
+		out := &logBuffer{}
 		n.cmd = exec.Command(bin, "-p", prefix, "-c", conf, "-e", "stderr")
 		n.cmd.Stdout, n.cmd.Stderr = out, out
 		if err := n.cmd.Start(); err != nil {
@@ -815,27 +743,20 @@ func composeGatewayEnv(t *testing.T) map[string]string {
 func TestDeployNginxChatAndVoice(t *testing.T) {
 	requireTool(t, "nginx", "/usr/sbin/nginx", "nginx")
 	gate := make(chan struct{})
-	algo := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/query":
-			startNDJSON(w)
-			rc := http.NewResponseController(w)
-			for _, l := range []string{`{"type":"generation_start"}`, `{"type":"generation_chunk","content":"Hel"}`, `{"type":"generation_chunk","content":"lo"}`} {
-				_, _ = fmt.Fprintln(w, l)
-				_ = rc.Flush()
-				select { // the next line only once the client has this one
-				case <-gate:
-				case <-r.Context().Done():
-					return
-				}
+	algo := newAlgo(t, algoOptions{Voice: demoVoice, Query: func(w http.ResponseWriter, r *http.Request) {
+		startNDJSON(w)
+		rc := http.NewResponseController(w)
+		for _, l := range []string{`{"type":"generation_start"}`, `{"type":"generation_chunk","content":"Hel"}`, `{"type":"generation_chunk","content":"lo"}`} {
+			_, _ = fmt.Fprintln(w, l)
+			_ = rc.Flush()
+			select { // the next line only once the client has this one
+			case <-gate:
+			case <-r.Context().Done():
+				return
 			}
-			_, _ = fmt.Fprintln(w, `{"type":"generation_done"}`)
-		case "/voice/stream":
-			demoVoice(w, r)
-		default:
-			http.NotFound(w, r)
 		}
-	})
+		_, _ = fmt.Fprintln(w, `{"type":"generation_done"}`)
+	}})
 
 	env := composeGatewayEnv(t)
 	env["ALGO_URL"] = algo.URL
@@ -965,8 +886,6 @@ func TestDeployNginxChatAndVoice(t *testing.T) {
 		t.Errorf("closing the voice session through nginx: %v", err)
 	}
 }
-
-// ---- compose -------------------------------------------------------------------------------
 
 func composeServices(t *testing.T) map[string]map[string]any {
 	t.Helper()
@@ -1181,8 +1100,6 @@ func TestDeployCompose(t *testing.T) {
 	})
 }
 
-// ---- images --------------------------------------------------------------------------------
-
 // qualifiedImage reports whether an image reference names its registry: podman (and Docker
 // with short-name resolution off) refuses a short name such as golang:1.26 rather than guess
 // which registry is meant. The first part of the name must be a host (it has a dot or a port,
@@ -1271,8 +1188,6 @@ func TestDeployImagesFullyQualified(t *testing.T) {
 		}
 	}
 }
-
-// ---- Kubernetes ----------------------------------------------------------------------------
 
 // TestDeployKubernetes: the example parses into a Deployment, a Service and a
 // PodDisruptionBudget that select the same pods; the container's variables are settings the
@@ -1373,5 +1288,81 @@ func TestDeployKubernetes(t *testing.T) {
 	failures, _ := dig(c, "readinessProbe", "failureThreshold").(int)
 	if period < 1 || failures < 1 || time.Duration(period*failures)*time.Second >= cfg.DrainDelay {
 		t.Errorf("readiness probe every %ds, %d failures: a drain is not noticed within DRAIN_DELAY %v", period, failures, cfg.DrainDelay)
+	}
+}
+
+// TestDeployImage: .dockerignore keeps the repository's history, test data and local binaries out
+// of the build context; -healthcheck finds the gateway on the address it really listens on (in
+// LISTEN_ADDR_FILE), also when it was started with -listen-addr; the Dockerfile shows a stop
+// timeout above SHUTDOWN_GRACE.
+func TestDeployImage(t *testing.T) {
+	raw, err := os.ReadFile(".dockerignore")
+	if err != nil {
+		t.Fatal(err)
+	}
+	patterns := strings.Fields(string(regexp.MustCompile(`(?m)#.*$`).ReplaceAllString(string(raw), "")))
+	for _, want := range []string{".git", "testdata", "**/testdata", "/voicegate", "*.test"} {
+		if !slices.Contains(patterns, want) {
+			t.Errorf(".dockerignore lacks %s (has %v)", want, patterns)
+		}
+	}
+	dockerfile, err := os.ReadFile("Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := regexp.MustCompile(`--stop-timeout (\d+)`).FindSubmatch(dockerfile)
+	if stop == nil {
+		t.Error("the Dockerfile does not show --stop-timeout")
+	} else if d, _ := time.ParseDuration(string(stop[1]) + "s"); d <= 25*time.Second {
+		t.Errorf("the Dockerfile's --stop-timeout %v is not above SHUTDOWN_GRACE's default 25s", d)
+	}
+	if !regexp.MustCompile(`(?m)^ENV LISTEN_ADDR_FILE=/run/voicegate/addr$`).Match(dockerfile) {
+		t.Error("the Dockerfile does not set LISTEN_ADDR_FILE")
+	}
+
+	file := filepath.Join(t.TempDir(), "addr")
+	// The container's environment names a wrong address; the gateway was started with a flag.
+	wrong := deadAddr(t)
+	g := startRun(t, []string{"-listen-addr", "127.0.0.1:0"}, map[string]string{"ALGO_URL": "http://127.0.0.1:1",
+		"LISTEN_ADDR": wrong, "LISTEN_ADDR_FILE": file})
+	env := map[string]string{"LISTEN_ADDR": wrong, "LISTEN_ADDR_FILE": file}
+	if _, _, err := runCommand(t, env, "-healthcheck"); err != nil {
+		t.Errorf("-healthcheck with the gateway's LISTEN_ADDR_FILE: %v", err)
+	}
+	if b, _ := os.ReadFile(file); strings.TrimSpace(string(b)) != g.Addr {
+		t.Errorf("LISTEN_ADDR_FILE holds %q, want %s", b, g.Addr)
+	}
+	if _, _, err := runCommand(t, env, "-healthcheck", "-listen-addr", wrong); err == nil {
+		t.Error("-healthcheck -listen-addr <dead address> succeeded: the flag must win over the file")
+	}
+	g.stop()
+	if _, err := os.Stat(file); !os.IsNotExist(err) {
+		t.Errorf("LISTEN_ADDR_FILE left behind after the gateway stopped: %v", err)
+	}
+	if _, _, err := runCommand(t, env, "-healthcheck"); err == nil {
+		t.Error("-healthcheck succeeded against a stopped gateway")
+	}
+}
+
+// TestREADMEGoVersionAndTestTime: the README states the Go version the module needs and how long
+// the tests take.
+func TestREADMEGoVersionAndTestTime(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mod, err := os.ReadFile("go.mod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	goLine := regexp.MustCompile(`(?m)^go (\d+\.\d+)`).FindSubmatch(mod)
+	if goLine == nil {
+		t.Fatal("go.mod has no go line")
+	}
+	if want := "Go " + string(goLine[1]) + " or later"; !strings.Contains(string(readme), want) {
+		t.Errorf("README.md does not say %q (go.mod: go %s)", want, goLine[1])
+	}
+	if !regexp.MustCompile(`(?i)tests? take (about|around) \d+`).Match(readme) {
+		t.Error("README.md does not say how long the tests take")
 	}
 }

@@ -497,15 +497,15 @@ func userEnv(t *testing.T, python, gobin string) []string {
 // and the gateway it started.
 type demoTerminal struct {
 	cmd         *exec.Cmd
-	stdout      *syncBuffer
-	stderr      *syncBuffer
+	stdout      *logBuffer
+	stderr      *logBuffer
 	done        chan struct{}
 	addr, token string // from the banner
 }
 
 func startDemoTerminal(t *testing.T, bash, dir string, env []string, block string) *demoTerminal {
 	t.Helper()
-	d := &demoTerminal{stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan struct{})}
+	d := &demoTerminal{stdout: &logBuffer{}, stderr: &logBuffer{}, done: make(chan struct{})}
 	d.cmd = exec.Command(bash, "--noprofile", "--norc", "-c", block)
 	d.cmd.Dir = dir
 	// The one change to a newcomer's terminal: any free port instead of 8080, which something
@@ -571,7 +571,7 @@ type tourShell struct {
 	cmd      *exec.Cmd
 	typed    io.WriteCloser // what is typed at the prompt
 	keyboard io.WriteCloser // what the program running reads
-	out      *syncBuffer    // stdout and stderr, interleaved as on a terminal
+	out      *logBuffer     // stdout and stderr, interleaved as on a terminal
 	seen     int            // of out, what earlier commands printed
 	n        int            // commands so far
 }
@@ -582,7 +582,7 @@ func startTourShell(t *testing.T, bash, dir string, env []string) *tourShell {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &tourShell{typed: typedW, out: &syncBuffer{}}
+	s := &tourShell{typed: typedW, out: &logBuffer{}}
 	s.cmd = exec.Command(bash, "--noprofile", "--norc", "/dev/fd/3")
 	s.cmd.Dir = dir
 	s.cmd.Env = env

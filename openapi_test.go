@@ -284,7 +284,7 @@ func TestOpenAPIVoiceMessages(t *testing.T) {
 	c.invalid("VoiceClientMessage", `{"text":"no type"}`, "a control message without type")
 
 	// What the algorithm service receives: audio_chunk messages.
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
 	v := openVoice(t, g, "?conversation_id=c-schema", bearer(tokenFor(t, "u-schema", []string{"user"}, nil)))
 	c.valid("VoiceServerMessage", v.init, "session_initialized")
@@ -307,9 +307,7 @@ func TestOpenAPIVoiceMessages(t *testing.T) {
 	c.valid("VoiceError", string(msg), "the error for an unknown control type")
 	var chunks []string
 	eventually(t, 2*time.Second, "three audio_chunk messages reach the algorithm service", func() bool {
-		algo.mu.Lock()
-		defer algo.mu.Unlock()
-		chunks = slices.Clone(algo.got)
+		chunks = algo.textReceived()
 		return len(chunks) >= 3
 	})
 	for i, m := range chunks {
@@ -519,7 +517,7 @@ func TestOpenAPIResponses(t *testing.T) {
 	t.Run("voice audio quota used up", func(t *testing.T) {
 		// A daily voice audio quota of 1 s: a session that sends more ends 4429, and the next
 		// upgrade is refused with 429 QUOTA_EXCEEDED.
-		valgo := newVoiceAlgo(t)
+		valgo := newAlgo(t, algoOptions{})
 		gq := startRun(t, nil, map[string]string{"ALGO_URL": valgo.URL, "POLICY_FILE": voicePolicy(t, "e2e.json", func(l *policy.Limits) {
 			l.VoiceAudioSecondsPerDay = &policy.AudioQuota{PerUser: 1}
 		})})

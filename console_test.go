@@ -1,5 +1,7 @@
 package main
 
+// The console's routes on the gateway: served only when enabled.
+
 import (
 	"net/http"
 	"strings"

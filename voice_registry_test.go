@@ -1,10 +1,7 @@
 package main
 
-// End-to-end tests of the live voice session registry on a real redis-server: its expiries and
-// sweeps on Redis's clock, whatever the instances' clocks say; a Redis outage longer than two
-// LEASE_TTLs, after which live sessions are published again and not written off as lost; and
-// sessions that end while their registry entry cannot be deleted, or while an answer from Redis
-// is late, which are never published again.
+// The voice session registry and audio meter against a real redis-server: outages, Redis's
+// clock, a charge answered late, usage records retried.
 
 import (
 	"context"
@@ -54,8 +51,8 @@ func wantTrueRecords(t *testing.T, r *testRedis, want string, ids ...string) []m
 func TestVoiceRegistryRedisOutage(t *testing.T) {
 	const ttl = time.Second
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	g := startRun(t, nil, redisEnv(r, algo.fakeBackend, okBackend(t), map[string]string{"LEASE_TTL": ttl.String()}))
+	algo := newAlgo(t, algoOptions{})
+	g := startRun(t, nil, redisEnv(r, algo, okBackend(t), map[string]string{"LEASE_TTL": ttl.String()}))
 	w := watchTokens(t, g)
 	admin := w.token(t, "u-outage-admin", []string{"admin"}, nil)
 	live := openVoice(t, g, "", bearer(w.token(t, "u-outage-live", []string{"user"}, nil)))
@@ -76,7 +73,7 @@ func TestVoiceRegistryRedisOutage(t *testing.T) {
 	frozen := time.Now()
 	_ = gone.conn.Close(websocket.StatusNormalClosure, "bye")
 	waitEnding(t, goneEnded, 5*time.Second)
-	eventually(t, 5*time.Second, "the ended session's upstream closes", func() bool { return algo.open.Load() == 1 })
+	eventually(t, 5*time.Second, "the ended session's upstream closes", func() bool { return algo.voiceOpen.Load() == 1 })
 	// The outage itself: more than two TTLs, so that every entry of this instance has been
 	// expired for a whole TTL by the time Redis answers again.
 	time.Sleep(time.Until(frozen.Add(2*ttl + ttl/2)))
@@ -113,7 +110,7 @@ func TestVoiceRegistryRedisOutage(t *testing.T) {
 
 // registryGateway serves the voice handler of reg alone, in front of algo, on loopback: a
 // gateway instance whose registry a test can reach (its clock, its renewals).
-func registryGateway(t *testing.T, reg *voice.Registry, algo *voiceAlgo, meter policy.AudioMeter, ends chan<- voice.Stats) *httptest.Server {
+func registryGateway(t *testing.T, reg *voice.Registry, algo *fakeAlgo, meter policy.AudioMeter, ends chan<- voice.Stats) *httptest.Server {
 	t.Helper()
 	u, err := url.Parse(algo.URL)
 	if err != nil {
@@ -156,7 +153,7 @@ func dialRegistry(t *testing.T, srv *httptest.Server) *voiceClient {
 func TestVoiceRegistryRedisClock(t *testing.T) {
 	r := startRedis(t)
 	client := testClient(t, r)
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	const ttl = time.Second
 	registry := func(name string, skew time.Duration) *voice.Registry {
 		return voice.NewRegistry(voice.RegistryOptions{Instance: name, Redis: client, Prefix: "voicegate:", TTL: ttl,
@@ -227,7 +224,7 @@ func (m *gateMeter) Charge(ctx context.Context, uses []*policy.AudioUse) error {
 func TestVoiceLateChargeAnswer(t *testing.T) {
 	r := startRedis(t)
 	client := testClient(t, r)
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	const ttl = 500 * time.Millisecond
 	reg := voice.NewRegistry(voice.RegistryOptions{Instance: "x", Redis: client, Prefix: "voicegate:", TTL: ttl})
 	meter := &gateMeter{inner: policy.NewRedisAudioMeter(client, "voicegate:"), held: make(chan struct{}), release: make(chan struct{})}
@@ -300,7 +297,7 @@ func TestVoiceLateChargeAnswer(t *testing.T) {
 func TestVoiceUsageRecordsRetried(t *testing.T) {
 	r := startRedis(t)
 	client := testClient(t, r)
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	reg := voice.NewRegistry(voice.RegistryOptions{Instance: "x", Redis: client, Prefix: "voicegate:", TTL: time.Second})
 	ends := make(chan voice.Stats, 2)
 	srv := registryGateway(t, reg, algo, nil, ends)

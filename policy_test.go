@@ -1,99 +1,30 @@
 package main
 
-// End-to-end tests of authorization and fair use: whole gateways started through run, several of
-// them sharing a real redis-server (redis_test.go) where the limits live, talked to over loopback
-// — with raw request lines where Go's client would clean a path before sending it.
+// Authorization and fair use end to end: whole gateways started through run, several of them
+// sharing a real redis-server where the limits live, talked to over loopback — with raw request
+// lines where Go's client would clean a path before sending it.
 
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
-	"maps"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
-	"os/exec"
-	"os/signal"
 	"path"
-	"path/filepath"
 	"reflect"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/redis/rueidis"
-
 	"voicegate/policy"
 )
-
-// ---- helpers -------------------------------------------------------------------------------
-
-// roomyBudgets are the AUTH_BUDGET and LIMIT_BUDGET of tests about shared state rather than
-// time budgets: on a loaded machine (-race, parallel packages) a Redis answer can take longer
-// than the defaults, and a limiter that times out fails open, which would miscount the limits.
-var roomyBudgets = map[string]string{"AUTH_BUDGET": "2s", "LIMIT_BUDGET": "2s"}
-
-// with returns m with more added, m itself unchanged.
-func with(m map[string]string, more map[string]string) map[string]string {
-	out := maps.Clone(m)
-	maps.Copy(out, more)
-	return out
-}
-
-// callWith is call with extra request headers.
-func callWith(t *testing.T, g *testGateway, method, path, token, body string, header map[string]string) *http.Response {
-	t.Helper()
-	res, err := try(t.Context(), g, method, path, token, body, header)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	return res
-}
-
-// try sends one request to g with token as its bearer token (none when token is "") and returns the response with its
-// body already read (and replaced by a copy). It does not touch t, so goroutines may use it.
-func try(ctx context.Context, g *testGateway, method, path, token, body string, header map[string]string) (*http.Response, error) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	var rd io.Reader
-	if body != "" {
-		rd = strings.NewReader(body)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, g.URL+path, rd)
-	if err != nil {
-		return nil, err
-	}
-	if body != "" {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	if token == "" {
-		req.Header.Set("X-Test-No-Token", "1") // not even the client's default admin token
-	} else {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	for k, v := range header {
-		req.Header.Set(k, v)
-	}
-	res, err := g.Client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	raw, err := io.ReadAll(res.Body)
-	res.Body.Close()
-	if err != nil {
-		return nil, fmt.Errorf("read body: %w", err)
-	}
-	res.Body = io.NopCloser(bytes.NewReader(raw))
-	return res, nil
-}
 
 // rawRequest writes one HTTP/1.1 request to g over a fresh TCP connection with target exactly
 // as given in the request line — no client cleans, re-escapes or resolves it — and returns the
@@ -172,30 +103,6 @@ func normalized(uri string) string {
 	return strings.ToLower(path.Clean("/" + strings.Join(segs, "/")))
 }
 
-// logCount counts the gateway's JSON log lines whose msg contains msg, and returns the first.
-func logCount(t *testing.T, g *testGateway, msg string) (int, map[string]any) {
-	t.Helper()
-	var first map[string]any
-	n := 0
-	for _, rec := range logRecords(t, g) {
-		if m, _ := rec["msg"].(string); strings.Contains(m, msg) {
-			if n == 0 {
-				first = rec
-			}
-			n++
-		}
-	}
-	return n, first
-}
-
-// clipTail is the end of a long log, where a failure usually is.
-func clipTail(s string) string {
-	if len(s) > 8000 {
-		return "…" + s[len(s)-8000:]
-	}
-	return s
-}
-
 // redisLog is what g logged about Redis and the fair-use store, one record a line.
 func redisLog(t *testing.T, g *testGateway) string {
 	t.Helper()
@@ -207,112 +114,6 @@ func redisLog(t *testing.T, g *testGateway) string {
 	}
 	return b.String()
 }
-
-// eventually polls cond every 10 ms until it holds or within has passed, and reports how long
-// it took; it fails the test with what when it never holds.
-func eventually(t *testing.T, within time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > within {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return time.Since(start)
-}
-
-// writePolicy writes f as JSON to file, atomically: a watcher never sees it half written.
-func writePolicy(t *testing.T, file string, f *policy.File) {
-	t.Helper()
-	data, err := json.MarshalIndent(f, "", "  ")
-	if err != nil {
-		t.Fatal(err)
-	}
-	writeAtomic(t, file, data)
-}
-
-// writeAtomic replaces file with data through a rename.
-func writeAtomic(t *testing.T, file string, data []byte) {
-	t.Helper()
-	tmp := file + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, file); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// e2ePolicy is testdata/policy/e2e.json, parsed, for tests to modify.
-func e2ePolicy(t *testing.T) *policy.File {
-	t.Helper()
-	data, err := os.ReadFile("testdata/policy/e2e.json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := policy.Parse(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return f
-}
-
-// withoutDocumentRead is f with document:read taken from the "user" role.
-func withoutDocumentRead(f *policy.File) *policy.File {
-	r := f.Roles["user"]
-	r.Permissions = slices.DeleteFunc(slices.Clone(r.Permissions), func(p string) bool { return p == "document:read" })
-	f.Roles["user"] = r
-	return f
-}
-
-// holdAlgo is an algorithm service whose answer depends on the chat message: "hold" answers
-// 200 and stays silent until release is closed (then ends normally), "hold-forever" stays
-// silent until the gateway goes away, anything else ends at once.
-func holdAlgo(t *testing.T, release <-chan struct{}) *fakeBackend {
-	return newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
-		var body struct {
-			Messages []struct {
-				Content string `json:"content"`
-			} `json:"messages"`
-		}
-		raw, _ := io.ReadAll(r.Body)
-		_ = json.Unmarshal(raw, &body)
-		msg := ""
-		if len(body.Messages) > 0 {
-			msg = body.Messages[0].Content
-		}
-		switch msg {
-		case "hold":
-			startNDJSON(w)
-			select {
-			case <-release:
-				ndjson(w, `{"type":"generation_done"}`)
-			case <-r.Context().Done():
-			}
-		case "hold-forever":
-			startNDJSON(w)
-			<-r.Context().Done()
-		default:
-			ndjson(w, `{"type":"generation_chunk","content":"hi"}`, `{"type":"generation_done"}`)
-		}
-	})
-}
-
-// openStream starts a chat stream on g and returns once its stream_start event arrived (the
-// gateway has admitted it and holds its lease); the body is closed at cleanup at the latest.
-func openStream(t *testing.T, g *testGateway, token, message string) (*http.Response, *sseReader) {
-	t.Helper()
-	res := doRequest(t, g.Client, "POST", g.URL+"/api/v2/chat/stream", strings.NewReader(`{"message":"`+message+`"}`),
-		map[string]string{"Authorization": "Bearer " + token})
-	s := wantStream(t, res)
-	if ev := nextEvent(t, s); ev.Event != "stream_start" {
-		t.Fatalf("first event = %q, want stream_start", ev.Event)
-	}
-	return res, s
-}
-
-// ---- 1. path tricks ------------------------------------------------------------------------
 
 // TestPolicyPathTricks: a user with document:read only, against a gateway whose admin and
 // documents routes go to the same back end (so a path that reaches the documents proxy but
@@ -441,8 +242,6 @@ func TestPolicyPathTricks(t *testing.T) {
 	}
 }
 
-// ---- 2. tenant isolation -------------------------------------------------------------------
-
 // TestPolicyTenantIsolation: X-Tenant-ID naming another tenant is refused on every kind of
 // route, before any upstream sees it; naming one's own tenant is allowed; a super_admin may name
 // any tenant.
@@ -508,8 +307,6 @@ func TestPolicyTenantIsolation(t *testing.T) {
 		t.Errorf("back end got the client's X_Tenant_ID %q", v)
 	}
 }
-
-// ---- 3. shared rate limits and quotas ------------------------------------------------------
 
 // TestPolicyRateLimitAcrossInstances: two gateways on one Redis, a per-user rate of 20 a
 // minute with a burst of 20 (GCRA: one more every 3 s). 40 concurrent requests from one user,
@@ -675,8 +472,6 @@ func TestPolicyRateBucketsOfOneUserOnly(t *testing.T) {
 	wantError(t, call(t, g, "POST", "/api/v2/chat/stream", alice, `{"message":"hi"}`), http.StatusTooManyRequests, "RATE_LIMITED")
 }
 
-// ---- 4. concurrency leases -----------------------------------------------------------------
-
 // TestPolicyLeaseAcrossInstances: one open chat stream per user (LEASE_TTL=1s), across two
 // gateways on one Redis. A stream held on A refuses a second one on B, also after longer than
 // the TTL (A renews), and B admits the moment A's stream ends. Then a third gateway C, in a
@@ -728,7 +523,7 @@ func TestPolicyLeaseAcrossInstances(t *testing.T) {
 
 	// A gateway that dies cannot release its leases: cancelling run's context would shut down
 	// gracefully and release them, so C runs in a child process (this test binary, re-executed
-	// into TestPolicyChildGateway) and is killed with SIGKILL while its stream is open.
+	// as a gateway) and is killed with SIGKILL while its stream is open.
 	t.Run("C killed while holding a lease", func(t *testing.T) {
 		c := startChildGateway(t, env)
 		dead := w.token(t, "u-dead", []string{"user"}, nil)
@@ -759,113 +554,6 @@ func TestPolicyLeaseAcrossInstances(t *testing.T) {
 		t.Logf("B admitted %v after C was killed (LEASE_TTL %v)", time.Since(killed), leaseTTL)
 	})
 }
-
-// childGateway is a gateway run by a child process, so that it can be killed outright.
-type childGateway struct {
-	cmd    *exec.Cmd
-	url    string
-	client *http.Client // of its own, so that its connections can be closed
-	stderr *logSink
-	once   sync.Once
-}
-
-func (c *childGateway) kill() {
-	c.once.Do(func() {
-		_ = c.cmd.Process.Kill()
-		_ = c.cmd.Wait()
-		c.client.CloseIdleConnections()
-	})
-}
-
-// startChildGateway re-executes this test binary into TestPolicyChildGateway with env as the
-// gateway's environment, and waits for its /readyz. It is killed at cleanup at the latest; its
-// stdin is a pipe whose closing (the parent gone) ends it too.
-func startChildGateway(t *testing.T, env map[string]string) *childGateway {
-	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(exe, "-test.run=^TestPolicyChildGateway$", "-test.count=1")
-	vars := map[string]string{
-		"VOICEGATE_CHILD_GATEWAY": "1",
-		"LISTEN_ADDR":             "127.0.0.1:0",
-		"LOG_FORMAT":              "json",
-		"SHUTDOWN_GRACE":          "1s",
-		"DRAIN_DELAY":             "0s",
-		"JWT_SECRET":              testSecret,
-	}
-	for k, v := range env {
-		vars[k] = v
-	}
-	if p := vars["POLICY_FILE"]; p != "" {
-		abs, err := filepath.Abs(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		vars["POLICY_FILE"] = abs
-	}
-	cmd.Env = os.Environ()
-	for k, v := range vars {
-		cmd.Env = append(cmd.Env, k+"="+v)
-	}
-	stderr := newLogSink()
-	cmd.Stderr = stderr
-	cmd.Stdout = io.Discard
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	c := &childGateway{cmd: cmd, client: &http.Client{Transport: &http.Transport{}}, stderr: stderr}
-	t.Cleanup(func() {
-		stdin.Close()
-		c.kill()
-		if t.Failed() {
-			t.Logf("the child gateway's log:\n%s", clipTail(stderr.String()))
-		}
-	})
-	select {
-	case addr := <-stderr.addr:
-		c.url = "http://" + addr
-	case <-time.After(10 * time.Second):
-		c.kill()
-		t.Fatalf("the child gateway did not listen within 10s:\n%s", stderr)
-	}
-	eventually(t, 5*time.Second, "the child gateway's /readyz answers 200", func() bool {
-		res, err := c.client.Get(c.url + "/readyz")
-		if err != nil {
-			return false
-		}
-		res.Body.Close()
-		return res.StatusCode == http.StatusOK
-	})
-	return c
-}
-
-// TestPolicyChildGateway is not a test: it is the gateway of startChildGateway, run by a child
-// process (VOICEGATE_CHILD_GATEWAY=1) until it is killed, its stdin closes, or SIGTERM drains
-// it as in production.
-func TestPolicyChildGateway(t *testing.T) {
-	if os.Getenv("VOICEGATE_CHILD_GATEWAY") != "1" {
-		t.Skip("the gateway of a child process started by TestPolicyLeaseAcrossInstances")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM)
-	defer stop()
-	go func() {
-		_, _ = io.Copy(io.Discard, os.Stdin)
-		cancel()
-	}()
-	if err := run(ctx, []string{"voicegate"}, os.Getenv, os.Stdout, os.Stderr); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// ---- 5. Redis down -------------------------------------------------------------------------
 
 // TestPolicyRedisDown: with Redis killed, a gateway failing closed answers 503
 // AUTH_SERVICE_ERROR to valid tokens; one with AUTH_FAIL_OPEN=true lets them through without
@@ -961,288 +649,13 @@ func TestPolicyRedisDown(t *testing.T) {
 	})
 }
 
-// ---- 6. hot reload -------------------------------------------------------------------------
-
-// TestPolicyHotReload: the policy file is watched (POLICY_WATCH_INTERVAL=50ms). Taking
-// document:read from "user" takes effect within a second; a broken file is refused with one
-// ERROR line and the running policy stays, unchanged in every other respect.
-func TestPolicyHotReload(t *testing.T) {
-	file := filepath.Join(t.TempDir(), "policy.json")
-	writePolicy(t, file, e2ePolicy(t))
-	backend := okBackend(t)
-	g := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL, "DOCS_URL": backend.URL,
-		"POLICY_FILE": file, "POLICY_WATCH_INTERVAL": "50ms"})
-	w := watchTokens(t, g)
-	user := w.token(t, "u-user", []string{"user"}, nil)
-	editor := w.token(t, "u-editor", []string{"editor"}, nil)
-	const doc = "/api/v2/documents/x"
-	wantStatus(t, call(t, g, "GET", doc, user, ""), http.StatusOK)
-
-	writePolicy(t, file, withoutDocumentRead(e2ePolicy(t)))
-	took := eventually(t, time.Second, "a user's GET is refused after document:read was taken away", func() bool {
-		return call(t, g, "GET", doc, user, "").StatusCode == http.StatusForbidden
-	})
-	t.Logf("the change took effect after %v", took)
-	res := wantError(t, call(t, g, "GET", doc, user, ""), http.StatusForbidden, "PERMISSION_DENIED")
-	if !strings.Contains(res.Error+string(res.Details), "document:read") {
-		t.Errorf("403 = %s, want it to name document:read", res.raw)
-	}
-	// The line is written just after the new policy takes over, so it may trail the 403.
-	eventually(t, time.Second, "the reload is logged", func() bool {
-		n, _ := logCount(t, g, "policy reloaded")
-		return n > 0
-	})
-	if n, _ := logCount(t, g, "policy reloaded"); n != 1 {
-		t.Errorf("%d \"policy reloaded\" lines, want 1", n)
-	}
-
-	broken := e2ePolicy(t)
-	broken.Roles["editor"] = policy.Role{Inherits: []string{"reader"}, Permissions: []string{"document:write"}}
-	writePolicy(t, file, broken)
-	eventually(t, time.Second, "the broken file is refused", func() bool {
-		n, _ := logCount(t, g, "policy reload refused")
-		return n > 0
-	})
-	time.Sleep(250 * time.Millisecond) // five more checks of an unchanged file: no more lines
-	n, rec := logCount(t, g, "policy reload refused")
-	if n != 1 {
-		t.Errorf("%d \"policy reload refused\" lines, want exactly 1:\n%s", n, clipText(g.Stderr.String()))
-	} else if rec["level"] != "ERROR" || !strings.Contains(fmt.Sprint(rec["err"]), "reader") {
-		t.Errorf("refusal line = %v, want level ERROR and an err naming the unknown role", rec)
-	}
-	wantError(t, call(t, g, "GET", doc, user, ""), http.StatusForbidden, "PERMISSION_DENIED")
-	wantStatus(t, call(t, g, "GET", doc, editor, ""), http.StatusOK) // editor inherits user, not "reader"
-	wantStatus(t, call(t, g, "POST", "/api/v2/chat/stream", user, `{"message":"hi"}`), http.StatusOK)
-
-	// A good file again: the watcher takes it.
-	writePolicy(t, file, e2ePolicy(t))
-	eventually(t, time.Second, "a user's GET is allowed again", func() bool {
-		return call(t, g, "GET", doc, user, "").StatusCode == http.StatusOK
-	})
-}
-
-// TestPolicyReloadOnSIGHUP: with a watch interval of an hour, the file is reloaded on SIGHUP; a
-// broken file is refused then too, and the good file after it is taken.
-func TestPolicyReloadOnSIGHUP(t *testing.T) {
-	file := filepath.Join(t.TempDir(), "policy.json")
-	writePolicy(t, file, e2ePolicy(t))
-	backend := okBackend(t)
-	g := startRun(t, nil, map[string]string{"ALGO_URL": "http://127.0.0.1:1", "DOCS_URL": backend.URL,
-		"POLICY_FILE": file, "POLICY_WATCH_INTERVAL": "1h"})
-	w := watchTokens(t, g)
-	user := w.token(t, "u-user", []string{"user"}, nil)
-	const doc = "/api/v2/documents/x"
-
-	// run relays SIGHUP while it runs; this test's own subscription makes sure a signal that
-	// arrives around the gateway's start or stop can never take the default action (exit).
-	guard := make(chan os.Signal, 1)
-	signal.Notify(guard, syscall.SIGHUP)
-	defer signal.Stop(guard)
-	hup := func() {
-		t.Helper()
-		if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	wantStatus(t, call(t, g, "GET", doc, user, ""), http.StatusOK)
-	writePolicy(t, file, withoutDocumentRead(e2ePolicy(t)))
-	time.Sleep(200 * time.Millisecond)
-	if res := call(t, g, "GET", doc, user, ""); res.StatusCode != http.StatusOK {
-		t.Fatalf("the file was reloaded without SIGHUP (status %d) with POLICY_WATCH_INTERVAL=1h", res.StatusCode)
-	}
-
-	writeAtomic(t, file, []byte(`{"roles": {"user": {"permissions": ["document:read"]}}, "routes": [`))
-	hup()
-	eventually(t, time.Second, "SIGHUP makes the gateway refuse the broken file", func() bool {
-		n, _ := logCount(t, g, "policy reload refused")
-		return n == 1
-	})
-	wantStatus(t, call(t, g, "GET", doc, user, ""), http.StatusOK)
-
-	writePolicy(t, file, withoutDocumentRead(e2ePolicy(t)))
-	hup()
-	eventually(t, time.Second, "SIGHUP reloads the restored file", func() bool {
-		return call(t, g, "GET", doc, user, "").StatusCode == http.StatusForbidden
-	})
-	if n, _ := logCount(t, g, "policy reloaded"); n != 1 {
-		t.Errorf("%d \"policy reloaded\" lines, want 1", n)
-	}
-	if n, _ := logCount(t, g, "policy reload refused"); n != 1 {
-		t.Errorf("%d \"policy reload refused\" lines, want 1", n)
-	}
-}
-
-// ---- 7. a bad policy at start --------------------------------------------------------------
-
-// TestPolicyBadFileAtStart: run refuses to start on a bad POLICY_FILE, with one line naming the
-// variable and the problem, and never listens.
-func TestPolicyBadFileAtStart(t *testing.T) {
-	fifo := filepath.Join(t.TempDir(), "policy.fifo")
-	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	for _, tt := range []struct{ name, file, want string }{
-		{"binding for a route the gateway does not have", "testdata/policy/bad/route-not-in-gateway.json", "GET /api/v2/users/{user_id}/history"},
-		{"unknown role", "testdata/policy/e2e-bad-unknown-role.json", "reader"},
-		{"bad permission", "testdata/policy/e2e-bad-permission.json", "document.read"},
-		{"missing file", "testdata/policy/e2e-no-such-file.json", "e2e-no-such-file.json"},
-		// Neither is read: /dev/zero would fill memory, a FIFO nobody writes to would block.
-		{"a device", "/dev/zero", "not a regular file"},
-		{"a FIFO", fifo, "not a regular file"},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			vars := map[string]string{
-				"LISTEN_ADDR": "127.0.0.1:0",
-				"LOG_FORMAT":  "json",
-				"ALGO_URL":    "http://127.0.0.1:1",
-				"JWT_SECRET":  testSecret,
-				"POLICY_FILE": tt.file,
-			}
-			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-			defer cancel()
-			stderr := newLogSink()
-			err := run(ctx, []string{"voicegate"}, func(k string) string { return vars[k] }, io.Discard, stderr)
-			if err == nil {
-				t.Fatal("run returned nil with a bad POLICY_FILE")
-			}
-			msg := err.Error()
-			if !strings.Contains(msg, "POLICY_FILE") || !strings.Contains(msg, tt.want) || strings.Contains(msg, "\n") {
-				t.Errorf("error = %q, want one line naming POLICY_FILE and %q", msg, tt.want)
-			}
-			if ctx.Err() != nil {
-				t.Errorf("run returned only when its context ended")
-			}
-			if log := stderr.String(); strings.Contains(log, `"listening"`) {
-				t.Errorf("the gateway listened:\n%s", log)
-			}
-		})
-	}
-}
-
-// ---- 8. benchmark --------------------------------------------------------------------------
-
-// startRedisB is startRedis for benchmarks.
-func startRedisB(b *testing.B) *testRedis {
-	b.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		if os.Getenv("VOICEGATE_REQUIRE_REDIS") == "1" {
-			b.Fatal("redis-server not found on PATH, and it is required (VOICEGATE_REQUIRE_REDIS=1)")
-		}
-		b.Skip("redis-server not installed")
-	}
-	r := &testRedis{bin: bin, dir: b.TempDir()}
-	b.Cleanup(r.Kill)
-	for range 5 {
-		if r.port, err = freePort(); err != nil {
-			b.Fatal(err)
-		}
-		if err = r.launch(); err == nil {
-			return r
-		}
-	}
-	b.Fatalf("redis-server did not start: %v", err)
-	return nil
-}
-
-// scriptCalls reads, from INFO commandstats, how many scripts clients have sent Redis: EVAL,
-// EVALSHA (and their _RO forms) and SCRIPT subcommands. Commands that scripts call themselves
-// are counted under their own names, never under these.
-func scriptCalls(b *testing.B, client rueidis.Client) int64 {
-	b.Helper()
-	info, err := client.Do(context.Background(), client.B().Info().Section("commandstats").Build()).ToString()
-	if err != nil {
-		b.Fatal(err)
-	}
-	var total int64
-	for _, line := range strings.Split(info, "\n") {
-		name, stats, ok := strings.Cut(strings.TrimSpace(line), ":")
-		name = strings.TrimPrefix(name, "cmdstat_")
-		if !ok || !(strings.HasPrefix(name, "eval") || strings.HasPrefix(name, "script")) {
-			continue
-		}
-		for _, kv := range strings.Split(stats, ",") {
-			if v, ok := strings.CutPrefix(kv, "calls="); ok {
-				n, err := strconv.ParseInt(v, 10, 64)
-				if err != nil {
-					b.Fatalf("commandstats line %q: %v", line, err)
-				}
-				total += n
-			}
-		}
-	}
-	return total
-}
-
-// BenchmarkRateLimitRedis: one rate-limit check of a charge of three buckets and a daily
-// quota, by the real RedisLimiter against a real redis-server, is exactly one round trip
-// (redis-calls/op, from Redis's own command statistics); ns/op is its latency. "ping" is the
-// floor: one bare round trip with the same client. "memory" is the in-process limiter.
-func BenchmarkRateLimitRedis(b *testing.B) {
-	r := startRedisB(b)
-	client := testClient(b, r)
-	ctx := context.Background()
-	charge := func() *policy.Charge {
-		// Limits never reached, so every check does the full work of an admitted request.
-		huge := func(key string) policy.Bucket {
-			return policy.Bucket{Parts: []string{key}, Interval: time.Millisecond, Burst: 1 << 30, Limit: 1000}
-		}
-		return &policy.Charge{Tenant: "tenant-a", User: "u-bench",
-			Buckets: []policy.Bucket{huge("u:u-bench"), huge("t"), huge("u:u-bench:c:chat")}, Quota: 1 << 40}
-	}
-
-	b.Run("check", func(b *testing.B) {
-		lim := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:"})
-		c := charge()
-		// The first check loads the script (EVALSHA, NOSCRIPT, EVAL); the loop measures the
-		// steady state.
-		if v, err := lim.Allow(ctx, c); err != nil || !v.Allowed {
-			b.Fatalf("warm-up check = %+v, %v; want allowed", v, err)
-		}
-		before := scriptCalls(b, client)
-		b.ReportAllocs()
-		for b.Loop() {
-			if _, err := lim.Allow(ctx, c); err != nil {
-				b.Fatal(err)
-			}
-		}
-		calls := scriptCalls(b, client) - before
-		b.ReportMetric(float64(calls)/float64(b.N), "redis-calls/op")
-		if calls != int64(b.N) {
-			b.Fatalf("%d checks sent %d scripts to Redis, want exactly one each", b.N, calls)
-		}
-		if v, err := lim.Allow(ctx, c); err != nil || !v.Allowed || v.Limit != 1000 {
-			b.Fatalf("check after the loop = %+v, %v; want allowed with limit 1000", v, err)
-		}
-	})
-	b.Run("ping", func(b *testing.B) {
-		b.ReportAllocs()
-		for b.Loop() {
-			if err := client.Do(ctx, client.B().Ping().Build()).Error(); err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
-	b.Run("memory", func(b *testing.B) {
-		lim := policy.NewMemoryLimiter(nil)
-		c := charge()
-		b.ReportAllocs()
-		for b.Loop() {
-			if _, err := lim.Allow(ctx, c); err != nil {
-				b.Fatal(err)
-			}
-		}
-	})
-}
-
 // TestPolicyAdmissionFailsClosed: the chat stream and voice routes charge rates and caps in
 // their handlers (policy.Admit) once they have validated the request. Left public by
 // AUTH_PUBLIC_PATHS, no guard authorizes them and there is nobody to charge: they answer 500
 // INTERNAL_ERROR, logged with its cause, and the algorithm service is never asked — instead of
 // serving an anonymous caller ungoverned.
 func TestPolicyAdmissionFailsClosed(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL,
 		"AUTH_PUBLIC_PATHS": "/api/v2/chat/stream,/api/v2/voice/stream"})
 	res := call(t, g, "POST", "/api/v2/chat/stream", "", `{"message":"hi"}`)

@@ -1,13 +1,15 @@
 package main
 
-// End-to-end tests of the edge at the protocol level, over raw TCP connections to a gateway
-// started through run: request smuggling with Content-Length and Transfer-Encoding, malformed
-// chunked bodies, bodies trickled a byte at a time, upgrades and CONNECT/TRACE on routes that
-// may not tunnel, and proxied responses to clients that stop reading.
+// The edge and the proxied back ends: admin and documents proxies (identity headers, credentials,
+// replicas), error documents, and the protocol level over raw TCP connections — request
+// smuggling with Content-Length and Transfer-Encoding, malformed chunked bodies, bodies trickled a
+// byte at a time, upgrades and CONNECT/TRACE on routes that may not tunnel, and proxied responses
+// to clients that stop reading.
 
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +25,170 @@ import (
 	"testing"
 	"time"
 )
+
+// detailsOf returns the details of a JSON error as generic JSON.
+func detailsOf(t *testing.T, res *http.Response, status int, code string) any {
+	t.Helper()
+	doc := wantError(t, res, status, code)
+	var d any
+	if err := json.Unmarshal(doc.Details, &d); err != nil {
+		t.Fatalf("details %s: %v", doc.Details, err)
+	}
+	return d
+}
+
+// TestErrorDetailsAreArrays: an error's details have one shape, an array of objects with a
+// reason, for 400 and for 403 alike.
+func TestErrorDetailsAreArrays(t *testing.T) {
+	g := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL})
+	for _, tt := range []struct {
+		name   string
+		res    *http.Response
+		status int
+		code   string
+		key    string // what the one detail is about
+	}{
+		{"400", call(t, g, "POST", "/api/v2/chat/stream", tokenFor(t, "u-edge2", []string{"user"}, nil), `{"message":"hi","temperature":5}`),
+			http.StatusBadRequest, "VALIDATION_ERROR", "field"},
+		{"403", call(t, g, "GET", "/api/v2/voice/sessions", tokenFor(t, "u-edge2", []string{"user"}, nil), ""),
+			http.StatusForbidden, "PERMISSION_DENIED", "permission"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			d := detailsOf(t, tt.res, tt.status, tt.code)
+			l, ok := d.([]any)
+			if !ok || len(l) != 1 {
+				t.Fatalf("details = %v, want an array of one object", d)
+			}
+			obj, _ := l[0].(map[string]any)
+			if obj[tt.key] == nil || obj["reason"] == nil {
+				t.Errorf("detail = %v, want %q and reason", l[0], tt.key)
+			}
+		})
+	}
+}
+
+// TestBackendProxyCredentials: ADMIN_URL and DOCS_URL receive the caller's identity headers but
+// not the client's Authorization or Cookie, unless BACKEND_FORWARD_CREDENTIALS passes them on.
+func TestBackendProxyCredentials(t *testing.T) {
+	for _, tt := range []struct {
+		setting       string
+		authorization bool
+		cookie        bool
+	}{
+		{"", false, false},
+		{"none", false, false},
+		{"authorization", true, false},
+		{"cookie", false, true},
+		{"authorization,cookie", true, true},
+	} {
+		t.Run("BACKEND_FORWARD_CREDENTIALS="+tt.setting, func(t *testing.T) {
+			backend := okBackend(t)
+			g := startRun(t, nil, map[string]string{"ALGO_URL": "http://127.0.0.1:1", "ADMIN_URL": backend.URL,
+				"DOCS_URL": backend.URL, "BACKEND_FORWARD_CREDENTIALS": tt.setting})
+			tok := tokenFor(t, "u-edge8", []string{"admin"}, nil)
+			for _, path := range []string{"/api/v2/admin/users", "/api/v2/documents/d-1"} {
+				wantStatus(t, callWith(t, g, "GET", path, tok, "", map[string]string{"Cookie": "session=abc"}), http.StatusOK)
+				reqs := backend.requests()
+				h := reqs[len(reqs)-1].Header
+				if got := h.Get("Authorization") != ""; got != tt.authorization {
+					t.Errorf("%s: Authorization forwarded = %v, want %v", path, got, tt.authorization)
+				}
+				if got := h.Get("Cookie") != ""; got != tt.cookie {
+					t.Errorf("%s: Cookie forwarded = %v, want %v", path, got, tt.cookie)
+				}
+				if h.Get("X-User-Id") != "u-edge8" {
+					t.Errorf("%s: X-User-Id = %q, want the caller", path, h.Get("X-User-Id"))
+				}
+			}
+		})
+	}
+	_, err := parseConfig([]string{"voicegate"}, envFunc(map[string]string{"ALGO_URL": "http://a", "BACKEND_FORWARD_CREDENTIALS": "everything"}), io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "BACKEND_FORWARD_CREDENTIALS") {
+		t.Errorf("error = %v, want one naming BACKEND_FORWARD_CREDENTIALS", err)
+	}
+}
+
+func TestBackendProxies(t *testing.T) {
+	backend := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Backend", "yes")
+		w.WriteHeader(http.StatusAccepted)
+		fmt.Fprintf(w, `{"path":%q}`, r.URL.Path)
+	})
+	g := startRun(t, nil, map[string]string{
+		"ALGO_URL":       "http://127.0.0.1:1",
+		"ADMIN_URL":      backend.URL,
+		"DOCS_URL":       backend.URL,
+		"MAX_BODY_BYTES": "100",
+	})
+
+	for _, path := range []string{"/api/v2/admin/users?x=1", "/api/v2/documents/d-1?x=1"} {
+		t.Run("GET "+path, func(t *testing.T) {
+			n := len(backend.requests())
+			res := doRequest(t, g.Client, http.MethodGet, g.URL+path, nil, nil)
+			body, _ := io.ReadAll(res.Body)
+			p, q, _ := strings.Cut(path, "?")
+			if res.StatusCode != http.StatusAccepted || res.Header.Get("X-Backend") != "yes" ||
+				string(body) != fmt.Sprintf(`{"path":%q}`, p) {
+				t.Errorf("answer = %d %q X-Backend=%q, want the back end's 202 passed through",
+					res.StatusCode, body, res.Header.Get("X-Backend"))
+			}
+			reqs := backend.requests()
+			if len(reqs) != n+1 {
+				t.Fatalf("back end received %d new requests, want 1", len(reqs)-n)
+			}
+			if got := reqs[n]; got.Method != "GET" || got.Path != p || got.RawQuery != q {
+				t.Errorf("back end saw %s %s?%s, want GET %s", got.Method, got.Path, got.RawQuery, path)
+			}
+		})
+	}
+	t.Run("body over MAX_BODY_BYTES", func(t *testing.T) {
+		n := len(backend.requests())
+		res := doRequest(t, g.Client, http.MethodPost, g.URL+"/api/v2/admin/users", strings.NewReader(strings.Repeat("x", 1024)), nil)
+		wantError(t, res, http.StatusRequestEntityTooLarge, "PAYLOAD_TOO_LARGE")
+		if got := len(backend.requests()); got != n {
+			t.Errorf("back end received %d requests for an over-limit body, want 0", got-n)
+		}
+	})
+
+	t.Run("unset back ends answer 404", func(t *testing.T) {
+		base, stop := startGateway(t, map[string]string{"ALGO_URL": "http://127.0.0.1:1"})
+		client := &http.Client{Transport: withToken{&http.Transport{}, tokenFor(t, "u-admin", []string{"admin"}, nil)}}
+		for _, path := range []string{"/api/v2/admin/users?x=1", "/api/v2/documents/d-1"} {
+			wantError(t, doRequest(t, client, http.MethodGet, base+path, nil, nil), http.StatusNotFound, "NOT_FOUND")
+		}
+		client.CloseIdleConnections()
+		stop()
+	})
+}
+
+// TestBackendProxyDropsClientIdentityHeaders: DESIGN.md ("Identity to upstreams") says client-sent
+// identity headers never reach an upstream, which trusts them; the gateway sets them from the
+// verified token, also when the client lists them in Connection to have them dropped.
+func TestBackendProxyDropsClientIdentityHeaders(t *testing.T) {
+	backend := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": "http://127.0.0.1:1", "ADMIN_URL": backend.URL})
+	forged := map[string]string{
+		"X-User-ID": "root", "X-Username": "root", "X-Tenant-ID": "tenant-a", "X-User-Roles": "super_admin",
+		"X-Session-ID": "s-1", "X_User_ID": "root", "x-user_roles": "super_admin",
+		"Connection": "X-User-ID, X-User-Roles",
+	}
+	res := doRequest(t, g.Client, http.MethodGet, g.URL+"/api/v2/admin/users", nil, forged)
+	res.Body.Close()
+	got := backend.only(t)
+	want := map[string]string{"X-User-Id": "u-admin", "X-Username": "u-admin-name", "X-Tenant-Id": "tenant-a",
+		"X-User-Roles": "admin"}
+	for h, v := range want {
+		if vals := got.Header.Values(h); len(vals) != 1 || vals[0] != v {
+			t.Errorf("back end got %s = %q, want only %q from the token", h, vals, v)
+		}
+	}
+	for h := range got.Header {
+		if strings.Contains(strings.ToLower(h), "_") || strings.EqualFold(h, "X-Session-Id") {
+			t.Errorf("forged header %s = %q reached the admin back end", h, got.Header[h])
+		}
+	}
+}
 
 // edgeConn is a raw client connection to a gateway.
 type edgeConn struct {

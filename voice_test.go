@@ -1,9 +1,10 @@
 package main
 
-// End-to-end tests of voice sessions that need the whole gateway: run() with authentication,
-// the policy and, where instances share state, a real redis-server (redis_test.go), in front of
-// a fake algorithm service whose /voice/stream accepts WebSockets. Clients are real
-// coder/websocket peers on loopback.
+// Voice sessions end to end: run() with authentication, the policy and, where instances share
+// state, a real redis-server, in front of the fake algorithm service whose /voice/stream accepts
+// WebSockets; clients are real coder/websocket peers on loopback (and the README's Python
+// client). Refusals before and after the upgrade, sessions across instances, clients that stop
+// reading.
 
 import (
 	"bufio"
@@ -11,14 +12,17 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -27,252 +31,11 @@ import (
 	"github.com/coder/websocket"
 )
 
-// ---- helpers -------------------------------------------------------------------------------
-
-const voiceSubprotocol = "voice-protocol-v2"
-
-// voiceAlgo is a fake algorithm service whose /voice/stream accepts voice sessions. Every dial
-// is recorded (fakeBackend); each session reads, keeping the text messages, until the gateway
-// closes it or the test ends.
-type voiceAlgo struct {
-	*fakeBackend
-	open atomic.Int64 // upstream sessions open now
-
-	mu  sync.Mutex
-	got []string // text messages received
-}
-
-func newVoiceAlgo(t *testing.T) *voiceAlgo {
-	t.Helper()
-	a := &voiceAlgo{}
-	testDone := t.Context()
-	a.fakeBackend = newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/voice/stream" {
-			http.NotFound(w, r)
-			return
-		}
-		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
-		if err != nil {
-			return
-		}
-		a.open.Add(1)
-		defer a.open.Add(-1)
-		defer c.CloseNow()
-		for {
-			typ, msg, err := c.Read(testDone)
-			if err != nil {
-				return
-			}
-			if typ == websocket.MessageText {
-				a.mu.Lock()
-				a.got = append(a.got, string(msg))
-				a.mu.Unlock()
-			}
-		}
-	})
-	return a
-}
-
-// dials returns the upgrade requests the gateway sent to /voice/stream.
-func (a *voiceAlgo) dials() []recordedRequest {
-	var out []recordedRequest
-	for _, r := range a.requests() {
-		if r.Path == "/voice/stream" {
-			out = append(out, r)
-		}
-	}
-	return out
-}
-
-// bearer is a header carrying token the usual way.
-func bearer(token string) http.Header { return http.Header{"Authorization": {"Bearer " + token}} }
-
-// voiceDial dials a voice session on g (query is "" or starts with "?") with header and the
-// subprotocols (voice-protocol-v2 when none are given), over a transport of its own that is
-// closed at cleanup. A connection that opens is closed at cleanup at the latest; a refused dial
-// returns the response, whose body holds the first KiB of the gateway's answer.
-func voiceDial(t *testing.T, g *testGateway, query string, header http.Header, protocols ...string) (*websocket.Conn, *http.Response, error) {
-	t.Helper()
-	if len(protocols) == 0 {
-		protocols = []string{voiceSubprotocol}
-	}
-	tr := &http.Transport{}
-	t.Cleanup(tr.CloseIdleConnections)
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	conn, res, err := websocket.Dial(ctx, "ws://"+g.Addr+"/api/v2/voice/stream"+query, &websocket.DialOptions{
-		HTTPClient:   &http.Client{Transport: tr},
-		HTTPHeader:   header,
-		Subprotocols: protocols,
-	})
-	if conn != nil {
-		t.Cleanup(func() { conn.CloseNow() })
-	}
-	return conn, res, err
-}
-
-// voiceRefused dials like voiceDial and fails the test unless the gateway answers with an HTTP
-// error instead of upgrading; it returns that answer.
-func voiceRefused(t *testing.T, g *testGateway, query string, header http.Header, protocols ...string) *http.Response {
-	t.Helper()
-	conn, res, err := voiceDial(t, g, query, header, protocols...)
-	if err == nil {
-		t.Fatalf("the voice session opened (subprotocol %q), want it refused before the upgrade", conn.Subprotocol())
-	}
-	if res == nil {
-		t.Fatalf("voice dial failed without an HTTP answer: %v", err)
-	}
-	if res.StatusCode == http.StatusSwitchingProtocols {
-		t.Fatalf("the gateway answered 101 and then failed the handshake (%v), want an HTTP error", err)
-	}
-	return res
-}
-
-// voiceClient is an open voice session through the gateway.
-type voiceClient struct {
-	conn *websocket.Conn
-	res  *http.Response // the 101
-	init map[string]any // the session_initialized message
-	id   string         // its session_id
-}
-
-// openVoice dials like voiceDial, fails the test unless the session opens, and reads its
-// session_initialized message.
-func openVoice(t *testing.T, g *testGateway, query string, header http.Header, protocols ...string) *voiceClient {
-	t.Helper()
-	conn, res, err := voiceDial(t, g, query, header, protocols...)
-	if err != nil {
-		status, body := 0, ""
-		if res != nil {
-			status = res.StatusCode
-			var b strings.Builder
-			if res.Body != nil {
-				buf := make([]byte, 1024)
-				n, _ := res.Body.Read(buf)
-				b.Write(buf[:n])
-			}
-			body = b.String()
-		}
-		t.Fatalf("voice dial: %v (status %d, body %s)", err, status, body)
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	typ, msg, err := conn.Read(ctx)
-	if err != nil {
-		t.Fatalf("reading session_initialized: %v", err)
-	}
-	v := &voiceClient{conn: conn, res: res}
-	if err := json.Unmarshal(msg, &v.init); typ != websocket.MessageText || err != nil || v.init["type"] != "session_initialized" {
-		t.Fatalf("first message = %s, want session_initialized", msg)
-	}
-	v.id, _ = v.init["session_id"].(string)
-	if v.id == "" {
-		t.Fatalf("session_initialized without a session_id: %s", msg)
-	}
-	return v
-}
-
-// voiceEnding is how a session ended for its client.
-type voiceEnding struct {
-	msgs   []map[string]any // text messages, decoded
-	binary int              // binary messages
-	code   websocket.StatusCode
-	err    error
-	at     time.Time
-}
-
-// errorCodes are the codes of the error messages among e.msgs.
-func (e voiceEnding) errorCodes() []string {
-	var codes []string
-	for _, m := range e.msgs {
-		if m["type"] == "error" {
-			c, _ := m["code"].(string)
-			codes = append(codes, c)
-		}
-	}
-	return codes
-}
-
-// readToClose reads v in a goroutine until its connection ends, and then sends how.
-func (v *voiceClient) readToClose(ctx context.Context) <-chan voiceEnding {
-	done := make(chan voiceEnding, 1)
-	go func() {
-		var e voiceEnding
-		for {
-			typ, msg, err := v.conn.Read(ctx)
-			if err != nil {
-				e.code, e.err, e.at = websocket.CloseStatus(err), err, time.Now()
-				done <- e
-				return
-			}
-			if typ == websocket.MessageBinary {
-				e.binary++
-				continue
-			}
-			var m map[string]any
-			_ = json.Unmarshal(msg, &m)
-			e.msgs = append(e.msgs, m)
-		}
-	}()
-	return done
-}
-
-// waitEnding waits up to within for the session's end.
-func waitEnding(t *testing.T, ended <-chan voiceEnding, within time.Duration) voiceEnding {
-	t.Helper()
-	select {
-	case e := <-ended:
-		return e
-	case <-time.After(within):
-		t.Fatalf("the voice session did not end within %v", within)
-		return voiceEnding{}
-	}
-}
-
-// voiceListing is the body of GET /api/v2/voice/sessions.
-type voiceListing struct {
-	Sessions []voiceListed `json:"sessions"`
-	Count    int           `json:"count"`
-}
-
-// voiceListed is one session in a listing.
-type voiceListed struct {
-	SessionID      string    `json:"session_id"`
-	UserID         string    `json:"user_id"`
-	TenantID       string    `json:"tenant_id"`
-	ConversationID string    `json:"conversation_id"`
-	Language       string    `json:"language"`
-	Instance       string    `json:"instance"`
-	StartedAt      time.Time `json:"started_at"`
-}
-
-// listVoice lists the live sessions through g.
-func listVoice(t *testing.T, g *testGateway, token string) voiceListing {
-	t.Helper()
-	res := call(t, g, "GET", "/api/v2/voice/sessions", token, "")
-	wantStatus(t, res, http.StatusOK)
-	var l voiceListing
-	if err := json.NewDecoder(res.Body).Decode(&l); err != nil {
-		t.Fatalf("decode the session listing: %v", err)
-	}
-	if l.Count != len(l.Sessions) {
-		t.Errorf("listing count %d for %d sessions", l.Count, len(l.Sessions))
-	}
-	return l
-}
-
-// hasSession reports whether l lists the session id.
-func (l voiceListing) hasSession(id string) bool {
-	return slices.ContainsFunc(l.Sessions, func(s voiceListed) bool { return s.SessionID == id })
-}
-
-// ---- 1. refused before the upgrade ---------------------------------------------------------
-
 // TestVoiceRefusedBeforeUpgrade: every request the gateway must refuse gets an HTTP error
 // instead of a 101, and the algorithm service is never dialed. A last, valid request shows that
 // it would have been.
 func TestVoiceRefusedBeforeUpgrade(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CORS_ORIGINS": "https://app.example.com"})
 	w := watchTokens(t, g)
 	user := w.token(t, "u-voice", []string{"user"}, nil)
@@ -328,14 +91,12 @@ func TestVoiceRefusedBeforeUpgrade(t *testing.T) {
 	_ = v.conn.Close(websocket.StatusNormalClosure, "")
 }
 
-// ---- 2. browser-style authentication -------------------------------------------------------
-
 // TestVoiceBrowserAuth: a browser, which cannot set headers on a WebSocket, sends its token as a
 // "bearer.<token>" subprotocol from an allowed origin. The session opens with exactly
 // voice-protocol-v2 (the token is never echoed), and the algorithm service gets the caller's
 // identity headers and the request ID, never the token.
 func TestVoiceBrowserAuth(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CORS_ORIGINS": "https://app.example.com"})
 	w := watchTokens(t, g)
 	tok := w.token(t, "u-browser", []string{"user"}, map[string]any{"tenant_id": "tenant-b", "session_id": "login-7"})
@@ -406,24 +167,22 @@ func TestVoiceBrowserAuth(t *testing.T) {
 		t.Errorf("the dial's query %q, want session_id %s, conversation_id c-browser, language en-US", d.RawQuery, v.id)
 	}
 
-	eventually(t, 2*time.Second, "the upstream session is open", func() bool { return algo.open.Load() == 1 })
+	eventually(t, 2*time.Second, "the upstream session is open", func() bool { return algo.voiceOpen.Load() == 1 })
 	if err := v.conn.Close(websocket.StatusNormalClosure, "bye"); err != nil {
 		t.Errorf("closing the session: %v", err)
 	}
 	eventually(t, 2*time.Second, "the upstream session closed after the client closed", func() bool {
-		return algo.open.Load() == 0
+		return algo.voiceOpen.Load() == 0
 	})
 }
-
-// ---- 3. a token revoked or expiring during a session ---------------------------------------
 
 // TestVoiceRevokedAcrossInstances: two gateways on one Redis; a session open on B is closed with
 // an error message TOKEN_INVALID and close code 4401 within a second of A's 200 to a logout
 // with its token, and its upstream connection is closed too.
 func TestVoiceRevokedAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), roomyBudgets)
+	algo := newAlgo(t, algoOptions{})
+	env := redisEnv(r, algo, okBackend(t), roomyBudgets)
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -455,13 +214,13 @@ func TestVoiceRevokedAcrossInstances(t *testing.T) {
 	if took > time.Second {
 		t.Errorf("the session closed %v after A's 200, want within 1s", took)
 	}
-	eventually(t, 2*time.Second, "the upstream session closed", func() bool { return algo.open.Load() == 0 })
+	eventually(t, 2*time.Second, "the upstream session closed", func() bool { return algo.voiceOpen.Load() == 0 })
 }
 
 // TestVoiceTokenExpiresDuringSession: with JWT_LEEWAY=0s, a session whose token expires ~2 s
 // after it opened is closed with TOKEN_INVALID and 4401 within a second of exp, not before.
 func TestVoiceTokenExpiresDuringSession(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "JWT_LEEWAY": "0s"})
 	w := watchTokens(t, g)
 	exp := time.Now().Add(2 * time.Second).Unix() // whole seconds: between 1 and 2 s ahead
@@ -491,15 +250,13 @@ func TestVoiceTokenExpiresDuringSession(t *testing.T) {
 	}
 }
 
-// ---- 4. sessions across instances ----------------------------------------------------------
-
 // TestVoiceSessionsAcrossInstances: each of two gateways on one Redis holds a session; either
 // lists both, with instance, user and conversation, to an admin; a plain user is refused; a
 // closed session leaves both listings.
 func TestVoiceSessionsAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), roomyBudgets)
+	algo := newAlgo(t, algoOptions{})
+	env := redisEnv(r, algo, okBackend(t), roomyBudgets)
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -546,15 +303,13 @@ func TestVoiceSessionsAcrossInstances(t *testing.T) {
 	_ = bob.conn.Close(websocket.StatusNormalClosure, "bye")
 }
 
-// ---- 5. the voice concurrency cap across instances -----------------------------------------
-
 // TestVoiceConcurrencyAcrossInstances: with one voice session per user (policy
 // e2e-voice-cap.json), a session on A refuses the same user's second on B before the upgrade
 // (429, no dial), lets another user through, and B admits the user once A's session is closed.
 func TestVoiceConcurrencyAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+	algo := newAlgo(t, algoOptions{})
+	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
 		"POLICY_FILE": "testdata/policy/e2e-voice-cap.json"}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
@@ -598,8 +353,6 @@ func TestVoiceConcurrencyAcrossInstances(t *testing.T) {
 	_ = again.Close(websocket.StatusNormalClosure, "bye")
 }
 
-// ---- 6. the algorithm service down ---------------------------------------------------------
-
 // TestVoiceAlgoDown: with nothing listening at ALGO_URL the client gets 502 ALGO_SERVICE_ERROR
 // instead of a socket that opens and dies, and the answer does not name the upstream.
 func TestVoiceAlgoDown(t *testing.T) {
@@ -617,8 +370,6 @@ func TestVoiceAlgoDown(t *testing.T) {
 		t.Errorf("%d sessions listed after a refused dial, want 0", l.Count)
 	}
 }
-
-// ---- 7. a whole session against -demo ------------------------------------------------------
 
 // TestVoiceDemoSession: the token -demo prints opens a session; start, a second of audio and
 // stop bring recognition, an answer, speech and tts_complete; the client's close 1000 ends it,
@@ -712,8 +463,6 @@ func TestVoiceDemoSession(t *testing.T) {
 	}
 }
 
-// ---- 7. a client that never reads ----------------------------------------------------------
-
 // TestVoiceClientThatNeverReads: the algorithm service streams TTS audio to a client that has
 // stopped reading. Once the gateway's writes stall past VOICE_WRITE_TIMEOUT the session is
 // dropped: its Redis registry entry is gone, and its concurrency slot with it (the policy
@@ -721,7 +470,7 @@ func TestVoiceDemoSession(t *testing.T) {
 func TestVoiceClientThatNeverReads(t *testing.T) {
 	r := startRedis(t)
 	testDone := t.Context()
-	algo := newFakeBackend(t, func(w http.ResponseWriter, req *http.Request) {
+	algo := newAlgo(t, algoOptions{Voice: func(w http.ResponseWriter, req *http.Request) {
 		c, err := websocket.Accept(w, req, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
 		if err != nil {
 			return
@@ -737,7 +486,7 @@ func TestVoiceClientThatNeverReads(t *testing.T) {
 		frame := make([]byte, 64<<10)
 		for c.Write(testDone, websocket.MessageBinary, frame) == nil {
 		}
-	})
+	}})
 	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
 		"POLICY_FILE": "testdata/policy/e2e-voice-cap.json", "VOICE_WRITE_TIMEOUT": "300ms"}))
 	g := startRun(t, nil, env)
@@ -766,7 +515,7 @@ func TestVoiceClientThatNeverReads(t *testing.T) {
 // first, which took ten times the write timeout.
 func TestVoicePingFloodNeverRead(t *testing.T) {
 	const writeTimeout = time.Second
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "VOICE_WRITE_TIMEOUT": writeTimeout.String()})
 	w := watchTokens(t, g)
 	tok := w.token(t, "u-pings", []string{"user"}, nil)
@@ -796,7 +545,7 @@ func TestVoicePingFloodNeverRead(t *testing.T) {
 	if err != nil || res.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("upgrade: %v %v", res, err)
 	}
-	eventually(t, 5*time.Second, "the session reaches the algorithm service", func() bool { return algo.open.Load() == 1 })
+	eventually(t, 5*time.Second, "the session reaches the algorithm service", func() bool { return algo.voiceOpen.Load() == 1 })
 
 	// 20 pings every 10 ms, each with 125 bytes of payload, masked with a zero key: each asks
 	// the gateway for a pong of 127 bytes.
@@ -821,7 +570,7 @@ func TestVoicePingFloodNeverRead(t *testing.T) {
 		}
 		flooding <- nil
 	}()
-	took := eventually(t, writeTimeout+10*time.Second, "the session ends", func() bool { return algo.open.Load() == 0 })
+	took := eventually(t, writeTimeout+10*time.Second, "the session ends", func() bool { return algo.voiceOpen.Load() == 0 })
 	_ = conn.Close()
 	t.Logf("the session ended %v into the flood (VOICE_WRITE_TIMEOUT %v), after %d pings; the client's writes: %v",
 		took, writeTimeout, sent.Load(), <-flooding)
@@ -842,4 +591,357 @@ func TestVoicePingFloodNeverRead(t *testing.T) {
 	if code, _ := ended["close_code"].(float64); int(code) != int(websocket.StatusTryAgainLater) {
 		t.Errorf("the session ended %v (%v), want 1013: a client that does not take its writes", ended["close_code"], ended["close_reason"])
 	}
+}
+
+func TestVoiceRefusesIDAttacks(t *testing.T) {
+	algo := newAlgo(t, algoOptions{})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	tok := tokenFor(t, "u-voice-ids", []string{"user"}, nil)
+	for _, a := range idAttacks(t) {
+		for _, field := range []string{"conversation_id", "language"} {
+			t.Run(field+"/"+a.Name, func(t *testing.T) {
+				res := voiceRefused(t, g, "?"+field+"="+url.QueryEscape(a.Value), bearer(tok))
+				wantFieldError(t, res, field)
+			})
+		}
+	}
+	if n := len(algo.dials()); n != 0 {
+		t.Errorf("the algorithm service was dialled %d times, want never", n)
+	}
+}
+
+// TestVoiceNoticeEscapesLineEnds: a broadcast's message is re-encoded for the sessions it
+// reaches; a raw U+2028 or U+2029 in it arrives escaped, as in every JSON the gateway writes,
+// so a client that reads messages as lines (or logs them) sees one line.
+func TestVoiceNoticeEscapesLineEnds(t *testing.T) {
+	algo := newAlgo(t, algoOptions{})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	v := openVoice(t, g, "", bearer(tokenFor(t, "u-notice", []string{"user"}, nil)))
+	admin := tokenFor(t, "u-notice-admin", []string{"admin"}, nil)
+	// Written by hand: encoding/json would escape them in the request already.
+	body := `{"message":{"text":"maintenance` + "\u2028" + `at noon` + "\u2029" + `"}}`
+	wantStatus(t, call(t, g, "POST", "/api/v2/voice/broadcast", admin, body), http.StatusOK)
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	for {
+		typ, msg, err := v.conn.Read(ctx)
+		if err != nil {
+			t.Fatalf("no notice arrived: %v", err)
+		}
+		if typ != websocket.MessageText || !strings.Contains(string(msg), `"type":"notice"`) {
+			continue
+		}
+		if strings.ContainsAny(string(msg), "\u2028\u2029") || !strings.Contains(string(msg), `maintenance\u2028at noon\u2029`) {
+			t.Errorf("the notice %q does not escape U+2028 and U+2029", msg)
+		}
+		return
+	}
+}
+
+// refusalMsg is the error message of an in-band refusal.
+type refusalMsg struct {
+	Type       string `json:"type"`
+	Code       string `json:"code"`
+	Message    string `json:"message"`
+	Status     int    `json:"status"`
+	RequestID  string `json:"request_id"`
+	RetryAfter int    `json:"retry_after"`
+}
+
+// browserRefused dials g as a browser from origin (with the token, if any, as a subprotocol),
+// and fails the test unless the gateway accepts only to send one error message and close
+// with 4000 + its status. It returns the message.
+func browserRefused(t *testing.T, g *testGateway, origin, token string) refusalMsg {
+	t.Helper()
+	protos := []string{voiceSubprotocol}
+	if token != "" {
+		protos = append(protos, "bearer."+token)
+	}
+	conn, res, err := voiceDial(t, g, "?conversation_id=c-refused", http.Header{"Origin": {origin}}, protos...)
+	if err != nil {
+		t.Fatalf("the browser-style upgrade was not accepted: %v (%s)", err, describeResult(res, err))
+	}
+	if got := res.Header.Values("Sec-WebSocket-Protocol"); !slices.Equal(got, []string{voiceSubprotocol}) {
+		t.Errorf("the refusal's 101 selects %.30q, want exactly [%s]", got, voiceSubprotocol)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	typ, raw, err := conn.Read(ctx)
+	if err != nil || typ != websocket.MessageText {
+		t.Fatalf("no error message before the close: %v", err)
+	}
+	var m refusalMsg
+	if err := json.Unmarshal(raw, &m); err != nil {
+		t.Fatalf("the refusal is not JSON: %s", raw)
+	}
+	if m.Type != "error" || m.Status < 400 || m.Code == "" || m.Message == "" {
+		t.Errorf("refusal message %s, want type error with status, code and message", raw)
+	}
+	if own := res.Header.Get("X-Request-ID"); m.RequestID == "" || m.RequestID != own {
+		t.Errorf("refusal request_id %q, want the 101's X-Request-ID %q", m.RequestID, own)
+	}
+	_, _, err = conn.Read(ctx)
+	var ce websocket.CloseError
+	if !errors.As(err, &ce) {
+		t.Fatalf("after the error message: %v, want a close frame", err)
+	}
+	if want := websocket.StatusCode(4000 + m.Status); ce.Code != want || ce.Reason != m.Code {
+		t.Errorf("closed %d %q, want %d %q", ce.Code, ce.Reason, want, m.Code)
+	}
+	return m
+}
+
+func TestVoiceBrowserRefusals(t *testing.T) {
+	algo := newAlgo(t, algoOptions{})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CORS_ORIGINS": "https://app.example.com",
+		"POLICY_FILE": "testdata/policy/e2e-voice-cap.json"})
+	w := watchTokens(t, g)
+	user := w.token(t, "u-refused", []string{"user"}, nil)
+	noPerm := w.token(t, "u-refused-noperm", []string{}, nil)
+	now := time.Now()
+	forged := w.add(signHS256(t, "not-the-gateway-secret-0123456789abcdef", map[string]any{
+		"sub": "u-refused", "iat": now.Unix(), "exp": now.Add(time.Hour).Unix(), "roles": []string{"user"}}))
+	const app = "https://app.example.com"
+
+	for _, tt := range []struct {
+		name, origin, token string
+		status              int
+		code, mention       string
+	}{
+		{"no token", app, "", 401, "TOKEN_MISSING", ""},
+		{"bad token", app, forged, 401, "TOKEN_INVALID", ""},
+		{"no voice:write", app, noPerm, 403, "PERMISSION_DENIED", "voice:write"},
+		{"disallowed origin", "https://evil.example", user, 403, "PERMISSION_DENIED", "origin"},
+		// Only the origin's reason, whatever else is wrong: a page elsewhere learns nothing about
+		// the token it sent.
+		{"disallowed origin, bad token", "https://evil.example", forged, 403, "PERMISSION_DENIED", "origin"},
+		{"disallowed origin, no token", "https://evil.example", "", 403, "PERMISSION_DENIED", "origin"},
+		{"localhost is not 127.0.0.1", "http://localhost:" + strings.Split(g.Addr, ":")[1], user, 403, "PERMISSION_DENIED", "origin"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			m := browserRefused(t, g, tt.origin, tt.token)
+			if m.Status != tt.status || m.Code != tt.code || !strings.Contains(m.Message, tt.mention) {
+				t.Errorf("refused %d %s %q, want %d %s mentioning %q", m.Status, m.Code, m.Message, tt.status, tt.code, tt.mention)
+			}
+			if n := len(algo.dials()); n != 0 {
+				t.Errorf("the algorithm service was dialed %d times, want never", n)
+			}
+		})
+	}
+
+	t.Run("a non-browser client keeps the HTTP status", func(t *testing.T) {
+		wantError(t, voiceRefused(t, g, "", nil, voiceSubprotocol), http.StatusUnauthorized, "TOKEN_MISSING")
+		// A client that sends Authorization is no browser, whatever its Origin says.
+		h := bearer(noPerm)
+		h.Set("Origin", app)
+		wantError(t, voiceRefused(t, g, "", h, voiceSubprotocol), http.StatusForbidden, "PERMISSION_DENIED")
+	})
+
+	t.Run("the access log counts the refusal's status", func(t *testing.T) {
+		m := browserRefused(t, g, "https://logged.example", user)
+		eventually(t, 2*time.Second, "the refusal's access log line", func() bool {
+			for _, rec := range logRecords(t, g) {
+				if rec["msg"] == "request" && rec["request_id"] == m.RequestID {
+					if rec["status"] != float64(403) || rec["code"] != "PERMISSION_DENIED" || rec["origin"] != "https://logged.example" {
+						t.Fatalf("access log line %v, want status 403, code PERMISSION_DENIED and the origin", rec)
+					}
+					return true
+				}
+			}
+			return false
+		})
+	})
+
+	t.Run("over the concurrency cap", func(t *testing.T) {
+		first := openVoice(t, g, "", http.Header{"Origin": {app}}, voiceSubprotocol, "bearer."+user)
+		m := browserRefused(t, g, app, user)
+		if m.Status != http.StatusTooManyRequests || m.Code != "RATE_LIMITED" {
+			t.Errorf("second session refused %d %s, want 429 RATE_LIMITED", m.Status, m.Code)
+		}
+		if m.RetryAfter <= 0 {
+			t.Errorf("the 429 refusal carries retry_after %d, want the Retry-After seconds", m.RetryAfter)
+		}
+		if n := len(listVoice(t, g, tokenFor(t, "u-admin", []string{"admin"}, nil)).Sessions); n != 1 {
+			t.Errorf("%d sessions listed, want only the first", n)
+		}
+		_ = first.conn.Close(websocket.StatusNormalClosure, "")
+	})
+
+	t.Run("algorithm service down", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		down := "http://" + ln.Addr().String()
+		ln.Close()
+		gd := startRun(t, nil, map[string]string{"ALGO_URL": down})
+		m := browserRefused(t, gd, gd.URL, tokenFor(t, "u-down", []string{"user"}, nil))
+		if m.Status != http.StatusBadGateway || m.Code != "ALGO_SERVICE_ERROR" {
+			t.Errorf("refused %d %s, want 502 ALGO_SERVICE_ERROR", m.Status, m.Code)
+		}
+	})
+}
+
+// TestVoiceBrowserRefusalClientStalls: a browser-style client that is refused and then never
+// reads nor answers the close loses its socket within the refusal's bounds.
+func TestVoiceBrowserRefusalClientStalls(t *testing.T) {
+	g := startRun(t, nil, map[string]string{"ALGO_URL": newAlgo(t, algoOptions{}).URL})
+	c, err := net.DialTimeout("tcp", g.Addr, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	req := "GET /api/v2/voice/stream HTTP/1.1\r\nHost: " + g.Addr + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
+		"Sec-WebSocket-Protocol: " + voiceSubprotocol + "\r\nOrigin: " + g.URL + "\r\n\r\n"
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	res, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("status %d, want 101 for an in-band refusal", res.StatusCode)
+	}
+	// The client now reads nothing more and never sends its close frame; the gateway must
+	// give up on the close handshake and drop the socket by itself.
+	start := time.Now()
+	_, err = io.Copy(io.Discard, br)
+	if err != nil {
+		t.Fatalf("the gateway did not close the socket: %v after %v", err, time.Since(start))
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("the socket closed %v after the 101, want within the refusal's 2 s bound and a margin", took)
+	}
+}
+
+// pythonWithWebsockets returns a Python that has the websockets library (Debian's
+// python3-websockets installs it for /usr/bin/python3, which may not be the python3 on PATH).
+func pythonWithWebsockets(t *testing.T) string {
+	t.Helper()
+	for _, p := range []string{"/usr/bin/python3", "python3"} {
+		bin, err := exec.LookPath(p)
+		if err != nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		err = exec.CommandContext(ctx, bin, "-c", "import websockets").Run()
+		cancel()
+		if err == nil {
+			return bin
+		}
+	}
+	missingTool(t, "python3 with the websockets library", "python3-websockets")
+	return ""
+}
+
+// TestREADMEVoiceClient: the Python voice client of README.md, run as a newcomer would, holds a
+// session with -demo: start and stop bring the answer, its audio and tts_complete.
+func TestREADMEVoiceClient(t *testing.T) {
+	py := pythonWithWebsockets(t)
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile("(?s)### Voice from a terminal\n.*?```python\n(.*?)```").FindSubmatch(readme)
+	if m == nil {
+		t.Fatal("README.md has no python block under ### Voice from a terminal")
+	}
+	script := filepath.Join(t.TempDir(), "voice.py")
+	if err := os.WriteFile(script, m[1], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	g := startRun(t, []string{"-demo"}, map[string]string{"LISTEN_ADDR": "127.0.0.1:0"})
+	var token string
+	eventually(t, 2*time.Second, "-demo prints a token", func() bool {
+		tm := regexp.MustCompile(`TOKEN=(\S+)`).FindStringSubmatch(g.Stdout.String())
+		if tm != nil {
+			token = tm[1]
+		}
+		return tm != nil
+	})
+	w := watchTokens(t, g)
+	w.add(token)
+
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, py, script, "ws://"+g.Addr+"/api/v2/voice/stream")
+	cmd.Env = append(os.Environ(), "TOKEN="+token)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(stdin, "{\"type\":\"start\"}\n{\"type\":\"stop\"}\n"); err != nil {
+		t.Fatal(err)
+	}
+	var seen []string
+	audio := 0
+	sc := bufio.NewScanner(stdout)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "<") && strings.HasSuffix(line, "bytes of audio>") {
+			audio++
+			continue
+		}
+		if tm := regexp.MustCompile(`"type":"([a-z_]+)"`).FindStringSubmatch(line); tm != nil {
+			seen = append(seen, tm[1])
+			if tm[1] == "tts_complete" {
+				break
+			}
+		}
+	}
+	stdin.Close() // the client closes the session and ends
+	_, _ = io.Copy(io.Discard, stdout)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("the client ended with %v\n%s", err, stderr.String())
+	}
+	for _, want := range []string{"session_initialized", "ack", "asr_final", "llm_response_chunk", "tts_start", "tts_complete"} {
+		if !strings.Contains(strings.Join(seen, " "), want) {
+			t.Errorf("the client printed no %s message (got %v)\n%s", want, seen, stderr.String())
+		}
+	}
+	if audio == 0 {
+		t.Error("the client printed no audio frames")
+	}
+}
+
+// usageRecords reads the whole usage stream, each entry's fields as a map.
+func usageRecords(t *testing.T, r *testRedis) []map[string]string {
+	t.Helper()
+	res, ok := r.Do(t, "XRANGE", "voicegate:usage", "-", "+").([]any)
+	if !ok {
+		t.Fatalf("XRANGE voicegate:usage answered %v", res)
+	}
+	var out []map[string]string
+	for _, e := range res {
+		kv := e.([]any)[1].([]any)
+		m := map[string]string{}
+		for i := 0; i+1 < len(kv); i += 2 {
+			m[kv[i].(string)] = kv[i+1].(string)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func recordOf(recs []map[string]string, session string) map[string]string {
+	for _, r := range recs {
+		if r["session_id"] == session {
+			return r
+		}
+	}
+	return nil
 }

@@ -1,20 +1,16 @@
 package main
 
-// End-to-end tests of voice governance: quotas shared by two instances through a real
-// redis-server, usage records in the stream (one from an instance that was SIGKILLed),
-// broadcast and live detail across instances and tenants, the maximum session length, and the
-// bounded tenant label of the latency metrics.
+// Voice sessions governed: daily audio quotas held as audio arrives, the pace bound, the
+// longest session, usage records (also of a killed instance), session detail and broadcast
+// across instances, and bounded metrics.
 
 import (
 	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -26,30 +22,6 @@ import (
 	"voicegate/voice"
 )
 
-// voicePolicy writes base (a policy file of testdata/policy) with its limits changed by edit
-// to a file of the test's own and returns its path: the routes stay those base binds.
-func voicePolicy(tb testing.TB, base string, edit func(*policy.Limits)) string {
-	tb.Helper()
-	data, err := os.ReadFile(filepath.Join("testdata", "policy", base))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	f, err := policy.Parse(data)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	edit(&f.Limits)
-	out, err := json.Marshal(f)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	file := filepath.Join(tb.TempDir(), "policy.json")
-	if err := os.WriteFile(file, out, 0o600); err != nil {
-		tb.Fatal(err)
-	}
-	return file
-}
-
 // govPolicy is the e2e policy with a daily voice audio quota of 2 s per user (100 s per
 // tenant), and tenant-a named.
 func govPolicy(tb testing.TB) string {
@@ -59,54 +31,30 @@ func govPolicy(tb testing.TB) string {
 	})
 }
 
-// talkingAlgo is an algorithm service that answers like a real one: the first audio of an
+// talkingAlgo is the fake algorithm service answering like a real one: the first audio of an
 // utterance gets an asr_partial, a stop gets asr_final, one llm_response_chunk, a TTS binary
 // frame of 3200 bytes (100 ms of 16 kHz mono PCM) and tts_complete.
-func talkingAlgo(t *testing.T) *fakeBackend {
+func talkingAlgo(t *testing.T) *fakeAlgo {
 	t.Helper()
-	done := t.Context()
-	return newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/voice/stream" {
-			http.NotFound(w, r)
-			return
-		}
-		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
-		if err != nil {
-			return
-		}
-		defer c.CloseNow()
-		c.SetReadLimit(1 << 20)
+	return newAlgo(t, algoOptions{Replier: func() voiceReplier {
 		talking := false
-		for {
-			_, msg, err := c.Read(done)
-			if err != nil {
-				return
-			}
+		return func(_ websocket.MessageType, msg []byte) []voiceFrame {
 			var m struct{ Type string }
 			_ = json.Unmarshal(msg, &m)
-			var out [][]byte
 			switch m.Type {
 			case "audio_chunk":
 				if !talking {
 					talking = true
-					out = append(out, []byte(`{"type":"asr_partial","text":"hel"}`))
+					return []voiceFrame{{Text: `{"type":"asr_partial","text":"hel"}`}}
 				}
 			case "stop":
 				talking = false
-				out = append(out, []byte(`{"type":"asr_final","text":"hello"}`), []byte(`{"type":"llm_response_chunk","text":"hi"}`), nil,
-					[]byte(`{"type":"tts_complete"}`))
+				return []voiceFrame{{Text: `{"type":"asr_final","text":"hello"}`}, {Text: `{"type":"llm_response_chunk","text":"hi"}`},
+					{Audio: 3200}, {Text: `{"type":"tts_complete"}`}}
 			}
-			for _, o := range out {
-				typ := websocket.MessageText
-				if o == nil {
-					typ, o = websocket.MessageBinary, make([]byte, 3200)
-				}
-				if err := c.Write(done, typ, o); err != nil {
-					return
-				}
-			}
+			return nil
 		}
-	})
+	}})
 }
 
 // sendAudio sends d of 16 kHz mono PCM in 20 ms frames, as fast as the session takes them.
@@ -134,44 +82,6 @@ func sendAudioUntilClosed(t *testing.T, v *voiceClient, d time.Duration) time.Du
 		}
 	}
 	return sent
-}
-
-// send sends a control message.
-func (v *voiceClient) send(t *testing.T, msg string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	if err := v.conn.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
-		t.Fatalf("send %s: %v", msg, err)
-	}
-}
-
-// usageRecords reads the whole usage stream, each entry's fields as a map.
-func usageRecords(t *testing.T, r *testRedis) []map[string]string {
-	t.Helper()
-	res, ok := r.Do(t, "XRANGE", "voicegate:usage", "-", "+").([]any)
-	if !ok {
-		t.Fatalf("XRANGE voicegate:usage answered %v", res)
-	}
-	var out []map[string]string
-	for _, e := range res {
-		kv := e.([]any)[1].([]any)
-		m := map[string]string{}
-		for i := 0; i+1 < len(kv); i += 2 {
-			m[kv[i].(string)] = kv[i+1].(string)
-		}
-		out = append(out, m)
-	}
-	return out
-}
-
-func recordOf(recs []map[string]string, session string) map[string]string {
-	for _, r := range recs {
-		if r["session_id"] == session {
-			return r
-		}
-	}
-	return nil
 }
 
 func num(t *testing.T, rec map[string]string, field string) float64 {
@@ -205,8 +115,8 @@ func chargedMS(t *testing.T, r *testRedis, user string) int64 {
 // upgrade; and the user was charged exactly the audio both sessions carried.
 func TestVoiceQuotaAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{"POLICY_FILE": govPolicy(t)}))
+	algo := newAlgo(t, algoOptions{})
+	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{"POLICY_FILE": govPolicy(t)}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -232,7 +142,7 @@ func TestVoiceQuotaAcrossInstances(t *testing.T) {
 	// Charged for what the sessions carried, and nothing more: the second session the second
 	// it was allowed, as its frames arrived.
 	eventually(t, 5*time.Second, "the algorithm service got both sessions' audio", func() bool {
-		return algo.open.Load() == 0 && algo.audioReceived(t) == 2*time.Second
+		return algo.voiceOpen.Load() == 0 && algo.audioReceived(t) == 2*time.Second
 	})
 	eventually(t, 5*time.Second, "B settles the second session", func() bool { return chargedMS(t, r, "u-quota") == 2000 })
 
@@ -249,7 +159,7 @@ func TestVoiceQuotaAcrossInstances(t *testing.T) {
 // TestVoiceMaxSessionLength: with voice_max_session 1s the session is closed 4408 after an
 // error SESSION_TOO_LONG, within a recheck interval of its second.
 func TestVoiceMaxSessionLength(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "POLICY_FILE": voicePolicy(t, "e2e.json", func(l *policy.Limits) {
 		l.VoiceMaxSession = policy.Duration(time.Second)
 	})})
@@ -360,30 +270,14 @@ func TestVoiceUsageRecords(t *testing.T) {
 	}
 }
 
-// voiceLive asks g for one session's live detail.
-func (g *testGateway) voiceLive(t *testing.T, token, id string) (voice.Live, bool, int) {
-	t.Helper()
-	res := call(t, g, "GET", "/api/v2/voice/sessions/"+id, token, "")
-	defer res.Body.Close()
-	if res.StatusCode != http.StatusOK {
-		_, _ = io.Copy(io.Discard, res.Body)
-		return voice.Live{}, false, res.StatusCode
-	}
-	var l voice.Live
-	if err := json.NewDecoder(res.Body).Decode(&l); err != nil {
-		t.Fatalf("decode the session detail: %v", err)
-	}
-	return l, true, res.StatusCode
-}
-
 // TestVoiceDetailAndBroadcastAcrossInstances: a session's live counters are read on either
 // instance by an admin of its tenant (not another tenant's, unless super_admin); a broadcast
 // reaches the matching sessions on both instances, within the caller's tenant unless
 // super_admin, and says how many it reached.
 func TestVoiceDetailAndBroadcastAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	env := redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+	algo := newAlgo(t, algoOptions{})
+	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
 		"POLICY_FILE": govPolicy(t), "LEASE_TTL": "900ms"}))
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
@@ -522,28 +416,6 @@ func TestVoiceMetricsTenantsBounded(t *testing.T) {
 	}
 }
 
-// audioReceived is the audio, in 16 kHz mono PCM, of the audio_chunk messages the algorithm
-// service received.
-func (a *voiceAlgo) audioReceived(t *testing.T) time.Duration {
-	t.Helper()
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	var bytes int64
-	for _, m := range a.got {
-		var c struct {
-			Type  string `json:"type"`
-			Audio []byte `json:"audio_chunk"` // base64 in JSON
-		}
-		if err := json.Unmarshal([]byte(m), &c); err != nil {
-			t.Fatalf("the algorithm service got %s: %v", m, err)
-		}
-		if c.Type == "audio_chunk" {
-			bytes += int64(len(c.Audio))
-		}
-	}
-	return time.Duration(bytes) * time.Second / 32000
-}
-
 // TestVoiceQuotaHeldAsAudioArrives: with a daily quota of 20 s a user sends audio as fast as the
 // gateway takes it (the pace bound set wide open). The algorithm service receives at most the 20
 // s plus one reservation (VOICE_RESERVATION, 2 s), the session ends 4429 after an error
@@ -551,8 +423,8 @@ func (a *voiceAlgo) audioReceived(t *testing.T) time.Duration {
 func TestVoiceQuotaHeldAsAudioArrives(t *testing.T) {
 	const quota, reservation = 20 * time.Second, 2 * time.Second
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	g := startRun(t, nil, redisEnv(r, algo.fakeBackend, okBackend(t), with(roomyBudgets, map[string]string{
+	algo := newAlgo(t, algoOptions{})
+	g := startRun(t, nil, redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
 		"POLICY_FILE": voicePolicy(t, "e2e.json", func(l *policy.Limits) {
 			l.VoiceAudioSecondsPerDay = &policy.AudioQuota{PerUser: int64(quota / time.Second)}
 		}),
@@ -563,7 +435,7 @@ func TestVoiceQuotaHeldAsAudioArrives(t *testing.T) {
 	start := time.Now()
 	sent := sendAudioUntilClosed(t, v, 10*quota)
 	e := waitEnding(t, ended, 10*time.Second)
-	eventually(t, 5*time.Second, "the algorithm service's side closes", func() bool { return algo.open.Load() == 0 })
+	eventually(t, 5*time.Second, "the algorithm service's side closes", func() bool { return algo.voiceOpen.Load() == 0 })
 	got := algo.audioReceived(t)
 	t.Logf("sent %v of audio in %v; the algorithm service received %v", sent, time.Since(start), got)
 	if e.code != voice.CloseQuotaExceeded {
@@ -584,7 +456,7 @@ func TestVoiceQuotaHeldAsAudioArrives(t *testing.T) {
 // VOICE_PACE_BURST 1s, has all of it relayed — nothing is dropped — but no sooner than the pace
 // allows: the second beyond the burst at once, the other 5 s at twice real time, 2.5 s.
 func TestVoicePaceBound(t *testing.T) {
-	algo := newVoiceAlgo(t)
+	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "VOICE_PACE": "2", "VOICE_PACE_BURST": "1s"})
 	w := watchTokens(t, g)
 	v := openVoice(t, g, "", bearer(w.token(t, "u-pace", []string{"user"}, nil)))
@@ -613,8 +485,8 @@ func TestVoicePaceBound(t *testing.T) {
 // all it relayed and finds nothing left, and it ends 4429, charged exactly what it relayed.
 func TestVoiceQuotaFailsOpenThenCharged(t *testing.T) {
 	r := startRedis(t)
-	algo := newVoiceAlgo(t)
-	g := startRun(t, nil, redisEnv(r, algo.fakeBackend, okBackend(t), map[string]string{
+	algo := newAlgo(t, algoOptions{})
+	g := startRun(t, nil, redisEnv(r, algo, okBackend(t), map[string]string{
 		"POLICY_FILE": govPolicy(t), "VOICE_PACE": "2", "VOICE_PACE_BURST": "1s"}))
 	w := watchTokens(t, g)
 	v := openVoice(t, g, "", bearer(w.token(t, "u-open", []string{"user"}, nil)))
@@ -660,7 +532,7 @@ func TestVoiceQuotaFailsOpenThenCharged(t *testing.T) {
 	if e.code != voice.CloseQuotaExceeded {
 		t.Errorf("closed %v (%v), want 4429", e.code, e.err)
 	}
-	eventually(t, 5*time.Second, "the algorithm service's side closes", func() bool { return algo.open.Load() == 0 })
+	eventually(t, 5*time.Second, "the algorithm service's side closes", func() bool { return algo.voiceOpen.Load() == 0 })
 	got := algo.audioReceived(t)
 	eventually(t, 5*time.Second, "the user is charged all that was relayed", func() bool {
 		return chargedMS(t, r, "u-open") == got.Milliseconds()

@@ -2,43 +2,22 @@ package main
 
 // The fair-use stores on their edges, against a real redis-server: a lease that expired while
 // Redis was out of reach, instance clocks that disagree with Redis's, rates finer than a
-// millisecond.
+// millisecond, an admission answered late, audio reservations, lease renewal rounds.
 
 import (
 	"context"
+	"errors"
+	"log/slog"
 	"net/http"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
-
-	"github.com/redis/rueidis"
 
 	"voicegate/policy"
 )
-
-// testClient is a rueidis client on r, closed at cleanup.
-func testClient(t testing.TB, r *testRedis) rueidis.Client {
-	t.Helper()
-	client, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{r.Addr()}, DisableCache: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(client.Close)
-	return client
-}
-
-// redisNow is Redis's own clock.
-func redisNow(t *testing.T, r *testRedis) time.Time {
-	t.Helper()
-	tm, ok := r.Do(t, "TIME").([]any)
-	if !ok || len(tm) != 2 {
-		t.Fatalf("TIME = %#v", tm)
-	}
-	sec, _ := strconv.ParseInt(tm[0].(string), 10, 64)
-	usec, _ := strconv.ParseInt(tm[1].(string), 10, 64)
-	return time.Unix(sec, usec*1000)
-}
 
 // TestLeaseRenewalRestores: a slot whose entry vanished from Redis (it expired while Redis could
 // not be reached, or Redis lost its data) is put back by the next renewal, because its session
@@ -264,4 +243,72 @@ func TestAudioMeterReservations(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRenewerRounds: the renewer runs its tasks every period, at once on a kick (however many
+// kicks arrive together), once more at stop, and goes on after a task fails; a task that hangs
+// is cut off at the period.
+func TestRenewerRounds(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const period = 10 * time.Second
+		r := newRenewer(period, slog.New(slog.DiscardHandler))
+		var calls, hung atomic.Int64
+		var fail atomic.Bool
+		r.add("counted", func(context.Context) error {
+			calls.Add(1)
+			if fail.Load() {
+				return errors.New("down")
+			}
+			return nil
+		})
+		r.add("hanging", func(ctx context.Context) error {
+			if !fail.Load() || hung.Add(1) > 1 {
+				return nil
+			}
+			<-ctx.Done()
+			return ctx.Err()
+		})
+		r.start()
+		synctest.Wait()
+		if n := calls.Load(); n != 0 {
+			t.Fatalf("%d rounds before any kick or period", n)
+		}
+		r.Kick()
+		r.Kick()
+		r.Kick()
+		synctest.Wait()
+		if n := calls.Load(); n < 1 || n > 2 {
+			t.Fatalf("%d rounds after three kicks at once, want 1 or 2", n)
+		}
+		before := calls.Load()
+		time.Sleep(period)
+		synctest.Wait()
+		if n := calls.Load(); n != before+1 {
+			t.Fatalf("%d rounds after a period, want %d", n, before+1)
+		}
+		fail.Store(true)
+		start := time.Now()
+		r.Kick()
+		synctest.Wait()
+		time.Sleep(period) // the hanging task is cut off at the period
+		synctest.Wait()
+		if hung.Load() == 0 {
+			t.Fatal("the hanging task never ran")
+		}
+		fail.Store(false)
+		after := calls.Load()
+		r.Kick()
+		synctest.Wait()
+		if calls.Load() <= after {
+			t.Fatal("no round after a failed one")
+		}
+		if time.Since(start) > 3*period {
+			t.Errorf("rounds took %v with a hanging task", time.Since(start))
+		}
+		last := calls.Load()
+		r.stop()
+		if calls.Load() != last+1 {
+			t.Errorf("stop ran %d rounds, want 1", calls.Load()-last)
+		}
+	})
 }

@@ -8,7 +8,6 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/redis/rueidis"
 
 	"voicegate/policy"
 )
@@ -41,28 +41,6 @@ func redisStats(tb testing.TB, addr string) (cmds, in, out int64) {
 	return get("total_commands_processed"), get("total_net_input_bytes"), get("total_net_output_bytes")
 }
 
-// costAlgo answers chat at once and keeps voice sessions open, reading, until they close.
-func costAlgo(tb testing.TB) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/query" {
-			ndjson(w, `{"type":"generation_chunk","content":"hi"}`, `{"type":"generation_done"}`)
-			return
-		}
-		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{voiceSubprotocol}})
-		if err != nil {
-			return
-		}
-		defer c.CloseNow()
-		for {
-			if _, _, err := c.Read(context.Background()); err != nil {
-				return
-			}
-		}
-	}))
-	tb.Cleanup(srv.Close)
-	return srv
-}
-
 // BenchmarkRedisCost reports what Redis does per chat request (fresh token: nothing cached;
 // and one token again and again), per voice session (start and end) and per second of an
 // open voice session (renewals; the 500 ms rechecks are answered from the client-side cache),
@@ -74,7 +52,7 @@ func costAlgo(tb testing.TB) *httptest.Server {
 // Redis's network input and output, invalidation messages included.
 func BenchmarkRedisCost(b *testing.B) {
 	r := startRedisB(b)
-	algo := costAlgo(b)
+	algo := doneAlgo(b)
 	srv, _ := benchGateway(b, map[string]string{"REDIS_URL": r.URL(), "ALGO_URL": algo.URL})
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}}
 	chat := func(tok string) {
@@ -203,4 +181,94 @@ func BenchmarkRateLimitCluster(b *testing.B) {
 			b.ReportMetric(float64(processed()-before)/float64(b.N), "redis-cmds/check")
 		})
 	}
+}
+
+// scriptCalls reads, from INFO commandstats, how many scripts clients have sent Redis: EVAL,
+// EVALSHA (and their _RO forms) and SCRIPT subcommands. Commands that scripts call themselves
+// are counted under their own names, never under these.
+func scriptCalls(b *testing.B, client rueidis.Client) int64 {
+	b.Helper()
+	info, err := client.Do(context.Background(), client.B().Info().Section("commandstats").Build()).ToString()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var total int64
+	for _, line := range strings.Split(info, "\n") {
+		name, stats, ok := strings.Cut(strings.TrimSpace(line), ":")
+		name = strings.TrimPrefix(name, "cmdstat_")
+		if !ok || !(strings.HasPrefix(name, "eval") || strings.HasPrefix(name, "script")) {
+			continue
+		}
+		for _, kv := range strings.Split(stats, ",") {
+			if v, ok := strings.CutPrefix(kv, "calls="); ok {
+				n, err := strconv.ParseInt(v, 10, 64)
+				if err != nil {
+					b.Fatalf("commandstats line %q: %v", line, err)
+				}
+				total += n
+			}
+		}
+	}
+	return total
+}
+
+// BenchmarkRateLimitRedis: one rate-limit check of a charge of three buckets and a daily
+// quota, by the real RedisLimiter against a real redis-server, is exactly one round trip
+// (redis-calls/op, from Redis's own command statistics); ns/op is its latency. "ping" is the
+// floor: one bare round trip with the same client. "memory" is the in-process limiter.
+func BenchmarkRateLimitRedis(b *testing.B) {
+	r := startRedisB(b)
+	client := testClient(b, r)
+	ctx := context.Background()
+	charge := func() *policy.Charge {
+		// Limits never reached, so every check does the full work of an admitted request.
+		huge := func(key string) policy.Bucket {
+			return policy.Bucket{Parts: []string{key}, Interval: time.Millisecond, Burst: 1 << 30, Limit: 1000}
+		}
+		return &policy.Charge{Tenant: "tenant-a", User: "u-bench",
+			Buckets: []policy.Bucket{huge("u:u-bench"), huge("t"), huge("u:u-bench:c:chat")}, Quota: 1 << 40}
+	}
+
+	b.Run("check", func(b *testing.B) {
+		lim := policy.NewRedisAdmitter(client, policy.RedisAdmitterOptions{Prefix: "voicegate:"})
+		c := charge()
+		// The first check loads the script (EVALSHA, NOSCRIPT, EVAL); the loop measures the
+		// steady state.
+		if v, err := lim.Allow(ctx, c); err != nil || !v.Allowed {
+			b.Fatalf("warm-up check = %+v, %v; want allowed", v, err)
+		}
+		before := scriptCalls(b, client)
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := lim.Allow(ctx, c); err != nil {
+				b.Fatal(err)
+			}
+		}
+		calls := scriptCalls(b, client) - before
+		b.ReportMetric(float64(calls)/float64(b.N), "redis-calls/op")
+		if calls != int64(b.N) {
+			b.Fatalf("%d checks sent %d scripts to Redis, want exactly one each", b.N, calls)
+		}
+		if v, err := lim.Allow(ctx, c); err != nil || !v.Allowed || v.Limit != 1000 {
+			b.Fatalf("check after the loop = %+v, %v; want allowed with limit 1000", v, err)
+		}
+	})
+	b.Run("ping", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if err := client.Do(ctx, client.B().Ping().Build()).Error(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("memory", func(b *testing.B) {
+		lim := policy.NewMemoryLimiter(nil)
+		c := charge()
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := lim.Allow(ctx, c); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

@@ -1,20 +1,24 @@
 package main
 
-// End-to-end tests: each one starts the whole gateway through run, as main does, against fake
-// back ends on loopback, and talks to it over real connections.
+// Chat streams end to end: the gateway started through run in front of a fake algorithm
+// service, streams read as Server-Sent Events over real connections — events and their order,
+// bad input, upstream faults, clients that go away, cancels, what a stream costs in allocations
+// and Redis round trips, and the README's chat reader run under node.
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"reflect"
+	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,492 +26,6 @@ import (
 	"testing"
 	"time"
 )
-
-// ---- the gateway under test ----------------------------------------------------------------
-
-// testGateway is one run of the gateway, started by startRun.
-type testGateway struct {
-	t      *testing.T
-	URL    string       // http://127.0.0.1:port
-	Addr   string       // the "addr" of the "listening" log line
-	Client *http.Client // a client of its own, so its idle connections can be closed
-	Stdout *syncBuffer
-	Stderr *logSink
-
-	cancel   context.CancelFunc
-	finished chan struct{} // closed when run has returned
-	runErr   error         // run's result; read only after finished is closed
-	stopOnce sync.Once
-}
-
-// startGateway starts the gateway with env as its whole environment and waits until /readyz
-// answers 200. stop cancels run's context and fails the test unless run returns nil; it also
-// runs at cleanup.
-func startGateway(t *testing.T, env map[string]string) (baseURL string, stop func()) {
-	t.Helper()
-	g := startRun(t, nil, env)
-	return g.URL, g.stop
-}
-
-// startRun is startGateway with flags and access to the gateway's output. Unless env says
-// otherwise it listens on 127.0.0.1:0, logs JSON, and gives streams a short shutdown grace so
-// that a test which leaves a stream open does not wait the default 25 s.
-func startRun(t *testing.T, args []string, env map[string]string) *testGateway {
-	t.Helper()
-	vars := map[string]string{
-		"LISTEN_ADDR":    "127.0.0.1:0",
-		"LOG_FORMAT":     "json",
-		"LOG_LEVEL":      "debug",
-		"SHUTDOWN_GRACE": "2s",
-		"DRAIN_DELAY":    "0s",
-		"JWT_SECRET":     testSecret,
-		// Generous limits, so tests of other things are never rate limited.
-		"POLICY_FILE": "testdata/policy/e2e.json",
-	}
-	for k, v := range env {
-		vars[k] = v
-	}
-	getenv := func(k string) string { return vars[k] }
-
-	ctx, cancel := context.WithCancel(context.Background())
-	g := &testGateway{
-		t: t,
-		// The client authenticates as an admin unless a test sets its own Authorization.
-		Client:   &http.Client{Transport: withToken{&http.Transport{Proxy: nil}, tokenFor(t, "u-admin", []string{"admin"}, nil)}},
-		Stdout:   &syncBuffer{},
-		Stderr:   newLogSink(),
-		cancel:   cancel,
-		finished: make(chan struct{}),
-	}
-	go func() {
-		defer close(g.finished)
-		g.runErr = run(ctx, append([]string{"voicegate"}, args...), getenv, g.Stdout, g.Stderr)
-	}()
-	t.Cleanup(g.stop)
-
-	select {
-	case g.Addr = <-g.Stderr.addr:
-	case <-g.finished:
-		t.Fatalf("run returned before listening: %v\nlog:\n%s", g.runErr, g.Stderr)
-	case <-time.After(5 * time.Second):
-		t.Fatalf("no \"listening\" log line within 5s\nlog:\n%s", g.Stderr)
-	}
-	g.URL = "http://" + g.Addr
-
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		res, err := g.Client.Get(g.URL + "/readyz")
-		if err == nil {
-			_, _ = io.Copy(io.Discard, res.Body)
-			res.Body.Close()
-			if res.StatusCode == http.StatusOK {
-				return g
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("GET /readyz did not answer 200 within 5s (last: %v)", describeResult(res, err))
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// stop cancels run's context and waits for it to return nil.
-func (g *testGateway) stop() {
-	g.t.Helper()
-	g.stopOnce.Do(func() {
-		g.cancel()
-		select {
-		case <-g.finished:
-			if g.runErr != nil {
-				g.t.Errorf("run returned %v, want nil\nlog:\n%s", g.runErr, g.Stderr)
-			}
-		case <-time.After(10 * time.Second):
-			g.t.Errorf("run did not return within 10s of its context ending\nlog:\n%s", g.Stderr)
-		}
-		g.Client.CloseIdleConnections()
-	})
-}
-
-func describeResult(res *http.Response, err error) string {
-	if err != nil {
-		return err.Error()
-	}
-	return res.Status
-}
-
-// logSink is the gateway's stderr: safe for concurrent use, it keeps everything written and
-// hands over the address of the first JSON "listening" line.
-type logSink struct {
-	mu      sync.Mutex
-	all     bytes.Buffer
-	pending []byte
-	found   bool
-	addr    chan string
-}
-
-func newLogSink() *logSink { return &logSink{addr: make(chan string, 1)} }
-
-func (s *logSink) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.all.Write(p)
-	s.pending = append(s.pending, p...)
-	for {
-		i := bytes.IndexByte(s.pending, '\n')
-		if i < 0 {
-			break
-		}
-		var rec struct {
-			Msg  string `json:"msg"`
-			Addr string `json:"addr"`
-		}
-		if !s.found && json.Unmarshal(s.pending[:i], &rec) == nil && rec.Msg == "listening" && rec.Addr != "" {
-			s.found = true
-			s.addr <- rec.Addr
-		}
-		s.pending = s.pending[i+1:]
-	}
-	return len(p), nil
-}
-
-func (s *logSink) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.all.String()
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent use.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// ---- fake back ends ------------------------------------------------------------------------
-
-// recordedRequest is what a fake back end received.
-type recordedRequest struct {
-	Method   string
-	Path     string
-	RawQuery string
-	Header   http.Header
-	RawBody  []byte
-	Body     map[string]any // RawBody decoded, when it is a JSON object
-}
-
-// fakeBackend is an httptest server that records every request and answers with handler.
-type fakeBackend struct {
-	*httptest.Server
-	mu   sync.Mutex
-	reqs []recordedRequest
-}
-
-// newFakeAlgo starts a fake algorithm service: POST /query is answered by query, whose
-// request body has already been read (and recorded); anything else is a 404.
-func newFakeAlgo(t *testing.T, query http.HandlerFunc) *fakeBackend {
-	t.Helper()
-	return newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodPost || r.URL.Path != "/query" {
-			http.NotFound(w, r)
-			return
-		}
-		query(w, r)
-	})
-}
-
-// newFakeBackend starts a recording back end; it is closed at cleanup (after a gateway started
-// later in the test has stopped).
-func newFakeBackend(t *testing.T, h http.HandlerFunc) *fakeBackend {
-	t.Helper()
-	f := &fakeBackend{}
-	f.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		raw, _ := io.ReadAll(r.Body)
-		rec := recordedRequest{Method: r.Method, Path: r.URL.Path, RawQuery: r.URL.RawQuery,
-			Header: r.Header.Clone(), RawBody: raw}
-		_ = json.Unmarshal(raw, &rec.Body)
-		f.mu.Lock()
-		f.reqs = append(f.reqs, rec)
-		f.mu.Unlock()
-		r.Body = io.NopCloser(bytes.NewReader(raw))
-		h(w, r)
-	}))
-	t.Cleanup(f.Close)
-	return f
-}
-
-func (f *fakeBackend) requests() []recordedRequest {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return append([]recordedRequest(nil), f.reqs...)
-}
-
-// only fails the test unless the back end got exactly one request, and returns it.
-func (f *fakeBackend) only(t *testing.T) recordedRequest {
-	t.Helper()
-	reqs := f.requests()
-	if len(reqs) != 1 {
-		t.Fatalf("back end received %d requests, want 1", len(reqs))
-	}
-	return reqs[0]
-}
-
-// ndjson writes lines as the fake algorithm service's 200 answer, flushing after each.
-func ndjson(w http.ResponseWriter, lines ...string) {
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	rc := http.NewResponseController(w)
-	for _, l := range lines {
-		_, _ = io.WriteString(w, l+"\n")
-		_ = rc.Flush()
-	}
-}
-
-// startNDJSON sends the 200 headers of an NDJSON answer at once.
-func startNDJSON(w http.ResponseWriter) {
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.WriteHeader(http.StatusOK)
-	_ = http.NewResponseController(w).Flush()
-}
-
-// sleepCtx waits d or until ctx ends, reporting whether the full time passed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}
-
-// ---- talking to the gateway ----------------------------------------------------------------
-
-// doRequest sends a request with a 10 s budget; the response body is closed at cleanup at the latest.
-func doRequest(t *testing.T, c *http.Client, method, url string, body io.Reader, header map[string]string) *http.Response {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	t.Cleanup(cancel)
-	req, err := http.NewRequestWithContext(ctx, method, url, body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	for k, v := range header {
-		if v == "" {
-			req.Header.Del(k)
-			continue
-		}
-		req.Header.Set(k, v)
-	}
-	res, err := c.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
-	}
-	t.Cleanup(func() { res.Body.Close() })
-	return res
-}
-
-// postChat posts body to the chat stream route.
-func postChat(t *testing.T, g *testGateway, body string, header map[string]string) *http.Response {
-	t.Helper()
-	return doRequest(t, g.Client, http.MethodPost, g.URL+"/api/v2/chat/stream", strings.NewReader(body), header)
-}
-
-// errorDoc is the JSON error document of DESIGN.md.
-type errorDoc struct {
-	Error     string          `json:"error"`
-	Code      string          `json:"code"`
-	RequestID string          `json:"request_id"`
-	Details   json.RawMessage `json:"details"`
-	raw       string
-}
-
-// wantError checks that res is a JSON error with status and code, and returns it.
-func wantError(t *testing.T, res *http.Response, status int, code string) errorDoc {
-	t.Helper()
-	raw, err := io.ReadAll(res.Body)
-	res.Body.Close()
-	if err != nil {
-		t.Fatalf("read error body: %v", err)
-	}
-	var doc errorDoc
-	doc.raw = string(raw)
-	if res.StatusCode != status {
-		t.Errorf("status = %d, want %d; body %s", res.StatusCode, status, raw)
-	}
-	if ct := res.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
-		t.Errorf("Content-Type = %q, want application/json", ct)
-	}
-	if err := json.Unmarshal(raw, &doc); err != nil {
-		t.Fatalf("error body is not JSON: %v: %s", err, raw)
-	}
-	if doc.Code != code {
-		t.Errorf("code = %q, want %q; body %s", doc.Code, code, raw)
-	}
-	if doc.Error == "" {
-		t.Errorf("error message is empty; body %s", raw)
-	}
-	if doc.RequestID == "" || doc.RequestID != res.Header.Get("X-Request-ID") {
-		t.Errorf("request_id = %q, want the X-Request-ID header %q", doc.RequestID, res.Header.Get("X-Request-ID"))
-	}
-	return doc
-}
-
-// ---- a small SSE parser --------------------------------------------------------------------
-
-// sseEvent is one dispatched Server-Sent Event.
-type sseEvent struct {
-	ID       string
-	Event    string
-	Data     string
-	Comments []string // comment lines (without the colon) seen since the previous event
-}
-
-// fields decodes the event's data as a JSON object.
-func (e sseEvent) fields(t *testing.T) map[string]any {
-	t.Helper()
-	var m map[string]any
-	if err := json.Unmarshal([]byte(e.Data), &m); err != nil {
-		t.Fatalf("event %q: data is not a JSON object: %v: %s", e.Event, err, e.Data)
-	}
-	return m
-}
-
-// sseReader parses an event stream as the HTML living standard describes, keeping the raw text.
-type sseReader struct {
-	br  *bufio.Reader
-	raw bytes.Buffer
-}
-
-func newSSEReader(r io.Reader) *sseReader {
-	s := &sseReader{}
-	s.br = bufio.NewReader(io.TeeReader(r, &s.raw))
-	return s
-}
-
-// next returns the next event; io.EOF after the last one, io.ErrUnexpectedEOF when the stream
-// stops inside an event.
-func (s *sseReader) next() (sseEvent, error) {
-	var ev sseEvent
-	var data []string
-	pending := false
-	for {
-		line, err := s.br.ReadString('\n')
-		if err != nil {
-			if errors.Is(err, io.EOF) && (pending || line != "") {
-				return ev, io.ErrUnexpectedEOF
-			}
-			return ev, err
-		}
-		line = strings.TrimSuffix(strings.TrimSuffix(line, "\n"), "\r")
-		switch {
-		case line == "":
-			if pending {
-				ev.Data = strings.Join(data, "\n")
-				return ev, nil
-			}
-		case strings.HasPrefix(line, ":"):
-			ev.Comments = append(ev.Comments, strings.TrimPrefix(line[1:], " "))
-		default:
-			name, value, _ := strings.Cut(line, ":")
-			value = strings.TrimPrefix(value, " ")
-			pending = true
-			switch name {
-			case "id":
-				ev.ID = value
-			case "event":
-				ev.Event = value
-			case "data":
-				data = append(data, value)
-			}
-		}
-	}
-}
-
-// readEvents reads events until the stream ends cleanly.
-func readEvents(t *testing.T, s *sseReader) []sseEvent {
-	t.Helper()
-	var evs []sseEvent
-	for {
-		ev, err := s.next()
-		if err == io.EOF {
-			return evs
-		}
-		if err != nil {
-			t.Fatalf("reading events after %v: %v\nraw:\n%s", eventNames(evs), err, clipText(s.raw.String()))
-		}
-		evs = append(evs, ev)
-	}
-}
-
-func nextEvent(t *testing.T, s *sseReader) sseEvent {
-	t.Helper()
-	ev, err := s.next()
-	if err != nil {
-		t.Fatalf("reading the next event: %v\nraw:\n%s", err, clipText(s.raw.String()))
-	}
-	return ev
-}
-
-func eventNames(evs []sseEvent) []string {
-	var ns []string
-	for _, e := range evs {
-		ns = append(ns, e.Event)
-	}
-	return ns
-}
-
-func clipText(s string) string {
-	if len(s) > 4000 {
-		return s[:4000] + "…"
-	}
-	return s
-}
-
-// wantStream checks the headers of a 200 SSE answer and returns a reader of its events.
-func wantStream(t *testing.T, res *http.Response) *sseReader {
-	t.Helper()
-	if res.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(res.Body)
-		t.Fatalf("status = %d, want 200; body %s", res.StatusCode, body)
-	}
-	if ct := res.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/event-stream") {
-		t.Fatalf("Content-Type = %q, want text/event-stream", ct)
-	}
-	return newSSEReader(res.Body)
-}
-
-// numField reads a JSON number field.
-func numField(t *testing.T, m map[string]any, key string) float64 {
-	t.Helper()
-	f, ok := m[key].(float64)
-	if !ok {
-		t.Fatalf("field %q = %#v, want a number (in %v)", key, m[key], m)
-	}
-	return f
-}
-
-// ---- 1. the happy path ---------------------------------------------------------------------
-
-var happyLines = []string{
-	`{"type":"retrieval_start","query":"hi"}`,
-	`{"type":"generation_chunk","content":"Hel","index":0}`,
-	`{"type":"generation_chunk","content":"lo","index":1}`,
-	`{"type":"generation_done","finish_reason":"stop"}`,
-}
 
 func TestChatStreamHappyPath(t *testing.T) {
 	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
@@ -650,8 +168,6 @@ func TestChatStreamHappyPath(t *testing.T) {
 	}
 }
 
-// ---- 2. per-event flushing -----------------------------------------------------------------
-
 // TestChatStreamEventsArriveOneByOne has the upstream wait, after each line, until the client
 // has read that line's event: any buffering in the gateway deadlocks it until its timeout.
 func TestChatStreamEventsArriveOneByOne(t *testing.T) {
@@ -697,8 +213,6 @@ func TestChatStreamEventsArriveOneByOne(t *testing.T) {
 		t.Errorf("last events = %v, want [done stream_end]", got)
 	}
 }
-
-// ---- 3. bad input --------------------------------------------------------------------------
 
 func TestChatStreamRejectsBadInput(t *testing.T) {
 	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
@@ -759,8 +273,6 @@ func TestChatStreamRejectsBadInput(t *testing.T) {
 		t.Errorf("the algorithm service received %d requests for bad input, want 0", n)
 	}
 }
-
-// ---- 4. upstream faults --------------------------------------------------------------------
 
 func TestChatStreamUpstreamRefused(t *testing.T) {
 	// 127.0.0.2: no test server binds there, so the freed port stays refused.
@@ -936,8 +448,6 @@ func TestChatStreamUpstreamFaults(t *testing.T) {
 	})
 }
 
-// ---- 5. client disconnect ------------------------------------------------------------------
-
 func TestChatStreamClientDisconnectCancelsUpstream(t *testing.T) {
 	upstreamDone := make(chan struct{})
 	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
@@ -1009,8 +519,6 @@ func TestChatStreamsActiveWhenClientsVanishMidWrite(t *testing.T) {
 		return v == 0
 	})
 }
-
-// ---- 6. cancel -----------------------------------------------------------------------------
 
 func TestChatCancel(t *testing.T) {
 	upstreamDone := make(chan struct{}, 1)
@@ -1147,239 +655,306 @@ func TestChatCancelBeforeUpstreamAnswers(t *testing.T) {
 	}
 }
 
-// ---- 7. health and request IDs -------------------------------------------------------------
-
-func TestHealthAndRequestID(t *testing.T) {
-	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) { ndjson(w, `{"type":"done"}`) })
-	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
-
-	for _, path := range []string{"/healthz", "/readyz"} {
-		t.Run(path, func(t *testing.T) {
-			res := doRequest(t, g.Client, http.MethodGet, g.URL+path, nil, nil)
-			if res.StatusCode != http.StatusOK {
-				t.Errorf("GET %s = %d, want 200", path, res.StatusCode)
-			}
-		})
+// TestStreamAllocationsPerEvent streams answers of 100 and of 2,100 lines through the whole
+// gateway (middleware, metrics, access log) and counts the process's allocations: the fake
+// algorithm service and the client allocate nothing per line, so the difference is what the
+// gateway allocates per event. It must be none.
+func TestStreamAllocationsPerEvent(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts are meaningless under the race detector")
 	}
-
-	requests := []struct {
-		name, method, path, body string
-	}{
-		{"healthz", "GET", "/healthz", ""},
-		{"readyz", "GET", "/readyz", ""},
-		{"not found", "GET", "/nope", ""},
-		{"wrong method", "PUT", "/healthz", ""},
-		{"bad chat", "POST", "/api/v2/chat/stream", "{}"},
-		{"chat stream", "POST", "/api/v2/chat/stream", `{"message":"hi"}`},
-		{"cancel unknown", "POST", "/api/v2/chat/cancel", `{"request_id":"x"}`},
-		{"admin unset", "GET", "/api/v2/admin/users", ""},
-	}
-	for _, rq := range requests {
-		t.Run("X-Request-ID on "+rq.name, func(t *testing.T) {
-			send := func(id string) string {
-				var body io.Reader
-				if rq.body != "" {
-					body = strings.NewReader(rq.body)
-				}
-				res := doRequest(t, g.Client, rq.method, g.URL+rq.path, body, map[string]string{"X-Request-ID": id})
-				_, _ = io.Copy(io.Discard, res.Body)
-				res.Body.Close()
-				return res.Header.Get("X-Request-ID")
-			}
-			if got := send(""); got == "" {
-				t.Error("no X-Request-ID in the response")
-			}
-			if got := send("abc-123_x.y:z"); got != "abc-123_x.y:z" {
-				t.Errorf("X-Request-ID = %q, want the sane incoming one kept", got)
-			}
-			if got := send("bad id\twith junk"); got == "" || strings.ContainsAny(got, " \t") {
-				t.Errorf("X-Request-ID = %q, want a fresh one replacing the insane incoming one", got)
-			}
-		})
-	}
-}
-
-// ---- 8. admin and documents proxies --------------------------------------------------------
-
-func TestBackendProxies(t *testing.T) {
-	backend := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		w.Header().Set("X-Backend", "yes")
-		w.WriteHeader(http.StatusAccepted)
-		fmt.Fprintf(w, `{"path":%q}`, r.URL.Path)
-	})
-	g := startRun(t, nil, map[string]string{
-		"ALGO_URL":       "http://127.0.0.1:1",
-		"ADMIN_URL":      backend.URL,
-		"DOCS_URL":       backend.URL,
-		"MAX_BODY_BYTES": "100",
-	})
-
-	for _, path := range []string{"/api/v2/admin/users?x=1", "/api/v2/documents/d-1?x=1"} {
-		t.Run("GET "+path, func(t *testing.T) {
-			n := len(backend.requests())
-			res := doRequest(t, g.Client, http.MethodGet, g.URL+path, nil, nil)
-			body, _ := io.ReadAll(res.Body)
-			p, q, _ := strings.Cut(path, "?")
-			if res.StatusCode != http.StatusAccepted || res.Header.Get("X-Backend") != "yes" ||
-				string(body) != fmt.Sprintf(`{"path":%q}`, p) {
-				t.Errorf("answer = %d %q X-Backend=%q, want the back end's 202 passed through",
-					res.StatusCode, body, res.Header.Get("X-Backend"))
-			}
-			reqs := backend.requests()
-			if len(reqs) != n+1 {
-				t.Fatalf("back end received %d new requests, want 1", len(reqs)-n)
-			}
-			if got := reqs[n]; got.Method != "GET" || got.Path != p || got.RawQuery != q {
-				t.Errorf("back end saw %s %s?%s, want GET %s", got.Method, got.Path, got.RawQuery, path)
-			}
-		})
-	}
-	t.Run("body over MAX_BODY_BYTES", func(t *testing.T) {
-		n := len(backend.requests())
-		res := doRequest(t, g.Client, http.MethodPost, g.URL+"/api/v2/admin/users", strings.NewReader(strings.Repeat("x", 1024)), nil)
-		wantError(t, res, http.StatusRequestEntityTooLarge, "PAYLOAD_TOO_LARGE")
-		if got := len(backend.requests()); got != n {
-			t.Errorf("back end received %d requests for an over-limit body, want 0", got-n)
-		}
-	})
-
-	t.Run("unset back ends answer 404", func(t *testing.T) {
-		base, stop := startGateway(t, map[string]string{"ALGO_URL": "http://127.0.0.1:1"})
-		client := &http.Client{Transport: withToken{&http.Transport{}, tokenFor(t, "u-admin", []string{"admin"}, nil)}}
-		for _, path := range []string{"/api/v2/admin/users?x=1", "/api/v2/documents/d-1"} {
-			wantError(t, doRequest(t, client, http.MethodGet, base+path, nil, nil), http.StatusNotFound, "NOT_FOUND")
-		}
-		client.CloseIdleConnections()
-		stop()
-	})
-}
-
-// TestBackendProxyDropsClientIdentityHeaders: DESIGN.md ("Identity to upstreams") says client-sent
-// identity headers never reach an upstream, which trusts them; the gateway sets them from the
-// verified token, also when the client lists them in Connection to have them dropped.
-func TestBackendProxyDropsClientIdentityHeaders(t *testing.T) {
-	backend := newFakeBackend(t, func(w http.ResponseWriter, r *http.Request) {})
-	g := startRun(t, nil, map[string]string{"ALGO_URL": "http://127.0.0.1:1", "ADMIN_URL": backend.URL})
-	forged := map[string]string{
-		"X-User-ID": "root", "X-Username": "root", "X-Tenant-ID": "tenant-a", "X-User-Roles": "super_admin",
-		"X-Session-ID": "s-1", "X_User_ID": "root", "x-user_roles": "super_admin",
-		"Connection": "X-User-ID, X-User-Roles",
-	}
-	res := doRequest(t, g.Client, http.MethodGet, g.URL+"/api/v2/admin/users", nil, forged)
-	res.Body.Close()
-	got := backend.only(t)
-	want := map[string]string{"X-User-Id": "u-admin", "X-Username": "u-admin-name", "X-Tenant-Id": "tenant-a",
-		"X-User-Roles": "admin"}
-	for h, v := range want {
-		if vals := got.Header.Values(h); len(vals) != 1 || vals[0] != v {
-			t.Errorf("back end got %s = %q, want only %q from the token", h, vals, v)
-		}
-	}
-	for h := range got.Header {
-		if strings.Contains(strings.ToLower(h), "_") || strings.EqualFold(h, "X-Session-Id") {
-			t.Errorf("forged header %s = %q reached the admin back end", h, got.Header[h])
-		}
-	}
-}
-
-// ---- 10. demo ------------------------------------------------------------------------------
-
-func TestDemo(t *testing.T) {
-	g := startRun(t, []string{"-demo"}, map[string]string{})
-
-	want := "curl -N http://" + g.Addr + "/api/v2/chat/stream"
-	deadline := time.Now().Add(2 * time.Second)
-	for !strings.Contains(g.Stdout.String(), want) {
-		if time.Now().After(deadline) {
-			t.Fatalf("stdout does not show %q:\n%s", want, g.Stdout)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if !strings.Contains(g.Stderr.String(), "DEMO MODE") {
-		t.Errorf("no DEMO MODE warning in the log:\n%s", g.Stderr)
-	}
-
-	evs := readEvents(t, wantStream(t, postChat(t, g, `{"message":"what is voicegate?"}`, nil)))
-	n := len(evs)
-	if n < 4 || evs[0].Event != "stream_start" || evs[n-2].Event != "generation_done" || evs[n-1].Event != "stream_end" {
-		t.Fatalf("events = %v, want stream_start … generation_done stream_end", eventNames(evs))
-	}
-	var answer strings.Builder
-	chunks := 0
-	for _, e := range evs {
-		if e.Event == "generation_chunk" {
-			chunks++
-			answer.WriteString(e.fields(t)["content"].(string))
-		}
-	}
-	if chunks < 2 || !strings.Contains(answer.String(), "what is voicegate?") {
-		t.Errorf("%d generation_chunk events with answer %q, want several quoting the question", chunks, answer.String())
-	}
-}
-
-// ---- 11. shutdown --------------------------------------------------------------------------
-
-func TestShutdownEndsStreams(t *testing.T) {
+	var lines int
 	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
 		startNDJSON(w)
-		<-r.Context().Done()
+		rc := http.NewResponseController(w)
+		chunk := []byte(`{"type":"generation_chunk","content":"some tokens of the answer"}` + "\n")
+		done := []byte(`{"type":"generation_done"}` + "\n")
+		for i := range lines {
+			if i == lines-1 {
+				w.Write(done)
+			} else {
+				w.Write(chunk)
+			}
+			rc.Flush()
+		}
 	})
-	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "SHUTDOWN_GRACE": "1s"})
-
-	s := wantStream(t, postChat(t, g, `{"message":"hi"}`, nil))
-	if ev := nextEvent(t, s); ev.Event != "stream_start" {
-		t.Fatalf("first event = %q, want stream_start", ev.Event)
+	srv, _ := benchGateway(t, map[string]string{"ALGO_URL": algo.URL})
+	client := benchClient(t)
+	run := func(n int) uint64 {
+		lines = n
+		var a, b runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&a)
+		res, err := client.Post(srv.URL+"/api/v2/chat/stream", "application/json", strings.NewReader(`{"message":"hi"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, bufio.NewReader(res.Body))
+		res.Body.Close()
+		runtime.ReadMemStats(&b)
+		return b.Mallocs - a.Mallocs
 	}
-	rest := make(chan []sseEvent, 1)
+	run(10)
+	// The least of a few runs: the process's background work (the policy watcher, the metric
+	// readers) allocates now and then too.
+	small, big := run(100), run(2100)
+	for range 2 {
+		small, big = min(small, run(100)), min(big, run(2100))
+	}
+	perEvent := float64(big-small) / 2000
+	t.Logf("about %d allocations per stream; %.3f per event", small, perEvent)
+	if perEvent > 0.05 {
+		t.Errorf("%.3f allocations per event, want none", perEvent)
+	}
+}
+
+// TestChatInvalidRequestsNotRateLimited: requests refused as invalid do not use up the built-in
+// chat rate (30/min, burst 10): admission (the rate charge and the lease) comes after request
+// validation.
+func TestChatInvalidRequestsNotRateLimited(t *testing.T) {
+	g := startRun(t, nil, map[string]string{"ALGO_URL": doneAlgo(t).URL, "POLICY_FILE": ""}) // the built-in policy
+	tok := tokenFor(t, "u-edge1", []string{"user"}, nil)
+	for i := range 10 {
+		res := call(t, g, "POST", "/api/v2/chat/stream", tok, `{"message":""}`)
+		if res.StatusCode != http.StatusBadRequest {
+			t.Fatalf("invalid chat request %d = %d %s, want 400", i+1, res.StatusCode, errorCode(res))
+		}
+	}
+	res := call(t, g, "POST", "/api/v2/chat/stream", tok, `{"message":"hi"}`)
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("a valid chat request after ten invalid ones = %d %s, want 200: invalid requests used up the rate",
+			res.StatusCode, errorCode(res))
+	}
+}
+
+func TestChatRefusesIDAttacks(t *testing.T) {
+	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
+		ndjson(w, `{"type":"generation_done"}`)
+	})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	for _, a := range idAttacks(t) {
+		for _, field := range []string{"conversation_id", "stream_id", "model", "request_id"} {
+			t.Run(field+"/"+a.Name, func(t *testing.T) {
+				body := jsonBody(t, map[string]any{"message": "hi", field: a.Value})
+				wantFieldError(t, postChat(t, g, body, nil), field)
+			})
+		}
+	}
+	if n := len(algo.requests()); n != 0 {
+		t.Errorf("the algorithm service received %d requests, want none", n)
+	}
+}
+
+// redisMonitor reads a Redis MONITOR feed. Commands that scripts run are left out (MONITOR
+// shows them as "lua"), so what remains is one line per command a client sent.
+type redisMonitor struct {
+	t     *testing.T
+	r     *testRedis
+	conn  net.Conn
+	lines chan string
+	done  sync.WaitGroup
+	n     int // markers sent
+}
+
+func monitorRedis(t *testing.T, r *testRedis) *redisMonitor {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", r.Addr(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The whole test is bounded by this; a feed that stops fails it instead of hanging.
+	_ = c.SetDeadline(time.Now().Add(time.Minute))
+	if _, err := c.Write([]byte("MONITOR\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	if line, err := br.ReadString('\n'); err != nil || line != "+OK\r\n" {
+		t.Fatalf("MONITOR answered %q, %v", line, err)
+	}
+	m := &redisMonitor{t: t, r: r, conn: c, lines: make(chan string, 1024)}
+	m.done.Add(1)
 	go func() {
-		var evs []sseEvent
+		defer m.done.Done()
+		defer close(m.lines)
 		for {
-			ev, err := s.next()
+			line, err := br.ReadString('\n')
 			if err != nil {
-				rest <- evs
 				return
 			}
-			evs = append(evs, ev)
+			m.lines <- strings.TrimSpace(line)
 		}
 	}()
-
-	start := time.Now()
-	g.cancel()
-
-	// Readiness fails from the start of the shutdown (503 while draining, or refused once the
-	// listener is closed).
-	probe := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 200 * time.Millisecond}
-	for ready := true; ready; {
-		res, err := probe.Get(g.URL + "/readyz")
-		ready = err == nil && res.StatusCode == http.StatusOK
-		if err == nil {
-			res.Body.Close()
+	t.Cleanup(func() {
+		c.Close()
+		for range m.lines { // let the reader finish
 		}
-		if ready && time.Since(start) > 500*time.Millisecond {
-			t.Error("/readyz still answers 200 500ms into the shutdown")
-			break
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	probe.CloseIdleConnections()
+		m.done.Wait()
+	})
+	return m
+}
 
-	select {
-	case <-g.finished:
-	case <-time.After(3 * time.Second):
-		t.Fatal("run did not return within 3s of its context ending")
+// since returns the commands clients sent since the previous call (or since MONITOR began),
+// each as its name and first argument, in lower case: it sends a marker of its own and collects every line
+// before it.
+func (m *redisMonitor) since() []string {
+	m.t.Helper()
+	m.n++
+	marker := fmt.Sprintf("round-trip-marker-%d", m.n)
+	m.r.Do(m.t, "ECHO", marker)
+	var cmds []string
+	for line := range m.lines {
+		// 1764687000.123456 [0 127.0.0.1:54321] "evalsha" "ab12…" "2" …
+		_, rest, ok := strings.Cut(line, "] ")
+		if !ok || strings.Contains(line, " lua] ") {
+			continue
+		}
+		if strings.Contains(rest, `"`+marker+`"`) {
+			return cmds
+		}
+		if strings.HasPrefix(rest, `"echo" "round-trip-marker-`) {
+			continue
+		}
+		f := strings.Fields(rest)
+		cmds = append(cmds, strings.ToLower(strings.Join(f[:min(len(f), 2)], " ")))
 	}
-	if d := time.Since(start); d > 1500*time.Millisecond {
-		t.Errorf("run took %v to return with SHUTDOWN_GRACE=1s, want at most ~1.5s", d)
+	m.t.Fatal("the MONITOR feed ended before the marker came back")
+	return nil
+}
+
+// TestChatRedisRoundTrips: with rates, a quota, a class rate and a concurrency cap all in force
+// and the stream announced to other instances, a chat stream sends Redis one command before the
+// upstream is called (the admission script) and one after the stream ends (the release
+// script), and the release is done before the client sees the end of the response.
+func TestChatRedisRoundTrips(t *testing.T) {
+	r := startRedis(t)
+	release := make(chan struct{})
+	algo := holdAlgo(t, release)
+	// A long lease TTL keeps the renewer's periodic round out of the counted window.
+	g := startRun(t, nil, redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
+		"POLICY_FILE": "testdata/policy/e2e-full.json", "LEASE_TTL": "1h"})))
+	w := watchTokens(t, g)
+	tok := w.token(t, "u-rt", []string{"user"}, nil)
+	mon := monitorRedis(t, r)
+
+	// The first stream loads the scripts and fills the revocation cache, which later requests
+	// of the token are served from.
+	res, s := openStream(t, g, tok, "hello")
+	readEvents(t, s)
+	res.Body.Close()
+	t.Logf("first stream: %q", mon.since())
+
+	res, s = openStream(t, g, tok, "hold") // returns at stream_start: the upstream answered
+	defer res.Body.Close()
+	before := mon.since()
+	if len(before) != 1 || !strings.HasPrefix(before[0], `"evalsha"`) {
+		t.Errorf("before the upstream call the gateway sent Redis %q, want exactly one script", before)
 	}
-	if g.runErr != nil {
-		t.Errorf("run returned %v, want nil", g.runErr)
+	entries := r.Do(t, "KEYS", "voicegate:stream:*")
+	if keys, _ := entries.([]any); len(keys) != 1 || !strings.HasPrefix(fmt.Sprint(keys[0]), "voicegate:stream:{tenant-a}:") {
+		t.Errorf("stream directory while the stream runs = %#v, want one entry under the tenant's tag", entries)
 	}
-	evs := <-rest
-	if len(evs) == 0 || evs[0].Event != "server_shutdown" {
-		t.Fatalf("events after shutdown = %v, want server_shutdown", eventNames(evs))
+	if n := r.Do(t, "ZCARD", "voicegate:lease:{tenant-a}:chat:u:u-rt"); n != int64(1) {
+		t.Errorf("ZCARD of the user's chat slots = %#v while the stream runs, want 1", n)
 	}
-	if f := evs[0].fields(t); numField(t, f, "retry_after_ms") <= 0 {
-		t.Errorf("server_shutdown = %s, want a retry hint", evs[0].Data)
+	mon.since() // the test's own commands
+
+	close(release)
+	if names := eventNames(readEvents(t, s)); len(names) == 0 || names[len(names)-1] != "stream_end" {
+		t.Fatalf("events %v, want them to end with stream_end", names)
+	}
+	after := mon.since()
+	if len(after) != 1 || !strings.HasPrefix(after[0], `"evalsha"`) {
+		t.Errorf("after the stream the gateway sent Redis %q, want exactly one script", after)
+	}
+	// Read at EOF, before anything else is asked of the gateway: the release is done by now.
+	if n := r.Do(t, "ZCARD", "voicegate:lease:{tenant-a}:chat:u:u-rt"); n != int64(0) {
+		t.Errorf("ZCARD of the user's chat slots = %#v once the response ended, want 0", n)
+	}
+	if keys, _ := r.Do(t, "KEYS", "voicegate:stream:*").([]any); len(keys) != 0 {
+		t.Errorf("stream directory once the response ended = %v, want empty", keys)
+	}
+}
+
+// readmeChatReader returns the fetch() stream reader of docs/chat.md, as the doc prints it.
+func readmeChatReader(t *testing.T) string {
+	t.Helper()
+	readme, err := os.ReadFile("docs/chat.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile("(?s)## Reading a stream from a browser\n.*?```js\n(.*?)```").FindSubmatch(readme)
+	if m == nil {
+		t.Fatal("docs/chat.md has no js block under ## Reading a stream from a browser")
+	}
+	return string(m[1])
+}
+
+// TestREADMEChatReaderUnderNode: the README's fetch() reader, run by node against a real
+// gateway, parses every event of an answer whose strings hold raw U+2028 and U+2029 (line
+// ends to JavaScript, valid inside JSON strings) and U+0085: the gateway escapes them in the
+// data lines, so a reader that takes a data field to the end of its line gets all of it.
+func TestREADMEChatReaderUnderNode(t *testing.T) {
+	node := requireTool(t, "node", "/usr/bin/node", "nodejs")
+	chunks := []string{"first\u2028second", "para\u2029graph", "next\u0085line", "plain"}
+	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
+		var lines []string
+		for _, c := range chunks {
+			// Written by hand, raw: encoding/json would escape U+2028 and U+2029 itself.
+			lines = append(lines, `{"type":"generation_chunk","content":"`+c+`","meta":{"k`+"\u2028"+`":"v`+"\u2029"+`"}}`)
+		}
+		lines = append(lines, `{"type":"generation_done","content":"`+"\u2028"+`"}`)
+		ndjson(w, lines...)
+	})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	w := watchTokens(t, g)
+	token := w.token(t, "u-readme-reader", []string{"user"}, nil)
+
+	// The snippet as printed, pointed at this gateway; what it logs is collected and printed
+	// as one JSON line at the end.
+	snippet := strings.ReplaceAll(readmeChatReader(t), "http://127.0.0.1:8080", g.URL)
+	script := "const token = process.env.TOKEN;\n" +
+		"const seen = [];\n" +
+		"const print = console.log;\n" +
+		"console.log = (event, data) => seen.push({ event, data });\n" +
+		snippet + "\n" +
+		"print(JSON.stringify(seen));\n"
+	file := filepath.Join(t.TempDir(), "reader.mjs") // an ES module: top-level await
+	if err := os.WriteFile(file, []byte(script), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, node, file)
+	cmd.Env = append(os.Environ(), "TOKEN="+token)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("the README's reader failed under node: %v\n%s", err, stderr.String())
+	}
+	var seen []struct {
+		Event string         `json:"event"`
+		Data  map[string]any `json:"data"`
+	}
+	if err := json.Unmarshal(out, &seen); err != nil {
+		t.Fatalf("the reader printed %q: %v", out, err)
+	}
+	var names, content []string
+	for _, e := range seen {
+		names = append(names, e.Event)
+		if e.Event == "generation_chunk" {
+			c, _ := e.Data["content"].(string)
+			content = append(content, c)
+			if m, _ := e.Data["meta"].(map[string]any); m["k\u2028"] != "v\u2029" {
+				t.Errorf("a chunk's meta is %v, want the upstream's", e.Data["meta"])
+			}
+		}
+	}
+	want := "stream_start generation_chunk generation_chunk generation_chunk generation_chunk generation_done stream_end"
+	if got := strings.Join(names, " "); got != want {
+		t.Fatalf("the reader parsed %q, want %q", got, want)
+	}
+	if strings.Join(content, "|") != strings.Join(chunks, "|") {
+		t.Errorf("the chunks read %q, want %q", content, chunks)
 	}
 }

@@ -2,12 +2,13 @@ package main
 
 // Control that follows live sessions to whichever instance runs them: revocations end voice
 // sessions and chat streams everywhere at once, an admin closes a session on another instance,
-// cancels reach only the right stream and the right tenant, and a dead instance's streams are
-// not pretended to run.
+// cancels reach only the right stream and the right tenant, a dead instance's streams are not
+// pretended to run, and the routes that act by ID refuse IDs a client may not send.
 
 import (
 	"encoding/json"
 	"net/http"
+	"net/url"
 	"os"
 	"slices"
 	"strconv"
@@ -16,6 +17,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"voicegate/proxy"
 )
 
 // holdStream opens a chat stream of token with request_id id on g (chatVoiceAlgo holds it
@@ -30,29 +33,9 @@ func holdStream(t *testing.T, c *http.Client, base, token, id string) (*http.Res
 	return res, s
 }
 
-// cancelStream asks g to cancel request_id id for token, with extra headers.
-func cancelStream(t *testing.T, g *testGateway, token, id string, header map[string]string) *http.Response {
-	t.Helper()
-	return cancelUserStream(t, g, token, "", id, header)
-}
-
-// cancelUserStream asks g to cancel user's (none: the caller's) stream of request_id id.
-func cancelUserStream(t *testing.T, g *testGateway, token, user, id string, header map[string]string) *http.Response {
-	t.Helper()
-	h := map[string]string{"Authorization": "Bearer " + token, "Content-Type": "application/json"}
-	for k, v := range header {
-		h[k] = v
-	}
-	body := `{"request_id":"` + id + `"}`
-	if user != "" {
-		body = `{"request_id":"` + id + `","user_id":"` + user + `"}`
-	}
-	return doRequest(t, g.Client, "POST", g.URL+"/api/v2/chat/cancel", strings.NewReader(body), h)
-}
-
 func TestControlAcrossInstances(t *testing.T) {
 	r := startRedis(t)
-	algo := chatVoiceAlgo(t)
+	algo := holdAlgo(t, nil)
 	env := redisEnv(r, algo, okBackend(t), roomyBudgets)
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
@@ -220,7 +203,7 @@ func TestControlAcrossInstances(t *testing.T) {
 // 4401). The admin of tenant-a cannot revoke in tenant-b; a super admin can.
 func TestControlRevocationStaysInTenant(t *testing.T) {
 	r := startRedis(t)
-	env := redisEnv(r, chatVoiceAlgo(t), okBackend(t), roomyBudgets)
+	env := redisEnv(r, holdAlgo(t, nil), okBackend(t), roomyBudgets)
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
@@ -321,10 +304,7 @@ func TestControlRevocationStaysInTenant(t *testing.T) {
 // its sibling.
 func TestControlInstancesOnOneHost(t *testing.T) {
 	r := startRedis(t)
-	env := map[string]string{"ALGO_URL": chatVoiceAlgo(t).URL, "REDIS_URL": r.URL(), "JWT_SECRET": testSecret}
-	if os.Getenv("INSTANCE_NAME") != "" {
-		t.Skip("INSTANCE_NAME is set in the test's environment, which the child gateways inherit")
-	}
+	env := map[string]string{"ALGO_URL": holdAlgo(t, nil).URL, "REDIS_URL": r.URL(), "JWT_SECRET": testSecret}
 	one := startChildGateway(t, env)
 	two := startChildGateway(t, env)
 	user := tokenFor(t, "u-host", []string{"user"}, nil)
@@ -332,7 +312,7 @@ func TestControlInstancesOnOneHost(t *testing.T) {
 	defer res.Body.Close()
 	// Both are running the same host name, and each its own identity.
 	var ids []string
-	for _, g := range []*childGateway{one, two} {
+	for _, g := range []*child{one, two} {
 		for _, line := range strings.Split(g.stderr.String(), "\n") {
 			var rec map[string]any
 			if json.Unmarshal([]byte(line), &rec) == nil && rec["msg"] == "listening" {
@@ -371,4 +351,77 @@ func TestControlInstancesOnOneHost(t *testing.T) {
 	if keys, _ := r.Do(t, "KEYS", "voicegate:stream:*on-one").([]any); len(keys) != 0 {
 		t.Errorf("the killed instance's directory entry is still there: %v", keys)
 	}
+}
+
+// hasCtl reports whether s holds a byte no HTTP client sends in a header value.
+func hasCtl(s string) bool {
+	return strings.ContainsFunc(s, func(r rune) bool { return r < 0x20 || r == 0x7f })
+}
+
+// TestControlRoutesRefuseIDAttacks: the routes that act on streams, sessions and tokens by ID.
+func TestControlRoutesRefuseIDAttacks(t *testing.T) {
+	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
+		ndjson(w, `{"type":"generation_done"}`)
+	})
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "SSE_RESUME_WINDOW": "10s"})
+	admin := tokenFor(t, "u-ids-admin", []string{"admin"}, nil)
+	super := tokenFor(t, "u-ids-super", []string{"super_admin"}, nil)
+	for _, a := range idAttacks(t) {
+		path := url.PathEscape(a.Value)
+		t.Run("resume request_id/"+a.Name, func(t *testing.T) {
+			wantFieldError(t, call(t, g, "GET", "/api/v2/chat/stream/"+path, admin, ""), "request_id")
+		})
+		t.Run("cancel request_id/"+a.Name, func(t *testing.T) {
+			wantFieldError(t, call(t, g, "POST", "/api/v2/chat/cancel", admin, jsonBody(t, map[string]any{"request_id": a.Value})), "request_id")
+		})
+		t.Run("session_id/"+a.Name, func(t *testing.T) {
+			wantFieldError(t, call(t, g, "GET", "/api/v2/voice/sessions/"+path, admin, ""), "session_id")
+			wantFieldError(t, call(t, g, "DELETE", "/api/v2/voice/sessions/"+path, admin, ""), "session_id")
+		})
+		for _, field := range []string{"tenant_id", "user_id"} {
+			t.Run("broadcast "+field+"/"+a.Name, func(t *testing.T) {
+				body := jsonBody(t, map[string]any{"message": "maintenance at noon", field: a.Value})
+				wantFieldError(t, call(t, g, "POST", "/api/v2/voice/broadcast", super, body), field)
+			})
+		}
+		for _, field := range []string{"jti", "user_id", "tenant_id"} {
+			t.Run("revoke "+field+"/"+a.Name, func(t *testing.T) {
+				fields := map[string]any{field: a.Value}
+				if field == "tenant_id" {
+					fields["jti"] = "j-1" // a tenant names the tenant of a jti or user
+				}
+				wantFieldError(t, call(t, g, "POST", "/api/v2/auth/revoke", super, jsonBody(t, fields)), field)
+			})
+		}
+		if hasCtl(a.Value) {
+			continue // no client sends these in a header
+		}
+		t.Run("X-Tenant-ID/"+a.Name, func(t *testing.T) {
+			res := callWith(t, g, "POST", "/api/v2/chat/cancel", super, `{"request_id":"r-1"}`, map[string]string{"X-Tenant-ID": a.Value})
+			wantFieldError(t, res, "X-Tenant-ID")
+		})
+		t.Run("X-Request-ID/"+a.Name, func(t *testing.T) {
+			// A request ID the client picks is only a correlation aid: a bad one is replaced,
+			// never echoed, and the upstream gets the replacement.
+			before := len(algo.requests())
+			res := postChat(t, g, `{"message":"hi"}`, map[string]string{"X-Request-ID": a.Value})
+			wantStatus(t, res, http.StatusOK)
+			id := res.Header.Get("X-Request-ID")
+			if id == a.Value || !proxy.ValidRequestID(id) {
+				t.Errorf("X-Request-ID %q answered with %q, want a fresh one", a.Value, id)
+			}
+			reqs := algo.requests()
+			if len(reqs) != before+1 {
+				t.Fatalf("the algorithm service received %d requests, want 1", len(reqs)-before)
+			}
+			if got := reqs[len(reqs)-1].Header.Get("X-Request-ID"); got != id {
+				t.Errorf("the algorithm service got X-Request-ID %q, want the gateway's %q", got, id)
+			}
+		})
+	}
+	// The access log names the refused paths; its lines stay one JSON record each.
+	if log := g.Stderr.String(); strings.ContainsAny(log, "\u2028\u2029") {
+		t.Errorf("a log line holds a raw line separator:\n%s", clipText(log))
+	}
+	logRecords(t, g)
 }
