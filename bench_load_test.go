@@ -616,7 +616,7 @@ func (l *loader) gets(cmd loadCmd) (loadReply, error) {
 // spread over a second, and reads every event; Lat is each upstream line's one-way time, from
 // the sent_ns it carries. The measured window is the whole round.
 func (l *loader) streams(cmd loadCmd) (loadReply, error) {
-	tr := transport(cmd.Sources, 0)
+	tr := transport(cmd.Sources, cmd.N)
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr}
 	tokens := make([]string, cmd.N)
