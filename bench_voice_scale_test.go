@@ -99,6 +99,8 @@ type scaleFigures struct {
 // all (most of it the shutdown grace, SHUTDOWN_GRACE, which sessions get before 1012).
 func BenchmarkVoiceScale(b *testing.B) {
 	needProcfs(b)
+	// The figures go to stdout: a benchmark's log keeps its first ten lines only.
+	logf := func(format string, args ...any) { fmt.Printf("    "+format+"\n", args...) }
 	total := envInt(b, "VOICE_SCALE_SESSIONS", 300)
 	active := min(envInt(b, "VOICE_SCALE_ACTIVE", 100), total)
 	window := float64(envInt(b, "VOICE_SCALE_SECONDS", 5))
@@ -132,7 +134,7 @@ func BenchmarkVoiceScale(b *testing.B) {
 			fmt.Sprintf(`{"user_id":"u-%d","tenant_id":"t-%d"}`, victim, victim%tenants))
 		closed := load.do(b, loadCmd{Op: "voice-closed", Index: victim, Timeout: 30}, nil)
 		revokeTook := time.Unix(0, closed.At).Sub(revokeAt)
-		b.Logf("revocation of u-%d: %s; its session closed %v later (%v)", victim, res, revokeTook.Round(time.Microsecond), closed.Codes)
+		logf("revocation of u-%d: %s; its session closed %v later (%v)", victim, res, revokeTook.Round(time.Microsecond), closed.Codes)
 
 		// A notice to every session.
 		castAt := time.Now()
@@ -143,7 +145,7 @@ func BenchmarkVoiceScale(b *testing.B) {
 		if len(notices.Lat) > 0 {
 			castP50 = time.Unix(0, notices.Lat[len(notices.Lat)/2]).Sub(castAt)
 		}
-		b.Logf("broadcast: %s; %d of %d sessions had it, half within %v, all within %v", res, notices.Got, notices.OK,
+		logf("broadcast: %s; %d of %d sessions had it, half within %v, all within %v", res, notices.Got, notices.OK,
 			castP50.Round(time.Microsecond), castTook.Round(time.Microsecond))
 
 		// SIGTERM: every session closed, and the process gone.
@@ -155,22 +157,22 @@ func BenchmarkVoiceScale(b *testing.B) {
 		drainTook := time.Unix(0, drained.At).Sub(termAt)
 		<-gw.done
 		exitTook := time.Since(termAt)
-		b.Logf("SIGTERM: %d sessions closed within %v (close codes %v; the first %v after the signal), the process gone after %v",
+		logf("SIGTERM: %d sessions closed within %v (close codes %v; the first %v after the signal), the process gone after %v",
 			drained.OK, drainTook.Round(time.Millisecond), drained.Codes,
 			time.Unix(0, drained.First).Sub(termAt).Round(time.Millisecond), exitTook.Round(time.Millisecond))
 		load.do(b, loadCmd{Op: "voice-close"}, nil)
 
 		for _, f := range []scaleFigures{bf, gf} {
 			idle := total - active
-			b.Logf("%-18s round trip of %d active: alone p50 %v p99 %v; with %d idle open p50 %v p99 %v (%.2f× alone)",
+			logf("%-18s round trip of %d active: alone p50 %v p99 %v; with %d idle open p50 %v p99 %v (%.2f× alone)",
 				f.name, active, quantile(f.quiet, 0.5), quantile(f.quiet, 0.99), idle, quantile(f.busy, 0.5),
 				quantile(f.busy, 0.99), float64(quantile(f.busy, 0.99))/float64(max(quantile(f.quiet, 0.99), 1)))
-			b.Logf("%-18s opened %d idle sessions in %.1f s (%.0f/s offered %.0f/s), %d refused %v; opening p50 %v p99 %v",
+			logf("%-18s opened %d idle sessions in %.1f s (%.0f/s offered %.0f/s), %d refused %v; opening p50 %v p99 %v",
 				f.name, f.opened, f.openTook, float64(f.opened)/f.openTook, rate, f.failed, f.failures,
 				quantile(f.openLat, 0.5), quantile(f.openLat, 0.99))
-			b.Logf("%-18s RSS %d MiB with the active sessions, %d MiB with all: %.1f KiB per idle session",
+			logf("%-18s RSS %d MiB with the active sessions, %d MiB with all: %.1f KiB per idle session",
 				f.name, f.rssActive>>20, f.rssAll>>20, float64(f.rssAll-f.rssActive)/float64(max(idle, 1))/1024)
-			b.Logf("%-18s at rest with %d open: CPU %.1f ms a second; Redis %.0f commands a second, CPU %.1f ms a second, %.1f MiB used",
+			logf("%-18s at rest with %d open: CPU %.1f ms a second; Redis %.0f commands a second, CPU %.1f ms a second, %.1f MiB used",
 				f.name, total, float64(f.restCPU)/float64(time.Millisecond)/f.restFor.Seconds(),
 				float64(f.redisCmds)/f.restFor.Seconds(), float64(f.redisCPU)/float64(time.Millisecond)/f.restFor.Seconds(),
 				float64(f.redisMem)/(1<<20))
