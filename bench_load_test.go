@@ -69,6 +69,9 @@ type loadCmd struct {
 	// Init reads each voice session's first message (session_initialized) before it counts as
 	// open; the bare proxy's sessions have none.
 	Init bool `json:"init,omitempty"`
+	// Retries is how many times a session refused with 503 is opened again, after its
+	// Retry-After (a second), as a client does; 0 counts the refusal.
+	Retries int `json:"retries,omitempty"`
 	// KeepAlive sends each idle voice session a ping control message this often (spread), as
 	// a voice app does, so that the gateway's idle timeout does not end it; 0 none.
 	KeepAlive float64 `json:"keep_alive,omitempty"`
@@ -100,6 +103,8 @@ type loadReply struct {
 	First int64         `json:"first,omitempty"`
 	Codes map[int]int64 `json:"codes,omitempty"` // close codes seen
 	Took  float64       `json:"took,omitempty"`  // seconds the op took
+	// Retried is how many 503s were answered by opening again (Retries).
+	Retried int64 `json:"retried,omitempty"`
 }
 
 // runLoad is the load generator's main; it never returns.
@@ -335,16 +340,27 @@ func (l *loader) voiceOpen(cmd loadCmd) (loadReply, error) {
 	client := &http.Client{Transport: transport(cmd.Sources, 0)}
 	var fails tally
 	var opens latencies
-	var ok atomic.Int64
+	var ok, retried atomic.Int64
 	start := time.Now()
 	paced(cmd.N, cmd.Rate, cmd.Width, func(k int) {
 		i := cmd.From + k
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		t0 := time.Now()
-		c, res, err := websocket.Dial(ctx, cmd.URL, &websocket.DialOptions{HTTPClient: client,
-			Subprotocols: []string{"voice-protocol-v2"}, CompressionMode: websocket.CompressionDisabled,
-			HTTPHeader: http.Header{"Authorization": {"Bearer " + l.token(&cmd, i)}}})
+		var c *websocket.Conn
+		var res *http.Response
+		var err error
+		for try := 0; ; try++ {
+			c, res, err = websocket.Dial(ctx, cmd.URL, &websocket.DialOptions{HTTPClient: client,
+				Subprotocols: []string{"voice-protocol-v2"}, CompressionMode: websocket.CompressionDisabled,
+				HTTPHeader: http.Header{"Authorization": {"Bearer " + l.token(&cmd, i)}}})
+			if err == nil || res == nil || res.StatusCode != http.StatusServiceUnavailable || try >= cmd.Retries {
+				break
+			}
+			res.Body.Close()
+			retried.Add(1)
+			time.Sleep(time.Second) // the gateway's Retry-After
+		}
 		if err != nil {
 			if res != nil {
 				body, _ := io.ReadAll(io.LimitReader(res.Body, 1<<10))
@@ -371,7 +387,8 @@ func (l *loader) voiceOpen(cmd loadCmd) (loadReply, error) {
 		}
 		ok.Add(1)
 	})
-	return loadReply{OK: ok.Load(), Failures: fails.m, Lat: opens.sorted(), Took: time.Since(start).Seconds()}, nil
+	return loadReply{OK: ok.Load(), Failures: fails.m, Lat: opens.sorted(), Took: time.Since(start).Seconds(),
+		Retried: retried.Load()}, nil
 }
 
 // clipErr is an error's text without what differs from one connection to the next.
