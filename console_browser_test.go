@@ -862,6 +862,9 @@ func TestConsoleInBrowser(t *testing.T) {
 		if got := p.text("#voice-log"); !strings.Contains(got, "reconnecting") || !strings.Contains(got, "restarting") {
 			t.Errorf("the message log does not show the restart and the reconnect: %q", got)
 		}
+		// Hang up is offered once the new session's microphone has started, a moment after
+		// the session opened: a click on the disabled button would do nothing.
+		p.waitFor("hang up to be offered", `!document.getElementById("hangup").disabled`)
 		p.click("#hangup")
 		p.waitFor("the close", `window.voicegate.voice.closes.length === 2`)
 	})
