@@ -331,7 +331,9 @@ type chatEvent struct {
 // consoleURL is the URL -demo prints for the console.
 var consoleURL = regexp.MustCompile(`http://\S+/console#token=(\S+)`)
 
+// It runs in parallel with the package's other slow, waiting tests, after the rest.
 func TestConsoleInBrowser(t *testing.T) {
+	t.Parallel()
 	b := startBrowser(t)
 	g := startRun(t, []string{"-demo"}, map[string]string{"LISTEN_ADDR": "127.0.0.1:0"})
 	var url, demoToken string
