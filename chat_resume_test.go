@@ -446,8 +446,10 @@ func TestResumeTakesAChatSlot(t *testing.T) {
 // backlog of an answer already in the log, and is still catching up when the window ends (the
 // client reads slowly, and the backlog is megabytes), keeps the stream going: it
 // counts as watched from its first read of the log, not only once it reaches the live tail. It
-// gets the whole answer, never UPSTREAM_INCOMPLETE. In Redis and in memory.
+// gets the whole answer, never UPSTREAM_INCOMPLETE. In Redis and in memory. Mostly waiting for
+// the window, both run in parallel with the package's other slow, waiting tests.
 func TestResumeCatchingUpIsWatched(t *testing.T) {
+	t.Parallel()
 	const lines, lineBytes = 800, 8 << 10 // more than the sockets between gateway and client buffer
 	const window = 5 * time.Second
 	for _, shared := range []bool{true, false} {
@@ -456,6 +458,7 @@ func TestResumeCatchingUpIsWatched(t *testing.T) {
 			name = "redis"
 		}
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			release := make(chan struct{})
 			cancelled := make(chan struct{}, 1)
 			chunk := strings.Repeat("x", lineBytes)

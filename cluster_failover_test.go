@@ -496,7 +496,9 @@ func tenantIn(n int, seed string) string {
 func TestClusterReshard(t *testing.T) {
 	c := startCluster(t)
 	t.Cleanup(func() { c.heal(t) })
-	a, b := clusterPair(t, c, holdAlgo(t, nil), okBackend(t), nil)
+	// Roomy budgets: a Redis answer late on a loaded machine is not a reshard's failure, and
+	// the errors counted below must be the reshard's alone.
+	a, b := clusterPair(t, c, holdAlgo(t, nil), okBackend(t), roomyBudgets)
 	w := watchTokens(t, a, b)
 	const moved = 16
 	// Users and token IDs of this run only, so no earlier run's quota or revocation applies.

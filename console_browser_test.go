@@ -331,7 +331,9 @@ type chatEvent struct {
 // consoleURL is the URL -demo prints for the console.
 var consoleURL = regexp.MustCompile(`http://\S+/console#token=(\S+)`)
 
+// It runs in parallel with the package's other slow, waiting tests, after the rest.
 func TestConsoleInBrowser(t *testing.T) {
+	t.Parallel()
 	b := startBrowser(t)
 	g := startRun(t, []string{"-demo"}, map[string]string{"LISTEN_ADDR": "127.0.0.1:0"})
 	var url, demoToken string
@@ -862,6 +864,9 @@ func TestConsoleInBrowser(t *testing.T) {
 		if got := p.text("#voice-log"); !strings.Contains(got, "reconnecting") || !strings.Contains(got, "restarting") {
 			t.Errorf("the message log does not show the restart and the reconnect: %q", got)
 		}
+		// Hang up is offered once the new session's microphone has started, a moment after
+		// the session opened: a click on the disabled button would do nothing.
+		p.waitFor("hang up to be offered", `!document.getElementById("hangup").disabled`)
 		p.click("#hangup")
 		p.waitFor("the close", `window.voicegate.voice.closes.length === 2`)
 	})

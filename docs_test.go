@@ -661,8 +661,10 @@ func (s *tourShell) run(t *testing.T, command string, within time.Duration) stri
 // build makes a binary, the chat stream ends with stream_end, the voice client prints the
 // transcript and the speech, and a token minted with a secret of one's own is accepted. Every
 // command the demo's banner prints is one of the tour's, so the banner is runnable from a
-// fresh clone too.
+// fresh clone too. It runs in parallel with the package's other slow, waiting tests, after the
+// rest.
 func TestREADMETour(t *testing.T) {
+	t.Parallel()
 	bash := requireTool(t, "bash", "/bin/bash", "bash")
 	requireTool(t, "curl", "/usr/bin/curl", "curl")
 	requireTool(t, "openssl", "/usr/bin/openssl", "openssl")
