@@ -123,6 +123,10 @@ func runChild(role string) {
 			os.Exit(2)
 		}
 		serveChild(bareReverseProxy(target, ""))
+	case "voice-echo":
+		serveChild(http.HandlerFunc(echoVoice))
+	case loadRole:
+		runLoad()
 	default:
 		fmt.Fprintln(os.Stderr, "unknown child role", role)
 		os.Exit(2)
@@ -318,6 +322,12 @@ func startBare(tb testing.TB, target string) *child {
 		env: map[string]string{"VOICEGATE_TEST_TARGET": target}})
 }
 
+// startEcho starts this test binary as an echoing algorithm service (echoVoice).
+func startEcho(tb testing.TB, name string) *child {
+	tb.Helper()
+	return startChild(tb, childOptions{name: name, role: "voice-echo"})
+}
+
 // buildGateway builds the gateway binary, without the race detector: the figures of a
 // benchmark are those of the gateway as it runs in production.
 func buildGateway(tb testing.TB) string {
@@ -410,12 +420,16 @@ func needProcfs(tb testing.TB) {
 // profile records the child's CPU profile with perf for the given time, when
 // VOICEGATE_BENCH_PERF names a folder: the profile that shows where a missed figure goes. The
 // returned function waits for the recording.
-func (c *child) profile(tb testing.TB, d time.Duration) func() {
+func (c *child) profile(tb testing.TB, d time.Duration) func() { return c.profileAs(tb, "", d) }
+
+// profileAs is profile, the file named for the child and label (a phase of the benchmark).
+func (c *child) profileAs(tb testing.TB, label string, d time.Duration) func() {
 	dir := os.Getenv("VOICEGATE_BENCH_PERF")
 	if dir == "" {
 		return func() {}
 	}
-	out := filepath.Join(dir, strings.ReplaceAll(c.name, " ", "-")+".perf")
+	name := strings.TrimSpace(c.name + " " + label)
+	out := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".perf")
 	cmd := exec.Command("perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-o", out,
 		"-p", strconv.Itoa(c.cmd.Process.Pid), "--", "sleep", strconv.Itoa(int(d.Seconds())))
 	if err := cmd.Start(); err != nil {
@@ -424,7 +438,7 @@ func (c *child) profile(tb testing.TB, d time.Duration) func() {
 	}
 	return func() {
 		cmd.Wait()
-		tb.Logf("%s: CPU profile in %s", c.name, out)
+		tb.Logf("%s: CPU profile in %s", name, out)
 	}
 }
 

@@ -87,7 +87,7 @@ func timed(g *guardedRedis, budget time.Duration) (time.Duration, error) {
 
 // TestGuardedRedisFrozen: against a Redis that does not answer (and a client library that
 // does not look at contexts while it waits), every call returns by its deadline; after three
-// such calls the breaker opens and calls fail at once without being sent; after the pause one
+// such calls, once Redis has answered nothing for breakerSilence, the breaker opens and calls fail at once without being sent; after the pause one
 // probe goes out while the others still fail at once; and once Redis answers again (here the
 // stuck calls finish late) calls go through at once. Time is synctest's: the durations are
 // exact.
@@ -101,7 +101,8 @@ func TestGuardedRedisFrozen(t *testing.T) {
 		}
 
 		f.freeze()
-		for i := range breakerFailures {
+		frozen := time.Now()
+		for i := 0; i < breakerFailures || time.Since(frozen) < breakerSilence; i++ {
 			took, err := timed(g, budget)
 			if !errors.Is(err, context.DeadlineExceeded) || took != budget {
 				t.Fatalf("frozen call %d: %v after %v, want the deadline after exactly %v", i+1, err, took, budget)
@@ -321,29 +322,42 @@ func TestGuardedRedisTiming(t *testing.T) {
 		t.Errorf("timed calls by class = %v, want %v", got, want)
 	}
 
-	// Frozen: the calls time out at their budget, and are timed so; then the breaker holds
-	// calls back, untimed.
+	// Frozen: the calls time out at their budget, and are timed so; then (once Redis has
+	// answered nothing for breakerSilence) the breaker holds calls back, untimed.
 	r.Freeze()
 	defer r.Thaw()
+	frozen := time.Now()
 	const budget = 100 * time.Millisecond
 	fresh := keys.Tenant(policy.KindRevoked, "acme", "jti", "t-2")
-	for i := range breakerFailures + 2 {
+	call := func() error {
 		ctx, cancel := context.WithTimeout(t.Context(), budget)
-		err := g.Do(ctx, b.Get().Key(fresh).Build()).Error()
-		cancel()
-		want := context.DeadlineExceeded
-		if i >= breakerFailures {
-			want = errRedisPaused
+		defer cancel()
+		return g.Do(ctx, b.Get().Key(fresh).Build()).Error()
+	}
+	timedOut := 0
+	for {
+		err := call()
+		if errors.Is(err, context.DeadlineExceeded) {
+			timedOut++
+			if timedOut > breakerFailures && time.Since(frozen) > breakerSilence+2*budget {
+				t.Fatalf("call %d, %v into the freeze, still sent: want the breaker open after %v of silence", timedOut, time.Since(frozen), breakerSilence)
+			}
+			continue
 		}
-		if !errors.Is(err, want) {
-			t.Fatalf("call %d on a frozen Redis: %v, want %v", i+1, err, want)
+		if !errors.Is(err, errRedisPaused) || timedOut < breakerFailures || time.Since(frozen) < breakerSilence {
+			t.Fatalf("call %d, %v into the freeze: %v, want %v until %d calls and %v of silence, then %v",
+				timedOut+1, time.Since(frozen), err, context.DeadlineExceeded, breakerFailures, breakerSilence, errRedisPaused)
 		}
+		break
+	}
+	if err := call(); !errors.Is(err, errRedisPaused) {
+		t.Fatalf("with the breaker open: %v, want %v", err, errRedisPaused)
 	}
 	tm.mu.Lock()
 	auth := slices.Clone(tm.took["auth"])
 	tm.mu.Unlock()
-	if len(auth) != 2+breakerFailures {
-		t.Fatalf("auth calls timed = %d, want %d: the %d that timed out, not those held back", len(auth), 2+breakerFailures, breakerFailures)
+	if len(auth) != 2+timedOut {
+		t.Fatalf("auth calls timed = %d, want %d: the %d that timed out, not those held back", len(auth), 2+timedOut, timedOut)
 	}
 	for _, d := range auth[2:] {
 		if d < budget*9/10 {

@@ -145,8 +145,17 @@ func reachable(ctx context.Context, addrs []string) error {
 // Breaker settings. They are not configurable: they only decide how much work a frozen Redis
 // is spared and how soon the gateway notices it is back, and these values suit any budget.
 const (
-	// breakerFailures consecutive failed calls (timeouts, connection errors) open the breaker.
+	// breakerFailures consecutive failed calls (timeouts, connection errors) open the breaker,
+	// once Redis has answered nothing for breakerSilence.
 	breakerFailures = 3
+	// breakerSilence is how long Redis must have answered nothing before failures open the
+	// breaker. A Redis that answered a moment ago is busy, not gone: under a load spike (a
+	// burst of new sessions, each with calls of its own) some calls miss their budgets while
+	// others are answered, and pausing every call then would refuse everyone, cached tokens
+	// included, for the whole pause: the spike would become an outage. Calls that miss their
+	// budget fail on their own; the rest are served. A frozen Redis is noticed this much later,
+	// each call meanwhile bounded by its own budget.
+	breakerSilence = time.Second
 	// breakerOpen is how long calls fail at once before one call is let through as a probe.
 	// Recovery after Redis answers again takes at most this plus one call.
 	breakerOpen = 500 * time.Millisecond
@@ -179,7 +188,7 @@ type guardedRedis struct {
 // guardRedis wraps c; timing times its calls.
 func guardRedis(c rueidis.Client, log *slog.Logger, timing redisTiming) *guardedRedis {
 	g := &guardedRedis{Client: c, log: log, timing: timing,
-		newBreak: func() *breaker { return newBreaker(breakerFailures, breakerOpen, time.Now) }}
+		newBreak: func() *breaker { return newBreaker(breakerFailures, breakerSilence, breakerOpen, time.Now) }}
 	if c.Mode() == rueidis.ClientModeCluster {
 		g.slots = map[uint16]*breaker{}
 		g.routes = &clusterRoutes{client: c}
@@ -563,22 +572,25 @@ func outcomeOf(err error) outcome {
 func failed(err error) bool { return outcomeOf(err) == unanswered }
 
 // breaker is a circuit breaker: closed, it lets calls through and counts consecutive failures;
-// after threshold of them it opens, and calls fail at once for openFor; then one call goes
-// through as a probe (the others still fail at once) and its outcome closes the breaker or
-// opens it again. Any answer from Redis, a late one included, closes it.
+// after threshold of them, once nothing has been answered for silence, it opens, and calls fail
+// at once for openFor; then one call goes through as a probe (the others still fail at once)
+// and its outcome closes the breaker or opens it again. Any answer from Redis, a late one
+// included, closes it.
 type breaker struct {
 	threshold int
+	silence   time.Duration
 	openFor   time.Duration
 	now       func() time.Time
 
-	mu        sync.Mutex // held only to read and change the state below, never around a call
-	failures  int        // consecutive, while closed
-	openUntil time.Time  // zero: closed
-	probing   bool       // a probe is out
+	mu         sync.Mutex // held only to read and change the state below, never around a call
+	failures   int        // consecutive, while closed
+	lastAnswer time.Time  // of the last call answered; zero: none yet
+	openUntil  time.Time  // zero: closed
+	probing    bool       // a probe is out
 }
 
-func newBreaker(threshold int, openFor time.Duration, now func() time.Time) *breaker {
-	return &breaker{threshold: threshold, openFor: openFor, now: now}
+func newBreaker(threshold int, silence, openFor time.Duration, now func() time.Time) *breaker {
+	return &breaker{threshold: threshold, silence: silence, openFor: openFor, now: now}
 }
 
 // enter lets a call through (probe reports whether it is the probe) or refuses it.
@@ -614,7 +626,7 @@ func (b *breaker) record(probe bool, o outcome) transition {
 	wasOpen := !b.openUntil.IsZero()
 	switch o {
 	case answered:
-		b.failures, b.openUntil = 0, time.Time{}
+		b.failures, b.openUntil, b.lastAnswer = 0, time.Time{}, b.now()
 		if wasOpen {
 			return closed
 		}
@@ -626,7 +638,7 @@ func (b *breaker) record(probe bool, o outcome) transition {
 			return unchanged
 		}
 		b.failures++
-		if b.failures >= b.threshold {
+		if b.failures >= b.threshold && (b.lastAnswer.IsZero() || b.now().Sub(b.lastAnswer) >= b.silence) {
 			b.failures, b.openUntil = 0, b.now().Add(b.openFor)
 			return opened
 		}

@@ -57,6 +57,7 @@ func newVoiceHandler(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessio
 		Token:        auth.Token,
 		Admit:        func(w http.ResponseWriter, r *http.Request) (func(), bool) { return policy.Admit(w, r, nil) },
 		Recheck:      recheck(authn),
+		Expiry:       authn.Expiry,
 		Outbound:     outbound,
 		Meter:        meter,
 		Limits:       func(tenant string) policy.VoiceLimits { return policies.Policy().VoiceLimits(tenant) },

@@ -137,10 +137,24 @@ func (a *Authenticator) Authenticate(r *http.Request, allowSubprotocol bool) (*I
 	return id, nil
 }
 
-// Check runs the checks that must be repeated for a token already verified: revocation and,
-// when configured, the user's status. Long-lived sessions call it again now and then.
+// Expiry is when the token of r's verified identity stops being accepted (its exp plus the
+// leeway): from then on Check refuses it as expired. It is zero when r has no identity.
+// Long-lived sessions close at that time without asking Check.
+func (a *Authenticator) Expiry(r *http.Request) time.Time {
+	if id := FromContext(r.Context()); id != nil {
+		return a.expiry(id)
+	}
+	return time.Time{}
+}
+
+func (a *Authenticator) expiry(id *Identity) time.Time {
+	return id.ExpiresAt.Add(a.o.Verifier.o.Leeway)
+}
+
+// Check runs the checks that must be repeated for a token already verified: expiry, revocation
+// and, when configured, the user's status. Long-lived sessions call it again now and then.
 func (a *Authenticator) Check(ctx context.Context, id *Identity) *proxy.Error {
-	if a.now().After(id.ExpiresAt.Add(a.o.Verifier.o.Leeway)) {
+	if a.now().After(a.expiry(id)) {
 		return unauthorized(proxy.CodeTokenExpired, "the token has expired", nil)
 	}
 	if nb, ok := a.o.Revocations.(interface{ NeverBlocks() bool }); !ok || !nb.NeverBlocks() || a.o.Users != nil {

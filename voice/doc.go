@@ -45,11 +45,14 @@
 //     open). The client's reader stops reading while the client is ahead of its pace, for as
 //     long as the last frame put it ahead (its length over the pace, beyond the burst), and no
 //     longer than the session lasts: its end wakes it.
-//   - One clock. A single goroutine per Handler, running only while there are sessions, ticks
-//     every recheck interval for all of them: maximum lengths, idle timeouts, keepalive pings
-//     (each sent from a short-lived goroutine, since the library's Ping waits for the pong) and
-//     token rechecks. Nothing on it blocks but the rechecks, which share one deadline per tick.
-//     Quotas are not on it: audio is charged as it arrives.
+//   - One clock. A single goroutine per Handler, running only while there are sessions, looks
+//     at each session once every recheck interval: maximum lengths, idle timeouts, token
+//     expiry, keepalive pings (both sides' from one short-lived goroutine, since the library's
+//     Ping waits for the pong) and token rechecks. It spreads the work over the interval, a
+//     sixteenth of the sessions a tick, and paces the rechecks (RecheckRate a second in all:
+//     revocations arrive by pub/sub, the recheck is their fallback), which run in a goroutine
+//     of their own under one deadline per batch. Nothing on the clock blocks. Quotas are not on
+//     it: audio is charged as it arrives.
 //   - How a session ends. end records the first reason and returns at once, whoever calls it;
 //     a goroutine of the ending then tells each side that can still hear (an error message, a
 //     close frame), drops the sockets of those that cannot, and after a second drops whatever

@@ -63,11 +63,18 @@ type Options struct {
 	// refused request itself and returns false. The session holds what it took until it ends,
 	// long after ServeHTTP has returned.
 	Admit func(w http.ResponseWriter, r *http.Request) (release func(), ok bool)
-	// Recheck, if set, is called once as a session starts; the function it returns is then
-	// called every RecheckInterval, and an error (a revoked or expired token) closes the session
-	// with 4401. It must not keep r.
+	// Recheck, if set, is called once as a session starts; the function it returns then checks
+	// the session's token against the stores (revocations, user status) every RecheckInterval,
+	// or less often with more than RecheckRate sessions (timers.go): the fallback for a
+	// revocation whose message was lost. An error (a revoked token, a disabled user) closes the
+	// session with 4401. It must not keep r.
 	Recheck         func(r *http.Request) func(ctx context.Context) error
 	RecheckInterval time.Duration // zero means 500 ms
+	// RecheckRate bounds the rechecks of all sessions together, per second; zero means 2000.
+	RecheckRate float64
+	// Expiry, if set, says when the request's token stops being accepted: the session closes
+	// with 4401 then, within a RecheckInterval, whatever the pace of the rechecks. Zero: never.
+	Expiry func(r *http.Request) time.Time
 	// Outbound shapes the dial's request (forwarded-for, request ID, identity).
 	Outbound proxy.Outbound
 	// OnStart and OnEnd, if set, are called as sessions begin and end (metrics, logs).
@@ -121,6 +128,9 @@ func NewHandler(o Options) *Handler {
 	def(&o.IdleTimeout, 5*time.Minute)
 	def(&o.WriteTimeout, 10*time.Second)
 	def(&o.RecheckInterval, 500*time.Millisecond)
+	if o.RecheckRate <= 0 {
+		o.RecheckRate = 2000
+	}
 	def(&o.Reservation, 2*time.Second)
 	def(&o.ChargeBudget, 250*time.Millisecond)
 	def(&o.PaceBurst, 3*time.Second)
@@ -295,6 +305,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.gov.open.Store(gov.open.Load())
 	if h.o.Recheck != nil {
 		s.recheck = h.o.Recheck(r)
+	}
+	if h.o.Expiry != nil {
+		s.expiry = h.o.Expiry(r)
 	}
 	if s.gov.metered {
 		s.reserve(0) // the first reservation, while the client reads session_initialized

@@ -82,9 +82,9 @@ type session struct {
 	gov     governor
 	pace    pacer // fromClient's
 
-	lastIn   atomic.Int64 // unix ns of the last client message
-	lastPing time.Time    // owned by the timers goroutine
-	pinging  [2]atomic.Bool
+	lastIn  atomic.Int64 // unix ns of the last client message
+	expiry  time.Time    // when the token stops being accepted; zero: never
+	pinging atomic.Bool  // a ping is out (timers.go)
 
 	endOnce sync.Once
 	ended   atomic.Bool
@@ -97,7 +97,7 @@ type session struct {
 func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *session {
 	now := time.Now()
 	s := &session{h: h, info: info, cfg: cfg, client: client, up: up, start: now, release: func() {},
-		enc: newChunkEncoder(info.SessionID, info.ConversationID, cfg), lastPing: now, m: newMeter(cfg),
+		enc: newChunkEncoder(info.SessionID, info.ConversationID, cfg), m: newMeter(cfg),
 		pace:   newPacer(h.o.Pace, h.o.PaceBurst),
 		ending: make(chan struct{}), closed: make(chan struct{}), upDone: make(chan struct{})}
 	s.lastIn.Store(now.UnixNano())
