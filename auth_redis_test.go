@@ -38,8 +38,10 @@ func TestAuthRedisKilled(t *testing.T) {
 	if res.Header.Get("Retry-After") == "" {
 		t.Error("503 without Retry-After")
 	}
-	if took > 500*time.Millisecond {
-		t.Errorf("the 503 took %v with AUTH_BUDGET=75ms, want < 500ms", took)
+	// Far above the budget, for a busy test machine; far below the seconds a call that waited
+	// for a dead Redis would take.
+	if took > time.Second {
+		t.Errorf("the 503 took %v with AUTH_BUDGET=75ms, want < 1s", took)
 	}
 	n := len(backend.requests())
 	if n != 2 {
@@ -82,8 +84,9 @@ func TestAuthRedisKilled(t *testing.T) {
 	}
 	res, took = pollRefused(t, g, "GET", doc, tok, revoked)
 	wantError(t, res, http.StatusUnauthorized, "TOKEN_REVOKED")
-	if took > 100*time.Millisecond {
-		t.Errorf("the token revoked after Redis came back was refused %v later, want within 100ms", took)
+	// Invalidation, not expiry: a cached answer would serve for the cache's minute.
+	if took > 500*time.Millisecond {
+		t.Errorf("the token revoked after Redis came back was refused %v later, want within 500ms", took)
 	}
 }
 
