@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -111,7 +112,7 @@ func TestWireVoiceSession(t *testing.T) {
 			case typ == websocket.MessageText && bytes.Contains(msg, []byte(`"type":"stop"`)):
 				return []voiceFrame{
 					{Text: `{"type":"asr_final","text":"你好","confidence":0.98}`},
-					{Text: `{"type":"llm_response_chunk","text":"你好！"}`},
+					{Text: `{"type":"llm_response_chunk","content":"你好！"}`},
 					{Text: `{"type":"tts_format","format":"pcm","sample_rate":24000,"channels":1}`},
 					{Audio: 960}, {Audio: 960},
 					{Text: `{"type":"tts_complete"}`},
@@ -200,6 +201,16 @@ func TestWireVoiceSession(t *testing.T) {
 		t.Errorf("after the answer, an interrupt got %s, want tts_flushed with nothing dropped", msg)
 	}
 	lines = append(lines, "> close 1000")
+	// Every text message the client read matches the OpenAPI description.
+	c := schemaCheck{t, loadOpenAPI(t)}
+	for i, l := range lines {
+		if m, ok := strings.CutPrefix(l, "< {"); ok {
+			m = "{" + m
+			// The placeholders back to values of the right type.
+			m = strings.NewReplacer(`"<session_id>"`, `"s"`, "<unix_s>", "1", "<unix_ms>", "1000", "<ms>", "0").Replace(m)
+			c.valid("VoiceServerMessage", m, "message "+strconv.Itoa(i))
+		}
+	}
 	_ = v.conn.Close(websocket.StatusNormalClosure, "bye")
 	golden(t, "session.txt", strings.Join(lines, "\n")+"\n")
 
