@@ -651,6 +651,62 @@ func TestConsoleInBrowser(t *testing.T) {
 		}
 	})
 
+	// Barge-in: the spoken answer (paced by the gateway) plays; the stop-speaker button, or the
+	// user's voice picked up by the page's voice-activity detection, interrupts it. The speaker
+	// goes silent at once and stays silent although most of the answer was still to come; the
+	// gateway answers tts_flushed with what was heard.
+	for _, by := range []string{"button", "voice activity"} {
+		t.Run("an interrupt by "+by+" silences the speaker", func(t *testing.T) {
+			p := b.open(t, url)
+			p.click("#mic")
+			p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.framesSent >= 50`)
+			p.click("#mic") // stop talking: the demo answers with 2.8 s of speech
+			p.waitFor("half a second of the answer to play", `window.voicegate.voice.playedMs >= 500 && window.voicegate.voice.outputLevel > 0.001`)
+			if by == "button" {
+				p.click("#interrupt")
+			} else {
+				p.click("#mic") // the user talks over the answer: the fake microphone's tone
+			}
+			p.waitFor("the interrupt and the gateway's tts_flushed", `window.voicegate.voice.interrupts.length === 1 && window.voicegate.voice.flushed.length === 1`)
+			// Wait out twice the lead: a speaker still fed would have played on meanwhile.
+			p.waitFor("half a second after the interrupt", `performance.now() - window.voicegate.voice.interrupts[0].at > 500`)
+			var v struct {
+				Interrupts []struct {
+					At float64
+					By string
+				}
+				Flushed []struct {
+					At       float64
+					PlayedMs float64 `json:"played_ms"`
+				}
+				LastSound, OutputLevel, PlayedMs float64
+				BuffersPlayed, Sources       int
+			}
+			p.eval(`({Interrupts: voicegate.voice.interrupts, Flushed: voicegate.voice.flushed, LastSound: voicegate.voice.lastSound,
+				OutputLevel: voicegate.voice.outputLevel, PlayedMs: voicegate.voice.playedMs, BuffersPlayed: voicegate.voice.buffersPlayed})`, &v)
+			in := v.Interrupts[0]
+			t.Logf("interrupted by %s at %.0f ms of speech; last sound %.0f ms after it; the gateway says %.0f ms were heard, tts_flushed %.0f ms after the interrupt",
+				in.By, v.PlayedMs, v.LastSound-in.At, v.Flushed[0].PlayedMs, v.Flushed[0].At-in.At)
+			if in.By != by {
+				t.Errorf("the interrupt came from %q, want %q", in.By, by)
+			}
+			// Silent within a frame and the analyser's window (an animation frame samples it).
+			if v.OutputLevel != 0 || v.LastSound-in.At > 100 {
+				t.Errorf("the speaker played %.0f ms after the interrupt, and plays at %.4f now; want silence", v.LastSound-in.At, v.OutputLevel)
+			}
+			if v.PlayedMs > 2000 {
+				t.Errorf("%.0f ms of the answer played, want it cut short", v.PlayedMs)
+			}
+			// What the gateway released and the page played agree within the lead.
+			if d := v.Flushed[0].PlayedMs - v.PlayedMs; d < -250 || d > 250 {
+				t.Errorf("the gateway says %.0f ms were heard, the page played %.0f", v.Flushed[0].PlayedMs, v.PlayedMs)
+			}
+			if errs := p.consoleErrors(); len(errs) > 0 {
+				t.Errorf("console errors: %q", errs)
+			}
+		})
+	}
+
 	t.Run("a revoked token ends the session with 4401", func(t *testing.T) {
 		tok := w.token(t, "u-console-revoked", []string{"user"}, nil)
 		p := b.open(t, g.URL+"/console#token="+tok)

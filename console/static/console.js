@@ -40,6 +40,10 @@ const state = {
     buffersScheduled: 0, buffersPlayed: 0, playedMs: 0, messages: [], closes: [],
     lastError: null, open: false,
     level: 0, // the microphone's level while talking, 0 (-60 dBFS or less) to 1 (full scale)
+    // Barge-in: interrupts sent (by the button or the voice-activity detection), the gateway's
+    // tts_flushed answers, TTS frames dropped while waiting for one, and what the speaker
+    // plays now (the output's RMS, sampled every animation frame) with when it last played.
+    interrupts: [], flushed: [], droppedFrames: 0, outputLevel: 0, lastSound: 0,
   },
 };
 window.voicegate = state;
@@ -386,6 +390,10 @@ const voice = {
   rate: 16000, // the session's audio rate, from session_initialized
   ttsRate: 16000,
   playAt: 0, // when the next TTS buffer starts, on the context's clock
+  sources: new Set(), // TTS buffers scheduled and not yet ended: what an interrupt stops
+  muted: false, // an interrupt was sent and its tts_flushed has not come: TTS frames are dropped
+  out: null, // the analyser every TTS buffer plays through
+  loud: 0, // microphone frames in a row above the voice-activity threshold
   attempts: 0,
   hungUp: false,
   t0: performance.now(), // when the session (or its last attempt) started: the log's times count from it
@@ -501,6 +509,17 @@ function onVoiceMessage(m) {
       if (m.sample_rate) voice.ttsRate = m.sample_rate;
       voiceLog(`tts_start (speech follows): ${voice.ttsRate} Hz`, false, m);
       break;
+    case "tts_format":
+      // The service's TTS format: the page plays PCM; it asks for nothing else.
+      if (m.format === "pcm" && m.sample_rate) voice.ttsRate = m.sample_rate;
+      voiceLog(`tts_format (speech format): ${m.format}/${m.sample_rate}/${m.channels}`, m.format !== "pcm", m);
+      break;
+    case "tts_flushed":
+      // The gateway dropped what it held of the answer; what comes after is a new answer.
+      voice.muted = false;
+      v.flushed.push({ at: performance.now(), played_ms: m.played_ms, dropped_ms: m.dropped_ms, buffered_ms: m.buffered_ms });
+      voiceLog(`tts_flushed (interrupted): ${m.played_ms} ms heard, ${m.dropped_ms} ms dropped`, false, m);
+      break;
     case "tts_complete":
       voiceLog(`tts_complete (speech sent): ${m.audio_ms ?? "?"} ms`, false, m);
       if (v.open && !voice.talking) setStatus($("voice-status"), `connected: session ${v.sessionId}`, "ok");
@@ -544,6 +563,10 @@ function playTTS(buf) {
   const v = state.voice;
   const ctx = voice.ctx;
   v.ttsFrames++;
+  if (voice.muted) {
+    v.droppedFrames++; // sent before the gateway heard the interrupt
+    return;
+  }
   if (!ctx || buf.byteLength < 2) return;
   const pcm = new Int16Array(buf, 0, buf.byteLength >> 1);
   v.ttsSamples += pcm.length;
@@ -552,18 +575,65 @@ function playTTS(buf) {
   for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 0x8000;
   const src = ctx.createBufferSource();
   src.buffer = audio;
-  src.connect(ctx.destination);
+  src.connect(speaker(ctx));
   // Frames play back to back as they arrive; a gap in arrival restarts the clock.
   voice.playAt = Math.max(voice.playAt, ctx.currentTime + 0.02);
   src.start(voice.playAt);
   voice.playAt += audio.duration;
   v.buffersScheduled++;
+  voice.sources.add(src);
   src.onended = () => {
+    voice.sources.delete(src);
+    if (src.stopped) return;
     v.buffersPlayed++;
     v.playedMs += audio.duration * 1000;
     renderCounters();
   };
   renderCounters();
+}
+
+// speaker is where TTS plays: through an analyser, so the page knows (and shows the tests)
+// whether the speaker is silent.
+function speaker(ctx) {
+  if (!voice.out) {
+    voice.out = ctx.createAnalyser();
+    voice.out.fftSize = 512;
+    voice.out.connect(ctx.destination);
+    const buf = new Float32Array(voice.out.fftSize);
+    const sample = () => {
+      voice.out.getFloatTimeDomainData(buf);
+      let sum = 0;
+      for (const x of buf) sum += x * x;
+      const v = state.voice;
+      v.outputLevel = Math.sqrt(sum / buf.length);
+      if (v.outputLevel > 1e-4) v.lastSound = performance.now();
+      requestAnimationFrame(sample);
+    };
+    requestAnimationFrame(sample);
+  }
+  return voice.out;
+}
+
+// interrupt silences the answer now and asks the gateway to drop what it holds of it; the
+// gateway answers tts_flushed and tells the service how much was heard. by says what asked.
+function interrupt(by) {
+  const v = state.voice;
+  for (const src of voice.sources) {
+    src.stopped = true;
+    src.stop();
+  }
+  voice.sources.clear();
+  if (voice.ctx) voice.playAt = voice.ctx.currentTime;
+  if (!voice.ws || voice.ws.readyState !== WebSocket.OPEN) return;
+  voice.muted = true;
+  voice.ws.send(JSON.stringify({ type: "interrupt" }));
+  v.interrupts.push({ at: performance.now(), by });
+  voiceLog(`interrupt sent (${by}): the answer stops`);
+}
+
+// speaking is whether the answer is audible now, or scheduled to be.
+function speaking() {
+  return voice.sources.size > 0;
 }
 
 async function startCapture() {
@@ -578,7 +648,12 @@ async function startCapture() {
   voice.node.port.onmessage = (e) => {
     const ws = voice.ws;
     if (!voice.talking) return;
-    showLevel(micLevel(new Int16Array(e.data)));
+    const level = micLevel(new Int16Array(e.data));
+    showLevel(level);
+    // Voice-activity detection: 100 ms of the user's voice (louder than -30 dBFS) while the
+    // answer plays is a barge-in.
+    voice.loud = level > 0.5 ? voice.loud + 1 : 0;
+    if (voice.loud === 5 && speaking()) interrupt("voice activity");
     if (!ws || ws.readyState !== WebSocket.OPEN) return;
     ws.send(e.data);
     state.voice.framesSent++;
@@ -676,7 +751,7 @@ if (!gateway) {
   $("gateway").textContent = "none";
   $("origin-note").textContent = state.refused;
   $("origin-note").className = "note bad";
-  for (const id of ["send", "cancel", "mic", "hangup"]) $(id).disabled = true;
+  for (const id of ["send", "cancel", "mic", "hangup", "interrupt"]) $(id).disabled = true;
   setStatus($("chat-status"), "refused: no gateway", "bad");
   setStatus($("voice-status"), "refused: no gateway", "bad");
 } else {
@@ -696,5 +771,6 @@ $("token").addEventListener("input", () => $("token").removeAttribute("aria-inva
 $("cancel").addEventListener("click", cancelChat);
 $("mic").addEventListener("click", () => (voice.talking ? stopTalking() : startTalking()));
 $("hangup").addEventListener("click", hangUp);
+$("interrupt").addEventListener("click", () => interrupt("button"));
 renderCounters();
 document.body.dataset.ready = "true";
