@@ -588,7 +588,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	t.Run("a voice session sends the microphone and plays the answer", func(t *testing.T) {
 		p := b.open(t, url)
 		p.click("#mic")
-		p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.framesSent >= 50`)
+		p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.audioMs >= 1000`)
 		p.waitFor("recognition of it", `window.voicegate.voice.messages.some(m => m.startsWith("asr_partial"))`)
 		// The level of what the microphone hears is shown while talking: the fake microphone's
 		// tone is at -11.7 dBFS, near the top of the meter's 60 dB.
@@ -604,12 +604,25 @@ func TestConsoleInBrowser(t *testing.T) {
 			`window.voicegate.voice.ttsFrames > 0 && window.voicegate.voice.buffersPlayed === window.voicegate.voice.ttsFrames`)
 		var v struct {
 			FramesSent, BytesSent, TTSFrames, TTSSamples, BuffersPlayed int
-			PlayedMs                                                    float64
+			PlayedMs, AudioMs                                           float64
+			Format                                                      string
+			TalkMs                                                      []float64
 		}
 		p.eval(`({FramesSent: voicegate.voice.framesSent, BytesSent: voicegate.voice.bytesSent, TTSFrames: voicegate.voice.ttsFrames,
-			TTSSamples: voicegate.voice.ttsSamples, BuffersPlayed: voicegate.voice.buffersPlayed, PlayedMs: voicegate.voice.playedMs})`, &v)
-		if v.BytesSent != v.FramesSent*640 {
-			t.Errorf("%d bytes in %d frames, want 640 bytes (20 ms at 16 kHz, PCM16) each", v.BytesSent, v.FramesSent)
+			TTSSamples: voicegate.voice.ttsSamples, BuffersPlayed: voicegate.voice.buffersPlayed, PlayedMs: voicegate.voice.playedMs,
+			AudioMs: voicegate.voice.audioMs, Format: voicegate.voice.format, TalkMs: voicegate.voice.talkMs})`, &v)
+		// Chromium records Opus: the page sends its raw packets, unpacked from MediaRecorder's
+		// WebM, as an Opus session; about a tenth of PCM's bytes for the same audio.
+		if v.Format != "opus/48000/1" {
+			t.Errorf("the session's format is %q, want opus/48000/1 (Chromium records Opus)", v.Format)
+		}
+		talk := v.TalkMs[0]
+		t.Logf("talked %.0f ms: %d Opus packets, %d bytes, %.0f ms of audio by their TOC bytes", talk, v.FramesSent, v.BytesSent, v.AudioMs)
+		if v.AudioMs < talk*0.75-100 || v.AudioMs > talk+100 {
+			t.Errorf("%.0f ms of Opus sent in %.0f ms of talking", v.AudioMs, talk)
+		}
+		if v.BytesSent > v.FramesSent*200 {
+			t.Errorf("%d bytes in %d packets: not the Opus of 24 kbit/s", v.BytesSent, v.FramesSent)
 		}
 		if v.TTSSamples < 8000 || v.PlayedMs < 500 {
 			t.Errorf("played %d TTS samples, %.0f ms, want at least half a second", v.TTSSamples, v.PlayedMs)
@@ -646,6 +659,18 @@ func TestConsoleInBrowser(t *testing.T) {
 		if in, _ := rec["packets_in"].(float64); int(in) < v.FramesSent {
 			t.Errorf("the gateway counted %v packets in, want at least the page's %d frames", rec["packets_in"], v.FramesSent)
 		}
+		// The gateway metered the packets exactly as the page counted them, and found none
+		// invalid.
+		var usage map[string]any
+		for _, r := range logRecords(t, g) {
+			if r["msg"] == "voice usage" && r["session_id"] == id {
+				usage = r
+			}
+		}
+		if sec, _ := strconv.ParseFloat(fmt.Sprint(usage["audio_seconds_in"]), 64); usage["audio_format"] != "opus/48000/1" ||
+			usage["invalid_audio"] != "0" || math.Abs(sec*1000-v.AudioMs) > 0.001 {
+			t.Errorf("usage record %v, want opus/48000/1, no invalid audio and the page's %.0f ms", usage, v.AudioMs)
+		}
 		if errs := p.consoleErrors(); len(errs) > 0 {
 			t.Errorf("console errors: %q", errs)
 		}
@@ -659,7 +684,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		t.Run("an interrupt by "+by+" silences the speaker", func(t *testing.T) {
 			p := b.open(t, url)
 			p.click("#mic")
-			p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.framesSent >= 50`)
+			p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.audioMs >= 1000`)
 			p.click("#mic") // stop talking: the demo answers with 2.8 s of speech
 			p.waitFor("half a second of the answer to play", `window.voicegate.voice.playedMs >= 500 && window.voicegate.voice.outputLevel > 0.001`)
 			if by == "button" {
@@ -953,6 +978,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		}})
 		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
 		p := b.open(t, gr.URL+"/console#token="+w.token(t, "u-console-tone", []string{"user"}, nil))
+		p.click("#opus") // PCM, whose samples the test can read
 		p.click("#mic")
 		p.waitFor("two seconds of audio sent", `window.voicegate.voice.framesSent >= 100`)
 		p.click("#hangup")

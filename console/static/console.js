@@ -3,6 +3,7 @@
 // subprotocol. The page's own counters live in window.voicegate, where anyone (and the
 // browser tests) can read what was sent, received and played. Each log has one short line per
 // event or message (its time, name and id); its JSON shows when the line is clicked.
+import { WebMOpus } from "/console/webm.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -44,6 +45,9 @@ const state = {
     // tts_flushed answers, TTS frames dropped while waiting for one, and what the speaker
     // plays now (the output's RMS, sampled every animation frame) with when it last played.
     interrupts: [], flushed: [], droppedFrames: 0, outputLevel: 0, lastSound: 0,
+    format: "", // the session's audio format, as format/sample_rate/channels
+    audioMs: 0, // the audio sent, by the page's own count
+    talkMs: [], // how long each stretch of talking lasted, by the clock
   },
 };
 window.voicegate = state;
@@ -402,7 +406,7 @@ const voice = {
 function renderCounters() {
   const v = state.voice;
   $("frames-sent").textContent = String(v.framesSent);
-  $("audio-sent").textContent = `${Math.round((v.bytesSent / 2 / voice.rate) * 1000)} ms`;
+  $("audio-sent").textContent = `${Math.round(v.audioMs)} ms`;
   $("tts-frames").textContent = String(v.ttsFrames);
   $("tts-played").textContent = `${Math.round(v.playedMs)} ms`;
 }
@@ -443,6 +447,9 @@ function connect() {
     const u = new URL("/api/v2/voice/stream", gateway);
     u.protocol = gateway.protocol === "https:" ? "wss:" : "ws:";
     u.searchParams.set("language", navigator.language || "en-US");
+    // Opus where the browser records it (a tenth of PCM's bytes); else 16 kHz PCM from the
+    // worklet.
+    if ($("opus").checked && opusRecording()) u.searchParams.set("format", "opus");
     voice.t0 = performance.now();
     setStatus($("voice-status"), "connecting…", "busy");
     let ws;
@@ -488,7 +495,9 @@ function onVoiceMessage(m) {
       v.sessionId = m.session_id;
       v.open = true;
       voice.rate = (m.config && m.config.sample_rate) || 16000;
-      voice.ttsRate = voice.rate;
+      voice.format = (m.config && m.config.format) || "pcm";
+      v.format = `${voice.format}/${voice.rate}/${(m.config && m.config.channels) || 1}`;
+      voice.ttsRate = voice.format === "pcm" ? voice.rate : 16000;
       voiceLog(`session_initialized ${m.session_id}: ${voice.rate} Hz, ${m.config && m.config.language}`, false, m);
       setStatus($("voice-status"), `connected: session ${m.session_id}`, "ok");
       break;
@@ -646,7 +655,6 @@ async function startCapture() {
     processorOptions: { targetRate: voice.rate, frameMs: 20 },
   });
   voice.node.port.onmessage = (e) => {
-    const ws = voice.ws;
     if (!voice.talking) return;
     const level = micLevel(new Int16Array(e.data));
     showLevel(level);
@@ -654,16 +662,56 @@ async function startCapture() {
     // answer plays is a barge-in.
     voice.loud = level > 0.5 ? voice.loud + 1 : 0;
     if (voice.loud === 5 && speaking()) interrupt("voice activity");
-    if (!ws || ws.readyState !== WebSocket.OPEN) return;
-    ws.send(e.data);
-    state.voice.framesSent++;
-    state.voice.bytesSent += e.data.byteLength;
-    if (state.voice.framesSent % 10 === 0) renderCounters();
+    if (voice.format === "pcm") sendAudio(e.data, (e.data.byteLength / 2 / voice.rate) * 1000);
   };
+  if (voice.format === "opus") {
+    // MediaRecorder encodes; its WebM is unpacked into the raw packets the gateway takes, sent
+    // in order as each piece of the recording is read.
+    const demux = new WebMOpus();
+    let chain = Promise.resolve();
+    voice.recorder = new MediaRecorder(voice.stream, { mimeType: OPUS_WEBM, audioBitsPerSecond: 24000 });
+    voice.recorder.ondataavailable = (e) => {
+      chain = chain.then(async () => {
+        for (const packet of demux.push(new Uint8Array(await e.data.arrayBuffer()))) {
+          if (voice.talking) sendAudio(packet.buffer, opusMs(packet));
+        }
+      });
+    };
+    voice.recorder.start(20);
+  }
   // A worklet runs only while it is pulled: through a muted gain to the speakers.
   const mute = ctx.createGain();
   mute.gain.value = 0;
   source.connect(voice.node).connect(mute).connect(ctx.destination);
+}
+
+const OPUS_WEBM = "audio/webm;codecs=opus";
+
+// opusRecording is whether this browser records Opus in WebM (Chromium and Firefox do).
+function opusRecording() {
+  return typeof MediaRecorder !== "undefined" && MediaRecorder.isTypeSupported(OPUS_WEBM);
+}
+
+// opusMs is how long an Opus packet plays: its TOC byte's frame size times its frame count
+// (RFC 6716, section 3.1), what the gateway meters it by.
+function opusMs(p) {
+  const config = p[0] >> 3;
+  const frame = config < 12 ? [10, 20, 40, 60][config % 4] : config < 16 ? [10, 20][config % 2] : [2.5, 5, 10, 20][config % 4];
+  const code = p[0] & 3;
+  const count = code === 0 ? 1 : code === 3 ? p[1] & 0x3f : 2;
+  return frame * count;
+}
+
+// sendAudio sends one binary frame of the session's format, of ms milliseconds.
+function sendAudio(buf, ms) {
+  const ws = voice.ws;
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  ws.send(buf);
+  const v = state.voice;
+  v.framesSent++;
+  v.bytesSent += buf.byteLength;
+  v.audioMs += ms;
+  if (v.framesSent % 10 === 0) renderCounters();
 }
 
 // micLevel is how loud a frame of PCM16 is, on a meter of the 60 dB below full scale: 0 at
@@ -685,7 +733,13 @@ function showLevel(level) {
 }
 
 function stopCapture() {
+  if (voice.talking) state.voice.talkMs.push(performance.now() - voice.talkStart);
   voice.talking = false;
+  if (voice.recorder) {
+    voice.recorder.ondataavailable = null;
+    if (voice.recorder.state !== "inactive") voice.recorder.stop();
+    voice.recorder = null;
+  }
   state.voice.level = 0;
   $("mic-level").value = 0;
   $("mic-meter").hidden = true;
@@ -717,6 +771,7 @@ async function startTalking() {
       return;
     }
     voice.talking = true;
+    voice.talkStart = performance.now();
     $("mic").textContent = "Stop talking";
     $("hangup").disabled = false;
     setStatus($("voice-status"), `talking: session ${state.voice.sessionId}`, "ok");
@@ -772,5 +827,9 @@ $("cancel").addEventListener("click", cancelChat);
 $("mic").addEventListener("click", () => (voice.talking ? stopTalking() : startTalking()));
 $("hangup").addEventListener("click", hangUp);
 $("interrupt").addEventListener("click", () => interrupt("button"));
+if (!opusRecording()) {
+  $("opus").checked = false;
+  $("opus").disabled = true;
+}
 renderCounters();
 document.body.dataset.ready = "true";
