@@ -162,6 +162,12 @@ func TestSessionPerFormat(t *testing.T) {
 			}
 			cl.c.Close(websocket.StatusNormalClosure, "")
 			st := e.nextStats(t)
+			bytesIn := 0
+			for _, f := range c.frames {
+				bytesIn += len(f)
+			}
+			t.Logf("metering %-44s true %-8v metered %-8v error %v (as 16 kHz PCM bytes, as before: %v)", c.name, c.length, st.AudioIn,
+				st.AudioIn-c.length, time.Duration(bytesIn)*time.Second/32000)
 			if st.AudioIn != c.length || st.AudioFormat != c.want.String() || st.InvalidAudio != 0 {
 				t.Errorf("stats: audio in %v as %s (%d invalid), want %v as %s", st.AudioIn, st.AudioFormat, st.InvalidAudio, c.length, c.want)
 			}

@@ -21,7 +21,11 @@ import (
 // the first frame of a stretch is released; a stretch ends when the client would have played
 // everything released (then the next frame starts a new one). A frame is released once the
 // audio released before it, less what the client would have played, is at most the lead.
-// Frame lengths are the TTS format's (meter.go): exact for every format.
+// Frame lengths are the TTS format's (meter.go): exact for every format. Frames go out in
+// batches: once the client holds half the lead, the session tops it up to the lead again, so
+// the writer wakes once per half lead of audio rather than once a frame (CPU: see
+// docs/benchmarks.md), and the client holds between half the lead and the lead.
+
 //
 // The queue. Binary TTS frames, tts_audio messages and tts_complete go through it, in order
 // (tts_complete reaches the client after the audio it completes); every other message from the
@@ -181,7 +185,9 @@ func (q *ttsQueue) next(now int64) (it ttsItem, wait time.Duration, ok bool) {
 			q.playStart, q.released, end = now, 0, now
 		}
 		if due := end - int64(q.lead); now < due {
-			return ttsItem{}, time.Duration(due - now), true
+			// Not yet: wait until the client holds half the lead, then top it up to the lead
+			// in one go (a wake-up per half lead of audio, not per frame).
+			return ttsItem{}, time.Duration(end - int64(q.lead/2) - now), true
 		}
 		q.released += it.d
 		if !q.answerOpen {

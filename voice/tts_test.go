@@ -1,8 +1,10 @@
 package voice_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -195,9 +197,10 @@ func TestBargeIn(t *testing.T) {
 		if !first.Equal(start) {
 			t.Errorf("first TTS frame read at %v, want at the start %v", first.Sub(start), time.Duration(0))
 		}
-		// Released at playback rate plus the lead: 1 s played, 250 ms ahead.
-		if before < 1240*time.Millisecond || before > 1280*time.Millisecond {
-			t.Errorf("%v of TTS read before the interrupt at 1 s of playback, want 1.25 s (the lead ahead)", before)
+		// Released at playback rate plus the lead: 1 s played, and between half the lead and
+		// the lead ahead (a frame more at most: frames are whole).
+		if before < 1125*time.Millisecond || before > 1270*time.Millisecond {
+			t.Errorf("%v of TTS read before the interrupt at 1 s of playback, want 1.125 s to 1.25 s", before)
 		}
 		if after > 20*time.Millisecond {
 			t.Errorf("%v of TTS read after the interrupt, want at most one frame", after)
@@ -280,8 +283,9 @@ func TestServiceInterrupts(t *testing.T) {
 						relayed++
 					}
 				}
-				if frames != 38 || flushed != 1 || relayed != 1 { // 500 ms played, 250 ms ahead
-					t.Errorf("%d frames, %d tts_flushed, %d %s; want 38, 1, 1", frames, flushed, relayed, typ)
+				// 500 ms played, and between half the lead and the lead ahead: 625 to 750 ms.
+				if frames < 32 || frames > 38 || flushed != 1 || relayed != 1 {
+					t.Errorf("%d frames, %d tts_flushed, %d %s; want 32 to 38, 1, 1", frames, flushed, relayed, typ)
 				}
 				// The next answer: after tts_cancelled it flows at once; after speech_started the
 				// interrupted answer is still open (the service has not ended it), so it is dropped.
@@ -339,4 +343,106 @@ func TestTTSPacedQuota(t *testing.T) {
 		}
 		allOver(t, e, nil)
 	})
+}
+
+// answerer is a fake algorithm service that answers every text message with TTS as fast as the
+// connection takes it (up to 10 s), until it reads an interrupt; it then ends the answer with
+// tts_complete, as a service that supports barge-in does.
+func answerer(fc *fakeConn) {
+	ctx := context.Background()
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer fc.conn.CloseNow()
+	for {
+		_, b, err := fc.conn.Read(ctx)
+		if err != nil {
+			fc.err = err
+			return
+		}
+		switch {
+		case bytes.Contains(b, []byte(`"type":"text"`)):
+			wg.Wait()
+			stop.Store(false)
+			wg.Go(func() {
+				frame := make([]byte, ttsFrameBytes)
+				for i := 0; i < 500 && !stop.Load(); i++ {
+					if fc.conn.Write(ctx, websocket.MessageBinary, frame) != nil {
+						return
+					}
+				}
+				_ = fc.conn.Write(ctx, websocket.MessageText, []byte(`{"type":"tts_complete"}`))
+			})
+		case bytes.Contains(b, []byte(`"type":"interrupt"`)):
+			stop.Store(true)
+		}
+	}
+}
+
+// TestBargeInLatency: on real sockets and real time, four sessions at once each interrupt
+// fifteen answers after 100 to 240 ms of playback. It reports the TTS audio each client read
+// after sending its interrupt and before tts_flushed, and the time from the interrupt to
+// tts_flushed (after which nothing of the answer plays), p50 and p99 — the figures of
+// docs/voice.md. A frame already being written may still arrive: at most one, and the one in
+// flight on the socket.
+func TestBargeInLatency(t *testing.T) {
+	e := newEnv(t, setup{opts: paced(), serve: answerer})
+	const sessions, answers = 4, 15
+	var mu sync.Mutex
+	var after []time.Duration // of audio read after each interrupt
+	var took []time.Duration  // interrupt → tts_flushed
+	var wg sync.WaitGroup
+	for k := range sessions {
+		cl := e.connect(t, "", nil)
+		cl.initMsg(t)
+		wg.Go(func() {
+			for i := range answers {
+				write(t, cl.c, websocket.MessageText, []byte(`{"type":"text","text":"go on"}`))
+				if m := cl.next(t); m.typ != websocket.MessageBinary {
+					t.Errorf("got %s, want the answer's audio", m.data)
+					return
+				}
+				time.Sleep(time.Duration(100+10*((i+k)%15)) * time.Millisecond)
+				// What arrived before the interrupt was released before it.
+				for len(cl.msgs) > 0 {
+					<-cl.msgs
+				}
+				at := time.Now()
+				write(t, cl.c, websocket.MessageText, []byte(`{"type":"interrupt"}`))
+				var audio time.Duration
+				for {
+					m := cl.next(t)
+					if m.typ == websocket.MessageBinary {
+						audio += 20 * time.Millisecond
+						continue
+					}
+					if bytes.Contains(m.data, []byte(`"tts_flushed"`)) {
+						break
+					}
+				}
+				d := time.Since(at)
+				for m := cl.next(t); !bytes.Contains(m.data, []byte(`"tts_complete"`)); m = cl.next(t) {
+					if m.typ == websocket.MessageBinary {
+						t.Error("TTS audio after tts_flushed")
+					}
+				}
+				mu.Lock()
+				after = append(after, audio)
+				took = append(took, d)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	slices.Sort(after)
+	slices.Sort(took)
+	q := func(v []time.Duration, f float64) time.Duration { return v[int(f*float64(len(v)-1))] }
+	t.Logf("barge-in, %d interrupts: TTS read after the interrupt p50 %v, p99 %v, max %v; interrupt to tts_flushed p50 %v, p99 %v",
+		len(took), q(after, 0.5), q(after, 0.99), after[len(after)-1], q(took, 0.5).Round(10*time.Microsecond), q(took, 0.99).Round(10*time.Microsecond))
+	if len(took) != sessions*answers {
+		t.Fatalf("%d interrupts answered, want %d", len(took), sessions*answers)
+	}
+	if m := after[len(after)-1]; m > 40*time.Millisecond {
+		t.Errorf("%v of TTS read after an interrupt, want at most the frame being written and the one in flight", m)
+	}
 }
