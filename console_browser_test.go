@@ -705,7 +705,7 @@ func TestConsoleInBrowser(t *testing.T) {
 					PlayedMs float64 `json:"played_ms"`
 				}
 				LastSound, OutputLevel, PlayedMs float64
-				BuffersPlayed, Sources       int
+				BuffersPlayed, Sources           int
 			}
 			p.eval(`({Interrupts: voicegate.voice.interrupts, Flushed: voicegate.voice.flushed, LastSound: voicegate.voice.lastSound,
 				OutputLevel: voicegate.voice.outputLevel, PlayedMs: voicegate.voice.playedMs, BuffersPlayed: voicegate.voice.buffersPlayed})`, &v)
