@@ -75,6 +75,7 @@ type ttsItem struct {
 	d     time.Duration // of audio, for binary frames
 	audio bool          // dropped by a flush: a binary frame or a tts_audio message
 	end   bool          // tts_complete: the answer's audio has all been released
+	note  bool          // the gateway's tts_flushed
 }
 
 // ttsQueue is a session's paced TTS. Its fields are under mu, which is never held across a
@@ -304,10 +305,19 @@ func (s *session) flushTTS(fromService bool) (playedMS int64) {
 	q.dropped += dropped
 	msg := s.h.getBuf()
 	*msg = appendFlushed(*msg, s.info.SessionID, played, dropped, buffered)
-	q.items = append(q.items, ttsItem{})
-	copy(q.items[1:], q.items)
-	q.items[0] = ttsItem{typ: websocket.MessageText, b: msg}
+	if len(q.items) > 0 && q.items[0].note {
+		// The last flush's message has not gone out yet: this one replaces it, so a client
+		// that sends interrupts and reads nothing holds one message here, not one each.
+		q.bytes -= len(*q.items[0].b)
+		s.h.putBuf(q.items[0].b)
+		q.items[0].b = msg
+	} else {
+		q.items = append(q.items, ttsItem{})
+		copy(q.items[1:], q.items)
+		q.items[0] = ttsItem{typ: websocket.MessageText, b: msg, note: true}
+	}
 	q.bytes += len(*msg)
+	q.peak = max(q.peak, q.bytes)
 	start := !q.running
 	q.running = true
 	q.mu.Unlock()

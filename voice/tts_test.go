@@ -446,3 +446,47 @@ func TestBargeInLatency(t *testing.T) {
 		t.Errorf("%v of TTS read after an interrupt, want at most the frame being written and the one in flight", m)
 	}
 }
+
+// TestInterruptFlood: a client that sends interrupts as fast as it can and reads nothing holds
+// one tts_flushed in the session's queue, not one per interrupt; it is dropped as a slow
+// consumer within the write timeout, and everything is released.
+func TestInterruptFlood(t *testing.T) {
+	bubble(t, func(t *testing.T, n *memNet) {
+		o := paced()
+		o.WriteTimeout = 300 * time.Millisecond
+		leases := policy.NewMemoryLeases()
+		var chunks atomic.Int64
+		e := newEnv(t, setup{opts: o, net: n, serve: countChunks(&chunks), lease: leases})
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		defer cancel()
+		c, _, err := e.dial(ctx, "", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.CloseNow()
+		if _, _, err := c.Read(ctx); err != nil { // session_initialized; then it reads nothing
+			t.Fatal(err)
+		}
+		fc := e.fake.next(t)
+		sent := 0
+		for ; sent < 5000; sent++ {
+			wctx, wcancel := context.WithTimeout(context.Background(), time.Second)
+			err := c.Write(wctx, websocket.MessageText, []byte(`{"type":"interrupt"}`))
+			wcancel()
+			if err != nil {
+				break
+			}
+		}
+		e.idle(t, 2*time.Second)
+		st := <-e.ends
+		t.Logf("%d interrupts sent; session ended %v, %d flushes, queue peak %d bytes", sent, st.CloseCode, st.TTSFlushes, st.TTSQueuePeak)
+		if st.TTSQueuePeak == 0 || st.TTSQueuePeak > 256 {
+			t.Errorf("the queue held %d bytes of tts_flushed messages, want one", st.TTSQueuePeak)
+		}
+		if st.TTSFlushes == 0 {
+			t.Error("no interrupt was carried out")
+		}
+		fc.ended(t, time.Second)
+		allOver(t, e, leases)
+	})
+}
