@@ -43,9 +43,11 @@ type browser struct {
 func startBrowser(t *testing.T) *browser {
 	t.Helper()
 	bin := requireTool(t, "chromium", "/usr/bin/chromium", "chromium")
-	// The fake microphone plays a 440 Hz tone, so that what arrives can be checked for it.
+	// The fake microphone plays a 440 Hz tone, so that what arrives can be checked for it: 30 s
+	// of it, which the tabs share, so that every test that talks hears it (the voice-activity
+	// detection too, after the others).
 	wav := filepath.Join(t.TempDir(), "tone.wav")
-	if err := os.WriteFile(wav, toneWAV(48000, 440, 2*time.Second), 0o644); err != nil {
+	if err := os.WriteFile(wav, toneWAV(48000, 440, 30*time.Second), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	opts := append(slices.Clone(chromedp.DefaultExecAllocatorOptions[:]),

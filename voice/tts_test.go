@@ -341,6 +341,7 @@ func TestTTSPacedQuota(t *testing.T) {
 		if frames != 50 || st.AudioOut != time.Second || st.Charged != time.Second {
 			t.Errorf("%d frames, audio out %v, charged %v; want 50, 1s, 1s", frames, st.AudioOut, st.Charged)
 		}
+		e.idle(t, time.Second)
 		allOver(t, e, nil)
 	})
 }
@@ -498,6 +499,44 @@ func TestInterruptFlood(t *testing.T) {
 		}
 		if st.TTSFlushes == 0 {
 			t.Error("no interrupt was carried out")
+		}
+		fc.ended(t, time.Second)
+		allOver(t, e, leases)
+	})
+}
+
+// TestPacedClientThatNeverReads: paced TTS to a client that stopped reading. The writer's
+// first write the client does not take stalls past the write timeout: the session ends 1013,
+// the service held back by the bounded queue meanwhile, and nothing is left behind.
+func TestPacedClientThatNeverReads(t *testing.T) {
+	bubble(t, func(t *testing.T, n *memNet) {
+		o := paced()
+		o.WriteTimeout = 300 * time.Millisecond
+		o.TTSQueue = 32 << 10
+		leases := policy.NewMemoryLeases()
+		e := newEnv(t, setup{opts: o, serve: flood(640), net: n, lease: leases})
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		defer cancel()
+		c, _, err := e.dial(ctx, "", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.CloseNow()
+		if _, _, err := c.Read(ctx); err != nil { // session_initialized; then it reads nothing
+			t.Fatal(err)
+		}
+		fc := e.fake.next(t)
+		start := time.Now()
+		e.idle(t, o.WriteTimeout+time.Second)
+		took := time.Since(start)
+		st := <-e.ends
+		t.Logf("session over %v after the client stopped reading; the service sent %d frames, the queue held at most %d bytes",
+			took, fc.sent.Load(), st.TTSQueuePeak)
+		if st.CloseCode != websocket.StatusTryAgainLater {
+			t.Errorf("session ended with %v, want 1013 (a slow consumer)", st.CloseCode)
+		}
+		if st.TTSQueuePeak > o.TTSQueue {
+			t.Errorf("the queue held %d bytes, over its %d", st.TTSQueuePeak, o.TTSQueue)
 		}
 		fc.ended(t, time.Second)
 		allOver(t, e, leases)

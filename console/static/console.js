@@ -658,9 +658,10 @@ async function startCapture() {
     if (!voice.talking) return;
     const level = micLevel(new Int16Array(e.data));
     showLevel(level);
-    // Voice-activity detection: 100 ms of the user's voice (louder than -30 dBFS) while the
-    // answer plays is a barge-in.
-    voice.loud = level > 0.5 ? voice.loud + 1 : 0;
+    // Voice-activity detection: 100 ms of the user's voice (the meter above -39 dBFS) while
+    // the answer plays is a barge-in. The meter's level, which falls slowly, bridges a frame
+    // that the capture dropped.
+    voice.loud = state.voice.level > 0.35 ? voice.loud + 1 : 0;
     if (voice.loud === 5 && speaking()) interrupt("voice activity");
     if (voice.format === "pcm") sendAudio(e.data, (e.data.byteLength / 2 / voice.rate) * 1000);
   };
