@@ -724,8 +724,10 @@ func TestConsoleInBrowser(t *testing.T) {
 			if v.PlayedMs > 2000 {
 				t.Errorf("%.0f ms of the answer played, want it cut short", v.PlayedMs)
 			}
-			// What the gateway released and the page played agree within the lead.
-			if d := v.Flushed[0].PlayedMs - v.PlayedMs; d < -250 || d > 250 {
+			// What the gateway takes to be heard and what the page finished playing agree within
+			// the lead and the page's own delays (a buffer under way is not yet counted as
+			// played; the output starts a moment after a frame arrives).
+			if d := v.Flushed[0].PlayedMs - v.PlayedMs; d < -100 || d > 400 {
 				t.Errorf("the gateway says %.0f ms were heard, the page played %.0f", v.Flushed[0].PlayedMs, v.PlayedMs)
 			}
 			if errs := p.consoleErrors(); len(errs) > 0 {
