@@ -662,7 +662,7 @@ async function startCapture() {
     // the answer plays is a barge-in. The meter's level, which falls slowly, bridges a frame
     // that the capture dropped.
     voice.loud = state.voice.level > 0.35 ? voice.loud + 1 : 0;
-    if (voice.loud === 5 && speaking()) interrupt("voice activity");
+    if (voice.loud >= 5 && speaking()) interrupt("voice activity");
     if (voice.format === "pcm") sendAudio(e.data, (e.data.byteLength / 2 / voice.rate) * 1000);
   };
   if (voice.format === "opus") {
