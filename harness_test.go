@@ -125,6 +125,8 @@ func runChild(role string) {
 		serveChild(bareReverseProxy(target, ""))
 	case "voice-echo":
 		serveChild(http.HandlerFunc(echoVoice))
+	case "voice-burst":
+		serveChild(http.HandlerFunc(burstVoice))
 	case loadRole:
 		runLoad()
 	default:
