@@ -27,7 +27,9 @@ type config struct {
 	Version     bool // print the version and exit
 
 	ListenAddr     string
-	ListenAddrFile string     // "" writes none; else the address listened on, for -healthcheck
+	ListenAddrFile string // "" writes none; else the address listened on, for -healthcheck
+	TLSCertFile    string // with TLSKeyFile: serve TLS (and HTTP/2), reloading the files when they change
+	TLSKeyFile     string
 	AlgoURLs       []*url.URL // replicas of the algorithm service
 	AdminURLs      []*url.URL // none: the admin route answers 404
 	DocsURLs       []*url.URL // none: the documents route answers 404
@@ -212,6 +214,14 @@ func settings() []setting {
 				return errors.New("must not be empty")
 			}
 			c.ChatDefaultModel = v
+			return nil
+		}},
+		{"TLS_CERT_FILE", "", "PEM certificate chain: with TLS_KEY_FILE, the gateway serves HTTPS (HTTP/2 and HTTP/1.1, wss:// for voice and realtime) and reloads both files when they change", func(c *config, v string) error {
+			c.TLSCertFile = v
+			return nil
+		}},
+		{"TLS_KEY_FILE", "", "PEM private key of TLS_CERT_FILE", func(c *config, v string) error {
+			c.TLSKeyFile = v
 			return nil
 		}},
 		{"OPENAI_MODELS", "", "models POST /v1/chat/completions takes and GET /v1/models lists, comma-separated (another is refused with 404 model_not_found); unset: CHAT_DEFAULT_MODEL alone (-demo: voicegate-demo)", func(c *config, v string) error {
@@ -645,6 +655,9 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 			}
 		}
 		return c, nil
+	}
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		return nil, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both, or neither")
 	}
 	if len(c.OpenAIModels) == 0 {
 		c.OpenAIModels = []string{c.ChatDefaultModel}
