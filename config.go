@@ -18,6 +18,7 @@ import (
 	"voicegate/auth"
 	"voicegate/console"
 	"voicegate/proxy"
+	"voicegate/voice/audio"
 )
 
 // config is everything run needs, parsed and validated once.
@@ -103,6 +104,15 @@ type config struct {
 	VoicePace        float64
 	VoicePaceBurst   time.Duration
 	VoiceUsageMaxLen int
+	// VoiceAudio is the audio format of voice clients that name none (voice/audio);
+	// VoiceEchoCancellation what session_initialized says of echo cancellation.
+	VoiceAudio            audio.Format
+	VoiceEchoCancellation bool
+	// VoiceTTSPacing releases TTS audio at playback rate plus VoiceTTSLead, holding at most
+	// VoiceTTSQueue bytes, so that an interrupt drops what was not heard.
+	VoiceTTSPacing bool
+	VoiceTTSLead   time.Duration
+	VoiceTTSQueue  int64
 
 	PolicyFile  string
 	PolicyWatch time.Duration
@@ -347,6 +357,32 @@ func settings() []setting {
 			return nil
 		}},
 		{"VOICE_PACE_BURST", "3s", "voice audio a client may send ahead of VOICE_PACE at once (catching up after a stall)", durationSetting(func(c *config) *time.Duration { return &c.VoicePaceBurst }, 20*time.Millisecond)},
+		{"VOICE_AUDIO_FORMAT", "pcm/16000/1", "audio format of voice clients that name none on the upgrade or in a config message, as format/sample_rate/channels: pcm (8000, 16000, 24000, 48000 Hz; 1 or 2 channels), opus, mp3, mulaw or alaw (8000/1)", func(c *config, v string) error {
+			parts := strings.Split(v, "/")
+			if len(parts) != 3 {
+				return errors.New("want format/sample_rate/channels, such as pcm/16000/1")
+			}
+			f, err := audio.Parse(parts[0], parts[1], parts[2], audio.Format{})
+			if err != nil {
+				return errors.New(err.Field + ": " + err.Reason)
+			}
+			c.VoiceAudio = f
+			return nil
+		}},
+		{"VOICE_ECHO_CANCELLATION", "false", "what session_initialized.config says of echo cancellation (the origin's default is false)", func(c *config, v string) (err error) {
+			if c.VoiceEchoCancellation, err = strconv.ParseBool(v); err != nil {
+				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"VOICE_TTS_PACING", "true", "release TTS audio to voice clients at playback rate plus VOICE_TTS_LEAD, so that an interrupt silences what was not yet heard within a frame", func(c *config, v string) (err error) {
+			if c.VoiceTTSPacing, err = strconv.ParseBool(v); err != nil {
+				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"VOICE_TTS_LEAD", "250ms", "how far ahead of playback paced TTS audio is released (the client's jitter buffer)", durationSetting(func(c *config) *time.Duration { return &c.VoiceTTSLead }, 10*time.Millisecond)},
+		{"VOICE_TTS_QUEUE", "262144", "bytes of TTS audio a paced session holds for its client; beyond them it stops reading the algorithm service", boundedBytes(func(c *config) *int64 { return &c.VoiceTTSQueue }, maxTTSQueue)},
 		{"VOICE_USAGE_MAX_LEN", "100000", "usage records kept in the Redis stream {REDIS_PREFIX}usage (approximately; older ones are trimmed)", intSetting(func(c *config) *int { return &c.VoiceUsageMaxLen })},
 		{"METRICS_ENABLED", "true", "record metrics and serve /metrics", func(c *config, v string) (err error) {
 			if c.MetricsEnabled, err = strconv.ParseBool(v); err != nil {
@@ -517,6 +553,7 @@ func bytesSetting(field func(*config) *int64) func(*config, string) error {
 const (
 	maxLineBytes = 16 << 20 // SSE_MAX_LINE_BYTES: a line is buffered whole, per stream
 	maxChatBody  = 16 << 20 // CHAT_MAX_BODY_BYTES: a chat body is read whole before it goes on
+	maxTTSQueue  = 16 << 20 // VOICE_TTS_QUEUE: held per paced voice session
 )
 
 // boundedBytes is bytesSetting with an upper bound.

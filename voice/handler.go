@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -49,7 +50,12 @@ type Options struct {
 	// RawAudio relays client audio to the algorithm service as binary frames, untouched, instead
 	// of audio_chunk JSON messages.
 	RawAudio bool
-	// Audio is the session's audio format; zero fields mean 16 kHz, mono, pcm, "zh-CN".
+	// Audio is the sessions' default audio format (format.go), which a client may change on
+	// the upgrade or in a config message before its first audio; zero fields mean 16 kHz,
+	// mono, pcm, "zh-CN". Its EchoCancellation is what session_initialized says of echo
+	// cancellation (false: the origin's default); VADEnabled and NoiseSuppression are said true
+	// whatever they are, as the origin does. NewHandler panics on a format package audio does
+	// not support: the configuration checks it first.
 	Audio AudioConfig
 	// Registry tracks sessions; nil means a private, local one.
 	Registry *Registry
@@ -97,6 +103,12 @@ type Options struct {
 	// the session's tenant; they run on a relay goroutine and must not block.
 	OnLatency func(kind LatencyKind, tenant string, d time.Duration)
 	OnBargeIn func(tenant string)
+	// TTSPacing releases TTS audio to the client at playback rate plus TTSLead, holding the
+	// rest (at most TTSQueue bytes), so that an interrupt can drop what the client has not
+	// heard (tts.go). Zero TTSLead means 250 ms, zero TTSQueue 256 KiB.
+	TTSPacing bool
+	TTSLead   time.Duration
+	TTSQueue  int
 	Log       *slog.Logger
 }
 
@@ -134,6 +146,10 @@ func NewHandler(o Options) *Handler {
 	def(&o.Reservation, 2*time.Second)
 	def(&o.ChargeBudget, 250*time.Millisecond)
 	def(&o.PaceBurst, 3*time.Second)
+	def(&o.TTSLead, 250*time.Millisecond)
+	if o.TTSQueue <= 0 {
+		o.TTSQueue = 256 << 10
+	}
 	if o.ReadLimit <= 0 {
 		o.ReadLimit = 1 << 20
 	}
@@ -148,6 +164,9 @@ func NewHandler(o Options) *Handler {
 	}
 	if o.Audio.Language == "" {
 		o.Audio.Language = "zh-CN"
+	}
+	if err := o.Audio.audioFormat().Validate(); err != nil {
+		panic("voice: Options.Audio: " + err.Error())
 	}
 	if o.Registry == nil {
 		o.Registry = NewRegistry(RegistryOptions{})
@@ -239,11 +258,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !proxy.ValidLanguage(language) {
 		bad = append(bad, proxy.FieldError{Field: "language", Reason: proxy.LanguageReason})
 	}
+	cfg, fbad := negotiate(q, h.o.Audio)
+	if fbad != nil {
+		bad = append(bad, *fbad)
+	}
 	if len(bad) > 0 {
 		proxy.WriteError(w, r, proxy.InvalidFields(bad...))
 		return
 	}
-	cfg := h.o.Audio
 	if language != "" {
 		cfg.Language = language
 	}
@@ -276,7 +298,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	// The algorithm service first: if it is down the client gets a proper HTTP error, not a
 	// socket that opens and dies.
-	up, upConn, err := h.dial(r, info)
+	up, upConn, err := h.dial(r, info, cfg)
 	if err != nil {
 		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadGateway, Code: proxy.CodeAlgoService,
 			Message: "the algorithm service is unavailable", Cause: err})
@@ -326,7 +348,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // dial opens the algorithm-service side of a session, and returns its socket too.
-func (h *Handler) dial(r *http.Request, info Info) (*websocket.Conn, *conn, error) {
+func (h *Handler) dial(r *http.Request, info Info, cfg AudioConfig) (*websocket.Conn, *conn, error) {
 	target := *h.ws
 	q := target.Query()
 	q.Set("session_id", info.SessionID)
@@ -334,6 +356,9 @@ func (h *Handler) dial(r *http.Request, info Info) (*websocket.Conn, *conn, erro
 		q.Set("conversation_id", info.ConversationID)
 	}
 	q.Set("language", info.Language)
+	q.Set("format", cfg.Format)
+	q.Set("sample_rate", strconv.Itoa(cfg.SampleRate))
+	q.Set("channels", strconv.Itoa(cfg.Channels))
 	target.RawQuery = q.Encode()
 	hdr := http.Header{}
 	h.o.Outbound.Shape(r, hdr)

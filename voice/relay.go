@@ -55,7 +55,15 @@ func (s *session) fromClient() {
 		var d time.Duration // of audio, relayed
 		switch typ {
 		case websocket.MessageBinary:
-			d = s.m.clientFrame(len(*b), now.UnixNano())
+			var ferr error
+			if d, ferr = s.m.clientFrame(*b); ferr != nil {
+				s.h.putBuf(b)
+				if !s.invalidAudio(ferr) {
+					return
+				}
+				continue
+			}
+			s.invalidRun = 0
 			if !s.spend(d) {
 				// The quota is used up: the session is ending, and this frame goes no further.
 				// Reading on takes the client's answer to the close.
@@ -85,6 +93,9 @@ func (s *session) fromClient() {
 			}
 			out, ctype, code, reason := control(*b, s.info.SessionID)
 			s.h.putBuf(b)
+			if code == "" && ctype == "config" {
+				out, code, reason = s.configure(out)
+			}
 			if code != "" {
 				if s.sendError(code, reason) != nil {
 					s.clientWriteFailed()
@@ -93,6 +104,9 @@ func (s *session) fromClient() {
 				continue
 			}
 			s.clientControl(ctype, now.UnixNano())
+			if ctype == "interrupt" && s.tts != nil {
+				out = withPlayed(out, s.info.SessionID, s.flushTTS(false), "")
+			}
 			err = s.up.ws.Write(unbounded(), websocket.MessageText, out)
 		}
 		if err != nil {
@@ -135,6 +149,15 @@ func (s *session) fromUpstream() {
 			s.upReadFailed(err)
 			return
 		}
+		if s.tts != nil {
+			queued, ok := s.paceUpstream(typ, b)
+			if !ok {
+				return
+			}
+			if queued {
+				continue
+			}
+		}
 		if !s.count(typ, *b) {
 			// TTS audio the quota has no room for: the session is ending.
 			s.h.putBuf(b)
@@ -147,6 +170,26 @@ func (s *session) fromUpstream() {
 			return
 		}
 	}
+}
+
+// paceUpstream handles a message from the service when TTS is paced (tts.go): queued (b
+// taken) or to be relayed at once as without pacing; ok false when fromUpstream must return.
+func (s *session) paceUpstream(typ websocket.MessageType, b *[]byte) (queued, ok bool) {
+	if typ == websocket.MessageBinary {
+		d, _ := s.m.ttsFrame(*b)
+		return true, s.queueTTS(ttsItem{typ: typ, b: b, d: d, audio: true})
+	}
+	switch t := string(upstreamType(*b)); t {
+	case "tts_audio", "tts_complete":
+		s.count(typ, *b)
+		if t == "tts_complete" {
+			s.tts.answerEnded()
+		}
+		return true, s.queueTTS(ttsItem{typ: typ, b: b, audio: t == "tts_audio", end: t == "tts_complete"})
+	case "speech_started", "tts_cancelled":
+		return false, s.serviceInterrupt(t)
+	}
+	return false, true
 }
 
 // upReadFailed handles the end of the algorithm service's messages.
@@ -168,17 +211,10 @@ func (s *session) upReadFailed(err error) {
 // must not be relayed.
 func (s *session) count(typ websocket.MessageType, msg []byte) bool {
 	if typ == websocket.MessageBinary {
-		d := s.m.ttsFrame(len(msg))
-		if !s.spend(d) {
-			return false
-		}
-		s.m.out.Add(int64(d))
-		s.n.packetsOut.Add(1)
-		s.n.bytesOut.Add(int64(len(msg)))
-		s.n.audioOut.Add(int64(len(msg)))
-		s.n.ttsChunks.Add(1)
-		s.ttsAudio()
-		return true
+		// TTS audio that is not valid for its format is the service's to get right: it is
+		// relayed as it is, and plays for no time here.
+		d, _ := s.m.ttsFrame(msg)
+		return s.releaseTTS(len(msg), d)
 	}
 	s.n.packetsOut.Add(1)
 	s.n.bytesOut.Add(int64(len(msg)))
@@ -197,10 +233,29 @@ func (s *session) count(typ websocket.MessageType, msg []byte) bool {
 		s.n.ttsChunks.Add(1)
 		s.ttsAudio()
 	case "tts_complete":
-		s.ttsComplete()
+		if s.tts == nil {
+			s.ttsComplete() // paced: once it is released (tts.go)
+		}
+	case "tts_format":
+		s.declareTTS(msg)
 	case "error":
 		s.n.errors.Add(1)
 	}
+	return true
+}
+
+// releaseTTS charges and counts a TTS frame of n bytes and d on its way to the client: false
+// when there is no room for it in the quota, and it must not be relayed.
+func (s *session) releaseTTS(n int, d time.Duration) bool {
+	if !s.spend(d) {
+		return false
+	}
+	s.m.out.Add(int64(d))
+	s.n.packetsOut.Add(1)
+	s.n.bytesOut.Add(int64(n))
+	s.n.audioOut.Add(int64(n))
+	s.n.ttsChunks.Add(1)
+	s.ttsAudio()
 	return true
 }
 

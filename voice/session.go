@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"voicegate/voice/audio"
 )
 
 // Stats are a session's counters, logged when it ends and exported as metrics.
@@ -28,6 +30,13 @@ type Stats struct {
 	FirstASR      time.Duration // first client audio → first recognition event; 0 if none
 	CloseCode     websocket.StatusCode
 	CloseReason   string
+	AudioFormat   string // the agreed format, as codec/rate/channels
+	InvalidAudio  int64  // client frames dropped as not valid for it
+	// Paced TTS (tts.go): interrupts carried out, the audio they dropped, and the most bytes
+	// the queue held.
+	TTSFlushes   int64
+	TTSDropped   time.Duration
+	TTSQueuePeak int
 	// Governance (meter.go, govern.go).
 	TenantID        string
 	AudioIn         time.Duration // audio seconds from the client
@@ -47,6 +56,7 @@ type counters struct {
 	llmChunks, ttsChunks, errors   atomic.Int64
 	firstAudio                     atomic.Int64 // unix ns of the first client audio; 0 none yet
 	firstASR                       atomic.Int64 // ns from first audio to first recognition; 0 none
+	invalidAudio                   atomic.Int64 // client frames dropped as not valid audio (format.go)
 }
 
 // side is one of a session's two connections: the WebSocket, and the socket under it.
@@ -82,6 +92,11 @@ type session struct {
 	gov     governor
 	pace    pacer // fromClient's
 
+	tts        *ttsQueue                    // nil: TTS is not paced
+	ttsWG      sync.WaitGroup               // the TTS writer, while it runs
+	format     atomic.Pointer[audio.Format] // the agreed format, for the counters
+	invalidRun int                          // invalid audio frames in a row; fromClient's
+
 	lastIn  atomic.Int64 // unix ns of the last client message
 	expiry  time.Time    // when the token stops being accepted; zero: never
 	pinging atomic.Bool  // a ping is out (timers.go)
@@ -101,6 +116,11 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 		pace:   newPacer(h.o.Pace, h.o.PaceBurst),
 		ending: make(chan struct{}), closed: make(chan struct{}), upDone: make(chan struct{})}
 	s.lastIn.Store(now.UnixNano())
+	f := cfg.audioFormat()
+	s.format.Store(&f)
+	if h.o.TTSPacing {
+		s.tts = newTTSQueue(h.o.TTSLead, h.o.TTSQueue)
+	}
 	return s
 }
 
@@ -124,6 +144,10 @@ func (s *session) run() {
 func (s *session) finish() {
 	<-s.upDone
 	<-s.closed
+	if s.tts != nil {
+		s.closeTTS()
+		s.ttsWG.Wait()
+	}
 	s.h.timers.remove(s)
 	// Both sockets are closed; this releases the library's side of each at once.
 	s.client.ws.CloseNow()
@@ -156,9 +180,12 @@ func (s *session) stats() Stats {
 		FirstASR: time.Duration(s.n.firstASR.Load()),
 		TenantID: s.info.TenantID, AudioIn: time.Duration(s.m.in.Load()),
 		AudioOut: time.Duration(s.m.out.Load()), Charged: time.Duration(s.gov.held.Load()),
-		BargeIns: s.m.bargeIns.Load(),
+		BargeIns: s.m.bargeIns.Load(), AudioFormat: s.format.Load().String(), InvalidAudio: s.n.invalidAudio.Load(),
 	}
 	st.ResponseLatency, st.ASRLatency = s.m.latencies()
+	if s.tts != nil {
+		st.TTSFlushes, st.TTSDropped, st.TTSQueuePeak = s.tts.stats()
+	}
 	if s.ended.Load() {
 		st.CloseCode, st.CloseReason = s.outcome.code, s.outcome.reason
 	}
@@ -166,13 +193,13 @@ func (s *session) stats() Stats {
 }
 
 func (s *session) sendInit() {
+	now := time.Now()
 	msg, _ := json.Marshal(sessionInitialized{
 		Type: TypeSessionInitialized, SessionID: s.info.SessionID,
 		Config: AudioConfig{SampleRate: s.cfg.SampleRate, Channels: s.cfg.Channels, Format: s.cfg.Format,
-			Language: s.cfg.Language, VADEnabled: true, NoiseSuppression: true, EchoCancellation: true},
-		ServerTime: time.Now().UnixMilli(),
-		Capabilities: map[string]bool{"asr": true, "tts": true, "llm_streaming": true, "retrieval": true,
-			"raw_audio": s.h.o.RawAudio, "control": true},
+			Language: s.cfg.Language, VADEnabled: true, NoiseSuppression: true, EchoCancellation: s.cfg.EchoCancellation},
+		ServerTime: now.Unix(), ServerTimeMS: now.UnixMilli(),
+		Capabilities: s.h.capabilities(),
 	})
 	if err := s.client.ws.Write(unbounded(), websocket.MessageText, msg); err != nil {
 		s.clientWriteFailed()

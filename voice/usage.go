@@ -25,6 +25,8 @@ type Live struct {
 	TTSChunks       int64     `json:"tts_chunks"`
 	Errors          int64     `json:"errors"`
 	BargeIns        int64     `json:"barge_ins"`
+	AudioFormat     string    `json:"audio_format"`
+	InvalidAudio    int64     `json:"invalid_audio"`
 	ResponseLatency Latency   `json:"response_latency"`
 	ASRLatency      Latency   `json:"asr_latency"`
 }
@@ -41,6 +43,7 @@ func (s *session) live() Live {
 		PacketsOut: s.n.packetsOut.Load(), BytesOut: s.n.bytesOut.Load(),
 		ASRPartial: s.n.asrPartial.Load(), ASRFinal: s.n.asrFinal.Load(), LLMChunks: s.n.llmChunks.Load(),
 		TTSChunks: s.n.ttsChunks.Load(), Errors: s.n.errors.Load(), BargeIns: s.m.bargeIns.Load(),
+		AudioFormat: s.format.Load().String(), InvalidAudio: s.n.invalidAudio.Load(),
 		ResponseLatency: resp, ASRLatency: asr}
 }
 
@@ -67,6 +70,8 @@ type Usage struct {
 	TTSChunks       int64     `json:"tts_chunks"`
 	BargeIns        int64     `json:"barge_ins"`
 	Errors          int64     `json:"errors"`
+	AudioFormat     string    `json:"audio_format"`
+	InvalidAudio    int64     `json:"invalid_audio"`
 	ResponseP50S    float64   `json:"response_latency_p50_s"`
 	ResponseMaxS    float64   `json:"response_latency_max_s"`
 	ASRP50S         float64   `json:"asr_latency_p50_s"`
@@ -81,7 +86,7 @@ func usageOf(l Live, at time.Time, code int, reason string) Usage {
 		Instance: l.Instance, StartedAt: l.StartedAt, EndedAt: at.UTC(), DurationS: l.DurationS,
 		AudioSecondsIn: l.AudioSecondsIn, AudioSecondsOut: l.AudioSecondsOut, ChargedSeconds: l.ChargedSeconds,
 		ASRPartial: l.ASRPartial, ASRFinal: l.ASRFinal, LLMChunks: l.LLMChunks, TTSChunks: l.TTSChunks,
-		BargeIns: l.BargeIns, Errors: l.Errors,
+		BargeIns: l.BargeIns, Errors: l.Errors, AudioFormat: l.AudioFormat, InvalidAudio: l.InvalidAudio,
 		ResponseP50S: l.ResponseLatency.P50S, ResponseMaxS: l.ResponseLatency.MaxS,
 		ASRP50S: l.ASRLatency.P50S, ASRMaxS: l.ASRLatency.MaxS, CloseCode: code, CloseReason: reason}
 }
@@ -100,5 +105,6 @@ func (u *Usage) fields() []string {
 		"response_latency_p50_s", f(u.ResponseP50S), "response_latency_max_s", f(u.ResponseMaxS),
 		"asr_latency_p50_s", f(u.ASRP50S), "asr_latency_max_s", f(u.ASRMaxS),
 		"close_code", strconv.Itoa(u.CloseCode), "close_reason", u.CloseReason,
+		"audio_format", u.AudioFormat, "invalid_audio", i(u.InvalidAudio),
 	}
 }
