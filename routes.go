@@ -61,6 +61,7 @@ type handlers struct {
 	console, metrics                 http.Handler // nil unless CONSOLE_ENABLED, METRICS_ENABLED
 	chatAnswer                       http.Handler // POST /api/v2/chat
 	completions, models              http.Handler // OpenAI's chat and model list
+	realtime                         http.Handler // OpenAI's Realtime API over the voice bridge
 }
 
 // routes is the whole route table, the one list of the gateway's routes: the router registers
@@ -90,6 +91,7 @@ func routes(cfg *config, h handlers) []route {
 		{"POST /api/v2/chat", tokenLater, plain, h.chatAnswer, bind{Permission: "chat:write", Class: "chat", Lease: "chat"}},
 		{"POST /v1/chat/completions", tokenLater, plain, h.completions, bind{Permission: "chat:write", Class: "chat", Lease: "chat"}},
 		{"GET /v1/models", token, plain, h.models, bind{Permission: "chat:write"}},
+		{"GET /v1/realtime", tokenWS, upgrades, h.realtime, bind{Permission: "voice:write", Class: "voice", Lease: "voice"}},
 	}
 	if cfg.ConsoleEnabled {
 		rs = append(rs, route{"GET /console", open, plain, h.console, bind{}},
