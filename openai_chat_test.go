@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -451,3 +452,41 @@ func TestOpenAISDKChat(t *testing.T) {
 		t.Errorf("429: %+v", got.Rate)
 	}
 }
+
+// TestOpenAPIOpenAIEvents: real chat.completion.chunk data lines (a clean stream, [DONE]
+// included, and a broken-off one) match ChatCompletionChunk, and real Realtime server events
+// match RealtimeServerEvent; a chunk with a made-up finish reason does not.
+func TestOpenAPIOpenAIEvents(t *testing.T) {
+	c := schemaCheck{t, loadOpenAPI(t)}
+	algo := newOpenAIAlgo(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	tok := tokenFor(t, "u-oas-oai", []string{"user"}, nil)
+	for _, msg := range []string{"hi", "break-off", "fail"} {
+		res := postCompletion(t, g, tok, `{"model":"default","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"`+msg+`"}]}`, nil)
+		for i, d := range chunks(t, res.Body) {
+			if d == "[DONE]" {
+				d = `"[DONE]"` // the literal, as a JSON string
+			}
+			c.valid("ChatCompletionChunk", d, msg+": data line "+itoa(i))
+		}
+	}
+	c.invalid("ChatCompletionChunk", `{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"bored"}]}`, "a made-up finish reason")
+
+	rt := realtimeAlgo(t, 4800)
+	g2 := startRun(t, nil, map[string]string{"ALGO_URL": rt.URL})
+	conn, _, err := realtimeDial(t, g2, tok, false, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendEvent(t, conn, `{"type":"conversation.item.create","item":{"type":"message","role":"user","content":[{"type":"input_text","text":"hi"}]}}`)
+	sendEvent(t, conn, `{"type":"bogus"}`)
+	for i := 0; ; i++ {
+		ev := readEvent(t, conn)
+		c.valid("RealtimeServerEvent", ev, "realtime event "+ev["type"].(string))
+		if ev["type"] == "response.done" || i > 30 {
+			break
+		}
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }

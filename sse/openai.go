@@ -76,14 +76,14 @@ const maxMessages = 256
 
 // unsupported is the error for a parameter the gateway does not take.
 func unsupported(param, why string) *proxy.Error {
-	return &proxy.Error{Status: http.StatusBadRequest, Code: "unsupported_parameter",
+	return &proxy.Error{Status: http.StatusBadRequest, Code: "UNSUPPORTED_PARAMETER",
 		Message: "unsupported parameter: '" + param + "' " + why,
 		Details: []FieldError{{Field: param, Reason: why}}}
 }
 
 // invalidParam is the error for a parameter with a value the gateway refuses.
 func invalidParam(param, why string) *proxy.Error {
-	return &proxy.Error{Status: http.StatusBadRequest, Code: "invalid_value",
+	return &proxy.Error{Status: http.StatusBadRequest, Code: "INVALID_VALUE",
 		Message: "invalid value for '" + param + "': " + why,
 		Details: []FieldError{{Field: param, Reason: why}}}
 }
@@ -162,7 +162,7 @@ func (o *HandlerOptions) parseCompletion(w http.ResponseWriter, r *http.Request)
 	case !proxy.ValidLabel(model, maxIDLen):
 		return nil, false, false, invalidParam("model", proxy.LabelReason(maxIDLen))
 	case len(o.Models) > 0 && !slices.Contains(o.Models, model):
-		return nil, false, false, &proxy.Error{Status: http.StatusNotFound, Code: "model_not_found",
+		return nil, false, false, &proxy.Error{Status: http.StatusNotFound, Code: "MODEL_NOT_FOUND",
 			Message: "the model '" + model + "' does not exist or you do not have access to it",
 			Details: []FieldError{{Field: "model", Reason: "is not one of GET /v1/models"}}}
 	}
