@@ -115,7 +115,7 @@ func (c *collector) End(err error) {
 
 func (c *collector) Interrupt(why string) {
 	if why == stopCancelled {
-		c.fail(http.StatusConflict, "STREAM_CANCELLED", "the request was cancelled", stopCancelled)
+		c.fail(http.StatusConflict, proxy.CodeConflict, "the request was cancelled", stopCancelled)
 		return
 	}
 	c.fail(http.StatusServiceUnavailable, proxy.CodeUnavailable, "the gateway instance is shutting down; retry", stopShutdown)
