@@ -136,8 +136,9 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 	ctx := r.Context()
 	session := r.URL.Query().Get("session_id")
 	send := func(v map[string]any) error {
+		now := time.Now()
 		v["session_id"] = session
-		v["timestamp"] = time.Now().UnixMilli()
+		v["timestamp"], v["timestamp_ms"] = now.Unix(), now.UnixMilli()
 		b, _ := json.Marshal(v)
 		return c.Write(ctx, websocket.MessageText, b)
 	}
@@ -146,6 +147,7 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 	rate := 16000 // the session's, as each audio_chunk says
 	chunks := 0   // of the utterance in progress
 	answered := false
+	declared := false // tts_format sent
 	answer := func() error {
 		chunks, answered = 0, true
 		if err := send(map[string]any{"type": "asr_final", "text": strings.Join(words, " "), "confidence": 0.93}); err != nil {
@@ -158,6 +160,14 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 			time.Sleep(demoChunkDelay / 2)
 		}
 		pcm := demoSpeech(reply, rate)
+		// The TTS format, declared once a session so the gateway paces and meters it right;
+		// tts_start is the demo's own marker of an answer's speech.
+		if !declared {
+			if err := send(map[string]any{"type": "tts_format", "format": "pcm", "sample_rate": rate, "channels": 1}); err != nil {
+				return err
+			}
+			declared = true
+		}
 		if err := send(map[string]any{"type": "tts_start", "sample_rate": rate, "channels": 1, "format": "pcm_s16le"}); err != nil {
 			return err
 		}
@@ -183,8 +193,8 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 		}
 		switch {
 		case typ == websocket.MessageBinary || m.Type == "audio_chunk":
-			if m.SampleRate >= 8000 && m.SampleRate <= 48000 {
-				rate = m.SampleRate
+			if (m.SampleRate == 8000 || m.SampleRate == 16000 || m.SampleRate == 24000 || m.SampleRate == 48000) && !declared {
+				rate = m.SampleRate // speech at a PCM rate the gateway takes, declared with the first answer
 			}
 			chunks++
 			if chunks%10 == 0 {

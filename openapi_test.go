@@ -259,10 +259,10 @@ func TestOpenAPISSEGoldenFiles(t *testing.T) {
 	}
 	// An error event is the gateway's (StreamErrorEvent) or an upstream line's
 	// (UpstreamErrorEvent), never both: ChatEvent's oneOf must tell them apart.
-	c.valid("StreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1}}`, "a skipped line")
-	c.invalid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1}}`, "a skipped line")
-	c.valid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1}}`, "an upstream error line")
-	c.invalid("StreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1}}`, "an upstream error line")
+	c.valid("StreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1,"timestamp_ms":1000}}`, "a skipped line")
+	c.invalid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1,"timestamp_ms":1000}}`, "a skipped line")
+	c.valid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1,"timestamp_ms":1000}}`, "an upstream error line")
+	c.invalid("StreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1,"timestamp_ms":1000}}`, "an upstream error line")
 	for _, bad := range []struct{ what, event string }{
 		{"stream_end without its counts", `{"event":"stream_end","data":{"request_id":"r","timestamp":1}}`},
 		{"stream_start without request_id", `{"event":"stream_start","data":{"timestamp":1}}`},

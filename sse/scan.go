@@ -22,7 +22,7 @@ const maxDepth = 512
 
 // Member names the gateway sets on every event; an upstream line carrying them takes the slow
 // path so the gateway's values replace the upstream's rather than duplicating keys.
-var reservedKeys = [...]string{"request_id", "line_number", "timestamp"}
+var reservedKeys = [...]string{"request_id", "line_number", "timestamp", "timestamp_ms"}
 
 // plain marks bytes that may appear unescaped in a JSON string and need no further attention.
 var plain = func() (t [256]bool) {
