@@ -10,6 +10,8 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -160,6 +162,12 @@ func TestOpenAISDKRealtime(t *testing.T) {
 			}
 		})
 	}
+}
+
+// audio24k is how much audio (24 kHz 16-bit mono PCM, the realtime default) the algorithm
+// service received.
+func audio24k(t *testing.T, algo *fakeAlgo) time.Duration {
+	return algo.audioReceived(t) * 2 / 3 // audioReceived counts 16 kHz
 }
 
 // realtimeDial opens GET /v1/realtime on g with a Go client: the token as a Bearer header, or
@@ -317,10 +325,10 @@ func TestRealtimeQuotaExhausted(t *testing.T) {
 	if i := slices.Index(got.Types, "error"); i < 0 {
 		t.Fatalf("no error event before the close: %v", got.Types)
 	}
-	// A session relays at most one reservation (VOICE_RESERVATION, 2 s) beyond its quota
-	// (docs/voice.md); this client sends 40 times faster than real time.
-	if a := algo.audioReceived(t); a > 3*time.Second {
-		t.Errorf("the algorithm service got %v of audio, over the 1 s quota by more than a reservation", a)
+	// Charged as the frames arrive: the algorithm service gets the quota's second, no more.
+	eventually(t, 5*time.Second, "the session's audio is all upstream", func() bool { return algo.voiceOpen.Load() == 0 })
+	if a := audio24k(t, algo); a != time.Second {
+		t.Errorf("the algorithm service got %v of audio, want the 1 s quota", a)
 	}
 }
 
@@ -384,5 +392,38 @@ func TestRealtimeRevokedOnAnotherInstance(t *testing.T) {
 	t.Logf("revocation to error event: median %v, p99 %v, max %v", took[n/2], p99, took[n-1])
 	if p99 > 100*time.Millisecond {
 		t.Errorf("p99 %v from the revocation's answer to the client's error event, want within 100 ms", p99)
+	}
+}
+
+// TestRealtimeInBrowser: a page in Chromium, on an origin of its own that CORS_ORIGINS allows,
+// talks to GET /v1/realtime as OpenAI's browser client does (testdata/realtime/page.html): its
+// key as a subprotocol, a session.update, 200 ms of audio, commit, response.create; it gets the
+// transcription, the audio and response.done, and the algorithm service the audio.
+func TestRealtimeInBrowser(t *testing.T) {
+	t.Parallel()
+	b := startBrowser(t)
+	pageSrv := httptest.NewServer(http.FileServer(http.Dir("testdata/realtime")))
+	t.Cleanup(pageSrv.Close)
+	algo := realtimeAlgo(t, 4800)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CORS_ORIGINS": pageSrv.URL})
+	tok := tokenFor(t, "u-rt-browser", []string{"user"}, nil)
+	p := b.open(t, pageSrv.URL+"/page.html#"+url.QueryEscape("ws://"+g.Addr+"&"+tok))
+	p.waitFor("response.done", `window.voicegate.done === true`)
+	var got struct {
+		Types, Errors     []string
+		AudioBytes        int
+		Transcript, Input string
+		Protocol          string
+		Usage             map[string]float64
+	}
+	p.eval(`window.voicegate`, &got)
+	if got.Protocol != "realtime" || len(got.Errors) > 0 || got.Input != "hello" || got.Transcript != "Hi there" || got.AudioBytes != 9600 {
+		t.Fatalf("the page saw %+v", got)
+	}
+	if got.Usage["input_audio_seconds"] != 0.2 {
+		t.Errorf("usage %v, want 0.2 s of input audio", got.Usage)
+	}
+	if a := audio24k(t, algo); a != 200*time.Millisecond {
+		t.Errorf("the algorithm service got %v of audio, want the page's 200 ms", a)
 	}
 }
