@@ -11,6 +11,7 @@
 package realtime
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"strconv"
@@ -171,7 +172,24 @@ type clientEvent struct {
 	Response json.RawMessage `json:"response"`
 }
 
+// appendPrefix is how an append event usually begins: such an event is read without
+// encoding/json (the hot path: every audio frame).
+const appendPrefix = `{"type":"input_audio_buffer.append","audio":"`
+
 func (t *translator) Client(typ websocket.MessageType, msg []byte, u voice.Relayed) voice.ClientAction {
+	if b64, ok := bytes.CutPrefix(msg, []byte(appendPrefix)); ok {
+		if b64, ok = bytes.CutSuffix(b64, []byte(`"}`)); ok && len(b64) > 0 && bytes.IndexAny(b64, `"\`) < 0 {
+			audio := make([]byte, base64.StdEncoding.DecodedLen(len(b64)))
+			n, err := base64.StdEncoding.Decode(audio, b64)
+			if err != nil {
+				return refuse(codeInvalidAudio, "input_audio_buffer.append: audio is not valid base64")
+			}
+			t.mu.Lock()
+			t.appended += n
+			t.mu.Unlock()
+			return voice.ClientAction{Audio: audio[:n]}
+		}
+	}
 	var ev clientEvent
 	if err := json.Unmarshal(msg, &ev); err != nil {
 		return refuse(codeInvalidJSON, "the event is not valid JSON, or a field has the wrong type: "+err.Error())
@@ -451,7 +469,10 @@ func (t *translator) Upstream(typ websocket.MessageType, msg []byte, u voice.Rel
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if typ == websocket.MessageBinary {
-		return t.audioDelta(base64.StdEncoding.EncodeToString(msg), u)
+		// The hot path, a frame of TTS audio: encoded without encoding/json.
+		out := t.ensureOpen(u)
+		t.resp.audio = true
+		return append(out, t.appendAudioDelta(make([]byte, 0, 160+base64.StdEncoding.EncodedLen(len(msg))), msg))
 	}
 	var m upstreamMessage
 	if json.Unmarshal(msg, &m) != nil {
@@ -544,6 +565,20 @@ func (t *translator) ensureOpen(u voice.Relayed) [][]byte {
 
 // where adds the response's coordinates to an output event's fields.
 func (t *translator) where(f map[string]any) map[string]any { return t.whereOf(t.resp, f) }
+
+// appendAudioDelta appends the response.output_audio.delta event of audio to dst, as event
+// would encode it. Caller holds mu, with a response open.
+func (t *translator) appendAudioDelta(dst, audio []byte) []byte {
+	dst = append(dst, `{"content_index":0,"delta":"`...)
+	dst = base64.StdEncoding.AppendEncode(dst, audio)
+	dst = append(dst, `","event_id":"event_`...)
+	dst = strconv.AppendInt(dst, t.seq.Add(1), 10)
+	dst = append(dst, `","item_id":`...)
+	dst = strconv.AppendQuote(dst, t.resp.item)
+	dst = append(dst, `,"output_index":0,"response_id":`...)
+	dst = strconv.AppendQuote(dst, t.resp.id)
+	return append(dst, `,"type":"response.output_audio.delta"}`...)
+}
 
 func (t *translator) audioDelta(b64 string, u voice.Relayed) [][]byte {
 	out := t.ensureOpen(u)
