@@ -490,3 +490,86 @@ func TestOpenAPIOpenAIEvents(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestCompletionsResume: with SSE_RESUME_WINDOW, an OpenAI stream whose client went away after
+// ten content chunks goes on; the same request again with its X-Request-ID and Last-Event-ID
+// gets exactly the rest, ending in [DONE], and the answer is generated once.
+func TestCompletionsResume(t *testing.T) {
+	algo := newResumeAlgo(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "SSE_RESUME_WINDOW": "30s"})
+	tok := tokenFor(t, "u-oai-resume", []string{"user"}, nil)
+	body := `{"model":"default","stream":true,"messages":[{"role":"user","content":"gated"}]}`
+	ctx, cancel := context.WithCancel(t.Context())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g.URL+"/v1/chat/completions", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+tok)
+	req.Header.Set("X-Request-ID", "resume-me")
+	res, err := g.Client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The role chunk (id 1) and parts 1 to 10 (ids 2 to 11); the upstream holds part 11.
+	var got []byte
+	buf := make([]byte, 4096)
+	for !bytes.Contains(got, []byte(`"content":"part 10"`)) {
+		n, err := res.Body.Read(buf)
+		if err != nil {
+			t.Fatalf("%v before part 10 (%q)", err, got)
+		}
+		got = append(got, buf[:n]...)
+	}
+	cancel()
+	res.Body.Close()
+	close(algo.release)
+	res = postCompletion(t, g, tok, body, map[string]string{"X-Request-ID": "resume-me", "Last-Event-ID": "11"})
+	datas := chunks(t, res.Body)
+	var text string
+	for _, d := range datas[:len(datas)-1] {
+		var c struct {
+			Choices []struct{ Delta map[string]any }
+		}
+		_ = json.Unmarshal([]byte(d), &c)
+		for _, ch := range c.Choices {
+			s, _ := ch.Delta["content"].(string)
+			text += s
+		}
+	}
+	var want string
+	for i := 11; i < resumeLines; i++ {
+		want += "part " + strconv.Itoa(i)
+	}
+	if text != want || datas[len(datas)-1] != "[DONE]" {
+		t.Fatalf("resumed text %q, last %q; want parts 11 to %d, then [DONE]", text, datas[len(datas)-1], resumeLines-1)
+	}
+	if n := algo.calls.Load(); n != 1 {
+		t.Fatalf("the algorithm service was asked %d times, want once", n)
+	}
+}
+
+// TestCompletionsRevoked: revoking the caller's token ends its running OpenAI stream with an
+// error object token_revoked, never [DONE], and cancels the upstream request.
+func TestCompletionsRevoked(t *testing.T) {
+	algo := newOpenAIAlgo(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	tok := tokenFor(t, "u-oai-revoked", []string{"user"}, nil)
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, g.URL+"/v1/chat/completions",
+		strings.NewReader(`{"model":"default","stream":true,"messages":[{"role":"user","content":"hold"}]}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+tok)
+	res, err := g.Client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	eventually(t, 5*time.Second, "the stream is running", func() bool { return algo.lastQuery() != nil })
+	wantStatus(t, call(t, g, "POST", "/api/v2/auth/revoke", tok, ""), http.StatusOK)
+	datas := chunks(t, res.Body)
+	if last := datas[len(datas)-1]; !strings.Contains(last, `"code":"token_revoked"`) {
+		t.Fatalf("the stream ends with %s, want token_revoked", last)
+	}
+	select {
+	case <-algo.gone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the upstream request was still running after the revocation")
+	}
+}

@@ -126,6 +126,10 @@ type answer struct {
 	stats   Stats
 	lineNo  int64
 	usage   *upstreamUsage
+	// raw, if set, takes a generation_chunk's "content" as the raw JSON string it is, when the
+	// line needs no decoding (the hot path of a stream); lineEnds says it holds raw U+0085,
+	// U+2028 or U+2029.
+	raw func(content []byte, lineEnds bool)
 }
 
 // feed handles upstream bytes; each usable line goes to use.
@@ -163,6 +167,10 @@ func (a *answer) line(l []byte, use func(*upstreamLine)) {
 	}
 	if a.onEvent != nil {
 		a.onEvent(typ)
+	}
+	if typ == "generation_chunk" && a.raw != nil && !obj.slow && obj.content != nil && !obj.contentOdd {
+		a.raw(obj.content, obj.lineEnds)
+		return
 	}
 	switch typ {
 	case "generation_chunk", "generation_done", "done", EventError:
@@ -265,6 +273,7 @@ func newCompletionFramer(o *HandlerOptions, q *queryRequest, t *tally, first fun
 	if t != nil {
 		f.a.onEvent = t.add
 	}
+	f.a.raw = f.rawContent
 	f.prefix = append(f.prefix, `{"id":`...)
 	f.prefix = appendJSONString(f.prefix, q.RequestID)
 	f.prefix = append(f.prefix, `,"object":"chat.completion.chunk","created":`...)
@@ -316,6 +325,26 @@ func (f *completionFramer) open() {
 	f.out = strconv.AppendInt(f.out, f.id, 10)
 	f.out = append(f.out, "\ndata: "...)
 	f.out = append(f.out, f.prefix...)
+}
+
+// rawContent appends a content chunk whose text is content, a raw JSON string from a line
+// scanObject validated: copied as it is, its line ends escaped.
+func (f *completionFramer) rawContent(content []byte, lineEnds bool) {
+	if f.finished || len(content) <= 2 {
+		return // nothing to say, as for an empty string decoded
+	}
+	f.open()
+	f.out = append(f.out, `"choices":[{"index":0,"delta":{"content":`...)
+	if lineEnds {
+		f.out = appendEscapingLineEnds(f.out, content)
+	} else {
+		f.out = append(f.out, content...)
+	}
+	f.out = append(f.out, `},"logprobs":null,"finish_reason":null}]`...)
+	if f.includeUsage {
+		f.out = append(f.out, `,"usage":null`...)
+	}
+	f.out = append(f.out, "}\n\n"...)
 }
 
 func (f *completionFramer) use(u *upstreamLine) {
