@@ -308,10 +308,25 @@ func sessionIDOf(t *testing.T, g *testGateway) string {
 	return l.Sessions[0].SessionID
 }
 
-// TestRealtimeQuotaExhausted: the SDK's client sends audio past its user's daily quota; the
-// gateway tells it with an error event quota_exceeded, then closes 4429.
+// TestRealtimeQuotaExhausted: the SDK's client asks for a response whose speech is longer than
+// what is left of its user's daily audio (1 s): mid-response, the gateway tells it with an
+// error event quota_exceeded, then closes 4429; the response never completes, and the quota is
+// charged exactly.
 func TestRealtimeQuotaExhausted(t *testing.T) {
-	algo := realtimeAlgo(t, 4800)
+	// 200 ms of audio in, then 3 s of speech out, in 100 ms frames.
+	frames := []voiceFrame{{Text: `{"type":"llm_response_chunk","content":"a long answer"}`}}
+	for range 30 {
+		frames = append(frames, voiceFrame{Audio: 4800})
+	}
+	frames = append(frames, voiceFrame{Text: `{"type":"tts_complete"}`})
+	algo := newAlgo(t, algoOptions{Replier: func() voiceReplier {
+		return func(typ websocket.MessageType, msg []byte) []voiceFrame {
+			if typ == websocket.MessageText && upstreamTypeOf(msg) == "stop" {
+				return frames
+			}
+			return nil
+		}
+	}})
 	env, certFile, _ := tlsFiles(t)
 	pol := voicePolicy(t, "e2e.json", func(l *policy.Limits) {
 		l.VoiceAudioSecondsPerDay = &policy.AudioQuota{PerUser: 1, PerTenant: 100}
@@ -322,13 +337,13 @@ func TestRealtimeQuotaExhausted(t *testing.T) {
 	if !slices.Contains(got.Errors, "quota_exceeded") || got.CloseCode != int(voice.CloseQuotaExceeded) {
 		t.Fatalf("errors %v, close %d: want quota_exceeded then 4429", got.Errors, got.CloseCode)
 	}
-	if i := slices.Index(got.Types, "error"); i < 0 {
-		t.Fatalf("no error event before the close: %v", got.Types)
+	delta, failed := slices.Index(got.Types, "response.output_audio.delta"), slices.Index(got.Types, "error")
+	if delta < 0 || failed < delta || slices.Contains(got.Types, "response.done") {
+		t.Fatalf("events %v: want audio deltas, then the error, and no response.done", got.Types)
 	}
-	// Charged as the frames arrive: the algorithm service gets the quota's second, no more.
-	eventually(t, 5*time.Second, "the session's audio is all upstream", func() bool { return algo.voiceOpen.Load() == 0 })
-	if a := audio24k(t, algo); a != time.Second {
-		t.Errorf("the algorithm service got %v of audio, want the 1 s quota", a)
+	// 200 ms in, so 800 ms out: 8 frames of 100 ms reach the client, no more.
+	if got.AudioBytes != 8*4800 {
+		t.Errorf("%d bytes of speech reached the client, want the 800 ms left of the quota", got.AudioBytes)
 	}
 }
 

@@ -1,8 +1,8 @@
 // The official openai package's realtime WebSocket client (OpenAIRealtimeWS, on the ws
 // package), unchanged but for its base URL and key, against a gateway over wss://: it updates
 // the session's audio format, appends 200 ms of audio, commits it, asks for a response, and
-// collects what comes back until response.done. With VG_MODE=quota it keeps appending until
-// the gateway ends the session. It prints what it saw as one JSON object for the Go test
+// collects what comes back until response.done (with VG_MODE=quota, until the gateway ends the
+// session). It prints what it saw as one JSON object for the Go test
 // (openai_realtime_test.go); NODE_EXTRA_CA_CERTS makes node trust the test's certificate.
 import OpenAI from 'openai';
 import { OpenAIRealtimeWS } from 'openai/realtime/ws';
@@ -30,15 +30,6 @@ const done = new Promise((resolve) => {
   rt.on('session.updated', (ev) => {
     out.session = ev.session.audio.input.format;
     if (out.session.type !== fmt) return;
-    if (mode === 'quota') {
-      const pump = () => {
-        if (rt.socket.readyState !== 1) return;
-        rt.send({ type: 'input_audio_buffer.append', audio: silence });
-        setTimeout(pump, 5);
-      };
-      pump();
-      return;
-    }
     rt.send({ type: 'input_audio_buffer.append', audio: silence });
     rt.send({ type: 'input_audio_buffer.commit' });
     rt.send({ type: 'response.create' });
