@@ -289,3 +289,33 @@ func TestCollector(t *testing.T) {
 		t.Fatal("an answer over maxAnswerBytes was not refused")
 	}
 }
+
+// FuzzCompletionFramer: whatever the upstream sends, split anywhere, the OpenAI stream is
+// well framed: id and one data line per event, each valid JSON or [DONE], [DONE] last if at
+// all, no raw line ends, and it always ends ([DONE] or an error object).
+func FuzzCompletionFramer(f *testing.F) {
+	files, _ := filepath.Glob("../testdata/sse/*.ndjson")
+	for _, file := range files {
+		src, err := os.ReadFile(file)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(src, uint16(len(src)/2))
+	}
+	f.Fuzz(func(t *testing.T, src []byte, cut uint16) {
+		out := frame(completionFramerFor(true), src, io.EOF, int(cut)%(len(src)+1))
+		if indexLineEnd(out) >= 0 {
+			t.Fatalf("a raw line end in %q", out)
+		}
+		evs := parseChunks(t, out)
+		last := evs[len(evs)-1]
+		if !last.done && last.data["error"] == nil {
+			t.Fatalf("the stream ends with neither [DONE] nor an error: %v", last.data)
+		}
+		for i, ev := range evs[:len(evs)-1] {
+			if ev.done || ev.data["error"] != nil {
+				t.Fatalf("event %d of %d ends the stream", i, len(evs))
+			}
+		}
+	})
+}
