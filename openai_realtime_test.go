@@ -296,6 +296,19 @@ func TestRealtimeBadEvents(t *testing.T) {
 	if !slices.Contains(algo.textReceived(), `{"role":"user","session_id":"`+sessionIDOf(t, g)+`","text":"hi","type":"text"}`) {
 		t.Errorf("the algorithm service did not get the text item: %v", algo.textReceived())
 	}
+	// Once audio has flowed the format cannot change: refused, and the session keeps (and says)
+	// the one in force.
+	sendEvent(t, conn, `{"type":"input_audio_buffer.append","audio":"`+strings.Repeat("AAAA", 160)+`"}`)
+	sendEvent(t, conn, `{"type":"session.update","session":{"audio":{"input":{"format":{"type":"audio/pcmu"}}}}}`)
+	if ev := readEvent(t, conn); ev["type"] != "error" || ev["error"].(map[string]any)["code"] != "validation_error" {
+		t.Fatalf("a format change after audio: %v", ev)
+	}
+	sendEvent(t, conn, `{"type":"session.update","session":{"instructions":"still pcm"}}`)
+	ev := readEvent(t, conn)
+	in := ev["session"].(map[string]any)["audio"].(map[string]any)["input"].(map[string]any)["format"].(map[string]any)
+	if ev["type"] != "session.updated" || in["type"] != "audio/pcm" {
+		t.Fatalf("after the refused change: %v", ev)
+	}
 }
 
 // sessionIDOf is the ID of the one live voice session of g.

@@ -68,6 +68,10 @@ type ClientAction struct {
 	// ErrorCode and ErrorMessage, when set, are an error for the client: the message goes no
 	// further, the session goes on.
 	ErrorCode, ErrorMessage string
+	// Accepted, if set, is called once the bridge has accepted every control message (a
+	// config may be refused: the format cannot change once audio has flowed), before the
+	// replies go out: what the Translator keeps of the message takes effect only then.
+	Accepted func()
 }
 
 // relayed is what s has relayed so far, for its Translator.
@@ -119,6 +123,9 @@ func (s *session) dialectMessage(b *[]byte, now time.Time, seq *int64) (d time.D
 			out = withPlayed(out, s.info.SessionID, s.flushTTS(false), "")
 		}
 		outs = append(outs, out)
+	}
+	if act.Accepted != nil {
+		act.Accepted()
 	}
 	for _, r := range act.Reply {
 		if err := s.client.ws.Write(unbounded(), websocket.MessageText, r); err != nil {

@@ -119,23 +119,34 @@ func formatObject(c voice.AudioConfig) map[string]any {
 	return map[string]any{"type": "audio/pcm", "rate": c.SampleRate}
 }
 
-// sessionObject is the session as session.created and session.updated describe it. Caller
-// holds mu.
-func (t *translator) sessionObject() map[string]any {
+// settings are what session.update changes.
+type settings struct {
+	instructions  string
+	input, output voice.AudioConfig
+	modalities    []string
+}
+
+// sessionObject is the session as session.created and session.updated describe it, with v.
+func (t *translator) sessionObject(v settings) map[string]any {
 	return map[string]any{
 		"type": "realtime", "object": "realtime.session", "id": t.id,
-		"instructions": t.instructions, "output_modalities": t.modalities,
+		"instructions": v.instructions, "output_modalities": v.modalities,
 		"audio": map[string]any{
-			"input":  map[string]any{"format": formatObject(t.input)},
-			"output": map[string]any{"format": formatObject(t.output)},
+			"input":  map[string]any{"format": formatObject(v.input)},
+			"output": map[string]any{"format": formatObject(v.output)},
 		},
 	}
+}
+
+// current are the settings in force. Caller holds mu.
+func (t *translator) current() settings {
+	return settings{instructions: t.instructions, input: t.input, output: t.output, modalities: t.modalities}
 }
 
 func (t *translator) Greeting() [][]byte {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return [][]byte{t.event("session.created", map[string]any{"session": t.sessionObject()})}
+	return [][]byte{t.event("session.created", map[string]any{"session": t.sessionObject(t.current())})}
 }
 
 // Error is an error event. Codes of the voice bridge (TOKEN_REVOKED, QUOTA_EXCEEDED, …) are
@@ -353,7 +364,7 @@ func (t *translator) sessionUpdate(raw json.RawMessage) voice.ClientAction {
 	if s.Type != "" && s.Type != "realtime" {
 		return refuse(codeUnsupported, "session.update: session.type '"+clip(s.Type)+"' is not supported (realtime)")
 	}
-	input, output := t.input, t.output
+	v := t.current()
 	var inRaw, outRaw json.RawMessage = s.InputAudioFormat, s.OutputAudioFormat
 	if s.Audio != nil && s.Audio.Input != nil && s.Audio.Input.Format != nil {
 		inRaw = s.Audio.Input.Format
@@ -366,35 +377,40 @@ func (t *translator) sessionUpdate(raw json.RawMessage) voice.ClientAction {
 		if bad != "" {
 			return refuse(codeInvalidValue, "session.update: "+bad)
 		}
-		input.Format, input.SampleRate, input.Channels = c.Format, c.SampleRate, c.Channels
+		v.input.Format, v.input.SampleRate, v.input.Channels = c.Format, c.SampleRate, c.Channels
 	}
 	if outRaw != nil {
 		c, bad := parseFormat(outRaw, "session.audio.output.format")
 		if bad != "" {
 			return refuse(codeInvalidValue, "session.update: "+bad)
 		}
-		output.Format, output.SampleRate, output.Channels = c.Format, c.SampleRate, c.Channels
+		v.output.Format, v.output.SampleRate, v.output.Channels = c.Format, c.SampleRate, c.Channels
 	}
-	config := map[string]any{"type": "config", "format": input.Format, "sample_rate": input.SampleRate,
-		"channels": input.Channels, "output_format": output.Format, "output_sample_rate": output.SampleRate}
+	config := map[string]any{"type": "config", "format": v.input.Format, "sample_rate": v.input.SampleRate,
+		"channels": v.input.Channels, "output_format": v.output.Format, "output_sample_rate": v.output.SampleRate}
 	if s.Instructions != nil {
-		t.instructions = *s.Instructions
-		config["instructions"] = t.instructions
+		v.instructions = *s.Instructions
+		config["instructions"] = v.instructions
 	}
-	v := s.Voice
+	voiceName := s.Voice
 	if s.Audio != nil && s.Audio.Output != nil && s.Audio.Output.Voice != nil {
-		v = s.Audio.Output.Voice
+		voiceName = s.Audio.Output.Voice
 	}
-	if v != nil {
-		config["voice"] = *v
+	if voiceName != nil {
+		config["voice"] = *voiceName
 	}
 	if m := cmpModalities(s.OutputModalities, s.Modalities); m != nil {
-		t.modalities = m
+		v.modalities = m
 	}
-	t.input, t.output = input, output
 	b, _ := json.Marshal(config)
 	return voice.ClientAction{Control: [][]byte{b},
-		Reply: [][]byte{t.event("session.updated", map[string]any{"session": t.sessionObject()})}}
+		Reply: [][]byte{t.event("session.updated", map[string]any{"session": t.sessionObject(v)})},
+		// Only once the bridge took the config (a format cannot change once audio has flowed).
+		Accepted: func() {
+			t.mu.Lock()
+			t.instructions, t.input, t.output, t.modalities = v.instructions, v.input, v.output, v.modalities
+			t.mu.Unlock()
+		}}
 }
 
 // itemCreate handles conversation.item.create: a text message, passed on as a text control
