@@ -573,3 +573,33 @@ func TestCompletionsRevoked(t *testing.T) {
 		t.Fatal("the upstream request was still running after the revocation")
 	}
 }
+
+// TestCompletionsHeartbeat: an OpenAI stream whose upstream is silent gets ": ping" comments
+// every SSE_PING_INTERVAL, which the SDKs skip, as the v2 stream does.
+func TestCompletionsHeartbeat(t *testing.T) {
+	algo := newOpenAIAlgo(t)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "SSE_PING_INTERVAL": "50ms"})
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g.URL+"/v1/chat/completions",
+		strings.NewReader(`{"model":"default","stream":true,"messages":[{"role":"user","content":"hold"}]}`))
+	req.Header.Set("Content-Type", "application/json")
+	res, err := g.Client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var got []byte
+	buf := make([]byte, 4096)
+	for bytes.Count(got, []byte(": ping\n\n")) < 2 || !bytes.Contains(got, []byte(`"content":"wait"`)) {
+		n, err := res.Body.Read(buf)
+		if err != nil {
+			t.Fatalf("%v before two pings (%q)", err, got)
+		}
+		got = append(got, buf[:n]...)
+	}
+	// The pings do not end or break the stream: the chunks before and between them stand.
+	if !bytes.HasPrefix(got, []byte("id: 1\ndata: ")) || !bytes.Contains(got, []byte(`"content":"wait"`)) {
+		t.Fatalf("the stream around the pings: %q", got)
+	}
+}

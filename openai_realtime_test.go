@@ -455,3 +455,40 @@ func TestRealtimeInBrowser(t *testing.T) {
 		t.Errorf("the algorithm service got %v of audio, want the page's 200 ms", a)
 	}
 }
+
+// TestRealtimeDrained: a gateway that shuts down tells its realtime clients with an error event
+// server_shutdown, then closes 1012, as it does voice clients.
+func TestRealtimeDrained(t *testing.T) {
+	algo := realtimeAlgo(t, 4800)
+	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
+	conn, _, err := realtimeDial(t, g, tokenFor(t, "u-rt-drain", []string{"user"}, nil), false, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readEvent(t, conn) // session.created
+	stopped := make(chan struct{})
+	go func() { defer close(stopped); g.cancel() }()
+	var codes []string
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	var closeErr error
+	for {
+		_, msg, err := conn.Read(ctx)
+		if err != nil {
+			closeErr = err
+			break
+		}
+		var ev struct {
+			Type  string
+			Error struct{ Code string }
+		}
+		_ = json.Unmarshal(msg, &ev)
+		if ev.Type == "error" {
+			codes = append(codes, ev.Error.Code)
+		}
+	}
+	<-stopped
+	if !slices.Contains(codes, "server_shutdown") || websocket.CloseStatus(closeErr) != websocket.StatusServiceRestart {
+		t.Fatalf("errors %v, close %v: want server_shutdown, then 1012", codes, closeErr)
+	}
+}
