@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -361,8 +362,8 @@ func TestRealtimeQuotaExhausted(t *testing.T) {
 }
 
 // TestRealtimeRevokedOnAnotherInstance: sessions on B whose tokens are revoked through A get an
-// error event token_revoked and close 4401; the p99 from A's answer to the client's error
-// event is within 100 ms.
+// error event token_revoked and close 4401; the p99 from sending the revocation to A to the
+// client's error event is within 100 ms.
 func TestRealtimeRevokedOnAnotherInstance(t *testing.T) {
 	r := startRedis(t)
 	algo := realtimeAlgo(t, 4800)
@@ -370,10 +371,10 @@ func TestRealtimeRevokedOnAnotherInstance(t *testing.T) {
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))
 	b := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "b"}))
 	w := watchTokens(t, a, b)
-	const n = 30
+	const n = 100 // so that p99 is the 99th of them
 	var took []time.Duration
 	for i := range n {
-		tok := w.token(t, "u-rt-revoke-"+string(rune('a'+i%26))+strings.Repeat("x", i/26), []string{"user"}, nil)
+		tok := w.token(t, "u-rt-revoke-"+strconv.Itoa(i), []string{"user"}, nil)
 		conn, _, err := realtimeDial(t, b, tok, false, "")
 		if err != nil {
 			t.Fatal(err)
@@ -406,20 +407,20 @@ func TestRealtimeRevokedOnAnotherInstance(t *testing.T) {
 				}
 			}
 		}()
+		sent := time.Now()
 		res := call(t, a, "POST", "/api/v2/auth/revoke", tok, "")
-		answered := time.Now()
 		wantStatus(t, res, http.StatusOK)
 		e := <-done
 		if e.close != 4401 || (e.code != "token_revoked" && e.code != "token_invalid") {
 			t.Fatalf("session %d: error %q, close %d; want token_revoked then 4401", i, e.code, e.close)
 		}
-		took = append(took, max(e.errAt.Sub(answered), 0))
+		took = append(took, e.errAt.Sub(sent))
 	}
 	slices.Sort(took)
 	p99 := percentile(took, 0.99)
 	t.Logf("revocation to error event: median %v, p99 %v, max %v", took[n/2], p99, took[n-1])
 	if p99 > 100*time.Millisecond {
-		t.Errorf("p99 %v from the revocation's answer to the client's error event, want within 100 ms", p99)
+		t.Errorf("p99 %v from the revocation to the client's error event, want within 100 ms", p99)
 	}
 }
 
