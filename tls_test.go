@@ -12,7 +12,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"encoding/pem"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -209,4 +211,45 @@ func openVoiceWith(t *testing.T, g *testGateway, client *http.Client) *http.Resp
 		t.Fatalf("upgrade over %s", res.Proto)
 	}
 	return res
+}
+
+// TestTLSHTTP2Settings reads the HTTP/2 server's SETTINGS frame off the wire: at most 250
+// concurrent streams and 1 MiB frames (http2Limits), and no ENABLE_CONNECT_PROTOCOL, so no
+// client can open a WebSocket over HTTP/2 (RFC 8441): voice and realtime stay HTTP/1.1 upgrades.
+func TestTLSHTTP2Settings(t *testing.T) {
+	env, _, _ := tlsFiles(t)
+	g := startRun(t, nil, with(env, map[string]string{"ALGO_URL": newAlgo(t, algoOptions{}).URL}))
+	conn, err := tls.Dial("tcp", g.Addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	// The client preface and an empty SETTINGS frame.
+	if _, err := conn.Write(append([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), 0, 0, 0, 4, 0, 0, 0, 0, 0)); err != nil {
+		t.Fatal(err)
+	}
+	var head [9]byte
+	if _, err := io.ReadFull(conn, head[:]); err != nil {
+		t.Fatal(err)
+	}
+	n := int(head[0])<<16 | int(head[1])<<8 | int(head[2])
+	if head[3] != 4 || n%6 != 0 {
+		t.Fatalf("the server's first frame is of type %d and %d bytes, want SETTINGS", head[3], n)
+	}
+	payload := make([]byte, n)
+	if _, err := io.ReadFull(conn, payload); err != nil {
+		t.Fatal(err)
+	}
+	settings := map[uint16]uint32{}
+	for i := 0; i < n; i += 6 {
+		settings[binary.BigEndian.Uint16(payload[i:])] = binary.BigEndian.Uint32(payload[i+2:])
+	}
+	const maxStreams, maxFrame, connectProtocol = 0x3, 0x5, 0x8
+	if settings[maxStreams] != 250 || settings[maxFrame] != 1<<20 {
+		t.Errorf("MAX_CONCURRENT_STREAMS %d, MAX_FRAME_SIZE %d; want 250 and 1 MiB", settings[maxStreams], settings[maxFrame])
+	}
+	if v, ok := settings[connectProtocol]; ok && v != 0 {
+		t.Errorf("ENABLE_CONNECT_PROTOCOL is %d: WebSockets could be opened over HTTP/2", v)
+	}
 }
