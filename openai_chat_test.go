@@ -544,6 +544,12 @@ func TestCompletionsResume(t *testing.T) {
 	if n := algo.calls.Load(); n != 1 {
 		t.Fatalf("the algorithm service was asked %d times, want once", n)
 	}
+	// The request ID is its user's: another user naming it resumes nothing, and learns nothing.
+	other := tokenFor(t, "u-oai-other", []string{"user"}, nil)
+	res = postCompletion(t, g, other, body, map[string]string{"X-Request-ID": "resume-me", "Last-Event-ID": "11"})
+	if e := openAIError(t, res, http.StatusNotFound); e["code"] != "not_found" {
+		t.Fatalf("another user's resume: %v", e)
+	}
 }
 
 // TestCompletionsRevoked: revoking the caller's token ends its running OpenAI stream with an
