@@ -28,7 +28,9 @@ type config struct {
 	Version     bool // print the version and exit
 
 	ListenAddr     string
-	ListenAddrFile string     // "" writes none; else the address listened on, for -healthcheck
+	ListenAddrFile string // "" writes none; else the address listened on, for -healthcheck
+	TLSCertFile    string // with TLSKeyFile: serve TLS (and HTTP/2), reloading the files when they change
+	TLSKeyFile     string
 	AlgoURLs       []*url.URL // replicas of the algorithm service
 	AdminURLs      []*url.URL // none: the admin route answers 404
 	DocsURLs       []*url.URL // none: the documents route answers 404
@@ -50,6 +52,7 @@ type config struct {
 	ChatMaxMessage       int
 	ChatMaxTokens        int
 	ChatDefaultModel     string
+	OpenAIModels         []string // the models /v1/ serves and lists; empty: CHAT_DEFAULT_MODEL alone
 	SSEPingInterval      time.Duration
 	SSEWriteTimeout      time.Duration
 	SSEResumeWindow      time.Duration
@@ -221,6 +224,27 @@ func settings() []setting {
 				return errors.New("must not be empty")
 			}
 			c.ChatDefaultModel = v
+			return nil
+		}},
+		{"TLS_CERT_FILE", "", "PEM certificate chain: with TLS_KEY_FILE, the gateway serves HTTPS (HTTP/2 and HTTP/1.1, wss:// for voice and realtime) and reloads both files when they change", func(c *config, v string) error {
+			c.TLSCertFile = v
+			return nil
+		}},
+		{"TLS_KEY_FILE", "", "PEM private key of TLS_CERT_FILE", func(c *config, v string) error {
+			c.TLSKeyFile = v
+			return nil
+		}},
+		{"OPENAI_MODELS", "", "models POST /v1/chat/completions takes and GET /v1/models lists, comma-separated (another is refused with 404 model_not_found); unset: CHAT_DEFAULT_MODEL alone (-demo: voicegate-demo)", func(c *config, v string) error {
+			c.OpenAIModels = nil
+			for _, m := range strings.Split(v, ",") {
+				if m = strings.TrimSpace(m); m == "" {
+					continue
+				}
+				if !proxy.ValidLabel(m, 256) {
+					return errors.New("want model names of printable characters, at most 256 bytes each")
+				}
+				c.OpenAIModels = append(c.OpenAIModels, m)
+			}
 			return nil
 		}},
 		{"SSE_PING_INTERVAL", "15s", "ping comment interval while the upstream is silent", durationSetting(func(c *config) *time.Duration { return &c.SSEPingInterval }, time.Millisecond)},
@@ -649,6 +673,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 		defaults["LISTEN_ADDR"] = "127.0.0.1:8080"
 		defaults["DRAIN_DELAY"] = "0s"
 		defaults["CONSOLE_ENABLED"] = "true" // a first look should let you talk to it
+		defaults["OPENAI_MODELS"] = demoModel
 	}
 	if err := applySettings(c, all, values, typed, getenv, defaults); err != nil {
 		return nil, err
@@ -667,6 +692,12 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 			}
 		}
 		return c, nil
+	}
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		return nil, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both, or neither")
+	}
+	if len(c.OpenAIModels) == 0 {
+		c.OpenAIModels = []string{c.ChatDefaultModel}
 	}
 	if len(c.AlgoURLs) == 0 && !c.Demo {
 		return nil, errors.New("ALGO_URL is required (or run with -demo for a first look)")

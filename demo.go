@@ -28,6 +28,9 @@ type demoAlgo struct {
 	srv *http.Server
 }
 
+// demoModel is the model the demo's OpenAI-compatible routes list and take.
+const demoModel = "voicegate-demo"
+
 // demoChunkDelay paces generation chunks like a model producing tokens.
 const demoChunkDelay = 40 * time.Millisecond
 

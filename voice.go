@@ -16,6 +16,7 @@ import (
 	"voicegate/policy"
 	"voicegate/proxy"
 	"voicegate/voice"
+	"voicegate/voice/realtime"
 )
 
 // newVoiceRegistry makes the registry of live voice sessions: this instance's, and with Redis
@@ -29,21 +30,23 @@ func newVoiceRegistry(cfg *config, redis rueidis.Client, renew *renewer, log *sl
 	return sessions
 }
 
-// newVoiceHandler is GET /api/v2/voice/stream: the bridge to the algorithm service's voice
-// endpoint on its replicas, governed by the policy in force (audio quotas metered in Redis or
-// memory, session limits, pace) and rechecking its caller's token while it runs.
-func newVoiceHandler(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessions *voice.Registry,
-	policies *policy.Store, authn *auth.Authenticator, outbound proxy.Outbound, tel *telemetry, log *slog.Logger) (*voice.Handler, error) {
+// newVoiceHandlers are GET /api/v2/voice/stream and GET /v1/realtime (OpenAI's Realtime API,
+// the same bridge in another dialect): the bridge to the algorithm service's voice endpoint on
+// its replicas, governed by the policy in force (audio quotas metered in Redis or memory,
+// session limits, pace) and rechecking its caller's token while it runs. Both put their
+// sessions in one registry and charge one meter.
+func newVoiceHandlers(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessions *voice.Registry,
+	policies *policy.Store, authn *auth.Authenticator, outbound proxy.Outbound, tel *telemetry, log *slog.Logger) (v2, openAI *voice.Handler, err error) {
 	metrics, err := newVoiceMetrics(tel, policies)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var meter policy.AudioMeter = policy.NewMemoryAudioMeter()
 	if redis != nil {
 		meter = policy.NewRedisAudioMeter(redis, cfg.RedisPrefix)
 	}
 	bg := context.Background()
-	return voice.NewHandler(voice.Options{
+	o := voice.Options{
 		AlgoURL:      algo.Primary(),
 		Via:          algo.Via, // voice dials share the replicas' health with chat
 		AllowOrigin:  proxy.CORSOptions{Origins: cfg.CORSOrigins}.AllowOrigin,
@@ -85,7 +88,10 @@ func newVoiceHandler(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessio
 			tel.voiceSessionEnded(int(s.CloseCode), s.Duration)
 		},
 		Log: log,
-	}), nil
+	}
+	v2 = voice.NewHandler(o)
+	o.Dialect = realtime.New()
+	return v2, voice.NewHandler(o), nil
 }
 
 // recheck tells a long-lived voice session whether its token still holds: revoked, expired or

@@ -114,11 +114,15 @@ func WriteError(w http.ResponseWriter, r *http.Request, e *Error) {
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Del("Content-Length")
 	w.WriteHeader(status)
-	body := errorBody{Error: msg, Code: code, Details: e.Details}
+	var requestID string
 	if info != nil {
-		body.RequestID = info.RequestID
+		requestID = info.RequestID
 	}
-	_ = json.NewEncoder(w).Encode(body)
+	if openAIStyle(r.Context()) {
+		_ = json.NewEncoder(w).Encode(openAIErrorBody(status, code, msg, requestID, e.Details))
+		return
+	}
+	_ = json.NewEncoder(w).Encode(errorBody{Error: msg, Code: code, Details: e.Details, RequestID: requestID})
 }
 
 // FieldError names one invalid request field (or header) in a VALIDATION_ERROR's details.

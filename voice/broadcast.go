@@ -194,6 +194,9 @@ func (r *Registry) deliver(b Broadcast) int {
 		if !b.AllTenants && s.info.TenantID != b.TenantID || b.UserID != "" && s.info.UserID != b.UserID {
 			continue
 		}
+		if s.tr != nil {
+			continue // a dialect (OpenAI's Realtime API) has no notice to say it with
+		}
 		now := time.Now()
 		msg, _ := json.Marshal(notice{Type: TypeNotice, Message: b.Message, SessionID: s.info.SessionID,
 			Timestamp: now.Unix(), TimestampMS: now.UnixMilli()})

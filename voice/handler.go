@@ -109,7 +109,11 @@ type Options struct {
 	TTSPacing bool
 	TTSLead   time.Duration
 	TTSQueue  int
-	Log       *slog.Logger
+	// Dialect, if set, is the protocol the route's clients speak instead of the voice
+	// protocol (dialect.go): OpenAI's Realtime API on GET /v1/realtime. Its sessions are the
+	// voice route's in every other respect, in the same Registry.
+	Dialect Dialect
+	Log     *slog.Logger
 }
 
 // Handler is the GET /api/v2/voice/stream handler.
@@ -164,6 +168,9 @@ func NewHandler(o Options) *Handler {
 	}
 	if o.Audio.Language == "" {
 		o.Audio.Language = "zh-CN"
+	}
+	if o.Dialect != nil {
+		o.Audio = o.Dialect.Audio(o.Audio)
 	}
 	if err := o.Audio.audioFormat().Validate(); err != nil {
 		panic("voice: Options.Audio: " + err.Error())
@@ -305,8 +312,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	hj := &hijacker{ResponseWriter: w, read: h.o.readTimeout(), write: h.o.WriteTimeout}
+	subprotocol := Subprotocol
+	if h.o.Dialect != nil {
+		subprotocol = h.o.Dialect.Subprotocol()
+	}
 	client, err := websocket.Accept(hj, r, &websocket.AcceptOptions{
-		Subprotocols:    []string{Subprotocol}, // "bearer.<token>" is never selected, so never echoed
+		Subprotocols:    []string{subprotocol}, // a token offered as a subprotocol is never selected, so never echoed
 		OriginPatterns:  originPatterns(r),     // checked above already
 		CompressionMode: websocket.CompressionDisabled,
 	})
@@ -319,6 +330,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return // Accept answered the request
 	}
 	client.SetReadLimit(h.o.ReadLimit)
+	if h.o.Dialect != nil {
+		client.SetReadLimit(dialectReadLimit(h.o.ReadLimit))
+	}
 	up.SetReadLimit(h.o.ReadLimit)
 
 	s := newSession(h, info, cfg, side{ws: client, conn: hj.conn}, side{ws: up, conn: upConn})

@@ -55,41 +55,34 @@ func (s *session) fromClient() {
 		var d time.Duration // of audio, relayed
 		switch typ {
 		case websocket.MessageBinary:
-			var ferr error
-			if d, ferr = s.m.clientFrame(*b); ferr != nil {
+			if s.tr != nil {
 				s.h.putBuf(b)
-				if !s.invalidAudio(ferr) {
+				if s.sendError(CodeInvalidMessage, "this protocol sends audio in JSON events, not binary messages") != nil {
+					s.clientWriteFailed()
 					return
 				}
 				continue
 			}
-			s.invalidRun = 0
-			if !s.spend(d) {
-				// The quota is used up: the session is ending, and this frame goes no further.
-				// Reading on takes the client's answer to the close.
-				s.h.putBuf(b)
+			var stop bool
+			if d, err, stop = s.relayAudio(b, now, &seq); stop {
+				return
+			}
+			if d < 0 {
 				continue
 			}
-			s.m.in.Add(int64(d))
-			s.n.audioIn.Add(int64(len(*b)))
-			s.n.firstAudio.CompareAndSwap(0, now.UnixNano())
-			s.clientAudio(now.UnixNano())
-			out := b
-			if !s.h.o.RawAudio {
-				seq++
-				out = s.h.getBuf()
-				*out = s.enc.appendChunk(*out, *b, seq, now)
-				s.h.putBuf(b)
-				typ = websocket.MessageText
-			}
-			err = s.up.ws.Write(unbounded(), typ, *out)
-			s.h.putBuf(out)
 		case websocket.MessageText:
 			if !utf8.Valid(*b) {
 				s.h.putBuf(b)
 				s.end(ending{code: websocket.StatusInvalidFramePayloadData, errCode: CodeInvalidMessage,
 					reason: "text messages must be UTF-8"})
 				return
+			}
+			if s.tr != nil {
+				var stop bool
+				if d, stop = s.dialectMessage(b, now, &seq); stop {
+					return
+				}
+				break
 			}
 			out, ctype, code, reason := control(*b, s.info.SessionID)
 			s.h.putBuf(b)
@@ -117,6 +110,40 @@ func (s *session) fromClient() {
 			s.paced(wait)
 		}
 	}
+}
+
+// relayAudio relays one frame of client audio (b, which it puts back) to the algorithm
+// service: validated for the agreed format, charged, metered, and written as an audio_chunk
+// message (or raw). d is the audio relayed, negative when the frame went no further (invalid,
+// or no quota left); err is the upstream write's; stop means the client's reader must return.
+func (s *session) relayAudio(b *[]byte, now time.Time, seq *int64) (d time.Duration, err error, stop bool) {
+	d, ferr := s.m.clientFrame(*b)
+	if ferr != nil {
+		s.h.putBuf(b)
+		return -1, nil, !s.invalidAudio(ferr)
+	}
+	s.invalidRun = 0
+	if !s.spend(d) {
+		// The quota is used up: the session is ending, and this frame goes no further.
+		// Reading on takes the client's answer to the close.
+		s.h.putBuf(b)
+		return -1, nil, false
+	}
+	s.m.in.Add(int64(d))
+	s.n.audioIn.Add(int64(len(*b)))
+	s.n.firstAudio.CompareAndSwap(0, now.UnixNano())
+	s.clientAudio(now.UnixNano())
+	out, typ := b, websocket.MessageBinary
+	if !s.h.o.RawAudio {
+		*seq++
+		out = s.h.getBuf()
+		*out = s.enc.appendChunk(*out, *b, *seq, now)
+		s.h.putBuf(b)
+		typ = websocket.MessageText
+	}
+	err = s.up.ws.Write(unbounded(), typ, *out)
+	s.h.putBuf(out)
+	return d, err, false
 }
 
 // clientReadFailed handles the end of the client's messages.
@@ -163,7 +190,11 @@ func (s *session) fromUpstream() {
 			s.h.putBuf(b)
 			continue
 		}
-		err = s.client.ws.Write(unbounded(), typ, *b)
+		if s.tr != nil {
+			err = s.writeTranslated(typ, b)
+		} else {
+			err = s.client.ws.Write(unbounded(), typ, *b)
+		}
 		s.h.putBuf(b)
 		if err != nil {
 			s.clientWriteFailed()

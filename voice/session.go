@@ -92,6 +92,7 @@ type session struct {
 	gov     governor
 	pace    pacer // fromClient's
 
+	tr         Translator                   // the client's dialect; nil: the voice protocol
 	tts        *ttsQueue                    // nil: TTS is not paced
 	ttsWG      sync.WaitGroup               // the TTS writer, while it runs
 	format     atomic.Pointer[audio.Format] // the agreed format, for the counters
@@ -118,7 +119,10 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 	s.lastIn.Store(now.UnixNano())
 	f := cfg.audioFormat()
 	s.format.Store(&f)
-	if h.o.TTSPacing {
+	if h.o.Dialect != nil {
+		// A dialect's client is sent audio in events as it comes: not paced.
+		s.tr = h.o.Dialect.Open(DialectSession{SessionID: info.SessionID, Audio: cfg, Now: time.Now})
+	} else if h.o.TTSPacing {
 		s.tts = newTTSQueue(h.o.TTSLead, h.o.TTSQueue)
 	}
 	return s
@@ -193,6 +197,15 @@ func (s *session) stats() Stats {
 }
 
 func (s *session) sendInit() {
+	if s.tr != nil {
+		for _, m := range s.tr.Greeting() {
+			if err := s.client.ws.Write(unbounded(), websocket.MessageText, m); err != nil {
+				s.clientWriteFailed()
+				return
+			}
+		}
+		return
+	}
 	now := time.Now()
 	msg, _ := json.Marshal(sessionInitialized{
 		Type: TypeSessionInitialized, SessionID: s.info.SessionID,
@@ -210,6 +223,9 @@ func (s *session) sendInit() {
 // serialises writes, and the socket's deadline bounds this one.
 func (s *session) sendError(code, msg string) error {
 	s.n.errors.Add(1)
+	if s.tr != nil {
+		return s.client.ws.Write(unbounded(), websocket.MessageText, s.tr.Error(code, msg))
+	}
 	return s.client.ws.Write(unbounded(), websocket.MessageText, encodeError(s.info.SessionID, code, msg))
 }
 
