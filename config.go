@@ -100,6 +100,8 @@ type config struct {
 	VoicePace        float64
 	VoicePaceBurst   time.Duration
 	VoiceUsageMaxLen int
+	// VoiceResumeWindow is how long a voice session outlives its client's connection; 0: off.
+	VoiceResumeWindow time.Duration
 
 	PolicyFile  string
 	PolicyWatch time.Duration
@@ -323,6 +325,7 @@ func settings() []setting {
 			return nil
 		}},
 		{"VOICE_PACE_BURST", "3s", "voice audio a client may send ahead of VOICE_PACE at once (catching up after a stall)", durationSetting(func(c *config) *time.Duration { return &c.VoicePaceBurst }, 20*time.Millisecond)},
+		{"VOICE_RESUME_WINDOW", "30s", "how long a voice session outlives its client's connection for the client to resume it, on any instance (0: resuming off); each dropped session holds its upstream connection that long", durationSetting(func(c *config) *time.Duration { return &c.VoiceResumeWindow }, 0)},
 		{"VOICE_USAGE_MAX_LEN", "100000", "usage records kept in the Redis stream {REDIS_PREFIX}usage (approximately; older ones are trimmed)", intSetting(func(c *config) *int { return &c.VoiceUsageMaxLen })},
 		{"METRICS_ENABLED", "true", "record metrics and serve /metrics", func(c *config, v string) (err error) {
 			if c.MetricsEnabled, err = strconv.ParseBool(v); err != nil {

@@ -52,6 +52,7 @@ type sessionInitialized struct {
 	Config       AudioConfig     `json:"config"`
 	ServerTime   int64           `json:"server_time"`
 	Capabilities map[string]bool `json:"capabilities"`
+	Resume       *resumeInfo     `json:"resume,omitempty"` // resume.go; none when resuming is off
 }
 
 type errorMessage struct {
@@ -60,6 +61,16 @@ type errorMessage struct {
 	Message   string `json:"message"`
 	SessionID string `json:"session_id"`
 	Timestamp int64  `json:"timestamp"`
+}
+
+// encodeResumeError is an error message that tells the client to resume ("resume": true).
+func encodeResumeError(sessionID, code, msg string) []byte {
+	b, _ := json.Marshal(struct {
+		errorMessage
+		Resume bool `json:"resume"`
+	}{errorMessage{Type: TypeError, Code: code, Message: msg, SessionID: sessionID,
+		Timestamp: time.Now().UnixMilli()}, true})
+	return b
 }
 
 func encodeError(sessionID, code, msg string) []byte {

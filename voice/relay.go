@@ -41,11 +41,11 @@ func (s *session) readMsg(ws *websocket.Conn) (websocket.MessageType, *[]byte, e
 // goroutine as soon as it is read: audio as audio_chunk messages (or raw), control messages
 // validated. It returns when the client side is finished.
 func (s *session) fromClient() {
-	var seq int64
+	c := s.clientNow() // a resume replaces it; this reader stays with its own
 	for {
-		typ, b, err := s.readMsg(s.client.ws)
+		typ, b, err := s.readMsg(c.ws)
 		if err != nil {
-			s.clientReadFailed(err)
+			s.clientReadFailed(c, err)
 			return
 		}
 		now := time.Now()
@@ -68,9 +68,8 @@ func (s *session) fromClient() {
 			s.clientAudio(now.UnixNano())
 			out := b
 			if !s.h.o.RawAudio {
-				seq++
 				out = s.h.getBuf()
-				*out = s.enc.appendChunk(*out, *b, seq, now)
+				*out = s.enc.appendChunk(*out, *b, s.upSeq.Add(1), now)
 				s.h.putBuf(b)
 				typ = websocket.MessageText
 			}
@@ -87,7 +86,7 @@ func (s *session) fromClient() {
 			s.h.putBuf(b)
 			if code != "" {
 				if s.sendError(code, reason) != nil {
-					s.clientWriteFailed()
+					s.clientWriteFailed(c)
 					return
 				}
 				continue
@@ -105,10 +104,12 @@ func (s *session) fromClient() {
 	}
 }
 
-// clientReadFailed handles the end of the client's messages.
-func (s *session) clientReadFailed(err error) {
+// clientReadFailed handles the end of the messages of client c.
+func (s *session) clientReadFailed(c side, err error) {
 	var ce websocket.CloseError
 	switch {
+	case s.clientNow().conn != c.conn || s.isAway():
+		// A resume replaced this connection (resume.go): the session goes on with the new one.
 	case s.ended.Load():
 		// The session is ending already; this is the client's answer to our close, or its
 		// socket being dropped.
@@ -116,12 +117,12 @@ func (s *session) clientReadFailed(err error) {
 		s.end(ending{code: ce.Code, reason: "client closed: " + ce.Reason})
 	case errors.Is(err, websocket.ErrMessageTooBig):
 		s.end(ending{code: websocket.StatusMessageTooBig, reason: "message too big"})
-	case s.client.conn.slow():
+	case c.conn.slow():
 		// The library writes pongs from the reader: one the client did not take ends here.
-		s.clientWriteFailed()
+		s.clientWriteFailed(c)
 	default:
 		// Vanished without a close frame, or silent past its read deadline.
-		s.clientGone("client gone")
+		s.clientGone(c, "client gone")
 	}
 }
 
@@ -140,11 +141,14 @@ func (s *session) fromUpstream() {
 			s.h.putBuf(b)
 			continue
 		}
-		err = s.client.ws.Write(unbounded(), typ, *b)
+		failed, err := s.down(typ, *b)
 		s.h.putBuf(b)
 		if err != nil {
-			s.clientWriteFailed()
-			return
+			s.clientWriteFailed(*failed)
+			if s.rs == nil || s.ended.Load() {
+				return
+			}
+			// Away: the upstream goes on, into the ring and the log, until the client resumes.
 		}
 	}
 }
@@ -154,6 +158,15 @@ func (s *session) upReadFailed(err error) {
 	var ce websocket.CloseError
 	switch {
 	case s.ended.Load():
+	case errors.As(err, &ce) && ce.Code == CloseMoved && s.rs != nil:
+		// The session moved to another instance: the log gets what this upstream sent, and its
+		// seal; the session then ends here without a usage record (resume.go).
+		if s.sealLog() {
+			s.end(ending{code: CloseMoved, reason: "moved", dropClient: s.isAway(), upCode: websocket.StatusNormalClosure})
+			return
+		}
+		s.end(ending{code: websocket.StatusInternalError, errCode: CodeResumeFailed,
+			reason: "the session could not be handed over"})
 	case errors.As(err, &ce):
 		s.end(upstreamClosed(ce))
 	case s.up.conn.slow():

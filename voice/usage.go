@@ -27,6 +27,7 @@ type Live struct {
 	BargeIns        int64     `json:"barge_ins"`
 	ResponseLatency Latency   `json:"response_latency"`
 	ASRLatency      Latency   `json:"asr_latency"`
+	Resumes         int64     `json:"resumes"` // how many times its client resumed it
 }
 
 // live reads s's counters now.
@@ -41,7 +42,7 @@ func (s *session) live() Live {
 		PacketsOut: s.n.packetsOut.Load(), BytesOut: s.n.bytesOut.Load(),
 		ASRPartial: s.n.asrPartial.Load(), ASRFinal: s.n.asrFinal.Load(), LLMChunks: s.n.llmChunks.Load(),
 		TTSChunks: s.n.ttsChunks.Load(), Errors: s.n.errors.Load(), BargeIns: s.m.bargeIns.Load(),
-		ResponseLatency: resp, ASRLatency: asr}
+		ResponseLatency: resp, ASRLatency: asr, Resumes: s.resumes()}
 }
 
 // Usage is the record a session leaves when it ends: in the log ("voice usage"), and with
@@ -73,6 +74,7 @@ type Usage struct {
 	ASRMaxS         float64   `json:"asr_latency_max_s"`
 	CloseCode       int       `json:"close_code"`
 	CloseReason     string    `json:"close_reason"`
+	Resumes         int64     `json:"resumes"`
 }
 
 // usageOf is the usage record of l, ended at with code and reason.
@@ -83,7 +85,8 @@ func usageOf(l Live, at time.Time, code int, reason string) Usage {
 		ASRPartial: l.ASRPartial, ASRFinal: l.ASRFinal, LLMChunks: l.LLMChunks, TTSChunks: l.TTSChunks,
 		BargeIns: l.BargeIns, Errors: l.Errors,
 		ResponseP50S: l.ResponseLatency.P50S, ResponseMaxS: l.ResponseLatency.MaxS,
-		ASRP50S: l.ASRLatency.P50S, ASRMaxS: l.ASRLatency.MaxS, CloseCode: code, CloseReason: reason}
+		ASRP50S: l.ASRLatency.P50S, ASRMaxS: l.ASRLatency.MaxS, CloseCode: code, CloseReason: reason,
+		Resumes: l.Resumes}
 }
 
 // fields are u's stream entry: field, value, field, value...
@@ -100,5 +103,6 @@ func (u *Usage) fields() []string {
 		"response_latency_p50_s", f(u.ResponseP50S), "response_latency_max_s", f(u.ResponseMaxS),
 		"asr_latency_p50_s", f(u.ASRP50S), "asr_latency_max_s", f(u.ASRMaxS),
 		"close_code", strconv.Itoa(u.CloseCode), "close_reason", u.CloseReason,
+		"resumes", i(u.Resumes),
 	}
 }
