@@ -70,8 +70,8 @@ type Registry struct {
 	sessions map[string]*session
 	tokens   map[string]*session // resumable sessions by their resume token's key (resume.go)
 	gone     []string            // ended sessions whose published entries are still to delete
-	usage    []Usage  // records still to write to the stream
-	onChange func()   // something to tell Redis now
+	usage    []Usage             // records still to write to the stream
+	onChange func()              // something to tell Redis now
 	now      func() time.Time
 	renewed  time.Time // when the live sessions were last published
 
@@ -80,13 +80,13 @@ type Registry struct {
 
 // RegistryOptions configures a Registry.
 type RegistryOptions struct {
-	Instance string         // this instance's name in listings
+	Instance string // this instance's name in listings
 	// ID is this process's identity among the instances (unique, unlike Instance): resumes
 	// elsewhere ask it to hand its sessions over on a channel of that name. "" means Instance.
-	ID       string
-	Redis    rueidis.Client // nil: local only
-	Prefix   string         // Redis key prefix (REDIS_PREFIX), as given
-	TTL      time.Duration  // how long a published entry outlives its last renewal; zero means 30 s
+	ID     string
+	Redis  rueidis.Client // nil: local only
+	Prefix string         // Redis key prefix (REDIS_PREFIX), as given
+	TTL    time.Duration  // how long a published entry outlives its last renewal; zero means 30 s
 	// OnChange, if set, is called when a session ended: Renew has its entry to delete. The
 	// gateway's renewer (which calls Renew) wakes on it.
 	OnChange func()

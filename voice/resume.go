@@ -75,9 +75,9 @@ type resumeInfo struct {
 }
 
 type sessionResumed struct {
-	Type      string     `json:"type"`
-	SessionID string     `json:"session_id"`
-	Replayed  int64      `json:"replayed"`
+	Type      string `json:"type"`
+	SessionID string `json:"session_id"`
+	Replayed  int64  `json:"replayed"`
 	// LastSeq is the number of the last message before those that follow: the client's count
 	// goes on from it (it is the client's last_seq unless a gap skipped numbers).
 	LastSeq    int64      `json:"last_seq"`
