@@ -292,13 +292,27 @@ type resumedMsg struct {
 func (c *resumingClient) resume(base string) (resumedMsg, bool, error) {
 	ctx, cancel := context.WithTimeout(c.t.Context(), 10*time.Second)
 	defer cancel()
-	conn, res, err := c.dial(ctx, base, "?resume_token="+url.QueryEscape(c.token)+"&last_seq="+strconv.FormatInt(c.seq, 10))
+	query := "?resume_token=" + url.QueryEscape(c.token) + "&last_seq=" + strconv.FormatInt(c.seq, 10)
+	conn, res, err := c.dial(ctx, base, query)
+	// A 503 before the upgrade (a store that did not answer in time, as on a loaded machine
+	// with fifty resumes at once) leaves the token unspent: a client tries again, as this one.
+	for try := 0; err != nil && res != nil && res.StatusCode == http.StatusServiceUnavailable && try < 20; try++ {
+		if !sleepCtx(ctx, 50*time.Millisecond) {
+			break
+		}
+		conn, res, err = c.dial(ctx, base, query)
+	}
 	if err != nil {
-		status := 0
+		status, body := 0, ""
 		if res != nil {
 			status = res.StatusCode
+			if res.Body != nil {
+				b := make([]byte, 512)
+				n, _ := res.Body.Read(b)
+				body = string(b[:n])
+			}
 		}
-		return resumedMsg{}, false, fmt.Errorf("resume dial: %v (status %d)", err, status)
+		return resumedMsg{}, false, fmt.Errorf("resume dial: %v (status %d %s)", err, status, body)
 	}
 	c.conn = conn
 	var r resumedMsg

@@ -423,9 +423,21 @@ func (s *session) startFlusher() {
 				s.h.o.Log.Warn("logging a voice session's downlink failed; a resume elsewhere may miss some of it",
 					"session_id", s.info.SessionID, "err", proxy.Describe(err))
 			}
+			// What arrives meanwhile goes in the next batch: a round trip per flushEvery, not
+			// per message (the seal writes whatever is left at once).
+			t := time.NewTimer(flushEvery)
+			select {
+			case <-t.C:
+			case <-s.ending:
+				t.Stop()
+				return
+			}
 		}
 	}()
 }
+
+// flushEvery spaces an away session's writes to its log.
+const flushEvery = 20 * time.Millisecond
 
 // flush writes the messages the log does not have yet, from the ring, in one round trip,
 // bounded. Messages the ring no longer holds are not in the log: a resume finds the gap.
