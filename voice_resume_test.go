@@ -717,6 +717,13 @@ func TestVoiceResumeDrain(t *testing.T) {
 		return nil
 	})
 	if err != nil {
+		for _, g := range []*child{a, b} {
+			for _, line := range strings.Split(g.stderr.String(), "\n") {
+				if strings.Contains(line, "WARN") || strings.Contains(line, "ERROR") {
+					t.Logf("%s: %s", g.addr, clipText(line))
+				}
+			}
+		}
 		t.Fatal(err)
 	}
 	lost, dup := 0, 0
