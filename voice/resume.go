@@ -280,11 +280,14 @@ func (r *Registry) RunHandovers(ctx context.Context) {
 
 // ---- the session's side ------------------------------------------------------------------------
 
-// clientNow is the client connection of the moment: resuming replaces it.
-func (s *session) clientNow() side {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	return s.client
+// clientNow is the client connection of the moment: resuming replaces it. It takes no lock,
+// so that dropping a stuck client never waits for the write it is stuck in (which holds wmu).
+func (s *session) clientNow() side { return *s.cur.Load() }
+
+// setClient makes c the client connection; wmu is held.
+func (s *session) setClient(c side) {
+	s.client = c
+	s.cur.Store(&c)
 }
 
 // isAway reports whether the session waits for its client to come back.

@@ -175,7 +175,8 @@ func (h *Handler) resumeLocal(w http.ResponseWriter, r *http.Request, s *session
 	s.newToken()
 	s.wmu.Lock()
 	old, wasAway := s.client, s.away
-	s.client, s.away, s.replaying = c, false, true
+	s.setClient(c)
+	s.away, s.replaying = false, true
 	dropped := s.rs.droppedAt.Swap(0)
 	s.rs.awayUntil.Store(0)
 	attached := s.attached

@@ -92,12 +92,13 @@ type session struct {
 	// The downlink's order and resuming (resume.go). wmu guards seq, ring, client (replaced by
 	// a resume), away, replaying and attached.
 	wmu       sync.Mutex
-	seq       int64         // the number of the last downlink message
-	ring      *downRing     // the recent downlink; nil when resuming is off
-	away      bool          // the client vanished; the session waits for it to resume
-	replaying bool          // a resumed client is being replayed to; the live downlink waits in the ring
-	attached  chan struct{} // closed when a resumed client is attached to an away session
-	rs        *resumable    // nil: resuming is off
+	cur       atomic.Pointer[side] // client, for whoever must not wait for wmu (clientNow)
+	seq       int64                // the number of the last downlink message
+	ring      *downRing            // the recent downlink; nil when resuming is off
+	away      bool                 // the client vanished; the session waits for it to resume
+	replaying bool                 // a resumed client is being replayed to; the live downlink waits in the ring
+	attached  chan struct{}        // closed when a resumed client is attached to an away session
+	rs        *resumable           // nil: resuming is off
 
 	endOnce sync.Once
 	ended   atomic.Bool
@@ -114,6 +115,7 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 		pace:   newPacer(h.o.Pace, h.o.PaceBurst),
 		ending: make(chan struct{}), closed: make(chan struct{}), upDone: make(chan struct{})}
 	s.lastIn.Store(now.UnixNano())
+	s.cur.Store(&client)
 	return s
 }
 
@@ -208,8 +210,13 @@ func (s *session) sendInit() {
 			"raw_audio": s.h.o.RawAudio, "control": true},
 		Resume: s.resumeInfo(),
 	})
-	if err := s.client.ws.Write(unbounded(), websocket.MessageText, msg); err != nil {
-		s.clientWriteFailed(s.client)
+	// Under wmu: session_initialized comes before any numbered message (a broadcast's notice).
+	s.wmu.Lock()
+	c := s.client
+	err := c.ws.Write(unbounded(), websocket.MessageText, msg)
+	s.wmu.Unlock()
+	if err != nil {
+		s.clientWriteFailed(c)
 	}
 }
 
