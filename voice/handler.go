@@ -253,7 +253,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			user, tenant = h.o.Owner(r)
 		}
 		if h.o.ResumeWindow <= 0 {
-			proxy.Errorf(w, r, http.StatusNotFound, CodeSessionNotFound, "resuming voice sessions is turned off")
+			proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeSessionNotFound, "resuming voice sessions is turned off")
 			return
 		}
 		h.serveResume(w, r, user, tenant)

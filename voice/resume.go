@@ -55,9 +55,6 @@ const (
 	TypeSessionResumed = "session_resumed"
 	CodeResumeGap      = "RESUME_GAP"
 	CodeResumeFailed   = "RESUME_FAILED"
-	// CodeSessionNotFound answers a resume whose token names no resumable session of the
-	// caller (HTTP 404).
-	CodeSessionNotFound = "SESSION_NOT_FOUND"
 )
 
 // handoverWait bounds how long a resume waits for the algorithm service to close the older
@@ -595,8 +592,12 @@ func (s *session) resumes() int64 {
 // Drain tells the clients of this instance's resumable sessions to resume elsewhere (an error
 // SERVER_SHUTDOWN with "resume": true, then close 1012) and keeps each session, upstream and
 // all, until another instance takes it over, its window ends, or CloseAll ends it. Sessions
-// that cannot resume are left to CloseAll.
+// that cannot resume are left to CloseAll, and so is every session without Redis: no other
+// instance could take it over.
 func (r *Registry) Drain() int {
+	if r.redis == nil {
+		return 0
+	}
 	n := 0
 	for _, s := range r.local() {
 		if s.rs == nil || s.ended.Load() {

@@ -42,7 +42,7 @@ func (h *Handler) serveResume(w http.ResponseWriter, r *http.Request, user, tena
 	}
 	notFound := func() {
 		h.resumed(ResumeNotFound, 0)
-		proxy.Errorf(w, r, http.StatusNotFound, CodeSessionNotFound, "no resumable voice session for this token")
+		proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeSessionNotFound, "no resumable voice session for this token")
 	}
 	beyond := func() {
 		proxy.WriteError(w, r, proxy.InvalidFields(proxy.FieldError{Field: "last_seq",
