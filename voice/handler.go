@@ -345,10 +345,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if s.gov.metered {
 		s.reserve(0) // the first reservation, while the client reads session_initialized
 	}
-	h.o.Registry.add(r.Context(), s)
 	if s.rs != nil {
-		h.o.Registry.keep(r.Context(), s, -1)
+		h.o.Registry.keep(r.Context(), s, -1, false) // its record goes with its publication
 	}
+	h.o.Registry.add(r.Context(), s)
 	if h.o.OnStart != nil {
 		h.o.OnStart()
 	}

@@ -308,6 +308,11 @@ func (r *Registry) publish(ctx context.Context, ss []*session) error {
 	cmds = append(cmds, r.refreshRecords(ss)...)
 	for _, res := range r.redis.DoMulti(ctx, cmds...) {
 		if err := res.Error(); err != nil {
+			for _, s := range ss {
+				if s.rs != nil {
+					s.rs.recorded.Store(false) // the next publication writes the record again
+				}
+			}
 			return err
 		}
 	}

@@ -121,6 +121,9 @@ type resumable struct {
 	flushed int64         // the last message written to the log; under flushMu
 	kick    chan struct{} // wakes the flusher; 1-buffered
 	flusher atomic.Bool   // a flusher runs
+	// recorded says the token record was written (or is being, by a publication that failed
+	// and is retried by the next: then the record is set again as a PEXPIRE cannot).
+	recorded atomic.Bool
 }
 
 // newResumeToken makes a resume token and the key it is stored under: 130 random bits, bound
@@ -147,26 +150,36 @@ func (r *Registry) handoverChannel(instance string) string {
 // instance that died takes to be noticed (its registry entries' orphanKeep TTLs).
 func (r *Registry) recordTTL(window time.Duration) time.Duration { return window + orphanKeep*r.ttl }
 
-// keep makes s resumable: it gets a token, kept here and (with Redis) in Redis, bounded.
-func (r *Registry) keep(ctx context.Context, s *session, seq int64) {
+// keep makes s resumable under its token here, and with Redis (write) in Redis, bounded. A new
+// session's record is written by its first publication instead (Registry.add), in the same
+// round trip.
+func (r *Registry) keep(ctx context.Context, s *session, seq int64, write bool) {
 	rs := s.rs
 	r.mu.Lock()
 	r.tokens[rs.key] = s
 	r.mu.Unlock()
-	if r.redis == nil {
+	if r.redis == nil || !write {
 		return
 	}
 	r.writeRecord(ctx, s, seq)
 }
 
-func (r *Registry) writeRecord(ctx context.Context, s *session, seq int64) {
+// recordCmd writes s's token record, the last message sent seq (-1 while a client is
+// connected).
+func (r *Registry) recordCmd(s *session, seq int64) rueidis.Completed {
+	s.wmu.Lock()
+	key := s.rs.key
+	s.wmu.Unlock()
 	rec := tokenRecord{SessionID: s.info.SessionID, ConversationID: s.info.ConversationID, Language: s.info.Language,
 		StartedAt: s.info.StartedAt, Owner: r.id, Seq: seq, DroppedAt: s.rs.droppedAt.Load() / int64(time.Millisecond)}
 	b, _ := json.Marshal(rec)
+	return r.redis.B().Set().Key(key).Value(string(b)).Px(r.recordTTL(s.rs.window)).Build()
+}
+
+func (r *Registry) writeRecord(ctx context.Context, s *session, seq int64) {
 	ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
 	defer cancel()
-	if err := r.redis.Do(ctx, r.redis.B().Set().Key(s.rs.key).Value(string(b)).
-		Px(r.recordTTL(s.rs.window)).Build()).Error(); err != nil {
+	if err := r.redis.Do(ctx, r.recordCmd(s, seq)).Error(); err != nil {
 		r.log.Warn("storing a voice resume token failed; the session resumes on this instance only until it is stored",
 			"session_id", s.info.SessionID, "err", proxy.Describe(err))
 	}
@@ -233,12 +246,16 @@ func (r *Registry) getRecord(ctx context.Context, key string, del bool) (*tokenR
 	return &rec, nil
 }
 
-// refreshRecords is added to a renewal's commands: the records of s's resumable sessions live
-// as long as their registry entries.
+// refreshRecords is added to a publication's commands: the records of ss's resumable sessions
+// are written by their first, and live as long as their registry entries.
 func (r *Registry) refreshRecords(ss []*session) rueidis.Commands {
 	var cmds rueidis.Commands
 	for _, s := range ss {
 		if s.rs == nil {
+			continue
+		}
+		if !s.rs.recorded.Swap(true) {
+			cmds = append(cmds, r.recordCmd(s, -1))
 			continue
 		}
 		s.wmu.Lock()

@@ -252,7 +252,7 @@ func (s *session) newToken() {
 	s.wmu.Lock()
 	s.rs.token, s.rs.key = token, key
 	s.wmu.Unlock()
-	reg.keep(context.Background(), s, -1)
+	reg.keep(context.Background(), s, -1, true)
 }
 
 // resumeRemote takes over the session rec names from the instance that ran it, for client,
@@ -350,7 +350,8 @@ func (h *Handler) resumeRemote(r *http.Request, client side, rec *tokenRecord, l
 	dctx, dcancel := context.WithTimeout(context.Background(), 250*time.Millisecond)
 	_ = reg.redis.Do(dctx, reg.redis.B().Del().Key(reg.logKey(tenant, rec.SessionID)).Build()).Error()
 	dcancel()
-	reg.keep(context.Background(), s, -1)
+	s.rs.recorded.Store(true)
+	reg.keep(context.Background(), s, -1, true)
 	if s.gov.metered {
 		s.reserve(0)
 	}
