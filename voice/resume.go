@@ -512,6 +512,10 @@ func (s *session) handOver() {
 		return
 	}
 	s.wmu.Lock()
+	key := rs.key
+	s.wmu.Unlock()
+	s.h.o.Registry.claimLocal(key) // spent: another instance claimed it
+	s.wmu.Lock()
 	var old *side
 	if !s.away {
 		c := s.client

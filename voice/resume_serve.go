@@ -62,11 +62,16 @@ func (h *Handler) serveResume(w http.ResponseWriter, r *http.Request, user, tena
 			notFound()
 			return
 		}
-		if reg.redis != nil {
-			// Single use everywhere: the record goes too (bounded; it would expire anyway).
+		if reg.redis != nil && s.rs.recorded.Load() {
+			// Single use everywhere: the record is claimed too. Gone from Redis means a resume
+			// elsewhere took it first; a Redis that does not answer leaves the local claim.
 			ctx, cancel := context.WithTimeout(r.Context(), 250*time.Millisecond)
-			_ = reg.redis.Do(ctx, reg.redis.B().Del().Key(key).Build()).Error()
+			rec, err := reg.getRecord(ctx, key, true)
 			cancel()
+			if err == nil && rec == nil {
+				notFound()
+				return
+			}
 		}
 		h.resumeLocal(w, r, s, last)
 		return
