@@ -598,6 +598,21 @@ func TestVoiceResumeRefusals(t *testing.T) {
 	eventually(t, 5*time.Second, "the revocation ended the away session", func() bool {
 		return len(resumeUsage(t, r, d.id)) == 1
 	})
+	// The revoked token itself is refused (401); a new token of the same user finds no session
+	// (404): the resume token went with it.
+	refused(t, b, owner, q(d.token, 0), http.StatusUnauthorized, "TOKEN_REVOKED")
+	eventually(t, 5*time.Second, "a token issued after the revocation to get 404", func() bool {
+		fresh := tokenFor(t, "u-ref", []string{"user"}, nil)
+		c := &resumingClient{t: t, bearer: fresh}
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		conn, res, err := c.dial(ctx, b.url, q(d.token, 0))
+		if err == nil {
+			conn.CloseNow()
+			t.Fatal("a resume of a session whose token was revoked opened")
+		}
+		return res != nil && res.StatusCode == http.StatusNotFound
+	})
 	// Its resume token is gone from the store with it.
 	rc := testClient(t, r)
 	kctx, kcancel := context.WithTimeout(t.Context(), 2*time.Second)

@@ -100,7 +100,7 @@ type Options struct {
 	Log       *slog.Logger
 	// ResumeWindow is how long a session outlives its client's connection, for the client to
 	// resume it (resume.go); zero turns resuming off. ResumeBuffer is the recent downlink each
-	// session keeps in memory for that, in bytes; zero means 256 KiB.
+	// session keeps in memory for that, in bytes; zero means 128 KiB (4 s of 16 kHz TTS).
 	ResumeWindow time.Duration
 	ResumeBuffer int
 	// AdmitResume, if set, admits a resume of a session that ran on another instance: its
@@ -169,7 +169,7 @@ func NewHandler(o Options) *Handler {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
 	if o.ResumeBuffer <= 0 {
-		o.ResumeBuffer = 256 << 10
+		o.ResumeBuffer = 128 << 10
 	}
 	dial := o.DialContext
 	if dial == nil {

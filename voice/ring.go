@@ -6,8 +6,10 @@ import "github.com/coder/websocket"
 // numbered, in one byte arena used as a circular buffer, so that keeping them costs a copy per
 // message and no allocation. It is bounded in bytes: a message evicts the oldest until it fits,
 // and one bigger than the whole arena is not kept (a resume that needs it gets RESUME_GAP). The
-// session's wmu guards it.
+// arena starts small and doubles up to its bound as messages need room, so that an idle session
+// holds a few KiB, not the bound. The session's wmu guards it.
 type downRing struct {
+	max  int // the arena's bound
 	buf  []byte
 	ents []ringEntry // circular, oldest at head
 	head int         // index of the oldest entry in ents
@@ -24,15 +26,21 @@ type ringEntry struct {
 	skip int // bytes left unused at the end of buf before this entry (it wrapped)
 }
 
+// ringStart is the arena a session's ring starts with.
+const ringStart = 8 << 10
+
 func newDownRing(bytes int) *downRing {
-	return &downRing{buf: make([]byte, bytes), ents: make([]ringEntry, 64)}
+	return &downRing{max: bytes, buf: make([]byte, min(ringStart, bytes)), ents: make([]ringEntry, 16)}
 }
 
 // add keeps message seq.
 func (r *downRing) add(seq int64, typ websocket.MessageType, msg []byte) {
-	if len(msg) > len(r.buf) {
+	if len(msg) > r.max {
 		r.clear() // kept entries and this one would not be contiguous in numbering: drop all
 		return
+	}
+	for len(r.buf) < r.max && r.used+len(msg) > len(r.buf)/2 {
+		r.enlarge()
 	}
 	off, skip := r.end, 0
 	if off+len(msg) > len(r.buf) {
@@ -71,6 +79,19 @@ func (r *downRing) grow() {
 		ents[i] = r.ents[(r.head+i)%len(r.ents)]
 	}
 	r.ents, r.head = ents, 0
+}
+
+// enlarge doubles the arena (up to its bound), the entries kept moved to its start in order.
+func (r *downRing) enlarge() {
+	buf := make([]byte, min(2*len(r.buf), r.max))
+	off := 0
+	for i := range r.n {
+		e := &r.ents[(r.head+i)%len(r.ents)]
+		copy(buf[off:], r.buf[e.off:e.off+e.size])
+		e.off, e.skip = off, 0
+		off += e.size
+	}
+	r.buf, r.used, r.end = buf, off, off
 }
 
 func (r *downRing) clear() { r.head, r.n, r.used, r.end = 0, 0, 0, 0 }

@@ -13,7 +13,7 @@ import (
 // bigger than the arena empties it (a resume that needs what came before then gets RESUME_GAP).
 func TestDownRing(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
-	for _, size := range []int{64, 1000, 4096} {
+	for _, size := range []int{64, 1000, 4096, 40000} {
 		r := newDownRing(size)
 		msgs := map[int64][]byte{}
 		for seq := int64(1); seq <= 5000; seq++ {
@@ -31,7 +31,7 @@ func TestDownRing(t *testing.T) {
 			}
 			r.add(seq, typ, msg)
 			msgs[seq] = msg
-			if r.used > len(r.buf) {
+			if r.used > len(r.buf) || len(r.buf) > size {
 				t.Fatalf("size %d: %d bytes used of %d", size, r.used, len(r.buf))
 			}
 			if n > size {
