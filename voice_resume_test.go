@@ -755,3 +755,44 @@ func TestVoiceResumeDrain(t *testing.T) {
 		t.Errorf("the last session resumed %v after SIGTERM, beyond SHUTDOWN_GRACE", d)
 	}
 }
+
+// TestVoiceResumeFailed: an algorithm service that refuses the resume dial fails the resume:
+// the client gets RESUME_FAILED and close 1011, the older instance ends the session (its
+// upstream closed), and nothing is left held: no slot, one usage record.
+func TestVoiceResumeFailed(t *testing.T) {
+	r := startRedis(t)
+	algo := newNumberingAlgo(t, 20, time.Millisecond)
+	env := resumeEnv(r, algo.URL, nil)
+	a, b := startChildGateway(t, env), startChildGateway(t, env)
+	c := openResuming(t, a.url, tokenFor(t, "u-fail", []string{"user"}, nil))
+	if err := c.send(`{"type":"stop"}`); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.readUntil(20); err != nil {
+		t.Fatal(err)
+	}
+	c.cut()
+	eventually(t, 5*time.Second, "the owner noticed the cut", func() bool {
+		return strings.Contains(a.stderr.String(), "voice client away")
+	})
+	algo.failResume.Store(true)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	conn, _, err := c.dial(ctx, b.url, "?resume_token="+c.token+"&last_seq="+strconv.FormatInt(c.seq, 10))
+	if err != nil {
+		t.Fatalf("resume dial: %v", err)
+	}
+	_, msg, err := conn.Read(ctx)
+	if err != nil || !strings.Contains(string(msg), `"code":"RESUME_FAILED"`) {
+		t.Fatalf("first message %s (%v), want an error RESUME_FAILED", msg, err)
+	}
+	if _, _, err := conn.Read(ctx); websocket.CloseStatus(err) != websocket.StatusInternalError {
+		t.Fatalf("then %v, want close 1011", err)
+	}
+	eventually(t, 10*time.Second, "the older instance to end the session, and its slot to go", func() bool {
+		return len(resumeUsage(t, r, c.id)) == 1 && leaseCount(t, r, "voice", "u-fail") == 0
+	})
+	if u := resumeUsage(t, r, c.id)[0]; u["close_code"] != "1011" {
+		t.Errorf("usage record close_code %q, want 1011: %v", u["close_code"], u)
+	}
+}
