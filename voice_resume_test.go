@@ -796,3 +796,68 @@ func TestVoiceResumeFailed(t *testing.T) {
 		t.Errorf("usage record close_code %q, want 1011: %v", u["close_code"], u)
 	}
 }
+
+// TestVoiceResumeOneWins: twenty resumes with one token at once, on both instances: exactly one
+// opens, the others are 404 (the token is single use, claimed atomically), and the one that
+// opened gets the whole session.
+func TestVoiceResumeOneWins(t *testing.T) {
+	r := startRedis(t)
+	algo := newNumberingAlgo(t, 40, time.Millisecond)
+	env := resumeEnv(r, algo.URL, nil)
+	gws := []*child{startChildGateway(t, env), startChildGateway(t, env)}
+	bearer := tokenFor(t, "u-race", []string{"user"}, nil)
+	c := openResuming(t, gws[0].url, bearer)
+	if err := c.send(`{"type":"stop"}`); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.readUntil(20); err != nil {
+		t.Fatal(err)
+	}
+	c.cut()
+	eventually(t, 5*time.Second, "the owner noticed the cut", func() bool {
+		return strings.Contains(gws[0].stderr.String(), "voice client away")
+	})
+	const n = 20
+	var opened atomic.Int64
+	var winner atomic.Pointer[websocket.Conn]
+	statuses := make([]int, n)
+	err := inParallel(n, n, func(i int) error {
+		rc := &resumingClient{t: t, bearer: bearer}
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		conn, res, err := rc.dial(ctx, gws[i%2].url, "?resume_token="+c.token+"&last_seq="+strconv.FormatInt(c.seq, 10))
+		if err == nil {
+			opened.Add(1)
+			winner.Store(conn)
+			statuses[i] = http.StatusSwitchingProtocols
+			return nil
+		}
+		if res != nil {
+			statuses[i] = res.StatusCode
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range statuses {
+		if s != http.StatusSwitchingProtocols && s != http.StatusNotFound {
+			t.Errorf("statuses %v, want one 101 and 404s", statuses)
+			break
+		}
+	}
+	if opened.Load() != 1 {
+		t.Fatalf("%d resumes opened, want exactly 1 (statuses %v)", opened.Load(), statuses)
+	}
+	c.conn = winner.Load()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	_, msg, err := c.conn.Read(ctx)
+	if err != nil || !strings.Contains(string(msg), `"type":"session_resumed"`) {
+		t.Fatalf("the winner's first message %s (%v), want session_resumed", msg, err)
+	}
+	if err := c.readUntil(algo.burst); err != nil {
+		t.Fatal(err)
+	}
+	c.wantAll(t, algo.burst)
+}

@@ -161,25 +161,29 @@ func (r *Registry) keep(ctx context.Context, s *session, seq int64, write bool) 
 	if r.redis == nil || !write {
 		return
 	}
-	r.writeRecord(ctx, s, seq)
+	r.writeRecord(ctx, s, seq, false)
 }
 
 // recordCmd writes s's token record, the last message sent seq (-1 while a client is
-// connected).
-func (r *Registry) recordCmd(s *session, seq int64) rueidis.Completed {
+// connected); only over one that exists with update, so that a resume's claim, which deletes
+// it, is never undone.
+func (r *Registry) recordCmd(s *session, seq int64, update bool) rueidis.Completed {
 	s.wmu.Lock()
 	key := s.rs.key
 	s.wmu.Unlock()
 	rec := tokenRecord{SessionID: s.info.SessionID, ConversationID: s.info.ConversationID, Language: s.info.Language,
 		StartedAt: s.info.StartedAt, Owner: r.id, Seq: seq, DroppedAt: s.rs.droppedAt.Load() / int64(time.Millisecond)}
 	b, _ := json.Marshal(rec)
+	if update {
+		return r.redis.B().Set().Key(key).Value(string(b)).Xx().Px(r.recordTTL(s.rs.window)).Build()
+	}
 	return r.redis.B().Set().Key(key).Value(string(b)).Px(r.recordTTL(s.rs.window)).Build()
 }
 
-func (r *Registry) writeRecord(ctx context.Context, s *session, seq int64) {
+func (r *Registry) writeRecord(ctx context.Context, s *session, seq int64, update bool) {
 	ctx, cancel := context.WithTimeout(ctx, 250*time.Millisecond)
 	defer cancel()
-	if err := r.redis.Do(ctx, r.recordCmd(s, seq)).Error(); err != nil {
+	if err := r.redis.Do(ctx, r.recordCmd(s, seq, update)).Error(); err != nil && !rueidis.IsRedisNil(err) {
 		r.log.Warn("storing a voice resume token failed; the session resumes on this instance only until it is stored",
 			"session_id", s.info.SessionID, "err", proxy.Describe(err))
 	}
@@ -255,7 +259,7 @@ func (r *Registry) refreshRecords(ss []*session) rueidis.Commands {
 			continue
 		}
 		if !s.rs.recorded.Swap(true) {
-			cmds = append(cmds, r.recordCmd(s, -1))
+			cmds = append(cmds, r.recordCmd(s, -1, false))
 			continue
 		}
 		s.wmu.Lock()
@@ -367,7 +371,7 @@ func (s *session) markAway(c side, why string) bool {
 		"why", why, "last_seq", seq, "window", rs.window)
 	if r := s.h.o.Registry; r.redis != nil {
 		// The bound a resume's last_seq is checked against, before its upgrade.
-		go r.writeRecord(context.Background(), s, seq)
+		go r.writeRecord(context.Background(), s, seq, true)
 		s.startFlusher()
 	}
 	return true
