@@ -35,7 +35,21 @@ func TestConsoleResumesInBrowser(t *testing.T) {
 
 	tok := tokenFor(t, "u-console-resume", []string{"user"}, nil)
 	p := b.open(t, lb.URL+"/console#token="+tok)
-	p.click("#mic")
+	// A loaded machine may refuse the first upgrade with 503 (the revocation store's budget
+	// missed): a person clicks again, and so does this test.
+	for try := 0; ; try++ {
+		p.click("#mic")
+		p.waitFor("the session to open or be refused", `window.voicegate.voice.open || window.voicegate.voice.closes.length > `+strconv.Itoa(try))
+		var open bool
+		p.eval(`window.voicegate.voice.open`, &open)
+		if open {
+			break
+		}
+		if try == 4 {
+			t.Fatal("the session did not open in five tries")
+		}
+		p.waitFor("the microphone button", `!document.getElementById("mic").disabled`)
+	}
 	// The demo answers three seconds of audio: its words stream in, the speech after them.
 	p.waitFor("the answer to begin", `window.voicegate.voice.messages.some(m => m.startsWith("llm_response_chunk"))`)
 	var id string
@@ -62,8 +76,8 @@ func TestConsoleResumesInBrowser(t *testing.T) {
 		Code int `json:"code"`
 	}
 	p.eval(`window.voicegate.voice.closes`, &closes)
-	if len(closes) != 1 || closes[0].Code != 1006 {
-		t.Errorf("closes %v, want the one 1006 of the killed instance", closes)
+	if len(closes) == 0 || closes[len(closes)-1].Code != 1006 {
+		t.Errorf("closes %v, want the last the 1006 of the killed instance", closes)
 	}
 	// The conversation goes on: the microphone is on again, and its audio reaches the service.
 	p.waitFor("the microphone to talk again", `window.voicegate.voice.framesSent > 0 && document.getElementById("mic").textContent === "Stop talking"`)
@@ -74,5 +88,5 @@ func TestConsoleResumesInBrowser(t *testing.T) {
 	p.eval(`window.voicegate.voice.messages`, &msgs)
 	t.Logf("the console's log: %s", clipText(strings.Join(msgs, " | ")))
 	p.click("#hangup")
-	p.waitFor("the close", `window.voicegate.voice.closes.length === 2`)
+	p.waitFor("the close", `window.voicegate.voice.closes.length === `+strconv.Itoa(len(closes)+1))
 }

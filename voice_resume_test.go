@@ -443,6 +443,13 @@ func TestVoiceResumeNetworkCut(t *testing.T) {
 		eventually(t, 5*time.Second, "one voice slot held for the user", func() bool {
 			return leaseCount(t, r, "voice", "u-cut") == 1
 		})
+		// The resume is counted where it happened, with its gap.
+		fams := scrape(t, b.url+"/metrics")
+		checkFamily(t, fams, "voice_resumes_total", wantMetrics["voice_resumes_total"])
+		checkFamily(t, fams, "voice_resume_gap_seconds", wantMetrics["voice_resume_gap_seconds"])
+		if n, _ := sample(fams, "voice_resumes_total", map[string]string{"outcome": "resumed"}); n != 1 {
+			t.Errorf(`voice_resumes_total{outcome="resumed"} = %v on the resuming instance, want 1`, n)
+		}
 		c.conn.Close(websocket.StatusNormalClosure, "done")
 		eventually(t, 5*time.Second, "one usage record", func() bool { return len(resumeUsage(t, r, c.id)) == 1 })
 		u := resumeUsage(t, r, c.id)[0]

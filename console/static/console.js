@@ -567,7 +567,7 @@ function onVoiceClose(e) {
     setTimeout(() => resumeTalking(wasTalking), wait);
     return;
   }
-  if (e.code === 4404 || e.code === 1011) voice.resume = null; // the session is over: start anew
+  voice.resume = null; // not resumed: the session is over, and the next one starts anew
   // The gateway or the service restarting (1012) and overload (1013) ask for another try;
   // a dropped connection (1006) after a session had opened is worth one too.
   const again = { 1012: 1000, 1013: 5000, 1006: 2000, 1001: 1000 }[e.code];
