@@ -653,3 +653,12 @@ func (s *session) drain() {
 	defer t.Stop()
 	_ = c.ws.Close(websocket.StatusServiceRestart, "the server is restarting; resume")
 }
+
+// writeLock orders the downlink (session.wmu). It is a channel, not a sync.Mutex, because it is
+// held across a write to the client: such a write is bounded by the socket's deadline, and one
+// waiting for it waits as it would for the library's own write lock, which is a channel too (so
+// that a test's fake clock sees the waiter blocked, and moves on to the deadline).
+type writeLock chan struct{}
+
+func (l writeLock) Lock()   { l <- struct{}{} }
+func (l writeLock) Unlock() { <-l }

@@ -91,7 +91,7 @@ type session struct {
 
 	// The downlink's order and resuming (resume.go). wmu guards seq, ring, client (replaced by
 	// a resume), away, replaying and attached.
-	wmu       sync.Mutex
+	wmu       writeLock
 	cur       atomic.Pointer[side] // client, for whoever must not wait for wmu (clientNow)
 	seq       int64                // the number of the last downlink message
 	ring      *downRing            // the recent downlink; nil when resuming is off
@@ -116,6 +116,7 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 		ending: make(chan struct{}), closed: make(chan struct{}), upDone: make(chan struct{})}
 	s.lastIn.Store(now.UnixNano())
 	s.cur.Store(&client)
+	s.wmu = make(writeLock, 1)
 	return s
 }
 
