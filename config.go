@@ -113,6 +113,8 @@ type config struct {
 	VoiceTTSPacing bool
 	VoiceTTSLead   time.Duration
 	VoiceTTSQueue  int64
+	// VoiceResumeWindow is how long a voice session outlives its client's connection; 0: off.
+	VoiceResumeWindow time.Duration
 
 	PolicyFile  string
 	PolicyWatch time.Duration
@@ -383,6 +385,7 @@ func settings() []setting {
 		}},
 		{"VOICE_TTS_LEAD", "250ms", "how far ahead of playback paced TTS audio is released (the client's jitter buffer)", durationSetting(func(c *config) *time.Duration { return &c.VoiceTTSLead }, 10*time.Millisecond)},
 		{"VOICE_TTS_QUEUE", "262144", "bytes of TTS audio a paced session holds for its client; beyond them it stops reading the algorithm service", boundedBytes(func(c *config) *int64 { return &c.VoiceTTSQueue }, maxTTSQueue)},
+		{"VOICE_RESUME_WINDOW", "30s", "how long a voice session outlives its client's connection for the client to resume it, on any instance (0: resuming off); each dropped session holds its upstream connection that long", durationSetting(func(c *config) *time.Duration { return &c.VoiceResumeWindow }, 0)},
 		{"VOICE_USAGE_MAX_LEN", "100000", "usage records kept in the Redis stream {REDIS_PREFIX}usage (approximately; older ones are trimmed)", intSetting(func(c *config) *int { return &c.VoiceUsageMaxLen })},
 		{"METRICS_ENABLED", "true", "record metrics and serve /metrics", func(c *config, v string) (err error) {
 			if c.MetricsEnabled, err = strconv.ParseBool(v); err != nil {

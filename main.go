@@ -127,6 +127,11 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 	defer stopWatching()
 	background.Go(func() { gw.policy.Watch(watchCtx, cfg.PolicyWatch) })
 	background.Go(func() { gw.voices.RunBroadcasts(watchCtx) })
+	// Until the drain is over: a draining instance hands its voice sessions over to the
+	// instances their clients resume on.
+	handoverCtx, stopHandovers := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopHandovers()
+	background.Go(func() { gw.voices.RunHandovers(handoverCtx) })
 	if dir := gw.chat.directory; dir != nil {
 		background.Go(func() { dir.Run(watchCtx, gw.chat.running) })
 	}
@@ -314,8 +319,12 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 		time.Sleep(drain) // a second SIGTERM still kills at once: main restored the default
 	}
 	// Resumable streams tell their clients to resume on another instance now, and go on
-	// filling their logs for them.
+	// filling their logs for them; resumable voice sessions keep their upstreams until another
+	// instance takes them over.
 	g.chat.running.Drain()
+	if n := g.voices.Drain(); n > 0 {
+		g.log.Info("voice clients told to resume on another instance", "voice_sessions", n)
+	}
 	// Streams and voice sessions get the grace period to finish, and are ended a little before
 	// its end so their last words get out: server_shutdown for streams, 1012 for sessions.
 	margin := min(grace/5, 2*time.Second)

@@ -22,7 +22,7 @@ import (
 // newVoiceRegistry makes the registry of live voice sessions: this instance's, and with Redis
 // every instance's, published and kept alive by the renewer.
 func newVoiceRegistry(cfg *config, redis rueidis.Client, renew *renewer, log *slog.Logger) *voice.Registry {
-	sessions := voice.NewRegistry(voice.RegistryOptions{Instance: cfg.Instance, Redis: redis, Prefix: cfg.RedisPrefix,
+	sessions := voice.NewRegistry(voice.RegistryOptions{Instance: cfg.Instance, ID: cfg.InstanceID, Redis: redis, Prefix: cfg.RedisPrefix,
 		TTL: cfg.LeaseTTL, UsageMaxLen: int64(cfg.VoiceUsageMaxLen), OnChange: renew.Kick, Log: log})
 	if redis != nil {
 		renew.add("voice sessions", sessions.Renew)
@@ -73,6 +73,9 @@ func newVoiceHandlers(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessi
 		ChargeBudget: cfg.LimitBudget,
 		Pace:         cfg.VoicePace,
 		PaceBurst:    cfg.VoicePaceBurst,
+		ResumeWindow: cfg.VoiceResumeWindow,
+		AdmitResume:  policy.AdmitReplay,
+		OnResume:     metrics.resumed,
 		OnLatency:    metrics.latency,
 		OnBargeIn:    metrics.bargeIn,
 		OnStart: func() {
@@ -129,6 +132,8 @@ type voiceMetrics struct {
 	response metric.Float64Histogram
 	asr      metric.Float64Histogram
 	bargeIns metric.Int64Counter
+	resumes  metric.Int64Counter
+	gap      metric.Float64Histogram
 }
 
 func newVoiceMetrics(t *telemetry, policies *policy.Store) (*voiceMetrics, error) {
@@ -151,7 +156,24 @@ func newVoiceMetrics(t *telemetry, policies *policy.Store) (*voiceMetrics, error
 		return nil, fmt.Errorf("metrics: %w", err)
 	}
 	v.bargeIns.Add(context.Background(), 0, t.add1("tenant", otherTenant)...)
+	if v.resumes, err = m.Int64Counter("voice_resumes_total",
+		metric.WithDescription("Voice session resumes, by outcome: resumed, gap (resumed, some messages lost), failed, not_found.")); err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
+	if v.gap, err = m.Float64Histogram("voice_resume_gap_seconds",
+		metric.WithDescription("From a voice client's lost connection, as its session's instance noticed it, to its first replayed message after a resume."),
+		metric.WithUnit("s"), metric.WithExplicitBucketBoundaries(.01, .025, .05, .1, .15, .25, .5, 1, 2.5, 5, 10, 30)); err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
 	return v, nil
+}
+
+// resumed counts a voice resume (voice.Options.OnResume).
+func (v *voiceMetrics) resumed(outcome string, gap time.Duration) {
+	v.resumes.Add(context.Background(), 1, v.tel.add1("outcome", outcome)...)
+	if outcome == voice.ResumeOK || outcome == voice.ResumeGap {
+		v.gap.Record(context.Background(), gap.Seconds())
+	}
 }
 
 // latency records a latency a user of tenant felt (voice.Options.OnLatency).

@@ -66,6 +66,7 @@ var volatile = []struct {
 	{regexp.MustCompile(`"(server_time|timestamp)":\d+`), `"$1":<unix_s>`},
 	{regexp.MustCompile(`"(server_time_ms|timestamp_ms)":\d+`), `"$1":<unix_ms>`},
 	{regexp.MustCompile(`"duration_ms":\d+`), `"duration_ms":<ms>`},
+	{regexp.MustCompile(`"resume":\{"token":"[^"]*"`), `"resume":{"token":"<resume_token>"`},
 	{regexp.MustCompile(`"(played_ms|buffered_ms)":\d+`), `"$1":<ms>`},
 }
 
@@ -207,7 +208,8 @@ func TestWireVoiceSession(t *testing.T) {
 		if m, ok := strings.CutPrefix(l, "< {"); ok {
 			m = "{" + m
 			// The placeholders back to values of the right type.
-			m = strings.NewReplacer(`"<session_id>"`, `"s"`, "<unix_s>", "1", "<unix_ms>", "1000", "<ms>", "0").Replace(m)
+			m = strings.NewReplacer(`"<session_id>"`, `"s"`, "<unix_s>", "1", "<unix_ms>", "1000", "<ms>", "0",
+				"<resume_token>", "ABCDEFGHIJKLMNOPQRSTUVWXYZ").Replace(m)
 			c.valid("VoiceServerMessage", m, "message "+strconv.Itoa(i))
 		}
 	}

@@ -33,6 +33,7 @@ const (
 	CodePayloadTooLarge  = "PAYLOAD_TOO_LARGE"
 	CodeUnsupportedMedia = "UNSUPPORTED_MEDIA_TYPE"
 	CodeNotFound         = "NOT_FOUND"
+	CodeSessionNotFound  = "SESSION_NOT_FOUND" // a voice resume token that names no resumable session of the caller
 	CodeMethodNotAllowed = "METHOD_NOT_ALLOWED"
 	CodeConflict         = "CONFLICT"
 	CodeUnavailable      = "SERVICE_UNAVAILABLE"

@@ -203,8 +203,10 @@ func (r *Registry) deliver(b Broadcast) int {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if s.client.ws.Write(unbounded(), websocket.MessageText, msg) == nil {
+			if failed, err := s.down(websocket.MessageText, msg); err == nil {
 				n.Add(1)
+			} else {
+				s.clientWriteFailed(*failed)
 			}
 		}()
 	}

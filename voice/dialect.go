@@ -79,25 +79,25 @@ func (s *session) relayed() Relayed {
 	return Relayed{AudioIn: time.Duration(s.m.in.Load()), AudioOut: time.Duration(s.m.out.Load())}
 }
 
-// dialectMessage carries out what the Translator makes of one client text message (b, which
-// it puts back), on the client's reader: d is the audio relayed, stop means the reader must
+// dialectMessage carries out what the Translator makes of one text message (b, which it puts
+// back) from client c, on c's reader: d is the audio relayed, stop means the reader must
 // return.
-func (s *session) dialectMessage(b *[]byte, now time.Time, seq *int64) (d time.Duration, stop bool) {
+func (s *session) dialectMessage(c side, b *[]byte, now time.Time) (d time.Duration, stop bool) {
 	if int64(len(*b)) > s.h.o.ReadLimit {
 		// The socket's limit is above the events' (dialectReadLimit): the session goes on.
 		s.h.putBuf(b)
-		return 0, s.sendError(CodeInvalidMessage, "the event is over the size limit") != nil && s.failClient()
+		return 0, s.sendError(CodeInvalidMessage, "the event is over the size limit") != nil && s.failClient(c)
 	}
 	act := s.tr.Client(websocket.MessageText, *b, s.relayed())
 	s.h.putBuf(b)
 	if act.ErrorCode != "" {
-		return 0, s.sendError(act.ErrorCode, act.ErrorMessage) != nil && s.failClient()
+		return 0, s.sendError(act.ErrorCode, act.ErrorMessage) != nil && s.failClient(c)
 	}
 	if act.Audio != nil {
 		ab := s.h.getBuf()
 		*ab = append((*ab)[:0], act.Audio...)
 		var err error
-		if d, err, stop = s.relayAudio(ab, now, seq); stop {
+		if d, err, stop = s.relayAudio(c, ab, now); stop {
 			return 0, true
 		}
 		if err != nil {
@@ -110,13 +110,13 @@ func (s *session) dialectMessage(b *[]byte, now time.Time, seq *int64) (d time.D
 	// controls forwarded last: the client hears its acknowledgement (committed, item added)
 	// before anything the algorithm service answers, and none for a message that failed.
 	outs := make([][]byte, 0, len(act.Control))
-	for _, c := range act.Control {
-		out, ctype, code, reason := control(c, s.info.SessionID)
+	for _, ctl := range act.Control {
+		out, ctype, code, reason := control(ctl, s.info.SessionID)
 		if code == "" && ctype == "config" {
 			out, code, reason = s.configure(out)
 		}
 		if code != "" {
-			return d, s.sendError(code, reason) != nil && s.failClient()
+			return d, s.sendError(code, reason) != nil && s.failClient(c)
 		}
 		s.clientControl(ctype, now.UnixNano())
 		if ctype == "interrupt" && s.tts != nil {
@@ -128,8 +128,8 @@ func (s *session) dialectMessage(b *[]byte, now time.Time, seq *int64) (d time.D
 		act.Accepted()
 	}
 	for _, r := range act.Reply {
-		if err := s.client.ws.Write(unbounded(), websocket.MessageText, r); err != nil {
-			s.clientWriteFailed()
+		if failed, err := s.down(websocket.MessageText, r); err != nil {
+			s.clientWriteFailed(*failed)
 			return d, true
 		}
 	}
@@ -142,21 +142,23 @@ func (s *session) dialectMessage(b *[]byte, now time.Time, seq *int64) (d time.D
 	return d, false
 }
 
-// failClient handles a write to the client that failed, for a reader that must return.
-func (s *session) failClient() bool {
-	s.clientWriteFailed()
+// failClient handles a write to client c that failed, for c's reader, which must return.
+func (s *session) failClient(c side) bool {
+	s.clientWriteFailed(c)
 	return true
 }
 
 // writeTranslated writes what the Translator makes of one algorithm-service message to the
-// client, on the algorithm service's reader.
-func (s *session) writeTranslated(typ websocket.MessageType, b *[]byte) error {
+// client, on the algorithm service's reader, through the session's one downlink writer (down):
+// it returns the client a write failed on, if any. A dialect's session is not resumable
+// (Handler: its Options.ResumeWindow is taken as zero), so a failed write ends it.
+func (s *session) writeTranslated(typ websocket.MessageType, b *[]byte) (failed *side, err error) {
 	for _, m := range s.tr.Upstream(typ, *b, s.relayed()) {
-		if err := s.client.ws.Write(unbounded(), websocket.MessageText, m); err != nil {
-			return err
+		if failed, err = s.down(websocket.MessageText, m); err != nil {
+			return failed, err
 		}
 	}
-	return nil
+	return nil, nil
 }
 
 // dialectReadLimit is the client socket's read limit for a dialect's session: above the

@@ -111,7 +111,8 @@ func (s *session) configure(msg []byte) (out []byte, code, reason string) {
 	if ferr != nil {
 		return nil, CodeValidation, "config: " + ferr.Field + ": " + ferr.Reason
 	}
-	if f != cur && s.m.inFrames.Total() > 0 || f != cur && s.n.invalidAudio.Load() > 0 {
+	// Audio relayed before a resume counts (s.m.in, carried over): the new meter has seen none.
+	if f != cur && (s.m.inFrames.Total() > 0 || s.n.invalidAudio.Load() > 0 || s.m.in.Load() > 0) {
 		return nil, CodeValidation, "config: the audio format cannot change once audio has been sent"
 	}
 	if f != cur {
@@ -154,9 +155,10 @@ func (s *session) declareTTS(msg []byte) {
 	s.m.tts.Store(&f)
 }
 
-// invalidAudio handles a client frame that is not valid for the agreed format: false when the
-// session must stop reading the client (the error could not be written, or the bound was hit).
-func (s *session) invalidAudio(err error) bool {
+// invalidAudio handles a frame from client c that is not valid for the agreed format: false
+// when the session must stop reading the client (the error could not be written, or the bound
+// was hit).
+func (s *session) invalidAudio(c side, err error) bool {
 	s.n.invalidAudio.Add(1)
 	s.invalidRun++
 	reason := "not valid " + s.cfg.audioFormat().String() + " audio: " + err.Error()
@@ -166,7 +168,7 @@ func (s *session) invalidAudio(err error) bool {
 		return true // reading on takes the client's answer to the close
 	}
 	if s.sendError(CodeInvalidAudio, reason) != nil {
-		s.clientWriteFailed()
+		s.clientWriteFailed(c)
 		return false
 	}
 	return true

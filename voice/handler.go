@@ -114,6 +114,21 @@ type Options struct {
 	// voice route's in every other respect, in the same Registry.
 	Dialect Dialect
 	Log     *slog.Logger
+	// ResumeWindow is how long a session outlives its client's connection, for the client to
+	// resume it (resume.go); zero turns resuming off. ResumeBuffer is the recent downlink each
+	// session keeps in memory for that, in bytes; zero means 128 KiB (4 s of 16 kHz TTS). A
+	// Dialect's sessions are never resumable (OpenAI's Realtime API has no resume): with a
+	// Dialect, ResumeWindow is taken as zero.
+	ResumeWindow time.Duration
+	ResumeBuffer int
+	// AdmitResume, if set, admits a resume of a session that ran on another instance: its
+	// rates and its concurrency slot (policy.AdmitReplay); the old instance gives its slot back
+	// as it lets go. A resume on the same instance keeps the session's slot.
+	AdmitResume func(w http.ResponseWriter, r *http.Request) (release func(), ok bool)
+	// OnResume, if set, is told each resume's outcome (Resume* constants) and, for those that
+	// resumed, the gap the client saw: from its connection's loss, as the owner noticed it, to
+	// its first replayed message.
+	OnResume func(outcome string, gap time.Duration)
 }
 
 // Handler is the GET /api/v2/voice/stream handler.
@@ -180,6 +195,12 @@ func NewHandler(o Options) *Handler {
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.ResumeBuffer <= 0 {
+		o.ResumeBuffer = 128 << 10
+	}
+	if o.Dialect != nil {
+		o.ResumeWindow = 0
 	}
 	dial := o.DialContext
 	if dial == nil {
@@ -257,6 +278,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	q := r.URL.Query()
+	if q.Has("resume_token") || q.Has("last_seq") {
+		var user, tenant string
+		if h.o.Owner != nil {
+			user, tenant = h.o.Owner(r)
+		}
+		if h.o.Dialect != nil {
+			proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeSessionNotFound, "this protocol's sessions cannot be resumed")
+			return
+		}
+		if h.o.ResumeWindow <= 0 {
+			proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeSessionNotFound, "resuming voice sessions is turned off")
+			return
+		}
+		h.serveResume(w, r, user, tenant)
+		return
+	}
 	conversation, language := q.Get("conversation_id"), q.Get("language")
 	var bad []proxy.FieldError
 	if !proxy.ValidLabel(conversation, maxConversationID) {
@@ -305,7 +342,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	// The algorithm service first: if it is down the client gets a proper HTTP error, not a
 	// socket that opens and dies.
-	up, upConn, err := h.dial(r, info, cfg)
+	up, upConn, err := h.dial(r, info, cfg, false)
 	if err != nil {
 		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadGateway, Code: proxy.CodeAlgoService,
 			Message: "the algorithm service is unavailable", Cause: err})
@@ -337,6 +374,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	s := newSession(h, info, cfg, side{ws: client, conn: hj.conn}, side{ws: up, conn: upConn})
 	s.release = release
+	if h.o.ResumeWindow > 0 {
+		s.rs = &resumable{window: h.o.ResumeWindow, kick: make(chan struct{}, 1)}
+		s.rs.token, s.rs.key = h.o.Registry.newResumeToken(tenant, user)
+		s.ring = newDownRing(h.o.ResumeBuffer)
+	}
 	s.gov.limits, s.gov.metered, s.gov.size = gov.limits, gov.metered, gov.size
 	s.gov.open.Store(gov.open.Load())
 	if h.o.Recheck != nil {
@@ -347,6 +389,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if s.gov.metered {
 		s.reserve(0) // the first reservation, while the client reads session_initialized
+	}
+	if s.rs != nil {
+		h.o.Registry.keep(r.Context(), s, -1, false) // its record goes with its publication
 	}
 	h.o.Registry.add(r.Context(), s)
 	if h.o.OnStart != nil {
@@ -361,11 +406,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	go s.run()
 }
 
-// dial opens the algorithm-service side of a session, and returns its socket too.
-func (h *Handler) dial(r *http.Request, info Info, cfg AudioConfig) (*websocket.Conn, *conn, error) {
+// dial opens the algorithm-service side of a session in the agreed format cfg, and returns its
+// socket too. A resume's dial says resume=1: the service moves the session's state to it
+// (resume.go).
+func (h *Handler) dial(r *http.Request, info Info, cfg AudioConfig, resume bool) (*websocket.Conn, *conn, error) {
 	target := *h.ws
 	q := target.Query()
 	q.Set("session_id", info.SessionID)
+	if resume {
+		q.Set("resume", "1")
+	}
 	if info.ConversationID != "" {
 		q.Set("conversation_id", info.ConversationID)
 	}

@@ -57,6 +57,7 @@ type sessionInitialized struct {
 	ServerTime   int64           `json:"server_time"`
 	ServerTimeMS int64           `json:"server_time_ms"`
 	Capabilities map[string]bool `json:"capabilities"`
+	Resume       *resumeInfo     `json:"resume,omitempty"` // resume.go; none when resuming is off
 }
 
 type errorMessage struct {
@@ -67,6 +68,17 @@ type errorMessage struct {
 	SessionID   string `json:"session_id"`
 	Timestamp   int64  `json:"timestamp"`
 	TimestampMS int64  `json:"timestamp_ms"`
+}
+
+// encodeResumeError is an error message that tells the client to resume ("resume": true).
+func encodeResumeError(sessionID, code, msg string) []byte {
+	now := time.Now()
+	b, _ := json.Marshal(struct {
+		errorMessage
+		Resume bool `json:"resume"`
+	}{errorMessage{Type: TypeError, Error: msg, Code: code, Message: msg, SessionID: sessionID,
+		Timestamp: now.Unix(), TimestampMS: now.UnixMilli()}, true})
+	return b
 }
 
 func encodeError(sessionID, code, msg string) []byte {

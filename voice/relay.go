@@ -41,11 +41,11 @@ func (s *session) readMsg(ws *websocket.Conn) (websocket.MessageType, *[]byte, e
 // goroutine as soon as it is read: audio as audio_chunk messages (or raw), control messages
 // validated. It returns when the client side is finished.
 func (s *session) fromClient() {
-	var seq int64
+	c := s.clientNow() // a resume replaces it; this reader stays with its own
 	for {
-		typ, b, err := s.readMsg(s.client.ws)
+		typ, b, err := s.readMsg(c.ws)
 		if err != nil {
-			s.clientReadFailed(err)
+			s.clientReadFailed(c, err)
 			return
 		}
 		now := time.Now()
@@ -58,13 +58,13 @@ func (s *session) fromClient() {
 			if s.tr != nil {
 				s.h.putBuf(b)
 				if s.sendError(CodeInvalidMessage, "this protocol sends audio in JSON events, not binary messages") != nil {
-					s.clientWriteFailed()
+					s.clientWriteFailed(c)
 					return
 				}
 				continue
 			}
 			var stop bool
-			if d, err, stop = s.relayAudio(b, now, &seq); stop {
+			if d, err, stop = s.relayAudio(c, b, now); stop {
 				return
 			}
 			if d < 0 {
@@ -79,7 +79,7 @@ func (s *session) fromClient() {
 			}
 			if s.tr != nil {
 				var stop bool
-				if d, stop = s.dialectMessage(b, now, &seq); stop {
+				if d, stop = s.dialectMessage(c, b, now); stop {
 					return
 				}
 				break
@@ -91,7 +91,7 @@ func (s *session) fromClient() {
 			}
 			if code != "" {
 				if s.sendError(code, reason) != nil {
-					s.clientWriteFailed()
+					s.clientWriteFailed(c)
 					return
 				}
 				continue
@@ -112,15 +112,16 @@ func (s *session) fromClient() {
 	}
 }
 
-// relayAudio relays one frame of client audio (b, which it puts back) to the algorithm
-// service: validated for the agreed format, charged, metered, and written as an audio_chunk
-// message (or raw). d is the audio relayed, negative when the frame went no further (invalid,
-// or no quota left); err is the upstream write's; stop means the client's reader must return.
-func (s *session) relayAudio(b *[]byte, now time.Time, seq *int64) (d time.Duration, err error, stop bool) {
+// relayAudio relays one frame of client audio (b, which it puts back) from client c to the
+// algorithm service: validated for the agreed format, charged, metered, and written as an
+// audio_chunk message (or raw). d is the audio relayed, negative when the frame went no further
+// (invalid, or no quota left); err is the upstream write's; stop means the client's reader must
+// return.
+func (s *session) relayAudio(c side, b *[]byte, now time.Time) (d time.Duration, err error, stop bool) {
 	d, ferr := s.m.clientFrame(*b)
 	if ferr != nil {
 		s.h.putBuf(b)
-		return -1, nil, !s.invalidAudio(ferr)
+		return -1, nil, !s.invalidAudio(c, ferr)
 	}
 	s.invalidRun = 0
 	if !s.spend(d) {
@@ -135,9 +136,8 @@ func (s *session) relayAudio(b *[]byte, now time.Time, seq *int64) (d time.Durat
 	s.clientAudio(now.UnixNano())
 	out, typ := b, websocket.MessageBinary
 	if !s.h.o.RawAudio {
-		*seq++
 		out = s.h.getBuf()
-		*out = s.enc.appendChunk(*out, *b, *seq, now)
+		*out = s.enc.appendChunk(*out, *b, s.upSeq.Add(1), now)
 		s.h.putBuf(b)
 		typ = websocket.MessageText
 	}
@@ -146,10 +146,12 @@ func (s *session) relayAudio(b *[]byte, now time.Time, seq *int64) (d time.Durat
 	return d, err, false
 }
 
-// clientReadFailed handles the end of the client's messages.
-func (s *session) clientReadFailed(err error) {
+// clientReadFailed handles the end of the messages of client c.
+func (s *session) clientReadFailed(c side, err error) {
 	var ce websocket.CloseError
 	switch {
+	case s.clientNow().conn != c.conn || s.isAway():
+		// A resume replaced this connection (resume.go): the session goes on with the new one.
 	case s.ended.Load():
 		// The session is ending already; this is the client's answer to our close, or its
 		// socket being dropped.
@@ -157,12 +159,12 @@ func (s *session) clientReadFailed(err error) {
 		s.end(ending{code: ce.Code, reason: "client closed: " + ce.Reason})
 	case errors.Is(err, websocket.ErrMessageTooBig):
 		s.end(ending{code: websocket.StatusMessageTooBig, reason: "message too big"})
-	case s.client.conn.slow():
+	case c.conn.slow():
 		// The library writes pongs from the reader: one the client did not take ends here.
-		s.clientWriteFailed()
+		s.clientWriteFailed(c)
 	default:
 		// Vanished without a close frame, or silent past its read deadline.
-		s.clientGone("client gone")
+		s.clientGone(c, "client gone")
 	}
 }
 
@@ -190,15 +192,19 @@ func (s *session) fromUpstream() {
 			s.h.putBuf(b)
 			continue
 		}
+		var failed *side
 		if s.tr != nil {
-			err = s.writeTranslated(typ, b)
+			failed, err = s.writeTranslated(typ, b)
 		} else {
-			err = s.client.ws.Write(unbounded(), typ, *b)
+			failed, err = s.down(typ, *b)
 		}
 		s.h.putBuf(b)
 		if err != nil {
-			s.clientWriteFailed()
-			return
+			s.clientWriteFailed(*failed)
+			if s.rs == nil || s.ended.Load() {
+				return
+			}
+			// Away: the upstream goes on, into the ring and the log, until the client resumes.
 		}
 	}
 }
@@ -228,6 +234,19 @@ func (s *session) upReadFailed(err error) {
 	var ce websocket.CloseError
 	switch {
 	case s.ended.Load():
+	case errors.As(err, &ce) && ce.Code == CloseMoved && s.rs != nil:
+		// The session moved to another instance: the log gets what this upstream sent, and its
+		// seal; the session then ends here without a usage record (resume.go). TTS the pacer
+		// still holds is released into the log first: the new instance replays it.
+		if s.tts != nil {
+			s.releaseAllTTS()
+		}
+		if s.sealLog() {
+			s.end(ending{code: CloseMoved, reason: "moved", dropClient: s.isAway(), upCode: websocket.StatusNormalClosure})
+			return
+		}
+		s.end(ending{code: websocket.StatusInternalError, errCode: CodeResumeFailed,
+			reason: "the session could not be handed over"})
 	case errors.As(err, &ce):
 		s.end(upstreamClosed(ce))
 	case s.up.conn.slow():

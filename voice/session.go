@@ -74,6 +74,8 @@ type ending struct {
 	// dropClient and dropUp mark sides that cannot be told anything (gone, or not reading):
 	// their sockets are closed without a handshake.
 	dropClient, dropUp bool
+	// resume marks the error as one the client should resume after ("resume": true).
+	resume bool
 }
 
 // session is one bridged voice session.
@@ -98,9 +100,23 @@ type session struct {
 	format     atomic.Pointer[audio.Format] // the agreed format, for the counters
 	invalidRun int                          // invalid audio frames in a row; fromClient's
 
+	// upSeq numbers the audio_chunk messages: a field, not a reader's local, because a resumed
+	// client's reader goes on where the last one stopped.
+	upSeq   atomic.Int64
 	lastIn  atomic.Int64 // unix ns of the last client message
 	expiry  time.Time    // when the token stops being accepted; zero: never
 	pinging atomic.Bool  // a ping is out (timers.go)
+
+	// The downlink's order and resuming (resume.go). wmu guards seq, ring, client (replaced by
+	// a resume), away, replaying and attached.
+	wmu       writeLock
+	cur       atomic.Pointer[side] // client, for whoever must not wait for wmu (clientNow)
+	seq       int64                // the number of the last downlink message
+	ring      *downRing            // the recent downlink; nil when resuming is off
+	away      bool                 // the client vanished; the session waits for it to resume
+	replaying bool                 // a resumed client is being replayed to; the live downlink waits in the ring
+	attached  chan struct{}        // closed when a resumed client is attached to an away session
+	rs        *resumable           // nil: resuming is off
 
 	endOnce sync.Once
 	ended   atomic.Bool
@@ -125,6 +141,8 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 	} else if h.o.TTSPacing {
 		s.tts = newTTSQueue(h.o.TTSLead, h.o.TTSQueue)
 	}
+	s.cur.Store(&client)
+	s.wmu = make(writeLock, 1)
 	return s
 }
 
@@ -134,7 +152,12 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 func (s *session) run() {
 	go s.fromUpstream()
 	s.h.timers.add(s)
-	s.fromClient()
+	for {
+		s.fromClient()
+		if !s.awaitClient() { // a client that vanished may come back (resume.go)
+			break
+		}
+	}
 	s.finish()
 }
 
@@ -154,13 +177,28 @@ func (s *session) finish() {
 	}
 	s.h.timers.remove(s)
 	// Both sockets are closed; this releases the library's side of each at once.
-	s.client.ws.CloseNow()
+	s.clientNow().ws.CloseNow()
 	s.up.ws.CloseNow()
 	s.release()
+	handedOver := s.rs != nil && s.rs.sealed.Load()
+	if s.rs != nil {
+		s.h.o.Registry.forget(s, handedOver)
+	}
+	st := s.stats()
+	if handedOver {
+		// The session goes on elsewhere, with its counters, its quota account and its usage
+		// record: none of them ends here.
+		s.h.o.Registry.handedOver(s)
+		s.h.o.Log.Info("voice session handed over", "session_id", s.info.SessionID, "user_id", s.info.UserID)
+		if s.h.o.OnEnd != nil {
+			s.h.o.OnEnd(st)
+		}
+		return
+	}
 	// Settled before the registry lets go, so that shutdown, which waits for the registry to
 	// empty, waits for this bounded charge too.
 	s.settle()
-	st := s.stats()
+	st = s.stats()
 	s.h.o.Registry.remove(s, usageOf(s.live(), time.Now(), int(st.CloseCode), st.CloseReason))
 
 	s.h.o.Log.Info("voice session ended", "session_id", s.info.SessionID, "user_id", s.info.UserID,
@@ -198,11 +236,19 @@ func (s *session) stats() Stats {
 
 func (s *session) sendInit() {
 	if s.tr != nil {
+		// Under wmu, as session_initialized below: the greeting comes before anything else. A
+		// dialect's session is not resumable; its messages are numbered all the same (down).
+		s.wmu.Lock()
+		c := s.client
+		var err error
 		for _, m := range s.tr.Greeting() {
-			if err := s.client.ws.Write(unbounded(), websocket.MessageText, m); err != nil {
-				s.clientWriteFailed()
-				return
+			if err = c.ws.Write(unbounded(), websocket.MessageText, m); err != nil {
+				break
 			}
+		}
+		s.wmu.Unlock()
+		if err != nil {
+			s.clientWriteFailed(c)
 		}
 		return
 	}
@@ -213,9 +259,15 @@ func (s *session) sendInit() {
 			Language: s.cfg.Language, VADEnabled: true, NoiseSuppression: true, EchoCancellation: s.cfg.EchoCancellation},
 		ServerTime: now.Unix(), ServerTimeMS: now.UnixMilli(),
 		Capabilities: s.h.capabilities(),
+		Resume:       s.resumeInfo(),
 	})
-	if err := s.client.ws.Write(unbounded(), websocket.MessageText, msg); err != nil {
-		s.clientWriteFailed()
+	// Under wmu: session_initialized comes before any numbered message (a broadcast's notice).
+	s.wmu.Lock()
+	c := s.client
+	err := c.ws.Write(unbounded(), websocket.MessageText, msg)
+	s.wmu.Unlock()
+	if err != nil {
+		s.clientWriteFailed(c)
 	}
 }
 
@@ -223,10 +275,12 @@ func (s *session) sendInit() {
 // serialises writes, and the socket's deadline bounds this one.
 func (s *session) sendError(code, msg string) error {
 	s.n.errors.Add(1)
+	m := encodeError(s.info.SessionID, code, msg)
 	if s.tr != nil {
-		return s.client.ws.Write(unbounded(), websocket.MessageText, s.tr.Error(code, msg))
+		m = s.tr.Error(code, msg)
 	}
-	return s.client.ws.Write(unbounded(), websocket.MessageText, encodeError(s.info.SessionID, code, msg))
+	_, err := s.down(websocket.MessageText, m)
+	return err
 }
 
 // end finishes the session, once, without blocking: whoever calls it (a relay, the timers,
@@ -250,15 +304,21 @@ func (s *session) close(e ending) {
 	force := time.AfterFunc(closeWait, s.dropAll)
 	defer force.Stop()
 	var wg sync.WaitGroup
-	if e.dropClient {
-		s.client.conn.drop()
+	client := s.clientNow()
+	if e.dropClient || s.isAway() {
+		client.conn.drop()
 	} else {
 		wg.Go(func() {
 			if e.errCode != "" {
-				_ = s.sendError(e.errCode, e.reason)
+				if e.resume {
+					s.n.errors.Add(1)
+					_, _ = s.down(websocket.MessageText, encodeResumeError(s.info.SessionID, e.errCode, e.reason))
+				} else {
+					_ = s.sendError(e.errCode, e.reason)
+				}
 			}
 			// Close waits for the client's answer, which the client's reader reads.
-			_ = s.client.ws.Close(e.code, clip(e.reason))
+			_ = client.ws.Close(e.code, clip(e.reason))
 		})
 	}
 	if e.dropUp {
@@ -270,7 +330,7 @@ func (s *session) close(e ending) {
 }
 
 func (s *session) dropAll() {
-	s.client.conn.drop()
+	s.clientNow().conn.drop()
 	s.up.conn.drop()
 }
 
@@ -280,8 +340,12 @@ func (s *session) kill() {
 	s.dropAll()
 }
 
-// clientGone ends the session for a client that vanished: nothing more is said to it.
-func (s *session) clientGone(reason string) {
+// clientGone ends the session for a client c that vanished: nothing more is said to it. A
+// resumable session waits for the client to come back instead (resume.go).
+func (s *session) clientGone(c side, reason string) {
+	if s.detach(c, reason) {
+		return
+	}
 	s.end(ending{code: websocket.StatusGoingAway, reason: reason, dropClient: true})
 }
 
@@ -292,16 +356,16 @@ func (s *session) upstreamGone(reason string) {
 
 // clientWriteFailed handles a write the client did not take: in time (it is not reading: a
 // slow consumer, which cannot be told so), or at all (gone).
-func (s *session) clientWriteFailed() {
+func (s *session) clientWriteFailed(c side) {
 	if s.ended.Load() {
 		return // the ending closed it
 	}
-	if s.client.conn.slow() {
+	if c.conn.slow() {
 		s.end(ending{code: websocket.StatusTryAgainLater, reason: "the client is not reading fast enough",
 			dropClient: true})
 		return
 	}
-	s.clientGone("client gone")
+	s.clientGone(c, "client gone")
 }
 
 // upWriteFailed is clientWriteFailed for the algorithm service; the client is told.

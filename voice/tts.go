@@ -101,7 +101,11 @@ type ttsQueue struct {
 	dropped    time.Duration
 
 	wake chan struct{} // a flush has put its message at the head
-	room chan struct{} // a message left the queue
+	room chan struct{} // a message left the queue, or the writer ended
+
+	// unpaced releases everything queued at once: the session is being handed over to another
+	// instance, and what the queue holds must reach the log before its seal (releaseAllTTS).
+	unpaced bool
 }
 
 func newTTSQueue(lead time.Duration, limit int) *ttsQueue {
@@ -177,10 +181,11 @@ func (q *ttsQueue) next(now int64) (it ttsItem, wait time.Duration, ok bool) {
 	if q.closed || len(q.items) == 0 {
 		q.running = false
 		q.items = q.items[:0]
+		signal(q.room) // for releaseAllTTS: what was taken has been written
 		return ttsItem{}, 0, false
 	}
 	it = q.items[0]
-	if it.d > 0 {
+	if it.d > 0 && !q.unpaced {
 		end := q.playStart + int64(q.released)
 		if end < now { // the client has played everything: a new stretch
 			q.playStart, q.released, end = now, 0, now
@@ -245,11 +250,51 @@ func (s *session) ttsWriter() {
 		if it.end {
 			s.ttsComplete()
 		}
-		err := s.client.ws.Write(unbounded(), it.typ, *it.b)
+		// Through the session's one downlink writer: numbered as it is released, kept for a
+		// resume, and, while the client is away, released into the ring and the log on the
+		// playback clock as if it had been sent (resume.go).
+		failed, err := s.down(it.typ, *it.b)
 		s.h.putBuf(it.b)
 		if err != nil {
-			s.clientWriteFailed()
+			s.clientWriteFailed(*failed)
+			if s.rs != nil && !s.ended.Load() {
+				continue // away: the queue goes on being released, into the ring
+			}
 			s.closeTTS()
+			return
+		}
+	}
+}
+
+// releaseAllTTS releases what the queue holds at once, through the writer, and returns once it
+// has all been written (or the session ended): fromUpstream calls it when the algorithm service
+// has moved the session to another instance (4100), before the log is sealed, so that TTS held
+// here reaches the new instance's replay rather than being lost. Nothing is queued meanwhile:
+// fromUpstream, the only one that queues, is here.
+func (s *session) releaseAllTTS() {
+	q := s.tts
+	q.mu.Lock()
+	q.unpaced = true
+	start := !q.running && len(q.items) > 0 && !q.closed
+	if start {
+		q.running = true
+	}
+	q.mu.Unlock()
+	if start {
+		s.ttsWG.Add(1)
+		go s.ttsWriter()
+	}
+	signal(q.wake)
+	for {
+		q.mu.Lock()
+		done := q.closed || len(q.items) == 0 && !q.running
+		q.mu.Unlock()
+		if done {
+			return
+		}
+		select {
+		case <-q.room:
+		case <-s.ending:
 			return
 		}
 	}

@@ -29,6 +29,7 @@ type Live struct {
 	InvalidAudio    int64     `json:"invalid_audio"`
 	ResponseLatency Latency   `json:"response_latency"`
 	ASRLatency      Latency   `json:"asr_latency"`
+	Resumes         int64     `json:"resumes"` // how many times its client resumed it
 }
 
 // live reads s's counters now.
@@ -44,7 +45,7 @@ func (s *session) live() Live {
 		ASRPartial: s.n.asrPartial.Load(), ASRFinal: s.n.asrFinal.Load(), LLMChunks: s.n.llmChunks.Load(),
 		TTSChunks: s.n.ttsChunks.Load(), Errors: s.n.errors.Load(), BargeIns: s.m.bargeIns.Load(),
 		AudioFormat: s.format.Load().String(), InvalidAudio: s.n.invalidAudio.Load(),
-		ResponseLatency: resp, ASRLatency: asr}
+		ResponseLatency: resp, ASRLatency: asr, Resumes: s.resumes()}
 }
 
 // Usage is the record a session leaves when it ends: in the log ("voice usage"), and with
@@ -78,6 +79,7 @@ type Usage struct {
 	ASRMaxS         float64   `json:"asr_latency_max_s"`
 	CloseCode       int       `json:"close_code"`
 	CloseReason     string    `json:"close_reason"`
+	Resumes         int64     `json:"resumes"`
 }
 
 // usageOf is the usage record of l, ended at with code and reason.
@@ -88,7 +90,8 @@ func usageOf(l Live, at time.Time, code int, reason string) Usage {
 		ASRPartial: l.ASRPartial, ASRFinal: l.ASRFinal, LLMChunks: l.LLMChunks, TTSChunks: l.TTSChunks,
 		BargeIns: l.BargeIns, Errors: l.Errors, AudioFormat: l.AudioFormat, InvalidAudio: l.InvalidAudio,
 		ResponseP50S: l.ResponseLatency.P50S, ResponseMaxS: l.ResponseLatency.MaxS,
-		ASRP50S: l.ASRLatency.P50S, ASRMaxS: l.ASRLatency.MaxS, CloseCode: code, CloseReason: reason}
+		ASRP50S: l.ASRLatency.P50S, ASRMaxS: l.ASRLatency.MaxS, CloseCode: code, CloseReason: reason,
+		Resumes: l.Resumes}
 }
 
 // fields are u's stream entry: field, value, field, value...
@@ -106,5 +109,6 @@ func (u *Usage) fields() []string {
 		"asr_latency_p50_s", f(u.ASRP50S), "asr_latency_max_s", f(u.ASRMaxS),
 		"close_code", strconv.Itoa(u.CloseCode), "close_reason", u.CloseReason,
 		"audio_format", u.AudioFormat, "invalid_audio", i(u.InvalidAudio),
+		"resumes", i(u.Resumes),
 	}
 }

@@ -39,7 +39,7 @@ const state = {
   voice: {
     sessionId: "", framesSent: 0, bytesSent: 0, ttsFrames: 0, ttsSamples: 0,
     buffersScheduled: 0, buffersPlayed: 0, playedMs: 0, messages: [], closes: [],
-    lastError: null, open: false,
+    lastError: null, open: false, resumes: 0,
     level: 0, // the microphone's level while talking, 0 (-60 dBFS or less) to 1 (full scale)
     // Barge-in: interrupts sent (by the button or the voice-activity detection), the gateway's
     // tts_flushed answers, TTS frames dropped while waiting for one, and what the speaker
@@ -400,6 +400,11 @@ const voice = {
   loud: 0, // microphone frames in a row above the voice-activity threshold
   attempts: 0,
   hungUp: false,
+  // Resuming (docs/voice.md#resuming): the session's single-use token, and how many numbered
+  // messages arrived (every message after session_initialized or session_resumed, text or
+  // binary, but a RESUME_GAP error and a refusal).
+  resume: null,
+  seq: 0,
   t0: performance.now(), // when the session (or its last attempt) started: the log's times count from it
 };
 
@@ -446,10 +451,18 @@ function connect() {
     }
     const u = new URL("/api/v2/voice/stream", gateway);
     u.protocol = gateway.protocol === "https:" ? "wss:" : "ws:";
-    u.searchParams.set("language", navigator.language || "en-US");
-    // Opus where the browser records it (a tenth of PCM's bytes); else 16 kHz PCM from the
-    // worklet.
-    if ($("opus").checked && opusRecording()) u.searchParams.set("format", "opus");
+    const resuming = voice.resume !== null;
+    if (resuming) {
+      // The session's format stays what session_initialized agreed (voice.format).
+      u.searchParams.set("resume_token", voice.resume);
+      u.searchParams.set("last_seq", String(voice.seq));
+      voice.resume = null; // single use: session_resumed brings the next
+    } else {
+      u.searchParams.set("language", navigator.language || "en-US");
+      // Opus where the browser records it (a tenth of PCM's bytes); else 16 kHz PCM from the
+      // worklet.
+      if ($("opus").checked && opusRecording()) u.searchParams.set("format", "opus");
+    }
     voice.t0 = performance.now();
     setStatus($("voice-status"), "connecting…", "busy");
     let ws;
@@ -464,6 +477,7 @@ function connect() {
     let initialized = false;
     ws.onmessage = (e) => {
       if (typeof e.data !== "string") {
+        voice.seq++;
         playTTS(e.data);
         return;
       }
@@ -471,11 +485,18 @@ function connect() {
       try {
         m = JSON.parse(e.data);
       } catch {
+        voice.seq++;
         voiceLog("a message that is not JSON: " + clip(e.data), true);
         return;
       }
+      if (m.type === "session_initialized" || m.type === "session_resumed") {
+        voice.seq = m.last_seq || 0;
+        voice.resume = m.resume ? m.resume.token : null;
+      } else if (!(m.type === "error" && (m.code === "RESUME_GAP" || m.status))) {
+        voice.seq++;
+      }
       onVoiceMessage(m);
-      if (m.type === "session_initialized" && !initialized) {
+      if ((m.type === "session_initialized" || m.type === "session_resumed") && !initialized) {
         initialized = true;
         voice.attempts = 0;
         resolve();
@@ -500,6 +521,13 @@ function onVoiceMessage(m) {
       voice.ttsRate = voice.format === "pcm" ? voice.rate : 16000;
       voiceLog(`session_initialized ${m.session_id}: ${voice.rate} Hz, ${m.config && m.config.language}`, false, m);
       setStatus($("voice-status"), `connected: session ${m.session_id}`, "ok");
+      break;
+    case "session_resumed":
+      v.sessionId = m.session_id;
+      v.open = true;
+      v.resumes++;
+      voiceLog(`session_resumed ${m.session_id}: ${m.replayed} missed messages follow`, false, m);
+      setStatus($("voice-status"), `resumed: session ${m.session_id}`, "ok");
       break;
     case "asr_partial":
       $("transcript").textContent = m.text + " …";
@@ -554,8 +582,21 @@ function onVoiceClose(e) {
   const why = v.lastError && v.lastError.status ? `${v.lastError.code}: ${v.lastError.message} — ` : "";
   setStatus($("voice-status"), why + text, e.code === 1000 ? "idle" : "bad");
   voice.ws = null;
+  const wasTalking = voice.talking;
   stopCapture();
   $("hangup").disabled = true;
+  // A lost connection (1006), or a drain that says so (SERVER_SHUTDOWN with "resume": true, then
+  // 1012): the same session resumes, on whichever instance answers, with what was missed.
+  const drained = e.code === 1012 && v.lastError && v.lastError.resume;
+  if (voice.resume && !voice.hungUp && (e.code === 1006 || drained) && voice.attempts < 10) {
+    voice.attempts++;
+    const wait = 100 * voice.attempts;
+    voiceLog(`resuming in ${wait} ms (attempt ${voice.attempts})`);
+    setStatus($("voice-status"), `${text}; resuming in ${wait} ms`, "warn");
+    setTimeout(() => resumeTalking(wasTalking), wait);
+    return;
+  }
+  voice.resume = null; // not resumed: the session is over, and the next one starts anew
   // The gateway or the service restarting (1012) and overload (1013) ask for another try;
   // a dropped connection (1006) after a session had opened is worth one too.
   const again = { 1012: 1000, 1013: 5000, 1006: 2000, 1001: 1000 }[e.code];
@@ -781,6 +822,29 @@ async function startTalking() {
     if (!state.voice.lastError) setStatus($("voice-status"), err.message, "bad");
   } finally {
     $("mic").disabled = false;
+  }
+}
+
+// resumeTalking resumes the session after a lost connection, and the microphone if it was on.
+async function resumeTalking(wasTalking) {
+  try {
+    await connect();
+  } catch {
+    // Refused (the window passed, or the session ended meanwhile): the close said why; a new
+    // session starts if reconnecting is on.
+    voice.resume = null;
+    if (!voice.hungUp && $("reconnect").checked && !voice.ws) startTalking().catch(() => {});
+    return;
+  }
+  state.voice.lastError = null;
+  $("hangup").disabled = false;
+  if (!wasTalking) return;
+  try {
+    await startCapture();
+    voice.talking = true;
+    $("mic").textContent = "Stop talking";
+  } catch (err) {
+    stopCapture();
   }
 }
 
