@@ -292,3 +292,22 @@ func FuzzMP3Meter(f *testing.F) {
 		}
 	})
 }
+
+// TestMeterMP3TagsBounded: ID3 tags cost nothing, so a stream may carry at most 64 KiB of them:
+// a client cannot relay any bytes it likes, uncharged, as one endless tag.
+func TestMeterMP3TagsBounded(t *testing.T) {
+	m := audio.NewMeter(audio.Format{Codec: audio.MP3, SampleRate: 16000, Channels: 1})
+	small := append([]byte{'I', 'D', '3', 4, 0, 0, 0, 0, 0x7f, 0x76}, make([]byte, 16374)...) // a 16 KiB tag
+	for i := range 4 {
+		if d, err := m.Frame(small); err != nil || d != 0 {
+			t.Fatalf("tag %d: %v, %v", i, d, err)
+		}
+	}
+	if _, err := m.Frame(small); !errors.Is(err, audio.ErrInvalid) {
+		t.Errorf("a fifth 16 KiB tag was accepted: %v", err)
+	}
+	huge := []byte{'I', 'D', '3', 4, 0, 0, 0x7f, 0x7f, 0x7f, 0x7f} // 256 MiB announced
+	if _, err := audio.NewMeter(m.Format()).Frame(huge); !errors.Is(err, audio.ErrInvalid) {
+		t.Errorf("a 256 MiB tag was accepted: %v", err)
+	}
+}

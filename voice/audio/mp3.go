@@ -3,8 +3,8 @@ package audio
 // MP3 streams, read frame header by frame header. A stream may be split across WebSocket
 // frames anywhere, a header included, so the state between frames is the bytes left of the
 // frame (or tag) under way and the first bytes of a header not yet complete. ID3v2 tags (at a
-// frame boundary) and ID3v1 tags play for no time. Each MPEG frame is charged in full when its
-// header arrives. Only Layer III is mp3; free-format and reserved values are refused, and so
+// frame boundary) and ID3v1 tags play for no time, up to maxTagBytes a stream. Each MPEG frame
+// is charged in full when its header arrives. Only Layer III is mp3; free-format and reserved values are refused, and so
 // is a frame whose sample rate or channel count is not the agreed one, since its label would
 // then be wrong.
 
@@ -69,11 +69,16 @@ func ParseMP3Header(b []byte) (MP3Header, error) {
 	return h, nil
 }
 
+// maxTagBytes bounds the ID3 tags of one stream. Tags play for no time, so they are charged
+// nothing: without a bound a stream of one endless "tag" would carry any bytes for free.
+const maxTagBytes = 64 << 10
+
 // mp3State is where a Meter is in an MP3 stream between frames.
 type mp3State struct {
 	skip  int      // bytes left of the frame or tag under way
 	head  [10]byte // the start of a header that the last frame ended in
 	nhead int
+	tags  int // bytes of ID3 tags so far
 }
 
 // feed meters b and returns its samples at the stream's rate.
@@ -132,6 +137,11 @@ func (st *mp3State) feed(b []byte, f Format) (int64, error) {
 			}
 			size = h.Size
 			samples += int64(h.Samples)
+		}
+		if need != 4 {
+			if st.tags += size; st.tags > maxTagBytes {
+				return 0, invalid("mp3: more than 64 KiB of ID3 tags")
+			}
 		}
 		st.nhead = 0
 		st.skip = size - held
