@@ -151,6 +151,11 @@ func (s *session) failClient() bool {
 // writeTranslated writes what the Translator makes of one algorithm-service message to the
 // client, on the algorithm service's reader.
 func (s *session) writeTranslated(typ websocket.MessageType, b *[]byte) error {
+	if s.ended.Load() {
+		// The ending's error is the client's last event: a response.done after it would say
+		// the answer completed when the session cut it short.
+		return nil
+	}
 	for _, m := range s.tr.Upstream(typ, *b, s.relayed()) {
 		if err := s.client.ws.Write(unbounded(), websocket.MessageText, m); err != nil {
 			return err
