@@ -28,9 +28,7 @@ type config struct {
 	Version     bool // print the version and exit
 
 	ListenAddr     string
-	ListenAddrFile string // "" writes none; else the address listened on, for -healthcheck
-	TLSCertFile    string // with TLSKeyFile: serve TLS (and HTTP/2), reloading the files when they change
-	TLSKeyFile     string
+	ListenAddrFile string     // "" writes none; else the address listened on, for -healthcheck
 	AlgoURLs       []*url.URL // replicas of the algorithm service
 	AdminURLs      []*url.URL // none: the admin route answers 404
 	DocsURLs       []*url.URL // none: the documents route answers 404
@@ -39,6 +37,9 @@ type config struct {
 	LogFormat      string // "text", "json" or "" (text on a terminal, else JSON)
 	LogLevel       slog.Level
 	ShutdownGrace  time.Duration
+
+	// TLSCertFile and TLSKeyFile: serve TLS (and HTTP/2), reloading the files when they change.
+	TLSCertFile, TLSKeyFile string
 
 	MaxBodyBytes    int64         // proxied routes
 	BodyReadTimeout time.Duration // every body: this long, plus a second per BodyMinRate bytes

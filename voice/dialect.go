@@ -153,6 +153,11 @@ func (s *session) failClient(c side) bool {
 // it returns the client a write failed on, if any. A dialect's session is not resumable
 // (Handler: its Options.ResumeWindow is taken as zero), so a failed write ends it.
 func (s *session) writeTranslated(typ websocket.MessageType, b *[]byte) (failed *side, err error) {
+	if s.ended.Load() {
+		// The ending's error is the client's last event: a response.done after it would say
+		// the answer completed when the session cut it short.
+		return nil, nil
+	}
 	for _, m := range s.tr.Upstream(typ, *b, s.relayed()) {
 		if failed, err = s.down(websocket.MessageText, m); err != nil {
 			return failed, err

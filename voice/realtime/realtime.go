@@ -80,6 +80,10 @@ type translator struct {
 	partial      string // the last ASR partial, to send deltas of
 	resp         *response
 	lastIn       time.Duration // audio in when the last response ended
+	// pending: input (a commit, a text item) has come that no response has begun to answer
+	// yet. A response.create opens a response only then: the algorithm service answers input
+	// by itself, and may have begun before the response.create arrived.
+	pending bool
 }
 
 // response is the response in progress.
@@ -225,7 +229,7 @@ func (t *translator) Client(typ websocket.MessageType, msg []byte, u voice.Relay
 			return refuse(codeCommitEmpty, "input_audio_buffer.commit: the buffer holds no audio")
 		}
 		prev := t.inputItem
-		t.inputItem, t.appended, t.partial = t.nextItem(), 0, ""
+		t.inputItem, t.appended, t.partial, t.pending = t.nextItem(), 0, "", true
 		return voice.ClientAction{Control: [][]byte{[]byte(`{"type":"stop"}`)},
 			Reply: [][]byte{t.event("input_audio_buffer.committed", map[string]any{"previous_item_id": nilIfEmpty(prev), "item_id": t.inputItem})}}
 	case "input_audio_buffer.clear":
@@ -252,8 +256,9 @@ func (t *translator) Client(typ websocket.MessageType, msg []byte, u voice.Relay
 			}
 		}
 		// The algorithm service answers every committed turn and text item by itself: nothing
-		// goes upstream, and the response it gives is this one.
-		if t.resp != nil {
+		// goes upstream, and the response it gives is this one. One under way, or begun
+		// already for the last input, is not opened twice.
+		if t.resp != nil || !t.pending {
 			return voice.ClientAction{}
 		}
 		return voice.ClientAction{Reply: [][]byte{t.open(u)}}
@@ -446,6 +451,7 @@ func (t *translator) itemCreate(raw json.RawMessage) voice.ClientAction {
 		return refuse(codeInvalidValue, "conversation.item.create: the item has no text")
 	}
 	id := t.nextItem()
+	t.pending = item.Role == "user"
 	ctl, _ := json.Marshal(map[string]any{"type": "text", "text": text.String(), "role": item.Role})
 	obj := map[string]any{"id": id, "object": "realtime.item", "type": "message", "role": item.Role, "status": "completed",
 		"content": []any{map[string]any{"type": "input_text", "text": text.String()}}}
@@ -457,6 +463,7 @@ func (t *translator) itemCreate(raw json.RawMessage) voice.ClientAction {
 
 // open starts a response and returns its response.created. Caller holds mu.
 func (t *translator) open(u voice.Relayed) []byte {
+	t.pending = false
 	t.resp = &response{id: "resp_" + t.eventID(), item: t.nextItem(), audioOut: u.AudioOut}
 	return t.event("response.created", map[string]any{"response": map[string]any{
 		"id": t.resp.id, "object": "realtime.response", "status": "in_progress", "output": []any{},

@@ -133,3 +133,28 @@ func TestUpstreamEvents(t *testing.T) {
 		t.Errorf("usage %v", u)
 	}
 }
+
+// TestResponseCreateOncePerInput: response.create opens a response for input not yet answered;
+// one the algorithm service began first, or none since the last answer, opens nothing.
+func TestResponseCreateOncePerInput(t *testing.T) {
+	tr := open(t)
+	if act := client(tr, `{"type":"response.create"}`); len(act.Reply) != 0 {
+		t.Fatalf("a response without input: %+v", act)
+	}
+	client(tr, `{"type":"conversation.item.create","item":{"type":"message","role":"user","content":[{"type":"input_text","text":"hi"}]}}`)
+	if act := client(tr, `{"type":"response.create"}`); len(act.Reply) != 1 || decode(t, act.Reply[0])["type"] != "response.created" {
+		t.Fatalf("a response for a text item: %+v", act)
+	}
+	tr.Upstream(websocket.MessageText, []byte(`{"type":"llm_response_chunk","content":"yo"}`), voice.Relayed{})
+	tr.Upstream(websocket.MessageText, []byte(`{"type":"tts_complete"}`), voice.Relayed{})
+	// The service answered the next item before its response.create arrived.
+	client(tr, `{"type":"conversation.item.create","item":{"type":"message","role":"user","content":[{"type":"input_text","text":"again"}]}}`)
+	out := tr.Upstream(websocket.MessageText, []byte(`{"type":"llm_response_chunk","content":"so"}`), voice.Relayed{})
+	if decode(t, out[0])["type"] != "response.created" {
+		t.Fatalf("an answer without response.create: %s", out[0])
+	}
+	tr.Upstream(websocket.MessageText, []byte(`{"type":"tts_complete"}`), voice.Relayed{})
+	if act := client(tr, `{"type":"response.create"}`); len(act.Reply) != 0 {
+		t.Fatalf("a second response for one input: %+v", act)
+	}
+}
