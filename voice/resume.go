@@ -370,8 +370,14 @@ func (s *session) markAway(c side, why string) bool {
 	s.h.o.Log.Info("voice client away; the session waits for it to resume", "session_id", s.info.SessionID,
 		"why", why, "last_seq", seq, "window", rs.window)
 	if r := s.h.o.Registry; r.redis != nil {
-		// The bound a resume's last_seq is checked against, before its upgrade.
-		go r.writeRecord(context.Background(), s, seq, true)
+		// The bound a resume's last_seq is checked against, before its upgrade. Over the record
+		// its publication wrote; or, if that failed, written now: the client needs it now.
+		// Not under any lock; bounded.
+		if rs.recorded.Swap(true) {
+			go r.writeRecord(context.Background(), s, seq, true)
+		} else {
+			r.writeRecord(context.Background(), s, seq, false) // before the client can come back
+		}
 		s.startFlusher()
 	}
 	return true
@@ -457,8 +463,10 @@ func (s *session) startFlusher() {
 	}()
 }
 
-// flushEvery spaces an away session's writes to its log.
-const flushEvery = 20 * time.Millisecond
+// flushEvery spaces an away session's writes to its log. The log is what a resume elsewhere
+// reads when the owner died while its client was away; at a handover the seal writes whatever is
+// left at once, so the spacing delays no resume.
+const flushEvery = 100 * time.Millisecond
 
 // flush writes the messages the log does not have yet, from the ring, in one round trip,
 // bounded. Messages the ring no longer holds are not in the log: a resume finds the gap.

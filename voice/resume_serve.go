@@ -438,7 +438,7 @@ func (h *Handler) readLog(ctx context.Context, key string, last int64, alive boo
 			return nil, nil, errNoSeal
 		case <-t.C:
 		}
-		wait = min(2*wait, 20*time.Millisecond)
+		wait = min(2*wait, 25*time.Millisecond)
 	}
 }
 
