@@ -443,7 +443,8 @@ func (s *session) startFlusher() {
 			case <-s.ending:
 				return
 			}
-			if !s.isAway() && !s.rs.handingOver.Load() {
+			// Back (a resume here), or handing over: the seal writes what is left at once.
+			if !s.isAway() || s.rs.handingOver.Load() {
 				return
 			}
 			if err := s.flush(context.Background()); err != nil {
@@ -540,8 +541,9 @@ func (s *session) handOver() {
 	if old != nil {
 		go closeMoved(*old)
 	}
-	s.startFlusher()
-	time.AfterFunc(handoverWait+time.Second, func() {
+	// The resuming instance dials the service (DialTimeout), which then has handoverWait to
+	// close this upstream; past both and a margin, the resume failed.
+	time.AfterFunc(s.h.o.DialTimeout+handoverWait+time.Second, func() {
 		if !rs.sealed.Load() {
 			s.end(ending{code: websocket.StatusInternalError, errCode: CodeResumeFailed,
 				reason: "the algorithm service did not move the session", dropClient: true})
