@@ -64,8 +64,6 @@ type ending struct {
 	// dropClient and dropUp mark sides that cannot be told anything (gone, or not reading):
 	// their sockets are closed without a handshake.
 	dropClient, dropUp bool
-	// resume marks the error as one the client should resume after ("resume": true).
-	resume bool
 }
 
 // session is one bridged voice session.
@@ -256,12 +254,7 @@ func (s *session) close(e ending) {
 	} else {
 		wg.Go(func() {
 			if e.errCode != "" {
-				if e.resume {
-					s.n.errors.Add(1)
-					_, _ = s.down(websocket.MessageText, encodeResumeError(s.info.SessionID, e.errCode, e.reason))
-				} else {
-					_ = s.sendError(e.errCode, e.reason)
-				}
+				_ = s.sendError(e.errCode, e.reason)
 			}
 			// Close waits for the client's answer, which the client's reader reads.
 			_ = client.ws.Close(e.code, clip(e.reason))
