@@ -721,12 +721,13 @@ func drainSessions() int {
 	return 50
 }
 
-// TestVoiceResumeDrain: SIGTERM of the instance holding the sessions while each is mid-answer:
+// TestVoiceResumeDrain: SIGTERM of the instance holding the sessions while each is mid-answer
+// (a burst of 120 messages at 50 a second, as TTS frames of 20 ms come):
 // every client gets SERVER_SHUTDOWN with "resume": true and close 1012, resumes on the other
 // instance, and gets every message exactly once, before SHUTDOWN_GRACE ends.
 func TestVoiceResumeDrain(t *testing.T) {
 	r := startRedis(t)
-	algo := newNumberingAlgo(t, 120, 5*time.Millisecond)
+	algo := newNumberingAlgo(t, 120, 20*time.Millisecond) // TTS at 50 frames a second
 	n := drainSessions()
 	env := resumeEnv(r, algo.URL, map[string]string{"SHUTDOWN_GRACE": "10s"})
 	a, b := startChildGateway(t, env), startChildGateway(t, env)

@@ -354,15 +354,17 @@ func (s *session) down(typ websocket.MessageType, msg []byte) (failed *side, err
 // detach makes the session away after its client c vanished, if it is resumable; false when
 // it is not, and the session must end.
 func (s *session) detach(c side, why string) bool {
-	if !s.markAway(c, why) {
+	if !s.markAway(c, why, false) {
 		return false
 	}
 	c.conn.drop()
 	return true
 }
 
-// markAway is detach without closing c's socket.
-func (s *session) markAway(c side, why string) bool {
+// markAway is detach without closing c's socket. With delivered, everything sent so far is known
+// to reach the client (it is followed by a close the client reads to: see Drain), and the away log
+// starts after it instead of with the whole ring.
+func (s *session) markAway(c side, why string, delivered bool) bool {
 	rs := s.rs
 	if rs == nil || s.ended.Load() {
 		return false
@@ -382,8 +384,19 @@ func (s *session) markAway(c side, why string) bool {
 	s.h.o.Log.Info("voice client away; the session waits for it to resume", "session_id", s.info.SessionID,
 		"why", why, "last_seq", seq, "window", rs.window)
 	if r := s.h.o.Registry; r.redis != nil {
-		// The bound a resume's last_seq is checked against, before its upgrade.
-		go r.writeRecord(context.Background(), s, seq, true)
+		// The bound a resume's last_seq is checked against, before its upgrade. Over the record
+		// its publication wrote; or, if that failed, written now: the client needs it now.
+		// Not under any lock; bounded.
+		if rs.recorded.Swap(true) {
+			go r.writeRecord(context.Background(), s, seq, true)
+		} else {
+			r.writeRecord(context.Background(), s, seq, false) // before the client can come back
+		}
+		if delivered {
+			rs.flushMu.Lock()
+			rs.flushed = max(rs.flushed, seq)
+			rs.flushMu.Unlock()
+		}
 		s.startFlusher()
 	}
 	return true
@@ -449,7 +462,8 @@ func (s *session) startFlusher() {
 			case <-s.ending:
 				return
 			}
-			if !s.isAway() && !s.rs.handingOver.Load() {
+			// Back (a resume here), or handing over: the seal writes what is left at once.
+			if !s.isAway() || s.rs.handingOver.Load() {
 				return
 			}
 			if err := s.flush(context.Background()); err != nil {
@@ -469,12 +483,21 @@ func (s *session) startFlusher() {
 	}()
 }
 
-// flushEvery spaces an away session's writes to its log.
-const flushEvery = 20 * time.Millisecond
+// flushEvery spaces an away session's writes to its log. The log is what a resume elsewhere
+// reads when the owner died while its client was away; at a handover the seal writes whatever is
+// left at once, so the spacing delays no resume.
+const flushEvery = 100 * time.Millisecond
 
 // flush writes the messages the log does not have yet, from the ring, in one round trip,
 // bounded. Messages the ring no longer holds are not in the log: a resume finds the gap.
 func (s *session) flush(ctx context.Context) error {
+	_, err := s.flushBatch(ctx, false)
+	return err
+}
+
+// flushBatch writes one batch of what the log does not have yet; with sealing, the batch that
+// reaches the end of the ring carries the seal too, in the same round trip, and sealed says so.
+func (s *session) flushBatch(ctx context.Context, sealing bool) (sealed bool, err error) {
 	rs := s.rs
 	rs.flushMu.Lock()
 	defer rs.flushMu.Unlock()
@@ -500,23 +523,35 @@ func (s *session) flush(ctx context.Context) error {
 	if _, _, _, ok := s.ring.from(next); ok {
 		more = true
 	}
+	last := s.seq
 	s.wmu.Unlock()
+	sealing = sealing && !more
+	if sealing {
+		// The upstream has closed: nothing more is relayed, and last is the log's end.
+		sl := seal{Seq: last, Live: s.live(), Use: s.gov.use.Load(), Held: s.gov.held.Load(), Resumes: rs.resumes.Load(),
+			Audio: s.format.Load()}
+		if s.m.declared.Load() {
+			sl.TTS = s.m.declaredFmt.Load()
+		}
+		b, _ := json.Marshal(sl)
+		cmds = append(cmds, r.redis.B().Xadd().Key(key).Id("*").FieldValue().FieldValue("seal", string(b)).Build())
+	}
 	if len(cmds) == 0 {
-		return nil
+		return false, nil
 	}
 	cmds = append(cmds, r.redis.B().Pexpire().Key(key).Milliseconds(r.recordTTL(rs.window).Milliseconds()).Build())
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	for _, res := range r.redis.DoMulti(ctx, cmds...) {
 		if err := res.Error(); err != nil {
-			return err
+			return false, err
 		}
 	}
 	rs.flushed = next - 1
-	if more {
+	if more && !sealing {
 		s.kickFlusher()
 	}
-	return nil
+	return sealing, nil
 }
 
 // handOver is the owner's side of a resume elsewhere: the client connection, if any, is closed
@@ -544,8 +579,9 @@ func (s *session) handOver() {
 	if old != nil {
 		go closeMoved(*old)
 	}
-	s.startFlusher()
-	time.AfterFunc(handoverWait+time.Second, func() {
+	// The resuming instance dials the service (DialTimeout), which then has handoverWait to
+	// close this upstream; past both and a margin, the resume failed.
+	time.AfterFunc(s.h.o.DialTimeout+handoverWait+time.Second, func() {
 		if !rs.sealed.Load() {
 			s.end(ending{code: websocket.StatusInternalError, errCode: CodeResumeFailed,
 				reason: "the algorithm service did not move the session", dropClient: true})
@@ -567,47 +603,20 @@ func (s *session) sealLog() bool {
 	if r.redis == nil {
 		return false
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), handoverWait)
 	defer cancel()
 	for {
-		s.wmu.Lock()
-		_, _, _, more := s.ring.from(s.rs.flushedNow() + 1)
-		s.wmu.Unlock()
-		if !more {
-			break
-		}
-		if err := s.flush(ctx); err != nil {
-			s.h.o.Log.Warn("logging a voice session's downlink at its handover failed", "session_id", s.info.SessionID,
+		sealed, err := s.flushBatch(ctx, true)
+		if err != nil {
+			s.h.o.Log.Warn("sealing a voice session's log at its handover failed", "session_id", s.info.SessionID,
 				"err", proxy.Describe(err))
 			return false
 		}
-	}
-	s.wmu.Lock()
-	sl := seal{Seq: s.seq}
-	s.wmu.Unlock()
-	sl.Live, sl.Use, sl.Held, sl.Resumes = s.live(), s.gov.use.Load(), s.gov.held.Load(), s.rs.resumes.Load()
-	sl.Audio = s.format.Load()
-	if s.m.declared.Load() {
-		sl.TTS = s.m.declaredFmt.Load()
-	}
-	b, _ := json.Marshal(sl)
-	key := r.logKey(s.info.TenantID, s.info.SessionID)
-	for _, res := range r.redis.DoMulti(ctx,
-		r.redis.B().Xadd().Key(key).Id("*").FieldValue().FieldValue("seal", string(b)).Build(),
-		r.redis.B().Pexpire().Key(key).Milliseconds(r.recordTTL(s.rs.window).Milliseconds()).Build()) {
-		if err := res.Error(); err != nil {
-			s.h.o.Log.Warn("sealing a voice session's log failed", "session_id", s.info.SessionID, "err", proxy.Describe(err))
-			return false
+		if sealed {
+			s.rs.sealed.Store(true)
+			return true
 		}
 	}
-	s.rs.sealed.Store(true)
-	return true
-}
-
-func (rs *resumable) flushedNow() int64 {
-	rs.flushMu.Lock()
-	defer rs.flushMu.Unlock()
-	return rs.flushed
 }
 
 // errNoSeal means the old owner did not seal the log in time.
@@ -661,8 +670,10 @@ func (s *session) drain() {
 	s.n.errors.Add(1)
 	_, _ = s.down(websocket.MessageText, encodeResumeError(s.info.SessionID, CodeShutdown,
 		"the server is restarting; resume on another instance"))
-	// Away before the close, so that the reader's end is not taken for the session's.
-	if !s.markAway(c, "drained") {
+	// Away before the close, so that the reader's end is not taken for the session's. What was
+	// written to the client until now reaches it before the close, which it reads to: the away
+	// log starts after it (not with the whole ring, for every session at the same moment).
+	if !s.markAway(c, "drained", true) {
 		return
 	}
 	t := time.AfterFunc(closeWait, c.conn.drop)

@@ -284,9 +284,9 @@ func (h *Handler) resumeRemote(r *http.Request, client side, rec *tokenRecord, l
 		client.conn.drop()
 	}
 	// Ask the owner to let go; its answer count says whether it is alive.
-	ctx, cancel := context.WithTimeout(context.Background(), handoverWait)
-	defer cancel()
-	alive, err := reg.redis.Do(ctx, reg.redis.B().Spublish().Channel(reg.handoverChannel(rec.Owner)).
+	pctx, pcancel := context.WithTimeout(context.Background(), time.Second)
+	defer pcancel()
+	alive, err := reg.redis.Do(pctx, reg.redis.B().Spublish().Channel(reg.handoverChannel(rec.Owner)).
 		Message(rec.SessionID).Build()).AsInt64()
 	if err != nil {
 		fail("the session store is unavailable", err)
@@ -305,7 +305,10 @@ func (h *Handler) resumeRemote(r *http.Request, client side, rec *tokenRecord, l
 		return
 	}
 	up.SetReadLimit(h.o.ReadLimit)
-	// The old owner's log, to its seal (or, when the owner is gone, what it holds).
+	// The old owner's log, to its seal (or, when the owner is gone, what it holds): the service
+	// has handoverWait from its answer to close the older connection, and the old owner to seal.
+	ctx, cancel := context.WithTimeout(context.Background(), handoverWait)
+	defer cancel()
 	entries, sl, err := h.readLog(ctx, reg.logKey(tenant, rec.SessionID), last, alive > 0)
 	if err != nil {
 		upConn.drop()
@@ -445,7 +448,7 @@ func (h *Handler) readLog(ctx context.Context, key string, last int64, alive boo
 			return nil, nil, errNoSeal
 		case <-t.C:
 		}
-		wait = min(2*wait, 20*time.Millisecond)
+		wait = min(2*wait, 25*time.Millisecond)
 	}
 }
 

@@ -74,8 +74,6 @@ type ending struct {
 	// dropClient and dropUp mark sides that cannot be told anything (gone, or not reading):
 	// their sockets are closed without a handshake.
 	dropClient, dropUp bool
-	// resume marks the error as one the client should resume after ("resume": true).
-	resume bool
 }
 
 // session is one bridged voice session.
@@ -271,8 +269,9 @@ func (s *session) sendInit() {
 	}
 }
 
-// sendError writes an error message to the client. Any goroutine may call it: the library
-// serialises writes, and the socket's deadline bounds this one.
+// sendError writes an error message to the client, in the client's dialect, through the
+// numbered downlink (down). Any goroutine may call it: down serialises writes, and the socket's
+// deadline bounds this one.
 func (s *session) sendError(code, msg string) error {
 	s.n.errors.Add(1)
 	m := encodeError(s.info.SessionID, code, msg)
@@ -310,12 +309,7 @@ func (s *session) close(e ending) {
 	} else {
 		wg.Go(func() {
 			if e.errCode != "" {
-				if e.resume {
-					s.n.errors.Add(1)
-					_, _ = s.down(websocket.MessageText, encodeResumeError(s.info.SessionID, e.errCode, e.reason))
-				} else {
-					_ = s.sendError(e.errCode, e.reason)
-				}
+				_ = s.sendError(e.errCode, e.reason)
 			}
 			// Close waits for the client's answer, which the client's reader reads.
 			_ = client.ws.Close(e.code, clip(e.reason))
