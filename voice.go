@@ -74,7 +74,7 @@ func newVoiceHandlers(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessi
 		Pace:         cfg.VoicePace,
 		PaceBurst:    cfg.VoicePaceBurst,
 		ResumeWindow: cfg.VoiceResumeWindow,
-		AdmitResume:  policy.AdmitReplay,
+		AdmitResume:  policy.AdmitHandover,
 		OnResume:     metrics.resumed,
 		OnLatency:    metrics.latency,
 		OnBargeIn:    metrics.bargeIn,

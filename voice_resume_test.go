@@ -16,6 +16,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -26,6 +27,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"voicegate/policy"
 )
 
 // ---- the numbering algorithm service ------------------------------------------------------------
@@ -913,4 +916,41 @@ func TestVoiceResumeOneWins(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.wantAll(t, algo.burst)
+}
+
+// TestVoiceResumeAtTheCap: a user at the voice concurrency cap (1) whose connection is cut
+// resumes on the other instance, although the instance the session leaves holds its slot until
+// the handover ends; once moved, the session holds one slot, and the cap still refuses the
+// user a second session on either instance.
+func TestVoiceResumeAtTheCap(t *testing.T) {
+	r := startRedis(t)
+	algo := newNumberingAlgo(t, 200, 2*time.Millisecond)
+	f := e2ePolicy(t)
+	f.Limits.Concurrency["voice"] = policy.Concurrency{PerUser: 1, PerTenant: 100}
+	file := filepath.Join(t.TempDir(), "policy.json")
+	writePolicy(t, file, f)
+	env := resumeEnv(r, algo.URL, map[string]string{"POLICY_FILE": file})
+	a, b := startChildGateway(t, env), startChildGateway(t, env)
+
+	c, _ := cutAndResume(t, a, b, algo, "u-cap", false)
+	eventually(t, 5*time.Second, "one voice slot held for the user", func() bool {
+		return leaseCount(t, r, "voice", "u-cap") == 1
+	})
+	for _, g := range []*child{a, b} {
+		second := &resumingClient{t: t, bearer: tokenFor(t, "u-cap", []string{"user"}, nil)}
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		conn, res, err := second.dial(ctx, g.url, "?conversation_id=c-second")
+		cancel()
+		if err == nil {
+			conn.CloseNow()
+			t.Fatalf("a second session at the cap opened on %s", g.url)
+		}
+		if res == nil || res.StatusCode != http.StatusTooManyRequests {
+			t.Errorf("a second session at the cap: %v (%v), want 429", res, err)
+		}
+	}
+	c.conn.Close(websocket.StatusNormalClosure, "done")
+	eventually(t, 5*time.Second, "the slot given back", func() bool {
+		return leaseCount(t, r, "voice", "u-cap") == 0
+	})
 }

@@ -122,8 +122,9 @@ type Options struct {
 	ResumeWindow time.Duration
 	ResumeBuffer int
 	// AdmitResume, if set, admits a resume of a session that ran on another instance: its
-	// rates and its concurrency slot (policy.AdmitReplay); the old instance gives its slot back
-	// as it lets go. A resume on the same instance keeps the session's slot.
+	// rates and its concurrency slot, allowed one over the cap while the old instance holds its
+	// slot (policy.AdmitHandover); the old instance gives its slot back as it lets go. A resume
+	// on the same instance keeps the session's slot.
 	AdmitResume func(w http.ResponseWriter, r *http.Request) (release func(), ok bool)
 	// OnResume, if set, is told each resume's outcome (Resume* constants) and, for those that
 	// resumed, the gap the client saw: from its connection's loss, as the owner noticed it, to
