@@ -72,6 +72,10 @@ type loadCmd struct {
 	// Retries is how many times a session refused with 503 is opened again, after its
 	// Retry-After (a second), as a client does; 0 counts the refusal.
 	Retries int `json:"retries,omitempty"`
+	// Realtime: the voice sessions speak OpenAI's Realtime API (GET /v1/realtime): subprotocol
+	// realtime, each frame sent as an input_audio_buffer.append event, each echo read from a
+	// response.output_audio.delta.
+	Realtime bool `json:"realtime,omitempty"`
 	// KeepAlive sends each idle voice session a ping control message this often (spread), as
 	// a voice app does, so that the gateway's idle timeout does not end it; 0 none.
 	KeepAlive float64 `json:"keep_alive,omitempty"`
@@ -300,6 +304,7 @@ func (l *latencies) sorted() []int64 {
 // session closes, timing echoes while the session talks and noting notices.
 type loadSession struct {
 	c        *websocket.Conn
+	realtime bool         // OpenAI's Realtime API (loadCmd.Realtime)
 	closedAt atomic.Int64 // unix ns; 0 while open
 	code     atomic.Int64 // the close code, once closed
 	noticeAt atomic.Int64 // unix ns of the first notice; 0 none
@@ -312,6 +317,8 @@ func (s *loadSession) read() {
 	defer close(s.done)
 	buf := make([]byte, 4<<10)
 	notice := []byte(`"type":"notice"`)
+	delta, key := []byte(`"response.output_audio.delta"`), []byte(`"delta":"`)
+	var stamp [9]byte
 	for {
 		typ, rd, err := s.c.Reader(context.Background())
 		if err != nil {
@@ -326,6 +333,16 @@ func (s *loadSession) read() {
 			if rec := s.rtts.Load(); rec != nil {
 				rec.add(time.Duration(time.Now().UnixNano() - int64(binary.LittleEndian.Uint64(buf))))
 				s.echoes.Add(1)
+			}
+		case s.realtime && typ == websocket.MessageText && bytes.Contains(buf[:n], delta):
+			// The echo's first 8 bytes, the send time, are the delta's first 12 base64 characters.
+			if i := bytes.Index(buf[:n], key); i >= 0 && n-i-len(key) >= 12 {
+				if rec := s.rtts.Load(); rec != nil {
+					if _, err := base64.StdEncoding.Decode(stamp[:], buf[i+len(key):i+len(key)+12]); err == nil {
+						rec.add(time.Duration(time.Now().UnixNano() - int64(binary.LittleEndian.Uint64(stamp[:]))))
+						s.echoes.Add(1)
+					}
+				}
 			}
 		case typ == websocket.MessageText && bytes.Contains(buf[:n], notice):
 			s.noticeAt.CompareAndSwap(0, time.Now().UnixNano())
@@ -351,8 +368,12 @@ func (l *loader) voiceOpen(cmd loadCmd) (loadReply, error) {
 		var res *http.Response
 		var err error
 		for try := 0; ; try++ {
+			proto := "voice-protocol-v2"
+			if cmd.Realtime {
+				proto = "realtime"
+			}
 			c, res, err = websocket.Dial(ctx, cmd.URL, &websocket.DialOptions{HTTPClient: client,
-				Subprotocols: []string{"voice-protocol-v2"}, CompressionMode: websocket.CompressionDisabled,
+				Subprotocols: []string{proto}, CompressionMode: websocket.CompressionDisabled,
 				HTTPHeader: http.Header{"Authorization": {"Bearer " + l.token(&cmd, i)}}})
 			if err == nil || res == nil || res.StatusCode != http.StatusServiceUnavailable || try >= cmd.Retries {
 				break
@@ -379,7 +400,7 @@ func (l *loader) voiceOpen(cmd loadCmd) (loadReply, error) {
 			}
 		}
 		opens.add(time.Since(t0))
-		s := &loadSession{c: c, done: make(chan struct{})}
+		s := &loadSession{c: c, realtime: cmd.Realtime, done: make(chan struct{})}
 		l.voice[i] = s
 		go s.read()
 		if cmd.KeepAlive > 0 {
@@ -438,6 +459,8 @@ func (l *loader) voiceTalk(cmd loadCmd) (loadReply, error) {
 		}
 		wg.Go(func() {
 			frame := make([]byte, 640)
+			var event []byte
+			const appendPrefix = `{"type":"input_audio_buffer.append","audio":"`
 			phase := time.Duration(k) * 20 * time.Millisecond / time.Duration(len(ss))
 			select {
 			case <-time.After(phase):
@@ -453,7 +476,12 @@ func (l *loader) voiceTalk(cmd loadCmd) (loadReply, error) {
 				case <-t.C:
 				}
 				binary.LittleEndian.PutUint64(frame, uint64(time.Now().UnixNano()))
-				if s.c.Write(context.Background(), websocket.MessageBinary, frame) != nil {
+				if s.realtime {
+					event = append(base64.StdEncoding.AppendEncode(append(event[:0], appendPrefix...), frame), `"}`...)
+					if s.c.Write(context.Background(), websocket.MessageText, event) != nil {
+						return
+					}
+				} else if s.c.Write(context.Background(), websocket.MessageBinary, frame) != nil {
 					return
 				}
 				if measuring.Load() {
@@ -676,17 +704,22 @@ func (l *loader) streams(cmd loadCmd) (loadReply, error) {
 func sentTimes(body io.Reader, rec *latencies) (int64, error) {
 	sc := bufio.NewScanner(body)
 	sc.Buffer(make([]byte, 4096), 1<<20)
-	key := []byte(`"sent_ns":`)
+	// A sent_ns member, or (where only the text reaches the client, as in OpenAI's chunks)
+	// "sent_ns=" inside the text.
+	key, inText := []byte(`"sent_ns":`), []byte(`sent_ns=`)
 	var n int64
 	for sc.Scan() {
 		line := sc.Bytes()
-		i := bytes.Index(line, key)
+		i, k := bytes.Index(line, key), len(key)
+		if i < 0 {
+			i, k = bytes.Index(line, inText), len(inText)
+		}
 		if i < 0 {
 			continue
 		}
 		now := time.Now().UnixNano()
-		rest := line[i+len(key):]
-		end := bytes.IndexAny(rest, ",}")
+		rest := line[i+k:]
+		end := bytes.IndexAny(rest, ",}\" ")
 		if end < 0 {
 			return n, fmt.Errorf("a sent_ns without its end: %q", line)
 		}

@@ -33,10 +33,16 @@ type relayFigures struct {
 // else in the relay's process competes with it.
 func measureRelay(tb testing.TB, load *loadGen, c *child, url string, sessions int, init bool, warm, window time.Duration) relayFigures {
 	tb.Helper()
+	return measureRelayAs(tb, load, c, url, sessions, init, false, warm, window)
+}
+
+// measureRelayAs is measureRelay with sessions that speak OpenAI's Realtime API when realtime.
+func measureRelayAs(tb testing.TB, load *loadGen, c *child, url string, sessions int, init, realtime bool, warm, window time.Duration) relayFigures {
+	tb.Helper()
 	// Opened at 200 a second, and opened again after a 503 as a client would: the openings are
 	// not what is measured here (BenchmarkVoiceScale times them).
 	rep := load.do(tb, loadCmd{Op: "voice-open", URL: url, N: sessions, Rate: 200, Width: 16, Init: init,
-		Secret: testSecret, Retries: 3}, nil)
+		Secret: testSecret, Retries: 3, Realtime: realtime}, nil)
 	if rep.OK != int64(sessions) {
 		tb.Fatalf("%s: %d of %d sessions opened: %v", c.name, rep.OK, sessions, rep.Failures)
 	}

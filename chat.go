@@ -53,10 +53,17 @@ func newChatStreams(cfg *config, redis sharedRedis, tel *telemetry, log *slog.Lo
 	return c
 }
 
-// newChatHandlers are POST /api/v2/chat/stream and GET /api/v2/chat/stream/{request_id} (its
-// resume), on the algorithm service's replicas.
+// chatHandlers are the chat routes' handlers, on the algorithm service's replicas.
+type chatHandlers struct {
+	stream, resume http.Handler // POST /api/v2/chat/stream, GET /api/v2/chat/stream/{request_id}
+	answer         http.Handler // POST /api/v2/chat
+	completions    http.Handler // POST /v1/chat/completions
+}
+
+// newChatHandlers are the chat routes' handlers; they share the registry of running streams,
+// the directory, the replay log and the options.
 func newChatHandlers(cfg *config, streams *chatStreams, algo *proxy.Pool, outbound proxy.Outbound,
-	tel *telemetry, log *slog.Logger) (stream, resume http.Handler) {
+	tel *telemetry, log *slog.Logger) chatHandlers {
 	bg := context.Background()
 	o := sse.HandlerOptions{
 		AlgoURL:         algo.Primary(),
@@ -70,6 +77,7 @@ func newChatHandlers(cfg *config, streams *chatStreams, algo *proxy.Pool, outbou
 		MaxMessageChars: cfg.ChatMaxMessage,
 		MaxTokens:       cfg.ChatMaxTokens,
 		DefaultModel:    cfg.ChatDefaultModel,
+		Models:          cfg.OpenAIModels,
 		MaxLineBytes:    cfg.SSEMaxLineBytes,
 		PingInterval:    cfg.SSEPingInterval,
 		WriteTimeout:    cfg.SSEWriteTimeout,
@@ -84,7 +92,28 @@ func newChatHandlers(cfg *config, streams *chatStreams, algo *proxy.Pool, outbou
 		OnFirstEvent:    func(d time.Duration) { tel.firstEvent.Record(bg, d.Seconds()) },
 		Log:             log,
 	}
-	return sse.NewHandler(o), sse.NewResumeHandler(o)
+	return chatHandlers{stream: sse.NewHandler(o), resume: sse.NewResumeHandler(o),
+		answer: sse.NewAnswerHandler(o), completions: sse.NewCompletionsHandler(o)}
+}
+
+// newModelsHandler is GET /v1/models: the models of OPENAI_MODELS, in OpenAI's list.
+func newModelsHandler(models []string, started time.Time) http.Handler {
+	type model struct {
+		ID      string `json:"id"`
+		Object  string `json:"object"`
+		Created int64  `json:"created"`
+		OwnedBy string `json:"owned_by"`
+	}
+	list := struct {
+		Object string  `json:"object"`
+		Data   []model `json:"data"`
+	}{Object: "list", Data: []model{}}
+	for _, m := range models {
+		list.Data = append(list.Data, model{ID: m, Object: "model", Created: started.Unix(), OwnedBy: "voicegate"})
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		proxy.WriteJSON(w, http.StatusOK, list)
+	})
 }
 
 // newCancelHandler is POST /api/v2/chat/cancel: the caller's own streams, or with chat:admin

@@ -110,11 +110,12 @@ func TestChatStreamHappyPath(t *testing.T) {
 				if numField(t, got, "line_number") != float64(j+1) {
 					t.Errorf("event %d line_number = %v, want %d", j+1, got["line_number"], j+1)
 				}
-				if numField(t, got, "timestamp") <= 0 {
-					t.Errorf("event %d timestamp = %v", j+1, got["timestamp"])
+				// The origin's Unix seconds, and milliseconds beside them.
+				if ts, ms := numField(t, got, "timestamp"), numField(t, got, "timestamp_ms"); ts <= 0 || int64(ms)/1000 != int64(ts) {
+					t.Errorf("event %d timestamp = %v, timestamp_ms = %v", j+1, got["timestamp"], got["timestamp_ms"])
 				}
-				if len(got) != len(up)+3 {
-					t.Errorf("event %d data = %s, want the upstream fields plus request_id, line_number, timestamp", j+1, ev.Data)
+				if len(got) != len(up)+4 {
+					t.Errorf("event %d data = %s, want the upstream fields plus request_id, line_number, timestamp, timestamp_ms", j+1, ev.Data)
 				}
 			}
 			end := evs[len(evs)-1].fields(t)

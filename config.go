@@ -18,6 +18,7 @@ import (
 	"voicegate/auth"
 	"voicegate/console"
 	"voicegate/proxy"
+	"voicegate/voice/audio"
 )
 
 // config is everything run needs, parsed and validated once.
@@ -37,6 +38,9 @@ type config struct {
 	LogLevel       slog.Level
 	ShutdownGrace  time.Duration
 
+	// TLSCertFile and TLSKeyFile: serve TLS (and HTTP/2), reloading the files when they change.
+	TLSCertFile, TLSKeyFile string
+
 	MaxBodyBytes    int64         // proxied routes
 	BodyReadTimeout time.Duration // every body: this long, plus a second per BodyMinRate bytes
 	BodyMinRate     int64         // bytes per second
@@ -49,6 +53,7 @@ type config struct {
 	ChatMaxMessage       int
 	ChatMaxTokens        int
 	ChatDefaultModel     string
+	OpenAIModels         []string // the models /v1/ serves and lists; empty: CHAT_DEFAULT_MODEL alone
 	SSEPingInterval      time.Duration
 	SSEWriteTimeout      time.Duration
 	SSEResumeWindow      time.Duration
@@ -100,6 +105,17 @@ type config struct {
 	VoicePace        float64
 	VoicePaceBurst   time.Duration
 	VoiceUsageMaxLen int
+	// VoiceAudio is the audio format of voice clients that name none (voice/audio);
+	// VoiceEchoCancellation what session_initialized says of echo cancellation.
+	VoiceAudio            audio.Format
+	VoiceEchoCancellation bool
+	// VoiceTTSPacing releases TTS audio at playback rate plus VoiceTTSLead, holding at most
+	// VoiceTTSQueue bytes, so that an interrupt drops what was not heard.
+	VoiceTTSPacing bool
+	VoiceTTSLead   time.Duration
+	VoiceTTSQueue  int64
+	// VoiceResumeWindow is how long a voice session outlives its client's connection; 0: off.
+	VoiceResumeWindow time.Duration
 
 	PolicyFile  string
 	PolicyWatch time.Duration
@@ -213,6 +229,27 @@ func settings() []setting {
 			c.ChatDefaultModel = v
 			return nil
 		}},
+		{"TLS_CERT_FILE", "", "PEM certificate chain: with TLS_KEY_FILE, the gateway serves HTTPS (HTTP/2 and HTTP/1.1, wss:// for voice and realtime) and reloads both files when they change", func(c *config, v string) error {
+			c.TLSCertFile = v
+			return nil
+		}},
+		{"TLS_KEY_FILE", "", "PEM private key of TLS_CERT_FILE", func(c *config, v string) error {
+			c.TLSKeyFile = v
+			return nil
+		}},
+		{"OPENAI_MODELS", "", "models POST /v1/chat/completions takes and GET /v1/models lists, comma-separated (another is refused with 404 model_not_found); unset: CHAT_DEFAULT_MODEL alone (-demo: voicegate-demo)", func(c *config, v string) error {
+			c.OpenAIModels = nil
+			for _, m := range strings.Split(v, ",") {
+				if m = strings.TrimSpace(m); m == "" {
+					continue
+				}
+				if !proxy.ValidLabel(m, 256) {
+					return errors.New("want model names of printable characters, at most 256 bytes each")
+				}
+				c.OpenAIModels = append(c.OpenAIModels, m)
+			}
+			return nil
+		}},
 		{"SSE_PING_INTERVAL", "15s", "ping comment interval while the upstream is silent", durationSetting(func(c *config) *time.Duration { return &c.SSEPingInterval }, time.Millisecond)},
 		{"SSE_WRITE_TIMEOUT", "10s", "bound on every write to a chat stream's client; a client that does not take a write within it loses the stream", durationSetting(func(c *config) *time.Duration { return &c.SSEWriteTimeout }, 10*time.Millisecond)},
 		{"SSE_RESUME_WINDOW", "0s", "how long a chat stream whose client lost its connection keeps running for the client to resume it (Last-Event-ID); 0 turns resuming off", durationSetting(func(c *config) *time.Duration { return &c.SSEResumeWindow }, 0)},
@@ -323,6 +360,33 @@ func settings() []setting {
 			return nil
 		}},
 		{"VOICE_PACE_BURST", "3s", "voice audio a client may send ahead of VOICE_PACE at once (catching up after a stall)", durationSetting(func(c *config) *time.Duration { return &c.VoicePaceBurst }, 20*time.Millisecond)},
+		{"VOICE_AUDIO_FORMAT", "pcm/16000/1", "audio format of voice clients that name none on the upgrade or in a config message, as format/sample_rate/channels: pcm (8000, 16000, 24000, 48000 Hz; 1 or 2 channels), opus, mp3, mulaw or alaw (8000/1)", func(c *config, v string) error {
+			parts := strings.Split(v, "/")
+			if len(parts) != 3 {
+				return errors.New("want format/sample_rate/channels, such as pcm/16000/1")
+			}
+			f, err := audio.Parse(parts[0], parts[1], parts[2], audio.Format{})
+			if err != nil {
+				return errors.New(err.Field + ": " + err.Reason)
+			}
+			c.VoiceAudio = f
+			return nil
+		}},
+		{"VOICE_ECHO_CANCELLATION", "false", "what session_initialized.config says of echo cancellation (the origin's default is false)", func(c *config, v string) (err error) {
+			if c.VoiceEchoCancellation, err = strconv.ParseBool(v); err != nil {
+				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"VOICE_TTS_PACING", "true", "release TTS audio to voice clients at playback rate plus VOICE_TTS_LEAD, so that an interrupt silences what was not yet heard within a frame", func(c *config, v string) (err error) {
+			if c.VoiceTTSPacing, err = strconv.ParseBool(v); err != nil {
+				return errors.New("want true or false")
+			}
+			return nil
+		}},
+		{"VOICE_TTS_LEAD", "250ms", "how far ahead of playback paced TTS audio is released (the client's jitter buffer)", durationSetting(func(c *config) *time.Duration { return &c.VoiceTTSLead }, 10*time.Millisecond)},
+		{"VOICE_TTS_QUEUE", "262144", "bytes of TTS audio a paced session holds for its client; beyond them it stops reading the algorithm service", boundedBytes(func(c *config) *int64 { return &c.VoiceTTSQueue }, maxTTSQueue)},
+		{"VOICE_RESUME_WINDOW", "30s", "how long a voice session outlives its client's connection for the client to resume it, on any instance (0: resuming off); each dropped session holds its upstream connection that long", durationSetting(func(c *config) *time.Duration { return &c.VoiceResumeWindow }, 0)},
 		{"VOICE_USAGE_MAX_LEN", "100000", "usage records kept in the Redis stream {REDIS_PREFIX}usage (approximately; older ones are trimmed)", intSetting(func(c *config) *int { return &c.VoiceUsageMaxLen })},
 		{"METRICS_ENABLED", "true", "record metrics and serve /metrics", func(c *config, v string) (err error) {
 			if c.MetricsEnabled, err = strconv.ParseBool(v); err != nil {
@@ -493,6 +557,7 @@ func bytesSetting(field func(*config) *int64) func(*config, string) error {
 const (
 	maxLineBytes = 16 << 20 // SSE_MAX_LINE_BYTES: a line is buffered whole, per stream
 	maxChatBody  = 16 << 20 // CHAT_MAX_BODY_BYTES: a chat body is read whole before it goes on
+	maxTTSQueue  = 16 << 20 // VOICE_TTS_QUEUE: held per paced voice session
 )
 
 // boundedBytes is bytesSetting with an upper bound.
@@ -612,6 +677,7 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 		defaults["LISTEN_ADDR"] = "127.0.0.1:8080"
 		defaults["DRAIN_DELAY"] = "0s"
 		defaults["CONSOLE_ENABLED"] = "true" // a first look should let you talk to it
+		defaults["OPENAI_MODELS"] = demoModel
 	}
 	if err := applySettings(c, all, values, typed, getenv, defaults); err != nil {
 		return nil, err
@@ -630,6 +696,12 @@ func parseConfig(args []string, getenv func(string) string, stderr io.Writer) (*
 			}
 		}
 		return c, nil
+	}
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		return nil, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both, or neither")
+	}
+	if len(c.OpenAIModels) == 0 {
+		c.OpenAIModels = []string{c.ChatDefaultModel}
 	}
 	if len(c.AlgoURLs) == 0 && !c.Demo {
 		return nil, errors.New("ALGO_URL is required (or run with -demo for a first look)")

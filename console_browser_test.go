@@ -43,9 +43,11 @@ type browser struct {
 func startBrowser(t *testing.T) *browser {
 	t.Helper()
 	bin := requireTool(t, "chromium", "/usr/bin/chromium", "chromium")
-	// The fake microphone plays a 440 Hz tone, so that what arrives can be checked for it.
+	// The fake microphone plays a 440 Hz tone, so that what arrives can be checked for it: 30 s
+	// of it, which the tabs share, so that every test that talks hears it (the voice-activity
+	// detection too, after the others).
 	wav := filepath.Join(t.TempDir(), "tone.wav")
-	if err := os.WriteFile(wav, toneWAV(48000, 440, 2*time.Second), 0o644); err != nil {
+	if err := os.WriteFile(wav, toneWAV(48000, 440, 30*time.Second), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	opts := append(slices.Clone(chromedp.DefaultExecAllocatorOptions[:]),
@@ -588,7 +590,7 @@ func TestConsoleInBrowser(t *testing.T) {
 	t.Run("a voice session sends the microphone and plays the answer", func(t *testing.T) {
 		p := b.open(t, url)
 		p.click("#mic")
-		p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.framesSent >= 50`)
+		p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.audioMs >= 1000`)
 		p.waitFor("recognition of it", `window.voicegate.voice.messages.some(m => m.startsWith("asr_partial"))`)
 		// The level of what the microphone hears is shown while talking: the fake microphone's
 		// tone is at -11.7 dBFS, near the top of the meter's 60 dB.
@@ -604,12 +606,25 @@ func TestConsoleInBrowser(t *testing.T) {
 			`window.voicegate.voice.ttsFrames > 0 && window.voicegate.voice.buffersPlayed === window.voicegate.voice.ttsFrames`)
 		var v struct {
 			FramesSent, BytesSent, TTSFrames, TTSSamples, BuffersPlayed int
-			PlayedMs                                                    float64
+			PlayedMs, AudioMs                                           float64
+			Format                                                      string
+			TalkMs                                                      []float64
 		}
 		p.eval(`({FramesSent: voicegate.voice.framesSent, BytesSent: voicegate.voice.bytesSent, TTSFrames: voicegate.voice.ttsFrames,
-			TTSSamples: voicegate.voice.ttsSamples, BuffersPlayed: voicegate.voice.buffersPlayed, PlayedMs: voicegate.voice.playedMs})`, &v)
-		if v.BytesSent != v.FramesSent*640 {
-			t.Errorf("%d bytes in %d frames, want 640 bytes (20 ms at 16 kHz, PCM16) each", v.BytesSent, v.FramesSent)
+			TTSSamples: voicegate.voice.ttsSamples, BuffersPlayed: voicegate.voice.buffersPlayed, PlayedMs: voicegate.voice.playedMs,
+			AudioMs: voicegate.voice.audioMs, Format: voicegate.voice.format, TalkMs: voicegate.voice.talkMs})`, &v)
+		// Chromium records Opus: the page sends its raw packets, unpacked from MediaRecorder's
+		// WebM, as an Opus session; about a tenth of PCM's bytes for the same audio.
+		if v.Format != "opus/48000/1" {
+			t.Errorf("the session's format is %q, want opus/48000/1 (Chromium records Opus)", v.Format)
+		}
+		talk := v.TalkMs[0]
+		t.Logf("talked %.0f ms: %d Opus packets, %d bytes, %.0f ms of audio by their TOC bytes", talk, v.FramesSent, v.BytesSent, v.AudioMs)
+		if v.AudioMs < talk*0.75-100 || v.AudioMs > talk+100 {
+			t.Errorf("%.0f ms of Opus sent in %.0f ms of talking", v.AudioMs, talk)
+		}
+		if v.BytesSent > v.FramesSent*200 {
+			t.Errorf("%d bytes in %d packets: not the Opus of 24 kbit/s", v.BytesSent, v.FramesSent)
 		}
 		if v.TTSSamples < 8000 || v.PlayedMs < 500 {
 			t.Errorf("played %d TTS samples, %.0f ms, want at least half a second", v.TTSSamples, v.PlayedMs)
@@ -646,10 +661,80 @@ func TestConsoleInBrowser(t *testing.T) {
 		if in, _ := rec["packets_in"].(float64); int(in) < v.FramesSent {
 			t.Errorf("the gateway counted %v packets in, want at least the page's %d frames", rec["packets_in"], v.FramesSent)
 		}
+		// The gateway metered the packets exactly as the page counted them, and found none
+		// invalid.
+		var usage map[string]any
+		for _, r := range logRecords(t, g) {
+			if r["msg"] == "voice usage" && r["session_id"] == id {
+				usage = r
+			}
+		}
+		if sec, _ := strconv.ParseFloat(fmt.Sprint(usage["audio_seconds_in"]), 64); usage["audio_format"] != "opus/48000/1" ||
+			usage["invalid_audio"] != "0" || math.Abs(sec*1000-v.AudioMs) > 0.001 {
+			t.Errorf("usage record %v, want opus/48000/1, no invalid audio and the page's %.0f ms", usage, v.AudioMs)
+		}
 		if errs := p.consoleErrors(); len(errs) > 0 {
 			t.Errorf("console errors: %q", errs)
 		}
 	})
+
+	// Barge-in: the spoken answer (paced by the gateway) plays; the stop-speaker button, or the
+	// user's voice picked up by the page's voice-activity detection, interrupts it. The speaker
+	// goes silent at once and stays silent although most of the answer was still to come; the
+	// gateway answers tts_flushed with what was heard.
+	for _, by := range []string{"button", "voice activity"} {
+		t.Run("an interrupt by "+by+" silences the speaker", func(t *testing.T) {
+			p := b.open(t, url)
+			p.click("#mic")
+			p.waitFor("a second of microphone audio sent", `window.voicegate.voice.open && window.voicegate.voice.audioMs >= 1000`)
+			p.click("#mic") // stop talking: the demo answers with 2.8 s of speech
+			p.waitFor("half a second of the answer to play", `window.voicegate.voice.playedMs >= 500 && window.voicegate.voice.outputLevel > 0.001`)
+			if by == "button" {
+				p.click("#interrupt")
+			} else {
+				p.click("#mic") // the user talks over the answer: the fake microphone's tone
+			}
+			p.waitFor("the interrupt and the gateway's tts_flushed", `window.voicegate.voice.interrupts.length === 1 && window.voicegate.voice.flushed.length === 1`)
+			// Wait out twice the lead: a speaker still fed would have played on meanwhile.
+			p.waitFor("half a second after the interrupt", `performance.now() - window.voicegate.voice.interrupts[0].at > 500`)
+			var v struct {
+				Interrupts []struct {
+					At float64
+					By string
+				}
+				Flushed []struct {
+					At       float64
+					PlayedMs float64 `json:"played_ms"`
+				}
+				LastSound, OutputLevel, PlayedMs float64
+				BuffersPlayed, Sources           int
+			}
+			p.eval(`({Interrupts: voicegate.voice.interrupts, Flushed: voicegate.voice.flushed, LastSound: voicegate.voice.lastSound,
+				OutputLevel: voicegate.voice.outputLevel, PlayedMs: voicegate.voice.playedMs, BuffersPlayed: voicegate.voice.buffersPlayed})`, &v)
+			in := v.Interrupts[0]
+			t.Logf("interrupted by %s at %.0f ms of speech; last sound %.0f ms after it; the gateway says %.0f ms were heard, tts_flushed %.0f ms after the interrupt",
+				in.By, v.PlayedMs, v.LastSound-in.At, v.Flushed[0].PlayedMs, v.Flushed[0].At-in.At)
+			if in.By != by {
+				t.Errorf("the interrupt came from %q, want %q", in.By, by)
+			}
+			// Silent within a frame and the analyser's window (an animation frame samples it).
+			if v.OutputLevel != 0 || v.LastSound-in.At > 100 {
+				t.Errorf("the speaker played %.0f ms after the interrupt, and plays at %.4f now; want silence", v.LastSound-in.At, v.OutputLevel)
+			}
+			if v.PlayedMs > 2000 {
+				t.Errorf("%.0f ms of the answer played, want it cut short", v.PlayedMs)
+			}
+			// What the gateway takes to be heard and what the page finished playing agree within
+			// the lead and the page's own delays (a buffer under way is not yet counted as
+			// played; the output starts a moment after a frame arrives).
+			if d := v.Flushed[0].PlayedMs - v.PlayedMs; d < -100 || d > 400 {
+				t.Errorf("the gateway says %.0f ms were heard, the page played %.0f", v.Flushed[0].PlayedMs, v.PlayedMs)
+			}
+			if errs := p.consoleErrors(); len(errs) > 0 {
+				t.Errorf("console errors: %q", errs)
+			}
+		})
+	}
 
 	t.Run("a revoked token ends the session with 4401", func(t *testing.T) {
 		tok := w.token(t, "u-console-revoked", []string{"user"}, nil)
@@ -897,6 +982,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		}})
 		gr := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "CONSOLE_ENABLED": "true"})
 		p := b.open(t, gr.URL+"/console#token="+w.token(t, "u-console-tone", []string{"user"}, nil))
+		p.click("#opus") // PCM, whose samples the test can read
 		p.click("#mic")
 		p.waitFor("two seconds of audio sent", `window.voicegate.voice.framesSent >= 100`)
 		p.click("#hangup")

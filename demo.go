@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 	"voicegate/proxy"
 
@@ -28,6 +29,9 @@ type demoAlgo struct {
 	srv *http.Server
 }
 
+// demoModel is the model the demo's OpenAI-compatible routes list and take.
+const demoModel = "voicegate-demo"
+
 // demoChunkDelay paces generation chunks like a model producing tokens.
 const demoChunkDelay = 40 * time.Millisecond
 
@@ -39,7 +43,7 @@ func startDemo(logger *slog.Logger, addr string) (*demoAlgo, error) {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /query", demoQuery)
-	mux.HandleFunc("GET /voice/stream", demoVoice)
+	mux.Handle("GET /voice/stream", newDemoVoices())
 	// For the container health check (voicegate -healthcheck) of demo-algo.
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		proxy.WriteJSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -119,32 +123,126 @@ func demoQuery(w http.ResponseWriter, r *http.Request) {
 		"sources": []string{"doc-17", "doc-04"}})
 }
 
-// demoVoice answers a voice session the way an algorithm service would: recognition events
-// while audio arrives, then, on "stop" (or after three seconds of audio), the final
-// transcript, an answer in llm_response_chunk messages and synthesized speech as binary PCM
-// frames (tts_start, the frames, tts_complete). The words are canned; the speech is a
-// voice-like signal (see demoSpeech) at the session's sample rate, so a listener hears it.
-func demoVoice(w http.ResponseWriter, r *http.Request) {
+// demoVoices is the demo service's voice endpoint: it answers a voice session the way an
+// algorithm service would: recognition events while audio arrives, then, on "stop" (or after
+// three seconds of audio), the final transcript, an answer in llm_response_chunk messages and
+// synthesized speech as binary PCM frames (tts_start, the frames, tts_complete), their format
+// declared once a session with tts_format so that the gateway meters and paces them right. The
+// words are canned; the speech is a voice-like signal (see demoSpeech) at the session's PCM
+// sample rate, so a listener hears it.
+//
+// It keeps the conversation's state per session, not per connection, and implements the
+// resume contract: a dial with resume=1 for a session it has moves the session to the new
+// connection, an answer in progress included, and closes the older connection with 4100
+// "moved" after its last write to it. A session whose last connection ended is kept for
+// demoSessionKeep, for a resume to find.
+type demoVoices struct {
+	mu       sync.Mutex
+	sessions map[string]*demoSession
+}
+
+// demoSessionKeep is how long the demo keeps a session without a connection.
+const demoSessionKeep = time.Minute
+
+func newDemoVoices() *demoVoices { return &demoVoices{sessions: map[string]*demoSession{}} }
+
+// demoSession is one voice session's state: its connection of the moment and its conversation.
+type demoSession struct {
+	mu       sync.Mutex // held for each write, so that a move waits for the write in progress
+	conn     *websocket.Conn
+	moved    chan struct{} // closed and replaced when the session moves to a new connection
+	rate     int           // the session's, as each audio_chunk says, until declared
+	chunks   int           // of the utterance in progress
+	answered bool
+	declared bool        // tts_format sent: once a session
+	idle     *time.Timer // forgets the session once no connection has had it for demoSessionKeep
+}
+
+func (d *demoVoices) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	id, resume := q.Get("session_id"), q.Get("resume") == "1"
 	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"voice-protocol-v2"}})
 	if err != nil {
 		return
 	}
 	defer c.CloseNow()
-	ctx := r.Context()
-	session := r.URL.Query().Get("session_id")
+	d.mu.Lock()
+	s := d.sessions[id]
+	if s == nil || !resume {
+		s = &demoSession{rate: 16000, moved: make(chan struct{})}
+		if id != "" {
+			d.sessions[id] = s
+		}
+	}
+	d.mu.Unlock()
+	s.mu.Lock()
+	old := s.conn
+	s.conn = c
+	close(s.moved)
+	s.moved = make(chan struct{})
+	if s.idle != nil {
+		s.idle.Stop()
+	}
+	s.mu.Unlock()
+	if old != nil {
+		go old.Close(4100, "moved") // after its last write: writes hold s.mu
+	}
+	defer func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.conn == c {
+			s.idle = time.AfterFunc(demoSessionKeep, func() {
+				d.mu.Lock()
+				defer d.mu.Unlock()
+				if d.sessions[id] == s {
+					delete(d.sessions, id)
+				}
+			})
+		}
+	}()
+	s.serve(r.Context(), c, id)
+}
+
+// write writes one message to the session's connection of the moment. A write that fails (the
+// gateway holding the connection went away) waits for the session to move, and is made again
+// on the new connection.
+func (s *demoSession) write(typ websocket.MessageType, msg []byte) error {
+	for {
+		s.mu.Lock()
+		c, moved := s.conn, s.moved
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := c.Write(ctx, typ, msg)
+		cancel()
+		s.mu.Unlock()
+		if err == nil {
+			return nil
+		}
+		t := time.NewTimer(5 * time.Second)
+		select {
+		case <-moved:
+			t.Stop()
+		case <-t.C:
+			return err
+		}
+	}
+}
+
+// serve reads connection c of session id until it ends.
+func (s *demoSession) serve(ctx context.Context, c *websocket.Conn, session string) {
 	send := func(v map[string]any) error {
+		now := time.Now()
 		v["session_id"] = session
-		v["timestamp"] = time.Now().UnixMilli()
+		v["timestamp"], v["timestamp_ms"] = now.Unix(), now.UnixMilli()
 		b, _ := json.Marshal(v)
-		return c.Write(ctx, websocket.MessageText, b)
+		return s.write(websocket.MessageText, b)
 	}
 	words := strings.Fields("what can voicegate do for my voice assistant")
 	reply := strings.Fields("voicegate bridges your voice app to the algorithm service, relays recognition and answers as they happen, and streams synthesized speech back.")
-	rate := 16000 // the session's, as each audio_chunk says
-	chunks := 0   // of the utterance in progress
-	answered := false
 	answer := func() error {
-		chunks, answered = 0, true
+		s.mu.Lock()
+		s.chunks, s.answered = 0, true
+		rate := s.rate
+		s.mu.Unlock()
 		if err := send(map[string]any{"type": "asr_final", "text": strings.Join(words, " "), "confidence": 0.93}); err != nil {
 			return err
 		}
@@ -155,12 +253,25 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 			time.Sleep(demoChunkDelay / 2)
 		}
 		pcm := demoSpeech(reply, rate)
+		// The TTS format, declared once a session so the gateway paces and meters it right;
+		// tts_start is the demo's own marker of an answer's speech.
+		// Once a session, not a connection: a resumed session's instance has the declaration
+		// from the one it took over from.
+		s.mu.Lock()
+		declare := !s.declared
+		s.declared = true
+		s.mu.Unlock()
+		if declare {
+			if err := send(map[string]any{"type": "tts_format", "format": "pcm", "sample_rate": rate, "channels": 1}); err != nil {
+				return err
+			}
+		}
 		if err := send(map[string]any{"type": "tts_start", "sample_rate": rate, "channels": 1, "format": "pcm_s16le"}); err != nil {
 			return err
 		}
 		frame := rate / 50 * 2 // 20 ms of mono pcm_s16le
 		for i := 0; i < len(pcm); i += frame {
-			if err := c.Write(ctx, websocket.MessageBinary, pcm[i:min(i+frame, len(pcm))]); err != nil {
+			if err := s.write(websocket.MessageBinary, pcm[i:min(i+frame, len(pcm))]); err != nil {
 				return err
 			}
 		}
@@ -180,10 +291,13 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 		}
 		switch {
 		case typ == websocket.MessageBinary || m.Type == "audio_chunk":
-			if m.SampleRate >= 8000 && m.SampleRate <= 48000 {
-				rate = m.SampleRate
+			s.mu.Lock()
+			if (m.SampleRate == 8000 || m.SampleRate == 16000 || m.SampleRate == 24000 || m.SampleRate == 48000) && !s.declared {
+				s.rate = m.SampleRate // speech at a PCM rate the gateway takes, declared with the first answer
 			}
-			chunks++
+			s.chunks++
+			chunks := s.chunks
+			s.mu.Unlock()
 			if chunks%10 == 0 {
 				n := min(chunks/10, len(words))
 				if err := send(map[string]any{"type": "asr_partial", "text": strings.Join(words[:n], " ")}); err != nil {
@@ -197,7 +311,10 @@ func demoVoice(w http.ResponseWriter, r *http.Request) {
 			}
 		case m.Type == "stop":
 			// The utterance so far gets its answer, unless it had one already.
-			if (chunks > 0 || !answered) && answer() != nil {
+			s.mu.Lock()
+			due := s.chunks > 0 || !s.answered
+			s.mu.Unlock()
+			if due && answer() != nil {
 				return
 			}
 		case m.Type == "ping":

@@ -135,7 +135,7 @@ func TestDemoAlgoSubcommand(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatalf("demo-algo did not listen within 5s:\n%s", logs)
 	}
-	if err := healthCheck(t.Context(), addr); err != nil {
+	if err := healthCheck(t.Context(), addr, false); err != nil {
 		t.Errorf("-healthcheck against demo-algo: %v", err)
 	}
 

@@ -743,7 +743,7 @@ func composeGatewayEnv(t *testing.T) map[string]string {
 func TestDeployNginxChatAndVoice(t *testing.T) {
 	requireTool(t, "nginx", "/usr/sbin/nginx", "nginx")
 	gate := make(chan struct{})
-	algo := newAlgo(t, algoOptions{Voice: demoVoice, Query: func(w http.ResponseWriter, r *http.Request) {
+	algo := newAlgo(t, algoOptions{Voice: newDemoVoices().ServeHTTP, Query: func(w http.ResponseWriter, r *http.Request) {
 		startNDJSON(w)
 		rc := http.NewResponseController(w)
 		for _, l := range []string{`{"type":"generation_start"}`, `{"type":"generation_chunk","content":"Hel"}`, `{"type":"generation_chunk","content":"lo"}`} {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"time"
 
 	"voicegate/auth"
 	"voicegate/console"
@@ -85,20 +86,25 @@ func newGateway(ctx context.Context, cfg *config, log *slog.Logger, tel *telemet
 
 	// The handlers of the route table, before protection.
 	status := &health{redis: redis.client}
-	chatStream, chatResume := newChatHandlers(cfg, chat, algo, outbound, tel, log)
-	voiceHandler, err := newVoiceHandler(cfg, redis.client, algo, voices, policies, authn, outbound, tel, log)
+	chatRoutes := newChatHandlers(cfg, chat, algo, outbound, tel, log)
+	voiceHandler, realtimeHandler, err := newVoiceHandlers(cfg, redis.client, algo, voices, policies, authn, outbound, tel, log)
 	if err != nil {
 		return nil, err
 	}
 	release.add(voiceHandler.Close)
+	release.add(realtimeHandler.Close)
 	h := handlers{
 		healthz:        http.HandlerFunc(status.healthz),
 		readyz:         http.HandlerFunc(status.readyz),
-		chat:           chatStream,
-		chatResume:     chatResume,
+		chat:           chatRoutes.stream,
+		chatResume:     chatRoutes.resume,
+		chatAnswer:     chatRoutes.answer,
+		completions:    chatRoutes.completions,
+		models:         newModelsHandler(cfg.OpenAIModels, time.Now()),
 		cancel:         newCancelHandler(chat, enforcer.Allows),
 		revoke:         newRevokeHandler(cfg, revocations, enforcer.Allows, endRevoked(chat, voices, log)),
 		voice:          voiceHandler,
+		realtime:       realtimeHandler,
 		voiceSessions:  voice.NewSessionsHandler(voices, voiceCaller),
 		voiceSession:   voice.NewSessionHandler(voices, voiceCaller),
 		voiceClose:     voice.NewCloseHandler(voices, voiceCaller),

@@ -125,6 +125,8 @@ func runChild(role string) {
 		serveChild(bareReverseProxy(target, ""))
 	case "voice-echo":
 		serveChild(http.HandlerFunc(echoVoice))
+	case "voice-burst":
+		serveChild(http.HandlerFunc(burstVoice))
 	case loadRole:
 		runLoad()
 	default:
@@ -512,6 +514,11 @@ func startRun(t *testing.T, args []string, env map[string]string) *testGateway {
 		t.Fatalf("no \"listening\" log line within 5s\nlog:\n%s", g.Stderr)
 	}
 	g.URL = "http://" + g.Addr
+	if file := vars["TLS_CERT_FILE"]; file != "" {
+		// Over TLS: the client trusts the test's certificate and speaks HTTP/2 where offered.
+		g.URL = "https://" + g.Addr
+		g.Client.Transport = withToken{tlsTransport(t, file), tokenFor(t, "u-admin", []string{"admin"}, nil)}
+	}
 
 	deadline := time.Now().Add(5 * time.Second)
 	for {

@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -63,7 +64,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return nil
 	}
 	if cfg.HealthCheck {
-		return healthCheck(ctx, cfg.ListenAddr)
+		return healthCheck(ctx, cfg.ListenAddr, cfg.TLSCertFile != "")
 	}
 	logger := newLogger(cfg, stderr)
 
@@ -109,6 +110,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 // and cancels from other instances delivered meanwhile, then shuts down.
 func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string, ownSecret bool) error {
 	cfg, logger, tel := gw.cfg, gw.log, gw.tel
+	var certs *certReloader
+	if cfg.TLSCertFile != "" {
+		var err error
+		if certs, err = newCertReloader(cfg.TLSCertFile, cfg.TLSKeyFile, logger, time.Now); err != nil {
+			return err
+		}
+	}
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.ListenAddr, err)
@@ -119,6 +127,11 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 	defer stopWatching()
 	background.Go(func() { gw.policy.Watch(watchCtx, cfg.PolicyWatch) })
 	background.Go(func() { gw.voices.RunBroadcasts(watchCtx) })
+	// Until the drain is over: a draining instance hands its voice sessions over to the
+	// instances their clients resume on.
+	handoverCtx, stopHandovers := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopHandovers()
+	background.Go(func() { gw.voices.RunHandovers(handoverCtx) })
 	if dir := gw.chat.directory; dir != nil {
 		background.Go(func() { dir.Run(watchCtx, gw.chat.running) })
 	}
@@ -151,9 +164,15 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 		MaxHeaderBytes: 32 << 10,
 		ErrorLog:       slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 		BaseContext:    func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+		HTTP2:          http2Limits(),
 	}
 	serveErr := make(chan error, 2)
-	go func() { serveErr <- srv.Serve(ln) }()
+	if certs != nil {
+		srv.TLSConfig = serverTLS(certs)
+		go func() { serveErr <- srv.ServeTLS(ln, "", "") }()
+	} else {
+		go func() { serveErr <- srv.Serve(ln) }()
+	}
 	var metricsSrv *http.Server
 	if cfg.MetricsEnabled && cfg.MetricsAddr != "" {
 		mln, err := net.Listen("tcp", cfg.MetricsAddr)
@@ -178,7 +197,7 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 			defer os.Remove(cfg.ListenAddrFile)
 		}
 	}
-	logger.Info("listening", "addr", addr, "version", buildVersion(), "instance", cfg.InstanceID)
+	logger.Info("listening", "addr", addr, "tls", certs != nil, "version", buildVersion(), "instance", cfg.InstanceID)
 	if cfg.Demo {
 		printDemo(stdout, addr, demoToken, ownSecret, cfg.ConsoleEnabled)
 	}
@@ -192,17 +211,24 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 }
 
 // healthCheck asks the gateway on addr (its listen address) for /healthz.
-func healthCheck(ctx context.Context, addr string) error {
+func healthCheck(ctx context.Context, addr string, overTLS bool) error {
 	if _, _, err := net.SplitHostPort(addr); err != nil {
 		return fmt.Errorf("LISTEN_ADDR: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+dialAddr(addr)+"/healthz", nil)
+	scheme, client := "http://", http.DefaultClient
+	if overTLS {
+		// The probe asks the process on its own address whether it is alive; the certificate
+		// names the public host, not loopback, so it is not checked here.
+		scheme = "https://"
+		client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, scheme+dialAddr(addr)+"/healthz", nil)
 	if err != nil {
 		return err
 	}
-	res, err := http.DefaultClient.Do(req)
+	res, err := client.Do(req)
 	if err != nil {
 		return fmt.Errorf("healthcheck: %w", err)
 	}
@@ -293,8 +319,12 @@ func (g *gateway) shutdown(srv *http.Server, serveErr <-chan error) error {
 		time.Sleep(drain) // a second SIGTERM still kills at once: main restored the default
 	}
 	// Resumable streams tell their clients to resume on another instance now, and go on
-	// filling their logs for them.
+	// filling their logs for them; resumable voice sessions keep their upstreams until another
+	// instance takes them over.
 	g.chat.running.Drain()
+	if n := g.voices.Drain(); n > 0 {
+		g.log.Info("voice clients told to resume on another instance", "voice_sessions", n)
+	}
 	// Streams and voice sessions get the grace period to finish, and are ended a little before
 	// its end so their last words get out: server_shutdown for streams, 1012 for sessions.
 	margin := min(grace/5, 2*time.Second)

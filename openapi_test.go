@@ -120,8 +120,8 @@ func TestOpenAPIDocument(t *testing.T) {
 		}
 	}
 
-	// Every error response of every operation is the Error object; /readyz's 503 is a
-	// status for probes, not an error.
+	// Every error response of every operation is the Error object, OpenAIError on the routes
+	// that speak OpenAI's API; /readyz's 503 is a status for probes, not an error.
 	for path, item := range doc.Paths.Map() {
 		if path == "/readyz" {
 			continue
@@ -132,9 +132,13 @@ func TestOpenAPIDocument(t *testing.T) {
 				if err != nil || code < 400 {
 					continue
 				}
+				want := "#/components/schemas/Error"
+				if openAIRoute(path) {
+					want = "#/components/schemas/OpenAIError"
+				}
 				mt := ref.Value.Content.Get("application/json")
-				if mt == nil || mt.Schema == nil || mt.Schema.Ref != "#/components/schemas/Error" {
-					t.Errorf("%s %s: response %s is not an application/json Error", method, path, status)
+				if mt == nil || mt.Schema == nil || mt.Schema.Ref != want {
+					t.Errorf("%s %s: response %s is not an application/json %s", method, path, status, want)
 				}
 			}
 		}
@@ -255,10 +259,10 @@ func TestOpenAPISSEGoldenFiles(t *testing.T) {
 	}
 	// An error event is the gateway's (StreamErrorEvent) or an upstream line's
 	// (UpstreamErrorEvent), never both: ChatEvent's oneOf must tell them apart.
-	c.valid("StreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1}}`, "a skipped line")
-	c.invalid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1}}`, "a skipped line")
-	c.valid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1}}`, "an upstream error line")
-	c.invalid("StreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1}}`, "an upstream error line")
+	c.valid("StreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1,"timestamp_ms":1000}}`, "a skipped line")
+	c.invalid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"request_id":"r","code":"INVALID_LINE","message":"m","line_number":2,"fatal":false,"timestamp":1,"timestamp_ms":1000}}`, "a skipped line")
+	c.valid("UpstreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1,"timestamp_ms":1000}}`, "an upstream error line")
+	c.invalid("StreamErrorEvent", `{"event":"error","id":"2","data":{"type":"error","code":"MODEL_OVERLOADED","request_id":"r","line_number":2,"timestamp":1,"timestamp_ms":1000}}`, "an upstream error line")
 	for _, bad := range []struct{ what, event string }{
 		{"stream_end without its counts", `{"event":"stream_end","data":{"request_id":"r","timestamp":1}}`},
 		{"stream_start without request_id", `{"event":"stream_start","data":{"timestamp":1}}`},
@@ -440,6 +444,15 @@ func TestOpenAPIResponses(t *testing.T) {
 		{"POST", "/api/v2/voice/broadcast", user, `{"message":"hi"}`, nil, 403},
 		{"GET", "/api/v2/voice/stream", user, "", nil, 426},
 		{"GET", "/api/v2/admin/users", admin, "", nil, 404},
+		{"POST", "/api/v2/chat", user, `{"message":"hello"}`, nil, 200},
+		{"POST", "/api/v2/chat", user, `{"message":""}`, nil, 400},
+		{"POST", "/v1/chat/completions", user, `{"model":"default","messages":[{"role":"user","content":"hi"}]}`, nil, 200},
+		{"POST", "/v1/chat/completions", user, `{"model":"default","messages":[{"role":"user","content":"hi"}],"tools":[]}`, nil, 400},
+		{"POST", "/v1/chat/completions", user, `{"model":"nope","messages":[{"role":"user","content":"hi"}]}`, nil, 404},
+		{"POST", "/v1/chat/completions", "", `{"model":"default","messages":[{"role":"user","content":"hi"}]}`, nil, 401},
+		{"GET", "/v1/models", user, "", nil, 200},
+		{"GET", "/v1/models", "", "", nil, 401},
+		{"GET", "/v1/realtime", user, "", nil, 426},
 		{"DELETE", "/api/v2/documents/d1", admin, "", nil, 404},
 	} {
 		name := tt.method + " " + tt.path + " " + strconv.Itoa(tt.status)
@@ -763,7 +776,9 @@ func notErrorCodes(name string) bool {
 	return strings.HasPrefix(name, "OTEL_") || // read by the OpenTelemetry SDK (the README names them in prose)
 		strings.Contains(name, "_BENCH_") || strings.HasPrefix(name, "VOICE_SCALE_") || // sizes of the benchmarks
 		name == "FIRST_EVENT_STREAMS" || name == "FIRST_EVENT_REDIS" ||
-		name == "TCP_NOTSENT_LOWAT" // a Linux socket option
+		name == "TCP_NOTSENT_LOWAT" || // a Linux socket option
+		name == "RST_STREAM" || name == "ENHANCE_YOUR_CALM" || // an HTTP/2 frame and error code
+		name == "NODE_EXTRA_CA_CERTS" // node's setting for a certificate to trust
 }
 
 // documentedCodes are the error codes README.md (and docs/, where the README's topics live)

@@ -92,6 +92,8 @@ var wantMetrics = map[string][]string{
 	"voice_response_latency_seconds":    {"tenant"},
 	"voice_asr_latency_seconds":         {"tenant"},
 	"voice_barge_ins_total":             {"tenant"},
+	"voice_resumes_total":               {"outcome"},
+	"voice_resume_gap_seconds":          {},
 }
 
 // TestOpsMetrics: after a mix of traffic — chat streams, 404s, 401s, a 429, admin GETs of 1,000
@@ -191,6 +193,9 @@ func TestOpsMetrics(t *testing.T) {
 	for name, labels := range wantMetrics {
 		if name == "redis_errors_total" || name == "redis_command_duration_seconds" {
 			continue
+		}
+		if name == "voice_resumes_total" || name == "voice_resume_gap_seconds" {
+			continue // they need a resume: TestVoiceResumeNetworkCut checks them
 		}
 		checkFamily(t, fams, name, labels)
 	}

@@ -408,11 +408,11 @@ func redisClass(kind string) string {
 		return "limits"
 	case policy.KindLease, policy.KindReleased:
 		return "leases"
-	case policy.KindReplay, policy.KindReplayBeat, policy.KindReplayWait:
-		return "replay"
+	case policy.KindReplay, policy.KindReplayBeat, policy.KindReplayWait, policy.KindVoiceResume, policy.KindVoiceLog:
+		return "replay" // chat's replay logs, and resumable voice sessions' tokens and downlink logs
 	case policy.KindStream, policy.KindSession, policy.KindSessions, policy.KindUsage:
 		return "registry" // live streams and voice sessions, and the usage of finished ones
-	case policy.KindBroadcast, policy.KindControl:
+	case policy.KindBroadcast, policy.KindControl, policy.KindVoiceHandover:
 		return "control" // cancels, revocations and broadcasts between instances
 	}
 	return "other" // no key (PING, INFO, CLUSTER ...), or one that is not the gateway's

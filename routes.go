@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -58,6 +59,9 @@ type handlers struct {
 	voiceClose, voiceBroadcast       http.Handler
 	admin, docs, openapi             http.Handler
 	console, metrics                 http.Handler // nil unless CONSOLE_ENABLED, METRICS_ENABLED
+	chatAnswer                       http.Handler // POST /api/v2/chat
+	completions, models              http.Handler // OpenAI's chat and model list
+	realtime                         http.Handler // OpenAI's Realtime API over the voice bridge
 }
 
 // routes is the whole route table, the one list of the gateway's routes: the router registers
@@ -84,6 +88,10 @@ func routes(cfg *config, h handlers) []route {
 		{"/api/v2/documents/", token, plain, h.docs, bind{Permission: "document:write",
 			Methods: map[string]string{"GET": "document:read", "HEAD": "document:read", "DELETE": "document:delete"}, Class: "documents"}},
 		{"GET /openapi.json", open, plain, h.openapi, bind{}},
+		{"POST /api/v2/chat", tokenLater, plain, h.chatAnswer, bind{Permission: "chat:write", Class: "chat", Lease: "chat"}},
+		{"POST /v1/chat/completions", tokenLater, plain, h.completions, bind{Permission: "chat:write", Class: "chat", Lease: "chat"}},
+		{"GET /v1/models", token, plain, h.models, bind{Permission: "chat:write"}},
+		{"GET /v1/realtime", tokenWS, upgrades, h.realtime, bind{Permission: "voice:write", Class: "voice", Lease: "voice"}},
 	}
 	if cfg.ConsoleEnabled {
 		rs = append(rs, route{"GET /console", open, plain, h.console, bind{}},
@@ -119,6 +127,11 @@ func router(rs []route, g guard) *proxy.Router {
 	rt := proxy.NewRouter()
 	for _, r := range rs {
 		h := g.protect(r.handler, r.access)
+		if openAIRoute(r.pattern) {
+			// Outside the protection: a refusal by authentication or the policy is in
+			// OpenAI's words too, so that the SDKs raise their error classes.
+			h = proxy.OpenAIErrors()(h)
+		}
 		if r.upgrade {
 			rt.HandleUpgrade(r.pattern, h)
 		} else {
@@ -126,6 +139,16 @@ func router(rs []route, g guard) *proxy.Router {
 		}
 	}
 	return rt
+}
+
+// openAIRoute reports whether the route of pattern speaks OpenAI's API: every route under
+// /v1/, whose errors are OpenAI's error document (proxy.OpenAIErrors).
+func openAIRoute(pattern string) bool {
+	_, path, _ := strings.Cut(pattern, " ")
+	if path == "" {
+		path = pattern
+	}
+	return strings.HasPrefix(path, "/v1/")
 }
 
 // guard is what protects a route: authentication, then the policy.

@@ -16,12 +16,13 @@ import (
 	"voicegate/policy"
 	"voicegate/proxy"
 	"voicegate/voice"
+	"voicegate/voice/realtime"
 )
 
 // newVoiceRegistry makes the registry of live voice sessions: this instance's, and with Redis
 // every instance's, published and kept alive by the renewer.
 func newVoiceRegistry(cfg *config, redis rueidis.Client, renew *renewer, log *slog.Logger) *voice.Registry {
-	sessions := voice.NewRegistry(voice.RegistryOptions{Instance: cfg.Instance, Redis: redis, Prefix: cfg.RedisPrefix,
+	sessions := voice.NewRegistry(voice.RegistryOptions{Instance: cfg.Instance, ID: cfg.InstanceID, Redis: redis, Prefix: cfg.RedisPrefix,
 		TTL: cfg.LeaseTTL, UsageMaxLen: int64(cfg.VoiceUsageMaxLen), OnChange: renew.Kick, Log: log})
 	if redis != nil {
 		renew.add("voice sessions", sessions.Renew)
@@ -29,21 +30,23 @@ func newVoiceRegistry(cfg *config, redis rueidis.Client, renew *renewer, log *sl
 	return sessions
 }
 
-// newVoiceHandler is GET /api/v2/voice/stream: the bridge to the algorithm service's voice
-// endpoint on its replicas, governed by the policy in force (audio quotas metered in Redis or
-// memory, session limits, pace) and rechecking its caller's token while it runs.
-func newVoiceHandler(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessions *voice.Registry,
-	policies *policy.Store, authn *auth.Authenticator, outbound proxy.Outbound, tel *telemetry, log *slog.Logger) (*voice.Handler, error) {
+// newVoiceHandlers are GET /api/v2/voice/stream and GET /v1/realtime (OpenAI's Realtime API,
+// the same bridge in another dialect): the bridge to the algorithm service's voice endpoint on
+// its replicas, governed by the policy in force (audio quotas metered in Redis or memory,
+// session limits, pace) and rechecking its caller's token while it runs. Both put their
+// sessions in one registry and charge one meter.
+func newVoiceHandlers(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessions *voice.Registry,
+	policies *policy.Store, authn *auth.Authenticator, outbound proxy.Outbound, tel *telemetry, log *slog.Logger) (v2, openAI *voice.Handler, err error) {
 	metrics, err := newVoiceMetrics(tel, policies)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var meter policy.AudioMeter = policy.NewMemoryAudioMeter()
 	if redis != nil {
 		meter = policy.NewRedisAudioMeter(redis, cfg.RedisPrefix)
 	}
 	bg := context.Background()
-	return voice.NewHandler(voice.Options{
+	o := voice.Options{
 		AlgoURL:      algo.Primary(),
 		Via:          algo.Via, // voice dials share the replicas' health with chat
 		AllowOrigin:  proxy.CORSOptions{Origins: cfg.CORSOrigins}.AllowOrigin,
@@ -51,7 +54,12 @@ func newVoiceHandler(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessio
 		IdleTimeout:  cfg.VoiceIdle,
 		WriteTimeout: cfg.VoiceWriteTimeout,
 		RawAudio:     cfg.VoiceRawAudio,
-		Audio:        voice.AudioConfig{Language: cfg.VoiceLanguage},
+		Audio: voice.AudioConfig{Language: cfg.VoiceLanguage, Format: cfg.VoiceAudio.Codec,
+			SampleRate: cfg.VoiceAudio.SampleRate, Channels: cfg.VoiceAudio.Channels,
+			EchoCancellation: cfg.VoiceEchoCancellation},
+		TTSPacing:    cfg.VoiceTTSPacing,
+		TTSLead:      cfg.VoiceTTSLead,
+		TTSQueue:     int(cfg.VoiceTTSQueue),
 		Registry:     sessions,
 		Owner:        auth.Owner,
 		Token:        auth.Token,
@@ -65,6 +73,9 @@ func newVoiceHandler(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessio
 		ChargeBudget: cfg.LimitBudget,
 		Pace:         cfg.VoicePace,
 		PaceBurst:    cfg.VoicePaceBurst,
+		ResumeWindow: cfg.VoiceResumeWindow,
+		AdmitResume:  policy.AdmitHandover,
+		OnResume:     metrics.resumed,
 		OnLatency:    metrics.latency,
 		OnBargeIn:    metrics.bargeIn,
 		OnStart: func() {
@@ -80,7 +91,10 @@ func newVoiceHandler(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessio
 			tel.voiceSessionEnded(int(s.CloseCode), s.Duration)
 		},
 		Log: log,
-	}), nil
+	}
+	v2 = voice.NewHandler(o)
+	o.Dialect = realtime.New()
+	return v2, voice.NewHandler(o), nil
 }
 
 // recheck tells a long-lived voice session whether its token still holds: revoked, expired or
@@ -118,6 +132,8 @@ type voiceMetrics struct {
 	response metric.Float64Histogram
 	asr      metric.Float64Histogram
 	bargeIns metric.Int64Counter
+	resumes  metric.Int64Counter
+	gap      metric.Float64Histogram
 }
 
 func newVoiceMetrics(t *telemetry, policies *policy.Store) (*voiceMetrics, error) {
@@ -140,7 +156,24 @@ func newVoiceMetrics(t *telemetry, policies *policy.Store) (*voiceMetrics, error
 		return nil, fmt.Errorf("metrics: %w", err)
 	}
 	v.bargeIns.Add(context.Background(), 0, t.add1("tenant", otherTenant)...)
+	if v.resumes, err = m.Int64Counter("voice_resumes_total",
+		metric.WithDescription("Voice session resumes, by outcome: resumed, gap (resumed, some messages lost), failed, not_found.")); err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
+	if v.gap, err = m.Float64Histogram("voice_resume_gap_seconds",
+		metric.WithDescription("From a voice client's lost connection, as its session's instance noticed it, to its first replayed message after a resume."),
+		metric.WithUnit("s"), metric.WithExplicitBucketBoundaries(.01, .025, .05, .1, .15, .25, .5, 1, 2.5, 5, 10, 30)); err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
 	return v, nil
+}
+
+// resumed counts a voice resume (voice.Options.OnResume).
+func (v *voiceMetrics) resumed(outcome string, gap time.Duration) {
+	v.resumes.Add(context.Background(), 1, v.tel.add1("outcome", outcome)...)
+	if outcome == voice.ResumeOK || outcome == voice.ResumeGap {
+		v.gap.Record(context.Background(), gap.Seconds())
+	}
 }
 
 // latency records a latency a user of tenant felt (voice.Options.OnLatency).

@@ -487,8 +487,12 @@ func TestVoiceClientThatNeverReads(t *testing.T) {
 		for c.Write(testDone, websocket.MessageBinary, frame) == nil {
 		}
 	}})
+	// Unpaced, the flood reaches the client's socket at once. Paced, it would reach it at
+	// playback rate, and the socket's buffers take seconds to fill before a write stalls
+	// (voice.TestPacedClientThatNeverReads has that path).
 	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
-		"POLICY_FILE": "testdata/policy/e2e-voice-cap.json", "VOICE_WRITE_TIMEOUT": "300ms"}))
+		"POLICY_FILE": "testdata/policy/e2e-voice-cap.json", "VOICE_WRITE_TIMEOUT": "300ms",
+		"VOICE_TTS_PACING": "false"}))
 	g := startRun(t, nil, env)
 	w := watchTokens(t, g)
 	tok := w.token(t, "u-stall", []string{"user"}, nil)

@@ -72,6 +72,10 @@ func New(o Options) *Authenticator {
 // set headers on a WebSocket.
 const SubprotocolPrefix = "bearer."
 
+// OpenAISubprotocolPrefix marks a token carried as OpenAI's browser clients carry their key: a
+// subprotocol "openai-insecure-api-key.<token>" beside "realtime" (GET /v1/realtime).
+const OpenAISubprotocolPrefix = "openai-insecure-api-key."
+
 // Require returns middleware that lets a request through only with a valid, unrevoked token, and
 // puts the identity in its context. allowSubprotocol also accepts the token as a
 // "bearer.<token>" WebSocket subprotocol (the voice route).
@@ -220,14 +224,18 @@ func tokenOf(r *http.Request, allowSubprotocol bool) (string, *proxy.Error) {
 
 func misplaced(msg string) *proxy.Error { return unauthorized(proxy.CodeTokenInvalid, msg, nil) }
 
-// SubprotocolTokens returns the tokens offered as "bearer.<token>" WebSocket subprotocols.
+// SubprotocolTokens returns the tokens offered as WebSocket subprotocols: "bearer.<token>"
+// (the voice protocol's browsers) or "openai-insecure-api-key.<token>" (OpenAI's). The
+// WebSocket routes never select either, so a token is never echoed in the 101.
 func SubprotocolTokens(r *http.Request) []string {
 	var out []string
 	for _, v := range r.Header.Values("Sec-WebSocket-Protocol") {
 		for _, p := range strings.Split(v, ",") {
 			p = strings.TrimSpace(p)
-			if strings.HasPrefix(p, SubprotocolPrefix) {
-				out = append(out, strings.TrimPrefix(p, SubprotocolPrefix))
+			for _, prefix := range [...]string{SubprotocolPrefix, OpenAISubprotocolPrefix} {
+				if t, ok := strings.CutPrefix(p, prefix); ok {
+					out = append(out, t)
+				}
 			}
 		}
 	}

@@ -144,7 +144,7 @@ func (e *Enforcer) Wrap(h http.Handler) http.Handler {
 			proxy.WriteError(w, r, perr)
 			return
 		}
-		release, _, perr := e.admit(w, r, p, p.bindings[r.Pattern], &s, nil, true)
+		release, _, perr := e.admit(w, r, p, p.bindings[r.Pattern], &s, nil, generates)
 		if perr != nil {
 			proxy.WriteError(w, r, perr)
 			return
@@ -215,7 +215,7 @@ func AdmitClaim(w http.ResponseWriter, r *http.Request, claim *Claim) (release f
 	if a == nil {
 		return nil, false, ErrAnswered
 	}
-	release, claimed, perr := a.e.admit(w, r, a.p, a.b, &a.s, claim, true)
+	release, claimed, perr := a.e.admit(w, r, a.p, a.b, &a.s, claim, generates)
 	if perr == errHeld {
 		return nil, false, ErrClaimed
 	}
@@ -238,13 +238,40 @@ func AdmitReplay(w http.ResponseWriter, r *http.Request) (release func(), ok boo
 	if a == nil {
 		return nil, false
 	}
-	release, _, perr := a.e.admit(w, r, a.p, a.b, &a.s, nil, false)
+	return admitAs(w, r, replays)
+}
+
+// AdmitHandover admits the resume of a voice session that runs on another instance, as
+// AdmitReplay does, except that its slot may exceed the caps by one. Until the handover ends
+// (bounded by the voice package's 2 s handover bound) the instance the session leaves holds the
+// session's slot, and releases it as it lets go: without the allowance a user at the cap could
+// not resume on another instance, and the session it moves would be lost. The overlap lasts as
+// long as the handover, never longer: a failed handover closes the older connection too.
+func AdmitHandover(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
+	return admitAs(w, r, movesIn)
+}
+
+func admitAs(w http.ResponseWriter, r *http.Request, how use) (release func(), ok bool) {
+	a := admissionOf(w, r)
+	if a == nil {
+		return nil, false
+	}
+	release, _, perr := a.e.admit(w, r, a.p, a.b, &a.s, nil, how)
 	if perr != nil {
 		proxy.WriteError(w, r, perr)
 		return nil, false
 	}
 	return release, true
 }
+
+// use is what an admitted request does with what it is admitted to.
+type use int
+
+const (
+	generates use = iota // generates an answer: charged to its class and the daily quota
+	replays              // is answered from what an earlier request generated and paid for
+	movesIn              // moves a live session here from another instance (AdmitHandover)
+)
 
 // admissionOf is what Guard decided for r; without it, r is answered 500 (see Admit).
 func admissionOf(w http.ResponseWriter, r *http.Request) *admission {
@@ -262,7 +289,8 @@ var errHeld = &proxy.Error{Status: http.StatusConflict, Code: proxy.CodeConflict
 // admit charges the request (with generation, to its class and the quota too) and takes its
 // slot and claim; the release it returns is safe to call more than once. claimed reports
 // whether the store took the claim.
-func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *binding, s *Subject, claim *Claim, generation bool) (release func(), claimed bool, perr *proxy.Error) {
+func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *binding, s *Subject, claim *Claim, how use) (release func(), claimed bool, perr *proxy.Error) {
+	generation := how == generates
 	if e.o.Admitter == nil {
 		return func() {}, false, nil
 	}
@@ -284,6 +312,9 @@ func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *b
 	if b.lease != "" {
 		c := l.Concurrency[b.lease]
 		ask.Slot = &Slot{Kind: b.lease, PerUser: c.PerUser, PerTenant: c.PerTenant}
+		if how == movesIn {
+			ask.Slot.PerUser, ask.Slot.PerTenant = overOne(c.PerUser), overOne(c.PerTenant)
+		}
 	}
 	if ask.empty() {
 		return func() {}, false, nil
@@ -322,6 +353,14 @@ func (e *Enforcer) admit(w http.ResponseWriter, r *http.Request, p *Policy, b *b
 		return nil, false, &proxy.Error{Status: http.StatusTooManyRequests, Code: proxy.CodeRateLimited, Message: msg, RetryAfter: retry}
 	}
 	return e.releaser(r, given), v.Claimed, nil
+}
+
+// overOne is a cap raised by one; 0, no cap, stays none.
+func overOne(c int) int {
+	if c == 0 {
+		return 0
+	}
+	return c + 1
 }
 
 // releaser is the release of what r was given. It outlives the request's cancellation (a client

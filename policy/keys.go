@@ -35,6 +35,10 @@ const (
 	KindUsage      = "usage"           // no parts: the usage stream of finished sessions
 	KindBroadcast  = "voice:broadcast" // no parts: broadcasts | reply ID: one's answers
 	KindControl    = "{control}"       // no parts: revocations | instance: that instance's cancels
+	// Voice resuming (voice/resume.go).
+	KindVoiceResume   = "voice:resume"   // {tenant} user, token hash: a resumable session's single-use resume token
+	KindVoiceLog      = "voice:log"      // {tenant} session ID: a session's downlink while its client is away
+	KindVoiceHandover = "voice:handover" // instance: the channel that asks that instance to hand its sessions over
 )
 
 // Key returns the name of kind's key for parts, under no tenant.
@@ -151,7 +155,7 @@ func knownKind(s string) string {
 	switch s {
 	case KindRateLimit, KindQuota, KindLease, KindReleased, KindAudioQuota, KindStream, KindReplay, KindReplayBeat,
 		KindReplayWait, KindRevoked, KindUserStatus, KindSession, KindSessions, KindUsage, KindBroadcast,
-		KindControl:
+		KindControl, KindVoiceResume, KindVoiceLog, KindVoiceHandover:
 		return s
 	}
 	return ""

@@ -307,6 +307,10 @@ var newestRoutes = []string{
 	"GET /api/v2/voice/sessions/{session_id}",
 	"DELETE /api/v2/voice/sessions/{session_id}",
 	"POST /api/v2/voice/broadcast",
+	"POST /api/v2/chat",
+	"POST /v1/chat/completions",
+	"GET /v1/models",
+	"GET /v1/realtime",
 }
 
 // TestStoreFileFromAnEarlierRelease: a policy file that does not bind routes added since it was

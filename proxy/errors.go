@@ -33,6 +33,7 @@ const (
 	CodePayloadTooLarge  = "PAYLOAD_TOO_LARGE"
 	CodeUnsupportedMedia = "UNSUPPORTED_MEDIA_TYPE"
 	CodeNotFound         = "NOT_FOUND"
+	CodeSessionNotFound  = "SESSION_NOT_FOUND" // a voice resume token that names no resumable session of the caller
 	CodeMethodNotAllowed = "METHOD_NOT_ALLOWED"
 	CodeConflict         = "CONFLICT"
 	CodeUnavailable      = "SERVICE_UNAVAILABLE"
@@ -114,11 +115,15 @@ func WriteError(w http.ResponseWriter, r *http.Request, e *Error) {
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Del("Content-Length")
 	w.WriteHeader(status)
-	body := errorBody{Error: msg, Code: code, Details: e.Details}
+	var requestID string
 	if info != nil {
-		body.RequestID = info.RequestID
+		requestID = info.RequestID
 	}
-	_ = json.NewEncoder(w).Encode(body)
+	if openAIStyle(r.Context()) {
+		_ = json.NewEncoder(w).Encode(openAIErrorBody(status, code, msg, requestID, e.Details))
+		return
+	}
+	_ = json.NewEncoder(w).Encode(errorBody{Error: msg, Code: code, Details: e.Details, RequestID: requestID})
 }
 
 // FieldError names one invalid request field (or header) in a VALIDATION_ERROR's details.

@@ -117,3 +117,24 @@ func refusedRune(r rune) bool {
 	}
 	return false
 }
+
+// ResumeTokenLen is the length of a voice resume token: crypto/rand.Text's 26 characters of
+// base32 (A-Z, 2-7), 130 random bits.
+const ResumeTokenLen = 26
+
+// ResumeTokenReason is what a client is told of a resume token that ValidResumeToken refuses.
+const ResumeTokenReason = "must be the 26 characters of A-Z 2-7 that session_initialized or session_resumed gave"
+
+// ValidResumeToken reports whether t has the shape of a resume token the gateway made. The
+// check is only of shape: whether it names a session is the store's to say.
+func ValidResumeToken(t string) bool {
+	if len(t) != ResumeTokenLen {
+		return false
+	}
+	for i := 0; i < len(t); i++ {
+		if c := t[i]; !(c >= 'A' && c <= 'Z' || c >= '2' && c <= '7') {
+			return false
+		}
+	}
+	return true
+}

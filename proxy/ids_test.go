@@ -128,3 +128,19 @@ func FuzzValidLabel(f *testing.F) {
 		}
 	})
 }
+
+// TestValidResumeToken: only the shape crypto/rand.Text makes passes: 26 characters of A-Z 2-7.
+func TestValidResumeToken(t *testing.T) {
+	for _, ok := range []string{"ABCDEFGHIJKLMNOPQRSTUVWXYZ", "234567ABCDEFGHIJKLMNOPQRST"} {
+		if !proxy.ValidResumeToken(ok) {
+			t.Errorf("ValidResumeToken(%q) = false, want true", ok)
+		}
+	}
+	for _, bad := range []string{"", "ABC", "ABCDEFGHIJKLMNOPQRSTUVWXY", "ABCDEFGHIJKLMNOPQRSTUVWXYZA",
+		"abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXY1", "ABCDEFGHIJKLMNOPQRSTUVWXY:", "ABCDEFGHIJKLMNOPQRSTUVWXY\x00",
+		"ABCDEFGHIJKLMNOPQRSTUVWX\u00e9"} {
+		if proxy.ValidResumeToken(bad) {
+			t.Errorf("ValidResumeToken(%q) = true, want false", bad)
+		}
+	}
+}

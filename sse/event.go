@@ -140,9 +140,16 @@ func (e *encoder) appendFields(dst []byte, lineNo, now int64) []byte {
 	dst = append(dst, e.reqField...)
 	dst = append(dst, `,"line_number":`...)
 	dst = strconv.AppendInt(dst, lineNo, 10)
+	return appendTimestamp(dst, now)
+}
+
+// appendTimestamp appends the time now (unix ms) as the origin document has it, in Unix
+// seconds ("timestamp"), and in milliseconds beside it ("timestamp_ms").
+func appendTimestamp(dst []byte, now int64) []byte {
 	dst = append(dst, `,"timestamp":`...)
-	dst = strconv.AppendInt(dst, now, 10)
-	return dst
+	dst = strconv.AppendInt(dst, now/1000, 10)
+	dst = append(dst, `,"timestamp_ms":`...)
+	return strconv.AppendInt(dst, now, 10)
 }
 
 // appendSlow handles the rare lines that need decoding: encoding/json re-encodes them, which
@@ -161,6 +168,7 @@ func (e *encoder) appendSlow(dst, line []byte, lineNo, now int64) ([]byte, []byt
 	delete(m, "request_id")
 	delete(m, "line_number")
 	delete(m, "timestamp")
+	delete(m, "timestamp_ms")
 	body, err := json.Marshal(m)
 	if err != nil {
 		return dst, nil, false
@@ -198,8 +206,7 @@ func (e *encoder) appendGatewayEvent(dst []byte, id int64, name string, now int6
 		dst = append(dst, ',')
 		dst = append(dst, f...)
 	}
-	dst = append(dst, `,"timestamp":`...)
-	dst = strconv.AppendInt(dst, now, 10)
+	dst = appendTimestamp(dst, now)
 	dst = append(dst, "}\n\n"...)
 	return dst
 }

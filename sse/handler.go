@@ -50,6 +50,9 @@ type HandlerOptions struct {
 	MaxTokens int
 	// DefaultModel is used when the request names none; empty means "default".
 	DefaultModel string
+	// Models, if set, are the only models POST /v1/chat/completions takes (GET /v1/models
+	// lists them); another is refused with 404 model_not_found. Empty: any valid name.
+	Models []string
 	// MaxLineBytes and RetryAfter are passed to each Rewriter.
 	MaxLineBytes int
 	RetryAfter   time.Duration
@@ -127,6 +130,9 @@ type queryRequest struct {
 	Model          string         `json:"model"`
 	Temperature    float64        `json:"temperature"`
 	MaxTokens      int            `json:"max_tokens"`
+	// EndUser is OpenAI's "user", the client's label for its own end user, passed on; the
+	// caller's identity is in the identity headers.
+	EndUser string `json:"end_user,omitempty"`
 }
 
 // FieldError names one invalid field in a VALIDATION_ERROR's details.
@@ -159,6 +165,26 @@ var errEnded = errors.New("sse: the stream was ended")
 // however the stream ends — done, cancelled, drained, the client gone or not reading — the
 // upstream request is cancelled and everything the stream held is released.
 func NewHandler(o HandlerOptions) http.Handler {
+	c := newChat(o)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q, perr := c.o.parse(w, r)
+		if perr != nil {
+			proxy.WriteError(w, r, perr)
+			return
+		}
+		c.serve(w, r, q, v2Stream())
+	})
+}
+
+// chat is a chat route's handler, whatever the format of its answer.
+type chat struct {
+	o        HandlerOptions
+	queryURL *url.URL
+	mapper   proxy.ErrorMapper
+}
+
+// newChat applies o's defaults.
+func newChat(o HandlerOptions) *chat {
 	if o.AlgoURL == nil {
 		panic("sse: HandlerOptions.AlgoURL is required")
 	}
@@ -200,185 +226,192 @@ func NewHandler(o HandlerOptions) http.Handler {
 	if !strings.HasPrefix(queryURL.Path, "/") {
 		queryURL.Path = "/" + queryURL.Path
 	}
-	mapper := proxy.ErrorMapper{Code: proxy.CodeAlgoService, Name: "algorithm service"}
+	return &chat{o: o, queryURL: queryURL, mapper: proxy.ErrorMapper{Code: proxy.CodeAlgoService, Name: "algorithm service"}}
 
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		q, perr := o.parse(w, r)
-		if perr != nil {
-			proxy.WriteError(w, r, perr)
-			return
-		}
-		var user, tenant string
-		if o.Owner != nil {
-			user, tenant = o.Owner(r)
-		}
-		k := StreamKey{Tenant: tenant, User: user, RequestID: q.RequestID}
-		if o.Replay != nil && r.Header.Get("Last-Event-ID") != "" {
-			// The same request again after a lost connection: the rest of the stream, never
-			// a second generation.
-			o.resume(w, r, k, notFound)
-			return
-		}
-		// A repeat of a request whose log is kept is answered from that log, from its start:
-		// never generated, nor charged, a second time. Without a directory the log is this
-		// process's and asking costs nothing, so it is asked before anything is charged; with
-		// one, the admission's claim asks, in the same step as it claims.
-		if o.Replay != nil && o.Directory == nil {
-			if kept, _ := o.Replay.Exists(r.Context(), k); kept {
-				o.serveLog(w, r, k, -1, running)
-				return
-			}
-		}
-		// What the stream holds is released by whoever ends it last: this handler, or, once
-		// the upstream answered, the goroutine that produces the stream (which may outlive the
-		// handler when the stream is resumable).
-		var held []func()
-		handedOff := false
-		defer func() {
-			if !handedOff {
-				runReverse(held)
-			}
-		}()
-		// answerFromLog lets go of what was taken for a generation and answers from the log.
-		answerFromLog := func() {
-			runReverse(held)
-			held = nil
-			if o.Replay == nil {
-				proxy.WriteError(w, r, running)
-				return
-			}
+}
+
+// serve sends the validated query q to the algorithm service and answers r in format f.
+func (c *chat) serve(w http.ResponseWriter, r *http.Request, q *queryRequest, f format) {
+	o := &c.o
+	// A single answer is neither logged nor resumed.
+	replay := o.Replay
+	if f.single {
+		replay = nil
+	}
+	var user, tenant string
+	if o.Owner != nil {
+		user, tenant = o.Owner(r)
+	}
+	k := StreamKey{Tenant: tenant, User: user, RequestID: q.RequestID}
+	if replay != nil && r.Header.Get("Last-Event-ID") != "" {
+		// The same request again after a lost connection: the rest of the stream, never
+		// a second generation.
+		o.resume(w, r, k, notFound)
+		return
+	}
+	// A repeat of a request whose log is kept is answered from that log, from its start:
+	// never generated, nor charged, a second time. Without a directory the log is this
+	// process's and asking costs nothing, so it is asked before anything is charged; with
+	// one, the admission's claim asks, in the same step as it claims.
+	if replay != nil && o.Directory == nil {
+		if kept, _ := replay.Exists(r.Context(), k); kept {
 			o.serveLog(w, r, k, -1, running)
+			return
 		}
-		claimed := false
-		if o.Admit != nil {
-			// Released after everything else the stream holds, and before the client sees the
-			// end of the response: a client that starts its next stream at once finds its slot
-			// free on every instance.
-			release, ok, err := o.Admit(w, r, o.Directory.claim(k, logKey(o.Replay, k)))
-			if errors.Is(err, policy.ErrClaimed) {
-				answerFromLog()
-				return
-			}
-			if err != nil {
-				return
-			}
-			claimed = ok
-			held = append(held, release)
+	}
+	// What the stream holds is released by whoever ends it last: this handler, or, once
+	// the upstream answered, the goroutine that produces the stream (which may outlive the
+	// handler when the stream is resumable).
+	var held []func()
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			runReverse(held)
 		}
-		// The upstream request outlives the handler's context when the stream goes on without
-		// its client (resuming); the stream's ending cancels it on every path.
-		ctx, cancelUp := context.WithCancelCause(context.WithoutCancel(r.Context()))
-		held = append(held, func() { cancelUp(nil) })
-		stop := newEnding(func() { cancelUp(errEnded) })
-		started := o.Now()
-		st := newStream(q.RequestID, user, tenant, started, stop)
-		if o.Token != nil {
-			st.TokenID, st.IssuedAt = o.Token(r)
+	}()
+	// answerFromLog lets go of what was taken for a generation and answers from the log.
+	answerFromLog := func() {
+		runReverse(held)
+		held = nil
+		if replay == nil {
+			proxy.WriteError(w, r, running)
+			return
 		}
-		remove, err := o.Registry.Add(st)
-		if err != nil {
+		o.serveLog(w, r, k, -1, running)
+	}
+	claimed := false
+	if o.Admit != nil {
+		// Released after everything else the stream holds, and before the client sees the
+		// end of the response: a client that starts its next stream at once finds its slot
+		// free on every instance.
+		release, ok, err := o.Admit(w, r, o.Directory.claim(k, logKey(replay, k)))
+		if errors.Is(err, policy.ErrClaimed) {
 			answerFromLog()
 			return
 		}
-		held = append(held, remove)
-		if o.Replay != nil && !claimed {
-			// No claim asked for the log (in memory, or the store did not answer the
-			// admission): ask now, after Registry.Add, which a producer holds until its log is
-			// complete. A log that cannot be asked in time is taken to be absent, as fair use
-			// fails open.
-			lctx, cancel := context.WithTimeout(r.Context(), logCheckBound)
-			kept, _ := o.Replay.Exists(lctx, k)
-			cancel()
-			if kept {
-				answerFromLog()
-				return
-			}
-		}
-		// Until the upstream answers, a client that goes away ends the stream; after that, watch
-		// decides (a resumable stream goes on without it).
-		early := context.AfterFunc(r.Context(), func() { stop.end(endClient) })
-
-		req, err := o.upstreamRequest(ctx, r, queryURL, q)
 		if err != nil {
-			early()
-			proxy.WriteError(w, r, &proxy.Error{Cause: err})
 			return
 		}
-		res, err := o.Transport.RoundTrip(req)
+		claimed = ok
+		held = append(held, release)
+	}
+	// The upstream request outlives the handler's context when the stream goes on without
+	// its client (resuming); the stream's ending cancels it on every path.
+	ctx, cancelUp := context.WithCancelCause(context.WithoutCancel(r.Context()))
+	held = append(held, func() { cancelUp(nil) })
+	stop := newEnding(func() { cancelUp(errEnded) })
+	started := o.Now()
+	st := newStream(q.RequestID, user, tenant, started, stop)
+	if o.Token != nil {
+		st.TokenID, st.IssuedAt = o.Token(r)
+	}
+	remove, err := o.Registry.Add(st)
+	if err != nil {
+		answerFromLog()
+		return
+	}
+	held = append(held, remove)
+	if replay != nil && !claimed {
+		// No claim asked for the log (in memory, or the store did not answer the
+		// admission): ask now, after Registry.Add, which a producer holds until its log is
+		// complete. A log that cannot be asked in time is taken to be absent, as fair use
+		// fails open.
+		lctx, cancel := context.WithTimeout(r.Context(), logCheckBound)
+		kept, _ := replay.Exists(lctx, k)
+		cancel()
+		if kept {
+			answerFromLog()
+			return
+		}
+	}
+	// Until the upstream answers, a client that goes away ends the stream; after that, watch
+	// decides (a resumable stream goes on without it).
+	early := context.AfterFunc(r.Context(), func() { stop.end(endClient) })
+
+	req, err := o.upstreamRequest(ctx, r, c.queryURL, q)
+	if err != nil {
 		early()
-		if err == nil && res.StatusCode != http.StatusOK {
-			err = &proxy.UpstreamStatusError{Status: res.StatusCode,
-				RetryAfter: proxy.ParseRetryAfter(res.Header.Get("Retry-After"))}
-			res.Body.Close()
-		}
-		if err != nil {
-			if why := stop.reason(); why == endCancelled || why == endShutdown {
-				// Ended before the upstream answered: the client still gets the stream it asked
-				// for, opened and ended, as if the end had come a moment later.
-				t := newTally(o.OnEvents)
-				writeInterrupted(w, o.rewriterOptions(q.RequestID, t), why)
-				t.flush()
-				return
-			}
-			proxy.WriteError(w, r, mapper.Map(r, err))
+		proxy.WriteError(w, r, &proxy.Error{Cause: err})
+		return
+	}
+	res, err := o.Transport.RoundTrip(req)
+	early()
+	if err == nil && res.StatusCode != http.StatusOK {
+		err = &proxy.UpstreamStatusError{Status: res.StatusCode,
+			RetryAfter: proxy.ParseRetryAfter(res.Header.Get("Retry-After"))}
+		res.Body.Close()
+	}
+	if err != nil {
+		if why := stop.reason(); why == endCancelled || why == endShutdown {
+			// Ended before the upstream answered: the client still gets the stream it asked
+			// for, opened and ended, as if the end had come a moment later.
+			t := newTally(o.OnEvents)
+			writeInterrupted(w, f.newFramer(o, q, t, nil), why)
+			t.flush()
 			return
 		}
+		proxy.WriteError(w, r, c.mapper.Map(r, err))
+		return
+	}
 
-		if o.OnStreamStart != nil {
-			o.OnStreamStart()
+	if o.OnStreamStart != nil {
+		o.OnStreamStart()
+	}
+	if o.OnStreamEnd != nil {
+		held = append(held, o.OnStreamEnd) // however the stream ends
+	}
+	events := newTally(o.OnEvents)
+	var firstLine func()
+	if o.OnFirstEvent != nil {
+		firstLine = func() { o.OnFirstEvent(o.Now().Sub(started)) }
+	}
+	// The headers go with the first write (pipe.flush): a stream's at once, a single answer's
+	// once it is complete, when its status is known.
+	rw := f.newFramer(o, q, events, firstLine)
+	cw := &clientWriter{w: w, rc: http.NewResponseController(w), timeout: o.WriteTimeout}
+	p := newPipe(rw, cw)
+	if replay != nil {
+		// Asked on the stream's own context, which ends with the stream.
+		p.resumable(replay, k, o.ResumeWindow, func() bool { return replay.Watched(ctx, k) })
+		held = append(held, replay.Produce(k))
+	}
+	if replay != nil {
+		o.Registry.setDrain(st, func() { p.drain(stop) })
+	}
+	buf := o.BufferPool.Get()
+	finished := make(chan struct{})
+	handedOff = true
+	go func() {
+		defer close(finished)
+		p.produce(res.Body, buf, stop)
+		o.BufferPool.Put(buf)
+		p.stopWindow()
+		events.flush() // produce has returned: the tally is this goroutine's
+		p.mu.Lock()
+		stats := rw.Stats()
+		p.mu.Unlock()
+		outcome := stats.Outcome
+		if p.failed.Load() || stop.reason() == endClient {
+			outcome = "disconnected"
 		}
-		if o.OnStreamEnd != nil {
-			held = append(held, o.OnStreamEnd) // however the stream ends
-		}
-		events := newTally(o.OnEvents)
-		ro := o.rewriterOptions(q.RequestID, events)
-		if o.OnFirstEvent != nil {
-			ro.OnFirstLine = func() { o.OnFirstEvent(o.Now().Sub(started)) }
-		}
-		rw := NewRewriter(ro)
-		setStreamHeaders(w.Header())
-		w.WriteHeader(http.StatusOK)
-		cw := &clientWriter{w: w, rc: http.NewResponseController(w), timeout: o.WriteTimeout}
-		p := newPipe(rw, cw)
-		if o.Replay != nil {
-			// Asked on the stream's own context, which ends with the stream.
-			p.resumable(o.Replay, k, o.ResumeWindow, func() bool { return o.Replay.Watched(ctx, k) })
-			held = append(held, o.Replay.Produce(k))
-		}
-		if o.Replay != nil {
-			o.Registry.setDrain(st, func() { p.drain(stop) })
-		}
-		buf := o.BufferPool.Get()
-		finished := make(chan struct{})
-		handedOff = true
-		go func() {
-			defer close(finished)
-			p.produce(res.Body, buf, stop)
-			o.BufferPool.Put(buf)
-			p.stopWindow()
-			events.flush() // produce has returned: the tally is this goroutine's
-			p.mu.Lock()
-			stats := rw.Stats()
-			p.mu.Unlock()
-			outcome := stats.Outcome
-			if p.failed.Load() || stop.reason() == endClient {
-				outcome = "disconnected"
-			}
-			o.Log.Debug("stream ended", "request_id", q.RequestID, "outcome", outcome,
-				"lines_processed", stats.LinesProcessed, "lines_skipped", stats.LinesSkipped,
-				"duration", o.Now().Sub(started))
-			runReverse(held)
-		}()
-		p.watch(stop, finished, r.Context().Done(), o.PingInterval)
-		select {
-		case <-finished: // over and released; nothing writes to the client any more
-		default:
-			// It goes on without this client (resuming): nothing may write to the response once
-			// the handler has returned.
-			p.letGo()
-		}
-		cw.done()
-	})
+		o.Log.Debug("stream ended", "request_id", q.RequestID, "outcome", outcome,
+			"lines_processed", stats.LinesProcessed, "lines_skipped", stats.LinesSkipped,
+			"duration", o.Now().Sub(started))
+		runReverse(held)
+	}()
+	pingEvery := o.PingInterval
+	if f.single {
+		pingEvery = -1 // a ping would be part of the answer
+	}
+	p.watch(stop, finished, r.Context().Done(), pingEvery)
+	select {
+	case <-finished: // over and released; nothing writes to the client any more
+	default:
+		// It goes on without this client (resuming): nothing may write to the response once
+		// the handler has returned.
+		p.letGo()
+	}
+	cw.done()
 }
 
 // runReverse calls fs last first, as deferred calls would be.
@@ -432,12 +465,11 @@ func (t *tally) flush() {
 	t.pending = 0
 }
 
-// writeInterrupted answers with a stream that opens and is ended at once, for why.
-func writeInterrupted(w http.ResponseWriter, o Options, why string) {
-	rw := NewRewriter(o)
+// writeInterrupted answers with a stream that opens and is ended at once, for why (a single
+// answer: the error it is).
+func writeInterrupted(w http.ResponseWriter, rw framer, why string) {
 	rw.Interrupt(why)
-	setStreamHeaders(w.Header())
-	w.WriteHeader(http.StatusOK)
+	w.WriteHeader(rw.Head(w.Header()))
 	_, _ = w.Write(rw.Take(nil))
 }
 

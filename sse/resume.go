@@ -178,11 +178,8 @@ func (o *HandlerOptions) serveLog(w http.ResponseWriter, r *http.Request, k Stre
 	var gap *GapError
 	var gone *GoneError
 	end := func(last int64, code, msg, outcome string) {
-		enc := newEncoder(k.RequestID)
-		t := o.Now().UnixMilli()
-		b := enc.appendGatewayEvent(nil, last+1, EventError, t, field("code", code), field("message", msg), field("fatal", true))
-		b = enc.appendGatewayEvent(b, last+2, EventEnd, t, field("outcome", outcome))
-		_ = cw.write(start(b))
+		// In the format the stream was opened in.
+		_ = cw.write(start(gapEnder(k.RequestID)(k.RequestID, last, code, msg, outcome, o.Now().UnixMilli())))
 	}
 	switch {
 	case errors.Is(err, ErrNoReplay) && !started:

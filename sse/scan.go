@@ -15,6 +15,11 @@ type object struct {
 	// lineEnds means a string holds U+0085, U+2028 or U+2029 raw, as JSON allows: valid, but
 	// a line end to some line-based readers, so the encoder writes each as a \u escape.
 	lineEnds bool
+	// content is the raw JSON string (quotes included) of the last top-level "content" member,
+	// when it is a string; contentOdd says a "content" member held something else. OpenAI's
+	// chunks copy the text from it without decoding it (completionFramer).
+	content    []byte
+	contentOdd bool
 }
 
 // maxDepth bounds nesting so a hostile line cannot make the scanner's stack grow without limit.
@@ -22,7 +27,7 @@ const maxDepth = 512
 
 // Member names the gateway sets on every event; an upstream line carrying them takes the slow
 // path so the gateway's values replace the upstream's rather than duplicating keys.
-var reservedKeys = [...]string{"request_id", "line_number", "timestamp"}
+var reservedKeys = [...]string{"request_id", "line_number", "timestamp", "timestamp_ms"}
 
 // plain marks bytes that may appear unescaped in a JSON string and need no further attention.
 var plain = func() (t [256]bool) {
@@ -100,6 +105,8 @@ func scanObject(line []byte, stack []byte) (obj object, ok bool) {
 					topKey = 2
 				case string(key) == "type":
 					topKey = 0
+				case string(key) == "content":
+					topKey = 3
 				case isReserved(key):
 					obj.slow = true
 					topKey = 1
@@ -126,6 +133,10 @@ func scanObject(line []byte, stack []byte) (obj object, ok bool) {
 			fallthrough
 		case stValue:
 			isTop := len(stack) == 1 && topKey == 0
+			isContent := len(stack) == 1 && topKey == 3
+			if isContent {
+				obj.content, obj.contentOdd = nil, c != '"'
+			}
 			if len(stack) == 1 {
 				topKey = 2
 			}
@@ -167,6 +178,9 @@ func scanObject(line []byte, stack []byte) (obj object, ok bool) {
 					} else {
 						obj.typ = line[start : i-1]
 					}
+				}
+				if isContent {
+					obj.content = line[start-1 : i]
 				}
 			case c == 't':
 				if !hasLiteral(line[i:], "true") {

@@ -115,7 +115,7 @@ func FuzzScanObject(f *testing.F) {
 		if err := decode(data, &got); err != nil {
 			t.Fatalf("event data %q is not JSON: %v", data, err)
 		}
-		if got["request_id"] != "req-1" || got["line_number"] != json.Number("3") || got["timestamp"] != json.Number("42") {
+		if got["request_id"] != "req-1" || got["line_number"] != json.Number("3") || got["timestamp"] != json.Number("0") || got["timestamp_ms"] != json.Number("42") {
 			t.Fatalf("gateway members wrong in %s", data)
 		}
 		if obj.slow {
@@ -125,7 +125,7 @@ func FuzzScanObject(f *testing.F) {
 		if err := decode(line, &orig); err != nil {
 			t.Fatal(err)
 		}
-		orig["request_id"], orig["line_number"], orig["timestamp"] = "req-1", json.Number("3"), json.Number("42")
+		orig["request_id"], orig["line_number"], orig["timestamp"], orig["timestamp_ms"] = "req-1", json.Number("3"), json.Number("0"), json.Number("42")
 		if !reflect.DeepEqual(orig, got) {
 			t.Fatalf("fast path changed the object:\n in  %s\n out %s", line, data)
 		}
@@ -193,7 +193,7 @@ func TestLineEndsEscaped(t *testing.T) {
 		if err := json.Unmarshal(data, &got); err != nil {
 			t.Fatalf("data %q is not JSON: %v", data, err)
 		}
-		in["request_id"], in["line_number"], in["timestamp"] = "req-1", 1.0, 2.0
+		in["request_id"], in["line_number"], in["timestamp"], in["timestamp_ms"] = "req-1", 1.0, 0.0, 2.0
 		if !reflect.DeepEqual(in, got) {
 			t.Errorf("data %s, want the upstream's object %v", data, in)
 		}

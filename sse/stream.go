@@ -65,8 +65,9 @@ func (e *ending) reason() string {
 // resume window, and for as long after as someone resumes it.
 type pipe struct {
 	mu        sync.Mutex
-	rw        *Rewriter
+	rw        framer
 	cw        *clientWriter // used by the write token's holder only
+	headed    bool          // the headers are written; the write token's holder's
 	token     chan struct{} // the write token: held while it is full
 	failed    atomic.Bool   // a write to the client failed: it is gone, or not reading
 	lastWrite atomic.Int64  // unix ns of the last write to the client
@@ -84,7 +85,7 @@ type pipe struct {
 	over       bool          // production has ended: no window any more
 }
 
-func newPipe(rw *Rewriter, cw *clientWriter) *pipe {
+func newPipe(rw framer, cw *clientWriter) *pipe {
 	return &pipe{rw: rw, cw: cw, logged: -1, clientDone: make(chan struct{}), token: make(chan struct{}, 1)}
 }
 
@@ -124,7 +125,15 @@ func (p *pipe) flush(buf *[]byte, extra []byte, stop *ending) {
 		if notice {
 			*buf = p.rw.ShutdownNotice(*buf)
 		}
+		status := 0
+		if !p.headed && (len(*buf) > 0 || extra != nil) {
+			p.headed = true
+			status = p.rw.Head(p.cw.w.Header())
+		}
 		p.mu.Unlock()
+		if status != 0 {
+			p.cw.w.WriteHeader(status)
+		}
 		out := *buf
 		if extra != nil {
 			out = append(out, extra...)

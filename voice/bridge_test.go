@@ -86,8 +86,12 @@ func TestSessionHandshake(t *testing.T) {
 					t.Errorf("config.%s = %v, want a boolean", k, cfg[k])
 				}
 			}
-			if st, _ := init["server_time"].(float64); int64(st) < before || int64(st) > time.Now().UnixMilli() {
-				t.Errorf("server_time %v is not the time of the handshake", init["server_time"])
+			// The origin's server_time is in Unix seconds; server_time_ms beside it.
+			if st, _ := init["server_time"].(float64); int64(st) < before/1000 || int64(st) > time.Now().Unix() {
+				t.Errorf("server_time %v is not the time of the handshake in seconds", init["server_time"])
+			}
+			if st, _ := init["server_time_ms"].(float64); int64(st) < before || int64(st) > time.Now().UnixMilli() {
+				t.Errorf("server_time_ms %v is not the time of the handshake", init["server_time_ms"])
 			}
 			if caps, _ := init["capabilities"].(map[string]any); len(caps) == 0 {
 				t.Errorf("capabilities %v, want a non-empty object", init["capabilities"])

@@ -64,10 +64,11 @@ func (r *Registry) CloseSession(ctx context.Context, id string) (bool, error) {
 }
 
 type notice struct {
-	Type      string          `json:"type"`
-	Message   json.RawMessage `json:"message"`
-	SessionID string          `json:"session_id"`
-	Timestamp int64           `json:"timestamp"`
+	Type        string          `json:"type"`
+	Message     json.RawMessage `json:"message"`
+	SessionID   string          `json:"session_id"`
+	Timestamp   int64           `json:"timestamp"` // Unix seconds, as every timestamp but audio_chunk's
+	TimestampMS int64           `json:"timestamp_ms"`
 }
 
 // deliverWait is how long an instance waits for its sessions to take a notice before it
@@ -193,13 +194,19 @@ func (r *Registry) deliver(b Broadcast) int {
 		if !b.AllTenants && s.info.TenantID != b.TenantID || b.UserID != "" && s.info.UserID != b.UserID {
 			continue
 		}
+		if s.tr != nil {
+			continue // a dialect (OpenAI's Realtime API) has no notice to say it with
+		}
+		now := time.Now()
 		msg, _ := json.Marshal(notice{Type: TypeNotice, Message: b.Message, SessionID: s.info.SessionID,
-			Timestamp: time.Now().UnixMilli()})
+			Timestamp: now.Unix(), TimestampMS: now.UnixMilli()})
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if s.client.ws.Write(unbounded(), websocket.MessageText, msg) == nil {
+			if failed, err := s.down(websocket.MessageText, msg); err == nil {
 				n.Add(1)
+			} else {
+				s.clientWriteFailed(*failed)
 			}
 		}()
 	}

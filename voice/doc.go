@@ -12,7 +12,9 @@
 // governance: meter.go (audio seconds, latencies, barge-ins), govern.go (quotas, charged as
 // audio arrives against reservations, and the maximum session length), pace.go (how much faster
 // than real time a client may send), usage.go (live counters and usage records), broadcast.go
-// (notices to many sessions).
+// (notices to many sessions); and the audio itself: format.go (the format a client agrees, and
+// invalid frames; the formats and their exact lengths are package audio's) and tts.go (TTS paced
+// to playback, and barge-in).
 //
 // The rules a reader must know:
 //
@@ -20,8 +22,11 @@
 //     more, both started by the handler once the upgrade is done: one reads the client and
 //     writes each message it read to the algorithm service, the other reads the algorithm
 //     service and writes each message to the client. A message is written by the goroutine that
-//     read it; there is no queue and no writer goroutine. Other writes to a connection (an error
-//     message, a ping, a close, a broadcast notice) may come from other goroutines:
+//     read it; there is no queue and no writer goroutine, but one: with TTS pacing, TTS audio
+//     waits in a bounded queue, and a writer goroutine, running only while the queue holds
+//     something, releases it to the client at playback rate (tts.go). Other writes to a
+//     connection (an error message, a ping, a close, a broadcast notice) may come from other
+//     goroutines:
 //     coder/websocket serialises them. Short-lived goroutines do what must not hold up a relay:
 //     a ping (the library's Ping waits for the pong), a reservation from the quota's meter, the
 //     ending.

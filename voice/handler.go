@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptrace"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -49,7 +50,12 @@ type Options struct {
 	// RawAudio relays client audio to the algorithm service as binary frames, untouched, instead
 	// of audio_chunk JSON messages.
 	RawAudio bool
-	// Audio is the session's audio format; zero fields mean 16 kHz, mono, pcm, "zh-CN".
+	// Audio is the sessions' default audio format (format.go), which a client may change on
+	// the upgrade or in a config message before its first audio; zero fields mean 16 kHz,
+	// mono, pcm, "zh-CN". Its EchoCancellation is what session_initialized says of echo
+	// cancellation (false: the origin's default); VADEnabled and NoiseSuppression are said true
+	// whatever they are, as the origin does. NewHandler panics on a format package audio does
+	// not support: the configuration checks it first.
 	Audio AudioConfig
 	// Registry tracks sessions; nil means a private, local one.
 	Registry *Registry
@@ -97,7 +103,33 @@ type Options struct {
 	// the session's tenant; they run on a relay goroutine and must not block.
 	OnLatency func(kind LatencyKind, tenant string, d time.Duration)
 	OnBargeIn func(tenant string)
-	Log       *slog.Logger
+	// TTSPacing releases TTS audio to the client at playback rate plus TTSLead, holding the
+	// rest (at most TTSQueue bytes), so that an interrupt can drop what the client has not
+	// heard (tts.go). Zero TTSLead means 250 ms, zero TTSQueue 256 KiB.
+	TTSPacing bool
+	TTSLead   time.Duration
+	TTSQueue  int
+	// Dialect, if set, is the protocol the route's clients speak instead of the voice
+	// protocol (dialect.go): OpenAI's Realtime API on GET /v1/realtime. Its sessions are the
+	// voice route's in every other respect, in the same Registry.
+	Dialect Dialect
+	Log     *slog.Logger
+	// ResumeWindow is how long a session outlives its client's connection, for the client to
+	// resume it (resume.go); zero turns resuming off. ResumeBuffer is the recent downlink each
+	// session keeps in memory for that, in bytes; zero means 128 KiB (4 s of 16 kHz TTS). A
+	// Dialect's sessions are never resumable (OpenAI's Realtime API has no resume): with a
+	// Dialect, ResumeWindow is taken as zero.
+	ResumeWindow time.Duration
+	ResumeBuffer int
+	// AdmitResume, if set, admits a resume of a session that ran on another instance: its
+	// rates and its concurrency slot, allowed one over the cap while the old instance holds its
+	// slot (policy.AdmitHandover); the old instance gives its slot back as it lets go. A resume
+	// on the same instance keeps the session's slot.
+	AdmitResume func(w http.ResponseWriter, r *http.Request) (release func(), ok bool)
+	// OnResume, if set, is told each resume's outcome (Resume* constants) and, for those that
+	// resumed, the gap the client saw: from its connection's loss, as the owner noticed it, to
+	// its first replayed message.
+	OnResume func(outcome string, gap time.Duration)
 }
 
 // Handler is the GET /api/v2/voice/stream handler.
@@ -134,6 +166,10 @@ func NewHandler(o Options) *Handler {
 	def(&o.Reservation, 2*time.Second)
 	def(&o.ChargeBudget, 250*time.Millisecond)
 	def(&o.PaceBurst, 3*time.Second)
+	def(&o.TTSLead, 250*time.Millisecond)
+	if o.TTSQueue <= 0 {
+		o.TTSQueue = 256 << 10
+	}
 	if o.ReadLimit <= 0 {
 		o.ReadLimit = 1 << 20
 	}
@@ -149,11 +185,23 @@ func NewHandler(o Options) *Handler {
 	if o.Audio.Language == "" {
 		o.Audio.Language = "zh-CN"
 	}
+	if o.Dialect != nil {
+		o.Audio = o.Dialect.Audio(o.Audio)
+	}
+	if err := o.Audio.audioFormat().Validate(); err != nil {
+		panic("voice: Options.Audio: " + err.Error())
+	}
 	if o.Registry == nil {
 		o.Registry = NewRegistry(RegistryOptions{})
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.ResumeBuffer <= 0 {
+		o.ResumeBuffer = 128 << 10
+	}
+	if o.Dialect != nil {
+		o.ResumeWindow = 0
 	}
 	dial := o.DialContext
 	if dial == nil {
@@ -231,6 +279,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	q := r.URL.Query()
+	if q.Has("resume_token") || q.Has("last_seq") {
+		var user, tenant string
+		if h.o.Owner != nil {
+			user, tenant = h.o.Owner(r)
+		}
+		if h.o.Dialect != nil {
+			proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeSessionNotFound, "this protocol's sessions cannot be resumed")
+			return
+		}
+		if h.o.ResumeWindow <= 0 {
+			proxy.Errorf(w, r, http.StatusNotFound, proxy.CodeSessionNotFound, "resuming voice sessions is turned off")
+			return
+		}
+		h.serveResume(w, r, user, tenant)
+		return
+	}
 	conversation, language := q.Get("conversation_id"), q.Get("language")
 	var bad []proxy.FieldError
 	if !proxy.ValidLabel(conversation, maxConversationID) {
@@ -239,11 +303,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !proxy.ValidLanguage(language) {
 		bad = append(bad, proxy.FieldError{Field: "language", Reason: proxy.LanguageReason})
 	}
+	cfg, fbad := negotiate(q, h.o.Audio)
+	if fbad != nil {
+		bad = append(bad, *fbad)
+	}
 	if len(bad) > 0 {
 		proxy.WriteError(w, r, proxy.InvalidFields(bad...))
 		return
 	}
-	cfg := h.o.Audio
 	if language != "" {
 		cfg.Language = language
 	}
@@ -276,15 +343,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	// The algorithm service first: if it is down the client gets a proper HTTP error, not a
 	// socket that opens and dies.
-	up, upConn, err := h.dial(r, info)
+	up, upConn, err := h.dial(r, info, cfg, false)
 	if err != nil {
 		proxy.WriteError(w, r, &proxy.Error{Status: http.StatusBadGateway, Code: proxy.CodeAlgoService,
 			Message: "the algorithm service is unavailable", Cause: err})
 		return
 	}
 	hj := &hijacker{ResponseWriter: w, read: h.o.readTimeout(), write: h.o.WriteTimeout}
+	subprotocol := Subprotocol
+	if h.o.Dialect != nil {
+		subprotocol = h.o.Dialect.Subprotocol()
+	}
 	client, err := websocket.Accept(hj, r, &websocket.AcceptOptions{
-		Subprotocols:    []string{Subprotocol}, // "bearer.<token>" is never selected, so never echoed
+		Subprotocols:    []string{subprotocol}, // a token offered as a subprotocol is never selected, so never echoed
 		OriginPatterns:  originPatterns(r),     // checked above already
 		CompressionMode: websocket.CompressionDisabled,
 	})
@@ -297,10 +368,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return // Accept answered the request
 	}
 	client.SetReadLimit(h.o.ReadLimit)
+	if h.o.Dialect != nil {
+		client.SetReadLimit(dialectReadLimit(h.o.ReadLimit))
+	}
 	up.SetReadLimit(h.o.ReadLimit)
 
 	s := newSession(h, info, cfg, side{ws: client, conn: hj.conn}, side{ws: up, conn: upConn})
 	s.release = release
+	if h.o.ResumeWindow > 0 {
+		s.rs = &resumable{window: h.o.ResumeWindow, kick: make(chan struct{}, 1)}
+		s.rs.token, s.rs.key = h.o.Registry.newResumeToken(tenant, user)
+		s.ring = newDownRing(h.o.ResumeBuffer)
+	}
 	s.gov.limits, s.gov.metered, s.gov.size = gov.limits, gov.metered, gov.size
 	s.gov.open.Store(gov.open.Load())
 	if h.o.Recheck != nil {
@@ -311,6 +390,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if s.gov.metered {
 		s.reserve(0) // the first reservation, while the client reads session_initialized
+	}
+	if s.rs != nil {
+		h.o.Registry.keep(r.Context(), s, -1, false) // its record goes with its publication
 	}
 	h.o.Registry.add(r.Context(), s)
 	if h.o.OnStart != nil {
@@ -325,15 +407,23 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	go s.run()
 }
 
-// dial opens the algorithm-service side of a session, and returns its socket too.
-func (h *Handler) dial(r *http.Request, info Info) (*websocket.Conn, *conn, error) {
+// dial opens the algorithm-service side of a session in the agreed format cfg, and returns its
+// socket too. A resume's dial says resume=1: the service moves the session's state to it
+// (resume.go).
+func (h *Handler) dial(r *http.Request, info Info, cfg AudioConfig, resume bool) (*websocket.Conn, *conn, error) {
 	target := *h.ws
 	q := target.Query()
 	q.Set("session_id", info.SessionID)
+	if resume {
+		q.Set("resume", "1")
+	}
 	if info.ConversationID != "" {
 		q.Set("conversation_id", info.ConversationID)
 	}
 	q.Set("language", info.Language)
+	q.Set("format", cfg.Format)
+	q.Set("sample_rate", strconv.Itoa(cfg.SampleRate))
+	q.Set("channels", strconv.Itoa(cfg.Channels))
 	target.RawQuery = q.Encode()
 	hdr := http.Header{}
 	h.o.Outbound.Shape(r, hdr)

@@ -5,6 +5,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"voicegate/voice/audio"
 )
 
 // What a session meters besides its counters: audio seconds each way, the latencies its user
@@ -12,12 +14,13 @@ import (
 //
 // Audio seconds. Each frame's are one call, one per direction — clientFrame for the client's
 // audio, ttsFrame for TTS audio to it — whose answer is what the frame is charged, paced and
-// counted by: how long the frame plays. For PCM ("pcm": 16-bit samples) it is exact, from its
-// bytes, the sample rate and the channels: 16 kHz mono is 32000 bytes a second, each way (TTS
-// binary frames are taken to be in the session's format; tts_audio JSON messages mark TTS for
-// the latencies but their payload, the service's own, is not counted). For any other format it
-// is an estimate: the time since the previous audio frame while frames flow, each gap counted
-// up to maxFrameGap, so a pause in the stream (a client that stopped sending) costs nothing.
+// counted by: how long the frame plays, exact for every format and found without decoding
+// (package audio): PCM, μ-law and A-law from their bytes, Opus from each packet's TOC byte,
+// MP3 from its frame headers. The client's frames are in the agreed format (format.go); TTS
+// binary frames in the format the algorithm service declared with tts_format, else the agreed
+// one. tts_audio JSON messages mark TTS for the latencies but their payload, the service's
+// own, is not counted. A frame that is not valid for its format plays for no time, and the
+// caller decides what becomes of it.
 //
 // Latencies, per session (kept for its usage record) and reported to Options.OnLatency:
 //   - response: from the end of an utterance (the client's stop, or the algorithm service's
@@ -29,9 +32,6 @@ import (
 // A barge-in is the client speaking while TTS audio flows (from the first TTS frame to
 // tts_complete): it sends start or interrupt, or begins a new utterance. Each stretch of TTS is
 // interrupted at most once.
-
-// maxFrameGap is the most one gap between audio frames adds to a non-PCM estimate.
-const maxFrameGap = 250 * time.Millisecond
 
 // maxSamples bounds the latencies a session keeps for its p50; beyond it the most recent count.
 const maxSamples = 256
@@ -47,11 +47,16 @@ const (
 // meter is a session's metering state. Fields are atomics where both relay goroutines touch
 // them; samples are under mu, held only to append or copy.
 type meter struct {
-	pcm         bool
-	bytesPerSec int64
+	inFrames  *audio.Meter  // the client's audio; fromClient's
+	ttsFrames *audio.Meter  // TTS audio; fromUpstream's
+	ttsFor    *audio.Format // what ttsFrames was made for; fromUpstream's
+	// tts is the TTS audio's format: the agreed one until the algorithm service declares its
+	// own (declared), which then stands whatever the client agrees later.
+	tts         atomic.Pointer[audio.Format]
+	declared    atomic.Bool
+	declaredFmt atomic.Pointer[audio.Format]
 
 	in, out             atomic.Int64 // audio relayed each way, ns
-	lastIn, lastOut     int64        // unix ns of the last frame; each owned by one relay goroutine
 	eou                 atomic.Int64 // unix ns of an end of utterance awaiting its answer; 0 none
 	speaking            atomic.Bool  // an utterance is under way: audio came since the last end
 	asrFrom             atomic.Int64 // unix ns of an utterance's first audio, until its first asr_partial; 0 none
@@ -97,49 +102,22 @@ func summary(r *ring, maxd time.Duration) Latency {
 }
 
 func newMeter(cfg AudioConfig) *meter {
-	m := &meter{pcm: cfg.Format == "pcm"}
-	if m.pcm {
-		m.bytesPerSec = int64(cfg.SampleRate) * int64(cfg.Channels) * 2
-	}
+	f := cfg.audioFormat()
+	m := &meter{inFrames: audio.NewMeter(f)}
+	m.tts.Store(&f)
 	return m
 }
 
-// clientFrame is how long the client's audio frame of n bytes, arriving at now (unix ns), plays
-// (fromClient only).
-func (m *meter) clientFrame(n int, now int64) time.Duration {
-	if !m.pcm {
-		return estimate(&m.lastIn, now)
-	}
-	return m.pcmLength(n)
-}
+// clientFrame is how long the client's audio frame plays, or why it is not valid for the
+// agreed format (fromClient only).
+func (m *meter) clientFrame(b []byte) (time.Duration, error) { return m.inFrames.Frame(b) }
 
-// ttsFrame is how long a TTS audio frame of n bytes to the client plays (fromUpstream only). It
-// reads the clock only for an estimate.
-func (m *meter) ttsFrame(n int) time.Duration {
-	if !m.pcm {
-		return estimate(&m.lastOut, time.Now().UnixNano())
+// ttsFrame is how long a TTS audio frame to the client plays (fromUpstream only).
+func (m *meter) ttsFrame(b []byte) (time.Duration, error) {
+	if f := m.tts.Load(); f != m.ttsFor {
+		m.ttsFrames, m.ttsFor = audio.NewMeter(*f), f
 	}
-	return m.pcmLength(n)
-}
-
-// pcmLength is how long n bytes of the session's PCM play.
-func (m *meter) pcmLength(n int) time.Duration {
-	if m.bytesPerSec <= 0 {
-		return 0
-	}
-	return time.Duration(int64(n) * int64(time.Second) / m.bytesPerSec)
-}
-
-// estimate is the gap since the previous frame, up to maxFrameGap: a non-PCM frame's length.
-func estimate(last *int64, now int64) time.Duration {
-	var d time.Duration
-	if *last != 0 {
-		if gap := now - *last; gap > 0 {
-			d = time.Duration(min(gap, int64(maxFrameGap)))
-		}
-	}
-	*last = now
-	return d
+	return m.ttsFrames.Frame(b)
 }
 
 // clientAudio notes an audio frame from the client (fromClient only).

@@ -46,26 +46,57 @@ type AudioConfig struct {
 	EchoCancellation bool   `json:"echo_cancellation"`
 }
 
+// The wire follows the origin document where it defines a field: server_time in Unix seconds
+// (server_time_ms beside it), its five capability keys (more beside them), an "error" field in
+// error messages ("message" beside it, the same text), and every other timestamp but
+// audio_chunk's (milliseconds, as the origin's) in seconds with timestamp_ms beside it.
 type sessionInitialized struct {
 	Type         string          `json:"type"`
 	SessionID    string          `json:"session_id"`
 	Config       AudioConfig     `json:"config"`
 	ServerTime   int64           `json:"server_time"`
+	ServerTimeMS int64           `json:"server_time_ms"`
 	Capabilities map[string]bool `json:"capabilities"`
+	Resume       *resumeInfo     `json:"resume,omitempty"` // resume.go; none when resuming is off
 }
 
 type errorMessage struct {
-	Type      string `json:"type"`
-	Code      string `json:"code"`
-	Message   string `json:"message"`
-	SessionID string `json:"session_id"`
-	Timestamp int64  `json:"timestamp"`
+	Type        string `json:"type"`
+	Error       string `json:"error"`
+	Code        string `json:"code"`
+	Message     string `json:"message"`
+	SessionID   string `json:"session_id"`
+	Timestamp   int64  `json:"timestamp"`
+	TimestampMS int64  `json:"timestamp_ms"`
+}
+
+// encodeResumeError is an error message that tells the client to resume ("resume": true).
+func encodeResumeError(sessionID, code, msg string) []byte {
+	now := time.Now()
+	b, _ := json.Marshal(struct {
+		errorMessage
+		Resume bool `json:"resume"`
+	}{errorMessage{Type: TypeError, Error: msg, Code: code, Message: msg, SessionID: sessionID,
+		Timestamp: now.Unix(), TimestampMS: now.UnixMilli()}, true})
+	return b
 }
 
 func encodeError(sessionID, code, msg string) []byte {
-	b, _ := json.Marshal(errorMessage{Type: TypeError, Code: code, Message: msg, SessionID: sessionID,
-		Timestamp: time.Now().UnixMilli()})
+	now := time.Now()
+	b, _ := json.Marshal(errorMessage{Type: TypeError, Error: msg, Code: code, Message: msg, SessionID: sessionID,
+		Timestamp: now.Unix(), TimestampMS: now.UnixMilli()})
 	return b
+}
+
+// capabilities are session_initialized's: the origin's five keys, then voicegate's.
+func (h *Handler) capabilities() map[string]bool {
+	return map[string]bool{
+		"real_time_asr": true, "voice_activity": true, "noise_suppression": true, "stream_tts": true,
+		"cancel_request": true,
+		"asr":            true, "tts": true, "llm_streaming": true, "retrieval": true,
+		"raw_audio": h.o.RawAudio, "control": true, "tts_pacing": h.o.TTSPacing, "barge_in": true,
+		"audio_formats": true,
+	}
 }
 
 // chunkEncoder turns raw client audio into audio_chunk messages without allocating: the parts

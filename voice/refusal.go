@@ -124,14 +124,16 @@ func (w *refusalWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // refusal is the error message of an in-band refusal.
 type refusal struct {
-	Type       string          `json:"type"`
-	Code       string          `json:"code"`
-	Message    string          `json:"message"`
-	Status     int             `json:"status"`
-	RequestID  string          `json:"request_id,omitempty"`
-	RetryAfter int             `json:"retry_after,omitempty"`
-	Details    json.RawMessage `json:"details,omitempty"`
-	Timestamp  int64           `json:"timestamp"`
+	Type        string          `json:"type"`
+	Error       string          `json:"error"` // the origin's field; message says the same
+	Code        string          `json:"code"`
+	Message     string          `json:"message"`
+	Status      int             `json:"status"`
+	RequestID   string          `json:"request_id,omitempty"`
+	RetryAfter  int             `json:"retry_after,omitempty"`
+	Details     json.RawMessage `json:"details,omitempty"`
+	Timestamp   int64           `json:"timestamp"` // Unix seconds
+	TimestampMS int64           `json:"timestamp_ms"`
 }
 
 // refuse accepts the upgrade only to send the refusal held back from the handler chain, then
@@ -167,8 +169,9 @@ func refuse(w http.ResponseWriter, r *http.Request, status int, body []byte) {
 		return // Accept answered the request
 	}
 	defer c.CloseNow()
-	msg, _ := json.Marshal(refusal{Type: TypeError, Code: doc.Code, Message: doc.Error, Status: status,
-		RequestID: doc.RequestID, RetryAfter: retry, Details: doc.Details, Timestamp: time.Now().UnixMilli()})
+	now := time.Now()
+	msg, _ := json.Marshal(refusal{Type: TypeError, Error: doc.Error, Code: doc.Code, Message: doc.Error, Status: status,
+		RequestID: doc.RequestID, RetryAfter: retry, Details: doc.Details, Timestamp: now.Unix(), TimestampMS: now.UnixMilli()})
 	if info := proxy.InfoFrom(r.Context()); info != nil {
 		info.Status = status // for the access log and the metrics: a refusal, not a session
 	}

@@ -58,6 +58,7 @@ type Info struct {
 // asks for at once (OnChange); a deletion that fails is retried until Redis takes it.
 type Registry struct {
 	instance string
+	id       string         // this process's identity: its handover channel (resume.go)
 	redis    rueidis.Client // nil: this instance only
 	keys     policy.Keys
 	ttl      time.Duration
@@ -67,9 +68,10 @@ type Registry struct {
 
 	mu       sync.Mutex
 	sessions map[string]*session
-	gone     []string // ended sessions whose published entries are still to delete
-	usage    []Usage  // records still to write to the stream
-	onChange func()   // something to tell Redis now
+	tokens   map[string]*session // resumable sessions by their resume token's key (resume.go)
+	gone     []string            // ended sessions whose published entries are still to delete
+	usage    []Usage             // records still to write to the stream
+	onChange func()              // something to tell Redis now
 	now      func() time.Time
 	renewed  time.Time // when the live sessions were last published
 
@@ -78,10 +80,13 @@ type Registry struct {
 
 // RegistryOptions configures a Registry.
 type RegistryOptions struct {
-	Instance string         // this instance's name in listings
-	Redis    rueidis.Client // nil: local only
-	Prefix   string         // Redis key prefix (REDIS_PREFIX), as given
-	TTL      time.Duration  // how long a published entry outlives its last renewal; zero means 30 s
+	Instance string // this instance's name in listings
+	// ID is this process's identity among the instances (unique, unlike Instance): resumes
+	// elsewhere ask it to hand its sessions over on a channel of that name. "" means Instance.
+	ID     string
+	Redis  rueidis.Client // nil: local only
+	Prefix string         // Redis key prefix (REDIS_PREFIX), as given
+	TTL    time.Duration  // how long a published entry outlives its last renewal; zero means 30 s
 	// OnChange, if set, is called when a session ended: Renew has its entry to delete. The
 	// gateway's renewer (which calls Renew) wakes on it.
 	OnChange func()
@@ -112,7 +117,10 @@ func NewRegistry(o RegistryOptions) *Registry {
 	if o.UsageMaxLen <= 0 {
 		o.UsageMaxLen = 100000
 	}
-	return &Registry{instance: o.Instance, redis: o.Redis, keys: policy.NewKeys(o.Prefix), ttl: o.TTL, log: o.Log,
+	if o.ID == "" {
+		o.ID = o.Instance
+	}
+	return &Registry{instance: o.Instance, id: o.ID, tokens: map[string]*session{}, redis: o.Redis, keys: policy.NewKeys(o.Prefix), ttl: o.TTL, log: o.Log,
 		onChange: o.OnChange, now: o.Now, sessions: map[string]*session{}, renewed: o.Now(), maxLen: o.UsageMaxLen,
 		publishScript: rueidis.NewLuaScript(publishScript), sweepScript: rueidis.NewLuaScript(sweepScript),
 		liveScript: rueidis.NewLuaScript(liveScript)}
@@ -190,6 +198,14 @@ func (r *Registry) remove(s *session, u Usage) {
 	if r.redis != nil {
 		r.onChange()
 	}
+}
+
+// handedOver forgets s, which goes on on another instance: no usage record, and its published
+// entry stays (the new instance publishes it).
+func (r *Registry) handedOver(s *session) {
+	r.mu.Lock()
+	delete(r.sessions, s.info.SessionID)
+	r.mu.Unlock()
 }
 
 // queueUsage keeps u for the stream; r.mu is held.
@@ -289,8 +305,14 @@ func (r *Registry) publish(ctx context.Context, ss []*session) error {
 		cmds = append(cmds, r.redis.B().Set().Key(r.key(s.info.SessionID)).Value(string(b)).Px(orphanKeep*r.ttl).Build())
 		ids = append(ids, s.info.SessionID)
 	}
+	cmds = append(cmds, r.refreshRecords(ss)...)
 	for _, res := range r.redis.DoMulti(ctx, cmds...) {
 		if err := res.Error(); err != nil {
+			for _, s := range ss {
+				if s.rs != nil {
+					s.rs.recorded.Store(false) // the next publication writes the record again
+				}
+			}
 			return err
 		}
 	}

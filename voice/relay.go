@@ -41,11 +41,11 @@ func (s *session) readMsg(ws *websocket.Conn) (websocket.MessageType, *[]byte, e
 // goroutine as soon as it is read: audio as audio_chunk messages (or raw), control messages
 // validated. It returns when the client side is finished.
 func (s *session) fromClient() {
-	var seq int64
+	c := s.clientNow() // a resume replaces it; this reader stays with its own
 	for {
-		typ, b, err := s.readMsg(s.client.ws)
+		typ, b, err := s.readMsg(c.ws)
 		if err != nil {
-			s.clientReadFailed(err)
+			s.clientReadFailed(c, err)
 			return
 		}
 		now := time.Now()
@@ -55,27 +55,21 @@ func (s *session) fromClient() {
 		var d time.Duration // of audio, relayed
 		switch typ {
 		case websocket.MessageBinary:
-			d = s.m.clientFrame(len(*b), now.UnixNano())
-			if !s.spend(d) {
-				// The quota is used up: the session is ending, and this frame goes no further.
-				// Reading on takes the client's answer to the close.
+			if s.tr != nil {
 				s.h.putBuf(b)
+				if s.sendError(CodeInvalidMessage, "this protocol sends audio in JSON events, not binary messages") != nil {
+					s.clientWriteFailed(c)
+					return
+				}
 				continue
 			}
-			s.m.in.Add(int64(d))
-			s.n.audioIn.Add(int64(len(*b)))
-			s.n.firstAudio.CompareAndSwap(0, now.UnixNano())
-			s.clientAudio(now.UnixNano())
-			out := b
-			if !s.h.o.RawAudio {
-				seq++
-				out = s.h.getBuf()
-				*out = s.enc.appendChunk(*out, *b, seq, now)
-				s.h.putBuf(b)
-				typ = websocket.MessageText
+			var stop bool
+			if d, err, stop = s.relayAudio(c, b, now); stop {
+				return
 			}
-			err = s.up.ws.Write(unbounded(), typ, *out)
-			s.h.putBuf(out)
+			if d < 0 {
+				continue
+			}
 		case websocket.MessageText:
 			if !utf8.Valid(*b) {
 				s.h.putBuf(b)
@@ -83,16 +77,29 @@ func (s *session) fromClient() {
 					reason: "text messages must be UTF-8"})
 				return
 			}
+			if s.tr != nil {
+				var stop bool
+				if d, stop = s.dialectMessage(c, b, now); stop {
+					return
+				}
+				break
+			}
 			out, ctype, code, reason := control(*b, s.info.SessionID)
 			s.h.putBuf(b)
+			if code == "" && ctype == "config" {
+				out, code, reason = s.configure(out)
+			}
 			if code != "" {
 				if s.sendError(code, reason) != nil {
-					s.clientWriteFailed()
+					s.clientWriteFailed(c)
 					return
 				}
 				continue
 			}
 			s.clientControl(ctype, now.UnixNano())
+			if ctype == "interrupt" && s.tts != nil {
+				out = withPlayed(out, s.info.SessionID, s.flushTTS(false), "")
+			}
 			err = s.up.ws.Write(unbounded(), websocket.MessageText, out)
 		}
 		if err != nil {
@@ -105,10 +112,46 @@ func (s *session) fromClient() {
 	}
 }
 
-// clientReadFailed handles the end of the client's messages.
-func (s *session) clientReadFailed(err error) {
+// relayAudio relays one frame of client audio (b, which it puts back) from client c to the
+// algorithm service: validated for the agreed format, charged, metered, and written as an
+// audio_chunk message (or raw). d is the audio relayed, negative when the frame went no further
+// (invalid, or no quota left); err is the upstream write's; stop means the client's reader must
+// return.
+func (s *session) relayAudio(c side, b *[]byte, now time.Time) (d time.Duration, err error, stop bool) {
+	d, ferr := s.m.clientFrame(*b)
+	if ferr != nil {
+		s.h.putBuf(b)
+		return -1, nil, !s.invalidAudio(c, ferr)
+	}
+	s.invalidRun = 0
+	if !s.spend(d) {
+		// The quota is used up: the session is ending, and this frame goes no further.
+		// Reading on takes the client's answer to the close.
+		s.h.putBuf(b)
+		return -1, nil, false
+	}
+	s.m.in.Add(int64(d))
+	s.n.audioIn.Add(int64(len(*b)))
+	s.n.firstAudio.CompareAndSwap(0, now.UnixNano())
+	s.clientAudio(now.UnixNano())
+	out, typ := b, websocket.MessageBinary
+	if !s.h.o.RawAudio {
+		out = s.h.getBuf()
+		*out = s.enc.appendChunk(*out, *b, s.upSeq.Add(1), now)
+		s.h.putBuf(b)
+		typ = websocket.MessageText
+	}
+	err = s.up.ws.Write(unbounded(), typ, *out)
+	s.h.putBuf(out)
+	return d, err, false
+}
+
+// clientReadFailed handles the end of the messages of client c.
+func (s *session) clientReadFailed(c side, err error) {
 	var ce websocket.CloseError
 	switch {
+	case s.clientNow().conn != c.conn || s.isAway():
+		// A resume replaced this connection (resume.go): the session goes on with the new one.
 	case s.ended.Load():
 		// The session is ending already; this is the client's answer to our close, or its
 		// socket being dropped.
@@ -116,12 +159,12 @@ func (s *session) clientReadFailed(err error) {
 		s.end(ending{code: ce.Code, reason: "client closed: " + ce.Reason})
 	case errors.Is(err, websocket.ErrMessageTooBig):
 		s.end(ending{code: websocket.StatusMessageTooBig, reason: "message too big"})
-	case s.client.conn.slow():
+	case c.conn.slow():
 		// The library writes pongs from the reader: one the client did not take ends here.
-		s.clientWriteFailed()
+		s.clientWriteFailed(c)
 	default:
 		// Vanished without a close frame, or silent past its read deadline.
-		s.clientGone("client gone")
+		s.clientGone(c, "client gone")
 	}
 }
 
@@ -135,18 +178,55 @@ func (s *session) fromUpstream() {
 			s.upReadFailed(err)
 			return
 		}
+		if s.tts != nil {
+			queued, ok := s.paceUpstream(typ, b)
+			if !ok {
+				return
+			}
+			if queued {
+				continue
+			}
+		}
 		if !s.count(typ, *b) {
 			// TTS audio the quota has no room for: the session is ending.
 			s.h.putBuf(b)
 			continue
 		}
-		err = s.client.ws.Write(unbounded(), typ, *b)
+		var failed *side
+		if s.tr != nil {
+			failed, err = s.writeTranslated(typ, b)
+		} else {
+			failed, err = s.down(typ, *b)
+		}
 		s.h.putBuf(b)
 		if err != nil {
-			s.clientWriteFailed()
-			return
+			s.clientWriteFailed(*failed)
+			if s.rs == nil || s.ended.Load() {
+				return
+			}
+			// Away: the upstream goes on, into the ring and the log, until the client resumes.
 		}
 	}
+}
+
+// paceUpstream handles a message from the service when TTS is paced (tts.go): queued (b
+// taken) or to be relayed at once as without pacing; ok false when fromUpstream must return.
+func (s *session) paceUpstream(typ websocket.MessageType, b *[]byte) (queued, ok bool) {
+	if typ == websocket.MessageBinary {
+		d, _ := s.m.ttsFrame(*b)
+		return true, s.queueTTS(ttsItem{typ: typ, b: b, d: d, audio: true})
+	}
+	switch t := string(upstreamType(*b)); t {
+	case "tts_audio", "tts_complete":
+		s.count(typ, *b)
+		if t == "tts_complete" {
+			s.tts.answerEnded()
+		}
+		return true, s.queueTTS(ttsItem{typ: typ, b: b, audio: t == "tts_audio", end: t == "tts_complete"})
+	case "speech_started", "tts_cancelled":
+		return false, s.serviceInterrupt(t)
+	}
+	return false, true
 }
 
 // upReadFailed handles the end of the algorithm service's messages.
@@ -154,6 +234,19 @@ func (s *session) upReadFailed(err error) {
 	var ce websocket.CloseError
 	switch {
 	case s.ended.Load():
+	case errors.As(err, &ce) && ce.Code == CloseMoved && s.rs != nil:
+		// The session moved to another instance: the log gets what this upstream sent, and its
+		// seal; the session then ends here without a usage record (resume.go). TTS the pacer
+		// still holds is released into the log first: the new instance replays it.
+		if s.tts != nil {
+			s.releaseAllTTS()
+		}
+		if s.sealLog() {
+			s.end(ending{code: CloseMoved, reason: "moved", dropClient: s.isAway(), upCode: websocket.StatusNormalClosure})
+			return
+		}
+		s.end(ending{code: websocket.StatusInternalError, errCode: CodeResumeFailed,
+			reason: "the session could not be handed over"})
 	case errors.As(err, &ce):
 		s.end(upstreamClosed(ce))
 	case s.up.conn.slow():
@@ -168,17 +261,10 @@ func (s *session) upReadFailed(err error) {
 // must not be relayed.
 func (s *session) count(typ websocket.MessageType, msg []byte) bool {
 	if typ == websocket.MessageBinary {
-		d := s.m.ttsFrame(len(msg))
-		if !s.spend(d) {
-			return false
-		}
-		s.m.out.Add(int64(d))
-		s.n.packetsOut.Add(1)
-		s.n.bytesOut.Add(int64(len(msg)))
-		s.n.audioOut.Add(int64(len(msg)))
-		s.n.ttsChunks.Add(1)
-		s.ttsAudio()
-		return true
+		// TTS audio that is not valid for its format is the service's to get right: it is
+		// relayed as it is, and plays for no time here.
+		d, _ := s.m.ttsFrame(msg)
+		return s.releaseTTS(len(msg), d)
 	}
 	s.n.packetsOut.Add(1)
 	s.n.bytesOut.Add(int64(len(msg)))
@@ -197,10 +283,29 @@ func (s *session) count(typ websocket.MessageType, msg []byte) bool {
 		s.n.ttsChunks.Add(1)
 		s.ttsAudio()
 	case "tts_complete":
-		s.ttsComplete()
+		if s.tts == nil {
+			s.ttsComplete() // paced: once it is released (tts.go)
+		}
+	case "tts_format":
+		s.declareTTS(msg)
 	case "error":
 		s.n.errors.Add(1)
 	}
+	return true
+}
+
+// releaseTTS charges and counts a TTS frame of n bytes and d on its way to the client: false
+// when there is no room for it in the quota, and it must not be relayed.
+func (s *session) releaseTTS(n int, d time.Duration) bool {
+	if !s.spend(d) {
+		return false
+	}
+	s.m.out.Add(int64(d))
+	s.n.packetsOut.Add(1)
+	s.n.bytesOut.Add(int64(n))
+	s.n.audioOut.Add(int64(n))
+	s.n.ttsChunks.Add(1)
+	s.ttsAudio()
 	return true
 }
 

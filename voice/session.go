@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"voicegate/voice/audio"
 )
 
 // Stats are a session's counters, logged when it ends and exported as metrics.
@@ -28,6 +30,13 @@ type Stats struct {
 	FirstASR      time.Duration // first client audio → first recognition event; 0 if none
 	CloseCode     websocket.StatusCode
 	CloseReason   string
+	AudioFormat   string // the agreed format, as codec/rate/channels
+	InvalidAudio  int64  // client frames dropped as not valid for it
+	// Paced TTS (tts.go): interrupts carried out, the audio they dropped, and the most bytes
+	// the queue held.
+	TTSFlushes   int64
+	TTSDropped   time.Duration
+	TTSQueuePeak int
 	// Governance (meter.go, govern.go).
 	TenantID        string
 	AudioIn         time.Duration // audio seconds from the client
@@ -47,6 +56,7 @@ type counters struct {
 	llmChunks, ttsChunks, errors   atomic.Int64
 	firstAudio                     atomic.Int64 // unix ns of the first client audio; 0 none yet
 	firstASR                       atomic.Int64 // ns from first audio to first recognition; 0 none
+	invalidAudio                   atomic.Int64 // client frames dropped as not valid audio (format.go)
 }
 
 // side is one of a session's two connections: the WebSocket, and the socket under it.
@@ -82,9 +92,29 @@ type session struct {
 	gov     governor
 	pace    pacer // fromClient's
 
+	tr         Translator                   // the client's dialect; nil: the voice protocol
+	tts        *ttsQueue                    // nil: TTS is not paced
+	ttsWG      sync.WaitGroup               // the TTS writer, while it runs
+	format     atomic.Pointer[audio.Format] // the agreed format, for the counters
+	invalidRun int                          // invalid audio frames in a row; fromClient's
+
+	// upSeq numbers the audio_chunk messages: a field, not a reader's local, because a resumed
+	// client's reader goes on where the last one stopped.
+	upSeq   atomic.Int64
 	lastIn  atomic.Int64 // unix ns of the last client message
 	expiry  time.Time    // when the token stops being accepted; zero: never
 	pinging atomic.Bool  // a ping is out (timers.go)
+
+	// The downlink's order and resuming (resume.go). wmu guards seq, ring, client (replaced by
+	// a resume), away, replaying and attached.
+	wmu       writeLock
+	cur       atomic.Pointer[side] // client, for whoever must not wait for wmu (clientNow)
+	seq       int64                // the number of the last downlink message
+	ring      *downRing            // the recent downlink; nil when resuming is off
+	away      bool                 // the client vanished; the session waits for it to resume
+	replaying bool                 // a resumed client is being replayed to; the live downlink waits in the ring
+	attached  chan struct{}        // closed when a resumed client is attached to an away session
+	rs        *resumable           // nil: resuming is off
 
 	endOnce sync.Once
 	ended   atomic.Bool
@@ -101,6 +131,16 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 		pace:   newPacer(h.o.Pace, h.o.PaceBurst),
 		ending: make(chan struct{}), closed: make(chan struct{}), upDone: make(chan struct{})}
 	s.lastIn.Store(now.UnixNano())
+	f := cfg.audioFormat()
+	s.format.Store(&f)
+	if h.o.Dialect != nil {
+		// A dialect's client is sent audio in events as it comes: not paced.
+		s.tr = h.o.Dialect.Open(DialectSession{SessionID: info.SessionID, Audio: cfg, Now: time.Now})
+	} else if h.o.TTSPacing {
+		s.tts = newTTSQueue(h.o.TTSLead, h.o.TTSQueue)
+	}
+	s.cur.Store(&client)
+	s.wmu = make(writeLock, 1)
 	return s
 }
 
@@ -110,7 +150,12 @@ func newSession(h *Handler, info Info, cfg AudioConfig, client, up side) *sessio
 func (s *session) run() {
 	go s.fromUpstream()
 	s.h.timers.add(s)
-	s.fromClient()
+	for {
+		s.fromClient()
+		if !s.awaitClient() { // a client that vanished may come back (resume.go)
+			break
+		}
+	}
 	s.finish()
 }
 
@@ -124,15 +169,34 @@ func (s *session) run() {
 func (s *session) finish() {
 	<-s.upDone
 	<-s.closed
+	if s.tts != nil {
+		s.closeTTS()
+		s.ttsWG.Wait()
+	}
 	s.h.timers.remove(s)
 	// Both sockets are closed; this releases the library's side of each at once.
-	s.client.ws.CloseNow()
+	s.clientNow().ws.CloseNow()
 	s.up.ws.CloseNow()
 	s.release()
+	handedOver := s.rs != nil && s.rs.sealed.Load()
+	if s.rs != nil {
+		s.h.o.Registry.forget(s, handedOver)
+	}
+	st := s.stats()
+	if handedOver {
+		// The session goes on elsewhere, with its counters, its quota account and its usage
+		// record: none of them ends here.
+		s.h.o.Registry.handedOver(s)
+		s.h.o.Log.Info("voice session handed over", "session_id", s.info.SessionID, "user_id", s.info.UserID)
+		if s.h.o.OnEnd != nil {
+			s.h.o.OnEnd(st)
+		}
+		return
+	}
 	// Settled before the registry lets go, so that shutdown, which waits for the registry to
 	// empty, waits for this bounded charge too.
 	s.settle()
-	st := s.stats()
+	st = s.stats()
 	s.h.o.Registry.remove(s, usageOf(s.live(), time.Now(), int(st.CloseCode), st.CloseReason))
 
 	s.h.o.Log.Info("voice session ended", "session_id", s.info.SessionID, "user_id", s.info.UserID,
@@ -156,9 +220,12 @@ func (s *session) stats() Stats {
 		FirstASR: time.Duration(s.n.firstASR.Load()),
 		TenantID: s.info.TenantID, AudioIn: time.Duration(s.m.in.Load()),
 		AudioOut: time.Duration(s.m.out.Load()), Charged: time.Duration(s.gov.held.Load()),
-		BargeIns: s.m.bargeIns.Load(),
+		BargeIns: s.m.bargeIns.Load(), AudioFormat: s.format.Load().String(), InvalidAudio: s.n.invalidAudio.Load(),
 	}
 	st.ResponseLatency, st.ASRLatency = s.m.latencies()
+	if s.tts != nil {
+		st.TTSFlushes, st.TTSDropped, st.TTSQueuePeak = s.tts.stats()
+	}
 	if s.ended.Load() {
 		st.CloseCode, st.CloseReason = s.outcome.code, s.outcome.reason
 	}
@@ -166,24 +233,53 @@ func (s *session) stats() Stats {
 }
 
 func (s *session) sendInit() {
+	if s.tr != nil {
+		// Under wmu, as session_initialized below: the greeting comes before anything else. A
+		// dialect's session is not resumable; its messages are numbered all the same (down).
+		s.wmu.Lock()
+		c := s.client
+		var err error
+		for _, m := range s.tr.Greeting() {
+			if err = c.ws.Write(unbounded(), websocket.MessageText, m); err != nil {
+				break
+			}
+		}
+		s.wmu.Unlock()
+		if err != nil {
+			s.clientWriteFailed(c)
+		}
+		return
+	}
+	now := time.Now()
 	msg, _ := json.Marshal(sessionInitialized{
 		Type: TypeSessionInitialized, SessionID: s.info.SessionID,
 		Config: AudioConfig{SampleRate: s.cfg.SampleRate, Channels: s.cfg.Channels, Format: s.cfg.Format,
-			Language: s.cfg.Language, VADEnabled: true, NoiseSuppression: true, EchoCancellation: true},
-		ServerTime: time.Now().UnixMilli(),
-		Capabilities: map[string]bool{"asr": true, "tts": true, "llm_streaming": true, "retrieval": true,
-			"raw_audio": s.h.o.RawAudio, "control": true},
+			Language: s.cfg.Language, VADEnabled: true, NoiseSuppression: true, EchoCancellation: s.cfg.EchoCancellation},
+		ServerTime: now.Unix(), ServerTimeMS: now.UnixMilli(),
+		Capabilities: s.h.capabilities(),
+		Resume:       s.resumeInfo(),
 	})
-	if err := s.client.ws.Write(unbounded(), websocket.MessageText, msg); err != nil {
-		s.clientWriteFailed()
+	// Under wmu: session_initialized comes before any numbered message (a broadcast's notice).
+	s.wmu.Lock()
+	c := s.client
+	err := c.ws.Write(unbounded(), websocket.MessageText, msg)
+	s.wmu.Unlock()
+	if err != nil {
+		s.clientWriteFailed(c)
 	}
 }
 
-// sendError writes an error message to the client. Any goroutine may call it: the library
-// serialises writes, and the socket's deadline bounds this one.
+// sendError writes an error message to the client, in the client's dialect, through the
+// numbered downlink (down). Any goroutine may call it: down serialises writes, and the socket's
+// deadline bounds this one.
 func (s *session) sendError(code, msg string) error {
 	s.n.errors.Add(1)
-	return s.client.ws.Write(unbounded(), websocket.MessageText, encodeError(s.info.SessionID, code, msg))
+	m := encodeError(s.info.SessionID, code, msg)
+	if s.tr != nil {
+		m = s.tr.Error(code, msg)
+	}
+	_, err := s.down(websocket.MessageText, m)
+	return err
 }
 
 // end finishes the session, once, without blocking: whoever calls it (a relay, the timers,
@@ -207,15 +303,16 @@ func (s *session) close(e ending) {
 	force := time.AfterFunc(closeWait, s.dropAll)
 	defer force.Stop()
 	var wg sync.WaitGroup
-	if e.dropClient {
-		s.client.conn.drop()
+	client := s.clientNow()
+	if e.dropClient || s.isAway() {
+		client.conn.drop()
 	} else {
 		wg.Go(func() {
 			if e.errCode != "" {
 				_ = s.sendError(e.errCode, e.reason)
 			}
 			// Close waits for the client's answer, which the client's reader reads.
-			_ = s.client.ws.Close(e.code, clip(e.reason))
+			_ = client.ws.Close(e.code, clip(e.reason))
 		})
 	}
 	if e.dropUp {
@@ -227,7 +324,7 @@ func (s *session) close(e ending) {
 }
 
 func (s *session) dropAll() {
-	s.client.conn.drop()
+	s.clientNow().conn.drop()
 	s.up.conn.drop()
 }
 
@@ -237,8 +334,12 @@ func (s *session) kill() {
 	s.dropAll()
 }
 
-// clientGone ends the session for a client that vanished: nothing more is said to it.
-func (s *session) clientGone(reason string) {
+// clientGone ends the session for a client c that vanished: nothing more is said to it. A
+// resumable session waits for the client to come back instead (resume.go).
+func (s *session) clientGone(c side, reason string) {
+	if s.detach(c, reason) {
+		return
+	}
 	s.end(ending{code: websocket.StatusGoingAway, reason: reason, dropClient: true})
 }
 
@@ -249,16 +350,16 @@ func (s *session) upstreamGone(reason string) {
 
 // clientWriteFailed handles a write the client did not take: in time (it is not reading: a
 // slow consumer, which cannot be told so), or at all (gone).
-func (s *session) clientWriteFailed() {
+func (s *session) clientWriteFailed(c side) {
 	if s.ended.Load() {
 		return // the ending closed it
 	}
-	if s.client.conn.slow() {
+	if c.conn.slow() {
 		s.end(ending{code: websocket.StatusTryAgainLater, reason: "the client is not reading fast enough",
 			dropClient: true})
 		return
 	}
-	s.clientGone("client gone")
+	s.clientGone(c, "client gone")
 }
 
 // upWriteFailed is clientWriteFailed for the algorithm service; the client is told.

@@ -150,10 +150,11 @@ func (t *timers) tick(ctx context.Context, now time.Time) {
 			continue
 		}
 		s.govern(now)
-		if s.ended.Load() {
+		if s.ended.Load() || s.windowOver(now) {
 			continue
 		}
-		if idle := now.Sub(time.Unix(0, s.lastIn.Load())); idle >= o.IdleTimeout {
+		away := s.isAway()
+		if idle := now.Sub(time.Unix(0, s.lastIn.Load())); idle >= o.IdleTimeout && !away {
 			s.end(ending{code: websocket.StatusNormalClosure, errCode: CodeIdle,
 				reason: "no message from the client for " + o.IdleTimeout.String()})
 			continue
@@ -213,11 +214,14 @@ func (s *session) ping() {
 		defer s.pinging.Store(false)
 		ctx, cancel := context.WithTimeout(context.Background(), s.h.o.PingInterval)
 		defer cancel()
-		if err := s.client.ws.Ping(ctx); err != nil {
-			if !s.ended.Load() {
-				s.clientGone("client stopped answering pings")
+		if !s.isAway() {
+			c := s.clientNow()
+			if err := c.ws.Ping(ctx); err != nil {
+				if !s.ended.Load() {
+					s.clientGone(c, "client stopped answering pings")
+				}
+				return
 			}
-			return
 		}
 		if err := s.up.ws.Ping(ctx); err != nil && !s.ended.Load() {
 			s.upstreamGone("the algorithm service stopped answering")

@@ -25,8 +25,11 @@ type Live struct {
 	TTSChunks       int64     `json:"tts_chunks"`
 	Errors          int64     `json:"errors"`
 	BargeIns        int64     `json:"barge_ins"`
+	AudioFormat     string    `json:"audio_format"`
+	InvalidAudio    int64     `json:"invalid_audio"`
 	ResponseLatency Latency   `json:"response_latency"`
 	ASRLatency      Latency   `json:"asr_latency"`
+	Resumes         int64     `json:"resumes"` // how many times its client resumed it
 }
 
 // live reads s's counters now.
@@ -41,7 +44,8 @@ func (s *session) live() Live {
 		PacketsOut: s.n.packetsOut.Load(), BytesOut: s.n.bytesOut.Load(),
 		ASRPartial: s.n.asrPartial.Load(), ASRFinal: s.n.asrFinal.Load(), LLMChunks: s.n.llmChunks.Load(),
 		TTSChunks: s.n.ttsChunks.Load(), Errors: s.n.errors.Load(), BargeIns: s.m.bargeIns.Load(),
-		ResponseLatency: resp, ASRLatency: asr}
+		AudioFormat: s.format.Load().String(), InvalidAudio: s.n.invalidAudio.Load(),
+		ResponseLatency: resp, ASRLatency: asr, Resumes: s.resumes()}
 }
 
 // Usage is the record a session leaves when it ends: in the log ("voice usage"), and with
@@ -67,12 +71,15 @@ type Usage struct {
 	TTSChunks       int64     `json:"tts_chunks"`
 	BargeIns        int64     `json:"barge_ins"`
 	Errors          int64     `json:"errors"`
+	AudioFormat     string    `json:"audio_format"`
+	InvalidAudio    int64     `json:"invalid_audio"`
 	ResponseP50S    float64   `json:"response_latency_p50_s"`
 	ResponseMaxS    float64   `json:"response_latency_max_s"`
 	ASRP50S         float64   `json:"asr_latency_p50_s"`
 	ASRMaxS         float64   `json:"asr_latency_max_s"`
 	CloseCode       int       `json:"close_code"`
 	CloseReason     string    `json:"close_reason"`
+	Resumes         int64     `json:"resumes"`
 }
 
 // usageOf is the usage record of l, ended at with code and reason.
@@ -81,9 +88,10 @@ func usageOf(l Live, at time.Time, code int, reason string) Usage {
 		Instance: l.Instance, StartedAt: l.StartedAt, EndedAt: at.UTC(), DurationS: l.DurationS,
 		AudioSecondsIn: l.AudioSecondsIn, AudioSecondsOut: l.AudioSecondsOut, ChargedSeconds: l.ChargedSeconds,
 		ASRPartial: l.ASRPartial, ASRFinal: l.ASRFinal, LLMChunks: l.LLMChunks, TTSChunks: l.TTSChunks,
-		BargeIns: l.BargeIns, Errors: l.Errors,
+		BargeIns: l.BargeIns, Errors: l.Errors, AudioFormat: l.AudioFormat, InvalidAudio: l.InvalidAudio,
 		ResponseP50S: l.ResponseLatency.P50S, ResponseMaxS: l.ResponseLatency.MaxS,
-		ASRP50S: l.ASRLatency.P50S, ASRMaxS: l.ASRLatency.MaxS, CloseCode: code, CloseReason: reason}
+		ASRP50S: l.ASRLatency.P50S, ASRMaxS: l.ASRLatency.MaxS, CloseCode: code, CloseReason: reason,
+		Resumes: l.Resumes}
 }
 
 // fields are u's stream entry: field, value, field, value...
@@ -100,5 +108,7 @@ func (u *Usage) fields() []string {
 		"response_latency_p50_s", f(u.ResponseP50S), "response_latency_max_s", f(u.ResponseMaxS),
 		"asr_latency_p50_s", f(u.ASRP50S), "asr_latency_max_s", f(u.ASRMaxS),
 		"close_code", strconv.Itoa(u.CloseCode), "close_reason", u.CloseReason,
+		"audio_format", u.AudioFormat, "invalid_audio", i(u.InvalidAudio),
+		"resumes", i(u.Resumes),
 	}
 }

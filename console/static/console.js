@@ -3,6 +3,7 @@
 // subprotocol. The page's own counters live in window.voicegate, where anyone (and the
 // browser tests) can read what was sent, received and played. Each log has one short line per
 // event or message (its time, name and id); its JSON shows when the line is clicked.
+import { WebMOpus } from "/console/webm.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -38,8 +39,15 @@ const state = {
   voice: {
     sessionId: "", framesSent: 0, bytesSent: 0, ttsFrames: 0, ttsSamples: 0,
     buffersScheduled: 0, buffersPlayed: 0, playedMs: 0, messages: [], closes: [],
-    lastError: null, open: false,
+    lastError: null, open: false, resumes: 0,
     level: 0, // the microphone's level while talking, 0 (-60 dBFS or less) to 1 (full scale)
+    // Barge-in: interrupts sent (by the button or the voice-activity detection), the gateway's
+    // tts_flushed answers, TTS frames dropped while waiting for one, and what the speaker
+    // plays now (the output's RMS, sampled every animation frame) with when it last played.
+    interrupts: [], flushed: [], droppedFrames: 0, outputLevel: 0, lastSound: 0,
+    format: "", // the session's audio format, as format/sample_rate/channels
+    audioMs: 0, // the audio sent, by the page's own count
+    talkMs: [], // how long each stretch of talking lasted, by the clock
   },
 };
 window.voicegate = state;
@@ -386,15 +394,24 @@ const voice = {
   rate: 16000, // the session's audio rate, from session_initialized
   ttsRate: 16000,
   playAt: 0, // when the next TTS buffer starts, on the context's clock
+  sources: new Set(), // TTS buffers scheduled and not yet ended: what an interrupt stops
+  muted: false, // an interrupt was sent and its tts_flushed has not come: TTS frames are dropped
+  out: null, // the analyser every TTS buffer plays through
+  loud: 0, // microphone frames in a row above the voice-activity threshold
   attempts: 0,
   hungUp: false,
+  // Resuming (docs/voice.md#resuming): the session's single-use token, and how many numbered
+  // messages arrived (every message after session_initialized or session_resumed, text or
+  // binary, but a RESUME_GAP error and a refusal).
+  resume: null,
+  seq: 0,
   t0: performance.now(), // when the session (or its last attempt) started: the log's times count from it
 };
 
 function renderCounters() {
   const v = state.voice;
   $("frames-sent").textContent = String(v.framesSent);
-  $("audio-sent").textContent = `${Math.round((v.bytesSent / 2 / voice.rate) * 1000)} ms`;
+  $("audio-sent").textContent = `${Math.round(v.audioMs)} ms`;
   $("tts-frames").textContent = String(v.ttsFrames);
   $("tts-played").textContent = `${Math.round(v.playedMs)} ms`;
 }
@@ -434,7 +451,18 @@ function connect() {
     }
     const u = new URL("/api/v2/voice/stream", gateway);
     u.protocol = gateway.protocol === "https:" ? "wss:" : "ws:";
-    u.searchParams.set("language", navigator.language || "en-US");
+    const resuming = voice.resume !== null;
+    if (resuming) {
+      // The session's format stays what session_initialized agreed (voice.format).
+      u.searchParams.set("resume_token", voice.resume);
+      u.searchParams.set("last_seq", String(voice.seq));
+      voice.resume = null; // single use: session_resumed brings the next
+    } else {
+      u.searchParams.set("language", navigator.language || "en-US");
+      // Opus where the browser records it (a tenth of PCM's bytes); else 16 kHz PCM from the
+      // worklet.
+      if ($("opus").checked && opusRecording()) u.searchParams.set("format", "opus");
+    }
     voice.t0 = performance.now();
     setStatus($("voice-status"), "connecting…", "busy");
     let ws;
@@ -449,6 +477,7 @@ function connect() {
     let initialized = false;
     ws.onmessage = (e) => {
       if (typeof e.data !== "string") {
+        voice.seq++;
         playTTS(e.data);
         return;
       }
@@ -456,11 +485,18 @@ function connect() {
       try {
         m = JSON.parse(e.data);
       } catch {
+        voice.seq++;
         voiceLog("a message that is not JSON: " + clip(e.data), true);
         return;
       }
+      if (m.type === "session_initialized" || m.type === "session_resumed") {
+        voice.seq = m.last_seq || 0;
+        voice.resume = m.resume ? m.resume.token : null;
+      } else if (!(m.type === "error" && (m.code === "RESUME_GAP" || m.status))) {
+        voice.seq++;
+      }
       onVoiceMessage(m);
-      if (m.type === "session_initialized" && !initialized) {
+      if ((m.type === "session_initialized" || m.type === "session_resumed") && !initialized) {
         initialized = true;
         voice.attempts = 0;
         resolve();
@@ -480,9 +516,18 @@ function onVoiceMessage(m) {
       v.sessionId = m.session_id;
       v.open = true;
       voice.rate = (m.config && m.config.sample_rate) || 16000;
-      voice.ttsRate = voice.rate;
+      voice.format = (m.config && m.config.format) || "pcm";
+      v.format = `${voice.format}/${voice.rate}/${(m.config && m.config.channels) || 1}`;
+      voice.ttsRate = voice.format === "pcm" ? voice.rate : 16000;
       voiceLog(`session_initialized ${m.session_id}: ${voice.rate} Hz, ${m.config && m.config.language}`, false, m);
       setStatus($("voice-status"), `connected: session ${m.session_id}`, "ok");
+      break;
+    case "session_resumed":
+      v.sessionId = m.session_id;
+      v.open = true;
+      v.resumes++;
+      voiceLog(`session_resumed ${m.session_id}: ${m.replayed} missed messages follow`, false, m);
+      setStatus($("voice-status"), `resumed: session ${m.session_id}`, "ok");
       break;
     case "asr_partial":
       $("transcript").textContent = m.text + " …";
@@ -500,6 +545,17 @@ function onVoiceMessage(m) {
     case "tts_start":
       if (m.sample_rate) voice.ttsRate = m.sample_rate;
       voiceLog(`tts_start (speech follows): ${voice.ttsRate} Hz`, false, m);
+      break;
+    case "tts_format":
+      // The service's TTS format: the page plays PCM; it asks for nothing else.
+      if (m.format === "pcm" && m.sample_rate) voice.ttsRate = m.sample_rate;
+      voiceLog(`tts_format (speech format): ${m.format}/${m.sample_rate}/${m.channels}`, m.format !== "pcm", m);
+      break;
+    case "tts_flushed":
+      // The gateway dropped what it held of the answer; what comes after is a new answer.
+      voice.muted = false;
+      v.flushed.push({ at: performance.now(), played_ms: m.played_ms, dropped_ms: m.dropped_ms, buffered_ms: m.buffered_ms });
+      voiceLog(`tts_flushed (interrupted): ${m.played_ms} ms heard, ${m.dropped_ms} ms dropped`, false, m);
       break;
     case "tts_complete":
       voiceLog(`tts_complete (speech sent): ${m.audio_ms ?? "?"} ms`, false, m);
@@ -526,8 +582,21 @@ function onVoiceClose(e) {
   const why = v.lastError && v.lastError.status ? `${v.lastError.code}: ${v.lastError.message} — ` : "";
   setStatus($("voice-status"), why + text, e.code === 1000 ? "idle" : "bad");
   voice.ws = null;
+  const wasTalking = voice.talking;
   stopCapture();
   $("hangup").disabled = true;
+  // A lost connection (1006), or a drain that says so (SERVER_SHUTDOWN with "resume": true, then
+  // 1012): the same session resumes, on whichever instance answers, with what was missed.
+  const drained = e.code === 1012 && v.lastError && v.lastError.resume;
+  if (voice.resume && !voice.hungUp && (e.code === 1006 || drained) && voice.attempts < 10) {
+    voice.attempts++;
+    const wait = 100 * voice.attempts;
+    voiceLog(`resuming in ${wait} ms (attempt ${voice.attempts})`);
+    setStatus($("voice-status"), `${text}; resuming in ${wait} ms`, "warn");
+    setTimeout(() => resumeTalking(wasTalking), wait);
+    return;
+  }
+  voice.resume = null; // not resumed: the session is over, and the next one starts anew
   // The gateway or the service restarting (1012) and overload (1013) ask for another try;
   // a dropped connection (1006) after a session had opened is worth one too.
   const again = { 1012: 1000, 1013: 5000, 1006: 2000, 1001: 1000 }[e.code];
@@ -544,6 +613,10 @@ function playTTS(buf) {
   const v = state.voice;
   const ctx = voice.ctx;
   v.ttsFrames++;
+  if (voice.muted) {
+    v.droppedFrames++; // sent before the gateway heard the interrupt
+    return;
+  }
   if (!ctx || buf.byteLength < 2) return;
   const pcm = new Int16Array(buf, 0, buf.byteLength >> 1);
   v.ttsSamples += pcm.length;
@@ -552,18 +625,65 @@ function playTTS(buf) {
   for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 0x8000;
   const src = ctx.createBufferSource();
   src.buffer = audio;
-  src.connect(ctx.destination);
+  src.connect(speaker(ctx));
   // Frames play back to back as they arrive; a gap in arrival restarts the clock.
   voice.playAt = Math.max(voice.playAt, ctx.currentTime + 0.02);
   src.start(voice.playAt);
   voice.playAt += audio.duration;
   v.buffersScheduled++;
+  voice.sources.add(src);
   src.onended = () => {
+    voice.sources.delete(src);
+    if (src.stopped) return;
     v.buffersPlayed++;
     v.playedMs += audio.duration * 1000;
     renderCounters();
   };
   renderCounters();
+}
+
+// speaker is where TTS plays: through an analyser, so the page knows (and shows the tests)
+// whether the speaker is silent.
+function speaker(ctx) {
+  if (!voice.out) {
+    voice.out = ctx.createAnalyser();
+    voice.out.fftSize = 512;
+    voice.out.connect(ctx.destination);
+    const buf = new Float32Array(voice.out.fftSize);
+    const sample = () => {
+      voice.out.getFloatTimeDomainData(buf);
+      let sum = 0;
+      for (const x of buf) sum += x * x;
+      const v = state.voice;
+      v.outputLevel = Math.sqrt(sum / buf.length);
+      if (v.outputLevel > 1e-4) v.lastSound = performance.now();
+      requestAnimationFrame(sample);
+    };
+    requestAnimationFrame(sample);
+  }
+  return voice.out;
+}
+
+// interrupt silences the answer now and asks the gateway to drop what it holds of it; the
+// gateway answers tts_flushed and tells the service how much was heard. by says what asked.
+function interrupt(by) {
+  const v = state.voice;
+  for (const src of voice.sources) {
+    src.stopped = true;
+    src.stop();
+  }
+  voice.sources.clear();
+  if (voice.ctx) voice.playAt = voice.ctx.currentTime;
+  if (!voice.ws || voice.ws.readyState !== WebSocket.OPEN) return;
+  voice.muted = true;
+  voice.ws.send(JSON.stringify({ type: "interrupt" }));
+  v.interrupts.push({ at: performance.now(), by });
+  voiceLog(`interrupt sent (${by}): the answer stops`);
+}
+
+// speaking is whether the answer is audible now, or scheduled to be.
+function speaking() {
+  return voice.sources.size > 0;
 }
 
 async function startCapture() {
@@ -576,19 +696,64 @@ async function startCapture() {
     processorOptions: { targetRate: voice.rate, frameMs: 20 },
   });
   voice.node.port.onmessage = (e) => {
-    const ws = voice.ws;
     if (!voice.talking) return;
-    showLevel(micLevel(new Int16Array(e.data)));
-    if (!ws || ws.readyState !== WebSocket.OPEN) return;
-    ws.send(e.data);
-    state.voice.framesSent++;
-    state.voice.bytesSent += e.data.byteLength;
-    if (state.voice.framesSent % 10 === 0) renderCounters();
+    const level = micLevel(new Int16Array(e.data));
+    showLevel(level);
+    // Voice-activity detection: 100 ms of the user's voice (the meter above -39 dBFS) while
+    // the answer plays is a barge-in. The meter's level, which falls slowly, bridges a frame
+    // that the capture dropped.
+    voice.loud = state.voice.level > 0.35 ? voice.loud + 1 : 0;
+    if (voice.loud >= 5 && speaking()) interrupt("voice activity");
+    if (voice.format === "pcm") sendAudio(e.data, (e.data.byteLength / 2 / voice.rate) * 1000);
   };
+  if (voice.format === "opus") {
+    // MediaRecorder encodes; its WebM is unpacked into the raw packets the gateway takes, sent
+    // in order as each piece of the recording is read.
+    const demux = new WebMOpus();
+    let chain = Promise.resolve();
+    voice.recorder = new MediaRecorder(voice.stream, { mimeType: OPUS_WEBM, audioBitsPerSecond: 24000 });
+    voice.recorder.ondataavailable = (e) => {
+      chain = chain.then(async () => {
+        for (const packet of demux.push(new Uint8Array(await e.data.arrayBuffer()))) {
+          if (voice.talking) sendAudio(packet.buffer, opusMs(packet));
+        }
+      });
+    };
+    voice.recorder.start(20);
+  }
   // A worklet runs only while it is pulled: through a muted gain to the speakers.
   const mute = ctx.createGain();
   mute.gain.value = 0;
   source.connect(voice.node).connect(mute).connect(ctx.destination);
+}
+
+const OPUS_WEBM = "audio/webm;codecs=opus";
+
+// opusRecording is whether this browser records Opus in WebM (Chromium and Firefox do).
+function opusRecording() {
+  return typeof MediaRecorder !== "undefined" && MediaRecorder.isTypeSupported(OPUS_WEBM);
+}
+
+// opusMs is how long an Opus packet plays: its TOC byte's frame size times its frame count
+// (RFC 6716, section 3.1), what the gateway meters it by.
+function opusMs(p) {
+  const config = p[0] >> 3;
+  const frame = config < 12 ? [10, 20, 40, 60][config % 4] : config < 16 ? [10, 20][config % 2] : [2.5, 5, 10, 20][config % 4];
+  const code = p[0] & 3;
+  const count = code === 0 ? 1 : code === 3 ? p[1] & 0x3f : 2;
+  return frame * count;
+}
+
+// sendAudio sends one binary frame of the session's format, of ms milliseconds.
+function sendAudio(buf, ms) {
+  const ws = voice.ws;
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  ws.send(buf);
+  const v = state.voice;
+  v.framesSent++;
+  v.bytesSent += buf.byteLength;
+  v.audioMs += ms;
+  if (v.framesSent % 10 === 0) renderCounters();
 }
 
 // micLevel is how loud a frame of PCM16 is, on a meter of the 60 dB below full scale: 0 at
@@ -610,7 +775,13 @@ function showLevel(level) {
 }
 
 function stopCapture() {
+  if (voice.talking) state.voice.talkMs.push(performance.now() - voice.talkStart);
   voice.talking = false;
+  if (voice.recorder) {
+    voice.recorder.ondataavailable = null;
+    if (voice.recorder.state !== "inactive") voice.recorder.stop();
+    voice.recorder = null;
+  }
   state.voice.level = 0;
   $("mic-level").value = 0;
   $("mic-meter").hidden = true;
@@ -642,6 +813,7 @@ async function startTalking() {
       return;
     }
     voice.talking = true;
+    voice.talkStart = performance.now();
     $("mic").textContent = "Stop talking";
     $("hangup").disabled = false;
     setStatus($("voice-status"), `talking: session ${state.voice.sessionId}`, "ok");
@@ -650,6 +822,29 @@ async function startTalking() {
     if (!state.voice.lastError) setStatus($("voice-status"), err.message, "bad");
   } finally {
     $("mic").disabled = false;
+  }
+}
+
+// resumeTalking resumes the session after a lost connection, and the microphone if it was on.
+async function resumeTalking(wasTalking) {
+  try {
+    await connect();
+  } catch {
+    // Refused (the window passed, or the session ended meanwhile): the close said why; a new
+    // session starts if reconnecting is on.
+    voice.resume = null;
+    if (!voice.hungUp && $("reconnect").checked && !voice.ws) startTalking().catch(() => {});
+    return;
+  }
+  state.voice.lastError = null;
+  $("hangup").disabled = false;
+  if (!wasTalking) return;
+  try {
+    await startCapture();
+    voice.talking = true;
+    $("mic").textContent = "Stop talking";
+  } catch (err) {
+    stopCapture();
   }
 }
 
@@ -676,7 +871,7 @@ if (!gateway) {
   $("gateway").textContent = "none";
   $("origin-note").textContent = state.refused;
   $("origin-note").className = "note bad";
-  for (const id of ["send", "cancel", "mic", "hangup"]) $(id).disabled = true;
+  for (const id of ["send", "cancel", "mic", "hangup", "interrupt"]) $(id).disabled = true;
   setStatus($("chat-status"), "refused: no gateway", "bad");
   setStatus($("voice-status"), "refused: no gateway", "bad");
 } else {
@@ -696,5 +891,10 @@ $("token").addEventListener("input", () => $("token").removeAttribute("aria-inva
 $("cancel").addEventListener("click", cancelChat);
 $("mic").addEventListener("click", () => (voice.talking ? stopTalking() : startTalking()));
 $("hangup").addEventListener("click", hangUp);
+$("interrupt").addEventListener("click", () => interrupt("button"));
+if (!opusRecording()) {
+  $("opus").checked = false;
+  $("opus").disabled = true;
+}
 renderCounters();
 document.body.dataset.ready = "true";

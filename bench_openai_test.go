@@ -1,0 +1,193 @@
+package main
+
+// Benchmarks of the OpenAI-compatible routes against voicegate's own, in one gateway process at
+// the same offered load: CPU per streamed chunk of POST /v1/chat/completions against POST
+// /api/v2/chat/stream, and CPU per relayed audio frame of GET /v1/realtime against GET
+// /api/v2/voice/stream, with the bare ReverseProxy beside them.
+
+import (
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// stampedUpstream is pacedUpstream with the send time in each chunk's text ("… sent_ns=<ns>"),
+// which OpenAI's chunks carry as the v2 events do: lines-1 generation_chunks, then
+// generation_done with usage.
+func stampedUpstream(tb testing.TB, lines int, gap time.Duration) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		rc := http.NewResponseController(w)
+		rc.Flush()
+		t := time.NewTimer(rand.N(gap) + time.Millisecond)
+		defer t.Stop()
+		buf := make([]byte, 0, 256)
+		for i := 0; i < lines; i++ {
+			select {
+			case <-t.C:
+			case <-r.Context().Done():
+				return
+			}
+			t.Reset(gap)
+			buf = buf[:0]
+			if i == lines-1 {
+				buf = append(buf, `{"type":"generation_done","finish_reason":"stop","usage":{"prompt_tokens":3,"completion_tokens":99}}`+"\n"...)
+			} else {
+				buf = append(buf, `{"type":"generation_chunk","content":"some tokens of the answer sent_ns=`...)
+				buf = strconv.AppendInt(buf, time.Now().UnixNano(), 10)
+				buf = append(buf, "\"}\n"...)
+			}
+			if _, err := w.Write(buf); err != nil {
+				return
+			}
+			rc.Flush()
+		}
+	}))
+	tb.Cleanup(srv.Close)
+	return srv
+}
+
+// BenchmarkChatCompletionsProcess runs the built gateway (its defaults, access log on) and a bare
+// httputil.ReverseProxy, child processes in front of the same algorithm service, and has the
+// load generator offer the same load to POST /v1/chat/completions (stream: true) and to POST
+// /api/v2/chat/stream on the one gateway, and to the bare proxy: SSE_BENCH_STREAMS (default 100)
+// concurrent streams of 100 lines 20 ms apart, their starts spread over a second,
+// SSE_BENCH_ROUNDS (default 3) rounds, the three taking turns. It reports CPU per streamed
+// chunk (user+sys from /proc over the round, divided by the chunks that reached the clients)
+// and the OpenAI route's ratio to the v2 route's.
+func BenchmarkChatCompletionsProcess(b *testing.B) {
+	needProcfs(b)
+	streams := envInt(b, "SSE_BENCH_STREAMS", 100)
+	rounds := envInt(b, "SSE_BENCH_ROUNDS", 3)
+	const lines = 100
+	algo := stampedUpstream(b, lines, 20*time.Millisecond)
+	bin := buildGateway(b)
+	bare := startBare(b, algo.URL)
+	gw := startGatewayProcess(b, bin, "voicegate", map[string]string{"ALGO_URL": algo.URL})
+	load := startLoad(b)
+	type target struct {
+		name, url, body string
+		c               *child
+		cpu             time.Duration
+		chunks          int64
+		lat             []int64
+	}
+	targets := []*target{
+		{name: "bare ReverseProxy", url: "http://" + bare.addr + "/api/v2/chat/stream", body: `{"message":"benchmark question"}`, c: bare},
+		{name: "/api/v2/chat/stream", url: "http://" + gw.addr + "/api/v2/chat/stream", body: `{"message":"benchmark question"}`, c: gw},
+		{name: "/v1/chat/completions", url: "http://" + gw.addr + "/v1/chat/completions", c: gw,
+			body: `{"model":"default","stream":true,"messages":[{"role":"user","content":"benchmark question"}]}`},
+	}
+	cmd := func(t *target) loadCmd {
+		return loadCmd{Op: "sse", URL: t.url, N: streams, Secret: testSecret, Body: t.body, Seconds: 2}
+	}
+	b.ResetTimer()
+	for range b.N {
+		for _, t := range targets {
+			load.do(b, cmd(t), nil) // the users' first questions, before the measured ones
+		}
+		for round := range rounds {
+			for k := range targets {
+				t := targets[(k+round)%len(targets)]
+				rep, cpu, _ := load.measured(b, t.c, fmt.Sprint(t.name, " round ", round), cmd(t))
+				if len(rep.Failures) > 0 {
+					if t.c == gw {
+						b.Errorf("%s: %v", t.name, rep.Failures)
+					} else {
+						b.Logf("%s: %v", t.name, rep.Failures)
+					}
+				}
+				t.cpu += cpu
+				t.chunks += rep.Got
+				t.lat = append(t.lat, rep.Lat...)
+			}
+		}
+		per := func(t *target) time.Duration { return t.cpu / time.Duration(max(t.chunks, 1)) }
+		for _, t := range targets[1:] {
+			if want := int64(rounds * streams * (lines - 1)); t.chunks != want {
+				b.Fatalf("%s: %d chunks reached the clients, want %d", t.name, t.chunks, want)
+			}
+		}
+		for _, t := range targets {
+			slices.Sort(t.lat)
+			fmt.Printf("    %-22s %5.1f µs CPU/chunk (%.2f× bare, %.2f× v2)  p50 %v p99 %v  (%d chunks, CPU %v)\n", t.name,
+				micros(per(t)), float64(per(t))/float64(per(targets[0])), float64(per(t))/float64(per(targets[1])),
+				quantile(t.lat, 0.5), quantile(t.lat, 0.99), t.chunks, t.cpu)
+		}
+		b.ReportMetric(micros(per(targets[0])), "bare-µs/chunk")
+		b.ReportMetric(micros(per(targets[1])), "v2-µs/chunk")
+		b.ReportMetric(micros(per(targets[2])), "openai-µs/chunk")
+		b.ReportMetric(float64(per(targets[2]))/float64(per(targets[1])), "openai/v2")
+	}
+}
+
+// BenchmarkRealtimeRelay runs the built gateway (its defaults) and a bare httputil.ReverseProxy,
+// child processes in front of the same echoing algorithm service, and has the load generator
+// hold VOICE_BENCH_SESSIONS (default 100) sessions × 50 frames/s × 640 B on GET /v1/realtime
+// (each frame an input_audio_buffer.append event, each echo a response.output_audio.delta), on
+// GET /api/v2/voice/stream (binary frames) of the same gateway, and on the bare proxy (binary
+// frames relayed as bytes), VOICE_BENCH_ROUNDS (default 3) windows of VOICE_BENCH_SECONDS
+// (default 5) each, taking turns. It reports CPU per relayed frame (frames up and echoes down)
+// and the round trip's p50 and p99.
+func BenchmarkRealtimeRelay(b *testing.B) {
+	needProcfs(b)
+	sessions := envInt(b, "VOICE_BENCH_SESSIONS", 100)
+	rounds := envInt(b, "VOICE_BENCH_ROUNDS", 3)
+	window := time.Duration(envInt(b, "VOICE_BENCH_SECONDS", 5)) * time.Second
+	algo := startEcho(b, "echoing algorithm service")
+	bin := buildGateway(b)
+	load := startLoad(b)
+	bare := startBare(b, algo.url)
+	gw := startGatewayProcess(b, bin, "voicegate", map[string]string{"ALGO_URL": algo.url})
+	relays := []struct {
+		name, url      string
+		c              *child
+		init, realtime bool
+	}{
+		{"bare ReverseProxy", "ws://" + bare.addr + "/voice/stream", bare, false, false},
+		{"/api/v2/voice/stream", "ws://" + gw.addr + "/api/v2/voice/stream", gw, true, false},
+		{"/v1/realtime", "ws://" + gw.addr + "/v1/realtime", gw, true, true},
+	}
+	b.ResetTimer()
+	for range b.N {
+		figs := make([]relayFigures, len(relays))
+		rtts := make([][]int64, len(relays))
+		for round := range rounds {
+			for k := range relays {
+				i := (k + round) % len(relays)
+				r := relays[i]
+				f := measureRelayAs(b, load, r.c, r.url, sessions, r.init, r.realtime, time.Second, window)
+				figs[i].name = r.name
+				figs[i].cpu += f.cpu
+				figs[i].echoes += f.echoes
+				figs[i].sent += f.sent
+				rtts[i] = append(rtts[i], f.rtts...)
+			}
+		}
+		for i := range figs {
+			figs[i].cpuPerFrame = figs[i].cpu / time.Duration(max(2*figs[i].echoes, 1))
+			slices.Sort(rtts[i])
+			figs[i].p50, figs[i].p99 = quantile(rtts[i], 0.5), quantile(rtts[i], 0.99)
+			if figs[i].echoes < figs[i].sent*99/100 {
+				b.Errorf("%s: %d echoes of %d frames sent", figs[i].name, figs[i].echoes, figs[i].sent)
+			}
+		}
+		for _, f := range figs {
+			fmt.Printf("    %-22s %6.1f µs CPU/frame (%.2f× bare, %.2f× v2)  p50 %-9v p99 %-9v  %d echoes of %d frames, CPU %v\n",
+				f.name, micros(f.cpuPerFrame), float64(f.cpuPerFrame)/float64(figs[0].cpuPerFrame),
+				float64(f.cpuPerFrame)/float64(figs[1].cpuPerFrame), f.p50.Round(10*time.Microsecond),
+				f.p99.Round(10*time.Microsecond), f.echoes, f.sent, f.cpu)
+		}
+		b.ReportMetric(micros(figs[0].cpuPerFrame), "bare-µs/frame")
+		b.ReportMetric(micros(figs[1].cpuPerFrame), "v2-µs/frame")
+		b.ReportMetric(micros(figs[2].cpuPerFrame), "realtime-µs/frame")
+		b.ReportMetric(float64(figs[2].cpuPerFrame)/float64(figs[1].cpuPerFrame), "realtime/v2")
+	}
+}
