@@ -346,7 +346,8 @@ func (s *session) down(typ websocket.MessageType, msg []byte) (failed *side, err
 	err = c.ws.Write(unbounded(), typ, msg)
 	s.wmu.Unlock()
 	if err != nil {
-		return &c, err
+		failed := c // a copy of its own, so that c stays on the stack: a frame allocates nothing
+		return &failed, err
 	}
 	return nil, nil
 }
