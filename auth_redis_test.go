@@ -158,6 +158,7 @@ func TestAuthRedisAddressNotLogged(t *testing.T) {
 // TestAuthRedisUnreachableAtStart: run refuses to start, naming REDIS_URL (and not its
 // password or address), after REDIS_CONNECT_TIMEOUT, and never listens.
 func TestAuthRedisUnreachableAtStart(t *testing.T) {
+	t.Parallel()
 	const addr = "127.0.0.1:1" // nothing listens on tcpmux
 	vars := map[string]string{
 		"LISTEN_ADDR":           "127.0.0.1:0",
@@ -191,6 +192,7 @@ func TestAuthRedisUnreachableAtStart(t *testing.T) {
 // TestAuthRedisKeys: the keys documented in auth/redis.go are the ones written: under the
 // tenant's hash tag, a user's cutoff in unix seconds on Redis's clock.
 func TestAuthRedisKeys(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	backend := okBackend(t)
 	g := startRun(t, nil, redisEnv(r, doneAlgo(t), backend, nil))

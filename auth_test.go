@@ -93,6 +93,7 @@ func TestAuthRevocationAcrossInstances(t *testing.T) {
 // answer, issued in the second the answer came, passes on both. Tokens are minted by the
 // tests' own HS256 signer, with iat in whole seconds as identity providers make them.
 func TestAuthLogoutEverywhereThenLogin(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	env := redisEnv(r, doneAlgo(t), okBackend(t), nil)
 	a := startRun(t, nil, env)

@@ -138,43 +138,19 @@ func BenchmarkChatCompletionsProcess(b *testing.B) {
 // and the round trip's p50 and p99.
 func BenchmarkRealtimeRelay(b *testing.B) {
 	needProcfs(b)
-	sessions := envInt(b, "VOICE_BENCH_SESSIONS", 100)
-	rounds := envInt(b, "VOICE_BENCH_ROUNDS", 3)
-	window := time.Duration(envInt(b, "VOICE_BENCH_SECONDS", 5)) * time.Second
+	rl := relayLoadFromEnv(b)
 	algo := startEcho(b, "echoing algorithm service")
 	bin := buildGateway(b)
 	load := startLoad(b)
-	bare := startBare(b, algo.url)
 	gw := startGatewayProcess(b, bin, "voicegate", map[string]string{"ALGO_URL": algo.url})
-	relays := []struct {
-		name, url      string
-		c              *child
-		init, realtime bool
-	}{
-		{"bare ReverseProxy", "ws://" + bare.addr + "/voice/stream", bare, false, false},
-		{"/api/v2/voice/stream", "ws://" + gw.addr + "/api/v2/voice/stream", gw, true, false},
-		{"/v1/realtime", "ws://" + gw.addr + "/v1/realtime", gw, true, true},
-	}
+	bare, v2 := bareRelay(startBare(b, algo.url)), gatewayRelay(gw)
+	bare.name, v2.name = "bare ReverseProxy", "/api/v2/voice/stream"
+	relays := []relayUnderTest{bare, v2,
+		{c: gw, url: "ws://" + gw.addr + "/v1/realtime", init: true, realtime: true, name: "/v1/realtime"}}
 	b.ResetTimer()
 	for range b.N {
-		figs := make([]relayFigures, len(relays))
-		rtts := make([][]int64, len(relays))
-		for round := range rounds {
-			for k := range relays {
-				i := (k + round) % len(relays)
-				r := relays[i]
-				f := measureRelayAs(b, load, r.c, r.url, sessions, r.init, r.realtime, time.Second, window)
-				figs[i].name = r.name
-				figs[i].cpu += f.cpu
-				figs[i].echoes += f.echoes
-				figs[i].sent += f.sent
-				rtts[i] = append(rtts[i], f.rtts...)
-			}
-		}
+		figs := rl.measure(b, load, relays)
 		for i := range figs {
-			figs[i].cpuPerFrame = figs[i].cpu / time.Duration(max(2*figs[i].echoes, 1))
-			slices.Sort(rtts[i])
-			figs[i].p50, figs[i].p99 = quantile(rtts[i], 0.5), quantile(rtts[i], 0.99)
 			if figs[i].echoes < figs[i].sent*99/100 {
 				b.Errorf("%s: %d echoes of %d frames sent", figs[i].name, figs[i].echoes, figs[i].sent)
 			}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"slices"
 	"testing"
 	"time"
 )
@@ -18,49 +17,24 @@ import (
 func BenchmarkVoiceResumeCost(b *testing.B) {
 	needProcfs(b)
 	logf := func(format string, args ...any) { fmt.Printf("    "+format+"\n", args...) }
-	sessions := envInt(b, "VOICE_BENCH_SESSIONS", 100)
-	rounds := envInt(b, "VOICE_BENCH_ROUNDS", 3)
-	window := time.Duration(envInt(b, "VOICE_BENCH_SECONDS", 5)) * time.Second
+	rl := relayLoadFromEnv(b)
 	algo := startEcho(b, "echoing algorithm service")
 	bin := buildGateway(b)
 	redis := startRedis(b)
 	load := startLoad(b)
-	relays := []struct {
-		c    *child
-		path string
-		init bool
-	}{
-		{startBare(b, algo.url), "/voice/stream", false},
+	relays := []relayUnderTest{
+		bareRelay(startBare(b, algo.url)),
 		// Each with keys of its own: the two must not share rate buckets and slots. The load
 		// generator ends its sessions by dropping their connections, which a session with
 		// resuming on outlives by its window: 5 s lets them go before its next turn.
-		{startGatewayProcess(b, bin, "resume off", map[string]string{"ALGO_URL": algo.url,
-			"REDIS_URL": redis.URL(), "REDIS_PREFIX": "off:", "INSTANCE_NAME": "off", "VOICE_RESUME_WINDOW": "0s"}), "/api/v2/voice/stream", true},
-		{startGatewayProcess(b, bin, "resume on", map[string]string{"ALGO_URL": algo.url,
-			"REDIS_URL": redis.URL(), "REDIS_PREFIX": "on:", "INSTANCE_NAME": "on", "VOICE_RESUME_WINDOW": "5s"}), "/api/v2/voice/stream", true},
+		gatewayRelay(startGatewayProcess(b, bin, "resume off", map[string]string{"ALGO_URL": algo.url,
+			"REDIS_URL": redis.URL(), "REDIS_PREFIX": "off:", "INSTANCE_NAME": "off", "VOICE_RESUME_WINDOW": "0s"})),
+		gatewayRelay(startGatewayProcess(b, bin, "resume on", map[string]string{"ALGO_URL": algo.url,
+			"REDIS_URL": redis.URL(), "REDIS_PREFIX": "on:", "INSTANCE_NAME": "on", "VOICE_RESUME_WINDOW": "5s"})),
 	}
 	b.ResetTimer()
 	for range b.N {
-		figs := make([]relayFigures, len(relays))
-		rtts := make([][]int64, len(relays))
-		for round := range rounds {
-			for k := range relays {
-				i := (k + round) % len(relays)
-				r := relays[i]
-				f := measureRelay(b, load, r.c, "ws://"+r.c.addr+r.path, sessions, r.init, time.Second, window)
-				figs[i].name = f.name
-				figs[i].cpu += f.cpu
-				figs[i].echoes += f.echoes
-				figs[i].sent += f.sent
-				figs[i].measured += f.measured
-				rtts[i] = append(rtts[i], f.rtts...)
-			}
-		}
-		for i := range figs {
-			figs[i].cpuPerFrame = figs[i].cpu / time.Duration(max(2*figs[i].echoes, 1))
-			slices.Sort(rtts[i])
-			figs[i].p50, figs[i].p99 = quantile(rtts[i], 0.5), quantile(rtts[i], 0.99)
-		}
+		figs := rl.measure(b, load, relays)
 		base := figs[0].cpuPerFrame
 		for _, f := range figs {
 			logf("%-12s %6.1f µs CPU/frame (%.2f× bare)  p50 %-9v p99 %-9v  %d echoes of %d frames sent, CPU %v over %v",

@@ -23,41 +23,72 @@ import (
 // a binary frame (TTS audio), decoding audio_chunk messages and echoing raw frames; control
 // messages get no answer. It reuses its buffers, so that its own cost stays small and flat.
 func echoVoice(w http.ResponseWriter, r *http.Request) {
-	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"voice-protocol-v2"},
-		CompressionMode: websocket.CompressionDisabled})
+	audio, err := acceptAudio(w, r)
 	if err != nil {
 		return
 	}
-	defer c.CloseNow()
-	c.SetReadLimit(1 << 20)
-	in, out := make([]byte, 64<<10), make([]byte, 64<<10)
-	key := []byte(`"audio_chunk":"`)
+	defer audio.c.CloseNow()
 	for {
-		typ, rd, err := c.Reader(context.Background())
+		frame, err := audio.next()
 		if err != nil {
 			return
 		}
-		n, err := io.ReadFull(rd, in)
+		if err := audio.c.Write(context.Background(), websocket.MessageBinary, frame); err != nil {
+			return
+		}
+	}
+}
+
+// audioReader reads what a benchmark's algorithm service is sent: the audio of each
+// audio_chunk message, decoded, or a binary frame as it is; other messages (control) are
+// skipped. Its buffers are reused: a frame is valid until the next call.
+type audioReader struct {
+	c       *websocket.Conn
+	in, out []byte
+}
+
+// acceptAudio accepts the gateway's (or the bare proxy's) voice connection.
+func acceptAudio(w http.ResponseWriter, r *http.Request) (*audioReader, error) {
+	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"voice-protocol-v2"},
+		CompressionMode: websocket.CompressionDisabled})
+	if err != nil {
+		return nil, err
+	}
+	c.SetReadLimit(1 << 20)
+	return &audioReader{c: c, in: make([]byte, 64<<10), out: make([]byte, 64<<10)}, nil
+}
+
+const audioChunkKey = `"audio_chunk":"`
+
+func (a *audioReader) next() ([]byte, error) {
+	for {
+		typ, rd, err := a.c.Reader(context.Background())
+		if err != nil {
+			return nil, err
+		}
+		n, err := io.ReadFull(rd, a.in)
 		if err != io.ErrUnexpectedEOF && err != io.EOF {
-			return
+			return nil, fmt.Errorf("a message of more than %d bytes, or %w", len(a.in), err)
 		}
-		msg := in[:n]
-		if typ == websocket.MessageText {
-			i := bytes.Index(msg, key)
-			if i < 0 {
-				continue // a control message
-			}
-			b64 := msg[i+len(key):]
-			b64 = b64[:bytes.IndexByte(b64, '"')]
-			m, err := base64.StdEncoding.Decode(out, b64)
-			if err != nil {
-				return
-			}
-			msg = out[:m]
+		msg := a.in[:n]
+		if typ != websocket.MessageText {
+			return msg, nil
 		}
-		if err := c.Write(context.Background(), websocket.MessageBinary, msg); err != nil {
-			return
+		i := bytes.Index(msg, []byte(audioChunkKey))
+		if i < 0 {
+			continue // a control message
 		}
+		b64 := msg[i+len(audioChunkKey):]
+		end := bytes.IndexByte(b64, '"')
+		if end < 0 {
+			return nil, fmt.Errorf("an audio_chunk without its closing quote: %.80s", msg)
+		}
+		b64 = b64[:end]
+		m, err := base64.StdEncoding.Decode(a.out, b64)
+		if err != nil {
+			return nil, err
+		}
+		return a.out[:m], nil
 	}
 }
 

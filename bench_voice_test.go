@@ -4,6 +4,7 @@ package main
 // bare ReverseProxy, with an echoing algorithm service.
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -24,6 +25,65 @@ type relayFigures struct {
 	echoes, sent  int64
 	cpu, measured time.Duration
 	rtts          []int64 // µs, sorted
+}
+
+// relayLoad is the fixed load the relay benchmarks offer, from the environment:
+// VOICE_BENCH_SESSIONS (default 100) sessions × 50 frames/s × 640 B on each relay, the relays
+// taking turns for VOICE_BENCH_ROUNDS (default 3) windows of VOICE_BENCH_SECONDS (default 5).
+type relayLoad struct {
+	sessions, rounds int
+	window           time.Duration
+}
+
+func relayLoadFromEnv(b *testing.B) relayLoad {
+	return relayLoad{sessions: envInt(b, "VOICE_BENCH_SESSIONS", 100), rounds: envInt(b, "VOICE_BENCH_ROUNDS", 3),
+		window: time.Duration(envInt(b, "VOICE_BENCH_SECONDS", 5)) * time.Second}
+}
+
+// relayUnderTest is one relay a benchmark measures: the child process, the URL its sessions
+// open, whether they wait for session_initialized and speak OpenAI's Realtime API, and the name
+// its figures go by (the child's, unless set).
+type relayUnderTest struct {
+	c              *child
+	url            string
+	init, realtime bool
+	name           string
+}
+
+// bareRelay is the bare httputil.ReverseProxy child c as a relay; gatewayRelay is the gateway
+// child c's voice route.
+func bareRelay(c *child) relayUnderTest {
+	return relayUnderTest{c: c, url: "ws://" + c.addr + "/voice/stream"}
+}
+func gatewayRelay(c *child) relayUnderTest {
+	return relayUnderTest{c: c, url: "ws://" + c.addr + "/api/v2/voice/stream", init: true}
+}
+
+// measure measures each relay l.rounds times, in turns whose order rotates each round so that
+// the machine's noise, and going first, fall on all alike, and returns each relay's figures
+// over all its windows: CPU per relayed frame, and the round trip's p50 and p99.
+func (l relayLoad) measure(b *testing.B, load *loadGen, relays []relayUnderTest) []relayFigures {
+	b.Helper()
+	figs := make([]relayFigures, len(relays))
+	for round := range l.rounds {
+		for k := range relays {
+			i := (k + round) % len(relays)
+			r := relays[i]
+			f := measureRelayAs(b, load, r.c, r.url, l.sessions, r.init, r.realtime, time.Second, l.window)
+			figs[i].name = cmp.Or(r.name, f.name)
+			figs[i].cpu += f.cpu
+			figs[i].echoes += f.echoes
+			figs[i].sent += f.sent
+			figs[i].measured += f.measured
+			figs[i].rtts = append(figs[i].rtts, f.rtts...)
+		}
+	}
+	for i := range figs {
+		figs[i].cpuPerFrame = figs[i].cpu / time.Duration(max(2*figs[i].echoes, 1))
+		slices.Sort(figs[i].rtts)
+		figs[i].p50, figs[i].p99 = quantile(figs[i].rtts, 0.5), quantile(figs[i].rtts, 0.99)
+	}
+	return figs
 }
 
 // measureRelay has the load generator open sessions through the child at url and offer
@@ -90,49 +150,24 @@ func BenchmarkVoiceRelay(b *testing.B) {
 	needProcfs(b)
 	// The figures go to stdout: a benchmark's log keeps its first ten lines only.
 	logf := func(format string, args ...any) { fmt.Printf("    "+format+"\n", args...) }
-	sessions := envInt(b, "VOICE_BENCH_SESSIONS", 100)
-	rounds := envInt(b, "VOICE_BENCH_ROUNDS", 3)
-	window := time.Duration(envInt(b, "VOICE_BENCH_SECONDS", 5)) * time.Second
+	rl := relayLoadFromEnv(b)
 	algo := startEcho(b, "echoing algorithm service")
 	bin := buildGateway(b)
 	redis := startRedis(b)
 	load := startLoad(b)
-	relays := []struct {
-		c    *child
-		path string
-		init bool
-	}{
-		{startBare(b, algo.url), "/voice/stream", false},
-		{startGatewayProcess(b, bin, "voicegate", map[string]string{"ALGO_URL": algo.url}), "/api/v2/voice/stream", true},
-		{startGatewayProcess(b, bin, "voicegate redis", map[string]string{"ALGO_URL": algo.url,
-			"REDIS_URL": redis.URL(), "INSTANCE_NAME": "plain"}), "/api/v2/voice/stream", true},
-		{startGatewayProcess(b, bin, "voicegate governed", map[string]string{"ALGO_URL": algo.url,
+	relays := []relayUnderTest{
+		bareRelay(startBare(b, algo.url)),
+		gatewayRelay(startGatewayProcess(b, bin, "voicegate", map[string]string{"ALGO_URL": algo.url})),
+		gatewayRelay(startGatewayProcess(b, bin, "voicegate redis", map[string]string{"ALGO_URL": algo.url,
+			"REDIS_URL": redis.URL(), "INSTANCE_NAME": "plain"})),
+		gatewayRelay(startGatewayProcess(b, bin, "voicegate governed", map[string]string{"ALGO_URL": algo.url,
 			"REDIS_URL": redis.URL(), "INSTANCE_NAME": "governed",
-			"POLICY_FILE": benchVoicePolicy(b)}), "/api/v2/voice/stream", true},
-		{startGatewayProcess(b, bin, "voicegate raw", map[string]string{"ALGO_URL": algo.url, "VOICE_RAW_AUDIO": "true"}), "/api/v2/voice/stream", true},
+			"POLICY_FILE": benchVoicePolicy(b)})),
+		gatewayRelay(startGatewayProcess(b, bin, "voicegate raw", map[string]string{"ALGO_URL": algo.url, "VOICE_RAW_AUDIO": "true"})),
 	}
 	b.ResetTimer()
 	for range b.N {
-		figs := make([]relayFigures, len(relays))
-		rtts := make([][]int64, len(relays))
-		for round := range rounds {
-			for k := range relays {
-				i := (k + round) % len(relays)
-				r := relays[i]
-				f := measureRelay(b, load, r.c, "ws://"+r.c.addr+r.path, sessions, r.init, time.Second, window)
-				figs[i].name = f.name
-				figs[i].cpu += f.cpu
-				figs[i].echoes += f.echoes
-				figs[i].sent += f.sent
-				figs[i].measured += f.measured
-				rtts[i] = append(rtts[i], f.rtts...)
-			}
-		}
-		for i := range figs {
-			figs[i].cpuPerFrame = figs[i].cpu / time.Duration(max(2*figs[i].echoes, 1))
-			slices.Sort(rtts[i])
-			figs[i].p50, figs[i].p99 = quantile(rtts[i], 0.5), quantile(rtts[i], 0.99)
-		}
+		figs := rl.measure(b, load, relays)
 		base := figs[0].cpuPerFrame
 		for _, f := range figs {
 			logf("%-18s %6.1f µs CPU/frame (%.2f× bare)  p50 %-9v p99 %-9v  %d echoes of %d frames sent (%.1f%%), CPU %v over %v",

@@ -7,9 +7,7 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/base64"
 	"fmt"
-	"io"
 	"net/http"
 	"testing"
 	"time"
@@ -26,45 +24,23 @@ const ttsBurst = 25
 // keeps each frame of audio it receives (an audio_chunk's payload, or a binary frame) and, every
 // ttsBurst frames, sends them all back as binary frames at once.
 func burstVoice(w http.ResponseWriter, r *http.Request) {
-	c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"voice-protocol-v2"},
-		CompressionMode: websocket.CompressionDisabled})
+	audio, err := acceptAudio(w, r)
 	if err != nil {
 		return
 	}
-	defer c.CloseNow()
-	c.SetReadLimit(1 << 20)
-	in := make([]byte, 64<<10)
+	defer audio.c.CloseNow()
 	held := make([][]byte, 0, ttsBurst)
-	key := []byte(`"audio_chunk":"`)
 	for {
-		typ, rd, err := c.Reader(context.Background())
+		frame, err := audio.next()
 		if err != nil {
 			return
 		}
-		n, err := io.ReadFull(rd, in)
-		if err != io.ErrUnexpectedEOF && err != io.EOF {
-			return
-		}
-		msg := in[:n]
-		if typ == websocket.MessageText {
-			i := bytes.Index(msg, key)
-			if i < 0 {
-				continue // a control message
-			}
-			b64 := msg[i+len(key):]
-			b64 = b64[:bytes.IndexByte(b64, '"')]
-			if msg, err = base64.StdEncoding.AppendDecode(nil, b64); err != nil {
-				return
-			}
-		} else {
-			msg = bytes.Clone(msg)
-		}
-		held = append(held, msg)
+		held = append(held, bytes.Clone(frame))
 		if len(held) < ttsBurst {
 			continue
 		}
 		for _, f := range held {
-			if err := c.Write(context.Background(), websocket.MessageBinary, f); err != nil {
+			if err := audio.c.Write(context.Background(), websocket.MessageBinary, f); err != nil {
 				return
 			}
 		}
@@ -83,39 +59,18 @@ func burstVoice(w http.ResponseWriter, r *http.Request) {
 func BenchmarkVoiceTTSPacing(b *testing.B) {
 	needProcfs(b)
 	logf := func(format string, args ...any) { fmt.Printf("    "+format+"\n", args...) }
-	sessions := envInt(b, "VOICE_BENCH_SESSIONS", 100)
-	rounds := envInt(b, "VOICE_BENCH_ROUNDS", 3)
-	window := time.Duration(envInt(b, "VOICE_BENCH_SECONDS", 5)) * time.Second
+	rl := relayLoadFromEnv(b)
 	algo := startChild(b, childOptions{name: "bursting algorithm service", role: "voice-burst"})
 	bin := buildGateway(b)
 	load := startLoad(b)
-	relays := []struct {
-		c    *child
-		path string
-		init bool
-	}{
-		{startBare(b, algo.url), "/voice/stream", false},
-		{startGatewayProcess(b, bin, "pacing off", map[string]string{"ALGO_URL": algo.url, "VOICE_TTS_PACING": "false"}), "/api/v2/voice/stream", true},
-		{startGatewayProcess(b, bin, "pacing on", map[string]string{"ALGO_URL": algo.url}), "/api/v2/voice/stream", true},
+	relays := []relayUnderTest{
+		bareRelay(startBare(b, algo.url)),
+		gatewayRelay(startGatewayProcess(b, bin, "pacing off", map[string]string{"ALGO_URL": algo.url, "VOICE_TTS_PACING": "false"})),
+		gatewayRelay(startGatewayProcess(b, bin, "pacing on", map[string]string{"ALGO_URL": algo.url})),
 	}
 	b.ResetTimer()
 	for range b.N {
-		figs := make([]relayFigures, len(relays))
-		for round := range rounds {
-			for k := range relays {
-				i := (k + round) % len(relays)
-				r := relays[i]
-				f := measureRelay(b, load, r.c, "ws://"+r.c.addr+r.path, sessions, r.init, time.Second, window)
-				figs[i].name = f.name
-				figs[i].cpu += f.cpu
-				figs[i].echoes += f.echoes
-				figs[i].sent += f.sent
-				figs[i].measured += f.measured
-			}
-		}
-		for i := range figs {
-			figs[i].cpuPerFrame = figs[i].cpu / time.Duration(max(2*figs[i].echoes, 1))
-		}
+		figs := rl.measure(b, load, relays)
 		base := figs[0].cpuPerFrame
 		for _, f := range figs {
 			logf("%-12s %6.1f µs CPU/frame (%.2f× bare)  %d TTS frames back of %d sent (%.1f%%), CPU %v over %v",

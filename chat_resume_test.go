@@ -27,6 +27,7 @@ import (
 
 // TestResumeAcrossInstances runs the resume cases on two instances sharing a real redis-server.
 func TestResumeAcrossInstances(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newResumeAlgo(t)
 	env := redisEnv(r, algo.fakeAlgo, okBackend(t), with(roomyBudgets, map[string]string{
@@ -138,6 +139,7 @@ func TestResumeAcrossInstances(t *testing.T) {
 // log until the answer is complete; an instance that dies is noticed by the resumer within the
 // heartbeat bound.
 func TestResumeAfterDrainAndDeath(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newResumeAlgo(t)
 	env := redisEnv(r, algo.fakeAlgo, okBackend(t), with(roomyBudgets, map[string]string{
@@ -260,6 +262,7 @@ func sameEvents(t *testing.T, what string, got, want []sseEvent) {
 // request ID join into the same text as hers (u-a + x:y, u-a:x + y: the ':' attack on key
 // names), not for her very request ID; and the same ID is free for a stream of his own.
 func TestResumeFindsOnlyTheOwnersStream(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newResumeAlgo(t)
 	env := redisEnv(r, algo.fakeAlgo, okBackend(t), with(roomyBudgets, map[string]string{"SSE_RESUME_WINDOW": "2s"}))
@@ -824,6 +827,7 @@ func encodedEvents(from, to int) []byte {
 // (its XREAD is slow) when the heartbeat's end is noticed. The resumer reads the log once more
 // before it says the producer is gone: it gets the end, not UPSTREAM_INCOMPLETE.
 func TestReplayEndBeforeProducerGone(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	client := testClient(t, r)
 	log := sse.NewRedisReplay(heldReads{client}, sse.RedisReplayOptions{Prefix: "t:", Retention: time.Minute})

@@ -301,6 +301,7 @@ func TestChatStreamUpstreamRefused(t *testing.T) {
 // TestChatStreamUpstreamFaults drives one gateway against an algorithm service that misbehaves
 // in the way the message asks for.
 func TestChatStreamUpstreamFaults(t *testing.T) {
+	t.Parallel()
 	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {
 		var q struct {
 			Messages []struct{ Content string }
@@ -483,6 +484,7 @@ func TestChatStreamClientDisconnectCancelsUpstream(t *testing.T) {
 // to them (the upstream never pauses), and checks that every stream is counted out again and its
 // upstream request cancelled.
 func TestChatStreamsActiveWhenClientsVanishMidWrite(t *testing.T) {
+	t.Parallel()
 	const streams = 50
 	var cancelled atomic.Int64
 	algo := newFakeAlgo(t, func(w http.ResponseWriter, r *http.Request) {

@@ -17,6 +17,7 @@ import (
 // by itself, its microphone talks again, and once the user stops talking the TTS arrives and
 // plays.
 func TestConsoleResumesInBrowser(t *testing.T) {
+	t.Parallel()
 	b := startBrowser(t)
 	r := startRedis(t)
 	algo := newAlgo(t, algoOptions{Voice: newDemoVoices().ServeHTTP})

@@ -202,6 +202,7 @@ func TestControlAcrossInstances(t *testing.T) {
 // TOKEN_REVOKED) and its voice session (which an admin of tenant-b then closes: 1008, not
 // 4401). The admin of tenant-a cannot revoke in tenant-b; a super admin can.
 func TestControlRevocationStaysInTenant(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	env := redisEnv(r, holdAlgo(t, nil), okBackend(t), roomyBudgets)
 	a := startRun(t, nil, with(env, map[string]string{"INSTANCE_NAME": "a"}))

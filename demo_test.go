@@ -16,6 +16,7 @@ import (
 )
 
 func TestDemo(t *testing.T) {
+	t.Parallel()
 	g := startRun(t, []string{"-demo"}, map[string]string{})
 
 	want := "curl -N http://" + g.Addr + "/api/v2/chat/stream"
@@ -52,6 +53,7 @@ func TestDemo(t *testing.T) {
 // has: the right length, loud enough, never clipped, voiced (energy at the pitch's harmonics,
 // not at a frequency between them) and silent in the pauses between syllables.
 func TestDemoSpeech(t *testing.T) {
+	t.Parallel()
 	words := strings.Fields("one two three four five six seven eight nine ten eleven twelve thirteen")
 	for _, rate := range []int{8000, 16000, 24000, 48000} {
 		pcm := demoSpeech(words, rate)
@@ -119,6 +121,7 @@ func TestDemoBannerTokens(t *testing.T) {
 // LISTEN_ADDR; a gateway pointed at it streams a chat answer and runs a voice session; it ends
 // cleanly with its context.
 func TestDemoAlgoSubcommand(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	logs := newLogBuffer()
@@ -135,7 +138,7 @@ func TestDemoAlgoSubcommand(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatalf("demo-algo did not listen within 5s:\n%s", logs)
 	}
-	if err := healthCheck(t.Context(), addr, false); err != nil {
+	if err := healthCheck(t.Context(), addr, ""); err != nil {
 		t.Errorf("-healthcheck against demo-algo: %v", err)
 	}
 

@@ -407,6 +407,7 @@ func TestDeployMetricsMatchGateway(t *testing.T) {
 // tests (alerts_test.yml), and the compose topology's Prometheus configuration passes promtool
 // check config (which loads the rule files it names).
 func TestDeployPromtool(t *testing.T) {
+	t.Parallel()
 	promtool := requireTool(t, "promtool", "/usr/bin/promtool", "prometheus")
 	dir := filepath.Join("deploy", "prometheus")
 	for _, f := range ruleFiles(t) {
@@ -741,6 +742,7 @@ func composeGatewayEnv(t *testing.T) map[string]string {
 // gateways; the client address nginx adds is believed; a voice session, from a browser page on
 // nginx's own origin, runs through.
 func TestDeployNginxChatAndVoice(t *testing.T) {
+	t.Parallel()
 	requireTool(t, "nginx", "/usr/sbin/nginx", "nginx")
 	gate := make(chan struct{})
 	algo := newAlgo(t, algoOptions{Voice: newDemoVoices().ServeHTTP, Query: func(w http.ResponseWriter, r *http.Request) {

@@ -330,6 +330,7 @@ func benchmarks(t *testing.T, dir string) []string {
 // TestDocsBenchmarks: every benchmark the docs name exists, and every benchmark command of
 // docs/benchmarks.md selects at least one benchmark in each package it names.
 func TestDocsBenchmarks(t *testing.T) {
+	t.Parallel()
 	all := map[string]bool{}
 	byPkg := map[string][]string{} // package directory → its benchmarks
 	for _, dir := range []string{".", "auth", "policy", "proxy", "sse", "voice", "console", "openapi"} {

@@ -18,6 +18,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -63,9 +64,22 @@ import (
 // TestMain fails the tests if any goroutine outlives them: a gateway started by run must leave
 // nothing behind when its context ends. Started as a child process (startChild, runMain), the
 // test binary serves as that child instead.
+//
+// Most of this package's tests wait: on child processes, on a browser, on timers a gateway
+// runs by. Those call t.Parallel, and unless -parallel says otherwise run waitingTests at a
+// time, not GOMAXPROCS (go test's default, made for tests that compute): on two cores the
+// package would otherwise spend most of its time idle. Tests that time the machine, count
+// this process's goroutines or allocations, hold a thousand connections, or change the shared
+// Redis Cluster's topology do not call t.Parallel, and run alone, before the others.
 func TestMain(m *testing.M) {
 	if role := os.Getenv(childEnv); role != "" {
 		runChild(role) // never returns
+	}
+	flag.Parse()
+	parallelSet := false
+	flag.Visit(func(f *flag.Flag) { parallelSet = parallelSet || f.Name == "test.parallel" })
+	if !parallelSet {
+		_ = flag.Set("test.parallel", strconv.Itoa(max(waitingTests, runtime.GOMAXPROCS(0))))
 	}
 	goleak.VerifyTestMain(stopsCluster{m},
 		// After the cluster's topology changed (a failover, a reshard), rueidis closes the
@@ -76,6 +90,10 @@ func TestMain(m *testing.M) {
 		goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*clusterClient)._refresh.func2"),
 		goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*clusterClient).redirectOrNew.func1"))
 }
+
+// waitingTests is how many of the tests that call t.Parallel run at once by default: enough to
+// keep two cores busy while most of them wait.
+const waitingTests = 4
 
 // stopsCluster runs the tests, then stops the Redis Cluster they shared (startCluster)
 // before goleak looks for goroutines left behind.
@@ -2536,7 +2554,19 @@ func startCluster(t testing.TB) *testCluster {
 		t.Fatalf("redis cluster: %v", sharedCluster.err)
 	}
 	c := sharedCluster.c
-	c.heal(t)
+	if err := c.restore(); err != nil {
+		// A cluster an earlier test broke and that did not come back (its own cleanup has
+		// failed for it) is replaced, so that one such test fails, not every one after it.
+		t.Logf("the shared Redis Cluster is not whole (%v); starting a new one", err)
+		for _, n := range c.nodes {
+			n.Kill()
+		}
+		_ = os.RemoveAll(c.dir)
+		if sharedCluster.c, sharedCluster.err = makeCluster(); sharedCluster.err != nil {
+			t.Fatalf("redis cluster: %v", sharedCluster.err)
+		}
+		c = sharedCluster.c
+	}
 	return c
 }
 
@@ -2752,7 +2782,7 @@ func (c *testCluster) healthyNow() string {
 			return fmt.Sprintf("node %d: %v", i, err)
 		}
 		if s, _ := info.(string); !strings.Contains(s, "cluster_state:ok") || !strings.Contains(s, "cluster_known_nodes:6") {
-			return fmt.Sprintf("node %d: cluster not ok", i)
+			return fmt.Sprintf("node %d: cluster not ok: %s", i, strings.Join(strings.Fields(s)[:min(len(strings.Fields(s)), 6)], " "))
 		}
 		nodes, err := c.clusterNodes(n)
 		if err != nil {
@@ -2814,10 +2844,17 @@ func (c *testCluster) waitHealthy(within time.Duration) error {
 // master comes back as a replica of its successor), and waits for it.
 func (c *testCluster) heal(t testing.TB) {
 	t.Helper()
+	if err := c.restore(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// restore is heal, saying what keeps the cluster from being whole if it does not come back.
+func (c *testCluster) restore() error {
 	for i, n := range c.nodes {
 		if !c.running(i) {
 			if err := n.launch(); err != nil {
-				t.Fatalf("restart cluster node %d: %v", i, err)
+				return fmt.Errorf("restart cluster node %d: %w", i, err)
 			}
 			continue
 		}
@@ -2825,9 +2862,16 @@ func (c *testCluster) heal(t testing.TB) {
 		_ = n.cmd.Process.Signal(syscall.SIGCONT)
 		n.mu.Unlock()
 	}
-	if err := c.waitHealthy(20 * time.Second); err != nil {
-		t.Fatal(err)
+	err := c.waitHealthy(20 * time.Second)
+	if err != nil {
+		var views []string
+		for i, n := range c.nodes {
+			nodes, err := rawDo(n.Addr(), "CLUSTER", "NODES")
+			views = append(views, fmt.Sprintf("node %d (%s), running %v: %v %v", i, n.Addr(), c.running(i), nodes, err))
+		}
+		return fmt.Errorf("%w; each node's view:\n%s", err, strings.Join(views, "\n"))
 	}
+	return nil
 }
 
 // index is the node with that port.

@@ -5,7 +5,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -64,7 +63,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return nil
 	}
 	if cfg.HealthCheck {
-		return healthCheck(ctx, cfg.ListenAddr, cfg.TLSCertFile != "")
+		return healthCheck(ctx, cfg.ListenAddr, cfg.TLSCertFile)
 	}
 	logger := newLogger(cfg, stderr)
 
@@ -210,19 +209,23 @@ func (gw *gateway) serve(ctx context.Context, stdout io.Writer, demoToken string
 	return gw.shutdown(srv, serveErr)
 }
 
-// healthCheck asks the gateway on addr (its listen address) for /healthz.
-func healthCheck(ctx context.Context, addr string, overTLS bool) error {
+// healthCheck asks the gateway on addr (its listen address) for /healthz, over TLS when
+// certFile (TLS_CERT_FILE) is set.
+func healthCheck(ctx context.Context, addr, certFile string) error {
 	if _, _, err := net.SplitHostPort(addr); err != nil {
 		return fmt.Errorf("LISTEN_ADDR: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	scheme, client := "http://", http.DefaultClient
-	if overTLS {
-		// The probe asks the process on its own address whether it is alive; the certificate
-		// names the public host, not loopback, so it is not checked here.
+	if certFile != "" {
+		conf, err := healthTLS(certFile)
+		if err != nil {
+			return fmt.Errorf("healthcheck: %w", err)
+		}
 		scheme = "https://"
-		client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+		client = &http.Client{Transport: &http.Transport{TLSClientConfig: conf}}
+		defer client.CloseIdleConnections()
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, scheme+dialAddr(addr)+"/healthz", nil)
 	if err != nil {

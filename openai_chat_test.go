@@ -377,6 +377,7 @@ func TestModelsList(t *testing.T) {
 // unsupported parameter refused by name, models.list, and its AuthenticationError and
 // RateLimitError for the gateway's own 401 and 429.
 func TestOpenAISDKChat(t *testing.T) {
+	t.Parallel()
 	node, _ := nodeTool(t, "openai/package.json")
 	algo := newOpenAIAlgo(t)
 	pol := voicePolicy(t, "e2e.json", func(l *policy.Limits) {

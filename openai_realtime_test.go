@@ -108,6 +108,7 @@ func runRealtimeSDK(t *testing.T, g *testGateway, certFile, token string, vars .
 // response.done with usage, on the subprotocol it offered, and the algorithm service gets the
 // audio in the format agreed.
 func TestOpenAISDKRealtime(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		format, codec string
 		rate          float64
@@ -327,6 +328,7 @@ func sessionIDOf(t *testing.T, g *testGateway) string {
 // error event quota_exceeded, then closes 4429; the response never completes, and the quota is
 // charged exactly.
 func TestRealtimeQuotaExhausted(t *testing.T) {
+	t.Parallel()
 	// 200 ms of audio in, then 3 s of speech out, in 100 ms frames.
 	frames := []voiceFrame{{Text: `{"type":"llm_response_chunk","content":"a long answer"}`}}
 	for range 30 {
@@ -460,6 +462,7 @@ func TestRealtimeInBrowser(t *testing.T) {
 // TestRealtimeDrained: a gateway that shuts down tells its realtime clients with an error event
 // server_shutdown, then closes 1012, as it does voice clients.
 func TestRealtimeDrained(t *testing.T) {
+	t.Parallel()
 	algo := realtimeAlgo(t, 4800)
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
 	conn, _, err := realtimeDial(t, g, tokenFor(t, "u-rt-drain", []string{"user"}, nil), false, "")

@@ -236,6 +236,7 @@ func readSSE(t *testing.T, r io.Reader) []map[string]any {
 // TestOpenAPISSEGoldenFiles: every event of every SSE golden file matches ChatEvent, and
 // events that break the contract do not.
 func TestOpenAPISSEGoldenFiles(t *testing.T) {
+	t.Parallel()
 	c := schemaCheck{t, loadOpenAPI(t)}
 	files, _ := filepath.Glob(filepath.Join("testdata", "sse", "*.sse"))
 	if len(files) == 0 {
@@ -279,6 +280,7 @@ func TestOpenAPISSEGoldenFiles(t *testing.T) {
 // TestOpenAPIVoiceMessages: the messages of a real session against -demo, both ways, match
 // the voice schemas; so do a browser's in-band refusal and its close code.
 func TestOpenAPIVoiceMessages(t *testing.T) {
+	t.Parallel()
 	c := schemaCheck{t, loadOpenAPI(t)}
 	for _, m := range []string{`{"type":"start"}`, `{"type":"stop"}`, `{"type":"ping"}`, `{"type":"config","language":"en-US"}`,
 		`{"type":"text","text":"hello"}`, `{"type":"cancel"}`, `{"type":"interrupt"}`, `{"type":"end"}`} {
@@ -385,6 +387,7 @@ func TestOpenAPIVoiceMessages(t *testing.T) {
 // operations they answer: status, headers and body (kin-openapi's response validation), and
 // the chat stream's events ChatEvent. Every route of the route table is asked at least once.
 func TestOpenAPIResponses(t *testing.T) {
+	t.Parallel()
 	doc := loadOpenAPI(t)
 	c := schemaCheck{t, doc}
 	router, err := gorillamux.NewRouter(doc)
@@ -843,6 +846,7 @@ func enumOf(t *testing.T, doc *openapi3.T, name string) []string {
 // StreamErrorCode for the chat stream's own error events, VoiceErrorCode for a voice
 // session's error messages — and every code README.md names is among them.
 func TestOpenAPIErrorCodes(t *testing.T) {
+	t.Parallel()
 	doc := loadOpenAPI(t)
 	sent := gatewayCodes(t)
 	for _, tt := range []struct {
@@ -902,6 +906,7 @@ func nodeTool(t *testing.T, script string) (node, path string) {
 // TestOpenAPILint: an independent linter, Redocly CLI, finds no error in openapi.json under its
 // recommended rules (which count a document without servers as one). Its warnings are logged.
 func TestOpenAPILint(t *testing.T) {
+	t.Parallel()
 	node, cli := nodeTool(t, "@redocly/cli/bin/cli.js")
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()

@@ -100,6 +100,7 @@ var wantMetrics = map[string][]string{
 // distinct users, a voice session — /metrics parses as Prometheus text, has every metric of the
 // README with exactly its labels, labels routes by pattern, and stays small.
 func TestOpsMetrics(t *testing.T) {
+	t.Parallel()
 	if got := readmeMetrics(t); !maps.EqualFunc(got, wantMetrics, slices.Equal) {
 		t.Errorf("docs/operations.md's metrics table = %v, want %v", got, wantMetrics)
 	}

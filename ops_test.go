@@ -229,6 +229,7 @@ func TestOpsShutdownVoiceEndsEarly(t *testing.T) {
 // admin GET succeeds (retried); the refusals are counted; once the dead replicas come back and
 // their ejection (5 s) is over, they receive requests again.
 func TestOpsReplicaDown(t *testing.T) {
+	t.Parallel()
 	deadAlgo, deadAdmin := deadAddr(t), deadAddr(t)
 	liveAlgo := doneAlgo(t)
 	liveAdmin := okBackend(t)
@@ -615,6 +616,7 @@ func TestOpsLogDurationsAsText(t *testing.T) {
 // stop the gateway; voicegate_build_info carries the same, and voicegate_ready follows /readyz,
 // dropping to 0 while the gateway drains.
 func TestVersion(t *testing.T) {
+	t.Parallel()
 	stdout, _, err := runCommand(t, map[string]string{"LOG_LEVEL": "loud"}, "-version")
 	if err != nil {
 		t.Fatalf("-version: %v", err)

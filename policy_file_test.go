@@ -97,6 +97,7 @@ func TestPolicyFileFromAnEarlierRelease(t *testing.T) {
 // TestPolicyCheckSubcommand: "voicegate policy check FILE" prints the binding in force for
 // every route, the file's or the built-in one, and exits 1 on a file the gateway refuses.
 func TestPolicyCheckSubcommand(t *testing.T) {
+	t.Parallel()
 	routes := routeBindings(&config{})
 	missing := routesSincePreviousRelease(t)
 

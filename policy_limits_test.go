@@ -145,6 +145,7 @@ func TestRateFinerThanAMillisecond(t *testing.T) {
 // been admitted: the user's next stream is admitted and the request ID is free, at once rather
 // than after LEASE_TTL.
 func TestAdmissionAnsweredLate(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := doneAlgo(t)
 	f := e2ePolicy(t)

@@ -32,6 +32,7 @@ func withoutDocumentRead(f *policy.File) *policy.File {
 // document:read from "user" takes effect within a second; a broken file is refused with one
 // ERROR line and the running policy stays, unchanged in every other respect.
 func TestPolicyHotReload(t *testing.T) {
+	t.Parallel()
 	file := filepath.Join(t.TempDir(), "policy.json")
 	writePolicy(t, file, e2ePolicy(t))
 	backend := okBackend(t)

@@ -478,6 +478,7 @@ func TestPolicyRateBucketsOfOneUserOnly(t *testing.T) {
 // child process, holds a stream and is SIGKILLed: its lease is not released, and B admits again
 // once it has expired, within LEASE_TTL (plus slack) of the kill.
 func TestPolicyLeaseAcrossInstances(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	release := make(chan struct{})
 	algo := holdAlgo(t, release)

@@ -335,6 +335,7 @@ func TestEdgeBadBodiesKeepReplicas(t *testing.T) {
 // documents back end's connections end with them, and the chat lease each held (one per user)
 // is free again at once.
 func TestEdgeSlowBodies(t *testing.T) {
+	t.Parallel()
 	const grace = 300 * time.Millisecond
 	var backendCut atomic.Int64
 	docs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -617,6 +618,7 @@ func TestEdgeRefusesConnectAndTrace(t *testing.T) {
 // read are dropped within PROXY_WRITE_TIMEOUT (plus a generous margin), and so are the back
 // end's connections serving them, counted by the back end itself.
 func TestEdgeProxyWriteDeadline(t *testing.T) {
+	t.Parallel()
 	const (
 		clients  = 12
 		size     = 64 << 20

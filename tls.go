@@ -2,10 +2,14 @@ package main
 
 import (
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -103,4 +107,41 @@ func serverTLS(r *certReloader) *tls.Config {
 // which cannot be turned off.
 func http2Limits() *http.HTTP2Config {
 	return &http.HTTP2Config{MaxConcurrentStreams: 250, MaxReadFrameSize: 1 << 20}
+}
+
+// healthTLS is the TLS of -healthcheck, which asks the gateway on its own address: it trusts
+// exactly the certificate in certFile, the one the gateway serves, and checks it for one of the
+// names it carries (the public host's, which the loopback address it dials is not). So the
+// probe passes only if the process answering serves that certificate, unexpired; a gateway that
+// still serves the previous one for the second after a renewal (certCheckInterval) fails one
+// probe.
+func healthTLS(certFile string) (*tls.Config, error) {
+	data, err := os.ReadFile(certFile)
+	if err != nil {
+		return nil, fmt.Errorf("TLS_CERT_FILE: %w", err)
+	}
+	var leaf *x509.Certificate
+	for block, rest := pem.Decode(data); block != nil && leaf == nil; block, rest = pem.Decode(rest) {
+		if block.Type == "CERTIFICATE" {
+			if leaf, err = x509.ParseCertificate(block.Bytes); err != nil {
+				return nil, fmt.Errorf("TLS_CERT_FILE: %w", err)
+			}
+		}
+	}
+	if leaf == nil {
+		return nil, errors.New("TLS_CERT_FILE holds no certificate")
+	}
+	var name string
+	switch {
+	case len(leaf.DNSNames) > 0:
+		// A wildcard's "*" stands for any one label.
+		name = strings.Replace(leaf.DNSNames[0], "*", "healthcheck", 1)
+	case len(leaf.IPAddresses) > 0:
+		name = leaf.IPAddresses[0].String()
+	default:
+		return nil, errors.New("TLS_CERT_FILE's certificate names no host")
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, ServerName: name}, nil
 }

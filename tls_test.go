@@ -80,6 +80,7 @@ func tlsTransport(t testing.TB, certFile string) *http.Transport {
 // TestTLSChatOverHTTP2: both chat streams arrive over HTTP/2 event by event: the first content
 // is read while the upstream still holds the rest, and the stream ends as over HTTP/1.1.
 func TestTLSChatOverHTTP2(t *testing.T) {
+	t.Parallel()
 	algo := newOpenAIAlgo(t)
 	env, _, _ := tlsFiles(t)
 	g := startRun(t, nil, with(env, map[string]string{"ALGO_URL": algo.URL}))
@@ -128,6 +129,7 @@ func TestTLSChatOverHTTP2(t *testing.T) {
 // TestTLSCertificateReload: a certificate renewed on disk is served to new connections without
 // a restart; a pair that does not load leaves the previous one in force.
 func TestTLSCertificateReload(t *testing.T) {
+	t.Parallel()
 	algo := newOpenAIAlgo(t)
 	env, certFile, keyFile := tlsFiles(t)
 	g := startRun(t, nil, with(env, map[string]string{"ALGO_URL": algo.URL}))
@@ -161,6 +163,7 @@ func TestTLSCertificateReload(t *testing.T) {
 // TestTLSVoiceStaysHTTP1: the voice WebSocket is an HTTP/1.1 upgrade over TLS (wss://), beside
 // HTTP/2 for the rest; the HTTP/2 server does not offer extended CONNECT.
 func TestTLSVoiceStaysHTTP1(t *testing.T) {
+	t.Parallel()
 	algo := newAlgo(t, algoOptions{})
 	env, certFile, _ := tlsFiles(t)
 	g := startRun(t, nil, with(env, map[string]string{"ALGO_URL": algo.URL}))
@@ -217,6 +220,7 @@ func openVoiceWith(t *testing.T, g *testGateway, client *http.Client) *http.Resp
 // concurrent streams and 1 MiB frames (http2Limits), and no ENABLE_CONNECT_PROTOCOL, so no
 // client can open a WebSocket over HTTP/2 (RFC 8441): voice and realtime stay HTTP/1.1 upgrades.
 func TestTLSHTTP2Settings(t *testing.T) {
+	t.Parallel()
 	env, _, _ := tlsFiles(t)
 	g := startRun(t, nil, with(env, map[string]string{"ALGO_URL": newAlgo(t, algoOptions{}).URL}))
 	conn, err := tls.Dial("tcp", g.Addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
@@ -251,5 +255,33 @@ func TestTLSHTTP2Settings(t *testing.T) {
 	}
 	if v, ok := settings[connectProtocol]; ok && v != 0 {
 		t.Errorf("ENABLE_CONNECT_PROTOCOL is %d: WebSockets could be opened over HTTP/2", v)
+	}
+}
+
+// TestTLSHealthcheck: -healthcheck of a gateway serving TLS trusts exactly the certificate in
+// TLS_CERT_FILE: it passes against the gateway serving it, and fails against a process serving
+// another certificate for the same names, or with no TLS_CERT_FILE.
+func TestTLSHealthcheck(t *testing.T) {
+	t.Parallel()
+	env, certFile, _ := tlsFiles(t)
+	g := startRun(t, nil, with(env, map[string]string{"ALGO_URL": "http://127.0.0.1:1"}))
+	check := func(certFile string) error {
+		vars := map[string]string{"LISTEN_ADDR": g.Addr}
+		if certFile != "" {
+			vars["TLS_CERT_FILE"], vars["TLS_KEY_FILE"] = certFile, env["TLS_KEY_FILE"]
+		}
+		_, _, err := runCommand(t, vars, "-healthcheck")
+		return err
+	}
+	if err := check(certFile); err != nil {
+		t.Errorf("-healthcheck with the certificate the gateway serves: %v", err)
+	}
+	other := filepath.Join(t.TempDir(), "other")
+	testCert(t, other+".crt", other+".key", 7)
+	if err := check(other + ".crt"); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("-healthcheck trusting another certificate for the same names: %v, want a certificate error", err)
+	}
+	if err := check(""); err == nil {
+		t.Error("-healthcheck over plain HTTP against a TLS listener passed")
 	}
 }

@@ -159,6 +159,7 @@ func TestVoiceQuotaAcrossInstances(t *testing.T) {
 // TestVoiceMaxSessionLength: with voice_max_session 1s the session is closed 4408 after an
 // error SESSION_TOO_LONG, within a recheck interval of its second.
 func TestVoiceMaxSessionLength(t *testing.T) {
+	t.Parallel()
 	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "POLICY_FILE": voicePolicy(t, "e2e.json", func(l *policy.Limits) {
 		l.VoiceMaxSession = policy.Duration(time.Second)
@@ -184,6 +185,7 @@ func TestVoiceMaxSessionLength(t *testing.T) {
 // its instance last published, and stays charged what it held: at most one reservation more
 // than it relayed.
 func TestVoiceUsageRecords(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := talkingAlgo(t)
 	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
@@ -275,6 +277,7 @@ func TestVoiceUsageRecords(t *testing.T) {
 // reaches the matching sessions on both instances, within the caller's tenant unless
 // super_admin, and says how many it reached.
 func TestVoiceDetailAndBroadcastAcrossInstances(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newAlgo(t, algoOptions{})
 	env := redisEnv(r, algo, okBackend(t), with(roomyBudgets, map[string]string{
@@ -421,6 +424,7 @@ func TestVoiceMetricsTenantsBounded(t *testing.T) {
 // s plus one reservation (VOICE_RESERVATION, 2 s), the session ends 4429 after an error
 // QUOTA_EXCEEDED, and the user is charged exactly what was relayed.
 func TestVoiceQuotaHeldAsAudioArrives(t *testing.T) {
+	t.Parallel()
 	const quota, reservation = 20 * time.Second, 2 * time.Second
 	r := startRedis(t)
 	algo := newAlgo(t, algoOptions{})
@@ -456,6 +460,7 @@ func TestVoiceQuotaHeldAsAudioArrives(t *testing.T) {
 // VOICE_PACE_BURST 1s, has all of it relayed — nothing is dropped — but no sooner than the pace
 // allows: the second beyond the burst at once, the other 5 s at twice real time, 2.5 s.
 func TestVoicePaceBound(t *testing.T) {
+	t.Parallel()
 	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "VOICE_PACE": "2", "VOICE_PACE_BURST": "1s"})
 	w := watchTokens(t, g)
@@ -484,6 +489,7 @@ func TestVoicePaceBound(t *testing.T) {
 // (VOICE_PACE 2, VOICE_PACE_BURST 1s); once Redis answers again its next reservation charges
 // all it relayed and finds nothing left, and it ends 4429, charged exactly what it relayed.
 func TestVoiceQuotaFailsOpenThenCharged(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, redisEnv(r, algo, okBackend(t), map[string]string{

@@ -49,6 +49,7 @@ func wantTrueRecords(t *testing.T, r *testRedis, want string, ids ...string) []m
 // and is not written off as lost, and the one that ended leaves its entry nowhere and only its
 // own record: each session's records are its own end's, never a 1006 "instance lost".
 func TestVoiceRegistryRedisOutage(t *testing.T) {
+	t.Parallel()
 	const ttl = time.Second
 	r := startRedis(t)
 	algo := newAlgo(t, algoOptions{})
@@ -151,6 +152,7 @@ func dialRegistry(t *testing.T, srv *httptest.Server) *voiceClient {
 // its detail, A lists C's, and neither B's renewals nor C's write A's live session off as lost,
 // although by B's clock its entry expired long ago.
 func TestVoiceRegistryRedisClock(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	client := testClient(t, r)
 	algo := newAlgo(t, algoOptions{})
@@ -222,6 +224,7 @@ func (m *gateMeter) Charge(ctx context.Context, uses []*policy.AudioUse) error {
 // ended and its registry entry was deleted. It does not bring the entry back, and the session
 // leaves one record, its own, even once the entry would have been swept as lost.
 func TestVoiceLateChargeAnswer(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	client := testClient(t, r)
 	algo := newAlgo(t, algoOptions{})
@@ -295,6 +298,7 @@ func TestVoiceLateChargeAnswer(t *testing.T) {
 // Redis (paused). Once the stream can be written, the next renewal writes one record for each,
 // and both entries are deleted.
 func TestVoiceUsageRecordsRetried(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	client := testClient(t, r)
 	algo := newAlgo(t, algoOptions{})

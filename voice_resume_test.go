@@ -463,6 +463,7 @@ func cutAndResume(t testing.TB, from, to *child, algo *numberingAlgo, user strin
 // order; the service saw one session and one resume dial; the session has one usage record
 // (resumes 1) and holds one slot. Then the same on the same instance.
 func TestVoiceResumeNetworkCut(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 200, 2*time.Millisecond)
 	env := resumeEnv(r, algo.URL, nil)
@@ -544,6 +545,7 @@ func resumeTrials() int {
 // TestVoiceResumeTrials cuts and resumes sessions across the two instances, alternately, and
 // reports the messages lost and duplicated (both must be 0) and the gap's p50 and p99.
 func TestVoiceResumeTrials(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 60, 2*time.Millisecond)
 	env := resumeEnv(r, algo.URL, nil)
@@ -571,6 +573,7 @@ func TestVoiceResumeTrials(t *testing.T) {
 // last_seq (400), a last_seq beyond what was sent (400), a token replayed after a successful
 // resume (404: single use), an expired window (404), and a session whose token was revoked.
 func TestVoiceResumeRefusals(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 10, time.Millisecond)
 	env := resumeEnv(r, algo.URL, map[string]string{"VOICE_RESUME_WINDOW": "1s"})
@@ -679,6 +682,7 @@ func TestVoiceResumeRefusals(t *testing.T) {
 // other instance gets RESUME_GAP for what only the dead instance's memory held, then the live
 // session, within the bound, never hanging.
 func TestVoiceResumeSIGKILL(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 100, 3*time.Millisecond)
 	env := resumeEnv(r, algo.URL, nil)
@@ -729,6 +733,7 @@ func drainSessions() int {
 // every client gets SERVER_SHUTDOWN with "resume": true and close 1012, resumes on the other
 // instance, and gets every message exactly once, before SHUTDOWN_GRACE ends.
 func TestVoiceResumeDrain(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 120, 20*time.Millisecond) // TTS at 50 frames a second
 	n := drainSessions()
@@ -816,6 +821,7 @@ func TestVoiceResumeDrain(t *testing.T) {
 // the client gets RESUME_FAILED and close 1011, the older instance ends the session (its
 // upstream closed), and nothing is left held: no slot, one usage record.
 func TestVoiceResumeFailed(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 20, time.Millisecond)
 	env := resumeEnv(r, algo.URL, nil)
@@ -857,6 +863,7 @@ func TestVoiceResumeFailed(t *testing.T) {
 // opens, the others are 404 (the token is single use, claimed atomically), and the one that
 // opened gets the whole session.
 func TestVoiceResumeOneWins(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 40, time.Millisecond)
 	env := resumeEnv(r, algo.URL, nil)
@@ -923,6 +930,7 @@ func TestVoiceResumeOneWins(t *testing.T) {
 // the handover ends; once moved, the session holds one slot, and the cap still refuses the
 // user a second session on either instance.
 func TestVoiceResumeAtTheCap(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 200, 2*time.Millisecond)
 	f := e2ePolicy(t)

@@ -180,6 +180,7 @@ func TestVoiceBrowserAuth(t *testing.T) {
 // an error message TOKEN_INVALID and close code 4401 within a second of A's 200 to a logout
 // with its token, and its upstream connection is closed too.
 func TestVoiceRevokedAcrossInstances(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	algo := newAlgo(t, algoOptions{})
 	env := redisEnv(r, algo, okBackend(t), roomyBudgets)
@@ -220,6 +221,7 @@ func TestVoiceRevokedAcrossInstances(t *testing.T) {
 // TestVoiceTokenExpiresDuringSession: with JWT_LEEWAY=0s, a session whose token expires ~2 s
 // after it opened is closed with TOKEN_INVALID and 4401 within a second of exp, not before.
 func TestVoiceTokenExpiresDuringSession(t *testing.T) {
+	t.Parallel()
 	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "JWT_LEEWAY": "0s"})
 	w := watchTokens(t, g)
@@ -375,6 +377,7 @@ func TestVoiceAlgoDown(t *testing.T) {
 // stop bring recognition, an answer, speech and tts_complete; the client's close 1000 ends it,
 // and the gateway logs the session's counters.
 func TestVoiceDemoSession(t *testing.T) {
+	t.Parallel()
 	g := startRun(t, []string{"-demo"}, map[string]string{"LISTEN_ADDR": "127.0.0.1:0"})
 	tokenLine := regexp.MustCompile(`TOKEN=(\S+)`)
 	var tok string
@@ -468,6 +471,7 @@ func TestVoiceDemoSession(t *testing.T) {
 // dropped: its Redis registry entry is gone, and its concurrency slot with it (the policy
 // allows one session per user, and the user opens another).
 func TestVoiceClientThatNeverReads(t *testing.T) {
+	t.Parallel()
 	r := startRedis(t)
 	testDone := t.Context()
 	algo := newAlgo(t, algoOptions{Voice: func(w http.ResponseWriter, req *http.Request) {
@@ -518,6 +522,7 @@ func TestVoiceClientThatNeverReads(t *testing.T) {
 // machine is: a tenth of a second here; the kernel left to itself queued megabytes of pongs
 // first, which took ten times the write timeout.
 func TestVoicePingFloodNeverRead(t *testing.T) {
+	t.Parallel()
 	const writeTimeout = time.Second
 	algo := newAlgo(t, algoOptions{})
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "VOICE_WRITE_TIMEOUT": writeTimeout.String()})
@@ -789,6 +794,7 @@ func TestVoiceBrowserRefusals(t *testing.T) {
 // TestVoiceBrowserRefusalClientStalls: a browser-style client that is refused and then never
 // reads nor answers the close loses its socket within the refusal's bounds.
 func TestVoiceBrowserRefusalClientStalls(t *testing.T) {
+	t.Parallel()
 	g := startRun(t, nil, map[string]string{"ALGO_URL": newAlgo(t, algoOptions{}).URL})
 	c, err := net.DialTimeout("tcp", g.Addr, 2*time.Second)
 	if err != nil {
@@ -845,6 +851,7 @@ func pythonWithWebsockets(t *testing.T) string {
 // TestREADMEVoiceClient: the Python voice client of README.md, run as a newcomer would, holds a
 // session with -demo: start and stop bring the answer, its audio and tts_complete.
 func TestREADMEVoiceClient(t *testing.T) {
+	t.Parallel()
 	py := pythonWithWebsockets(t)
 	readme, err := os.ReadFile("README.md")
 	if err != nil {
