@@ -437,6 +437,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		shot.take(p, "phone-chat-done")
 		// The longest line of the log: an event's JSON, opened.
 		p.do("opening an event", chromedp.Evaluate[chromedp.Void](`document.querySelector("#chat-log li:nth-child(4) summary").click()`))
+		p.waitFor("the event's JSON to be written", `document.querySelector("#chat-log li:nth-child(4) pre").textContent !== ""`)
 		p.fits("with an event's JSON open")
 		shot.take(p, "phone-event-json")
 
@@ -506,6 +507,9 @@ func TestConsoleInBrowser(t *testing.T) {
 		if !p.visible("#chat-log > li:nth-child(2) pre") {
 			t.Fatal("clicking an event does not show its JSON")
 		}
+		// The JSON is written on the details' toggle event, which the browser fires after the
+		// click, as a task of its own.
+		p.waitFor("the event's JSON to be written", `document.querySelector("#chat-log > li:nth-child(2) pre").textContent !== ""`)
 		var data map[string]any
 		if err := json.Unmarshal([]byte(p.text("#chat-log > li:nth-child(2) pre")), &data); err != nil || data["line_number"] != 1.0 {
 			t.Errorf("the event's JSON %v (%v), want its data with line_number 1", data, err)
