@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -26,7 +27,9 @@ import (
 )
 
 // TestAuthRevocationAcrossInstances: two instances share one Redis; a revocation through A is
-// refused by B within 100 ms, although B had the token's "not revoked" answer cached.
+// refused by B within 100 ms, although B had the token's "not revoked" answer cached: in every
+// one of revocationTrials but the slowest, so that one trial the machine stalled does not
+// decide it alone (each revocation's answer waits for the next second: they cannot be many).
 func TestAuthRevocationAcrossInstances(t *testing.T) {
 	r := startRedis(t)
 	backend := okBackend(t)
@@ -35,56 +38,75 @@ func TestAuthRevocationAcrossInstances(t *testing.T) {
 	b := startRun(t, nil, env)
 	w := watchTokens(t, a, b)
 	const doc = "/api/v2/documents/x"
+	const revocationTrials = 5
 
 	t.Run("logout on A is refused by B", func(t *testing.T) {
-		user := w.token(t, "u-logout", []string{"user"}, nil)
-		for _, g := range []*testGateway{a, b, b} { // B twice: its client-side cache is warm
-			wantStatus(t, call(t, g, "GET", doc, user, ""), http.StatusOK)
-		}
-		res := call(t, a, "POST", "/api/v2/auth/revoke", user, "")
-		revoked := time.Now()
-		wantStatus(t, res, http.StatusOK)
+		var took []time.Duration
+		for i := range revocationTrials {
+			user := w.token(t, "u-logout-"+strconv.Itoa(i), []string{"user"}, nil)
+			for _, g := range []*testGateway{a, b, b} { // B twice: its client-side cache is warm
+				wantStatus(t, call(t, g, "GET", doc, user, ""), http.StatusOK)
+			}
+			res := call(t, a, "POST", "/api/v2/auth/revoke", user, "")
+			revoked := time.Now()
+			wantStatus(t, res, http.StatusOK)
 
-		res, took := pollRefused(t, b, "GET", doc, user, revoked)
-		wantError(t, res, http.StatusUnauthorized, "TOKEN_REVOKED")
-		if got := res.Header.Get("WWW-Authenticate"); got != `Bearer error="invalid_token"` {
-			t.Errorf("WWW-Authenticate = %q, want Bearer error=\"invalid_token\"", got)
+			res, d := pollRefused(t, b, "GET", doc, user, revoked)
+			wantError(t, res, http.StatusUnauthorized, "TOKEN_REVOKED")
+			if got := res.Header.Get("WWW-Authenticate"); got != `Bearer error="invalid_token"` {
+				t.Errorf("WWW-Authenticate = %q, want Bearer error=\"invalid_token\"", got)
+			}
+			wantError(t, call(t, a, "GET", doc, user, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
+			took = append(took, d)
 		}
-		if took > 100*time.Millisecond {
-			t.Errorf("B refused the revoked token %v after A's 200, want within 100ms", took)
-		}
-		wantError(t, call(t, a, "GET", doc, user, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
+		wantWithin(t, "from A's 200 for a logout to B refusing the token", took, 100*time.Millisecond)
 	})
 
 	t.Run("user revocation on A is refused by B; later tokens pass", func(t *testing.T) {
 		admin := w.token(t, "u-root", []string{"admin"}, nil)
 		other := w.token(t, "u-other", []string{"user"}, nil)
-		x := w.token(t, "u-x", []string{"user"}, nil)
-		x2 := w.token(t, "u-x", []string{"user"}, nil)
-		for _, tok := range []string{x, x2, other} {
-			wantStatus(t, call(t, b, "GET", doc, tok, ""), http.StatusOK)
-			wantStatus(t, call(t, b, "GET", doc, tok, ""), http.StatusOK)
-		}
-		// A plain user may not revoke somebody else.
-		wantError(t, call(t, a, "POST", "/api/v2/auth/revoke", other, `{"user_id":"u-x"}`), http.StatusForbidden, "PERMISSION_DENIED")
+		var took []time.Duration
+		var user string
+		for i := range revocationTrials {
+			user = "u-x-" + strconv.Itoa(i)
+			x := w.token(t, user, []string{"user"}, nil)
+			x2 := w.token(t, user, []string{"user"}, nil)
+			for _, tok := range []string{x, x2, other} {
+				wantStatus(t, call(t, b, "GET", doc, tok, ""), http.StatusOK)
+				wantStatus(t, call(t, b, "GET", doc, tok, ""), http.StatusOK)
+			}
+			// A plain user may not revoke somebody else.
+			wantError(t, call(t, a, "POST", "/api/v2/auth/revoke", other, `{"user_id":"`+user+`"}`), http.StatusForbidden, "PERMISSION_DENIED")
 
-		res := call(t, a, "POST", "/api/v2/auth/revoke", admin, `{"user_id":"u-x"}`)
-		revoked := time.Now()
-		wantStatus(t, res, http.StatusOK)
+			res := call(t, a, "POST", "/api/v2/auth/revoke", admin, `{"user_id":"`+user+`"}`)
+			revoked := time.Now()
+			wantStatus(t, res, http.StatusOK)
 
-		res, took := pollRefused(t, b, "GET", doc, x, revoked)
-		wantError(t, res, http.StatusUnauthorized, "TOKEN_REVOKED")
-		if took > 100*time.Millisecond {
-			t.Errorf("B refused the user's token %v after A's 200, want within 100ms", took)
+			res, d := pollRefused(t, b, "GET", doc, x, revoked)
+			wantError(t, res, http.StatusUnauthorized, "TOKEN_REVOKED")
+			wantError(t, call(t, b, "GET", doc, x2, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
+			wantStatus(t, call(t, b, "GET", doc, other, ""), http.StatusOK)
+			took = append(took, d)
 		}
-		wantError(t, call(t, b, "GET", doc, x2, ""), http.StatusUnauthorized, "TOKEN_REVOKED")
-		wantStatus(t, call(t, b, "GET", doc, other, ""), http.StatusOK)
+		wantWithin(t, "from A's 200 for a user's revocation to B refusing the user's token", took, 100*time.Millisecond)
 
 		// iat has second granularity: a token from the next second is surely issued after.
-		fresh := w.token(t, "u-x", []string{"user"}, map[string]any{"iat": time.Now().Add(time.Second).Unix()})
+		fresh := w.token(t, user, []string{"user"}, map[string]any{"iat": time.Now().Add(time.Second).Unix()})
 		wantStatus(t, call(t, a, "GET", doc, fresh, ""), http.StatusOK)
 		wantStatus(t, call(t, b, "GET", doc, fresh, ""), http.StatusOK)
 	})
+}
+
+// wantWithin fails the test unless every one of took but the slowest is within bound, and logs
+// the spread.
+func wantWithin(t *testing.T, what string, took []time.Duration, bound time.Duration) {
+	t.Helper()
+	took = slices.Clone(took)
+	slices.Sort(took)
+	t.Logf("%s, over %d: %v", what, len(took), took)
+	if len(took) < 2 || took[len(took)-2] > bound {
+		t.Errorf("%s: %v, want all but the slowest within %v", what, took, bound)
+	}
 }
 
 // TestAuthLogoutEverywhereThenLogin: "log out everywhere" on A refuses, on both instances,
