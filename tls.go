@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -134,8 +133,7 @@ func healthTLS(certFile string) (*tls.Config, error) {
 	var name string
 	switch {
 	case len(leaf.DNSNames) > 0:
-		// A wildcard's "*" stands for any one label.
-		name = strings.Replace(leaf.DNSNames[0], "*", "healthcheck", 1)
+		name = leaf.DNSNames[0] // a wildcard too: a name that is not a host's must match exactly
 	case len(leaf.IPAddresses) > 0:
 		name = leaf.IPAddresses[0].String()
 	default:

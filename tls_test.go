@@ -31,6 +31,12 @@ import (
 // certFile and keyFile (through renames, as a renewal would).
 func testCert(t *testing.T, certFile, keyFile string, serial int64) {
 	t.Helper()
+	testCertFor(t, certFile, keyFile, serial, []string{"localhost"}, []net.IP{net.IPv4(127, 0, 0, 1)})
+}
+
+// testCertFor is testCert for the names given.
+func testCertFor(t *testing.T, certFile, keyFile string, serial int64, dnsNames []string, ips []net.IP) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -38,7 +44,7 @@ func testCert(t *testing.T, certFile, keyFile string, serial int64) {
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: "voicegate test"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, DNSNames: []string{"localhost"},
+		IPAddresses: ips, DNSNames: dnsNames,
 		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		BasicConstraintsValid: true, IsCA: true,
 	}
@@ -283,5 +289,15 @@ func TestTLSHealthcheck(t *testing.T) {
 	}
 	if err := check(""); err == nil {
 		t.Error("-healthcheck over plain HTTP against a TLS listener passed")
+	}
+
+	// A certificate whose first name is a wildcard, as a public host's often is (its address
+	// is there for the test's own client).
+	dir := t.TempDir()
+	wild := map[string]string{"TLS_CERT_FILE": filepath.Join(dir, "cert.pem"), "TLS_KEY_FILE": filepath.Join(dir, "key.pem")}
+	testCertFor(t, wild["TLS_CERT_FILE"], wild["TLS_KEY_FILE"], 3, []string{"*.voice.example"}, []net.IP{net.IPv4(127, 0, 0, 1)})
+	w := startRun(t, nil, with(wild, map[string]string{"ALGO_URL": "http://127.0.0.1:1"}))
+	if _, _, err := runCommand(t, with(wild, map[string]string{"LISTEN_ADDR": w.Addr}), "-healthcheck"); err != nil {
+		t.Errorf("-healthcheck of a gateway serving a certificate for *.voice.example: %v", err)
 	}
 }
