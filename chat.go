@@ -39,12 +39,11 @@ func newChatStreams(cfg *config, redis sharedRedis, tel *telemetry, log *slog.Lo
 	switch {
 	case cfg.SSEResumeWindow <= 0:
 	case redis.bulk != nil:
-		bg := context.Background()
 		c.redisReplay = sse.NewRedisReplay(redis.bulk, sse.RedisReplayOptions{Prefix: cfg.RedisPrefix,
 			Retention: cfg.SSEResumeRetention, Log: log,
 			OnSend: func(batches int) {
-				tel.replayPipelines.Add(bg, 1)
-				tel.replayBatches.Add(bg, int64(batches))
+				tel.replayPipelines.Add(context.Background(), 1)
+				tel.replayBatches.Add(context.Background(), int64(batches))
 			}})
 		c.replay = c.redisReplay
 	default:
@@ -64,7 +63,6 @@ type chatHandlers struct {
 // the directory, the replay log and the options.
 func newChatHandlers(cfg *config, streams *chatStreams, algo *proxy.Pool, outbound proxy.Outbound,
 	tel *telemetry, log *slog.Logger) chatHandlers {
-	bg := context.Background()
 	o := sse.HandlerOptions{
 		AlgoURL:         algo.Primary(),
 		Transport:       algo,
@@ -86,10 +84,10 @@ func newChatHandlers(cfg *config, streams *chatStreams, algo *proxy.Pool, outbou
 		Resumes:         sse.NewResumeLimit(cfg.SSEMaxResumes, returnMemory()),
 		Owner:           auth.Owner,
 		Token:           auth.Token,
-		OnEvents:        func(name string, n int64) { tel.sseEvents.Add(bg, n, tel.add1("event", name)...) },
-		OnStreamStart:   func() { tel.sseActive.Add(bg, 1) },
-		OnStreamEnd:     func() { tel.sseActive.Add(bg, -1) },
-		OnFirstEvent:    func(d time.Duration) { tel.firstEvent.Record(bg, d.Seconds()) },
+		OnEvents:        func(name string, n int64) { tel.sseEvents.Add(context.Background(), n, tel.add1("event", name)...) },
+		OnStreamStart:   func() { tel.sseActive.Add(context.Background(), 1) },
+		OnStreamEnd:     func() { tel.sseActive.Add(context.Background(), -1) },
+		OnFirstEvent:    func(d time.Duration) { tel.firstEvent.Record(context.Background(), d.Seconds()) },
 		Log:             log,
 	}
 	return chatHandlers{stream: sse.NewHandler(o), resume: sse.NewResumeHandler(o),
