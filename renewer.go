@@ -38,7 +38,9 @@ func (r *renewer) add(name string, run func(context.Context) error) {
 }
 
 // start runs the tasks in a goroutine of their own until stop. Without tasks (no Redis) there
-// is nothing to keep alive, and it starts nothing.
+// is nothing to keep alive, and it starts nothing. Their context is the renewer's own, ended
+// only by stop: not the run's, which ends when a shutdown begins, while the leases and
+// sessions of the streams still draining must be kept alive until the gateway closes.
 func (r *renewer) start() {
 	if len(r.tasks) == 0 {
 		return
