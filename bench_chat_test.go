@@ -381,12 +381,28 @@ func BenchmarkReplayLog(b *testing.B) {
 // pacedUpstream streams lines NDJSON lines spaced by gap, each carrying its send time, so the
 // client can measure each event's latency.
 func pacedUpstream(tb testing.TB, lines int, gap time.Duration) *httptest.Server {
+	return pacedLines(tb, lines, gap, func(buf []byte, last bool) []byte {
+		typ := "generation_chunk"
+		if last {
+			typ = "generation_done"
+		}
+		buf = append(buf, `{"type":"`...)
+		buf = append(buf, typ...)
+		buf = append(buf, `","content":"some tokens of the answer","sent_ns":`...)
+		buf = strconv.AppendInt(buf, time.Now().UnixNano(), 10)
+		return append(buf, "}\n"...)
+	})
+}
+
+// pacedLines is an algorithm service that answers every query with lines NDJSON lines spaced by
+// gap, each made by appendLine (last for the last), starting at a random phase so that streams
+// do not tick in lockstep. It allocates nothing per line.
+func pacedLines(tb testing.TB, lines int, gap time.Duration, appendLine func(buf []byte, last bool) []byte) *httptest.Server {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "application/x-ndjson")
 		rc := http.NewResponseController(w)
 		rc.Flush()
-		// Start at a random phase so streams do not tick in lockstep.
 		t := time.NewTimer(rand.N(gap) + time.Millisecond)
 		defer t.Stop()
 		buf := make([]byte, 0, 256)
@@ -397,15 +413,7 @@ func pacedUpstream(tb testing.TB, lines int, gap time.Duration) *httptest.Server
 				return
 			}
 			t.Reset(gap)
-			typ := "generation_chunk"
-			if i == lines-1 {
-				typ = "generation_done"
-			}
-			buf = append(buf[:0], `{"type":"`...)
-			buf = append(buf, typ...)
-			buf = append(buf, `","content":"some tokens of the answer","sent_ns":`...)
-			buf = strconv.AppendInt(buf, time.Now().UnixNano(), 10)
-			buf = append(buf, "}\n"...)
+			buf = appendLine(buf[:0], i == lines-1)
 			if _, err := w.Write(buf); err != nil {
 				return
 			}

@@ -7,9 +7,6 @@ package main
 
 import (
 	"fmt"
-	"io"
-	"math/rand/v2"
-	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strconv"
@@ -21,37 +18,14 @@ import (
 // which OpenAI's chunks carry as the v2 events do: lines-1 generation_chunks, then
 // generation_done with usage.
 func stampedUpstream(tb testing.TB, lines int, gap time.Duration) *httptest.Server {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		w.Header().Set("Content-Type", "application/x-ndjson")
-		rc := http.NewResponseController(w)
-		rc.Flush()
-		t := time.NewTimer(rand.N(gap) + time.Millisecond)
-		defer t.Stop()
-		buf := make([]byte, 0, 256)
-		for i := 0; i < lines; i++ {
-			select {
-			case <-t.C:
-			case <-r.Context().Done():
-				return
-			}
-			t.Reset(gap)
-			buf = buf[:0]
-			if i == lines-1 {
-				buf = append(buf, `{"type":"generation_done","finish_reason":"stop","usage":{"prompt_tokens":3,"completion_tokens":99}}`+"\n"...)
-			} else {
-				buf = append(buf, `{"type":"generation_chunk","content":"some tokens of the answer sent_ns=`...)
-				buf = strconv.AppendInt(buf, time.Now().UnixNano(), 10)
-				buf = append(buf, "\"}\n"...)
-			}
-			if _, err := w.Write(buf); err != nil {
-				return
-			}
-			rc.Flush()
+	return pacedLines(tb, lines, gap, func(buf []byte, last bool) []byte {
+		if last {
+			return append(buf, `{"type":"generation_done","finish_reason":"stop","usage":{"prompt_tokens":3,"completion_tokens":99}}`+"\n"...)
 		}
-	}))
-	tb.Cleanup(srv.Close)
-	return srv
+		buf = append(buf, `{"type":"generation_chunk","content":"some tokens of the answer sent_ns=`...)
+		buf = strconv.AppendInt(buf, time.Now().UnixNano(), 10)
+		return append(buf, "\"}\n"...)
+	})
 }
 
 // BenchmarkChatCompletionsProcess runs the built gateway (its defaults, access log on) and a bare
