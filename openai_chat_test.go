@@ -83,6 +83,28 @@ func postCompletion(t *testing.T, g *testGateway, token, body string, header map
 	return callWith(t, g, http.MethodPost, "/v1/chat/completions", token, body, h)
 }
 
+// holdCompletion asks for a stream the fake service holds open after its first content.
+const holdCompletion = `{"model":"default","stream":true,"messages":[{"role":"user","content":"hold"}]}`
+
+// streamCompletion posts an OpenAI chat request with token ("": the gateway client's own) and
+// header under ctx, which the test may end to go away mid-stream.
+func streamCompletion(ctx context.Context, t *testing.T, g *testGateway, token, body string, header map[string]string) *http.Response {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g.URL+"/v1/chat/completions", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	res, err := g.Client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
 // openAIError decodes OpenAI's error document and checks its shape.
 func openAIError(t *testing.T, res *http.Response, status int) map[string]any {
 	t.Helper()
@@ -260,13 +282,7 @@ func TestCompletionsClientCancelCancelsUpstream(t *testing.T) {
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g.URL+"/v1/chat/completions",
-		strings.NewReader(`{"model":"default","stream":true,"messages":[{"role":"user","content":"hold"}]}`))
-	req.Header.Set("Content-Type", "application/json")
-	res, err := g.Client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := streamCompletion(ctx, t, g, "", holdCompletion, nil)
 	defer res.Body.Close()
 	buf := make([]byte, 4096)
 	var got []byte
@@ -292,15 +308,7 @@ func TestCompletionsCancelByRequestID(t *testing.T) {
 	algo := newOpenAIAlgo(t)
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
 	tok := tokenFor(t, "u-oai", []string{"user"}, nil)
-	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, g.URL+"/v1/chat/completions",
-		strings.NewReader(`{"model":"default","stream":true,"messages":[{"role":"user","content":"hold"}]}`))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer "+tok)
-	req.Header.Set("X-Request-ID", "to-cancel")
-	res, err := g.Client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := streamCompletion(t.Context(), t, g, tok, holdCompletion, map[string]string{"X-Request-ID": "to-cancel"})
 	defer res.Body.Close()
 	eventually(t, 5*time.Second, "the stream is running", func() bool { return len(algo.queries) == 1 })
 	other := tokenFor(t, "u-other", []string{"user"}, nil)
@@ -501,14 +509,7 @@ func TestCompletionsResume(t *testing.T) {
 	tok := tokenFor(t, "u-oai-resume", []string{"user"}, nil)
 	body := `{"model":"default","stream":true,"messages":[{"role":"user","content":"gated"}]}`
 	ctx, cancel := context.WithCancel(t.Context())
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g.URL+"/v1/chat/completions", strings.NewReader(body))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer "+tok)
-	req.Header.Set("X-Request-ID", "resume-me")
-	res, err := g.Client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := streamCompletion(ctx, t, g, tok, body, map[string]string{"X-Request-ID": "resume-me"})
 	// The role chunk (id 1) and parts 1 to 10 (ids 2 to 11); the upstream holds part 11.
 	var got []byte
 	buf := make([]byte, 4096)
@@ -559,14 +560,7 @@ func TestCompletionsRevoked(t *testing.T) {
 	algo := newOpenAIAlgo(t)
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL})
 	tok := tokenFor(t, "u-oai-revoked", []string{"user"}, nil)
-	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, g.URL+"/v1/chat/completions",
-		strings.NewReader(`{"model":"default","stream":true,"messages":[{"role":"user","content":"hold"}]}`))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer "+tok)
-	res, err := g.Client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := streamCompletion(t.Context(), t, g, tok, holdCompletion, nil)
 	defer res.Body.Close()
 	eventually(t, 5*time.Second, "the stream is running", func() bool { return algo.lastQuery() != nil })
 	wantStatus(t, call(t, g, "POST", "/api/v2/auth/revoke", tok, ""), http.StatusOK)
@@ -588,13 +582,7 @@ func TestCompletionsHeartbeat(t *testing.T) {
 	g := startRun(t, nil, map[string]string{"ALGO_URL": algo.URL, "SSE_PING_INTERVAL": "50ms"})
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g.URL+"/v1/chat/completions",
-		strings.NewReader(`{"model":"default","stream":true,"messages":[{"role":"user","content":"hold"}]}`))
-	req.Header.Set("Content-Type", "application/json")
-	res, err := g.Client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := streamCompletion(ctx, t, g, "", holdCompletion, nil)
 	defer res.Body.Close()
 	var got []byte
 	buf := make([]byte, 4096)
