@@ -15,7 +15,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -533,24 +532,15 @@ func leaseCount(t testing.TB, r *testRedis, kind, user string) int64 {
 	return n
 }
 
-// resumeTrials is how many cut-and-resume trials TestVoiceResumeTrials runs:
-// VOICEGATE_RESUME_TRIALS, or a few.
-func resumeTrials() int {
-	if n, err := strconv.Atoi(os.Getenv("VOICEGATE_RESUME_TRIALS")); err == nil && n > 0 {
-		return n
-	}
-	return 6
-}
-
-// TestVoiceResumeTrials cuts and resumes sessions across the two instances, alternately, and
-// reports the messages lost and duplicated (both must be 0) and the gap's p50 and p99.
+// TestVoiceResumeTrials cuts and resumes VOICEGATE_RESUME_TRIALS (default 6) sessions across the
+// two instances, alternately, and reports the messages lost and duplicated (both must be 0) and the gap's p50 and p99.
 func TestVoiceResumeTrials(t *testing.T) {
 	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 60, 2*time.Millisecond)
 	env := resumeEnv(r, algo.URL, nil)
 	gws := []*child{startChildGateway(t, env), startChildGateway(t, env)}
-	n := resumeTrials()
+	n := envInt(t, "VOICEGATE_RESUME_TRIALS", 6)
 	var gaps []time.Duration
 	lost, dup := 0, 0
 	for i := range n {
@@ -719,24 +709,15 @@ func TestVoiceResumeSIGKILL(t *testing.T) {
 	}
 }
 
-// drainSessions is how many sessions TestVoiceResumeDrain drains: VOICEGATE_DRAIN_SESSIONS, or
-// 50.
-func drainSessions() int {
-	if n, err := strconv.Atoi(os.Getenv("VOICEGATE_DRAIN_SESSIONS")); err == nil && n > 0 {
-		return n
-	}
-	return 50
-}
-
-// TestVoiceResumeDrain: SIGTERM of the instance holding the sessions while each is mid-answer
-// (a burst of 120 messages at 50 a second, as TTS frames of 20 ms come):
-// every client gets SERVER_SHUTDOWN with "resume": true and close 1012, resumes on the other
+// TestVoiceResumeDrain: SIGTERM of the instance holding VOICEGATE_DRAIN_SESSIONS (default 50)
+// sessions while each is mid-answer (a burst of 120 messages at 50 a second, as TTS frames of
+// 20 ms come): every client gets SERVER_SHUTDOWN with "resume": true and close 1012, resumes on the other
 // instance, and gets every message exactly once, before SHUTDOWN_GRACE ends.
 func TestVoiceResumeDrain(t *testing.T) {
 	t.Parallel()
 	r := startRedis(t)
 	algo := newNumberingAlgo(t, 120, 20*time.Millisecond) // TTS at 50 frames a second
-	n := drainSessions()
+	n := envInt(t, "VOICEGATE_DRAIN_SESSIONS", 50)
 	env := resumeEnv(r, algo.URL, map[string]string{"SHUTDOWN_GRACE": "10s"})
 	a, b := startChildGateway(t, env), startChildGateway(t, env)
 	clients := make([]*resumingClient, n)
