@@ -158,10 +158,13 @@ func BenchmarkVoiceRelay(b *testing.B) {
 	relays := []relayUnderTest{
 		bareRelay(startBare(b, algo.url)),
 		gatewayRelay(startGatewayProcess(b, bin, "voicegate", map[string]string{"ALGO_URL": algo.url})),
+		// Each with keys of its own: the two must not share rate buckets (the built-in policy
+		// lets a user open 5 sessions at once, 10 a minute), and each round opens a session per
+		// user on each.
 		gatewayRelay(startGatewayProcess(b, bin, "voicegate redis", map[string]string{"ALGO_URL": algo.url,
-			"REDIS_URL": redis.URL(), "INSTANCE_NAME": "plain"})),
+			"REDIS_URL": redis.URL(), "REDIS_PREFIX": "plain:", "INSTANCE_NAME": "plain"})),
 		gatewayRelay(startGatewayProcess(b, bin, "voicegate governed", map[string]string{"ALGO_URL": algo.url,
-			"REDIS_URL": redis.URL(), "INSTANCE_NAME": "governed",
+			"REDIS_URL": redis.URL(), "REDIS_PREFIX": "governed:", "INSTANCE_NAME": "governed",
 			"POLICY_FILE": benchVoicePolicy(b)})),
 		gatewayRelay(startGatewayProcess(b, bin, "voicegate raw", map[string]string{"ALGO_URL": algo.url, "VOICE_RAW_AUDIO": "true"})),
 	}
