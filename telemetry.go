@@ -202,13 +202,12 @@ func newTelemetry(ctx context.Context, cfg *config) (*telemetry, error) {
 	}
 	// Export every series that can start at zero from the start, so the first increase after a
 	// restart shows in rate() and increase().
-	bg := context.Background()
-	t.rateLimited.Add(bg, 0)
-	t.redisErrors.Add(bg, 0)
-	t.sseActive.Add(bg, 0)
-	t.wsActive.Add(bg, 0, t.set("type", "client"))
-	t.wsActive.Add(bg, 0, t.set("type", "upstream"))
-	t.buildInfo.Record(bg, 1, t.set("version", buildVersion(), "go_version", runtime.Version()))
+	t.rateLimited.Add(context.Background(), 0)
+	t.redisErrors.Add(context.Background(), 0)
+	t.sseActive.Add(context.Background(), 0)
+	t.wsActive.Add(context.Background(), 0, t.set("type", "client"))
+	t.wsActive.Add(context.Background(), 0, t.set("type", "upstream"))
+	t.buildInfo.Record(context.Background(), 1, t.set("version", buildVersion(), "go_version", runtime.Version()))
 	return t, nil
 }
 
@@ -282,9 +281,9 @@ func (t *telemetry) upstreamResult(upstream, outcome string, took time.Duration)
 		set := t.set("upstream", upstream, "outcome", outcome)
 		s, _ = t.upSets.LoadOrStore(l, upstreamSets{add: []metric.AddOption{set}, rec: []metric.RecordOption{set}})
 	}
-	sets, ctx := s.(upstreamSets), context.Background()
-	t.upstream.Add(ctx, 1, sets.add...)
-	t.upstreamTime.Record(ctx, took.Seconds(), sets.rec...)
+	sets := s.(upstreamSets)
+	t.upstream.Add(context.Background(), 1, sets.add...)
+	t.upstreamTime.Record(context.Background(), took.Seconds(), sets.rec...)
 }
 
 // redisCall records how long a Redis call of class took (the guarded client's timing hook).

@@ -45,7 +45,6 @@ func newVoiceHandlers(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessi
 	if redis != nil {
 		meter = policy.NewRedisAudioMeter(redis, cfg.RedisPrefix)
 	}
-	bg := context.Background()
 	o := voice.Options{
 		AlgoURL:      algo.Primary(),
 		Via:          algo.Via, // voice dials share the replicas' health with chat
@@ -79,15 +78,15 @@ func newVoiceHandlers(cfg *config, redis rueidis.Client, algo *proxy.Pool, sessi
 		OnLatency:    metrics.latency,
 		OnBargeIn:    metrics.bargeIn,
 		OnStart: func() {
-			tel.wsActive.Add(bg, 1, tel.add1("type", "client")...)
-			tel.wsActive.Add(bg, 1, tel.add1("type", "upstream")...)
+			tel.wsActive.Add(context.Background(), 1, tel.add1("type", "client")...)
+			tel.wsActive.Add(context.Background(), 1, tel.add1("type", "upstream")...)
 		},
 		OnEnd: func(s voice.Stats) {
-			tel.wsActive.Add(bg, -1, tel.add1("type", "client")...)
-			tel.wsActive.Add(bg, -1, tel.add1("type", "upstream")...)
-			tel.voiceBytes.Add(bg, s.AudioBytesIn, tel.add1("direction", "in")...)
-			tel.voiceBytes.Add(bg, s.AudioBytesOut, tel.add1("direction", "out")...)
-			tel.voiceSessions.Add(bg, 1, tel.add1("code", strconv.Itoa(int(s.CloseCode)))...)
+			tel.wsActive.Add(context.Background(), -1, tel.add1("type", "client")...)
+			tel.wsActive.Add(context.Background(), -1, tel.add1("type", "upstream")...)
+			tel.voiceBytes.Add(context.Background(), s.AudioBytesIn, tel.add1("direction", "in")...)
+			tel.voiceBytes.Add(context.Background(), s.AudioBytesOut, tel.add1("direction", "out")...)
+			tel.voiceSessions.Add(context.Background(), 1, tel.add1("code", strconv.Itoa(int(s.CloseCode)))...)
 			tel.voiceSessionEnded(int(s.CloseCode), s.Duration)
 		},
 		Log: log,
