@@ -16,7 +16,8 @@ import (
 )
 
 // TestAuthRedisKilled: with Redis gone, a valid (and cached) token gets 503 AUTH_SERVICE_ERROR
-// within the budget, /readyz fails, and both recover once Redis is back, without a restart.
+// within the budget, once the gateway has seen its connection end (within a second), /readyz
+// fails, and both recover once Redis is back, without a restart.
 func TestAuthRedisKilled(t *testing.T) {
 	r := startRedis(t)
 	backend := okBackend(t)
@@ -28,12 +29,27 @@ func TestAuthRedisKilled(t *testing.T) {
 	wantStatus(t, call(t, g, "GET", doc, tok, ""), http.StatusOK)
 
 	r.Kill()
-	// Until the gateway has seen its Redis connection break, a cached answer from a moment ago
-	// may still serve; readiness shows when it has.
+	killed := time.Now()
 	wantStatus(t, call(t, g, "GET", "/readyz", "", ""), http.StatusServiceUnavailable)
-	start := time.Now()
-	res := call(t, g, "GET", doc, tok, "")
-	took := time.Since(start)
+	// Until the gateway has seen its Redis connection break, the token's cached answer from a
+	// moment ago may still serve (as good as it was: no revocation can be stored meanwhile).
+	// Readiness, which dials anew, usually knows first; on a starved machine the connection's
+	// reader may see its end a little later.
+	var res *http.Response
+	var took time.Duration
+	served := 0
+	for {
+		start := time.Now()
+		res = call(t, g, "GET", doc, tok, "")
+		took = time.Since(start)
+		if res.StatusCode != http.StatusOK {
+			break
+		}
+		served++
+		if time.Since(killed) > time.Second {
+			t.Fatalf("%d requests served from the token's cached answer, the last %v after Redis was killed; want 503 within 1s", served, time.Since(killed))
+		}
+	}
 	wantError(t, res, http.StatusServiceUnavailable, "AUTH_SERVICE_ERROR")
 	if res.Header.Get("Retry-After") == "" {
 		t.Error("503 without Retry-After")
@@ -44,8 +60,11 @@ func TestAuthRedisKilled(t *testing.T) {
 		t.Errorf("the 503 took %v with AUTH_BUDGET=75ms, want < 1s", took)
 	}
 	n := len(backend.requests())
-	if n != 2 {
-		t.Errorf("back end received %d requests, want only the 2 from before the outage", n)
+	if n != 2+served {
+		t.Errorf("back end received %d requests, want only the 2 from before the outage and the %d served from the cache", n, served)
+	}
+	if served > 0 {
+		t.Logf("%d requests served from the token's cached answer after Redis was killed", served)
 	}
 
 	r.Restart()
