@@ -265,6 +265,18 @@ func (c *resumingClient) read(ctx context.Context) (int, string, error) {
 	return m.N, cmp.Or(m.Code, m.Type), nil
 }
 
+// answerUntil asks the numbering service for its burst ("stop") and reads until message n has
+// come, failing the test otherwise.
+func (c *resumingClient) answerUntil(n int) {
+	c.t.Helper()
+	if err := c.send(`{"type":"stop"}`); err != nil {
+		c.t.Fatal(err)
+	}
+	if err := c.readUntil(n); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
 // readUntil reads until the algorithm service's number n has arrived.
 func (c *resumingClient) readUntil(n int) error {
 	ctx, cancel := context.WithTimeout(c.t.Context(), 10*time.Second)
@@ -437,12 +449,7 @@ func cutAndResume(t testing.TB, from, to *child, algo *numberingAlgo, user strin
 	t.Helper()
 	c := openResuming(t, from.url, tokenFor(t, user, []string{"user"}, nil))
 	c.unpaced = unpaced
-	if err := c.send(`{"type":"stop"}`); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.readUntil(algo.burst / 2); err != nil {
-		t.Fatal(err)
-	}
+	c.answerUntil(algo.burst / 2)
 	c.cut()
 	cut := time.Now()
 	r, _, err := c.resume(to.url)
@@ -584,12 +591,7 @@ func TestVoiceResumeRefusals(t *testing.T) {
 	}
 	owner := tokenFor(t, "u-ref", []string{"user"}, nil)
 	c := openResuming(t, a.url, owner)
-	if err := c.send(`{"type":"stop"}`); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.readUntil(10); err != nil {
-		t.Fatal(err)
-	}
+	c.answerUntil(10)
 	q := func(token string, seq any) string {
 		return fmt.Sprintf("?resume_token=%s&last_seq=%v", url.QueryEscape(token), seq)
 	}
@@ -678,12 +680,7 @@ func TestVoiceResumeSIGKILL(t *testing.T) {
 	env := resumeEnv(r, algo.URL, nil)
 	a, b := startChildGateway(t, env), startChildGateway(t, env)
 	c := openResuming(t, a.url, tokenFor(t, "u-kill", []string{"user"}, nil))
-	if err := c.send(`{"type":"stop"}`); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.readUntil(30); err != nil {
-		t.Fatal(err)
-	}
+	c.answerUntil(30)
 	a.kill()
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
@@ -808,12 +805,7 @@ func TestVoiceResumeFailed(t *testing.T) {
 	env := resumeEnv(r, algo.URL, nil)
 	a, b := startChildGateway(t, env), startChildGateway(t, env)
 	c := openResuming(t, a.url, tokenFor(t, "u-fail", []string{"user"}, nil))
-	if err := c.send(`{"type":"stop"}`); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.readUntil(20); err != nil {
-		t.Fatal(err)
-	}
+	c.answerUntil(20)
 	c.cut()
 	eventually(t, 5*time.Second, "the owner noticed the cut", func() bool {
 		return strings.Contains(a.stderr.String(), "voice client away")
@@ -851,12 +843,7 @@ func TestVoiceResumeOneWins(t *testing.T) {
 	gws := []*child{startChildGateway(t, env), startChildGateway(t, env)}
 	bearer := tokenFor(t, "u-race", []string{"user"}, nil)
 	c := openResuming(t, gws[0].url, bearer)
-	if err := c.send(`{"type":"stop"}`); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.readUntil(20); err != nil {
-		t.Fatal(err)
-	}
+	c.answerUntil(20)
 	c.cut()
 	eventually(t, 5*time.Second, "the owner noticed the cut", func() bool {
 		return strings.Contains(gws[0].stderr.String(), "voice client away")
